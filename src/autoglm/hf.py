@@ -1,0 +1,174 @@
+"""transformers integration: `OpenAutoGLMForCausalLM` as a `PreTrainedModel` + `GenerationMixin`.
+
+After `import autoglm`, a saved directory loads with plain
+`AutoModelForCausalLM.from_pretrained(path)`; weights are safetensors, `generate()` uses
+the HF `Cache` API (a `DynamicCache` holding every layer's K/V), and projection names
+follow HF conventions so PEFT can target `q_proj`, `v_proj`, `o_proj`, experts, ...
+
+The task-adapter registry lives here too: `register_adapter(name, module)`,
+`set_adapter(name)`, `save_adapter`/`load_adapter` (see `autoglm.adapters`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from . import adapters as _adapters
+from .config import OpenAutoGLMConfig
+from .losses import lm_loss, moe_aux_loss
+from .model import AutoGLMBackbone, build_metadata
+from .modules import LearnedPositionEmbedding, RouterOutput
+
+__all__ = ["OpenAutoGLMForCausalLM", "OpenAutoGLMPreTrainedModel", "AutoGLMCausalLMOutput"]
+
+
+@dataclass
+class AutoGLMCausalLMOutput(CausalLMOutputWithPast):
+    aux_loss: torch.Tensor | None = None  # weighted MoE load-balancing + z-loss
+    routing: list[RouterOutput] | None = None  # per MoE layer routing decisions
+    adapter_output: object | None = None  # output of the active task adapter, if any
+
+
+class OpenAutoGLMPreTrainedModel(PreTrainedModel):
+    config_class = OpenAutoGLMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, LearnedPositionEmbedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.RMSNorm):
+            nn.init.ones_(module.weight)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+        self.model.gradient_checkpointing = enable
+
+
+class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: OpenAutoGLMConfig) -> None:
+        super().__init__(config)
+        self.model = AutoGLMBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.adapters = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.post_init()
+
+    # ------------------------------------------------------------------ compute
+    def forward(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache=None,
+        use_cache: bool | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AutoGLMCausalLMOutput:
+        """labels: (B, T) next-token targets aligned with input_ids (HF convention: the
+        model shifts them), -100 to ignore. Returns logits (B, T, V) and, with labels,
+        loss = LM loss + MoE aux loss."""
+        cache = kwargs.pop("past_key_values", cache)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_len = cache.get_seq_length() if cache is not None else 0
+        total = past_len + input_ids.shape[1]
+        if total > self.config.max_position_embeddings:
+            raise ValueError(
+                f"sequence of {total} tokens is longer than the model supports "
+                f"(max_position_embeddings={self.config.max_position_embeddings}); shorten the prompt, "
+                f"lower max_new_tokens, or call model.extend_context({total}) to interpolate the "
+                f"learned position table")
+        pos, meta = build_metadata(input_ids, attention_mask, past_len)
+        if position_ids is not None and meta.contiguous:
+            pos = position_ids
+        out = self.model(input_ids, pos, meta, cache if use_cache is not False else None,
+                         output_hidden_states=bool(output_hidden_states))
+        hidden = out.last_hidden_state
+        adapter_output = None
+        if self.active_adapter is not None:
+            adapter_output = self.adapters[self.active_adapter](hidden, attention_mask)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
+        logits = self.lm_head(hidden)
+        loss = aux = None
+        if out.routing:
+            aux = moe_aux_loss(out.routing, self.config.num_experts, self.config.router_aux_loss_coef,
+                               self.config.router_z_loss_coef)
+        if labels is not None:
+            shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
+            loss = lm_loss(logits, shifted) + (aux if aux is not None else 0.0)
+        return AutoGLMCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
+                                     hidden_states=out.hidden_states, aux_loss=aux, routing=out.routing,
+                                     adapter_output=adapter_output)
+
+    def extend_context(self, new_len: int) -> None:
+        """Grow the context to `new_len` by interpolating the learned position table."""
+        self.model.extend_context(new_len)
+
+    def num_parameters_summary(self) -> dict[str, int]:
+        """Total and active (per token) parameter counts; tied weights counted once."""
+        total = sum(p.numel() for p in {id(p): p for p in self.parameters()}.values())
+        inactive = 0
+        for layer in self.model.layers:
+            if layer.is_moe:
+                per_expert = sum(p.numel() for p in layer.mlp.experts[0].parameters())
+                inactive += per_expert * (layer.mlp.num_experts - layer.mlp.top_k)
+        adapters = sum(p.numel() for p in self.adapters.parameters())
+        return {"total": total - adapters, "active": total - adapters - inactive, "adapters": adapters}
+
+    # ----------------------------------------------------------------- adapters
+    def register_adapter(self, name: str, module: nn.Module) -> None:
+        _adapters.check_name(name)
+        if name in self.adapters:
+            raise ValueError(f"adapter {name!r} is already registered; pick another name or remove it first")
+        self.adapters[name] = module.to(self.device)
+
+    def set_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; registered: {sorted(self.adapters) or 'none'}")
+        self.active_adapter = name
+
+    def list_adapters(self) -> list[str]:
+        return sorted(self.adapters)
+
+    def save_adapter(self, name: str, directory: str | Path) -> Path:
+        if name not in self.adapters:
+            raise KeyError(f"no adapter named {name!r}; registered: {sorted(self.adapters) or 'none'}")
+        return _adapters.save_adapter(self.adapters[name], directory)
+
+    def load_adapter(self, name: str, directory: str | Path, activate: bool = True) -> nn.Module:
+        module = _adapters.load_adapter(directory)
+        self.register_adapter(name, module)
+        if activate:
+            self.set_adapter(name)
+        return module
+
+    def state_dict(self, *args, **kwargs):
+        # adapters are saved on their own (save_adapter), never inside the backbone checkpoint
+        sd = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        return {k: v for k, v in sd.items() if not k.startswith(prefix + "adapters.")}
+
+
+AutoConfig.register(OpenAutoGLMConfig.model_type, OpenAutoGLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(OpenAutoGLMConfig, OpenAutoGLMForCausalLM, exist_ok=True)

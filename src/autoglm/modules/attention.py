@@ -1,0 +1,225 @@
+"""Causal attention: sparse (local window + global tokens) or dense.
+
+The sparse pattern: query at position i may attend to key at position j iff
+
+    j <= i  and  (i - j < window  or  j < num_global)
+
+i.e. the `window` most recent keys (itself included) plus the first `num_global`
+positions of the sequence, which every later token can see (the "global tokens").
+
+Three interchangeable kernels compute exactly the same function:
+
+* `dense`   - scaled_dot_product_attention with an explicit boolean (T, T) mask; the
+              reference, and the path for padded batches / arbitrary positions.
+* `chunked` - the CPU path: queries in chunks of C; each chunk attends only to the global
+              keys plus the W + C - 1 keys before it, gathered into one batched SDPA call.
+              Cost O(T * (W + C + G)) instead of O(T^2).
+* `flex`    - PyTorch FlexAttention with a block mask built from the same rule (compiled on
+              GPU; eager on CPU, where it is only a correctness check).
+
+The module takes attention metadata (`AttentionMetadata`) from its caller, so an
+inference engine can drive it with its own positions and KV storage.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "AttentionMetadata",
+    "CausalSelfAttention",
+    "sparse_mask",
+    "attend",
+    "attend_dense",
+    "attend_chunked",
+    "attend_flex",
+]
+
+
+def sparse_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, num_global: int) -> torch.Tensor:
+    """Boolean "may attend" for broadcastable query/key positions. window=None: full causal."""
+    allowed = k_pos <= q_pos
+    if window is not None:
+        allowed = allowed & ((q_pos - k_pos < window) | (k_pos < num_global))
+    return allowed
+
+
+@dataclass
+class AttentionMetadata:
+    """What one forward pass tells every attention layer.
+
+    q_offset:  absolute position of the first query when positions are contiguous
+               (training, prefill and decode of unpadded batches); keys are 0..Tk-1.
+    q_pos/k_pos/k_valid: per-row positions (B, Tq), (B, Tk) and key validity (B, Tk)
+               for padded batches or engine-managed KV; when set, the dense kernel with
+               an explicit mask is used.
+    """
+
+    q_offset: int = 0
+    q_pos: torch.Tensor | None = None
+    k_pos: torch.Tensor | None = None
+    k_valid: torch.Tensor | None = None
+
+    @property
+    def contiguous(self) -> bool:
+        return self.q_pos is None
+
+
+def _sdpa(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend_dense(q, k, v, window, num_global, q_pos, k_pos, k_valid=None):
+    """Reference kernel. q (B,H,Tq,D), k/v (B,Hkv,Tk,D); q_pos (B|1,Tq), k_pos (B|1,Tk)."""
+    mask = sparse_mask(q_pos[:, :, None], k_pos[:, None, :], window, num_global)  # (B, Tq, Tk)
+    if k_valid is not None:
+        mask = mask & k_valid[:, None, :]
+    # rows with nothing visible (padding queries) would give NaN; let them see everything
+    mask = mask | ~mask.any(-1, keepdim=True)
+    return _sdpa(q, k, v, mask[:, None])
+
+
+@lru_cache(maxsize=32)
+def _chunk_layout(T: int, C: int, W: int, G: int, device_type: str):
+    """Gather indices and masks for the batched chunked kernel (cached per shape)."""
+    n_chunks = -(-T // C)
+    L = W + C - 1  # keys a chunk can see besides the global ones
+    starts = torch.arange(n_chunks) * C
+    idx = starts[:, None] - (W - 1) + torch.arange(L)[None, :]  # (nC, L) absolute key positions
+    q_abs = starts[:, None] + torch.arange(C)[None, :]  # (nC, C)
+    in_range = ((idx >= 0) & (idx < T))[:, None, :]
+    # global keys are served from their own slot; mask them out of the window slot so
+    # nothing is counted twice
+    win_ok = in_range & (idx >= G)[:, None, :] & sparse_mask(q_abs[:, :, None], idx[:, None, :], W, G)
+    g_pos = torch.arange(G)
+    glob_ok = (g_pos[None, None, :] <= q_abs[:, :, None]) & (g_pos[None, None, :] < T)
+    mask = torch.cat([glob_ok, win_ok], dim=-1)  # (nC, C, G + L)
+    mask = mask | ~mask.any(-1, keepdim=True)  # padded query rows beyond T
+    return idx.clamp(0, T - 1), mask
+
+
+def attend_chunked(q, k, v, window, num_global, q_offset, chunk_size):
+    """Sparse kernel for contiguous positions; O(T * (W + C + G)) work and memory."""
+    B, H, Tq, D = q.shape
+    Tk = k.shape[2]
+    if q_offset != 0 or Tq != Tk:
+        return _attend_chunked_loop(q, k, v, window, num_global, q_offset, chunk_size)
+    C = min(chunk_size, Tq)
+    G = min(num_global, Tk)
+    idx, mask = _chunk_layout(Tq, C, window, G, q.device.type)
+    idx, mask = idx.to(q.device), mask.to(q.device)
+    n_chunks = idx.shape[0]
+    pad = n_chunks * C - Tq
+    qc = F.pad(q, (0, 0, 0, pad)).view(B, H, n_chunks, C, D).transpose(1, 2)  # (B, nC, H, C, D)
+
+    def gather(t):  # (B, Hkv, Tk, D) -> (B, nC, Hkv, G + L, D)
+        win = t[:, :, idx]  # (B, Hkv, nC, L, D)
+        if G:
+            glob = t[:, :, None, :G].expand(-1, -1, n_chunks, -1, -1)
+            win = torch.cat([glob, win], dim=3)
+        return win.transpose(1, 2)
+
+    kc, vc = gather(k), gather(v)
+    Hkv, Lk = kc.shape[2], kc.shape[3]
+    m = mask[None, :, None].expand(B, -1, -1, -1, -1).reshape(B * n_chunks, 1, C, Lk)
+    out = _sdpa(qc.reshape(B * n_chunks, H, C, D), kc.reshape(B * n_chunks, Hkv, Lk, D),
+                vc.reshape(B * n_chunks, Hkv, Lk, D), m)
+    out = out.view(B, n_chunks, H, C, D).transpose(1, 2).reshape(B, H, n_chunks * C, D)
+    return out[:, :, :Tq]
+
+
+def _attend_chunked_loop(q, k, v, window, num_global, q_offset, chunk_size):
+    """Chunked kernel when queries start at q_offset > 0 (prefill after a cache, decode)."""
+    Tq, Tk = q.shape[2], k.shape[2]
+    outs = []
+    for a in range(0, Tq, chunk_size):
+        b = min(a + chunk_size, Tq)
+        qa, qb = q_offset + a, q_offset + b  # absolute query positions [qa, qb)
+        lo = max(0, qa - window + 1)
+        if lo > num_global:
+            ks = torch.cat([k[:, :, :num_global], k[:, :, lo:qb]], dim=2)
+            vs = torch.cat([v[:, :, :num_global], v[:, :, lo:qb]], dim=2)
+            kp = torch.cat([torch.arange(num_global), torch.arange(lo, qb)])
+        else:
+            ks, vs, kp = k[:, :, :qb], v[:, :, :qb], torch.arange(qb)
+        mask = None
+        if b - a > 1:
+            qp = torch.arange(qa, qb)
+            mask = sparse_mask(qp[:, None], kp[None, :], window, num_global).to(q.device)
+        outs.append(_sdpa(q[:, :, a:b], ks, vs, mask))
+    assert qb <= Tk, "keys must cover every query position"
+    return torch.cat(outs, dim=2)
+
+
+def attend_flex(q, k, v, window, num_global, q_offset):
+    """FlexAttention with a block mask built from `sparse_mask`."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    W = window if window is not None else q.shape[2] + q_offset + 1
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qp = q_idx + q_offset
+        return (kv_idx <= qp) & ((qp - kv_idx < W) | (kv_idx < num_global))
+
+    Tq, Tk = q.shape[2], k.shape[2]
+    block_mask = create_block_mask(mask_mod, None, None, Tq, Tk, device=q.device)
+    fn = torch.compile(flex_attention) if q.device.type == "cuda" else flex_attention
+    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def attend(q, k, v, meta: AttentionMetadata, window: int | None, num_global: int,
+           impl: str, chunk_size: int) -> torch.Tensor:
+    """Dispatch to a kernel. window=None means dense causal attention."""
+    if not meta.contiguous:
+        return attend_dense(q, k, v, window, num_global, meta.q_pos, meta.k_pos, meta.k_valid)
+    Tq, Tk = q.shape[2], k.shape[2]
+    if impl == "auto":
+        impl = "flex" if q.is_cuda and window is not None else "chunked"
+    if window is None:  # dense causal
+        if meta.q_offset == 0 and Tq == Tk:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        if Tq == 1:
+            return _sdpa(q, k, v)
+        impl = "dense"
+    if impl == "flex":
+        return attend_flex(q, k, v, window, num_global, meta.q_offset)
+    if impl == "chunked":
+        return attend_chunked(q, k, v, window, num_global, meta.q_offset, chunk_size)
+    qp = torch.arange(meta.q_offset, meta.q_offset + Tq, device=q.device)[None]
+    kp = torch.arange(Tk, device=q.device)[None]
+    return attend_dense(q, k, v, window, num_global, qp, kp)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head (grouped-query) attention with HF-style projection names."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.window = config.window_size if config.attention == "sparse" else None
+        self.num_global = config.num_global_tokens if config.attention == "sparse" else 0
+        self.impl = config.attn_impl
+        self.chunk_size = config.attn_chunk_size or config.window_size
+
+    def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache=None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if cache is not None:  # HF Cache API: returns all keys/values so far
+            k, v = cache.update(k, v, self.layer_idx)
+        y = attend(q, k, v, meta, self.window, self.num_global, self.impl, self.chunk_size)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

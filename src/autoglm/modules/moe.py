@@ -1,0 +1,90 @@
+"""Top-k Mixture-of-Experts FFN of gated (SwiGLU) experts.
+
+Routing follows Mixtral: router logits in float32, softmax over all experts, keep the
+top-k, renormalise their weights to sum to 1. Two dispatch paths give the same result:
+
+* `sorted` - token copies are sorted by expert id and each expert runs once on its
+             contiguous group (a loop over experts, never over tokens); only experts that
+             are hit do work. Data-dependent shapes: fast in eager mode.
+* `dense`  - every expert runs on every token and a dense (N, E) combine matrix with
+             zeros off the top-k selects; static shapes for ONNX export / full-graph
+             compile.
+
+The layer returns the router logits and chosen experts so the losses (load balancing,
+z-loss) and per-expert load statistics are computed outside, in `autoglm.losses`.
+
+Example:
+    >>> import torch
+    >>> moe = MoEFeedForward(dim=8, hidden=16, num_experts=4, top_k=2)
+    >>> y, routing = moe(torch.randn(2, 3, 8))
+    >>> y.shape, routing.logits.shape, routing.topk_idx.shape
+    (torch.Size([2, 3, 8]), torch.Size([6, 4]), torch.Size([6, 2]))
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ffn import SwiGLU
+
+__all__ = ["MoEFeedForward", "RouterOutput", "route"]
+
+
+class RouterOutput(NamedTuple):
+    logits: torch.Tensor  # (N, E) float32 router logits
+    topk_idx: torch.Tensor  # (N, k) chosen experts
+    topk_weight: torch.Tensor  # (N, k) float32 renormalised weights
+
+
+def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> RouterOutput:
+    """x (N, d) -> float32 routing decision."""
+    logits = F.linear(x.float(), router_weight.float())  # (N, E), float32 for stable softmax
+    probs = logits.softmax(dim=-1)
+    w, idx = probs.topk(top_k, dim=-1)
+    w = w / w.sum(dim=-1, keepdim=True)
+    return RouterOutput(logits, idx, w)
+
+
+class MoEFeedForward(nn.Module):
+    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, dispatch: str = "sorted") -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.dispatch = dispatch
+        self.router = nn.Linear(dim, num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(dim, hidden) for _ in range(num_experts))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])  # (N, d)
+        r = route(xf, self.router.weight, self.top_k)
+        if self.dispatch == "dense":
+            y = self._dense(xf, r)
+        else:
+            y = self._sorted(xf, r)
+        return y.view(shape), r
+
+    def _sorted(self, xf: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        N, k = r.topk_idx.shape
+        flat = r.topk_idx.reshape(-1)  # (N*k,) expert of each token copy
+        order = torch.argsort(flat, stable=True)  # token copies grouped by expert
+        token_of = order // k  # source token of each sorted copy
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = xf[token_of]  # (N*k, d)
+        outs = []
+        for e, chunk in enumerate(xs.split(counts)):
+            if counts[e]:
+                outs.append(self.experts[e](chunk))
+        ys = torch.cat(outs) * r.topk_weight.reshape(-1)[order, None].to(xf.dtype)
+        return torch.zeros_like(xf).index_add_(0, token_of, ys)
+
+    def _dense(self, xf: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        combine = torch.zeros_like(r.logits).scatter(1, r.topk_idx, r.topk_weight).to(xf.dtype)  # (N, E)
+        y = torch.zeros_like(xf)
+        for e, expert in enumerate(self.experts):
+            y = y + combine[:, e : e + 1] * expert(xf)
+        return y
