@@ -36,7 +36,8 @@ class OpenAutoGLMConfig(PretrainedConfig):
         num_hidden_layers: int = 6,  # transformer blocks
         num_attention_heads: int = 8,  # query heads; must divide hidden_size
         num_key_value_heads: int | None = None,  # < heads gives grouped-query attention (smaller KV cache)
-        max_position_embeddings: int = 1024,  # rows of the learned position table (trained length)
+        max_position_embeddings: int = 1024,  # longest supported sequence (the trained length until extend_context)
+        position: str | None = None,  # "relative" (learned windowed bias; sparse only) or "absolute" (learned table); None = by attention
         attention: str = "sparse",  # "sparse" = local window + global tokens, "dense" = full causal
         window_size: int = 128,  # local window W: a query sees the W most recent keys (itself included)
         num_global_tokens: int = 4,  # the first G positions are visible to every later token
@@ -63,6 +64,7 @@ class OpenAutoGLMConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.max_position_embeddings = max_position_embeddings
+        self.position = position or ("relative" if attention == "sparse" else "absolute")
         self.attention = attention
         self.window_size = window_size
         self.num_global_tokens = num_global_tokens
@@ -107,6 +109,11 @@ class OpenAutoGLMConfig(PretrainedConfig):
             need(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
         need(self.attention in _ATTENTION_KINDS,
              f"attention must be one of {_ATTENTION_KINDS}, got {self.attention!r}")
+        need(self.position in ("relative", "absolute"),
+             f"position must be 'relative' or 'absolute', got {self.position!r}")
+        need(self.position == "absolute" or self.attention == "sparse",
+             "position='relative' needs attention='sparse' (its bias covers window distances only); "
+             "use position='absolute' with dense attention")
         need(self.attn_impl in _ATTN_IMPLS, f"attn_impl must be one of {_ATTN_IMPLS}, got {self.attn_impl!r}")
         need(self.moe_dispatch in _MOE_DISPATCH,
              f"moe_dispatch must be one of {_MOE_DISPATCH}, got {self.moe_dispatch!r}")
@@ -152,9 +159,10 @@ def _divisor_near(n: int, k: int) -> int:
     return min(divisors, key=lambda d: abs(d - k))
 
 
-# Dense "standard" baselines have the same total parameter count as their sparse MoE
-# twin: the dense FFN width equals num_experts * expert_intermediate_size, so only the
-# router (hidden_size * num_experts per layer) differs.
+# Dense "standard" baselines (GPT-2/Llama style: full causal attention, learned absolute
+# positions, dense SwiGLU) have the same total parameter count as their sparse MoE twin:
+# the dense FFN is num_experts * expert_intermediate_size wide, minus what the absolute
+# position table adds, so only the router and the relative bias (< 0.1%) differ.
 _TINY = dict(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=256, window_size=32,
              num_global_tokens=4, num_experts=4, num_experts_per_tok=2, expert_intermediate_size=128,
@@ -168,8 +176,10 @@ _BASE = dict(vocab_size=32000, hidden_size=1024, num_hidden_layers=16, num_atten
 
 
 def _dense(preset: dict) -> dict:
-    return {**preset, "attention": "dense", "num_experts": 0,
-            "intermediate_size": preset["num_experts"] * preset["expert_intermediate_size"]}
+    d, layers = preset["hidden_size"], preset["num_hidden_layers"]
+    table_as_ffn = round(preset["max_position_embeddings"] * d / (3 * d * layers))
+    return {**preset, "attention": "dense", "position": "absolute", "num_experts": 0,
+            "intermediate_size": preset["num_experts"] * preset["expert_intermediate_size"] - table_as_ffn}
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -24,6 +24,7 @@ from .config import OpenAutoGLMConfig
 from .losses import lm_loss, moe_aux_loss
 from .model import AutoGLMBackbone, build_metadata
 from .modules import LearnedPositionEmbedding, RouterOutput
+from .modules.position import RelativePositionBias
 
 __all__ = ["OpenAutoGLMForCausalLM", "OpenAutoGLMPreTrainedModel", "AutoGLMCausalLMOutput"]
 
@@ -52,6 +53,8 @@ class OpenAutoGLMPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, LearnedPositionEmbedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, RelativePositionBias):
+            nn.init.zeros_(module.weight)
         elif isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
 

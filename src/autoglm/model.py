@@ -53,7 +53,9 @@ class AutoGLMBackbone(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.embed_positions = LearnedPositionEmbedding(config.max_position_embeddings, config.hidden_size)
+        self.embed_positions = None
+        if config.position == "absolute":
+            self.embed_positions = LearnedPositionEmbedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(DecoderBlock(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
@@ -61,7 +63,10 @@ class AutoGLMBackbone(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMetadata,
                 cache=None, output_hidden_states: bool = False) -> BackboneOutput:
-        x = self.dropout(self.embed_tokens(input_ids) + self.embed_positions(position_ids))  # (B, T, d)
+        x = self.embed_tokens(input_ids)  # (B, T, d)
+        if self.embed_positions is not None:
+            x = x + self.embed_positions(position_ids)
+        x = self.dropout(x)
         routing: list[RouterOutput] = []
         hidden: list[torch.Tensor] | None = [] if output_hidden_states else None
         for layer in self.layers:
@@ -78,9 +83,11 @@ class AutoGLMBackbone(nn.Module):
         return BackboneOutput(self.norm(x), routing, hidden)
 
     def extend_context(self, new_len: int) -> None:
-        """Interpolate the learned position table to `new_len` positions (see modules.position)."""
+        """Allow sequences of `new_len` tokens. Relative bias: nothing to change (every distance
+        a query sees is inside the window); absolute table: interpolated (see modules.position)."""
         if new_len < self.config.max_position_embeddings:
             raise ValueError(f"new context length {new_len} is shorter than the current "
                              f"{self.config.max_position_embeddings}; extend_context only grows it")
-        self.embed_positions.resize(new_len)
+        if self.embed_positions is not None:
+            self.embed_positions.resize(new_len)
         self.config.max_position_embeddings = new_len

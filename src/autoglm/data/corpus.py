@@ -45,9 +45,11 @@ def _docstrings(path: Path) -> list[str] | None:
             tree = ast.parse(source, filename=str(path))
     except (OSError, SyntaxError, ValueError, RecursionError):
         return None
-    nodes = sorted((n for n in ast.walk(tree) if isinstance(n, _DOC_NODES)), key=lambda n: n.lineno)
+    defs = (n for n in ast.walk(tree) if isinstance(n, _DOC_NODES))
+    nodes = sorted(defs, key=lambda n: n.lineno)
     docs = (ast.get_docstring(n, clean=False) for n in (tree, *nodes))
-    return [inspect.cleandoc(d) for d in docs if d]
+    # strip(): cleandoc keeps a trailing whitespace-only line when no line sets a margin
+    return [inspect.cleandoc(d).strip() for d in docs if d]
 
 
 def stdlib_docstring_corpus(root: str | Path | None = None, min_chars: int = 40) -> list[str]:
@@ -57,9 +59,10 @@ def stdlib_docstring_corpus(root: str | Path | None = None, min_chars: int = 40)
     ``sysconfig.get_paths()["stdlib"]``) in sorted path order, skipping
     ``site-packages``, ``test``/``tests``, ``idlelib``, ``lib2to3`` and ``__pycache__``
     directories and files that fail to parse. Each module, class and function docstring
-    is cleaned with ``inspect.cleandoc``; docstrings shorter than ``min_chars`` and exact
-    duplicates (first occurrence wins) are dropped. The result is deterministic for a
-    given Python installation. Takes a few seconds (parsing ~600 files).
+    is cleaned with ``inspect.cleandoc`` and stripped; docstrings shorter than
+    ``min_chars`` and exact duplicates (first occurrence wins) are dropped. The result
+    is deterministic for a given Python installation. Takes a few seconds (parsing
+    ~600 files).
     """
     root = Path(root) if root is not None else Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():

@@ -26,8 +26,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.console import Console
 from rich.progress import track
 from tokenizers import Tokenizer
+
+from autoglm.tokenizer import EOS_TOKEN
 
 __all__ = ["TokenCache", "build_token_cache", "sample_batch", "iter_eval_batches"]
 
@@ -101,7 +104,9 @@ class TokenCache:
             if meta.get("format_version") != _FORMAT_VERSION:
                 raise ValueError(f"format_version {meta.get('format_version')}")
             n_tokens, n_train = int(meta["n_tokens"]), int(meta["n_train"])
-            tokens = np.memmap(path / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(n_tokens,))
+            tokens = np.memmap(
+                path / "tokens.bin", dtype=meta["dtype"], mode="r", shape=(n_tokens,)
+            )
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(
                 f"token cache {path} is unreadable or from another version ({e}); delete "
@@ -110,13 +115,17 @@ class TokenCache:
         return cls(path=path, meta=meta, train=tokens[:n_train], val=tokens[n_train:])
 
 
-def _encode(texts: Sequence[str], tok: Tokenizer, eos_id: int, dtype: np.dtype) -> list[np.ndarray]:
+def _encode(
+    texts: Sequence[str], tok: Tokenizer, eos_id: int, dtype: np.dtype
+) -> list[np.ndarray]:
     """Encode documents in chunks, as arrays with ``eos_id`` between documents."""
     eos = np.array([eos_id], dtype=dtype)
     parts: list[np.ndarray] = []
     starts = range(0, len(texts), _ENCODE_CHUNK)
-    for start in track(starts, description="tokenizing", transient=True,
-                       disable=len(starts) < 4):
+    console = Console(stderr=True)  # keep stdout clean for piped output
+    show = len(starts) >= 4 and console.is_terminal
+    for start in track(starts, description="tokenizing", transient=True, console=console,
+                       disable=not show):
         chunk = list(texts[start:start + _ENCODE_CHUNK])
         for i, enc in enumerate(tok.encode_batch_fast(chunk, add_special_tokens=False)):
             if start + i > 0:
@@ -152,7 +161,7 @@ def build_token_cache(
     if len(texts) == 0:
         raise ValueError("texts is empty; pass at least one document (see read_corpus)")
     tok = _backend(tokenizer)
-    eos_id = tok.token_to_id("<|endoftext|>")
+    eos_id = tok.token_to_id(EOS_TOKEN)
     if eos_id is None:
         raise ValueError(
             "tokenizer has no <|endoftext|> token to separate documents; train one with "
@@ -217,7 +226,9 @@ def _check_length(tokens: np.ndarray, seq_len: int, batch_size: int) -> None:
         )
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _windows(
+    tokens: np.ndarray, starts: np.ndarray, seq_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     idx = starts[:, None] + np.arange(seq_len + 1)  # (B, T+1)
     window = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
     return window[:, :-1].contiguous(), window[:, 1:].contiguous()

@@ -17,6 +17,10 @@ Three interchangeable kernels compute exactly the same function:
 * `flex`    - PyTorch FlexAttention with a block mask built from the same rule (compiled on
               GPU; eager on CPU, where it is only a correctness check).
 
+Every kernel optionally adds a learned relative-position bias table (H, W + G) to the
+scores (see `modules.position.RelativePositionBias`); in the chunked kernel the bias of
+all interior chunks is one shared (H, C, G + L) tensor.
+
 The module takes attention metadata (`AttentionMetadata`) from its caller, so an
 inference engine can drive it with its own positions and KV storage.
 """
@@ -30,10 +34,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .position import RelativePositionBias
+
 __all__ = [
     "AttentionMetadata",
     "CausalSelfAttention",
     "sparse_mask",
+    "bias_code",
     "attend",
     "attend_dense",
     "attend_chunked",
@@ -47,6 +54,18 @@ def sparse_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, nu
     if window is not None:
         allowed = allowed & ((q_pos - k_pos < window) | (k_pos < num_global))
     return allowed
+
+
+def bias_code(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, num_global: int) -> torch.Tensor:
+    """Column of the relative-bias table for each (query, key) pair (see RelativePositionBias):
+    global key j -> window + j, otherwise the distance q - k clamped to [0, window - 1]."""
+    return torch.where(k_pos < num_global, window + k_pos, (q_pos - k_pos).clamp(0, window - 1))
+
+
+def _float_mask(allowed: torch.Tensor, table: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """allowed (..., Tq, Tk) bool, code (..., Tq, Tk) -> (..., H, Tq, Tk) additive mask."""
+    bias = table[:, code].movedim(0, -3)  # (..., H, Tq, Tk)
+    return bias.masked_fill(~allowed.unsqueeze(-3), float("-inf"))
 
 
 @dataclass
@@ -74,21 +93,29 @@ def _sdpa(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def attend_dense(q, k, v, window, num_global, q_pos, k_pos, k_valid=None):
+def attend_dense(q, k, v, window, num_global, q_pos, k_pos, k_valid=None, table=None):
     """Reference kernel. q (B,H,Tq,D), k/v (B,Hkv,Tk,D); q_pos (B|1,Tq), k_pos (B|1,Tk)."""
-    mask = sparse_mask(q_pos[:, :, None], k_pos[:, None, :], window, num_global)  # (B, Tq, Tk)
+    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
+    allowed = sparse_mask(qp, kp, window, num_global)  # (B, Tq, Tk)
     if k_valid is not None:
-        mask = mask & k_valid[:, None, :]
+        allowed = allowed & k_valid[:, None, :]
     # rows with nothing visible (padding queries) would give NaN; let them see everything
-    mask = mask | ~mask.any(-1, keepdim=True)
-    return _sdpa(q, k, v, mask[:, None])
+    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    if table is None:
+        return _sdpa(q, k, v, allowed[:, None])
+    return _sdpa(q, k, v, _float_mask(allowed, table, bias_code(qp, kp, window, num_global)))
 
 
 @lru_cache(maxsize=32)
-def _chunk_layout(T: int, C: int, W: int, G: int, device_type: str):
-    """Gather indices and masks for the batched chunked kernel (cached per shape)."""
+def _chunk_layout(T: int, C: int, W: int, G: int, device: torch.device):
+    """Gather indices, validity and bias codes for the batched chunked kernel (cached per shape).
+
+    Chunk c holds queries [cC, cC + C); its keys are the G global ones followed by the
+    L = W + C - 1 positions before/inside it. "Interior" chunks (window clear of the global
+    tokens, chunk fully inside T) all share one mask and one bias pattern.
+    """
     n_chunks = -(-T // C)
-    L = W + C - 1  # keys a chunk can see besides the global ones
+    L = W + C - 1
     starts = torch.arange(n_chunks) * C
     idx = starts[:, None] - (W - 1) + torch.arange(L)[None, :]  # (nC, L) absolute key positions
     q_abs = starts[:, None] + torch.arange(C)[None, :]  # (nC, C)
@@ -98,21 +125,24 @@ def _chunk_layout(T: int, C: int, W: int, G: int, device_type: str):
     win_ok = in_range & (idx >= G)[:, None, :] & sparse_mask(q_abs[:, :, None], idx[:, None, :], W, G)
     g_pos = torch.arange(G)
     glob_ok = (g_pos[None, None, :] <= q_abs[:, :, None]) & (g_pos[None, None, :] < T)
-    mask = torch.cat([glob_ok, win_ok], dim=-1)  # (nC, C, G + L)
-    mask = mask | ~mask.any(-1, keepdim=True)  # padded query rows beyond T
-    return idx.clamp(0, T - 1), mask
+    valid = torch.cat([glob_ok, win_ok], dim=-1)  # (nC, C, G + L)
+    valid = valid | ~valid.any(-1, keepdim=True)  # padded query rows beyond T
+    k_abs = torch.cat([g_pos.expand(n_chunks, G), idx], dim=1)  # (nC, G + L)
+    code = bias_code(q_abs[:, :, None], k_abs[:, None, :], W, G).clamp_max(W + max(G, 1) - 1)
+    interior = ((starts - W + 1 >= G) & (starts + C <= T)).nonzero().flatten()
+    lo, hi = (int(interior[0]), int(interior[-1]) + 1) if len(interior) else (0, 0)
+    return idx.clamp(0, T - 1).to(device), valid.to(device), code.to(device), lo, hi
 
 
-def attend_chunked(q, k, v, window, num_global, q_offset, chunk_size):
+def attend_chunked(q, k, v, window, num_global, q_offset, chunk_size, table=None):
     """Sparse kernel for contiguous positions; O(T * (W + C + G)) work and memory."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
     if q_offset != 0 or Tq != Tk:
-        return _attend_chunked_loop(q, k, v, window, num_global, q_offset, chunk_size)
+        return _attend_chunked_loop(q, k, v, window, num_global, q_offset, chunk_size, table)
     C = min(chunk_size, Tq)
     G = min(num_global, Tk)
-    idx, mask = _chunk_layout(Tq, C, window, G, q.device.type)
-    idx, mask = idx.to(q.device), mask.to(q.device)
+    idx, valid, code, lo, hi = _chunk_layout(Tq, C, window, G, q.device)
     n_chunks = idx.shape[0]
     pad = n_chunks * C - Tq
     qc = F.pad(q, (0, 0, 0, pad)).view(B, H, n_chunks, C, D).transpose(1, 2)  # (B, nC, H, C, D)
@@ -126,38 +156,52 @@ def attend_chunked(q, k, v, window, num_global, q_offset, chunk_size):
 
     kc, vc = gather(k), gather(v)
     Hkv, Lk = kc.shape[2], kc.shape[3]
-    m = mask[None, :, None].expand(B, -1, -1, -1, -1).reshape(B * n_chunks, 1, C, Lk)
-    out = _sdpa(qc.reshape(B * n_chunks, H, C, D), kc.reshape(B * n_chunks, Hkv, Lk, D),
-                vc.reshape(B * n_chunks, Hkv, Lk, D), m)
-    out = out.view(B, n_chunks, H, C, D).transpose(1, 2).reshape(B, H, n_chunks * C, D)
+
+    def run(a, b, shared):  # chunks [a, b); shared: one mask serves every chunk in the range
+        n = b - a
+        if shared:
+            m = valid[a][None, None] if table is None else _float_mask(valid[a], table, code[a])[None]
+        else:
+            m = valid[a:b, None] if table is None else _float_mask(valid[a:b], table, code[a:b])
+            m = m[None].expand(B, -1, -1, -1, -1).reshape(B * n, -1, C, Lk)
+        o = _sdpa(qc[:, a:b].reshape(B * n, H, C, D), kc[:, a:b].reshape(B * n, Hkv, Lk, D),
+                  vc[:, a:b].reshape(B * n, Hkv, Lk, D), m)
+        return o.view(B, n, H, C, D)
+
+    parts = [run(a, b, shared) for a, b, shared in ((0, lo, False), (lo, hi, True), (hi, n_chunks, False))
+             if b > a]
+    out = torch.cat(parts, dim=1).transpose(1, 2).reshape(B, H, n_chunks * C, D)
     return out[:, :, :Tq]
 
 
-def _attend_chunked_loop(q, k, v, window, num_global, q_offset, chunk_size):
+def _attend_chunked_loop(q, k, v, window, num_global, q_offset, chunk_size, table=None):
     """Chunked kernel when queries start at q_offset > 0 (prefill after a cache, decode)."""
-    Tq, Tk = q.shape[2], k.shape[2]
+    Tk = k.shape[2]
     outs = []
-    for a in range(0, Tq, chunk_size):
-        b = min(a + chunk_size, Tq)
+    for a in range(0, q.shape[2], chunk_size):
+        b = min(a + chunk_size, q.shape[2])
         qa, qb = q_offset + a, q_offset + b  # absolute query positions [qa, qb)
         lo = max(0, qa - window + 1)
         if lo > num_global:
             ks = torch.cat([k[:, :, :num_global], k[:, :, lo:qb]], dim=2)
             vs = torch.cat([v[:, :, :num_global], v[:, :, lo:qb]], dim=2)
-            kp = torch.cat([torch.arange(num_global), torch.arange(lo, qb)])
+            kp = torch.cat([torch.arange(num_global), torch.arange(lo, qb)]).to(q.device)
         else:
-            ks, vs, kp = k[:, :, :qb], v[:, :, :qb], torch.arange(qb)
+            ks, vs, kp = k[:, :, :qb], v[:, :, :qb], torch.arange(qb, device=q.device)
+        qp = torch.arange(qa, qb, device=q.device)
         mask = None
-        if b - a > 1:
-            qp = torch.arange(qa, qb)
-            mask = sparse_mask(qp[:, None], kp[None, :], window, num_global).to(q.device)
+        if b - a > 1 or table is not None:
+            allowed = sparse_mask(qp[:, None], kp[None, :], window, num_global)
+            mask = allowed if table is None else _float_mask(allowed, table, bias_code(qp[:, None], kp[None, :],
+                                                                                      window, num_global))
         outs.append(_sdpa(q[:, :, a:b], ks, vs, mask))
-    assert qb <= Tk, "keys must cover every query position"
+    if q_offset + q.shape[2] > Tk:
+        raise ValueError(f"keys ({Tk}) must cover every query position (up to {q_offset + q.shape[2]})")
     return torch.cat(outs, dim=2)
 
 
-def attend_flex(q, k, v, window, num_global, q_offset):
-    """FlexAttention with a block mask built from `sparse_mask`."""
+def attend_flex(q, k, v, window, num_global, q_offset, table=None):
+    """FlexAttention with a block mask built from `sparse_mask` (and the bias as score_mod)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     W = window if window is not None else q.shape[2] + q_offset + 1
@@ -166,17 +210,24 @@ def attend_flex(q, k, v, window, num_global, q_offset):
         qp = q_idx + q_offset
         return (kv_idx <= qp) & ((qp - kv_idx < W) | (kv_idx < num_global))
 
-    Tq, Tk = q.shape[2], k.shape[2]
-    block_mask = create_block_mask(mask_mod, None, None, Tq, Tk, device=q.device)
+    score_mod = None
+    if table is not None:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            qp = q_idx + q_offset
+            col = torch.where(kv_idx < num_global, W + kv_idx, (qp - kv_idx).clamp(0, W - 1))
+            return score + table[h, col.clamp(max=table.shape[1] - 1)]
+
+    block_mask = create_block_mask(mask_mod, None, None, q.shape[2], k.shape[2], device=q.device)
     fn = torch.compile(flex_attention) if q.device.type == "cuda" else flex_attention
-    return fn(q, k, v, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
+    return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attend(q, k, v, meta: AttentionMetadata, window: int | None, num_global: int,
-           impl: str, chunk_size: int) -> torch.Tensor:
-    """Dispatch to a kernel. window=None means dense causal attention."""
+           impl: str, chunk_size: int, table: torch.Tensor | None = None) -> torch.Tensor:
+    """Dispatch to a kernel. window=None means dense causal attention; `table` (H, W + G)
+    is an optional learned relative-position bias (sparse attention only)."""
     if not meta.contiguous:
-        return attend_dense(q, k, v, window, num_global, meta.q_pos, meta.k_pos, meta.k_valid)
+        return attend_dense(q, k, v, window, num_global, meta.q_pos, meta.k_pos, meta.k_valid, table)
     Tq, Tk = q.shape[2], k.shape[2]
     if impl == "auto":
         impl = "flex" if q.is_cuda and window is not None else "chunked"
@@ -187,12 +238,12 @@ def attend(q, k, v, meta: AttentionMetadata, window: int | None, num_global: int
             return _sdpa(q, k, v)
         impl = "dense"
     if impl == "flex":
-        return attend_flex(q, k, v, window, num_global, meta.q_offset)
+        return attend_flex(q, k, v, window, num_global, meta.q_offset, table)
     if impl == "chunked":
-        return attend_chunked(q, k, v, window, num_global, meta.q_offset, chunk_size)
+        return attend_chunked(q, k, v, window, num_global, meta.q_offset, chunk_size, table)
     qp = torch.arange(meta.q_offset, meta.q_offset + Tq, device=q.device)[None]
     kp = torch.arange(Tk, device=q.device)[None]
-    return attend_dense(q, k, v, window, num_global, qp, kp)
+    return attend_dense(q, k, v, window, num_global, qp, kp, None, table)
 
 
 class CausalSelfAttention(nn.Module):
@@ -213,6 +264,9 @@ class CausalSelfAttention(nn.Module):
         self.num_global = config.num_global_tokens if config.attention == "sparse" else 0
         self.impl = config.attn_impl
         self.chunk_size = config.attn_chunk_size or config.window_size
+        self.rel_bias = None
+        if config.position == "relative":
+            self.rel_bias = RelativePositionBias(self.n_heads, config.window_size, config.num_global_tokens)
 
     def forward(self, x: torch.Tensor, meta: AttentionMetadata, cache=None) -> torch.Tensor:
         B, T, _ = x.shape
@@ -221,5 +275,6 @@ class CausalSelfAttention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         if cache is not None:  # HF Cache API: returns all keys/values so far
             k, v = cache.update(k, v, self.layer_idx)
-        y = attend(q, k, v, meta, self.window, self.num_global, self.impl, self.chunk_size)
+        table = self.rel_bias.table() if self.rel_bias is not None else None
+        y = attend(q, k, v, meta, self.window, self.num_global, self.impl, self.chunk_size, table)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
