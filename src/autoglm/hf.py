@@ -58,7 +58,9 @@ class OpenAutoGLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
+        # HF's gradient_checkpointing_enable()/activation_checkpointing_enable() land here; the
+        # backbone always uses torch.utils.checkpoint(use_reentrant=False) on every block
         self.model.gradient_checkpointing = enable
 
 
@@ -120,7 +122,7 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
             loss = lm_loss(logits, shifted) + (aux if aux is not None else 0.0)
-        return AutoGLMCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
+        return AutoGLMCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache is not False else None,
                                      hidden_states=out.hidden_states, aux_loss=aux, routing=out.routing,
                                      adapter_output=adapter_output)
 
@@ -165,6 +167,15 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
         if activate:
             self.set_adapter(name)
         return module
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # the backbone checkpoint never holds adapters: their keys are not "missing"
+        res = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in res.missing_keys if not k.startswith("adapters.")]
+        if strict and (missing or res.unexpected_keys):
+            raise RuntimeError(f"error loading state_dict: missing keys {missing}, "
+                               f"unexpected keys {res.unexpected_keys}")
+        return res
 
     def state_dict(self, *args, **kwargs):
         # adapters are saved on their own (save_adapter), never inside the backbone checkpoint

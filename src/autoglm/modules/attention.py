@@ -147,8 +147,13 @@ def attend_chunked(q, k, v, window, num_global, q_offset, chunk_size, table=None
     pad = n_chunks * C - Tq
     qc = F.pad(q, (0, 0, 0, pad)).view(B, H, n_chunks, C, D).transpose(1, 2)  # (B, nC, H, C, D)
 
+    L = window + C - 1
+
     def gather(t):  # (B, Hkv, Tk, D) -> (B, nC, Hkv, G + L, D)
-        win = t[:, :, idx]  # (B, Hkv, nC, L, D)
+        # overlapping windows as a strided view (no index gather: its backward is a slow scatter);
+        # chunk c sees padded positions [cC, cC + L) = original [cC - W + 1, cC + C)
+        t_pad = F.pad(t, (0, 0, window - 1, n_chunks * C - Tk))
+        win = t_pad.unfold(2, L, C).transpose(-1, -2)  # (B, Hkv, nC, L, D)
         if G:
             glob = t[:, :, None, :G].expand(-1, -1, n_chunks, -1, -1)
             win = torch.cat([glob, win], dim=3)

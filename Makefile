@@ -1,0 +1,28 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create the venv and install pinned dependencies (torch==2.13.0 CPU)
+
+demo: setup  ## train `small` on the built-in corpus for a few minutes, then evaluate and sample
+	$(BIN)/autoglm info small
+	$(BIN)/autoglm train --preset small --out runs/demo --minutes 4 --steps 800 --eval-every 200 --save-every 200
+	$(BIN)/autoglm generate runs/demo --prompt "Return the " --max-new-tokens 60
+
+test: setup  ## run the test suite
+	$(BIN)/python -m pytest
+
+bench: setup  ## architecture benchmark (writes benchmarks/results/)
+	$(BIN)/python benchmarks/architecture.py
+
+clean:
+	rm -rf runs benchmarks/results .pytest_cache

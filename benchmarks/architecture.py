@@ -1,0 +1,188 @@
+"""Open-AutoGLM vs the standard dense Transformer of equal total parameters, side by side.
+
+Reproduces the reference table's columns in one run:
+  params (total / active per token), forward latency at 512 / 2048 / 8192 tokens (median
+  of repeats, batch 1), and held-out next-token accuracy / loss after the *same training
+  wall-clock* on the same data (Tiny Shakespeare when ../shared/data is present).
+
+Writes benchmarks/results/architecture.{json,md,png}.
+
+    python benchmarks/architecture.py                       # CPU: small vs standard-small
+    python benchmarks/architecture.py --device cuda --presets base --precision bf16
+
+Targets (issue #2): at 8192 tokens the Open-AutoGLM forward is >= 1.45x faster than the
+standard model, and its held-out accuracy after equal training time is not lower.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
+from autoglm.training import TrainConfig
+from autoglm.training.pretrain import pretrain
+
+ROOT = Path(__file__).resolve().parent
+SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def latency_ms(model, seq_len: int, repeats: int, device: str, dtype) -> float:
+    """Median forward time (ms) of one (1, seq_len) batch, no KV cache, after one warm-up."""
+    x = torch.randint(2, model.config.vocab_size, (1, seq_len), device=device)
+    times = []
+    with torch.inference_mode(), torch.autocast(device_type=device.split(":")[0], dtype=dtype,
+                                                enabled=dtype != torch.float32):
+        for i in range(repeats + 1):
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            model(x, use_cache=False, logits_to_keep=1)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            if i:  # first call is warm-up
+                times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def param_counts(preset: str) -> dict:
+    with torch.device("meta"):
+        return OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(preset)).num_parameters_summary()
+
+
+def run(args) -> dict:
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
+    sparse, dense = args.presets, f"standard-{args.presets}"
+    rows = {}
+    for preset in (sparse, dense):
+        rows[preset] = {"preset": preset, "params": param_counts(preset), "latency_ms": {}}
+
+    # ---- latency: fresh random weights; the context is extended to the longest length
+    for preset in (sparse, dense):
+        torch.manual_seed(0)
+        cfg = OpenAutoGLMConfig.from_name(preset)
+        model = OpenAutoGLMForCausalLM(cfg).to(args.device).eval()
+        model.extend_context(max(max(args.lengths), cfg.max_position_embeddings))
+        for T in args.lengths:
+            ms = latency_ms(model, T, args.repeats, args.device, dtype)
+            rows[preset]["latency_ms"][T] = ms
+            logging.info("%s forward @%d: %.1f ms", preset, T, ms)
+        del model
+
+    # ---- quality after equal training wall-clock
+    if args.train_seconds > 0:
+        data = args.data if args.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
+        for preset in (sparse, dense):
+            cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=50,
+                              max_steps=args.max_steps, max_seconds=args.train_seconds, eval_every=10**9,
+                              save_every=10**9, eval_batches=args.eval_batches, precision=args.precision,
+                              seed=args.seed)
+            _, prepared, result = pretrain(preset, args.out / "runs" / preset, cfg, data=data,
+                                           cache_dir=args.out / "cache", vocab_size=args.vocab_size,
+                                           device=args.device)
+            rows[preset].update(train_steps=result.steps, train_seconds=result.elapsed,
+                                train_tokens_per_s=result.tokens_per_s, val=result.final_eval,
+                                curve=[h for h in result.history if "val_loss" in h or "loss" in h])
+            rows[preset]["data"] = prepared.source
+    s, d = rows[sparse], rows[dense]
+    summary = {f"speedup@{T}": d["latency_ms"][T] / s["latency_ms"][T] for T in args.lengths}
+    if "val" in s:
+        summary["accuracy_delta_pts"] = (s["val"]["accuracy"] - d["val"]["accuracy"]) * 100
+        summary["loss_delta"] = s["val"]["loss"] - d["val"]["loss"]
+    return {"device": args.device, "device_name": _device_name(args.device), "precision": args.precision,
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows, "summary": summary,
+            "targets": {"speedup@8192": ">= 1.45", "accuracy_delta_pts": ">= 0"}}
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    import platform
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def markdown(res: dict) -> str:
+    lengths = list(next(iter(res["rows"].values()))["latency_ms"])
+    head = ["model", "params total", "params active"] + [f"fwd {T} (ms)" for T in lengths]
+    has_val = all("val" in r for r in res["rows"].values())
+    if has_val:
+        head += ["train steps", "val loss", "val acc"]
+    lines = [f"Device: {res['device_name']}, precision {res['precision']}, torch {res['torch']}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in res["rows"].items():
+        cells = [name, f"{r['params']['total'] / 1e6:.2f}M", f"{r['params']['active'] / 1e6:.2f}M"]
+        cells += [f"{r['latency_ms'][T]:.1f}" for T in lengths]
+        if has_val:
+            cells += [str(r["train_steps"]), f"{r['val']['loss']:.3f}", f"{r['val']['accuracy'] * 100:.2f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| ratio (standard / Open-AutoGLM) | value | target |", "|---|---|---|"]
+    for k, v in res["summary"].items():
+        target = res["targets"].get(k, "")
+        lines.append(f"| {k} | {v:.3f} | {target} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res: dict, path: Path) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib not installed; skipping the plot")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, r in res["rows"].items():
+        Ts = list(r["latency_ms"])
+        axes[0].plot(Ts, [r["latency_ms"][T] for T in Ts], marker="o", label=name)
+        curve = [h for h in r.get("curve", []) if "loss" in h and "elapsed" in h]
+        if curve:
+            axes[1].plot([h["elapsed"] for h in curve], [h["loss"] for h in curve], label=name)
+    axes[0].set(xscale="log", yscale="log", xlabel="sequence length", ylabel="forward latency (ms)",
+                title="Forward latency (batch 1)")
+    axes[1].set(xlabel="training wall-clock (s)", ylabel="train loss", title="Loss vs time (equal budget)")
+    for ax in axes:
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="small", help="sparse preset; its twin is standard-<preset>")
+    p.add_argument("--data", type=Path, default=None, help=f"training text (default {SHAKESPEARE} when present)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
+    p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--train-seconds", type=float, default=240.0, help="training budget per model (0 = skip)")
+    p.add_argument("--max-steps", type=int, default=5000, help="schedule length (the time budget stops earlier)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--vocab-size", type=int, default=None)
+    p.add_argument("--eval-batches", type=int, default=50)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out", type=Path, default=ROOT / "results")
+    args = p.parse_args(argv)
+    args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = run(args)
+    stem = args.out / f"architecture{'' if args.presets == 'small' else '-' + args.presets}"
+    stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
+    md = markdown(res)
+    stem.with_suffix(".md").write_text(md)
+    plot(res, stem.with_suffix(".png"))
+    sys.stdout.write(md)
+
+
+if __name__ == "__main__":
+    main()
