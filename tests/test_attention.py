@@ -8,8 +8,8 @@ import torch
 from autoglm.modules.attention import AttentionMetadata, attend, attend_chunked, attend_flex, sparse_mask
 
 
-def reference(q, k, v, window, num_global, q_offset=0):
-    """Plain softmax(QK^T/sqrt(d) + mask) V, written out by hand."""
+def reference(q, k, v, window, num_global, q_offset=0, table=None):
+    """Plain softmax(QK^T/sqrt(d) + bias + mask) V, written out by hand."""
     B, H, Tq, D = q.shape
     Hkv, Tk = k.shape[1], k.shape[2]
     k = k.repeat_interleave(H // Hkv, dim=1)
@@ -20,6 +20,14 @@ def reference(q, k, v, window, num_global, q_offset=0):
     if window is not None:
         allowed &= (qi - kj < window) | (kj < num_global)
     s = (q @ k.transpose(-1, -2)) / math.sqrt(D)
+    if table is not None:  # global key j -> column W + j, else the distance (loops, no vectorised code)
+        bias = torch.empty(H, Tq, Tk)
+        for a in range(Tq):
+            for b in range(Tk):
+                qa = q_offset + a
+                col = window + b if b < num_global else min(max(qa - b, 0), window - 1)
+                bias[:, a, b] = table[:, col]
+        s = s + bias
     s = s.masked_fill(~allowed, float("-inf"))
     return s.softmax(-1) @ v
 
@@ -80,3 +88,21 @@ def test_chunked_gradients_match_dense():
     (reference(q, k, v, W, G) ** 2).sum().backward()
     for g, t in zip(grads, (q, k, v)):
         torch.testing.assert_close(g, t.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("T,W,G,C,offset", [(37, 8, 2, 8, 0), (70, 16, 3, 5, 0), (9, 4, 2, 4, 25), (1, 8, 2, 8, 40)])
+def test_relative_bias_table_in_every_kernel(T, W, G, C, offset):
+    H = 2
+    table = torch.randn(H, W + G)
+    q = torch.randn(1, H, T, 8)
+    k = torch.randn(1, H, offset + T, 8)
+    v = torch.randn(1, H, offset + T, 8)
+    ref = reference(q, k, v, W, G, q_offset=offset, table=table)
+    meta = AttentionMetadata(q_offset=offset)
+    for impl in ("chunked", "flex", "dense"):
+        torch.testing.assert_close(attend(q, k, v, meta, W, G, impl, C, table), ref, atol=1e-5, rtol=1e-5)
+    # per-row positions (the padded-batch path) give the same result
+    qp = torch.arange(offset, offset + T)[None]
+    kp = torch.arange(offset + T)[None]
+    padded = AttentionMetadata(q_offset=offset, q_pos=qp, k_pos=kp, k_valid=torch.ones_like(kp, dtype=torch.bool))
+    torch.testing.assert_close(attend(q, k, v, padded, W, G, "auto", C, table), ref, atol=1e-5, rtol=1e-5)

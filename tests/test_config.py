@@ -27,6 +27,8 @@ def hand_count(cfg: OpenAutoGLMConfig) -> tuple[int, int]:
         active += cfg.max_position_embeddings * d
     for i in range(L):
         layer = attn + 2 * d
+        if cfg.position == "rope":
+            layer += cfg.head_dim // 2
         if cfg.position == "relative":
             layer += cfg.num_attention_heads * (cfg.window_size + max(cfg.num_global_tokens, 1))
         if cfg.is_moe_layer(i):
@@ -57,7 +59,7 @@ def test_small_presets_build_and_run(name):
 
 def test_preset_shapes():
     tiny = OpenAutoGLMConfig.from_name("tiny")
-    assert (tiny.attention, tiny.position, tiny.num_experts, tiny.num_experts_per_tok) == ("sparse", "relative", 4, 2)
+    assert (tiny.attention, tiny.position, tiny.num_experts, tiny.num_experts_per_tok) == ("sparse", "rope", 4, 2)
     std = OpenAutoGLMConfig.from_name("standard-tiny")
     assert (std.attention, std.position, std.num_experts) == ("dense", "absolute", 0)
     over = OpenAutoGLMConfig.from_name("tiny", window_size=16, num_hidden_layers=3)

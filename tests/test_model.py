@@ -19,6 +19,8 @@ INIT = 0.2
 
 def make_model(name: str = "tiny", seed: int = 0, **overrides) -> OpenAutoGLMForCausalLM:
     torch.manual_seed(seed)
+    if name.endswith("-relative"):  # the learned windowed relative bias instead of rotary
+        name, overrides = name.removesuffix("-relative"), {**overrides, "position": "relative"}
     model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(name, initializer_range=INIT, **overrides))
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -48,8 +50,9 @@ def logits_of(model, x, **kw):
 # ------------------------------------------------------------------ kernels agree
 @pytest.mark.parametrize("T", [45, 77])
 @pytest.mark.parametrize("chunk", [0, 12])
-def test_attn_impls_agree_on_whole_model(T, chunk):
-    base = make_model("tiny", attn_impl="dense", attn_chunk_size=chunk)
+@pytest.mark.parametrize("position", ["rope", "relative"])
+def test_attn_impls_agree_on_whole_model(T, chunk, position):
+    base = make_model("tiny", attn_impl="dense", attn_chunk_size=chunk, position=position)
     x = ids(2, T)
     ref = logits_of(base, x)
     for impl in ("chunked", "flex"):
@@ -161,6 +164,7 @@ def test_left_padded_batch_equals_alone(name):
 
 
 @pytest.mark.parametrize("name,impl", [("tiny", "chunked"), ("tiny", "flex"), ("tiny", "dense"),
+                                       ("tiny-relative", "chunked"), ("tiny-relative", "dense"),
                                        ("standard-tiny", "auto")])
 def test_incremental_dynamic_cache_equals_full_forward(name, impl):
     model = make_model(name, attn_impl=impl)
@@ -201,15 +205,17 @@ def _periodic_batch(B, T, vocab, period, gen):
     return pattern.gather(1, col)
 
 
-def test_relative_position_extends_to_twice_the_trained_length():
+@pytest.mark.parametrize("position", ["rope", "relative"])
+def test_position_encoding_extends_to_twice_the_trained_length(position):
     V, L, period = 64, 64, 9
     torch.manual_seed(0)
-    cfg = OpenAutoGLMConfig.from_name("tiny", vocab_size=V, max_position_embeddings=L, window_size=16)
+    cfg = OpenAutoGLMConfig.from_name("tiny", vocab_size=V, max_position_embeddings=L, window_size=16,
+                                      position=position)
     model = OpenAutoGLMForCausalLM(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     gen = torch.Generator().manual_seed(0)
     model.train()
-    for _ in range(180):
+    for _ in range(300):
         x = _periodic_batch(16, L, V, period, gen)
         loss = model(x, labels=x).loss
         opt.zero_grad()

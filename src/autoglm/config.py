@@ -37,7 +37,8 @@ class OpenAutoGLMConfig(PretrainedConfig):
         num_attention_heads: int = 8,  # query heads; must divide hidden_size
         num_key_value_heads: int | None = None,  # < heads gives grouped-query attention (smaller KV cache)
         max_position_embeddings: int = 1024,  # longest supported sequence (the trained length until extend_context)
-        position: str | None = None,  # "relative" (learned windowed bias; sparse only) or "absolute" (learned table); None = by attention
+        position: str | None = None,  # "rope" (learnable-frequency rotary), "relative" (learned windowed bias; sparse only) or "absolute" (learned table); None = by attention
+        rope_theta: float = 10000.0,  # initial rotary base
         attention: str = "sparse",  # "sparse" = local window + global tokens, "dense" = full causal
         window_size: int = 128,  # local window W: a query sees the W most recent keys (itself included)
         num_global_tokens: int = 4,  # the first G positions are visible to every later token
@@ -64,7 +65,8 @@ class OpenAutoGLMConfig(PretrainedConfig):
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads or num_attention_heads
         self.max_position_embeddings = max_position_embeddings
-        self.position = position or ("relative" if attention == "sparse" else "absolute")
+        self.position = position or ("rope" if attention == "sparse" else "absolute")
+        self.rope_theta = rope_theta
         self.attention = attention
         self.window_size = window_size
         self.num_global_tokens = num_global_tokens
@@ -109,8 +111,8 @@ class OpenAutoGLMConfig(PretrainedConfig):
             need(isinstance(v, int) and v > 0, f"{name} must be a positive integer, got {v!r}")
         need(self.attention in _ATTENTION_KINDS,
              f"attention must be one of {_ATTENTION_KINDS}, got {self.attention!r}")
-        need(self.position in ("relative", "absolute"),
-             f"position must be 'relative' or 'absolute', got {self.position!r}")
+        need(self.position in ("rope", "relative", "absolute"),
+             f"position must be 'rope', 'relative' or 'absolute', got {self.position!r}")
         need(self.position == "absolute" or self.attention == "sparse",
              "position='relative' needs attention='sparse' (its bias covers window distances only); "
              "use position='absolute' with dense attention")

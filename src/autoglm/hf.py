@@ -24,7 +24,7 @@ from .config import OpenAutoGLMConfig
 from .losses import lm_loss, moe_aux_loss
 from .model import AutoGLMBackbone, build_metadata
 from .modules import LearnedPositionEmbedding, RouterOutput
-from .modules.position import RelativePositionBias
+from .modules.position import LearnableRotary, RelativePositionBias
 
 __all__ = ["OpenAutoGLMForCausalLM", "OpenAutoGLMPreTrainedModel", "AutoGLMCausalLMOutput"]
 
@@ -55,6 +55,8 @@ class OpenAutoGLMPreTrainedModel(PreTrainedModel):
             nn.init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RelativePositionBias):
             nn.init.zeros_(module.weight)
+        elif isinstance(module, LearnableRotary):
+            module.inv_freq.copy_(module.initial_frequencies())
         elif isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
 

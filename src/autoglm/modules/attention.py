@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .position import RelativePositionBias
+from .position import LearnableRotary, RelativePositionBias, apply_rotary
 
 __all__ = [
     "AttentionMetadata",
@@ -269,7 +269,9 @@ class CausalSelfAttention(nn.Module):
         self.num_global = config.num_global_tokens if config.attention == "sparse" else 0
         self.impl = config.attn_impl
         self.chunk_size = config.attn_chunk_size or config.window_size
-        self.rel_bias = None
+        self.rel_bias = self.rotary = None
+        if config.position == "rope":
+            self.rotary = LearnableRotary(self.head_dim, config.rope_theta)
         if config.position == "relative":
             self.rel_bias = RelativePositionBias(self.n_heads, config.window_size, config.num_global_tokens)
 
@@ -278,6 +280,11 @@ class CausalSelfAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            pos = meta.q_pos if not meta.contiguous else torch.arange(meta.q_offset, meta.q_offset + T,
+                                                                      device=x.device)[None]
+            cos, sin = self.rotary(pos)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:  # HF Cache API: returns all keys/values so far
             k, v = cache.update(k, v, self.layer_idx)
         table = self.rel_bias.table() if self.rel_bias is not None else None
