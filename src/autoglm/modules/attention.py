@@ -27,6 +27,7 @@ inference engine can drive it with its own positions and KV storage.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -72,6 +73,8 @@ def _float_mask(allowed: torch.Tensor, table: torch.Tensor, code: torch.Tensor) 
 class AttentionMetadata:
     """What one forward pass tells every attention layer.
 
+    kernel:    an engine's own attention kernel (see `autoglm.inference.runner`); the
+               cache it passes decides what k/v hold.
     q_offset:  absolute position of the first query when positions are contiguous
                (training, prefill and decode of unpadded batches); keys are 0..Tk-1.
     q_pos/k_pos/k_valid: per-row positions (B, Tq), (B, Tk) and key validity (B, Tk)
@@ -83,6 +86,9 @@ class AttentionMetadata:
     q_pos: torch.Tensor | None = None
     k_pos: torch.Tensor | None = None
     k_valid: torch.Tensor | None = None
+    # engine-provided attention (e.g. paged KV read through block tables):
+    # kernel(q, k, v, window, num_global, table) -> (B, H, Tq, D); overrides every other path
+    kernel: Callable | None = None
 
     @property
     def contiguous(self) -> bool:
@@ -205,16 +211,31 @@ def _attend_chunked_loop(q, k, v, window, num_global, q_offset, chunk_size, tabl
     return torch.cat(outs, dim=2)
 
 
-def attend_flex(q, k, v, window, num_global, q_offset, table=None):
-    """FlexAttention with a block mask built from `sparse_mask` (and the bias as score_mod)."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-    W = window if window is not None else q.shape[2] + q_offset + 1
+@lru_cache(maxsize=64)
+def _block_mask(Tq: int, Tk: int, q_offset: int, W: int, G: int, device: torch.device):
+    """FlexAttention block mask for the sparse rule, built once per shape (all layers share it)."""
+    from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q_idx, kv_idx):
         qp = q_idx + q_offset
-        return (kv_idx <= qp) & ((qp - kv_idx < W) | (kv_idx < num_global))
+        return (kv_idx <= qp) & ((qp - kv_idx < W) | (kv_idx < G))
 
+    return create_block_mask(mask_mod, None, None, Tq, Tk, device=device)
+
+
+@lru_cache(maxsize=1)
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention)
+
+
+def attend_flex(q, k, v, window, num_global, q_offset, table=None):
+    """FlexAttention with a block mask built from the sparse rule (and the bias as score_mod).
+    Compiled on GPU; eager on CPU, where it materialises the scores (a correctness check)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    W = window if window is not None else q.shape[2] + q_offset + 1
     score_mod = None
     if table is not None:
         def score_mod(score, b, h, q_idx, kv_idx):
@@ -222,8 +243,8 @@ def attend_flex(q, k, v, window, num_global, q_offset, table=None):
             col = torch.where(kv_idx < num_global, W + kv_idx, (qp - kv_idx).clamp(0, W - 1))
             return score + table[h, col.clamp(max=table.shape[1] - 1)]
 
-    block_mask = create_block_mask(mask_mod, None, None, q.shape[2], k.shape[2], device=q.device)
-    fn = torch.compile(flex_attention) if q.device.type == "cuda" else flex_attention
+    block_mask = _block_mask(q.shape[2], k.shape[2], q_offset, W, num_global, q.device)
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -231,6 +252,8 @@ def attend(q, k, v, meta: AttentionMetadata, window: int | None, num_global: int
            impl: str, chunk_size: int, table: torch.Tensor | None = None) -> torch.Tensor:
     """Dispatch to a kernel. window=None means dense causal attention; `table` (H, W + G)
     is an optional learned relative-position bias (sparse attention only)."""
+    if meta.kernel is not None:
+        return meta.kernel(q, k, v, window, num_global, table)
     if not meta.contiguous:
         return attend_dense(q, k, v, window, num_global, meta.q_pos, meta.k_pos, meta.k_valid, table)
     Tq, Tk = q.shape[2], k.shape[2]
