@@ -15,7 +15,8 @@ setup: $(STAMP)  ## create the venv and install pinned dependencies (torch==2.13
 
 demo: setup  ## train `small` on the built-in corpus for a few minutes, then evaluate and sample
 	$(BIN)/autoglm info small
-	$(BIN)/autoglm train --preset small --out runs/demo --minutes 4 --steps 800 --eval-every 200 --save-every 200
+	rm -rf runs/demo  # a fresh run each time (use `autoglm train --resume` to continue one)
+	$(BIN)/autoglm train --preset small --out runs/demo --steps 150 --minutes 6 --eval-every 50 --save-every 50
 	$(BIN)/autoglm generate runs/demo --prompt "Return the " --max-new-tokens 60
 
 test: setup  ## run the test suite
