@@ -1,0 +1,244 @@
+"""The engine: requests in, streamed tokens out. Wires scheduler, KV-cache manager, runner.
+
+    engine = LLMEngine(model, tokenizer, EngineConfig(num_blocks=256))
+    rid = engine.add_request("def f(", SamplingParams(max_tokens=20, temperature=0))
+    while engine.has_unfinished():
+        for out in engine.step():      # RequestOutput per request that advanced
+            ...
+    engine.generate(["a", "b"], SamplingParams(...))  # convenience: run to completion
+
+One `step()` = schedule -> one packed forward -> sample -> detokenize -> stop checks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .block_pool import BlockPool
+from .kv_cache_manager import KVCacheManager
+from .request import FinishReason, Request, RequestOutput, SamplingParams
+from .runner import ModelRunner
+from .sampling import sample_token
+from .scheduler import Scheduler
+
+__all__ = ["LLMEngine", "EngineConfig", "EngineStats"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = 16  # tokens per KV block
+    num_blocks: int = 1024  # KV blocks in the pool (memory = num_blocks * block_size slots per layer)
+    max_num_seqs: int = 64  # running requests at most
+    max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decode tokens)
+    early_exit_threshold: float = 1.0  # top-probability at which decoding exits early; >= 1.0 never
+    exit_layers: tuple[int, ...] | None = None  # layers after which an exit is tried; None = every layer
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    kv_slots_allocated: int = 0  # summed over steps: live blocks * block_size
+    kv_slots_used: int = 0  # summed over steps: slots holding a token some future query may attend to
+    layers_run: int = 0  # summed over decode steps
+    decode_steps: int = 0
+
+    @property
+    def kv_waste(self) -> float:
+        return 1.0 - self.kv_slots_used / self.kv_slots_allocated if self.kv_slots_allocated else 0.0
+
+
+class LLMEngine:
+    def __init__(self, model, tokenizer=None, config: EngineConfig | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = cfg = config or EngineConfig()
+        mc = model.config
+        self.sparse = mc.attention == "sparse"
+        window = mc.window_size if self.sparse else None
+        num_global = mc.num_global_tokens if self.sparse else 0
+        self.pool = BlockPool(cfg.num_blocks)
+        self.kv = KVCacheManager(self.pool, cfg.block_size, window, num_global)
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        self.runner = ModelRunner(model, self.kv)
+        self.exit_layers = tuple(cfg.exit_layers or range(1, mc.num_hidden_layers))
+        self.requests: dict[str, Request] = {}
+        self._gens: dict[str, torch.Generator] = {}
+        self._text: dict[str, tuple[str, int]] = {}  # emitted text, number of tokens it covers
+        self.stats = EngineStats()
+        self.max_len = mc.max_position_embeddings
+        self.eos = mc.eos_token_id if tokenizer is None else tokenizer.eos_token_id
+
+    # --------------------------------------------------------------- requests
+    def _max_blocks_per_seq(self, total: int) -> int:
+        if self.sparse:  # globals + window + one step's chunk, rounded out to blocks
+            mc = self.model.config
+            span = mc.num_global_tokens + mc.window_size + self.config.max_num_batched_tokens
+            return min(-(-total // self.config.block_size), span // self.config.block_size + 3)
+        return -(-total // self.config.block_size)
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        """Queue a prompt (text, or token ids). Raises ValueError for a prompt the model cannot serve."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompt given but the engine has no tokenizer; pass token ids")
+            ids = self.tokenizer(prompt).input_ids
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("prompt is empty; give at least one token")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}")
+        if len(ids) >= self.max_len:
+            raise ValueError(f"prompt has {len(ids)} tokens but the model's context is {self.max_len}; "
+                             f"shorten the prompt")
+        need = self._max_blocks_per_seq(min(len(ids) + params.max_tokens, self.max_len))
+        if need > self.pool.num_blocks:
+            raise ValueError(f"this request can need {need} KV blocks but the pool has {self.pool.num_blocks}; "
+                             f"raise num_blocks or lower max_tokens")
+        req = Request(ids, params, request_id=request_id or "")
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        if params.seed is not None:
+            self._gens[req.request_id] = torch.Generator(device=self.runner.device).manual_seed(params.seed)
+        self._text[req.request_id] = ("", 0)
+        self.scheduler.add(req)
+        self.stats.prompt_tokens += len(ids)
+        return req.request_id
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its KV blocks go back to the pool. False if it is unknown or done."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        self.scheduler.finish(req, FinishReason.ABORT)
+        self._forget(req)
+        return True
+
+    def _forget(self, req: Request) -> None:
+        self.requests.pop(req.request_id, None)
+        self._gens.pop(req.request_id, None)
+        self._text.pop(req.request_id, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    # ------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        if not so.scheduled:
+            if self.scheduler.has_unfinished and not self.scheduler.running:
+                raise RuntimeError("no request could be scheduled with an empty batch: the KV pool is too small "
+                                   "for the next request; raise num_blocks")
+            return []
+        self._account_kv()
+        decode_only = all(s.num_new_tokens == 1 for s in so.scheduled)
+        out = self.runner.execute(so, self.config.early_exit_threshold, self.exit_layers)
+        self.stats.steps += 1
+        if decode_only:
+            self.stats.decode_steps += 1
+            self.stats.layers_run += out.exit_layer
+        now = time.perf_counter()
+        results, row = [], 0
+        for s in so.scheduled:
+            req = s.request
+            samples = s.samples
+            req.num_computed_tokens += s.num_new_tokens
+            if not samples:
+                continue
+            logits = out.logits[row]
+            row += 1
+            tok = sample_token(logits, req.params, req.all_token_ids, self._gens.get(req.request_id))
+            req.output_ids.append(tok)
+            req.exit_layers.append(out.exit_layer)
+            req.token_times.append(now)
+            if req.first_token_time is None:
+                req.first_token_time = now
+            self.stats.generated_tokens += 1
+            results.append(self._check_stop(req, tok))
+        self.stats.preemptions = self.scheduler.num_preemptions
+        return results
+
+    def _account_kv(self) -> None:
+        bs = self.config.block_size
+        for r in self.scheduler.running:
+            table = self.kv.tables.get(r.request_id, [])
+            live = [j for j, b in enumerate(table) if b is not None]
+            self.stats.kv_slots_allocated += len(live) * bs
+            # a slot is used when its position is <= the last position this step computes
+            last = r.num_tokens  # positions [0, num_tokens) will hold K/V after this step's prefill
+            self.stats.kv_slots_used += sum(max(0, min(bs, last - j * bs)) for j in live)
+
+    def _decode(self, req: Request) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
+
+    def _check_stop(self, req: Request, tok: int) -> RequestOutput:
+        p = req.params
+        prev_text, _ = self._text[req.request_id]
+        text = self._decode(req)
+        reason = stop_reason = None
+        if not p.ignore_eos and tok == self.eos:
+            reason, stop_reason = FinishReason.STOP, tok
+        elif tok in p.stop_token_ids:
+            reason, stop_reason = FinishReason.STOP, tok
+        else:
+            for s in p.stop:
+                # a stop string may span tokens: search the new tail, overlapping the old text
+                i = text.find(s, max(0, len(prev_text) - len(s) + 1))
+                if i >= 0:
+                    text, reason, stop_reason = text[:i], FinishReason.STOP, s
+                    break
+        if reason is None and (len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_len):
+            reason = FinishReason.LENGTH
+        if reason is None and text.endswith("\ufffd"):
+            new_text = ""  # an incomplete UTF-8 sequence: wait for the next token
+        else:
+            new_text = text[len(prev_text):] if text.startswith(prev_text) else text
+            self._text[req.request_id] = (text, len(req.output_ids))
+        if reason is not None:
+            self.scheduler.finish(req, reason, stop_reason)
+            self._forget(req)
+        return RequestOutput(req.request_id, [tok], new_text, reason is not None, reason, stop_reason,
+                             len(req.prompt_ids), len(req.output_ids))
+
+    # ------------------------------------------------------------- offline use
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
+                 ) -> list[Request]:
+        """Run prompts to completion with continuous batching; returns the finished requests in order."""
+        plist = params if isinstance(params, list) else [params] * len(prompts)
+        reqs = []
+        for p, sp in zip(prompts, plist):
+            rid = self.add_request(p, sp)
+            reqs.append(self.requests[rid])
+        while self.has_unfinished():
+            self.step()
+        return reqs
+
+    def text_of(self, req: Request) -> str:
+        """Decoded output text of a request (stop strings cut off)."""
+        text = self._decode(req)
+        if req.stop_reason in req.params.stop:
+            text = text[:text.find(req.stop_reason)]
+        return text

@@ -1,0 +1,124 @@
+"""Plain data objects the engine's parts pass around: sampling parameters, requests, outputs.
+
+A `Request` carries its whole token history (`prompt_ids + output_ids`) and how many of
+those tokens already have K/V in the paged cache (`num_computed_tokens`). There is no
+separate prefill/decode phase: every step the scheduler lets `num_computed_tokens` catch
+up with `num_tokens` under a token budget (vLLM v1 style). Preemption sets
+`num_computed_tokens` back to 0, so the request is recomputed from its tokens later.
+"""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["SamplingParams", "Request", "RequestStatus", "RequestOutput", "FinishReason"]
+
+_ids = itertools.count()
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 disable those filters;
+    repetition_penalty > 1 discourages tokens already in the prompt or output (CTRL rule:
+    positive logits divided, negative multiplied). `seed` makes sampling reproducible per
+    request, whatever else is in the batch.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        checks = [
+            (isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+             f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED = "finished"
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # EOS, a stop token or a stop string
+    LENGTH = "length"  # max_tokens or the model's context
+    ABORT = "abort"  # cancelled by the caller (e.g. a client disconnect)
+
+
+@dataclass
+class Request:
+    """One generation request. Token ids are plain Python ints."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    request_id: str = ""
+    output_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    num_preemptions: int = 0
+    arrival_time: float = field(default_factory=time.perf_counter)
+    first_token_time: float | None = None
+    token_times: list[float] = field(default_factory=list)
+    exit_layers: list[int] = field(default_factory=list)  # layer each output token left at (early exit)
+
+    def __post_init__(self) -> None:
+        if not self.request_id:
+            self.request_id = f"req-{next(_ids)}"
+        if not self.prompt_ids:
+            raise ValueError("prompt is empty; give at least one token")
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == RequestStatus.FINISHED
+
+
+@dataclass
+class RequestOutput:
+    """What one engine step reports for one request (streamed to the caller)."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0

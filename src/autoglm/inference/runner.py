@@ -1,0 +1,188 @@
+"""Model runner: one forward pass over a scheduler step, K/V read and written through block tables.
+
+The KV store is two tensors per model, (layers, num_blocks * block_size, Hkv, D): slot
+s = block * block_size + offset. A step's tokens from every scheduled request are packed
+into one (1, N) row (no padding: prefill chunks and decode tokens side by side), so the
+projections and FFNs run once on N tokens. Attention is the engine's kernel
+(`AttentionMetadata.kernel`):
+
+* `PagedKVCache.update` writes each new token's K/V into its slot and remembers the layer;
+* `PagedAttention` gathers each request's live slots (through its block table) and runs
+  the dense-with-mask kernel, so the sparse rule (window + global) is applied by absolute
+  position: all decode rows as one padded (Bd, H, 1, Tk) batch, each prefill chunk alone.
+
+Early exit (decode steps): after each of `exit_layers`, the shared final norm + LM head
+give a distribution per row; when every row's top probability reaches the threshold the
+remaining layers are skipped, except their K/V projections, which are computed from the
+exit hidden state and written so that later tokens have a full cache (CALM-style state
+copying). threshold >= 1.0 never exits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..modules.attention import AttentionMetadata, attend_dense
+from ..modules.position import apply_rotary
+from .kv_cache_manager import KVCacheManager
+from .scheduler import SchedulerOutput
+
+__all__ = ["ModelRunner", "PagedKVCache", "PagedAttention", "RunnerOutput", "StepLayout"]
+
+
+@dataclass
+class StepLayout:
+    """Per-step index tensors shared by every layer."""
+
+    input_ids: torch.Tensor  # (N,) packed tokens
+    positions: torch.Tensor  # (N,) absolute positions
+    write_slots: torch.Tensor  # (N,) KV slot of each new token
+    decode_q: torch.Tensor | None = None  # (Bd,) packed index of each decode row
+    decode_slots: torch.Tensor | None = None  # (Bd, Tk) slots of its keys (padded)
+    decode_kpos: torch.Tensor | None = None  # (Bd, Tk)
+    decode_valid: torch.Tensor | None = None  # (Bd, Tk)
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (a, b, slots, kpos)
+    sample_rows: list[int] = field(default_factory=list)  # packed index whose logits are sampled
+
+
+@dataclass
+class RunnerOutput:
+    logits: torch.Tensor  # (R, V) one row per request that samples, in scheduled order
+    exit_layer: int  # number of layers run in full (num_layers when no early exit)
+
+
+def _slots_of(table: list[int | None], positions: range, block_size: int) -> list[int]:
+    return [table[p // block_size] * block_size + p % block_size for p in positions]
+
+
+class PagedKVCache:
+    """HF-Cache-like object handed to the backbone: `update` stores K/V into the paged store."""
+
+    def __init__(self, runner: "ModelRunner", layout: StepLayout) -> None:
+        self.runner, self.layout = runner, layout
+        self.layer = 0
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
+        """k, v (1, Hkv, N, D) for the packed new tokens; written to their slots."""
+        self.layer = layer_idx
+        slots = self.layout.write_slots
+        self.runner.k_cache[layer_idx, slots] = k[0].transpose(0, 1).to(self.runner.k_cache.dtype)
+        self.runner.v_cache[layer_idx, slots] = v[0].transpose(0, 1).to(self.runner.v_cache.dtype)
+        return k, v
+
+
+class PagedAttention:
+    """Attention that reads K/V through block tables (see module docstring)."""
+
+    def __init__(self, runner: "ModelRunner", layout: StepLayout, cache: PagedKVCache) -> None:
+        self.runner, self.layout, self.cache = runner, layout, cache
+
+    def __call__(self, q, k, v, window, num_global, table):
+        """q (1, H, N, D) packed -> (1, H, N, D)."""
+        L = self.layout
+        kc, vc = self.runner.k_cache[self.cache.layer], self.runner.v_cache[self.cache.layer]
+        out = torch.empty_like(q)
+        if L.decode_q is not None:
+            qd = q[0, :, L.decode_q].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
+            kd = kc[L.decode_slots].transpose(1, 2).to(q.dtype)  # (Bd, Hkv, Tk, D)
+            vd = vc[L.decode_slots].transpose(1, 2).to(q.dtype)
+            qpos = L.positions[L.decode_q][:, None]
+            o = attend_dense(qd, kd, vd, window, num_global, qpos, L.decode_kpos, L.decode_valid, table)
+            out[0, :, L.decode_q] = o[:, :, 0].transpose(0, 1)
+        for a, b, slots, kpos in L.prefills:
+            kp = kc[slots].transpose(0, 1)[None].to(q.dtype)  # (1, Hkv, Tk, D)
+            vp = vc[slots].transpose(0, 1)[None].to(q.dtype)
+            out[:, :, a:b] = attend_dense(q[:, :, a:b], kp, vp, window, num_global,
+                                          L.positions[a:b][None], kpos[None], None, table)
+        return out
+
+
+class ModelRunner:
+    def __init__(self, model, kv: KVCacheManager, dtype: torch.dtype = torch.float32) -> None:
+        cfg = model.config
+        self.model, self.kv, self.config = model, kv, cfg
+        self.block_size = kv.block_size
+        self.device = next(model.parameters()).device
+        slots = kv.pool.num_blocks * kv.block_size
+        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+
+    # ----------------------------------------------------------------- layout
+    def build_layout(self, so: SchedulerOutput) -> StepLayout:
+        ids, pos, write = [], [], []
+        dec_q, dec_slots, dec_kpos = [], [], []
+        prefills, sample_rows = [], []
+        bs = self.block_size
+        for s in so.scheduled:
+            r, n = s.request, s.num_new_tokens
+            c = r.num_computed_tokens
+            table = self.kv.get(r.request_id).block_ids
+            a = len(ids)
+            toks = r.all_token_ids[c:c + n]
+            ids += toks
+            pos += range(c, c + n)
+            write += _slots_of(table, range(c, c + n), bs)
+            # keys: every live position < c + n (freed blocks hold nothing anyone here can see)
+            kpos = [p for j, blk in enumerate(table) if blk is not None
+                    for p in range(j * bs, min((j + 1) * bs, c + n))]
+            kslots = _slots_of(table, kpos, bs)
+            if n == 1:
+                dec_q.append(a)
+                dec_slots.append(kslots)
+                dec_kpos.append(kpos)
+            else:
+                t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+                prefills.append((a, a + n, t(kslots), t(kpos)))
+            if s.samples:
+                sample_rows.append(a + n - 1)
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        lay = StepLayout(t(ids), t(pos), t(write), prefills=prefills, sample_rows=sample_rows)
+        if dec_q:
+            Tk = max(len(k) for k in dec_kpos)
+            lay.decode_q = t(dec_q)
+            lay.decode_slots = t([k + [0] * (Tk - len(k)) for k in dec_slots])
+            lay.decode_kpos = t([k + [0] * (Tk - len(k)) for k in dec_kpos])
+            lay.decode_valid = torch.tensor([[True] * len(k) + [False] * (Tk - len(k)) for k in dec_kpos],
+                                            device=self.device)
+        return lay
+
+    # ---------------------------------------------------------------- forward
+    @torch.inference_mode()
+    def execute(self, so: SchedulerOutput, exit_threshold: float = 1.0,
+                exit_layers: tuple[int, ...] = ()) -> RunnerOutput:
+        """Run the step; returns the logits of every request that samples this step."""
+        lay = self.build_layout(so)
+        bb = self.model.model
+        cache = PagedKVCache(self, lay)
+        meta = AttentionMetadata(q_pos=lay.positions[None], kernel=PagedAttention(self, lay, cache))
+        x = bb.embed_tokens(lay.input_ids[None])  # (1, N, d)
+        if bb.embed_positions is not None:
+            x = x + bb.embed_positions(lay.positions[None])
+        n_layers = len(bb.layers)
+        rows = torch.tensor(lay.sample_rows, dtype=torch.long, device=self.device)
+        can_exit = exit_threshold < 1.0 and lay.decode_q is not None and not lay.prefills \
+            and len(lay.sample_rows) == len(so.scheduled)
+        for i, layer in enumerate(bb.layers):
+            x, _ = layer(x, meta, cache)
+            if can_exit and i + 1 in exit_layers and i + 1 < n_layers:
+                logits = self.model.lm_head(bb.norm(x[0, rows]))
+                conf = logits.float().softmax(-1).amax(-1)
+                if bool((conf >= exit_threshold).all()):
+                    for rest in bb.layers[i + 1:]:
+                        self._fill_kv(rest.self_attn, rest.input_layernorm(x), lay)
+                    return RunnerOutput(logits, i + 1)
+        return RunnerOutput(self.model.lm_head(bb.norm(x[0, rows])), n_layers)
+
+    def _fill_kv(self, attn, h: torch.Tensor, lay: StepLayout) -> None:
+        """K/V of a skipped layer from the exit hidden state h (1, N, d), written to the cache."""
+        N = h.shape[1]
+        k = attn.k_proj(h).view(1, N, attn.n_kv, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(h).view(1, N, attn.n_kv, attn.head_dim).transpose(1, 2)
+        if attn.rotary is not None:
+            cos, sin = attn.rotary(lay.positions[None])
+            k = apply_rotary(k, cos, sin)
+        self.k_cache[attn.layer_idx, lay.write_slots] = k[0].transpose(0, 1).to(self.k_cache.dtype)
+        self.v_cache[attn.layer_idx, lay.write_slots] = v[0].transpose(0, 1).to(self.v_cache.dtype)
