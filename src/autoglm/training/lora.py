@@ -1,0 +1,151 @@
+"""LoRA through PEFT, layered on the HF-compatible model (the model itself knows nothing of it).
+
+Default `LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+lora_dropout=0.05, task_type="CAUSAL_LM")`. Other targets are any projection name
+(`k_proj`, `o_proj`, `gate_proj`, `up_proj`, `down_proj`), a full module name, or the
+alias `"experts"` (every linear layer inside the MoE experts).
+
+PEFT only fails when *no* requested name matches; a misspelled name next to a correct
+one is silently ignored. `resolve_targets` checks each name on its own and raises
+before any training starts.
+
+Example:
+    >>> from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
+    >>> model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name("tiny"))
+    >>> resolve_targets(model, ["q_proj", "v_prj"])
+    Traceback (most recent call last):
+    ...
+    ValueError: LoRA target module 'v_prj' matches no linear layer of OpenAutoGLMForCausalLM; available names: ...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+__all__ = ["DEFAULT_TARGETS", "resolve_targets", "lora_config", "apply_lora", "trainable_parameters",
+           "save_lora", "load_lora", "merge_lora"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    # adapters (task heads) are not LoRA targets: they are trained on their own
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith("adapters.")]
+
+
+def resolve_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
+    """Check that every requested target matches at least one nn.Linear (as PEFT matches:
+    the full name or its last dotted components) and expand the alias "experts".
+    Returns the list to pass to LoraConfig(target_modules=...)."""
+    if isinstance(targets, str):
+        targets = [targets]
+    if not targets:
+        raise ValueError("no LoRA target modules given; e.g. --target q_proj --target v_proj")
+    names = _linear_names(model)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    out: list[str] = []
+    for t in targets:
+        if t == "experts":
+            hit = [n for n in names if ".experts." in n]
+            if not hit:
+                raise ValueError(f"LoRA target 'experts' matches nothing: {type(model).__name__} has no MoE experts "
+                                 f"(num_experts=0?); target the dense FFN with gate_proj/up_proj/down_proj")
+            out.extend(hit)
+            continue
+        if not any(n == t or n.endswith("." + t) for n in names):
+            raise ValueError(f"LoRA target module {t!r} matches no linear layer of {type(model).__name__}; "
+                             f"available names: {', '.join(leaves)} (or 'experts', or a full module name)")
+        out.append(t)
+    return list(dict.fromkeys(out))
+
+
+def lora_config(targets: Sequence[str] = DEFAULT_TARGETS, r: int = 8, alpha: int = 16, dropout: float = 0.05,
+                modules_to_save: Sequence[str] | None = None) -> LoraConfig:
+    """The project's default LoraConfig (task_type CAUSAL_LM); targets are not checked here."""
+    if r < 1:
+        raise ValueError(f"LoRA rank r must be >= 1, got {r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout}")
+    return LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout,
+                      task_type="CAUSAL_LM", modules_to_save=list(modules_to_save) if modules_to_save else None)
+
+
+def apply_lora(model: nn.Module, config: LoraConfig | None = None) -> PeftModel:
+    """Wrap `model` in a PEFT model with LoRA on the (checked) target modules; only the LoRA
+    weights (and `modules_to_save`) are trainable."""
+    config = config or lora_config()
+    targets = config.target_modules
+    if isinstance(targets, str):  # PEFT treats a string as a regex; keep it as is
+        log.info("LoRA targets given as a regex %r; not checked name by name", targets)
+    else:
+        config.target_modules = set(resolve_targets(model, sorted(targets)))
+    return get_peft_model(model, config)
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, tied weights counted once."""
+    params = {id(p): p for p in model.parameters()}.values()
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def save_lora(model: PeftModel, tokenizer, out_dir: str | Path, base_model_dir: str | Path | None = None,
+              run_info: dict | None = None) -> Path:
+    """Save only the adapter (adapter_config.json + adapter_model.safetensors), the tokenizer,
+    and run.json with the base model directory so `merge` can find it."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    info = {"base_model": str(Path(base_model_dir).resolve()) if base_model_dir else None, **(run_info or {})}
+    (out_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    return out_dir
+
+
+def _base_of(adapter_dir: Path, base_dir: str | Path | None) -> Path:
+    if base_dir is not None:
+        return Path(base_dir)
+    run = adapter_dir / "run.json"
+    base = json.loads(run.read_text()).get("base_model") if run.is_file() else None
+    if not base:
+        raise ValueError(f"{adapter_dir} does not record its base model; pass the base model directory "
+                         f"(--base) explicitly")
+    return Path(base)
+
+
+def load_lora(adapter_dir: str | Path, base_dir: str | Path | None = None,
+              torch_dtype: torch.dtype | None = None) -> PeftModel:
+    """Load the base model (AutoModelForCausalLM) and put the saved LoRA adapter on it (unmerged)."""
+    from transformers import AutoModelForCausalLM
+
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a LoRA adapter directory "
+                                f"(make one with `autoglm finetune --lora`)")
+    base_dir = _base_of(adapter_dir, base_dir)
+    kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **kw)
+    return PeftModel.from_pretrained(base, adapter_dir).eval()
+
+
+def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None) -> nn.Module:
+    """Fold the LoRA weights into the base model and save a plain model (no PEFT needed to
+    load it) with the adapter's tokenizer in `out_dir`. Returns the merged model."""
+    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    model = load_lora(adapter_dir, base_dir).merge_and_unload()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (adapter_dir / name).is_file():
+            shutil.copy2(adapter_dir / name, out_dir / name)
+    return model
