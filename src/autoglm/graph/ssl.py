@@ -1,0 +1,186 @@
+"""Self-supervised graph pre-training: InfoNCE between two augmented views plus masked
+feature reconstruction (GraphMAE: [MASK] token, re-masking, scaled cosine error).
+
+    loss = contrastive_weight * info_nce(proj(enc(view1)), proj(enc(view2)), tau)
+         + reconstruction_weight * sce(dec(remask(enc(x with masked rows = [MASK]))), x)[masked]
+
+`GraphSSLModel` holds the parameters (encoder, [MASK] token, decoder, projector);
+`GraphSSLObjective` is a training objective `(model, batch) -> {"loss", ...}` for
+`autoglm.training.Trainer`, whose randomness is a pure function of (seed, step) so a run
+is reproducible; `pretrain_graph` runs it full-batch.
+
+Example:
+    >>> import torch
+    >>> cfg = GraphSSLConfig(hidden_dim=16, num_layers=1)
+    >>> model = GraphSSLModel(8, cfg)
+    >>> batch = {"x": torch.randn(6, 8), "edge_index": torch.tensor([[0, 1, 2], [1, 2, 3]]), "step": 0}
+    >>> sorted(GraphSSLObjective(cfg)(model, batch))
+    ['contrastive_loss', 'loss', 'reconstruction_loss']
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .augment import drop_edges, drop_nodes, mask_features, perturb_edges
+from .encoder import GraphEncoder
+from .losses import info_nce, scaled_cosine_error
+
+__all__ = ["AUGMENTATIONS", "GraphSSLConfig", "GraphSSLModel", "GraphSSLObjective", "pretrain_graph"]
+
+log = logging.getLogger(__name__)
+
+AUGMENTATIONS = ("node_drop", "edge_perturb", "edge_drop", "feature_mask")
+
+
+@dataclass
+class GraphSSLConfig:
+    hidden_dim: int = 256  # embedding width; GraphMAE uses 512 on Cora
+    num_layers: int = 2  # residual propagation layers (receptive field = num_layers hops)
+    attention: bool = False  # GAT-style attention instead of fixed GCN weights
+    heads: int = 4  # attention heads (only with attention=True)
+    dropout: float = 0.2  # input dropout of every layer (regularises small graphs)
+    attn_dropout: float = 0.1  # dropout on attention coefficients
+    mask_rate: float = 0.15  # fraction of nodes whose features are replaced by [MASK]
+    sce_alpha: float = 2.0  # scaled cosine error exponent
+    tau: float = 0.5  # InfoNCE temperature (GRACE)
+    proj_dim: int = 128  # projection head width for the contrastive term
+    augmentations: tuple[str, ...] = ("edge_perturb", "feature_mask")  # how the two views are made
+    aug_p: tuple[float, float] = (0.2, 0.3)  # strength of view 1 and view 2 (same p for every augmentation)
+    contrastive_weight: float = 1.0  # weight of InfoNCE; 0 turns it off (pure GraphMAE)
+    reconstruction_weight: float = 1.0  # weight of masked reconstruction; 0 turns it off (pure GRACE)
+    contrastive_nodes: int = 4096  # InfoNCE is O(N^2): sample at most this many nodes per step
+    seed: int = 0  # seeds the per-step augmentation generator
+
+    def __post_init__(self) -> None:
+        self.augmentations, self.aug_p = tuple(self.augmentations), tuple(self.aug_p)
+        bad = [a for a in self.augmentations if a not in AUGMENTATIONS]
+        if bad:
+            raise ValueError(f"unknown augmentations {bad}; choose from {list(AUGMENTATIONS)}")
+        for name in ("mask_rate", "dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be in [0, 1)")
+        if len(self.aug_p) != 2 or not all(0.0 <= p <= 1.0 for p in self.aug_p):
+            raise ValueError(f"aug_p {self.aug_p} must be two probabilities (view 1, view 2)")
+        if self.contrastive_weight < 0 or self.reconstruction_weight < 0 or (
+                self.contrastive_weight == 0 and self.reconstruction_weight == 0):
+            raise ValueError("contrastive_weight and reconstruction_weight must be >= 0 and not both 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class GraphSSLModel(nn.Module):
+    """Encoder + [MASK] token + decoder (one GCN propagation to the input width) + projector."""
+
+    def __init__(self, in_dim: int, cfg: GraphSSLConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = GraphEncoder(in_dim, cfg.hidden_dim, cfg.num_layers, cfg.attention, cfg.heads,
+                                    cfg.dropout, cfg.attn_dropout)
+        self.mask_token = nn.Parameter(torch.zeros(1, in_dim))
+        self.encoder_to_decoder = nn.Linear(cfg.hidden_dim, cfg.hidden_dim, bias=False)
+        self.decoder = nn.Linear(cfg.hidden_dim, in_dim)
+        self.decoder_act = nn.PReLU()
+        self.projector = nn.Sequential(nn.Linear(cfg.hidden_dim, cfg.proj_dim), nn.ELU(),
+                                       nn.Linear(cfg.proj_dim, cfg.hidden_dim))
+
+    def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        """Embeddings for downstream use: x (N, F), edge_index (2, E) -> (N, hidden_dim)."""
+        return self.encoder(x, edge_index)
+
+    def reconstruct(self, x: torch.Tensor, node_mask: torch.Tensor,
+                    graph: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
+        """Masked rows of x replaced by [MASK], encoded, re-masked, decoded: -> (N, F)."""
+        x_in = torch.where(node_mask.unsqueeze(1), self.mask_token.expand_as(x), x)
+        h = self.encoder(x_in, graph=graph)
+        rep = self.encoder_to_decoder(self.decoder_act(h)).masked_fill(node_mask.unsqueeze(1), 0.0)  # re-mask
+        adj = graph[0]
+        out = self.decoder(rep)
+        return adj @ out if adj is not None else out
+
+
+class GraphSSLObjective:
+    """(model: GraphSSLModel, batch) -> {"loss", "contrastive_loss", "reconstruction_loss"}.
+
+    batch = {"x": (N, F) float, "edge_index": (2, E) long, "step": int}; the step seeds this
+    step's masks and views (generator seed = cfg.seed * 1_000_003 + step).
+    """
+
+    def __init__(self, cfg: GraphSSLConfig) -> None:
+        self.cfg = cfg
+
+    def view(self, x: torch.Tensor, edge_index: torch.Tensor, p: float,
+             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmented view: the configured augmentations applied in a fixed order."""
+        n = x.shape[0]
+        for aug in self.cfg.augmentations:
+            if aug == "node_drop":
+                edge_index, keep = drop_nodes(edge_index, n, p, generator=gen)
+                x = x * keep.unsqueeze(1)  # dropped nodes lose their features too
+            elif aug == "edge_drop":
+                edge_index, _ = drop_edges(edge_index, p, generator=gen)
+            elif aug == "edge_perturb":
+                edge_index, _, _ = perturb_edges(edge_index, n, p, generator=gen)
+            elif aug == "feature_mask":
+                x, _ = mask_features(x, p, mode="column", generator=gen)
+        return x, edge_index
+
+    def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        cfg = self.cfg
+        x, edge_index = batch["x"], batch["edge_index"]
+        n = x.shape[0]
+        gen = torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + int(batch.get("step", 0)))
+        zero = x.new_zeros(())
+        rec = con = zero
+        if cfg.reconstruction_weight > 0:
+            graph = batch.get("graph") or model.encoder.prepare(edge_index, n)
+            _, node_mask = mask_features(x, cfg.mask_rate, mode="node", generator=gen)
+            recon = model.reconstruct(x, node_mask, graph)
+            rec = scaled_cosine_error(recon[node_mask], x[node_mask], cfg.sce_alpha)
+        if cfg.contrastive_weight > 0:
+            (x1, e1), (x2, e2) = (self.view(x, edge_index, p, gen) for p in cfg.aug_p)
+            z1, z2 = model.projector(model.encoder(x1, e1)), model.projector(model.encoder(x2, e2))
+            if n > cfg.contrastive_nodes:  # O(N^2) term on a random subset of anchors
+                idx = torch.randperm(n, generator=gen, device=x.device)[:cfg.contrastive_nodes]
+                z1, z2 = z1[idx], z2[idx]
+            con = info_nce(z1, z2, cfg.tau)
+        loss = cfg.contrastive_weight * con + cfg.reconstruction_weight * rec
+        return {"loss": loss, "contrastive_loss": con.detach(), "reconstruction_loss": rec.detach()}
+
+    def __repr__(self) -> str:
+        return f"GraphSSLObjective({self.cfg})"
+
+
+def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfig, epochs: int = 300,
+                   lr: float = 1e-3, weight_decay: float = 2e-4, out_dir: str | Path | None = None,
+                   progress: bool = False, console: Any = None) -> tuple[GraphSSLModel, Any]:
+    """Full-batch pre-training with `autoglm.training.Trainer` (one optimizer step = one epoch).
+
+    x (N, F), edge_index (2, E). Returns (model in eval mode, TrainResult). With `out_dir`
+    the Trainer writes metrics.jsonl and safetensors checkpoints there.
+    """
+    from ..training import TrainConfig, Trainer
+
+    if x.shape[0] == 0:
+        raise ValueError("the graph is empty (0 nodes); nothing to pre-train on")
+    torch.manual_seed(cfg.seed)
+    model = GraphSSLModel(x.shape[1], cfg)
+    # the fixed (un-augmented) adjacency is reused by the reconstruction branch every epoch
+    graph = model.encoder.prepare(edge_index, x.shape[0])
+    batch = {"x": x, "edge_index": edge_index, "graph": graph}
+    tcfg = TrainConfig(batch_size=1, seq_len=1, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
+                       warmup_steps=max(1, epochs // 20), max_steps=epochs, min_lr_ratio=0.1, eval_every=0,
+                       save_every=0 if out_dir else 0, log_every=max(1, epochs // 10), seed=cfg.seed,
+                       grad_clip=0.0, precision="fp32")
+    trainer = Trainer(model, tcfg, train_batch=lambda i: {**batch, "step": i}, out_dir=out_dir,
+                      objective=GraphSSLObjective(cfg), progress=progress, console=console)
+    result = trainer.fit()
+    return model.eval(), result
