@@ -1,0 +1,130 @@
+"""End-to-end server tests with the official `openai` client against 127.0.0.1."""
+
+import json
+import socket
+import threading
+import time
+
+import httpx2 as httpx  # the HTTP client the openai package ships with
+import openai
+import pytest
+import uvicorn
+
+from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
+from autoglm.inference.async_engine import AsyncEngine
+from autoglm.inference.server import chat_prompt, create_app
+
+KEY = "sk-test"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tiny_tokenizer):
+    engine = LLMEngine(tiny_model, tiny_tokenizer, EngineConfig(block_size=8, num_blocks=128))
+    app = create_app(AsyncEngine(engine), model_name="tiny", api_key=KEY, max_concurrent=8)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", engine
+    srv.should_exit = True
+    th.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server[0] + "/v1", api_key=KEY, max_retries=0)
+
+
+def reference(engine, prompt, **kw):
+    """The same request run directly through a fresh engine on the same weights."""
+    ref = LLMEngine(engine.model, engine.tokenizer, EngineConfig(block_size=8, num_blocks=128))
+    (r,) = ref.generate([prompt], SamplingParams(**kw))
+    return ref.text_of(r), r
+
+
+def test_completion_matches_engine(client, server):
+    out = client.completions.create(model="tiny", prompt="Return the value", max_tokens=12, temperature=0)
+    text, r = reference(server[1], "Return the value", max_tokens=12, temperature=0)
+    assert out.choices[0].text == text
+    assert out.choices[0].finish_reason == r.finish_reason.value
+    assert out.usage.completion_tokens == len(r.output_ids)
+    assert out.usage.prompt_tokens == len(r.prompt_ids)
+
+
+def test_streaming_chat_with_usage(client, server):
+    msgs = [{"role": "user", "content": "Open the file"}]
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    ref_text, r = reference(server[1], chat_prompt(type("M", (), m)() for m in [{"role": "user", "content": "Open the file"}]),
+                            max_tokens=10, temperature=0)
+    assert text == ref_text
+    assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == r.finish_reason.value
+    assert chunks[-1].usage.completion_tokens == len(r.output_ids) and chunks[-1].choices == []
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=10, temperature=0)
+    assert full.choices[0].message.content == text
+
+
+def test_n_and_seed(client):
+    kw = dict(model="tiny", prompt="The ", max_tokens=8, temperature=1.0, seed=3, n=3)
+    a, b = client.completions.create(**kw), client.completions.create(**kw)
+    assert [c.index for c in a.choices] == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1
+
+
+def test_errors_are_openai_style_and_server_survives(client, server):
+    url = server[0]
+    h = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=-1)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=10**9)
+    with pytest.raises(openai.BadRequestError, match="context"):
+        client.completions.create(model="tiny", prompt="hello " * 400, max_tokens=5)
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_object"})
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
+    r = httpx.post(url + "/v1/completions", content=b"{not json", headers=h)
+    assert r.status_code == 400 and "malformed JSON" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", content=b'{"model": "tiny", "prompt": "\xff\xfe"}', headers=h)
+    assert r.status_code == 400 and "UTF-8" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", content=b'{"model": "tiny", "prompt": "\\ud800"}', headers=h)
+    assert r.status_code == 400
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "bogus": 1}, headers=h)
+    assert r.status_code == 400 and "bogus" in r.json()["error"]["message"]
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "n": 9, "max_tokens": 2},
+                   headers=h)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    assert client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0).choices[0].text is not None
+    assert [m.id for m in client.models.list()] == ["tiny"]
+
+
+def test_disconnect_cancels_and_frees_blocks(server):
+    url, engine = server
+    body = {"model": "tiny", "prompt": "The ", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i >= 3:
+                break  # drop the connection mid-stream
+    for _ in range(100):
+        if engine.pool.num_used == 0 and not engine.has_unfinished():
+            break
+        time.sleep(0.05)
+    assert engine.pool.num_used == 0 and not engine.has_unfinished()
+    m = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert 'autoglm_requests_total{outcome="aborted"}' in m
+    for name in ("autoglm_time_to_first_token_seconds_bucket", "autoglm_time_per_output_token_seconds_bucket",
+                 "autoglm_kv_blocks_in_use", "autoglm_num_requests_waiting", "autoglm_generation_tokens_total"):
+        assert name in m
