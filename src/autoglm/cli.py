@@ -155,19 +155,19 @@ def eval_cmd(
 
 def _generate(model, tok, prompt: str, max_new_tokens: int, temperature: float, top_k: int, top_p: float,
               greedy: bool, seed: int) -> str:
-    import torch
-
     ids = tok(prompt, return_tensors="pt").input_ids
     limit = model.config.max_position_embeddings
     if ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
-    torch.manual_seed(seed)
-    kw = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
-    with torch.inference_mode():
-        out = model.generate(ids, max_new_tokens=max_new_tokens, pad_token_id=tok.pad_token_id,
-                             eos_token_id=tok.eos_token_id, **kw)
-    return tok.decode(out[0], skip_special_tokens=True)
+    from .inference import EngineConfig, LLMEngine, SamplingParams
+
+    block = 16
+    engine = LLMEngine(model, tok, EngineConfig(block_size=block, num_blocks=-(-limit // block) + 1))
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature, top_k=top_k,
+                            top_p=top_p, seed=seed)
+    (req,) = engine.generate([ids[0].tolist()], params)
+    return tok.decode(req.all_token_ids, skip_special_tokens=True)
 
 
 @app.command()
@@ -190,6 +190,10 @@ def generate(
         _fail(e)
     console.print(text)
     err.print(f"[dim]{max_new_tokens} tokens in {time.perf_counter() - t:.2f}s[/]")
+
+
+app.add_typer(__import__("autoglm.cli_finetune", fromlist=["app"]).app)  # distill, finetune, merge, adapters
+app.add_typer(__import__("autoglm.cli_serve", fromlist=["app"]).app)  # serve (OpenAI-compatible API)
 
 
 def main() -> None:
