@@ -1,0 +1,59 @@
+"""The finetune CLI: end-to-end on tiny models, and bad input refused before training."""
+
+import json
+
+from typer.testing import CliRunner
+
+from autoglm.cli import app
+
+from helpers import make_model_dir, make_tokenizer, write_text
+
+runner = CliRunner()
+
+
+def test_distill_finetune_merge_adapters_commands(tmp_path):
+    make_tokenizer(tmp_path / "tok")
+    t1 = make_model_dir(tmp_path / "t1", tmp_path / "tok", seed=1)
+    t2 = make_model_dir(tmp_path / "t2", tmp_path / "tok", preset="standard-tiny", seed=2)
+    data = write_text(tmp_path / "d.txt")
+    common = ["--data", str(data), "--steps", "4", "--batch-size", "2", "--seq-len", "32",
+              "--cache-dir", str(tmp_path / "cache")]
+    r = runner.invoke(app, ["distill", "--teacher", str(t1), "--teacher", str(t2), "--out", str(tmp_path / "s"),
+                            "--combine", "confidence", "--cache-top-k", "16", "--epoch-batches", "2",
+                            "--rounds", "2", "--alpha-end", "0.5", *common])
+    assert r.exit_code == 0, r.output
+    run = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert run["logit_cache"]["hits"] == 2 and run["logit_cache"]["misses"] == 2
+    r = runner.invoke(app, ["finetune", str(t1), "--lora", "--out", str(tmp_path / "ad"), *common])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
+    r = runner.invoke(app, ["merge", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    labeled = tmp_path / "cls.jsonl"
+    labeled.write_text("".join(json.dumps({"text": w, "label": w[0]}) + "\n" for w in ["to be", "sea", "to", "slings"]))
+    r = runner.invoke(app, ["adapters", "train", str(t1), "--name", "first", "--data", str(labeled), "--steps", "3"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["adapters", "list", str(t1)])
+    assert r.exit_code == 0 and "first" in r.output and "sequence-classification" in r.output
+
+
+def test_bad_input_is_refused_before_training(tmp_path):
+    make_tokenizer(tmp_path / "tok")
+    make_tokenizer(tmp_path / "tok2", vocab_size=280, text="completely different words here " * 50)
+    t1 = make_model_dir(tmp_path / "t1", tmp_path / "tok")
+    t2 = make_model_dir(tmp_path / "t2", tmp_path / "tok2")
+    r = runner.invoke(app, ["distill", "--teacher", str(t1), "--teacher", str(t2), "--out", str(tmp_path / "s"),
+                            "--steps", "2"])
+    assert r.exit_code == 2 and "different tokenizer" in r.output
+    assert not (tmp_path / "s").exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a"}\n')
+    r = runner.invoke(app, ["finetune", str(t1), "--lora", "--data", str(bad), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "completion" in r.output
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"prompt": "a", "completion": "b"}\n')
+    r = runner.invoke(app, ["finetune", str(t1), "--lora", "--target", "q_proj", "--target", "qq_proj",
+                            "--data", str(good), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "qq_proj" in r.output and "matches no linear layer" in r.output
+    assert not (tmp_path / "o").exists()
