@@ -1,0 +1,59 @@
+"""`autoglm serve MODEL_DIR`: the OpenAI-compatible HTTP server on the inference engine.
+
+Registered in `autoglm.cli` with `app.add_typer(...)` (no group name: `serve` sits at the
+top level). The only place the server's options are read from argv.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+__all__ = ["app"]
+
+app = typer.Typer(add_completion=False)
+err = Console(stderr=True)
+
+
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="A saved model directory (config.json, model.safetensors, tokenizer)."),
+    host: str = typer.Option("127.0.0.1", help="Interface to bind; 0.0.0.0 exposes the server to the network."),
+    port: int = typer.Option(8000),
+    api_key: Optional[str] = typer.Option(None, help="Require 'Authorization: Bearer KEY' on /v1 routes."),
+    served_model_name: Optional[str] = typer.Option(None, help="Name clients pass as `model` (default: dir name)."),
+    block_size: int = typer.Option(16, min=1, help="Tokens per KV block."),
+    num_blocks: int = typer.Option(2048, min=1, help="KV blocks in the pool."),
+    max_num_seqs: int = typer.Option(64, min=1, help="Requests running at once."),
+    max_num_batched_tokens: int = typer.Option(512, min=1, help="Tokens per engine step."),
+    max_concurrent: int = typer.Option(256, min=1, help="Requests in flight before 429."),
+    early_exit_threshold: float = typer.Option(1.0, help="Exit decoding at a layer when the top probability "
+                                                         "reaches this; 1.0 = never."),
+) -> None:
+    """Serve a model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
+    import uvicorn
+
+    from .cli import _load_model_dir
+    from .inference import EngineConfig, LLMEngine
+    from .inference.async_engine import AsyncEngine
+    from .inference.server import create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=err, show_path=False, show_time=False)], force=True)
+    try:
+        model, tok = _load_model_dir(model_dir)
+        cfg = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens, early_exit_threshold=early_exit_threshold)
+        engine = LLMEngine(model, tok, cfg)
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"[bold red]error:[/] {e}")
+        raise typer.Exit(code=2)
+    name = served_model_name or model_dir.resolve().name
+    app_ = create_app(AsyncEngine(engine), model_name=name, api_key=api_key, max_concurrent=max_concurrent)
+    err.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1")
+    uvicorn.run(app_, host=host, port=port, log_level="info")
