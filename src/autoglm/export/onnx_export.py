@@ -1,0 +1,205 @@
+"""Export a saved model to ONNX: a prefill graph and a decode graph with the KV cache.
+
+Layout of an export directory (Optimum's "with past" layout, weights stored once):
+
+    out/
+      prefill.onnx   input_ids (B, T), attention_mask (B, T)
+                     -> logits (B, T, V), present.{i}.key/value (B, Hkv, T, D)
+      decode.onnx    input_ids (B, T), attention_mask (B, P + T), past_key_values.{i}.key/value (B, Hkv, P, D)
+                     -> logits (B, T, V), present.{i}.key/value (B, Hkv, P + T, D)
+      weights.bin    the initializers of both graphs, each stored once
+      config.json    the model config; tokenizer.json / tokenizer_config.json when the model had them
+      export.json    opset, precision, axes, and the measured parity against eager PyTorch
+
+Batch, sequence and past axes are dynamic (the dummy input uses sizes 2 / 3 / 5 so no
+size is specialised, and the parity check runs other sizes). Attention runs the dense
+masked kernel with per-row positions, the MoE its static dense dispatch (see `wrapper`).
+
+The export is written into a temporary directory next to `out` and moved into place
+only after the ONNX Runtime logits matched eager PyTorch within `atol`: a failed or
+drifting export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from .storage import fold_weight_transposes, gemm_to_matmul, save_graphs, strip_metadata
+from .wrapper import ExportDecoder, dense_moe_dispatch, past_names, present_names
+
+__all__ = [
+    "SUPPORTED_OPSETS", "DEFAULT_OPSET", "ExportError", "load_model_dir", "export_onnx",
+    "check_parity", "atomic_output_dir", "copy_side_files",
+]
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_OPSETS = tuple(range(18, 24))  # torch.onnx's exporter emits >= 18; onnxruntime 1.31 runs <= 23
+DEFAULT_OPSET = 18
+_SIDE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+class ExportError(RuntimeError):
+    """The exported graph is wrong (e.g. its logits drift from eager PyTorch past the tolerance)."""
+
+
+def load_model_dir(model_dir: str | Path):
+    """Load an `OpenAutoGLMForCausalLM` from a saved directory, in eval mode, fp32."""
+    from ..hf import OpenAutoGLMForCausalLM
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"{model_dir} is not a saved model directory (needs config.json and model.safetensors); "
+            f"train one with `autoglm train --out {model_dir}` or save one with model.save_pretrained(dir)")
+    return OpenAutoGLMForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a fresh temporary directory; on success it replaces `out_dir`, on error it is removed."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out_dir} already exists and is not empty; pick another --out or pass "
+                              f"--overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> None:
+    """Copy config and tokenizer files (those that exist) from src to dst."""
+    for name in _SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+
+
+def _export_graph(wrapper: ExportDecoder, with_past: bool, opset: int) -> onnx.ModelProto:
+    from torch.export import Dim
+
+    cfg = wrapper.model.config
+    L, Hkv, D = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+    B, T, P = 2, 3, 5  # distinct sizes >= 2: nothing gets specialised to 0/1 or tied to another axis
+    ids = torch.randint(2, cfg.vocab_size, (B, T))
+    total = P + T if with_past else T
+    mask = torch.ones(B, total, dtype=torch.long)
+    past = tuple(torch.randn(B, Hkv, P, D) * 0.1 for _ in range(2 * L)) if with_past else ()
+    dyn = Dim.DYNAMIC
+    shapes = ({0: dyn, 1: dyn}, {0: dyn, 1: dyn})
+    if with_past:
+        shapes += (tuple({0: dyn, 2: dyn} for _ in past),)
+    names_in = ["input_ids", "attention_mask"] + (past_names(L) if with_past else [])
+    names_out = ["logits"] + present_names(L)
+    with dense_moe_dispatch(wrapper.model), torch.no_grad():
+        prog = torch.onnx.export(wrapper, (ids, mask, *past), input_names=names_in, output_names=names_out,
+                                 dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False)
+    model = prog.model_proto
+    _name_axes(model, L)
+    n = gemm_to_matmul(model) + fold_weight_transposes(model)
+    strip_metadata(model)
+    log.debug("rewrote %d Gemm/Transpose nodes so every weight is a constant MatMul input", n)
+    onnx.checker.check_model(model, full_check=False)
+    return model
+
+
+def _name_axes(model: onnx.ModelProto, num_layers: int) -> None:
+    """Give the dynamic axes readable names (batch, sequence, past_sequence, total_sequence)."""
+    names = {"input_ids": ("batch", "sequence"), "attention_mask": ("batch", "total_sequence"),
+             "logits": ("batch", "sequence", None)}
+    for n in past_names(num_layers):
+        names[n] = ("batch", None, "past_sequence", None)
+    for n in present_names(num_layers):
+        names[n] = ("batch", None, "total_sequence", None)
+    for vi in list(model.graph.input) + list(model.graph.output):
+        for dim, label in zip(vi.type.tensor_type.shape.dim, names.get(vi.name, ())):
+            if label is not None and not dim.HasField("dim_value"):
+                dim.dim_param = label
+
+
+def check_parity(model, onnx_dir: str | Path, batch: int = 3, prompt_len: int = 11, decode_steps: int = 4,
+                 seed: int = 0) -> dict[str, float]:
+    """Max |logits_ORT - logits_eager| for a random prompt batch (prefill) and `decode_steps`
+    single-token decode steps fed back through the KV cache. The eager reference is the
+    model's own HF forward (its default kernels and MoE dispatch, `DynamicCache`)."""
+    from .runtime import OrtCausalLM
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, model.config.vocab_size, (batch, prompt_len), generator=g)
+    ort_model = OrtCausalLM(onnx_dir)
+    mask = np.ones((batch, prompt_len), dtype=np.int64)
+    logits, past = ort_model.forward(ids.numpy(), mask)
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        prefill = float(np.abs(logits - out.logits.float().numpy()).max())
+        decode = 0.0
+        cache = out.cache
+        for _ in range(decode_steps):
+            nxt = torch.randint(2, model.config.vocab_size, (batch, 1), generator=g)
+            mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
+            logits, past = ort_model.forward(nxt.numpy(), mask, past)
+            out = model(nxt, past_key_values=cache, use_cache=True)
+            cache = out.cache
+            decode = max(decode, float(np.abs(logits - out.logits.float().numpy()).max()))
+    return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode}
+
+
+def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, atol: float = 1e-4,
+                overwrite: bool = False, model=None) -> dict:
+    """Export the model saved in `model_dir` to `out_dir` (layout in the module docstring).
+
+    model: an already loaded model to export instead of loading `model_dir` (its config
+    and tokenizer files are still copied from `model_dir` when present).
+    Raises FileNotFoundError (no model), ValueError (unsupported opset), FileExistsError
+    (`out_dir` not empty and not `overwrite`), ExportError (ORT logits drift past `atol`).
+    Returns the export info written to export.json.
+    """
+    if opset not in SUPPORTED_OPSETS:
+        raise ValueError(f"opset {opset} is not supported; use one of {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]} "
+                         f"(torch.onnx emits opset >= 18 and onnxruntime runs up to 23); default {DEFAULT_OPSET}")
+    model = model if model is not None else load_model_dir(model_dir)
+    model = model.float().eval()
+    cfg = model.config
+    wrapper = ExportDecoder(model).eval()
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        log.info("exporting prefill and decode graphs (opset %d)", opset)
+        graphs = {"prefill": _export_graph(wrapper, False, opset), "decode": _export_graph(wrapper, True, opset)}
+        save_graphs(graphs, tmp)
+        copy_side_files(model_dir, tmp)
+        if not (tmp / "config.json").is_file():
+            cfg.to_json_file(tmp / "config.json")
+        info = {"format": "autoglm-onnx", "precision": "fp32", "opset": opset,
+                "graphs": {"prefill": "prefill.onnx", "decode": "decode.onnx"},
+                "num_layers": cfg.num_hidden_layers, "num_key_value_heads": cfg.num_key_value_heads,
+                "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
+                "max_position_embeddings": cfg.max_position_embeddings,
+                "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
+        (tmp / "export.json").write_text(json.dumps(info, indent=2))
+        parity = check_parity(model, tmp)
+        worst = max(parity.values())
+        if not worst <= atol:  # also catches NaN
+            raise ExportError(f"ONNX Runtime logits differ from eager PyTorch by {worst:.3g} (tolerance {atol:g}): "
+                              f"{parity}; nothing was written. Check for unsupported ops, or raise atol "
+                              f"if the difference is expected")
+        info["parity_vs_eager"] = {**parity, "atol": atol}
+        (tmp / "export.json").write_text(json.dumps(info, indent=2))
+        log.info("exported to %s; parity vs eager: %s", out_dir, parity)
+    return info

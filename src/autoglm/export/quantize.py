@@ -1,0 +1,166 @@
+"""INT8 quantization of an export directory with ONNX Runtime's quantization tools.
+
+Two modes, both writing a new export directory with the same layout (`onnx_export`):
+
+* `int8` (dynamic): weights of every MatMul with a constant weight (projections, experts,
+  LM head) and the embedding table become int8 **per output channel**; activations are
+  quantized on the fly per tensor. No calibration data.
+* `int8-static` (QDQ): weights int8 per channel, activations uint8 with ranges calibrated
+  on held-out text (a `CalibrationDataReader` that runs prefill windows and, for the
+  decode graph, multi-token decode chunks after a cached prefix).
+
+Known accuracy traps (see USER_EXPECTATIONS): per-tensor weight quantization of an LM can
+collapse accuracy, so weights are per channel; the MoE router (tiny, and its top-k
+decision flips on small errors) always stays in float; activation x activation MatMuls
+(attention scores) are never quantized (`MatMulConstBOnly`). `keep_lm_head_float=True`
+keeps the LM head in float too (costs size: it is the largest matrix of a small model).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_dynamic, quantize_static)
+
+from .onnx_export import atomic_output_dir, copy_side_files
+from .runtime import OrtCausalLM, read_export_info
+from .storage import load_graph, save_graphs
+
+__all__ = ["QUANT_MODES", "quantize_export", "CausalLMCalibrationReader", "float_nodes", "calibration_windows"]
+
+log = logging.getLogger(__name__)
+
+QUANT_MODES = ("int8", "int8-static")
+
+
+def float_nodes(model: onnx.ModelProto, keep_lm_head_float: bool = False) -> list[str]:
+    """Names of the nodes that must stay in float: those reading a router weight (and the
+    LM head's, when asked)."""
+    keys = (".router.",) + (("lm_head.",) if keep_lm_head_float else ())
+    inits = {t.name for t in model.graph.initializer}
+    return [n.name for n in model.graph.node
+            if any(i in inits and any(k in i for k in keys) for i in n.input)]
+
+
+def calibration_windows(tokens: np.ndarray, num_windows: int, seq_len: int) -> list[np.ndarray]:
+    """The last `num_windows` non-overlapping windows (1, seq_len) of a held-out token array
+    (taken from the end, so evaluation windows from the start of the split stay unseen)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    if seq_len < 2 or num_windows < 1:
+        raise ValueError(f"calibration needs seq_len >= 2 and num_windows >= 1, got {seq_len} and {num_windows}")
+    n = min(num_windows, len(tokens) // seq_len)
+    return [tokens[len(tokens) - (i + 1) * seq_len: len(tokens) - i * seq_len][None] for i in range(n)]
+
+
+class CausalLMCalibrationReader(CalibrationDataReader):
+    """Feeds held-out token windows to one graph of an fp32 export.
+
+    windows: arrays (B, S) int64 of held-out tokens. For the prefill graph each window
+    is fed whole; for the decode graph the fp32 prefill runs on the first S - `chunk`
+    tokens and the last `chunk` tokens are fed as one decode step with that cache.
+    """
+
+    def __init__(self, fp32: OrtCausalLM, graph: str, windows: Sequence[np.ndarray], chunk: int = 8) -> None:
+        self.fp32, self.graph, self.windows, self.chunk = fp32, graph, list(windows), chunk
+        self._it: Iterator[dict] | None = None
+
+    def _feeds(self) -> Iterator[dict]:
+        for w in self.windows:
+            w = np.asarray(w, dtype=np.int64)
+            if self.graph == "prefill":
+                yield {"input_ids": w, "attention_mask": np.ones_like(w)}
+                continue
+            c = min(self.chunk, w.shape[1] - 1)
+            head, tail = w[:, :-c], w[:, -c:]
+            _, past = self.fp32.forward(head, np.ones_like(head))
+            feed = {"input_ids": tail, "attention_mask": np.ones_like(w)}
+            feed.update(zip(self.fp32._past_names, past))
+            yield feed
+
+    def get_next(self) -> dict | None:
+        if self._it is None:
+            self._it = self._feeds()
+        return next(self._it, None)
+
+    def rewind(self) -> None:
+        self._it = None
+
+
+def quantize_export(src_dir: str | Path, out_dir: str | Path, mode: str = "int8",
+                    calibration: Sequence[np.ndarray] | None = None, keep_lm_head_float: bool = False,
+                    calibrate_method: str = "minmax", overwrite: bool = False) -> dict:
+    """Quantize the fp32 export in `src_dir` into `out_dir` (same layout).
+
+    calibration: held-out token windows (B, S) int64 with S >= 2, required for `int8-static`.
+    Returns the export info written to out_dir/export.json (with the parity vs fp32:
+    max |logit difference| on random prompts).
+    """
+    if mode not in QUANT_MODES:
+        raise ValueError(f"unknown quantization mode {mode!r}; use one of {QUANT_MODES}")
+    info = read_export_info(src_dir)
+    if info.get("precision") != "fp32":
+        raise ValueError(f"{src_dir} holds a {info.get('precision')} export; quantize the fp32 export instead")
+    windows: list[np.ndarray] = []
+    if mode == "int8-static":
+        windows = [np.asarray(w, dtype=np.int64) for w in (calibration or [])]
+        windows = [w if w.ndim == 2 else w[None] for w in windows if w.size]
+        if not windows:
+            raise ValueError("int8-static needs calibration data, but none was given (or every window was empty); "
+                             "pass held-out text with --calibration-data FILE, or use --quantize int8 (dynamic)")
+        if any(w.shape[1] < 2 for w in windows):
+            raise ValueError("calibration windows need at least 2 tokens each; use longer held-out text")
+    method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}.get(calibrate_method)
+    if method is None:
+        raise ValueError(f"calibrate_method must be minmax, percentile or entropy, got {calibrate_method!r}")
+    fp32 = OrtCausalLM(src_dir, threads=0)
+    with atomic_output_dir(out_dir, overwrite) as tmp, tempfile.TemporaryDirectory() as work:
+        graphs = {}
+        for name, fname in info["graphs"].items():
+            model = load_graph(Path(src_dir) / fname)
+            exclude = float_nodes(model, keep_lm_head_float)
+            q_path = Path(work) / f"{name}.onnx"
+            if mode == "int8":
+                quantize_dynamic(model, q_path, op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
+                                 weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+                                 extra_options={"MatMulConstBOnly": True})
+            else:
+                reader = CausalLMCalibrationReader(fp32, name, windows)
+                quantize_static(model, q_path, reader, quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                                nodes_to_exclude=exclude, calibrate_method=method,
+                                extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True})
+            graphs[name] = onnx.load(str(q_path), load_external_data=True)
+            log.info("quantized %s graph (%s, %d nodes kept in float)", name, mode, len(exclude))
+        save_graphs(graphs, tmp)
+        copy_side_files(src_dir, tmp)
+        q_info = {**info, "precision": mode, "quantization": {
+            "weights": "int8 per output channel (symmetric)", "activations":
+                "dynamic uint8 per tensor" if mode == "int8" else f"static uint8 QDQ ({calibrate_method})",
+            "float_nodes": "router" + (" + lm_head" if keep_lm_head_float else ""),
+            "calibration_windows": len(windows)}}
+        q_info.pop("parity_vs_eager", None)
+        (tmp / "export.json").write_text(json.dumps(q_info, indent=2))
+        q_info["parity_vs_fp32"] = _parity(fp32, OrtCausalLM(tmp, threads=0), info["vocab_size"])
+        (tmp / "export.json").write_text(json.dumps(q_info, indent=2))
+        log.info("quantized export in %s; parity vs fp32: %s", out_dir, q_info["parity_vs_fp32"])
+    return q_info
+
+
+def _parity(ref: OrtCausalLM, other: OrtCausalLM, vocab: int, batch: int = 2, length: int = 16,
+            seed: int = 0) -> dict[str, float]:
+    """Max |logit difference| and next-token (argmax) agreement on random prompts."""
+    ids = np.random.default_rng(seed).integers(2, vocab, size=(batch, length))
+    mask = np.ones_like(ids)
+    a, _ = ref.forward(ids, mask)
+    b, _ = other.forward(ids, mask)
+    return {"max_abs_logit_diff": float(np.abs(a - b).max()),
+            "argmax_agreement": float((a.argmax(-1) == b.argmax(-1)).mean())}

@@ -1,0 +1,101 @@
+"""Export-friendly forward: explicit past K/V in, present K/V out, no Python-side data checks.
+
+`ExportDecoder` wraps a loaded `OpenAutoGLMForCausalLM` and runs its own backbone
+(`AutoGLMBackbone.forward`, the same blocks, norms, rotary, attention kernels and LM
+head as eager inference) with three changes that make the graph static and traceable:
+
+* positions always come from the attention mask (the "per-row positions" path of
+  `model.build_metadata`): `k_pos = cumsum(mask) - 1`, so the dense masked kernel
+  (`attend_dense`) runs for every length and there is no `mask.all()` branch to bake in;
+* the KV cache is a small object with the HF `Cache.update` method that concatenates the
+  graph's `past_key_values` inputs with the new keys/values and records them as outputs;
+* every MoE layer uses the static `dense` dispatch (every expert on every token, a dense
+  (N, E) combine matrix with zeros off the top-k), so no expert is dropped because the
+  dummy input did not route to it and no `nonzero`/`bincount` appears in the graph.
+
+The wrapper never changes the wrapped model: the MoE dispatch is switched only inside
+`dense_moe_dispatch()` and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from ..modules import AttentionMetadata
+from ..modules.moe import MoEFeedForward
+
+__all__ = ["ExportDecoder", "dense_moe_dispatch", "past_names", "present_names"]
+
+
+def past_names(num_layers: int) -> list[str]:
+    """Input names of the cache, Optimum style: past_key_values.{i}.key / .value."""
+    return [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    """Output names of the updated cache: present.{i}.key / .value."""
+    return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+@contextlib.contextmanager
+def dense_moe_dispatch(model: nn.Module) -> Iterator[None]:
+    """Temporarily switch every MoE layer of `model` to the static dense dispatch."""
+    moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    saved = [m.dispatch for m in moes]
+    try:
+        for m in moes:
+            m.dispatch = "dense"
+        yield
+    finally:
+        for m, d in zip(moes, saved):
+            m.dispatch = d
+
+
+class _GraphCache:
+    """HF-`Cache`-shaped object: `update(k, v, layer)` returns past ++ new and keeps it."""
+
+    def __init__(self, past: list[torch.Tensor] | None) -> None:
+        self.past = past
+        self.present: list[torch.Tensor] = []
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.past is not None:
+            k = torch.cat([self.past[2 * layer_idx], k], dim=2)  # (B, Hkv, P + T, D)
+            v = torch.cat([self.past[2 * layer_idx + 1], v], dim=2)
+        self.present += [k, v]
+        return k, v
+
+
+class ExportDecoder(nn.Module):
+    """forward(input_ids, attention_mask, *past) -> (logits, *present).
+
+    input_ids:      (B, T) int64, the new tokens.
+    attention_mask: (B, P + T) int64, 1 for real tokens and 0 for padding, over the cached
+                    tokens and the new ones (left padding is supported: a token's position
+                    is the number of real tokens before it).
+    past:           2 * L tensors (B, Hkv, P, D) -- key and value per layer -- or none
+                    (the prefill graph).
+    logits:         (B, T, V) float32.
+    present:        2 * L tensors (B, Hkv, P + T, D).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.num_layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        T = input_ids.shape[1]
+        valid = attention_mask.bool()  # (B, P + T)
+        k_pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, P + T)
+        q_pos = k_pos[:, k_pos.shape[1] - T:]  # (B, T)
+        meta = AttentionMetadata(q_offset=0, q_pos=q_pos, k_pos=k_pos, k_valid=valid)
+        cache = _GraphCache(list(past) if past else None)
+        out = self.model.model(input_ids, q_pos, meta, cache)
+        logits = self.model.lm_head(out.last_hidden_state).float()  # (B, T, V)
+        return (logits, *cache.present)
