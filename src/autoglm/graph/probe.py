@@ -3,7 +3,8 @@
 The probe is multinomial logistic regression (one `nn.Linear`, Adam, weight decay)
 trained full-batch on the train nodes; the epoch with the best validation accuracy gives
 the reported test accuracy (GraphMAE's protocol). Embeddings are standardised with the
-train-node mean/std first.
+mean/std over all nodes first (label-free statistics; train-only statistics blow up
+columns that are constant on the few train nodes).
 
 Example:
     >>> import torch
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 
 def linear_probe(emb: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor, val_mask: torch.Tensor,
                  test_mask: torch.Tensor, epochs: int = 300, lr: float = 0.01, weight_decay: float = 1e-4,
-                 seed: int = 0) -> dict[str, float]:
+                 seed: int = 0, standardize: bool = True) -> dict[str, float]:
     """Logistic regression on frozen `emb` (N, D) with labels `y` (N,) and boolean node
     masks (N,). Returns {"train_acc", "val_acc", "test_acc", "best_epoch"} (accuracies in
     [0, 1]; val/test at the epoch of best validation accuracy, ties -> earliest)."""
@@ -45,8 +46,9 @@ def linear_probe(emb: torch.Tensor, y: torch.Tensor, train_mask: torch.Tensor, v
     if emb.shape[0] != y.shape[0]:
         raise ValueError(f"emb has {emb.shape[0]} rows but y has {y.shape[0]} labels")
     emb = emb.detach().float()
-    mu, sd = emb[train_mask].mean(0), emb[train_mask].std(0).clamp_min(1e-6)
-    emb = (emb - mu) / sd
+    mu, sd = emb.mean(0), emb.std(0).clamp_min(1e-6)
+    if standardize:
+        emb = (emb - mu) / sd
     num_classes = int(y.max()) + 1
     gen = torch.Generator().manual_seed(seed)
     clf = nn.Linear(emb.shape[1], num_classes)
