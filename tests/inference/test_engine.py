@@ -97,3 +97,16 @@ def test_bad_requests_rejected(tiny_model):
     with pytest.raises(ValueError, match="raise num_blocks"):
         LLMEngine(make_model("standard-tiny"), config=EngineConfig(block_size=8, num_blocks=8)).add_request(
             [5] * 10, SamplingParams(max_tokens=200))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "standard-tiny"])
+def test_kv_waste_accounting(preset):
+    """Block size 1 frees/allocates exactly the visible slots (waste 0); larger blocks waste a little."""
+    model = make_model(preset, window_size=8, num_global_tokens=2)
+    ps = prompts(4, 5, 30, seed=9)
+    wastes = []
+    for bs in (1, 8):
+        eng = LLMEngine(model, config=EngineConfig(block_size=bs, num_blocks=400))
+        eng.generate(ps, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+        wastes.append(eng.stats.kv_waste)
+    assert wastes[0] == 0.0 and 0.0 < wastes[1] < 0.6

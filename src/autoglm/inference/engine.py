@@ -180,14 +180,23 @@ class LLMEngine:
         return results
 
     def _account_kv(self) -> None:
+        """Allocated vs used KV slots of the running requests. A slot is used when it holds (or this
+        step writes) a token that a query of this step or later can still attend to: position
+        < num_tokens and, for sparse attention, inside the window of the step's first query or
+        global."""
         bs = self.config.block_size
+        mc = self.model.config
         for r in self.scheduler.running:
             table = self.kv.tables.get(r.request_id, [])
             live = [j for j, b in enumerate(table) if b is not None]
             self.stats.kv_slots_allocated += len(live) * bs
-            # a slot is used when its position is <= the last position this step computes
-            last = r.num_tokens  # positions [0, num_tokens) will hold K/V after this step's prefill
-            self.stats.kv_slots_used += sum(max(0, min(bs, last - j * bs)) for j in live)
+            last = r.num_tokens
+            lo = max(0, r.num_computed_tokens - mc.window_size + 1) if self.sparse else 0
+            G = mc.num_global_tokens if self.sparse else 0
+            for j in live:
+                a, b = j * bs, min((j + 1) * bs, last)
+                used = max(0, b - max(a, lo)) + max(0, min(b, G, lo) - a)  # window part + global part
+                self.stats.kv_slots_used += used
 
     def _decode(self, req: Request) -> str:
         if self.tokenizer is None:

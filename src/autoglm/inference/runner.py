@@ -86,14 +86,16 @@ class PagedAttention:
         out = torch.empty_like(q)
         if L.decode_q is not None:
             qd = q[0, :, L.decode_q].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
-            kd = kc[L.decode_slots].transpose(1, 2).to(q.dtype)  # (Bd, Hkv, Tk, D)
-            vd = vc[L.decode_slots].transpose(1, 2).to(q.dtype)
+            Bd, Tk = L.decode_slots.shape
+            flat = L.decode_slots.view(-1)
+            kd = kc.index_select(0, flat).view(Bd, Tk, *kc.shape[1:]).transpose(1, 2).to(q.dtype)  # (Bd, Hkv, Tk, D)
+            vd = vc.index_select(0, flat).view(Bd, Tk, *vc.shape[1:]).transpose(1, 2).to(q.dtype)
             qpos = L.positions[L.decode_q][:, None]
             o = attend_dense(qd, kd, vd, window, num_global, qpos, L.decode_kpos, L.decode_valid, table)
             out[0, :, L.decode_q] = o[:, :, 0].transpose(0, 1)
         for a, b, slots, kpos in L.prefills:
-            kp = kc[slots].transpose(0, 1)[None].to(q.dtype)  # (1, Hkv, Tk, D)
-            vp = vc[slots].transpose(0, 1)[None].to(q.dtype)
+            kp = kc.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)  # (1, Hkv, Tk, D)
+            vp = vc.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)
             out[:, :, a:b] = attend_dense(q[:, :, a:b], kp, vp, window, num_global,
                                           L.positions[a:b][None], kpos[None], None, table)
         return out
