@@ -128,3 +128,12 @@ def test_disconnect_cancels_and_frees_blocks(server):
     for name in ("autoglm_time_to_first_token_seconds_bucket", "autoglm_time_per_output_token_seconds_bucket",
                  "autoglm_kv_blocks_in_use", "autoglm_num_requests_waiting", "autoglm_generation_tokens_total"):
         assert name in m
+
+
+def test_cli_serve_refuses_a_non_model_dir(tmp_path):
+    from typer.testing import CliRunner
+
+    from autoglm.cli import app
+
+    res = CliRunner().invoke(app, ["serve", str(tmp_path)])
+    assert res.exit_code == 2 and "saved model directory" in " ".join(res.output.split())
