@@ -195,6 +195,7 @@ def generate(
 app.add_typer(__import__("autoglm.cli_finetune", fromlist=["app"]).app)  # distill, finetune, merge, adapters
 app.add_typer(__import__("autoglm.cli_serve", fromlist=["app"]).app)  # serve (OpenAI-compatible API)
 app.add_typer(__import__("autoglm.cli_export", fromlist=["app"]).app, name="export")  # export onnx [--quantize]
+app.add_typer(__import__("autoglm.cli_graph", fromlist=["app"]).app, name="graph")  # graph clean|pretrain|probe
 
 
 def main() -> None:

@@ -1,0 +1,143 @@
+"""`autoglm graph clean | pretrain | probe` (registered in cli.py)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Graph branch: clean raw graph files, self-supervised pre-training, linear probe.")
+console = Console()
+err = Console(stderr=True)
+
+SOURCE_HELP = ("'sbm' (generated stochastic block model), Cora/CiteSeer/PubMed (with --root) or a folder "
+               "written by `autoglm graph clean`")
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True,
+                        handlers=[RichHandler(console=err, show_path=False, show_time=False)])
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+def _ssl_config(hidden_dim: int, num_layers: int, attention: bool, mask_rate: float, contrastive_weight: float,
+                reconstruction_weight: float, augment: str, seed: int):
+    from .graph.ssl import GraphSSLConfig
+
+    augs = tuple(a for a in augment.split(",") if a)
+    return GraphSSLConfig(hidden_dim=hidden_dim, num_layers=num_layers, attention=attention, mask_rate=mask_rate,
+                          contrastive_weight=contrastive_weight, reconstruction_weight=reconstruction_weight,
+                          augmentations=augs, seed=seed)
+
+
+@app.command()
+def clean(
+    out: Path = typer.Option(..., help="Output folder (re-use it for incremental syncs)."),
+    edges: list[Path] = typer.Option([], help="Edge list CSV/TSV/JSONL: source,target[,relation,weight,timestamp]."),
+    triples: list[Path] = typer.Option([], help="Triple dump CSV/TSV/JSONL: subject,relation,object."),
+    nodes: list[Path] = typer.Option([], help="Node attribute table: id + feature columns (JSONL: id, features)."),
+    num_nodes: Optional[int] = typer.Option(None, help="If set, node ids must be integers in [0, num_nodes)."),
+    allow_self_loops: bool = typer.Option(False, help="Keep self-loops instead of quarantining them."),
+    z_threshold: float = typer.Option(3.0, help="|z| above which a node is flagged as an anomaly."),
+    memory_limit: str = typer.Option("4GB", help="DuckDB memory cap; larger inputs spill to disk."),
+) -> None:
+    """Ingest new rows (dedup, quarantine with reasons, impute features, flag anomalies) into OUT."""
+    from .graph.clean import clean_graph
+
+    _setup_logging()
+    try:
+        rep = clean_graph(out, edges=edges, triples=triples, nodes=nodes, num_nodes=num_nodes,
+                          allow_self_loops=allow_self_loops, z_threshold=z_threshold, memory_limit=memory_limit)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    console.print_json(json.dumps({"totals": rep["totals"], "graph": rep["graph"], "rows_per_s": rep["rows_per_s"]}))
+    console.print(f"report: {out / 'report.json'}; quarantined rows: {out / 'quarantine.csv'}")
+
+
+@app.command()
+def pretrain(
+    data: str = typer.Option("sbm", help=SOURCE_HELP),
+    root: Optional[Path] = typer.Option(None, help="Planetoid root holding <name>/raw."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "autoglm" / "planetoid", help="Writable copy for PyG."),
+    out: Path = typer.Option(Path("runs/graph"), help="Where model.safetensors + config + embeddings go."),
+    epochs: int = typer.Option(300), lr: float = typer.Option(1e-3), hidden_dim: int = typer.Option(256),
+    num_layers: int = typer.Option(2), attention: bool = typer.Option(False),
+    mask_rate: float = typer.Option(0.15, help="Fraction of nodes whose features are masked and reconstructed."),
+    contrastive_weight: float = typer.Option(1.0), reconstruction_weight: float = typer.Option(1.0),
+    augment: str = typer.Option("edge_perturb,feature_mask", help="Comma list: node_drop, edge_perturb, "
+                                                                  "edge_drop, feature_mask."),
+    seed: int = typer.Option(0),
+) -> None:
+    """Self-supervised pre-training (InfoNCE + masked feature reconstruction); saves the model and embeddings."""
+    from safetensors.torch import save_file
+
+    from .graph.datasets import load_graph
+    from .graph.experiment import embed, save_ssl_model
+    from .graph.ssl import pretrain_graph
+
+    _setup_logging()
+    try:
+        g = load_graph(data, root, cache_dir)
+        cfg = _ssl_config(hidden_dim, num_layers, attention, mask_rate, contrastive_weight, reconstruction_weight,
+                          augment, seed)
+        model, result = pretrain_graph(g.x, g.edge_index, cfg, epochs=epochs, lr=lr, progress=True, console=err)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    save_ssl_model(model, out)
+    save_file({"embeddings": embed(model, g.x, g.edge_index).contiguous()}, str(out / "embeddings.safetensors"))
+    last = result.history[-1] if result.history else {}
+    console.print(f"[bold green]done[/]: {result.steps} epochs in {result.elapsed:.0f}s, final loss "
+                  f"{last.get('loss', float('nan')):.4f}; saved to {out}")
+
+
+@app.command()
+def probe(
+    data: str = typer.Option("sbm", help=SOURCE_HELP + " (needs labels and train/val/test masks)."),
+    root: Optional[Path] = typer.Option(None, help="Planetoid root holding <name>/raw."),
+    cache_dir: Path = typer.Option(Path.home() / ".cache" / "autoglm" / "planetoid"),
+    model_dir: Optional[Path] = typer.Option(None, help="Probe this pre-trained model (one run) instead of "
+                                                        "pre-training one per seed."),
+    seeds: int = typer.Option(5, min=1, help="Seeds (each: pre-train + probe); mean and std are reported."),
+    epochs: int = typer.Option(300), lr: float = typer.Option(1e-3), hidden_dim: int = typer.Option(256),
+    num_layers: int = typer.Option(2), attention: bool = typer.Option(False), mask_rate: float = typer.Option(0.15),
+    contrastive_weight: float = typer.Option(1.0), reconstruction_weight: float = typer.Option(1.0),
+    augment: str = typer.Option("edge_perturb,feature_mask"),
+    json_out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here."),
+) -> None:
+    """Linear probe (logistic regression on frozen embeddings, public split), mean +/- std over seeds."""
+    from .graph.datasets import load_graph
+    from .graph.experiment import embed, load_ssl_model, ssl_probe
+    from .graph.probe import linear_probe
+
+    _setup_logging()
+    try:
+        g = load_graph(data, root, cache_dir)
+        for k in ("y", "train_mask", "val_mask", "test_mask"):
+            if getattr(g, k, None) is None:
+                raise ValueError(f"{data} has no {k}; the probe needs labels and a split (use sbm or Planetoid)")
+        if model_dir is not None:
+            res = linear_probe(embed(load_ssl_model(model_dir), g.x, g.edge_index), g.y, g.train_mask, g.val_mask,
+                               g.test_mask, weight_decay=1e-2)
+            out = {"test_acc": 100 * res["test_acc"], "val_acc": 100 * res["val_acc"], "model_dir": str(model_dir)}
+        else:
+            cfg = _ssl_config(hidden_dim, num_layers, attention, mask_rate, contrastive_weight,
+                              reconstruction_weight, augment, 0)
+            out = ssl_probe(g, cfg, seeds=list(range(seeds)), epochs=epochs, lr=lr)
+            console.print(f"[bold]{data}[/] linear probe: {out['mean']:.2f} +/- {out['std']:.2f} % over {seeds} "
+                          f"seeds (split {out['split']})")
+    except (ValueError, FileNotFoundError) as e:
+        _fail(e)
+    out["data"] = data
+    console.print_json(json.dumps(out))
+    if json_out:
+        json_out.write_text(json.dumps(out, indent=1))
