@@ -180,7 +180,7 @@ def main():
     ap.add_argument("--block-size", type=int, default=4)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-batched-tokens", type=int, default=512)
-    ap.add_argument("--exit-thresholds", default="1.0,0.9,0.7,0.5", help="early-exit trade-off curve ('' = skip)")
+    ap.add_argument("--exit-thresholds", default="", help="early-exit curve on these weights, e.g. 1.0,0.9 (random weights rarely exit: see benchmarks/early_exit.py)")
     ap.add_argument("--exit-requests", type=int, default=8)
     ap.add_argument("--load-requests", type=int, default=500)
     ap.add_argument("--load-in-flight", type=int, default=32)
