@@ -1,0 +1,212 @@
+"""Two-teacher distillation vs the same student trained from scratch, side by side (DistilBERT style).
+
+1. Teacher A (`small`: sparse attention + MoE) is pre-trained with the pretrain recipe on
+   Tiny Shakespeare (../shared/data when present, else the built-in corpus); it trains
+   the BPE tokenizer. Teacher B (`standard-small`: dense) trains on the same tokens with
+   the same tokenizer.
+2. The student (a narrower, shallower `small`) trains for the same steps and on the same
+   batches twice: with `autoglm.training.finetune.distill` (both teachers, reference KD
+   loss) and from scratch (plain next-token cross-entropy).
+3. All four models are evaluated on the same held-out batches.
+
+Reports params (student / teachers), student size %, inference speed-up (forward
+latency, median of repeats), training throughput, held-out loss / next-token accuracy
+and % of the better teacher's accuracy retained. Writes
+benchmarks/results/distillation.{json,md}.
+
+    python benchmarks/distillation.py                      # default: ~15 min on 2 CPU cores
+    python benchmarks/distillation.py --teacher-steps 20 --student-steps 20 --seq-len 64   # smoke run
+
+Targets (issue #4): the distilled student beats the scratch student on held-out loss and
+keeps >= 95% of the better teacher's next-token accuracy at <= 40% of its parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from autoglm.data import sample_batch
+from autoglm.training import TrainConfig, Trainer, evaluate
+from autoglm.training.distill import AlphaSchedule, DistillConfig
+from autoglm.training.finetune import distill
+from autoglm.training.pretrain import build_model, eval_batches_for, pretrain, save_final_model
+
+ROOT = Path(__file__).resolve().parent
+SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def student_overrides(args) -> dict:
+    return dict(hidden_size=args.student_hidden, num_hidden_layers=args.student_layers,
+                num_attention_heads=4, expert_intermediate_size=args.student_expert_size)
+
+
+def train_cfg(args, steps: int) -> TrainConfig:
+    return TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, max_steps=steps,
+                       warmup_steps=max(1, steps // 10), eval_every=0, save_every=0,
+                       eval_batches=args.eval_batches, seed=args.seed, log_every=max(1, steps // 10))
+
+
+def train_lm(model, tokens, cfg: TrainConfig):
+    train = tokens.train
+    trainer = Trainer(model, cfg, train_batch=lambda i: sample_batch(train, cfg.batch_size, cfg.seq_len, i, cfg.seed),
+                      eval_batches=eval_batches_for(tokens.val, cfg), progress=False)
+    return trainer.fit()
+
+
+def latencies_ms(models: dict, batch: int, seq_len: int, repeats: int) -> dict[str, float]:
+    """Median forward time (ms) per model of one (batch, seq_len) input, no KV cache. The
+    models are timed round-robin (one call each per repeat, after a warm-up), so load from
+    other processes on a shared machine hits all of them alike."""
+    vocab = min(m.config.vocab_size for m in models.values())
+    x = torch.randint(2, vocab, (batch, seq_len))
+    times: dict[str, list[float]] = {k: [] for k in models}
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            for name, model in models.items():
+                t = time.perf_counter()
+                model(x, use_cache=False)
+                if i:
+                    times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1000 for k, v in times.items()}
+
+
+def total_params(model) -> int:
+    return model.num_parameters_summary()["total"]
+
+
+def run(args) -> dict:
+    data = args.data if args.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="autoglm-distill-bench-"))
+    cache = work / "cache"
+    # ---- teachers
+    t_cfg = train_cfg(args, args.teacher_steps)
+    t0 = time.perf_counter()
+    teacher_a, prepared, res_a = pretrain(args.teacher_a, work / "teacher_a", t_cfg, data=data, cache_dir=cache,
+                                          vocab_size=args.vocab_size, progress=False)
+    tok, tokens = prepared.tokenizer, prepared.tokens
+    logging.info("teacher A (%s) trained in %.0f s", args.teacher_a, time.perf_counter() - t0)
+    torch.manual_seed(args.seed + 1)
+    teacher_b = build_model(args.teacher_b, len(tok))
+    t0 = time.perf_counter()
+    res_b = train_lm(teacher_b, tokens, t_cfg)
+    save_final_model(teacher_b, tok, work / "teacher_b", {"preset": args.teacher_b})
+    logging.info("teacher B (%s) trained in %.0f s", args.teacher_b, time.perf_counter() - t0)
+    # ---- students: same init seed, same batches, same steps
+    s_cfg = train_cfg(args, args.student_steps)
+    dcfg = DistillConfig(alpha=AlphaSchedule(args.alpha, args.alpha_end, "progressive" if args.rounds > 1 else
+                                             "constant", args.rounds, args.student_steps),
+                         temperature=args.temperature, combine=args.combine, hard_weight=args.hard_weight,
+                         cache_top_k=args.cache_top_k)
+    t0 = time.perf_counter()
+    distilled, res_d = distill("small", [work / "teacher_a", work / "teacher_b"], work / "student_kd", s_cfg, dcfg,
+                               data=data, cache_dir=cache, logit_cache_dir=work / "logit-cache",
+                               model_overrides=student_overrides(args), progress=False)
+    time_kd = time.perf_counter() - t0
+    torch.manual_seed(s_cfg.seed)
+    scratch = build_model("small", len(tok), **student_overrides(args))
+    t0 = time.perf_counter()
+    res_s = train_lm(scratch, tokens, s_cfg)
+    time_scratch = time.perf_counter() - t0
+    # ---- evaluation on the same held-out batches
+    ev_cfg = train_cfg(args, 1)
+    models = {"teacher A (" + args.teacher_a + ")": (teacher_a, res_a),
+              "teacher B (" + args.teacher_b + ")": (teacher_b, res_b),
+              "student, distilled": (distilled, res_d), "student, scratch": (scratch, res_s)}
+    rows = {}
+    lat = latencies_ms({k: m.eval() for k, (m, _) in models.items()}, args.batch_size, args.seq_len, args.repeats)
+    for name, (model, res) in models.items():
+        model.eval()
+        ev = evaluate(model, eval_batches_for(tokens.val, ev_cfg)())
+        rows[name] = {"params": total_params(model), "active": model.num_parameters_summary()["active"],
+                      "val_loss": ev["loss"], "val_acc": ev["accuracy"], "train_tokens_per_s": res.tokens_per_s,
+                      "latency_ms": lat[name]}
+    teachers = [k for k in rows if k.startswith("teacher")]
+    best = max(teachers, key=lambda k: rows[k]["val_acc"])
+    kd, sc = rows["student, distilled"], rows["student, scratch"]
+    summary = {
+        "better_teacher": best,
+        "student_size_pct": 100 * kd["params"] / rows[best]["params"],
+        "inference_speedup_vs_better_teacher": rows[best]["latency_ms"] / kd["latency_ms"],
+        "accuracy_retained_pct": 100 * kd["val_acc"] / rows[best]["val_acc"],
+        "scratch_accuracy_retained_pct": 100 * sc["val_acc"] / rows[best]["val_acc"],
+        "loss_delta_kd_minus_scratch": kd["val_loss"] - sc["val_loss"],
+        "train_time_ratio_kd_over_scratch": time_kd / time_scratch,
+    }
+    summary["targets_met"] = {
+        "kd_beats_scratch_loss": summary["loss_delta_kd_minus_scratch"] < 0,
+        "retained_ge_95pct": summary["accuracy_retained_pct"] >= 95.0,
+        "size_le_40pct": summary["student_size_pct"] <= 40.0,
+    }
+    return {"args": {k: str(v) for k, v in vars(args).items()}, "data": str(data or "builtin:stdlib-docstrings"),
+            "device": f"{platform.machine()} ({torch.get_num_threads()} threads), fp32, torch {torch.__version__}",
+            "rows": rows, "summary": summary}
+
+
+def markdown(res: dict) -> str:
+    out = [f"Device: {res['device']}; data: {res['data']}", "",
+           "| model | params | active | size % of better teacher | val loss | val acc | fwd latency (ms) | "
+           "train tok/s |", "|---|---|---|---|---|---|---|---|"]
+    best = res["rows"][res["summary"]["better_teacher"]]
+    for name, r in res["rows"].items():
+        out.append(f"| {name} | {r['params'] / 1e6:.2f}M | {r['active'] / 1e6:.2f}M | "
+                   f"{100 * r['params'] / best['params']:.1f}% | {r['val_loss']:.3f} | {100 * r['val_acc']:.2f}% | "
+                   f"{r['latency_ms']:.1f} | {r['train_tokens_per_s']:,.0f} |")
+    s = res["summary"]
+    out += ["", "| summary | value | target |", "|---|---|---|",
+            f"| student size % of better teacher | {s['student_size_pct']:.1f}% | <= 40% |",
+            f"| inference speed-up vs better teacher | {s['inference_speedup_vs_better_teacher']:.2f}x | |",
+            f"| accuracy retained (distilled) | {s['accuracy_retained_pct']:.1f}% | >= 95% |",
+            f"| accuracy retained (scratch) | {s['scratch_accuracy_retained_pct']:.1f}% | |",
+            f"| val loss distilled - scratch | {s['loss_delta_kd_minus_scratch']:+.3f} | < 0 |",
+            f"| training time distilled / scratch | {s['train_time_ratio_kd_over_scratch']:.2f}x | |"]
+    return "\n".join(out) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, default=None, help="Corpus (default: Tiny Shakespeare if present)")
+    p.add_argument("--work-dir", type=Path, default=None, help="Where models are written (default: a temp dir)")
+    p.add_argument("--teacher-a", default="small")
+    p.add_argument("--teacher-b", default="standard-small")
+    p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument("--student-steps", type=int, default=300)
+    p.add_argument("--student-hidden", type=int, default=160)
+    p.add_argument("--student-layers", type=int, default=4)
+    p.add_argument("--student-expert-size", type=int, default=224)
+    p.add_argument("--vocab-size", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--alpha", type=float, default=0.7)
+    p.add_argument("--alpha-end", type=float, default=0.7)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--combine", default="confidence", choices=["fixed", "confidence"])
+    p.add_argument("--hard-weight", type=float, default=0.5)
+    p.add_argument("--cache-top-k", type=int, default=0)
+    p.add_argument("--eval-batches", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--out", type=Path, default=ROOT / "results")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    res = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "distillation.json").write_text(json.dumps(res, indent=2))
+    md = markdown(res)
+    (args.out / "distillation.md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
