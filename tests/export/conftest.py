@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny model briefly trained on stdlib docstrings (so greedy decoding has
+clear winners), saved with its tokenizer; its fp32 ONNX export made through the CLI; and
+the dynamic-INT8 quantization of that export."""
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
+
+
+@pytest.fixture(scope="session")
+def export_corpus_tokens(tmp_path_factory):
+    from autoglm.data import stdlib_docstring_corpus
+    from autoglm.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+    docs = list(stdlib_docstring_corpus())[:300]
+    d = tmp_path_factory.mktemp("export_tok")
+    save_tokenizer(train_tokenizer(docs, vocab_size=512), d)
+    tok = load_tokenizer(d)
+    ids = np.concatenate([np.asarray(tok(doc).input_ids + [tok.eos_token_id]) for doc in docs]).astype(np.int64)
+    return tok, ids
+
+
+@pytest.fixture(scope="session")
+def export_model_dir(tmp_path_factory, export_corpus_tokens):
+    """tiny preset, 60 AdamW steps on the first 90% of the tokens, saved with the tokenizer."""
+    tok, ids = export_corpus_tokens
+    torch.manual_seed(0)
+    model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name("tiny"))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    train = ids[: int(0.9 * len(ids))]
+    rng = np.random.default_rng(0)
+    for _ in range(60):
+        starts = rng.integers(0, len(train) - 65, size=8)
+        x = torch.from_numpy(train[starts[:, None] + np.arange(64)])
+        loss = model(x, labels=x).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    d = tmp_path_factory.mktemp("export_model")
+    model.eval().save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def eager_model(export_model_dir):
+    from autoglm.export import load_model_dir
+
+    return load_model_dir(export_model_dir)
+
+
+@pytest.fixture(scope="session")
+def fp32_export(tmp_path_factory, export_model_dir):
+    """`autoglm export onnx MODEL_DIR --out DIR` through the CLI (the fp32 path)."""
+    from autoglm.cli import app
+
+    out = tmp_path_factory.mktemp("onnx") / "fp32"
+    res = CliRunner().invoke(app, ["export", "onnx", str(export_model_dir), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def int8_export(tmp_path_factory, fp32_export):
+    from autoglm.export import quantize_export
+
+    out = tmp_path_factory.mktemp("onnx_int8") / "int8"
+    quantize_export(fp32_export, out, "int8")
+    return out
