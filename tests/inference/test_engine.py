@@ -81,9 +81,14 @@ def test_stop_string_spanning_tokens_and_eos(tiny_model, tiny_tokenizer):
     toks = [tiny_tokenizer.decode(free.output_ids[:i]) for i in range(1, 31)]
     cut = next(i for i in range(2, 30) if len(toks[i]) - len(toks[i - 1]) >= 1 and len(toks[i - 1]) >= 2)
     stop = toks[cut][len(toks[cut - 1]) - 1:len(toks[cut - 1]) + 1]
-    (r,) = eng.generate(["Return the value"], SamplingParams(max_tokens=30, temperature=0, stop=[stop]))
+    # a second stop string whose first characters do occur (held back, then released)
+    near_miss = text[1:3] + "\x00"
+    rid = eng.add_request("Return the value", SamplingParams(max_tokens=30, temperature=0, stop=[near_miss, stop]))
+    r, streamed = eng.requests[rid], ""
+    while eng.has_unfinished():
+        streamed += "".join(o.new_text for o in eng.step())
     assert r.finish_reason.value == "stop" and r.stop_reason == stop
-    assert eng.text_of(r) == text[:text.find(stop)]
+    assert eng.text_of(r) == streamed == text[:text.find(stop)]
 
 
 def test_bad_requests_rejected(tiny_model):

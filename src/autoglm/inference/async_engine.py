@@ -44,20 +44,28 @@ class AsyncEngine:
             self._thread = None
 
     # ------------------------------------------------------------- requests
-    def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
-        """Queue a request (call from the event loop). Raises ValueError for a bad request."""
+    async def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
+        """Queue a request; its outputs arrive on the returned queue. Raises ValueError for a bad request.
+        Waits for the engine lock on a worker thread, so the event loop is not blocked by a step."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
+        rid = await asyncio.to_thread(self._submit, prompt_ids, params, loop, q)
+        return rid, q
+
+    def _submit(self, prompt_ids, params, loop, q) -> str:
         with self._cv:
             rid = self.engine.add_request(prompt_ids, params)
             self._queues[rid] = (loop, q)
             self._cv.notify_all()
-        return rid, q
+        return rid
 
     def abort(self, request_id: str) -> None:
         with self._cv:
             self.engine.abort(request_id)
             self._queues.pop(request_id, None)
+
+    async def snapshot_async(self) -> dict[str, int]:
+        return await asyncio.to_thread(self.snapshot)
 
     def snapshot(self) -> dict[str, int]:
         """Queue depth and KV usage for /metrics."""

@@ -72,7 +72,7 @@ class LLMEngine:
         self.exit_layers = tuple(cfg.exit_layers or range(1, mc.num_hidden_layers))
         self.requests: dict[str, Request] = {}
         self._gens: dict[str, torch.Generator] = {}
-        self._text: dict[str, tuple[str, int]] = {}  # emitted text, number of tokens it covers
+        self._text: dict[str, str] = {}  # text streamed so far per request
         self.stats = EngineStats()
         self.max_len = mc.max_position_embeddings
         self.eos = mc.eos_token_id if tokenizer is None else tokenizer.eos_token_id
@@ -113,7 +113,7 @@ class LLMEngine:
         self.requests[req.request_id] = req
         if params.seed is not None:
             self._gens[req.request_id] = torch.Generator(device=self.runner.device).manual_seed(params.seed)
-        self._text[req.request_id] = ("", 0)
+        self._text[req.request_id] = ""
         self.scheduler.add(req)
         self.stats.prompt_tokens += len(ids)
         return req.request_id
@@ -204,8 +204,13 @@ class LLMEngine:
         return self.tokenizer.decode(req.output_ids, skip_special_tokens=True)
 
     def _check_stop(self, req: Request, tok: int) -> RequestOutput:
+        """EOS / stop tokens / stop strings / length; returns the text that is safe to stream.
+
+        Text that could be the start of a stop string (or an incomplete UTF-8 sequence) is
+        held back until the next token decides it, so streamed pieces always concatenate to
+        the final text and never contain any part of a matched stop string."""
         p = req.params
-        prev_text, _ = self._text[req.request_id]
+        emitted = self._text[req.request_id]
         text = self._decode(req)
         reason = stop_reason = None
         if not p.ignore_eos and tok == self.eos:
@@ -213,19 +218,22 @@ class LLMEngine:
         elif tok in p.stop_token_ids:
             reason, stop_reason = FinishReason.STOP, tok
         else:
-            for s in p.stop:
-                # a stop string may span tokens: search the new tail, overlapping the old text
-                i = text.find(s, max(0, len(prev_text) - len(s) + 1))
-                if i >= 0:
-                    text, reason, stop_reason = text[:i], FinishReason.STOP, s
-                    break
+            hits = [(text.find(s), s) for s in p.stop if s in text]  # a stop string may span tokens
+            if hits:
+                i, s = min(hits)
+                text, reason, stop_reason = text[:i], FinishReason.STOP, s
         if reason is None and (len(req.output_ids) >= p.max_tokens or req.num_tokens >= self.max_len):
             reason = FinishReason.LENGTH
-        if reason is None and text.endswith("\ufffd"):
-            new_text = ""  # an incomplete UTF-8 sequence: wait for the next token
-        else:
-            new_text = text[len(prev_text):] if text.startswith(prev_text) else text
-            self._text[req.request_id] = (text, len(req.output_ids))
+        visible = text
+        if reason is None:
+            if text.endswith("\ufffd"):
+                visible = emitted  # an incomplete UTF-8 sequence: wait for the next token
+            else:
+                hold = max((k for s in p.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+                visible = text[:len(text) - hold]
+        new_text = visible[len(emitted):] if visible.startswith(emitted) else ""
+        if visible.startswith(emitted):
+            self._text[req.request_id] = visible
         if reason is not None:
             self.scheduler.finish(req, reason, stop_reason)
             self._forget(req)

@@ -170,17 +170,20 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
             metrics.requests.labels("rejected").inc()
             raise APIError(429, f"too many concurrent requests ({max_concurrent} in flight); retry later",
                            code="rate_limit_exceeded", kind="rate_limit_error")
+        state["in_flight"] += n  # reserved before any await, so concurrent handlers see it
         subs = []
         try:
             for i in range(n):
                 sp = params if params.seed is None or n == 1 else \
                     SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-                subs.append(engine.submit(prompt_ids, sp))
-        except ValueError as e:
+                subs.append(await engine.submit(prompt_ids, sp))
+        except BaseException as e:
             for rid, _ in subs:
                 engine.abort(rid)
-            raise APIError(400, str(e)) from None
-        state["in_flight"] += n
+            state["in_flight"] -= n
+            if isinstance(e, ValueError):
+                raise APIError(400, str(e)) from None
+            raise
         metrics.prompt_tokens.inc(len(prompt_ids) * n)
         return subs
 
@@ -301,7 +304,7 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
 
     @app.get("/metrics")
     async def prom():
-        s = engine.snapshot()
+        s = await engine.snapshot_async()
         metrics.waiting.set(s["waiting"])
         metrics.running.set(s["running"])
         metrics.kv_used.set(s["kv_blocks_used"])
