@@ -36,19 +36,19 @@ def planetoid_split(y: torch.Tensor, per_class: int = 20, num_val: int = 500, nu
 
 
 def sbm_graph(num_nodes: int = 1000, num_blocks: int = 5, num_features: int = 64, p_in: float = 0.02,
-              p_out: float = 0.002, feature_signal: float = 0.3, seed: int = 0) -> Any:
-    """Stochastic block model (networkx) with noisy class-dependent binary features.
+              p_out: float = 0.002, feature_signal: float = 0.1, seed: int = 0) -> Any:
+    """Stochastic block model (networkx) with sparse bag-of-words-like binary features.
 
-    Each block has a random feature prototype; a node's features flip each prototype bit
-    with probability 0.5 - feature_signal. Returns a PyG `Data` (x (N, F), edge_index (2, E)
+    Each block has random "topic" columns (20%); a node sets each column with probability
+    0.02, plus `feature_signal` on its block's topic columns (Cora-like sparse features). Returns a PyG `Data` (x (N, F), edge_index (2, E)
     undirected, y (N,) block ids, Planetoid-style train/val/test masks with 10 per class)."""
     import networkx as nx
     from torch_geometric.data import Data
 
     if num_blocks < 1 or num_nodes < num_blocks:
         raise ValueError(f"need num_nodes ({num_nodes}) >= num_blocks ({num_blocks}) >= 1")
-    if not 0 <= feature_signal <= 0.5:
-        raise ValueError(f"feature_signal ({feature_signal}) must be in [0, 0.5]")
+    if not 0 <= feature_signal <= 0.98:
+        raise ValueError(f"feature_signal ({feature_signal}) must be in [0, 0.98]")
     sizes = [num_nodes // num_blocks + (i < num_nodes % num_blocks) for i in range(num_blocks)]
     probs = [[p_in if i == j else p_out for j in range(num_blocks)] for i in range(num_blocks)]
     g = nx.stochastic_block_model(sizes, probs, seed=seed)
@@ -56,9 +56,8 @@ def sbm_graph(num_nodes: int = 1000, num_blocks: int = 5, num_features: int = 64
     edge_index = torch.cat([edges, edges.flip(0)], 1)
     y = torch.repeat_interleave(torch.arange(num_blocks), torch.tensor(sizes))
     gen = torch.Generator().manual_seed(seed)
-    proto = (torch.rand(num_blocks, num_features, generator=gen) < 0.5).float()
-    flip = (torch.rand(num_nodes, num_features, generator=gen) < 0.5 - feature_signal).float()
-    x = (proto[y] + flip) % 2
+    topic = (torch.rand(num_blocks, num_features, generator=gen) < 0.2).float()  # each block's "topic words"
+    x = (torch.rand(num_nodes, num_features, generator=gen) < 0.02 + feature_signal * topic[y]).float()
     train, val, test = planetoid_split(y, per_class=10, num_val=num_nodes // 4, num_test=num_nodes // 2, seed=seed)
     return Data(x=x, edge_index=edge_index, y=y, train_mask=train, val_mask=val, test_mask=test)
 
