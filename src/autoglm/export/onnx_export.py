@@ -109,9 +109,13 @@ def _export_graph(wrapper: ExportDecoder, with_past: bool, opset: int) -> onnx.M
         shapes += (tuple({0: dyn, 2: dyn} for _ in past),)
     names_in = ["input_ids", "attention_mask"] + (past_names(L) if with_past else [])
     names_out = ["logits"] + present_names(L)
-    with dense_moe_dispatch(wrapper.model), torch.no_grad():
-        prog = torch.onnx.export(wrapper, (ids, mask, *past), input_names=names_in, output_names=names_out,
-                                 dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False)
+    try:
+        with dense_moe_dispatch(wrapper.model), torch.no_grad():
+            prog = torch.onnx.export(wrapper, (ids, mask, *past), input_names=names_in, output_names=names_out,
+                                     dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False)
+    except Exception as e:  # the exporter raises many types; report them as one
+        raise ExportError(f"torch.onnx.export failed for the {'decode' if with_past else 'prefill'} graph: "
+                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}; nothing was written") from e
     model = prog.model_proto
     _name_axes(model, L)
     n = gemm_to_matmul(model) + fold_weight_transposes(model)
