@@ -1,0 +1,15 @@
+"""The docstring examples of the graph modules run and give the values they show."""
+
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["augment", "encoder", "losses", "probe", "ssl", "clean", "datasets", "experiment"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_doctests(name):
+    mod = importlib.import_module(f"autoglm.graph.{name}")
+    res = doctest.testmod(mod)
+    assert res.attempted > 0 and res.failed == 0
