@@ -126,7 +126,8 @@ def test_disconnect_cancels_and_frees_blocks(server):
     m = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert 'autoglm_requests_total{outcome="aborted"}' in m
     for name in ("autoglm_time_to_first_token_seconds_bucket", "autoglm_time_per_output_token_seconds_bucket",
-                 "autoglm_kv_blocks_in_use", "autoglm_num_requests_waiting", "autoglm_generation_tokens_total"):
+                 "autoglm_kv_blocks_in_use", "autoglm_num_requests_waiting",
+                 "autoglm_request_queue_time_seconds_bucket", "autoglm_e2e_request_latency_seconds_bucket", "autoglm_generation_tokens_total"):
         assert name in m
 
 
@@ -137,3 +138,18 @@ def test_cli_serve_refuses_a_non_model_dir(tmp_path):
 
     res = CliRunner().invoke(app, ["serve", str(tmp_path)])
     assert res.exit_code == 2 and "saved model directory" in " ".join(res.output.split())
+
+
+def test_metrics_count_observations(client, server):
+    import re
+
+    def count(name):
+        m = httpx.get(server[0] + "/metrics").text
+        return float(re.search(rf"^{name} (\S+)$", m, re.M).group(1))
+
+    before = [count(n) for n in ("autoglm_time_to_first_token_seconds_count", "autoglm_request_queue_time_seconds_count",
+                                 "autoglm_generation_tokens_total")]
+    client.completions.create(model="tiny", prompt="x", max_tokens=5, temperature=0, extra_body={"ignore_eos": True})
+    after = [count(n) for n in ("autoglm_time_to_first_token_seconds_count", "autoglm_request_queue_time_seconds_count",
+                                "autoglm_generation_tokens_total")]
+    assert [a - b for a, b in zip(after, before)] == [1, 1, 5]

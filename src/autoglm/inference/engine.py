@@ -237,8 +237,9 @@ class LLMEngine:
         if reason is not None:
             self.scheduler.finish(req, reason, stop_reason)
             self._forget(req)
+        queue_time = req.scheduled_time - req.arrival_time if len(req.output_ids) == 1 else None
         return RequestOutput(req.request_id, [tok], new_text, reason is not None, reason, stop_reason,
-                             len(req.prompt_ids), len(req.output_ids))
+                             len(req.prompt_ids), len(req.output_ids), queue_time)
 
     # ------------------------------------------------------------- offline use
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]

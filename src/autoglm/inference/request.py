@@ -87,6 +87,7 @@ class Request:
     stop_reason: str | int | None = None
     num_preemptions: int = 0
     arrival_time: float = field(default_factory=time.perf_counter)
+    scheduled_time: float | None = None  # first time the scheduler admitted it (queue time = this - arrival)
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)  # layer each output token left at (early exit)
@@ -122,3 +123,4 @@ class RequestOutput:
     stop_reason: str | int | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    queue_time: float | None = None  # seconds from arrival to first admission; set on the first output only

@@ -16,6 +16,7 @@ KV-cache manager only through `allocate_slots` / `free_out_of_window` / `free`.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -101,6 +102,8 @@ class Scheduler:
             if self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
                 break
             self.waiting.popleft()
+            if req.scheduled_time is None:
+                req.scheduled_time = time.perf_counter()
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, n))

@@ -61,6 +61,8 @@ class ServerMetrics:
         self.ttft = Histogram("autoglm_time_to_first_token_seconds", "Time to first token", buckets=_LAT, registry=r)
         self.tpot = Histogram("autoglm_time_per_output_token_seconds", "Time between output tokens",
                               buckets=_LAT, registry=r)
+        self.queue = Histogram("autoglm_request_queue_time_seconds", "Time waiting before first scheduled",
+                               buckets=_LAT, registry=r)
         self.e2e = Histogram("autoglm_e2e_request_latency_seconds", "End-to-end latency", buckets=_LAT, registry=r)
 
 
@@ -202,6 +204,8 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
                     return
                 now = time.perf_counter()
                 (metrics.ttft if first else metrics.tpot).observe(now - last)
+                if item.queue_time is not None:
+                    metrics.queue.observe(item.queue_time)
                 first, last = False, now
                 metrics.generation_tokens.inc(len(item.new_token_ids))
                 await merged.put((i, item))
