@@ -11,7 +11,7 @@ Example:
     >>> g = torch.Generator().manual_seed(0)
     >>> y = torch.arange(60) % 3
     >>> emb = torch.nn.functional.one_hot(y, 3).float() + 0.1 * torch.randn(60, 3, generator=g)
-    >>> masks = [torch.arange(60) % 3 == r for r in range(3)]  # train/val/test
+    >>> masks = [(torch.arange(60) // 3) % 3 == r for r in range(3)]  # train/val/test, every class in each
     >>> linear_probe(emb, y, *masks, seed=0)["test_acc"]
     1.0
 """
