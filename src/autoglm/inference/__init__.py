@@ -7,6 +7,7 @@ server lives in `autoglm.inference.server` (imported on demand: it needs FastAPI
 """
 
 from .block_pool import BlockPool, NoFreeBlocksError
+from .early_exit import EarlyExitObjective
 from .engine import EngineConfig, EngineStats, LLMEngine
 from .kv_cache_manager import KVCacheBlocks, KVCacheManager
 from .request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams
@@ -15,7 +16,7 @@ from .sampling import apply_repetition_penalty, sample_token, top_k_filter, top_
 from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 __all__ = [
-    "BlockPool", "NoFreeBlocksError", "EngineConfig", "EngineStats", "LLMEngine", "KVCacheBlocks",
+    "BlockPool", "NoFreeBlocksError", "EarlyExitObjective", "EngineConfig", "EngineStats", "LLMEngine", "KVCacheBlocks",
     "KVCacheManager", "FinishReason", "Request", "RequestOutput", "RequestStatus", "SamplingParams",
     "ModelRunner", "PagedAttention", "PagedKVCache", "apply_repetition_penalty", "sample_token",
     "top_k_filter", "top_p_filter", "ScheduledRequest", "Scheduler", "SchedulerOutput",
