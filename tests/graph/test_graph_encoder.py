@@ -29,11 +29,12 @@ def test_normalized_adjacency_matches_dense():
     torch.testing.assert_close(adj.to_dense(), _dense_norm_adj(ei, 12))
 
 
-def test_gcn_encoder_matches_dense_reference():
+@pytest.mark.parametrize("propagate_input", [False, True])
+def test_gcn_encoder_matches_dense_reference(propagate_input):
     x, ei = _graph()
-    enc = GraphEncoder(5, 8, num_layers=3).eval()
+    enc = GraphEncoder(5, 8, num_layers=3, propagate_input=propagate_input).eval()
     a = _dense_norm_adj(ei, 12)
-    h = enc.input(x)
+    h = a @ enc.input(x) if propagate_input else enc.input(x)
     for layer in enc.layers:  # h_l = h_{l-1} + act(A h_{l-1} W_l + b)
         h = h + layer.act(a @ h @ layer.lin.weight.t() + layer.bias)
     torch.testing.assert_close(enc(x, ei), h)

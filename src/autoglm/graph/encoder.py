@@ -118,12 +118,18 @@ class GraphEncoder(nn.Module):
     """x (N, F), edge_index (2, E) -> node embeddings (N, hidden_dim).
 
     `state` (N, hidden_dim), when given, is added to the input projection: this is how
-    `forward_sequence` carries node states from one snapshot to the next.
+    `forward_sequence` carries node states from one snapshot to the next. With
+    `propagate_input=True` the input projection is smoothed once, h_0 = norm_adj @ x W_in
+    (GCN adjacency only), so no layer carries a node's raw features unsmoothed.
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 256, num_layers: int = 2, attention: bool = False,
-                 heads: int = 1, dropout: float = 0.0, attn_dropout: float = 0.0) -> None:
+                 heads: int = 1, dropout: float = 0.0, attn_dropout: float = 0.0,
+                 propagate_input: bool = False) -> None:
         super().__init__()
+        if propagate_input and attention:
+            raise ValueError("propagate_input needs the GCN adjacency; use attention=False or propagate_input=False")
+        self.propagate_input = propagate_input
         if in_dim < 1 or hidden_dim < 1 or num_layers < 1:
             raise ValueError(f"in_dim ({in_dim}), hidden_dim ({hidden_dim}) and num_layers ({num_layers}) "
                              f"must all be >= 1")
@@ -151,12 +157,14 @@ class GraphEncoder(nn.Module):
             if edge_index is None:
                 raise ValueError("pass edge_index (2, E) or a prepared graph= from encoder.prepare(...)")
             graph = self.prepare(edge_index, x.shape[0], edge_weight)
+        adj, ei = graph
         h = self.input(x)  # (N, D)
+        if self.propagate_input:
+            h = adj @ h
         if state is not None:
             if state.shape != h.shape:
                 raise ValueError(f"state must be {tuple(h.shape)}, got {tuple(state.shape)}")
             h = h + state
-        adj, ei = graph
         for layer in self.layers:
             h = layer(h, adj, ei)
         return h

@@ -45,6 +45,7 @@ class GraphSSLConfig:
     hidden_dim: int = 256  # embedding width; GraphMAE uses 512 on Cora
     num_layers: int = 2  # residual propagation layers (receptive field = num_layers hops)
     attention: bool = False  # GAT-style attention instead of fixed GCN weights
+    propagate_input: bool = False  # h_0 = norm_adj @ x W_in: no unsmoothed identity path to the embedding
     heads: int = 4  # attention heads (only with attention=True)
     dropout: float = 0.2  # input dropout of every layer (regularises small graphs)
     attn_dropout: float = 0.1  # dropout on attention coefficients
@@ -84,7 +85,7 @@ class GraphSSLModel(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.encoder = GraphEncoder(in_dim, cfg.hidden_dim, cfg.num_layers, cfg.attention, cfg.heads,
-                                    cfg.dropout, cfg.attn_dropout)
+                                    cfg.dropout, cfg.attn_dropout, cfg.propagate_input)
         self.mask_token = nn.Parameter(torch.zeros(1, in_dim))
         self.encoder_to_decoder = nn.Linear(cfg.hidden_dim, cfg.hidden_dim, bias=False)
         self.decoder = nn.Linear(cfg.hidden_dim, in_dim)
