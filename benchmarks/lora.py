@@ -101,7 +101,8 @@ def _child(mode: str, args, base_dir: str, new_data: str, cache: str, q) -> None
     lora = mode == "lora"
     model, result, info = finetune(base_dir, new_data, Path(args.work) / mode, _cfg(args, args.steps, args.lora_lr
                                    if lora else args.lr), lora=lora, cache_dir=cache, progress=False,
-                                   device=device)
+                                   device=device, targets=args.targets.split(","), r=args.rank,
+                                   alpha=2 * args.rank)
     seconds = time.perf_counter() - t0
     peak_kb = sampler.stop()
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else (peak_kb - rss0) / 1024)
@@ -166,6 +167,7 @@ def markdown(res: dict) -> str:
                    f"{100 * r['new_acc_after']:.2f}% | {r['base_after']:.3f} | {r['tokens_per_s']:,.0f} |")
     s = res["summary"]
     out += ["", "| summary | value | target |", "|---|---|---|",
+            f"| LoRA targets, rank | {res['args']['targets']}, r={res['args']['rank']} | |",
             f"| LoRA trainable % | {s['lora_trainable_pct']:.2f}% | < 1% |",
             f"| peak training memory LoRA / full | {s['peak_mem_ratio_lora_over_full']:.2f} | |",
             f"| new-domain loss LoRA / full | {s['new_domain_loss_ratio_lora_over_full']:.3f} | <= 1.05 |",
@@ -184,6 +186,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--lr", type=float, default=1e-3, help="Full fine-tuning learning rate")
     p.add_argument("--lora-lr", type=float, default=5e-3, help="LoRA learning rate")
+    p.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, comma separated "
+                                                                 "('experts' = every expert projection)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r, as the default 8/16)")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
