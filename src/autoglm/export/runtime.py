@@ -49,6 +49,9 @@ class OrtCausalLM:
         opts.inter_op_num_threads = 1
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # idle worker threads sleep instead of spinning: on a shared CPU a spinning pool starves
+        # every other process (and other sessions in this one)
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = {name: ort.InferenceSession(str(self.directory / f), sess_options=opts,
                                                     providers=list(providers))
                          for name, f in self.info["graphs"].items()}
