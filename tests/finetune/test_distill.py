@@ -162,3 +162,10 @@ def test_topk_to_probs_keeps_topk_mass_only():
     full = (logits / 2.0).softmax(-1)
     kept = torch.zeros_like(full).scatter(-1, i, full.gather(-1, i))
     torch.testing.assert_close(p, kept / kept.sum(-1, keepdim=True))
+
+
+def test_objective_refuses_teacher_with_other_vocabulary_on_first_step():
+    obj = DistillationObjective([tiny(1, vocab_size=600)])
+    x = torch.randint(0, 512, (1, 8))
+    with pytest.raises(ValueError, match="vocabulary of 600 tokens but the student has 512"):
+        obj(tiny(0), (x, x))

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -153,7 +153,7 @@ class AlphaSchedule:
 class DistillConfig:
     """How the student learns from the teachers."""
 
-    alpha: AlphaSchedule = None  # type: ignore[assignment]  # default: constant 0.7
+    alpha: AlphaSchedule = field(default_factory=AlphaSchedule)  # default: constant 0.7
     temperature: float = 1.0  # softens teacher and student distributions (loss scaled by T^2)
     combine: str = "fixed"  # "fixed" or "confidence" (see combine_teachers)
     teacher_weights: tuple[float, ...] | None = None  # fixed weights (default equal)
@@ -162,8 +162,6 @@ class DistillConfig:
     cache_top_k: int = 0  # >0: teachers' top-k logits are cached on disk (needs a cache dir)
 
     def __post_init__(self) -> None:
-        if self.alpha is None:
-            self.alpha = AlphaSchedule()
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.combine not in COMBINE_MODES:
@@ -234,6 +232,7 @@ class DistillationObjective:
         if self.cfg.cache_top_k and cache is None:
             raise ValueError("cache_top_k > 0 needs a TeacherLogitCache (pass cache=...)")
         self.cache = cache
+        self._checked = False
         for t in self.teachers:
             t.eval()
             t.requires_grad_(False)
@@ -244,8 +243,9 @@ class DistillationObjective:
                 f"combine={c.combine}, hard_weight={c.hard_weight}, top_k={c.cache_top_k})")
 
     @torch.no_grad()
-    def teacher_probs(self, input_ids: torch.Tensor, index: int | None = None) -> torch.Tensor:
-        """Combined teacher distribution (B, T, V) at the configured temperature, float32."""
+    def teacher_probs(self, input_ids: torch.Tensor, vocab: int, index: int | None = None) -> torch.Tensor:
+        """Combined teacher distribution (B, T, vocab) at the configured temperature, float32.
+        With the cache, batch `index` is read from it, or computed and stored."""
         T = self.cfg.temperature
         device = input_ids.device
         probs: list[torch.Tensor] = []
@@ -257,7 +257,6 @@ class DistillationObjective:
                     self.cache.put(index, entry)
                 # round like the stored copy, so a cache hit and a miss give the same loss
                 entry = [(v.to(self.cache.dtype), i) for v, i in entry]
-            vocab = self._vocab
             probs = [topk_to_probs(v.to(device), i.to(device), vocab, T) for v, i in entry]
         else:
             probs = [F.softmax(self._run(t, input_ids) / T, dim=-1) for t in self.teachers]
@@ -275,9 +274,11 @@ class DistillationObjective:
             step, index = int(batch.get("step", 0)), batch.get("index")
         else:
             (input_ids, labels), step, index = batch, 0, None
+        if not self._checked:  # refuse a vocabulary mismatch on the first step, before any update
+            check_teachers(getattr(model, "module", model), self.teachers)
+            self._checked = True
         out = model(input_ids)  # no labels: the HF wrapper would shift them again
-        self._vocab = out.logits.shape[-1]
-        t_probs = self.teacher_probs(input_ids, None if index is None else int(index))
+        t_probs = self.teacher_probs(input_ids, out.logits.shape[-1], None if index is None else int(index))
         if t_probs.shape != out.logits.shape:
             raise ValueError(f"teacher distribution {tuple(t_probs.shape)} does not match the student's logits "
                              f"{tuple(out.logits.shape)}; teachers must share the student's vocabulary")
@@ -289,4 +290,4 @@ class DistillationObjective:
         aux = out.aux_loss if getattr(out, "aux_loss", None) is not None else zero
         loss = self.cfg.kd_weight * kd + self.cfg.hard_weight * hard + aux
         return {"loss": loss, "kd_loss": kd.detach(), "hard_loss": hard.detach(), "aux_loss": aux.detach(),
-                "alpha": torch.tensor(alpha)}
+                "alpha": torch.tensor(alpha, device=kd.device)}
