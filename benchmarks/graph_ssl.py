@@ -177,11 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--hidden-dim", type=int, default=256)
     ap.add_argument("--num-layers", type=int, default=2)
     ap.add_argument("--mask-rate", type=float, default=0.5)
-    ap.add_argument("--contrastive-weight", type=float, default=1.0)
+    ap.add_argument("--contrastive-weight", type=float, default=0.1)
+    ap.add_argument("--propagate-input", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--reconstruction-weight", type=float, default=1.0)
     ap.add_argument("--contrastive-nodes", type=int, default=1024)
     ap.add_argument("--aug-seeds", type=int, default=2)
-    ap.add_argument("--aug-epochs", type=int, default=100)
+    ap.add_argument("--aug-epochs", type=int, default=50)
     ap.add_argument("--scale-nodes", type=int, default=1_000_000)
     ap.add_argument("--scale-edges", type=int, default=10_000_000)
     ap.add_argument("--scale-features", type=int, default=32)
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> None:
                  "dataset": args.dataset, "machine": f"{torch.get_num_threads()} torch threads, CPU (shared)"}
     cfg = GraphSSLConfig(hidden_dim=args.hidden_dim, num_layers=args.num_layers, mask_rate=args.mask_rate,
                          sce_alpha=3.0, contrastive_weight=args.contrastive_weight,
-                         reconstruction_weight=args.reconstruction_weight, contrastive_nodes=args.contrastive_nodes)
+                         reconstruction_weight=args.reconstruction_weight, contrastive_nodes=args.contrastive_nodes,
+                         propagate_input=args.propagate_input)
     if sections & {"probe", "augmentations"}:
         data = load_graph(args.dataset, args.root, args.cache_dir, normalize_features=False)
         if "probe" in sections:
