@@ -39,9 +39,10 @@ from autoglm.data import sample_batch
 
 
 @torch.no_grad()
-def val_losses(model, batches, thresholds):
+def val_losses(model, batches, thresholds, exit_layers=None):
     """{threshold: mean loss with per-position early exit}, plus mean exit layer per threshold."""
     L = model.config.num_hidden_layers
+    allowed = set(exit_layers or range(1, L))
     tot = {t: 0.0 for t in thresholds}
     layers = {t: 0.0 for t in thresholds}
     n = 0
@@ -55,6 +56,8 @@ def val_losses(model, batches, thresholds):
             done = torch.zeros(x.shape, dtype=torch.bool)
             if t < 1.0:
                 for l in range(L - 1):
+                    if l + 1 not in allowed:
+                        continue
                     take = (conf[l] >= t) & ~done
                     chosen[take] = logits[l][take]
                     layer[take] = l + 1
@@ -65,8 +68,9 @@ def val_losses(model, batches, thresholds):
     return {t: tot[t] / n for t in thresholds}, {t: layers[t] / n for t in thresholds}
 
 
-def decode_speed(model, prompt, n_tokens, threshold, ref=None):
-    eng = LLMEngine(model, config=EngineConfig(block_size=16, num_blocks=128, early_exit_threshold=threshold))
+def decode_speed(model, prompt, n_tokens, threshold, ref=None, exit_layers=None):
+    eng = LLMEngine(model, config=EngineConfig(block_size=16, num_blocks=128, early_exit_threshold=threshold,
+                                               exit_layers=exit_layers))
     rid = eng.add_request(prompt, SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True))
     req = eng.requests[rid]
     eng.step()  # prefill (+ first token) is not decode
@@ -92,6 +96,8 @@ def main():
     ap.add_argument("--eval-batches", type=int, default=10)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--exit-layers", default="", help="layers after which the engine may exit, e.g. 2,4 (default: all)")
+    ap.add_argument("--skip-plain", action="store_true", help="train only the early-exit model")
     a = ap.parse_args()
     thresholds = [float(t) for t in a.thresholds.split(",")]
     cache = a.cache_dir or tempfile.mkdtemp(prefix="autoglm-ee-")
@@ -103,7 +109,8 @@ def main():
     init = build_model(a.preset, len(prep.tokenizer))
     train = prep.tokens.train
     models, train_s = {}, {}
-    for name, obj in (("plain", CausalLMObjective()), ("early-exit", EarlyExitObjective(a.exit_weight))):
+    runs = [("plain", CausalLMObjective())] if not a.skip_plain else []
+    for name, obj in runs + [("early-exit", EarlyExitObjective(a.exit_weight))]:
         m = copy.deepcopy(init)
         t = time.perf_counter()
         Trainer(m, cfg, train_batch=lambda i: sample_batch(train, cfg.batch_size, cfg.seq_len, i, cfg.seed),
@@ -112,12 +119,13 @@ def main():
         models[name] = m.eval()
         print(f"trained {name} in {train_s[name]:.0f}s", flush=True)
     batches = list(eval_batches_for(prep.tokens.val, cfg)())
-    plain_loss, _ = val_losses(models["plain"], batches, [1.0])
-    ee_loss, ee_layers = val_losses(models["early-exit"], batches, thresholds)
+    plain_loss = val_losses(models["plain"], batches, [1.0])[0] if "plain" in models else {1.0: float("nan")}
+    exit_layers = tuple(int(x) for x in a.exit_layers.split(",") if x) or None
+    ee_loss, ee_layers = val_losses(models["early-exit"], batches, thresholds, exit_layers)
     prompt = prep.tokenizer("Return the ").input_ids
     rows, ref, base_speed = [], None, None
     for t in thresholds:
-        speed, layers, out, agree = decode_speed(models["early-exit"], prompt, a.decode_tokens, t, ref)
+        speed, layers, out, agree = decode_speed(models["early-exit"], prompt, a.decode_tokens, t, ref, exit_layers)
         if ref is None:
             ref, base_speed, agree = out, speed, 1.0
         rows.append(dict(threshold=t, val_loss=round(ee_loss[t], 4),
