@@ -29,7 +29,7 @@ import torch
 
 from autoglm.graph.clean import clean_graph
 from autoglm.graph.datasets import load_graph
-from autoglm.graph.experiment import embed, ssl_probe
+from autoglm.graph.experiment import ssl_probe
 from autoglm.graph.probe import linear_probe
 from autoglm.graph.ssl import GraphSSLConfig, GraphSSLModel, GraphSSLObjective
 

@@ -233,13 +233,12 @@ def _ingest_nodes(con, path: Path, fmt: str, skip: int, cfg: IngestConfig, width
     return width
 
 
-def _counts(con, path: Path, first_line: int) -> dict[str, Any]:
-    f = _q(str(path))
-    kept = con.execute(f"SELECT count(*) FROM judged WHERE reason IS NULL").fetchone()[0]
+def _counts(con) -> dict[str, Any]:
+    """Rows in / kept / quarantined and per-rule counts of the file just judged."""
+    kept = con.execute("SELECT count(*) FROM judged WHERE reason IS NULL").fetchone()[0]
     rules = dict(con.execute("SELECT split_part(reason, ':', 1) AS r, count(*) FROM judged WHERE reason IS NOT NULL "
                              "GROUP BY r ORDER BY r").fetchall())
     rows_in = con.execute("SELECT count(*) FROM judged").fetchone()[0]
-    del f, first_line
     return {"rows_in": int(rows_in), "kept": int(kept), "quarantined": int(sum(rules.values())),
             "by_rule": {k: int(v) for k, v in rules.items()}}
 
@@ -276,7 +275,7 @@ def ingest_files(con, manifest: dict[str, Any], files: list[tuple[str, Path]], c
             manifest["num_features"] = width
         else:
             _ingest_edges(con, path, fmt, kind, skip, cfg)
-        rep = {"file": key, "kind": kind, "first_line": skip + 1, **_counts(con, path, skip)}
+        rep = {"file": key, "kind": kind, "first_line": skip + 1, **_counts(con)}
         if rep["rows_in"] != rep["kept"] + rep["quarantined"]:  # invariant; fail loudly if ever broken
             raise RuntimeError(f"row accounting broke for {path}: {rep}")
         reports.append(rep)

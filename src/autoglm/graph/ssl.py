@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,7 @@ def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfi
     batch = {"x": x, "edge_index": edge_index, "graph": graph}
     tcfg = TrainConfig(batch_size=1, seq_len=1, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
                        warmup_steps=max(1, epochs // 20), max_steps=epochs, min_lr_ratio=0.1, eval_every=0,
-                       save_every=0 if out_dir else 0, log_every=max(1, epochs // 10), seed=cfg.seed,
+                       save_every=0, log_every=max(1, epochs // 10), seed=cfg.seed,
                        grad_clip=0.0, precision="fp32")
     trainer = Trainer(model, tcfg, train_batch=lambda i: {**batch, "step": i}, out_dir=out_dir,
                       objective=GraphSSLObjective(cfg), progress=progress, console=console)
