@@ -1,7 +1,7 @@
 """FP32 PyTorch vs FP32 ONNX Runtime vs INT8 dynamic vs INT8 static (QDQ), side by side in one run.
 
 The reference table's columns: model type, size (MB), prefill latency for 512 tokens and
-per-token decode latency (ms, batch 1, median of repeats), held-out loss, and greedy-token
+per-token decode latency (ms, batch 1, median of interleaved repeats), held-out loss, and greedy-token
 agreement with FP32 PyTorch (32 free-running greedy tokens from held-out prompts,
 position by position), plus next-token argmax agreement on the held-out windows. The
 PyTorch INT8 row is torch's own dynamic (weight) int8 for nn.Linear, the candidate
@@ -80,23 +80,32 @@ class OrtLM:
         return self.lm.forward(tok, self.mask, past)
 
 
-def timings(lm, prompt: np.ndarray, decode_tokens: int, repeats: int) -> tuple[float, float]:
-    """Median prefill time (ms) of `prompt` (1, T) and median per-token decode time (ms) after it."""
-    pre, dec = [], []
-    for i in range(repeats + 1):
+def _one_round(lm, prompt: np.ndarray, decode_tokens: int) -> tuple[float, float]:
+    t = time.perf_counter()
+    logits, cache = lm.prefill(prompt)
+    t_pre = time.perf_counter() - t
+    steps = []
+    for _ in range(decode_tokens):
+        tok = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
         t = time.perf_counter()
-        logits, cache = lm.prefill(prompt)
-        t_pre = time.perf_counter() - t
-        steps = []
-        for _ in range(decode_tokens):
-            tok = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
-            t = time.perf_counter()
-            logits, cache = lm.decode(tok, cache)
-            steps.append(time.perf_counter() - t)
-        if i:  # the first round is warm-up
-            pre.append(t_pre)
-            dec.append(statistics.median(steps))
-    return statistics.median(pre) * 1e3, statistics.median(dec) * 1e3
+        logits, cache = lm.decode(tok, cache)
+        steps.append(time.perf_counter() - t)
+    return t_pre, statistics.median(steps)
+
+
+def timings(lms: dict, prompt: np.ndarray, decode_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Median prefill time (ms) of `prompt` (1, T) and median per-token decode time (ms) after it,
+    per model. Rounds are interleaved (model A, B, C, ... then again) so that load swings on a
+    shared machine hit every model alike; the first round is warm-up."""
+    pre: dict[str, list[float]] = {k: [] for k in lms}
+    dec: dict[str, list[float]] = {k: [] for k in lms}
+    for i in range(repeats + 1):
+        for name, lm in lms.items():
+            a, b = _one_round(lm, prompt, decode_tokens)
+            if i:
+                pre[name].append(a)
+                dec[name].append(b)
+    return {k: (statistics.median(pre[k]) * 1e3, statistics.median(dec[k]) * 1e3) for k in lms}
 
 
 def greedy(lm, prompt: np.ndarray, n: int) -> list[int]:
@@ -160,9 +169,10 @@ def run(args) -> dict:
     prompts = [val[i * 97: i * 97 + 16][None].astype(np.int64) for i in range(args.greedy_prompts)]
     ref_greedy = [greedy(rows["FP32 PyTorch"][0], p, 32) for p in prompts]
     ref_argmax = argmax_of(rows["FP32 PyTorch"][0], eval_batches)
+    times = timings({k: v[0] for k, v in rows.items()}, prompt, args.decode_tokens, args.repeats)
     results = []
     for name, (lm, size) in rows.items():
-        pre_ms, dec_ms = timings(lm, prompt, args.decode_tokens, args.repeats)
+        pre_ms, dec_ms = times[name]
         if isinstance(lm, TorchLM):
             ev = evaluate(lm.model, eval_batches)
         else:

@@ -51,7 +51,7 @@ def test_empty_calibration_text_cli(tmp_path, export_model_dir):
     empty.write_text("   \n")
     res = runner.invoke(app, ["export", "onnx", str(export_model_dir), "--out", str(tmp_path / "q"),
                               "--quantize", "int8-static", "--calibration-data", str(empty)])
-    assert res.exit_code == 2 and "error" in _out(res)
+    assert res.exit_code == 2 and "is empty" in _out(res)
     assert not (tmp_path / "q").exists()
 
 
