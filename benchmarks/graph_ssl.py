@@ -43,8 +43,8 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def probe_section(data, cfg: GraphSSLConfig, seeds: int, epochs: int, lr: float) -> dict:
-    res = ssl_probe(data, cfg, seeds=list(range(seeds)), epochs=epochs, lr=lr)
+def probe_section(data, cfg: GraphSSLConfig, seeds: int, epochs: int, lr: float, first_seed: int = 0) -> dict:
+    res = ssl_probe(data, cfg, seeds=list(range(first_seed, first_seed + seeds)), epochs=epochs, lr=lr)
     raw = linear_probe(data.x, data.y, data.train_mask, data.val_mask, data.test_mask, weight_decay=1e-2)
     res["raw_feature_probe"] = 100 * raw["test_acc"]
     return res
@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", type=Path, default=PLANETOID, help="folder holding <dataset>/raw")
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "autoglm-planetoid")
     ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds are first_seed .. first_seed + seeds - 1")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--hidden-dim", type=int, default=256)
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
     if sections & {"probe", "augmentations"}:
         data = load_graph(args.dataset, args.root, args.cache_dir, normalize_features=False)
         if "probe" in sections:
-            res["probe"] = probe_section(data, cfg, args.seeds, args.epochs, args.lr)
+            res["probe"] = probe_section(data, cfg, args.seeds, args.epochs, args.lr, args.first_seed)
             log.info("probe: %.2f +/- %.2f", res["probe"]["mean"], res["probe"]["std"])
         if "augmentations" in sections:
             res["augmentations"] = augmentation_section(data, cfg, args.aug_seeds, args.aug_epochs, args.lr, 5)
