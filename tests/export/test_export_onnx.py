@@ -130,3 +130,27 @@ def test_stop_token_and_context_limit(ort_lm):
     assert cut == out[: out.index(stop) + 1]
     with pytest.raises(ValueError, match="context"):
         ort_lm.generate([[5] * 250], SamplingParams(max_tokens=10))
+
+
+def test_dense_baseline_with_absolute_positions_exports(tmp_path):
+    """standard-* presets: full causal attention, learned absolute position table, dense FFN."""
+    from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
+    from autoglm.export import export_onnx
+
+    torch.manual_seed(0)
+    model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name("standard-tiny", num_hidden_layers=1)).eval()
+    with torch.no_grad():
+        model.model.embed_positions.weight.normal_(0, 0.5)  # make positions matter
+    model.save_pretrained(tmp_path / "m")
+    info = export_onnx(tmp_path / "m", tmp_path / "onnx")
+    assert max(info["parity_vs_eager"]["prefill_max_abs_diff"], info["parity_vs_eager"]["decode_max_abs_diff"]) <= 1e-4
+    prompts = [[5, 6, 7, 8, 9, 10], [300, 301]]
+    out = OrtCausalLM(tmp_path / "onnx", threads=1).generate(
+        prompts, SamplingParams(max_tokens=16, temperature=0, ignore_eos=True))
+    model.generation_config.eos_token_id = None
+    for p, o in zip(prompts, out):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor([p]), do_sample=False, max_new_tokens=16, pad_token_id=1,
+                                 eos_token_id=None)
+        assert o == ref[0, len(p):].tolist()
+    assert isinstance(model.model.embed_positions, torch.nn.Module) and hasattr(model.model.embed_positions, "resize")
