@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import statistics
-import threading
 import time
 from pathlib import Path
 
@@ -120,49 +118,39 @@ def early_exit_curve(model, prompts, outs, cfg, thresholds, full_outputs):
 
 def load_check(model, tokenizer_dir, n, in_flight, cfg):
     import openai
-    import uvicorn
 
     from autoglm.inference.async_engine import AsyncEngine
-    from autoglm.inference.server import create_app
+    from autoglm.inference.server import BackgroundServer, create_app
     from autoglm.tokenizer import load_tokenizer
 
     engine = LLMEngine(model, load_tokenizer(tokenizer_dir), cfg)
     app = create_app(AsyncEngine(engine), model_name="bench", max_concurrent=in_flight)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    while not srv.started:
-        time.sleep(0.05)
-    client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
-    sem = asyncio.Semaphore(in_flight)
-    errors = []
+    with BackgroundServer(app) as url:
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+        sem = asyncio.Semaphore(in_flight)
+        errors = []
 
-    async def one(i):
-        async with sem:
-            try:
-                if i % 2:
-                    stream = await client.completions.create(model="bench", prompt=f"def f{i}(x):", max_tokens=8 + i % 24,
-                                                             stream=True, temperature=0.8, seed=i)
-                    async for _ in stream:
-                        pass
-                else:
-                    await client.completions.create(model="bench", prompt=f"Return {i}", max_tokens=8 + i % 24)
-            except Exception as e:  # noqa: BLE001 - counted and reported
-                errors.append(repr(e))
+        async def one(i):
+            async with sem:
+                try:
+                    if i % 2:
+                        stream = await client.completions.create(model="bench", prompt=f"def f{i}(x):", max_tokens=8 + i % 24,
+                                                                 stream=True, temperature=0.8, seed=i)
+                        async for _ in stream:
+                            pass
+                    else:
+                        await client.completions.create(model="bench", prompt=f"Return {i}", max_tokens=8 + i % 24)
+                except Exception as e:  # noqa: BLE001 - counted and reported
+                    errors.append(repr(e))
 
-    async def main():
-        await asyncio.gather(*(one(i) for i in range(n)))
+        async def main():
+            await asyncio.gather(*(one(i) for i in range(n)))
 
-    t = time.perf_counter()
-    asyncio.run(main())
-    wall = time.perf_counter() - t
-    time.sleep(0.2)
-    leaked = engine.pool.num_used
-    srv.should_exit = True
-    th.join(timeout=10)
+        t = time.perf_counter()
+        asyncio.run(main())
+        wall = time.perf_counter() - t
+        time.sleep(0.2)
+        leaked = engine.pool.num_used
     return dict(requests=n, in_flight=in_flight, errors=len(errors), first_errors=errors[:3], leaked_blocks=leaked,
                 wall_s=round(wall, 1))
 

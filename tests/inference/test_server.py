@@ -1,18 +1,15 @@
 """End-to-end server tests with the official `openai` client against 127.0.0.1."""
 
 import json
-import socket
-import threading
 import time
 
 import httpx2 as httpx  # the HTTP client the openai package ships with
 import openai
 import pytest
-import uvicorn
 
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
 from autoglm.inference.async_engine import AsyncEngine
-from autoglm.inference.server import chat_prompt, create_app
+from autoglm.inference.server import BackgroundServer, chat_prompt, create_app
 
 KEY = "sk-test"
 
@@ -21,19 +18,8 @@ KEY = "sk-test"
 def server(tiny_model, tiny_tokenizer):
     engine = LLMEngine(tiny_model, tiny_tokenizer, EngineConfig(block_size=8, num_blocks=128))
     app = create_app(AsyncEngine(engine), model_name="tiny", api_key=KEY, max_concurrent=8)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", engine
-    srv.should_exit = True
-    th.join(timeout=10)
+    with BackgroundServer(app) as url:
+        yield url, engine
 
 
 @pytest.fixture

@@ -29,7 +29,7 @@ from .async_engine import AsyncEngine
 from .protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest
 from .request import RequestOutput, SamplingParams
 
-__all__ = ["create_app", "ServerMetrics", "APIError", "chat_prompt"]
+__all__ = ["create_app", "ServerMetrics", "APIError", "chat_prompt", "BackgroundServer"]
 
 logger = logging.getLogger(__name__)
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -316,3 +316,37 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
         return PlainTextResponse(generate_latest(metrics.registry).decode(), media_type="text/plain; version=0.0.4")
 
     return app
+
+
+class BackgroundServer:
+    """Run an app with uvicorn on a free 127.0.0.1 port in a daemon thread (tests, benchmarks).
+
+    Use as a context manager: `with BackgroundServer(app) as url: ...` gives "http://127.0.0.1:PORT".
+    """
+
+    def __init__(self, app, timeout: float = 10.0) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._timeout = timeout
+
+    def __enter__(self) -> str:
+        self._thread.start()
+        deadline = time.monotonic() + self._timeout
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"server on port {self.port} did not start within {self._timeout} s")
+            time.sleep(0.05)
+        return self.url
+
+    def __exit__(self, *exc) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=self._timeout)
