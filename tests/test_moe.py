@@ -23,7 +23,7 @@ def naive_moe(moe, x):
     return out.view_as(x)
 
 
-@pytest.mark.parametrize("dispatch", ["sorted", "dense"])
+@pytest.mark.parametrize("dispatch", ["sorted", "dense", "gather"])
 @pytest.mark.parametrize("E,k", [(4, 2), (8, 1), (3, 3)])
 def test_moe_matches_naive_loop(dispatch, E, k):
     moe = MoEFeedForward(dim=16, hidden=24, num_experts=E, top_k=k, dispatch=dispatch)
@@ -31,6 +31,18 @@ def test_moe_matches_naive_loop(dispatch, E, k):
     y, r = moe(x)
     torch.testing.assert_close(y, naive_moe(moe, x), atol=1e-5, rtol=1e-5)
     assert r.logits.dtype == torch.float32 and r.topk_idx.shape == (21, k)
+
+
+def test_gather_dispatch_sees_weight_updates():
+    """The stacked expert weights are a cache: an in-place update must be picked up."""
+    moe = MoEFeedForward(dim=8, hidden=12, num_experts=4, top_k=2, dispatch="gather")
+    x = torch.randn(5, 8)
+    moe(x)
+    with torch.no_grad():
+        for e in moe.experts:
+            e.down_proj.weight.mul_(2.0)
+    y, _ = moe(x)
+    torch.testing.assert_close(y, naive_moe(moe, x), atol=1e-5, rtol=1e-5)
 
 
 def test_sorted_and_dense_dispatch_agree_including_grads():

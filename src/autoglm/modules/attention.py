@@ -257,8 +257,10 @@ def attend(q, k, v, meta: AttentionMetadata, window: int | None, num_global: int
     if not meta.contiguous:
         return attend_dense(q, k, v, window, num_global, meta.q_pos, meta.k_pos, meta.k_valid, table)
     Tq, Tk = q.shape[2], k.shape[2]
-    if impl == "auto":
-        impl = "flex" if q.is_cuda and window is not None else "chunked"
+    if impl == "auto":  # flex for whole sequences on GPU; a decode step or a cached prefill (a new
+        # block mask and a recompile per offset) takes the chunked loop: a slice of keys + SDPA
+        full = meta.q_offset == 0 and Tq == Tk
+        impl = "flex" if q.is_cuda and window is not None and full else "chunked"
     if window is None:  # dense causal
         if meta.q_offset == 0 and Tq == Tk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])

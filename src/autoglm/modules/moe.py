@@ -9,6 +9,11 @@ top-k, renormalise their weights to sum to 1. Two dispatch paths give the same r
 * `dense`  - every expert runs on every token and a dense (N, E) combine matrix with
              zeros off the top-k selects; static shapes for ONNX export / full-graph
              compile.
+* `gather` - each token copy gathers its expert's weights from stacked (E, ...) copies
+             and runs one batched matmul: static shapes and no host sync (CUDA-graph
+             capture), and only the chosen experts' weights are read - the fast path for a
+             few tokens (batch decode). The stacked weights are cached and rebuilt when a
+             parameter changes (its version counter moves).
 
 The layer returns the router logits and chosen experts so the losses (load balancing,
 z-loss) and per-expert load statistics are computed outside, in `autoglm.losses`.
@@ -64,6 +69,8 @@ class MoEFeedForward(nn.Module):
         r = route(xf, self.router.weight, self.top_k)
         if self.dispatch == "dense":
             y = self._dense(xf, r)
+        elif self.dispatch == "gather":
+            y = self._gather(xf, r)
         else:
             y = self._sorted(xf, r)
         return y.view(shape), r
@@ -81,6 +88,27 @@ class MoEFeedForward(nn.Module):
                 outs.append(self.experts[e](chunk))
         ys = torch.cat(outs) * r.topk_weight.reshape(-1)[order, None].to(xf.dtype)
         return torch.zeros_like(xf).index_add_(0, token_of, ys)
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, 2 * hidden, d) gate|up and (E, d, hidden) down weights of all experts, cached."""
+        params = [p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
+        key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+        if getattr(self, "_stacked_key", None) != key:
+            with torch.no_grad():
+                gu = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+                down = torch.stack([e.down_proj.weight for e in self.experts])
+            self._stacked, self._stacked_key = (gu, down), key
+        return self._stacked
+
+    def _gather(self, xf: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        gu, down = self.stacked_weights()
+        N, k = r.topk_idx.shape
+        flat = r.topk_idx.reshape(-1)  # (N*k,)
+        x = xf[:, None, :].expand(N, k, xf.shape[-1]).reshape(N * k, -1, 1)  # (N*k, d, 1)
+        g, u = torch.bmm(gu[flat], x).chunk(2, dim=1)  # (N*k, hidden, 1) each
+        y = torch.bmm(down[flat], F.silu(g) * u)[..., 0]  # (N*k, d)
+        y = y * r.topk_weight.reshape(-1, 1).to(y.dtype)
+        return y.view(N, k, -1).sum(1)
 
     def _dense(self, xf: torch.Tensor, r: RouterOutput) -> torch.Tensor:
         combine = torch.zeros_like(r.logits).scatter(1, r.topk_idx, r.topk_weight).to(xf.dtype)  # (N, E)
