@@ -6,8 +6,11 @@
         for out in engine.step():      # RequestOutput per request that advanced
             ...
     engine.generate(["a", "b"], SamplingParams(...))  # convenience: run to completion
+    engine.add_lora("sql", "runs/a-lora")  # PEFT adapter dir; then add_request(..., lora="sql")
 
 One `step()` = schedule -> one packed forward -> sample -> detokenize -> stop checks.
+Requests on different LoRA adapters (and on the base model) share a step: the adapters'
+deltas are added per packed token by `MultiLoRA` hooks, never merged into the weights.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 
 from .block_pool import BlockPool
 from .kv_cache_manager import KVCacheManager
+from .lora import LoRAAdapter, MultiLoRA
 from .request import FinishReason, Request, RequestOutput, SamplingParams
 from .runner import ModelRunner
 from .sampling import sample_token
@@ -69,6 +73,7 @@ class LLMEngine:
         self.kv = KVCacheManager(self.pool, cfg.block_size, window, num_global)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv)
+        self.lora = MultiLoRA(model)
         self.exit_layers = tuple(cfg.exit_layers or range(1, mc.num_hidden_layers))
         self.requests: dict[str, Request] = {}
         self._gens: dict[str, torch.Generator] = {}
@@ -85,10 +90,27 @@ class LLMEngine:
             return min(-(-total // self.config.block_size), span // self.config.block_size + 3)
         return -(-total // self.config.block_size)
 
+    def add_lora(self, name: str, path) -> LoRAAdapter:
+        """Load a PEFT LoRA adapter directory and serve it under `name` (requests pick it with `lora=name`).
+        Raises ValueError / FileNotFoundError at load time for an adapter that does not fit the model."""
+        return self.lora.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        if any(r.lora == name for r in self.requests.values()):
+            raise ValueError(f"LoRA adapter {name!r} is in use by unfinished requests; wait for them or abort them")
+        self.lora.remove(name)
+
+    def list_loras(self) -> list[str]:
+        return self.lora.names()
+
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> str:
-        """Queue a prompt (text, or token ids). Raises ValueError for a prompt the model cannot serve."""
+                    request_id: str | None = None, lora: str | None = None) -> str:
+        """Queue a prompt (text, or token ids), on the base model or the LoRA adapter named `lora`.
+        Raises ValueError for a prompt the model cannot serve or an adapter that is not loaded."""
         params = params or SamplingParams()
+        if lora is not None and lora not in self.lora:
+            raise ValueError(f"no LoRA adapter named {lora!r}; loaded: {self.list_loras() or 'none'} "
+                             f"(add one with add_lora)")
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompt given but the engine has no tokenizer; pass token ids")
@@ -107,7 +129,7 @@ class LLMEngine:
         if need > self.pool.num_blocks:
             raise ValueError(f"this request can need {need} KV blocks but the pool has {self.pool.num_blocks}; "
                              f"raise num_blocks or lower max_tokens")
-        req = Request(ids, params, request_id=request_id or "")
+        req = Request(ids, params, request_id=request_id or "", lora=lora)
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
         self.requests[req.request_id] = req
@@ -153,7 +175,8 @@ class LLMEngine:
             return []
         self._account_kv()
         decode_only = all(s.num_new_tokens == 1 for s in so.scheduled)
-        out = self.runner.execute(so, self.config.early_exit_threshold, self.exit_layers)
+        with self.lora.batch([(s.request.lora, s.num_new_tokens) for s in so.scheduled]):
+            out = self._execute(so)
         self.stats.steps += 1
         if decode_only:
             self.stats.decode_steps += 1
@@ -178,6 +201,18 @@ class LLMEngine:
             results.append(self._check_stop(req, tok))
         self.stats.preemptions = self.scheduler.num_preemptions
         return results
+
+    def _execute(self, so):
+        graphs = getattr(self.runner, "graphs", None)
+        if not (self.lora.active and graphs is not None):
+            return self.runner.execute(so, self.config.early_exit_threshold, self.exit_layers)
+        # LoRA deltas come from Python hooks, which a replayed (or captured) CUDA graph would
+        # skip or bake in: a step with LoRA tokens runs the eager packed forward
+        self.runner.graphs = None
+        try:
+            return self.runner.execute(so, self.config.early_exit_threshold, self.exit_layers)
+        finally:
+            self.runner.graphs = graphs
 
     def _account_kv(self) -> None:
         """Allocated vs used KV slots of the running requests. A slot is used when it holds (or this
@@ -242,13 +277,15 @@ class LLMEngine:
                              len(req.prompt_ids), len(req.output_ids), queue_time)
 
     # ------------------------------------------------------------- offline use
-    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams]
-                 ) -> list[Request]:
-        """Run prompts to completion with continuous batching; returns the finished requests in order."""
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams],
+                 lora: str | None | list[str | None] = None) -> list[Request]:
+        """Run prompts to completion with continuous batching; returns the finished requests in order.
+        `lora`: one adapter name (or None) for all prompts, or one per prompt."""
         plist = params if isinstance(params, list) else [params] * len(prompts)
+        llist = lora if isinstance(lora, list) else [lora] * len(prompts)
         reqs = []
-        for p, sp in zip(prompts, plist):
-            rid = self.add_request(p, sp)
+        for p, sp, lo in zip(prompts, plist, llist):
+            rid = self.add_request(p, sp, lora=lo)
             reqs.append(self.requests[rid])
         while self.has_unfinished():
             self.step()

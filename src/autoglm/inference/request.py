@@ -80,6 +80,7 @@ class Request:
     prompt_ids: list[int]
     params: SamplingParams
     request_id: str = ""
+    lora: str | None = None  # name of the LoRA adapter this request runs with (None = the base model)
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
