@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from .block_pool import BlockPool
+from .cuda_graph import CUDAGraphDecoder
 from .kv_cache_manager import KVCacheManager
 from .lora import LoRAAdapter, MultiLoRA
 from .request import FinishReason, Request, RequestOutput, SamplingParams
@@ -42,6 +43,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decode tokens)
     early_exit_threshold: float = 1.0  # top-probability at which decoding exits early; >= 1.0 never
     exit_layers: tuple[int, ...] | None = None  # layers after which an exit is tried; None = every layer
+    cuda_graphs: bool | None = None  # replay decode steps from CUDA graphs; None = when the model is on CUDA
+    cuda_graph_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)  # buckets captured (lazily, on first use)
+    compile_decode: bool = False  # torch.compile the decode forward before capturing it (slow start, faster steps)
 
 
 @dataclass
@@ -74,6 +78,9 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.runner = ModelRunner(model, self.kv)
         self.lora = MultiLoRA(model)
+        if cfg.cuda_graphs or (cfg.cuda_graphs is None and self.runner.device.type == "cuda"):
+            sizes = tuple(b for b in cfg.cuda_graph_batch_sizes if b <= cfg.max_num_seqs) or (1,)
+            self.runner.graphs = CUDAGraphDecoder(self.runner, sizes, compile=cfg.compile_decode)
         self.exit_layers = tuple(cfg.exit_layers or range(1, mc.num_hidden_layers))
         self.requests: dict[str, Request] = {}
         self._gens: dict[str, torch.Generator] = {}

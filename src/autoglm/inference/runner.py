@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from ..modules.attention import AttentionMetadata, attend_dense
 from ..modules.position import apply_rotary
@@ -102,15 +103,20 @@ class PagedAttention:
 
 
 class ModelRunner:
-    def __init__(self, model, kv: KVCacheManager, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model, kv: KVCacheManager, dtype: torch.dtype | None = None) -> None:
         cfg = model.config
         self.model, self.kv, self.config = model, kv, cfg
         self.block_size = kv.block_size
-        self.device = next(model.parameters()).device
-        slots = kv.pool.num_blocks * kv.block_size
+        param = next(model.parameters())
+        self.device = param.device
+        # one extra block past the pool: a scratch area no block table points to, where the
+        # padding rows of a fixed-shape (CUDA-graph) decode batch write and read
+        self.scratch_slot = kv.pool.num_blocks * kv.block_size
+        slots = self.scratch_slot + kv.block_size
         shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
-        self.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+        self.k_cache = torch.zeros(shape, dtype=dtype or param.dtype, device=self.device)
+        self.v_cache = torch.zeros(shape, dtype=dtype or param.dtype, device=self.device)
+        self.graphs = None  # a CUDAGraphDecoder, set by the engine on CUDA (see cuda_graph.py)
 
     # ----------------------------------------------------------------- layout
     def build_layout(self, so: SchedulerOutput) -> StepLayout:
@@ -156,20 +162,31 @@ class ModelRunner:
     def execute(self, so: SchedulerOutput, exit_threshold: float = 1.0,
                 exit_layers: tuple[int, ...] = ()) -> RunnerOutput:
         """Run the step; returns the logits of every request that samples this step."""
+        if self.graphs is not None and exit_threshold >= 1.0:
+            logits = self.graphs.try_run(so)
+            if logits is not None:
+                return RunnerOutput(logits, len(self.model.model.layers))
         lay = self.build_layout(so)
+        can_exit = exit_threshold < 1.0 and lay.decode_q is not None and not lay.prefills \
+            and len(lay.sample_rows) == len(so.scheduled)
+        return self.forward(lay, exit_threshold if can_exit else 1.0, exit_layers)
+
+    def forward(self, lay: StepLayout, exit_threshold: float = 1.0, exit_layers: tuple[int, ...] = (),
+                rows: torch.Tensor | None = None) -> RunnerOutput:
+        """The packed forward over a layout; static shapes and no host sync when exit_threshold >= 1
+        (so a CUDA graph can capture it)."""
         bb = self.model.model
         cache = PagedKVCache(self, lay)
         meta = AttentionMetadata(q_pos=lay.positions[None], kernel=PagedAttention(self, lay, cache))
         x = bb.embed_tokens(lay.input_ids[None])  # (1, N, d)
-        if bb.embed_positions is not None:
-            x = x + bb.embed_positions(lay.positions[None])
+        if bb.embed_positions is not None:  # positions are < the context length: the engine checks
+            x = x + F.embedding(lay.positions[None], bb.embed_positions.weight)
         n_layers = len(bb.layers)
-        rows = torch.tensor(lay.sample_rows, dtype=torch.long, device=self.device)
-        can_exit = exit_threshold < 1.0 and lay.decode_q is not None and not lay.prefills \
-            and len(lay.sample_rows) == len(so.scheduled)
+        if rows is None:
+            rows = torch.tensor(lay.sample_rows, dtype=torch.long, device=self.device)
         for i, layer in enumerate(bb.layers):
             x, _ = layer(x, meta, cache)
-            if can_exit and i + 1 in exit_layers and i + 1 < n_layers:
+            if exit_threshold < 1.0 and i + 1 in exit_layers and i + 1 < n_layers:
                 logits = self.model.lm_head(bb.norm(x[0, rows]))
                 conf = logits.float().softmax(-1).amax(-1)
                 if bool((conf >= exit_threshold).all()):
