@@ -14,10 +14,26 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-__all__ = ["app"]
+__all__ = ["app", "parse_lora_specs"]
 
 app = typer.Typer(add_completion=False)
 err = Console(stderr=True)
+
+
+def parse_lora_specs(specs: list[str], base_name: str) -> list[tuple[str, Path]]:
+    """`--lora NAME=DIR` values -> [(NAME, DIR)]; a malformed, duplicate or base-shadowing name is an error."""
+    out: list[tuple[str, Path]] = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not sep or not name or not path:
+            raise ValueError(f"--lora {spec!r}: expected NAME=ADAPTER_DIR, e.g. --lora sql=runs/a-lora")
+        if name == base_name:
+            raise ValueError(f"--lora {spec!r}: {name!r} is the base model's served name; pick another adapter name")
+        if any(name == n for n, _ in out):
+            raise ValueError(f"--lora {spec!r}: the name {name!r} is given twice; each adapter needs its own name")
+        out.append((name, Path(path)))
+    return out
 
 
 @app.command()
@@ -34,6 +50,8 @@ def serve(
     max_concurrent: int = typer.Option(256, min=1, help="Requests in flight before 429."),
     early_exit_threshold: float = typer.Option(1.0, help="Exit decoding at a layer when the top probability "
                                                          "reaches this; 1.0 = never."),
+    lora: list[str] = typer.Option([], "--lora", help="NAME=ADAPTER_DIR: serve a PEFT LoRA adapter (from "
+                                                      "`autoglm finetune --lora`) unmerged as model NAME; repeatable."),
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
     import uvicorn
@@ -45,15 +63,19 @@ def serve(
 
     logging.basicConfig(level=logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)], force=True)
+    name = served_model_name or model_dir.resolve().name
     try:
+        adapters = parse_lora_specs(lora, name)
         model, tok = _load_model_dir(model_dir)
         cfg = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, early_exit_threshold=early_exit_threshold)
         engine = LLMEngine(model, tok, cfg)
+        for lora_name, path in adapters:
+            engine.add_lora(lora_name, path)
+        app_ = create_app(AsyncEngine(engine), model_name=name, api_key=api_key, max_concurrent=max_concurrent)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(code=2)
-    name = served_model_name or model_dir.resolve().name
-    app_ = create_app(AsyncEngine(engine), model_name=name, api_key=api_key, max_concurrent=max_concurrent)
-    err.print(f"serving [bold]{name}[/] on http://{host}:{port}/v1")
+    served = ", ".join([name, *(n for n, _ in adapters)])
+    err.print(f"serving [bold]{served}[/] on http://{host}:{port}/v1")
     uvicorn.run(app_, host=host, port=port, log_level="info")

@@ -44,20 +44,27 @@ class AsyncEngine:
             self._thread = None
 
     # ------------------------------------------------------------- requests
-    async def submit(self, prompt_ids: list[int], params: SamplingParams) -> tuple[str, asyncio.Queue]:
-        """Queue a request; its outputs arrive on the returned queue. Raises ValueError for a bad request.
-        Waits for the engine lock on a worker thread, so the event loop is not blocked by a step."""
+    async def submit(self, prompt_ids: list[int], params: SamplingParams,
+                     lora: str | None = None) -> tuple[str, asyncio.Queue]:
+        """Queue a request (on the LoRA adapter `lora`, None = base); its outputs arrive on the returned
+        queue. Raises ValueError for a bad request. Waits for the engine lock on a worker thread, so the
+        event loop is not blocked by a step."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue = asyncio.Queue()
-        rid = await asyncio.to_thread(self._submit, prompt_ids, params, loop, q)
+        rid = await asyncio.to_thread(self._submit, prompt_ids, params, lora, loop, q)
         return rid, q
 
-    def _submit(self, prompt_ids, params, loop, q) -> str:
+    def _submit(self, prompt_ids, params, lora, loop, q) -> str:
         with self._cv:
-            rid = self.engine.add_request(prompt_ids, params)
+            rid = self.engine.add_request(prompt_ids, params, lora=lora)
             self._queues[rid] = (loop, q)
             self._cv.notify_all()
         return rid
+
+    def add_lora(self, name: str, path) -> None:
+        """Load a LoRA adapter while serving (between steps)."""
+        with self._cv:
+            self.engine.add_lora(name, path)
 
     def abort(self, request_id: str) -> None:
         with self._cv:

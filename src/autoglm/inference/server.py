@@ -9,6 +9,10 @@ JSON or invalid UTF-8 (400), schema errors and unsupported fields (400), unknown
 (404), bad or missing API key (401), prompt + max_tokens beyond the context (400), more
 than `max_concurrent` requests in flight (429). A streaming client that disconnects
 cancels its request, so its KV blocks go back to the pool.
+
+LoRA adapters loaded on the engine (`engine.add_lora(name, path)`) are served as models of
+their own: a request's `model` names the base model or an adapter, `/v1/models` lists both
+(adapters with `parent` = the base), and requests on different adapters share each step.
 """
 
 from __future__ import annotations
@@ -103,6 +107,9 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
                max_concurrent: int = 256) -> FastAPI:
     """Build the FastAPI app around a started-on-startup AsyncEngine."""
     metrics = ServerMetrics()
+    loras = engine.engine.lora
+    if model_name in loras:
+        raise ValueError(f"a LoRA adapter is named {model_name!r} like the base model; rename the adapter")
     tok = engine.engine.tokenizer
     context = engine.engine.max_len
     state = {"in_flight": 0}
@@ -148,8 +155,9 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
             raise APIError(400, f"invalid field '{loc}': {err['msg']} ({len(e.errors())} error(s))", loc) from None
-        if req.model != model_name:
-            raise APIError(404, f"model {req.model!r} does not exist; this server serves {model_name!r} "
+        if req.model != model_name and req.model not in loras:
+            served = ", ".join(repr(m) for m in [model_name, *loras.names()])
+            raise APIError(404, f"model {req.model!r} does not exist; this server serves {served} "
                                 f"(see /v1/models)", "model", "model_not_found")
         return req
 
@@ -166,7 +174,7 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
             raise APIError(400, "prompt is empty", "prompt")
         return ids
 
-    async def run(prompt_ids: list[int], params: SamplingParams, n: int):
+    async def run(prompt_ids: list[int], params: SamplingParams, n: int, lora: str | None = None):
         """Submit n requests; yields (choice index, RequestOutput) as they stream in."""
         if state["in_flight"] + n > max_concurrent:
             metrics.requests.labels("rejected").inc()
@@ -178,7 +186,7 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
             for i in range(n):
                 sp = params if params.seed is None or n == 1 else \
                     SamplingParams(**{**params.__dict__, "seed": params.seed + i})
-                subs.append(await engine.submit(prompt_ids, sp))
+                subs.append(await engine.submit(prompt_ids, sp, lora))
         except BaseException as e:
             for rid, _ in subs:
                 engine.abort(rid)
@@ -242,13 +250,14 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
                                 f"shorten the prompt", "prompt" if not chat else "messages", "context_length_exceeded")
         max_tokens = (req.max_completion_tokens or req.max_tokens) if chat else req.max_tokens
         params = _params(req, max_tokens, context, len(prompt_ids))
-        subs = await run(prompt_ids, params, req.n)
+        lora = None if req.model == model_name else req.model
+        subs = await run(prompt_ids, params, req.n, lora)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(sse(subs, rid, created, obj, chat, include_usage, len(prompt_ids)),
+            return StreamingResponse(sse(subs, rid, created, obj, chat, include_usage, len(prompt_ids), req.model),
                                      media_type="text/event-stream")
         texts, finals = [""] * req.n, [None] * req.n
         async for i, o in stream(subs):
@@ -260,12 +269,12 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
             c = {"index": i, "finish_reason": o.finish_reason.value, "stop_reason": o.stop_reason, "logprobs": None}
             c.update({"message": {"role": "assistant", "content": t}} if chat else {"text": t})
             choices.append(c)
-        return {"id": rid, "object": obj, "created": created, "model": model_name, "choices": choices,
+        return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices,
                 "usage": usage(len(prompt_ids) * req.n, finals)}
 
-    async def sse(subs, rid, created, obj, chat, include_usage, n_prompt):
+    async def sse(subs, rid, created, obj, chat, include_usage, n_prompt, model):
         obj += ".chunk" if chat else ""
-        base = {"id": rid, "object": obj, "created": created, "model": model_name}
+        base = {"id": rid, "object": obj, "created": created, "model": model}
 
         def chunk(choices, **extra):
             return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
@@ -299,8 +308,10 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
-                                            "owned_by": "autoglm", "max_model_len": context}]}
+        card = {"object": "model", "created": 0, "owned_by": "autoglm", "max_model_len": context}
+        data = [{"id": model_name, **card, "root": model_name, "parent": None}]
+        data += [{"id": a.name, **card, "root": str(a.path), "parent": model_name} for a in loras.adapters.values()]
+        return {"object": "list", "data": data}
 
     @app.get("/health")
     async def health():
