@@ -39,11 +39,12 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code=2)
 
 
-def _train_config(steps: int, batch_size: int, seq_len: int, lr: float, seed: int, eval_every: int = 0, **kw):
+def _train_config(steps: int, batch_size: int, seq_len: int, lr: float, seed: int, eval_every: int = 0,
+                  save_every: int = 0, **kw):
     from .training import TrainConfig
 
     return TrainConfig(batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=steps,
-                       warmup_steps=min(100, max(1, steps // 10)), eval_every=eval_every, save_every=0,
+                       warmup_steps=min(100, max(1, steps // 10)), eval_every=eval_every, save_every=save_every,
                        seed=seed, **kw)
 
 
@@ -99,18 +100,22 @@ def finetune(
     r: int = typer.Option(8), lora_alpha: int = typer.Option(16), lora_dropout: float = typer.Option(0.05),
     steps: int = typer.Option(200), batch_size: int = typer.Option(8), seq_len: int = typer.Option(128),
     lr: float = typer.Option(1e-3), seed: int = typer.Option(1337),
+    save_every: int = typer.Option(100, help="Checkpoint every N steps (0: only at the end)."),
+    resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/latest (same options as the run)."),
     cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Where tokenized corpora are cached."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Fine-tune a saved model fully or with LoRA; with --lora only the adapter is saved."""
+    """Fine-tune a saved model fully or with LoRA; with --lora only the adapter is saved.
+    Checkpoints (with --lora: adapter, optimizer, scheduler, step) go to OUT/checkpoints."""
+    from .training.checkpoint import CheckpointError
     from .training.finetune import finetune as run
 
     _setup_logging(verbose)
     try:
-        cfg = _train_config(steps, batch_size, seq_len, lr, seed)
+        cfg = _train_config(steps, batch_size, seq_len, lr, seed, save_every=save_every)
         _, result, info = run(base, data, out, cfg, lora=lora, targets=list(target), r=r, alpha=lora_alpha,
-                              dropout=lora_dropout, cache_dir=cache_dir, console=err)
-    except _ERRORS as e:
+                              dropout=lora_dropout, cache_dir=cache_dir, console=err, resume=resume)
+    except (*_ERRORS, CheckpointError) as e:
         _fail(e)
     pct = 100 * info["trainable_params"] / info["total_params"]
     msg = f"[bold green]done[/]: {result.steps} steps, {info['trainable_params']:,} trainable params ({pct:.2f}%)"

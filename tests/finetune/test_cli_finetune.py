@@ -27,6 +27,12 @@ def test_distill_finetune_merge_adapters_commands(tmp_path):
     r = runner.invoke(app, ["finetune", str(t1), "--lora", "--out", str(tmp_path / "ad"), *common])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "ad" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "ad" / "checkpoints" / "latest").read_text().strip() == "step-000004"
+    r = runner.invoke(app, ["finetune", str(t1), "--lora", "--out", str(tmp_path / "ad"), *common])
+    assert r.exit_code == 2 and "--resume" in r.output  # an existing run is not silently overwritten
+    more = [a if a != "4" else "6" for a in common]
+    r = runner.invoke(app, ["finetune", str(t1), "--lora", "--out", str(tmp_path / "ad"), "--resume", *more])
+    assert r.exit_code == 0 and "6 steps" in r.output, r.output
     r = runner.invoke(app, ["merge", str(tmp_path / "ad"), "--out", str(tmp_path / "merged")])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "merged" / "model.safetensors").is_file()

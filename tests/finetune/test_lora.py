@@ -145,3 +145,44 @@ def test_full_finetune_on_text_file(tmp_path):
     assert info["trainable_params"] == info["total_params"]
     assert info["eval_after"]["loss"] < info["eval_before"]["loss"]
     assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def test_lora_resume_reproduces_the_uninterrupted_adapter(tmp_path):
+    """A LoRA run checkpoints adapter + optimizer + scheduler + RNG + step; resuming from
+    the step-2 checkpoint (as if the run had died after it) ends with exactly the adapter
+    the uninterrupted run ended with (dropout 0.05 is on, so the RNG state matters too)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from autoglm.training.checkpoint import CheckpointError
+
+    make_tokenizer(tmp_path / "tok")
+    base = make_model_dir(tmp_path / "base", tmp_path / "tok")
+    data = write_text(tmp_path / "d.txt")
+    cfg = TrainConfig(batch_size=2, seq_len=32, max_steps=6, warmup_steps=2, lr=1e-2, eval_every=0, save_every=2,
+                      keep_checkpoints=5, eval_batches=1, log_every=2)
+    kw = dict(lora=True, progress=False, cache_dir=tmp_path / "cache", targets=["q_proj", "v_proj", "o_proj"])
+    finetune(base, data, tmp_path / "a", cfg, **kw)
+    ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*"))
+    assert ckpts == ["step-000002", "step-000004", "step-000006"]
+    step2 = tmp_path / "a" / "checkpoints" / "step-000002"
+    assert {"adapter_model.safetensors", "optimizer.pt", "rng.pt", "trainer_state.json"} <= {
+        p.name for p in step2.iterdir()} and not (step2 / "model.safetensors").exists()
+    # the "interrupted" run: only the step-2 checkpoint survived
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step2, tmp_path / "b" / "checkpoints" / "step-000002")
+    (tmp_path / "b" / "checkpoints" / "latest").write_text("step-000002\n")
+    with pytest.raises(ValueError, match="resume=True"):  # a fresh start over a checkpoint is refused
+        finetune(base, data, tmp_path / "b", cfg, **kw)
+    _, result, _ = finetune(base, data, tmp_path / "b", cfg, resume=True, **kw)
+    assert result.steps == 6 and result.steps_run == 4
+    a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
+    s2 = load_file(step2 / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and any("o_proj" in k for k in a)
+    assert any(not torch.equal(a[k], s2[k]) for k in a)  # steps 3-6 changed the adapter
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # resuming with other LoRA targets is refused, naming the mismatch
+    with pytest.raises(CheckpointError, match="does not match the model's adapter"):
+        finetune(base, data, tmp_path / "b", cfg, resume=True, **{**kw, "targets": ["q_proj"]})

@@ -3,6 +3,8 @@
 Layout of one checkpoint, `ckpt_root/step-000123/`:
 
     model.safetensors, config.json   weights + model config (the model's `save_pretrained`)
+      or adapter_model.safetensors,  for a PEFT (LoRA) model: only the adapter, as its
+      adapter_config.json            `save_pretrained` writes it (the frozen base is not copied)
     optimizer.pt                     {"optimizer": ..., "scheduler": ...} state dicts (tensors + numbers)
     rng.pt                           torch CPU / CUDA, numpy and python RNG states as tensors
     trainer_state.json               step, tokens_seen, best val loss, train config, ...
@@ -47,6 +49,7 @@ _LATEST = "latest"
 _STATE = "trainer_state.json"
 _WEIGHTS = "model.safetensors"
 _WEIGHTS_INDEX = "model.safetensors.index.json"
+_ADAPTER = "adapter_model.safetensors"  # PEFT models: the checkpoint holds only the adapter
 _OPTIM = "optimizer.pt"
 _RNG = "rng.pt"
 FORMAT_VERSION = 1
@@ -138,9 +141,36 @@ def _save_weights(model: nn.Module, directory: Path) -> None:
         save_model(model, str(directory / _WEIGHTS))
 
 
+def _load_adapter(model: nn.Module, file: Path) -> None:
+    """Load a PEFT adapter checkpoint (what a PeftModel's `save_pretrained` wrote) into
+    `model`, checking that its keys and shapes are exactly the model's adapter weights."""
+    directory = file.parent
+    if not hasattr(model, "peft_config"):
+        raise CheckpointError(f"checkpoint {directory} holds only a PEFT adapter ({file.name}) but the model is a "
+                              f"plain {type(model).__name__}; resume with the LoRA configuration the run started "
+                              f"with, or {_advice()}")
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    try:
+        sd = load_file(str(file))
+    except Exception as e:  # safetensors raises its own error types on bad headers
+        raise CheckpointError(f"cannot read adapter weights {file}: {e}; the file is corrupt: {_advice()}") from e
+    own = get_peft_model_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+    shapes = sorted(k for k in sd if k in own and tuple(sd[k].shape) != tuple(own[k].shape))
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"adapter checkpoint {directory} does not match the model's adapter: missing "
+                              f"{missing[:5]}, unexpected {unexpected[:5]}, other shape {shapes[:5]}; resume with "
+                              f"the LoRA targets and rank the run started with, or {_advice()}")
+    set_peft_model_state_dict(model, sd)
+
+
 def _load_weights(model: nn.Module, directory: Path) -> None:
     model = getattr(model, "_orig_mod", model)
     index = directory / _WEIGHTS_INDEX
+    if not index.exists() and not (directory / _WEIGHTS).exists() and (directory / _ADAPTER).exists():
+        _load_adapter(model, directory / _ADAPTER)
+        return
     if index.exists():  # sharded save_pretrained output
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         files = [directory / s for s in shards]
@@ -178,7 +208,7 @@ def _step_of(path: Path) -> int | None:
 
 def _is_complete(path: Path) -> bool:
     return (path.is_dir() and (path / _STATE).is_file() and (path / _OPTIM).is_file()
-            and ((path / _WEIGHTS).is_file() or (path / _WEIGHTS_INDEX).is_file()))
+            and ((path / _WEIGHTS).is_file() or (path / _WEIGHTS_INDEX).is_file() or (path / _ADAPTER).is_file()))
 
 
 def list_checkpoints(ckpt_root: str | Path) -> list[Path]:

@@ -9,7 +9,8 @@ directory like `pretrain` does:
   student is saved as a full model with the teachers' tokenizer.
 - `finetune`: a base model directory fine-tuned on a text file (random windows) or on a
   JSONL of {"prompt", "completion"} (loss on completions only), fully or with LoRA. With
-  LoRA only the adapter is saved (see `autoglm.training.lora`).
+  LoRA only the adapter is saved (see `autoglm.training.lora`); its resumable checkpoints
+  hold the adapter with the optimizer, scheduler and RNG states.
 """
 
 from __future__ import annotations
@@ -129,10 +130,18 @@ def is_jsonl(path: str | Path) -> bool:
 def finetune(base_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: TrainConfig, lora: bool = True,
              targets: list[str] | None = None, r: int = 8, alpha: int = 16, dropout: float = 0.05,
              val_fraction: float = 0.1, cache_dir: str | Path | None = None, progress: bool = True,
-             device: str | None = None, console=None) -> tuple[nn.Module, TrainResult, dict[str, Any]]:
+             device: str | None = None, console=None, resume: bool = False,
+             eval_data: Any = None) -> tuple[nn.Module, TrainResult, dict[str, Any]]:
     """Fine-tune the model in `base_dir` on `data` (.jsonl of prompt/completion records or
     text). Every input is checked before training. Returns (model, result, info); info
-    holds trainable/total parameter counts and the held-out eval before and after."""
+    holds trainable/total parameter counts and the held-out eval before and after.
+
+    Both modes write resumable checkpoints to `out_dir/checkpoints/` (every
+    `cfg.save_every` steps and at the end; with LoRA each holds only the adapter, plus the
+    optimizer, scheduler, RNG and step) and `resume=True` continues from the latest one,
+    reproducing the uninterrupted run. `eval_data`: a callable returning the held-out
+    batches to use instead of the file's own validation tail (e.g. a validation split
+    for choosing the learning rate)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"{base_dir} is not a saved model directory (no config.json)")
@@ -151,15 +160,17 @@ def finetune(base_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: T
         train = tokens.train
         train_batch = lambda i: sample_batch(train, cfg.batch_size, cfg.seq_len, i, cfg.seed)  # noqa: E731
         eval_batches = eval_batches_for(tokens.val, cfg)
+    if eval_data is not None:
+        eval_batches = eval_data
     model = OpenAutoGLMForCausalLM.from_pretrained(base_dir)
     if lora:
+        torch.manual_seed(cfg.seed)  # LoRA A is initialised randomly: same seed, same adapter
         model = apply_lora(model, lora_config(targets or ["q_proj", "v_proj"], r, alpha, dropout))
     n_train, n_total = trainable_parameters(model)
     before = evaluate(model, eval_batches()) if eval_batches else None
-    trainer = Trainer(model, cfg, train_batch=train_batch, eval_batches=eval_batches,
-                      out_dir=None if lora else out_dir, progress=progress, strategy=SingleDevice(device),
-                      console=console)  # LoRA: no full checkpoints (a PEFT save holds only the adapter)
-    result = trainer.fit()
+    trainer = Trainer(model, cfg, train_batch=train_batch, eval_batches=eval_batches, out_dir=out_dir,
+                      progress=progress, strategy=SingleDevice(device), console=console)
+    result = trainer.fit(resume=resume)
     info = {"recipe": "finetune-lora" if lora else "finetune-full", "base_model": str(base_dir.resolve()),
             "data": str(Path(data).resolve()), "train_config": asdict(cfg), "trainable_params": n_train,
             "total_params": n_total, "eval_before": before, "eval_after": result.final_eval, "steps": result.steps}
