@@ -130,3 +130,30 @@ def test_bad_adapters_fail_at_load_time(tmp_path):
     assert len(eng.lora._hooks) == 2 * 2  # q and v of two layers
     eng.remove_lora("good")
     assert eng.list_loras() == [] and not eng.lora._hooks
+
+
+def test_lora_steps_bypass_the_fixed_shape_decode_path(tmp_path):
+    """Decode steps with adapter tokens run eagerly (a CUDA graph would replay without the
+    Python hooks; its 'gather' MoE dispatch never calls the expert linears); base-only decode
+    steps still take the fixed-shape path. capture=False runs that path eagerly on CPU."""
+    cg = pytest.importorskip("autoglm.inference.cuda_graph")
+    base = make_model("tiny")
+    paths = adapters_for(base, tmp_path, "tiny")
+    eng = LLMEngine(base, config=EngineConfig(block_size=4, num_blocks=200))
+    eng.runner.graphs = dec = cg.CUDAGraphDecoder(eng.runner, batch_sizes=(1, 2, 4, 8), capture=False)
+    for name, p in paths.items():
+        eng.add_lora(name, p)
+    ps = prompts(2, 5, 30, seed=6)
+    jobs = [(p, lo, n) for p in ps for lo, n in (("A", 6), ("B", 6), (None, 14))]  # base runs on alone
+    reqs = eng.generate([j[0] for j in jobs], [SamplingParams(max_tokens=j[2], temperature=0, ignore_eos=True)
+                                               for j in jobs], lora=[j[1] for j in jobs])
+    assert dec.steps > 0
+    ref = PeftModel.from_pretrained(copy.deepcopy(base), paths["A"], adapter_name="A").eval()
+    ref.load_adapter(paths["B"], adapter_name="B")
+    for (p, lo, n), r in zip(jobs, reqs):
+        if lo is None:
+            with ref.disable_adapter():
+                assert r.output_ids == peft_greedy(ref, p, n)
+        else:
+            ref.set_adapter(lo)
+            assert r.output_ids == peft_greedy(ref, p, n), lo
