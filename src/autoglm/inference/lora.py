@@ -268,22 +268,25 @@ class MultiLoRA:
     def batch(self, runs: Sequence[tuple[str | None, int]]) -> Iterator[None]:
         """Within the block, packed token rows are assigned to adapters by `runs`: consecutive
         (adapter name or None, number of tokens) in packing order."""
-        device = next(self.model.parameters()).device
         rows: dict[str, list[int]] = {}
-        ids: list[int] = []
-        order = {n: i for i, n in enumerate(self.adapters)}
         n_tok = 0
         for name, n in runs:
             if name is not None:
                 if name not in self.adapters:
                     raise KeyError(f"no LoRA adapter named {name!r}; loaded: {self.names() or 'none'}")
                 rows.setdefault(name, []).extend(range(n_tok, n_tok + n))
-            ids += [order.get(name, -1)] * n
             n_tok += n
+        if not rows:  # a base-only step: the hooks stay no-ops
+            yield
+            return
+        device = next(self.model.parameters()).device
         self._num_tokens = n_tok
         self._groups = {a: (None if len(r) == n_tok else torch.tensor(r, dtype=torch.long, device=device))
                         for a, r in rows.items()}
-        self._token_adapter = torch.tensor(ids, dtype=torch.long, device=device) if rows and self._moe_hooks else None
+        if self._moe_hooks:
+            slot = {a: i for i, a in enumerate(rows)}
+            ids = [slot.get(name, -1) for name, n in runs for _ in range(n)]
+            self._token_adapter = torch.tensor(ids, dtype=torch.long, device=device)
         try:
             yield
         finally:
@@ -307,12 +310,11 @@ class MultiLoRA:
         flat = r.topk_idx.reshape(-1)
         token_of = torch.argsort(flat, stable=True) // k  # as MoEFeedForward._sorted
         counts = torch.bincount(flat, minlength=moe.num_experts).tolist()
-        names = list(self.adapters)
         for e, tok in zip(moe.experts, token_of.split(counts)):
-            which = self._token_adapter[tok]  # (rows,) adapter index of each row
+            which = self._token_adapter[tok]  # (rows,) index into self._groups of each row's adapter, -1 base
             groups = {}
-            for a in self._groups:
-                idx = (which == names.index(a)).nonzero().squeeze(1)
+            for i, a in enumerate(self._groups):
+                idx = (which == i).nonzero().squeeze(1)
                 if idx.numel():
                     groups[a] = None if idx.numel() == tok.numel() else idx
             self._expert_groups[id(e)] = groups
