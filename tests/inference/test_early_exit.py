@@ -4,7 +4,7 @@ import torch
 from inference_helpers import make_model, prompts
 
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
-from autoglm.inference.early_exit import EarlyExitObjective, reference_early_exit_greedy
+from autoglm.inference.early_exit import EarlyExitObjective, early_exit_forward, reference_early_exit_greedy
 
 
 def run(model, ps, threshold, n=40):
@@ -49,3 +49,35 @@ def test_early_exit_objective_trains_intermediate_exits():
     torch.testing.assert_close(out["loss"], out["lm_loss"] + out["aux_loss"] + expected)
     out["loss"].backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad is not None
+
+
+def test_teacher_forced_early_exit_matches_naive_reference():
+    # the validation-loss path: one layer-parallel pass over given text must pick the same exits
+    # (with the same KV fill) and the same tokens as the token-by-token reference decoder
+    model = make_model("tiny", num_hidden_layers=4, window_size=16)
+    p = prompts(1, 10, 11, seed=6)[0]
+    ref_tokens, ref_exits = reference_early_exit_greedy(model, p, 60, 0.08, (1, 2, 3))
+    assert len(set(ref_exits[1:])) >= 2  # both exits and full passes
+    ids = torch.tensor([p + ref_tokens[:-1]])
+    logits, exit_at = early_exit_forward(model, ids, 0.08, (1, 2, 3), prompt_len=len(p))
+    assert exit_at[0, len(p) - 1:].tolist() == ref_exits
+    assert logits[0, len(p) - 1:].argmax(-1).tolist() == ref_tokens
+    assert (exit_at[0, :len(p) - 1] == 4).all()  # prefill never exits
+    full, never = early_exit_forward(model, ids, 1.0, (1, 2, 3))
+    torch.testing.assert_close(full, model(ids).logits)
+    assert (never == 4).all()
+
+
+def test_objective_exit_layers_restricts_the_intermediate_losses():
+    model = make_model("tiny", num_hidden_layers=4)
+    x = torch.randint(2, 512, (2, 12))
+    hs = model(x, output_hidden_states=True).hidden_states
+    ce = lambda h: torch.nn.functional.cross_entropy(model.lm_head(model.model.norm(h)).flatten(0, 1), x.flatten())
+    out = EarlyExitObjective(exit_layers=(2,))(model, (x, x))
+    torch.testing.assert_close(out["exit_loss"], ce(hs[2]) * (2 / 4))
+    for bad in [(), (0,), (4,)]:
+        try:
+            EarlyExitObjective(exit_layers=bad)(model, (x, x))
+        except ValueError:
+            continue
+        raise AssertionError(f"exit_layers={bad} was accepted")

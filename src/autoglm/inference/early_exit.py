@@ -12,6 +12,13 @@ same rule written naively: a position that exited at layer e passes through laye
 unchanged (so those layers' K/V for it come from its exit hidden state). Tests compare
 the engine against it.
 
+`early_exit_forward` is the same rule teacher-forced on given text, in one layer-parallel
+pass: the logits the early-exit decoder would use at every position (exit layer's where it
+exits, the last layer's where not), with the K/V of exited positions' skipped layers taken
+from their exit state. Whether position t exits at layer l depends only on layers < l of
+positions <= t, so running all positions layer by layer is exact. Its cross-entropy is the
+honest validation loss of early-exit decoding.
+
 Example:
     >>> import torch
     >>> from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
@@ -31,7 +38,7 @@ from torch import nn
 from ..losses import lm_loss
 from ..modules.attention import AttentionMetadata
 
-__all__ = ["EarlyExitObjective", "exit_logits", "reference_early_exit_greedy"]
+__all__ = ["EarlyExitObjective", "early_exit_forward", "exit_logits", "reference_early_exit_greedy"]
 
 
 def exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -43,13 +50,19 @@ class EarlyExitObjective:
     """loss = LM loss (last layer) + MoE aux + exit_weight * mean_l (l / L) * LM loss(exit after layer l).
 
     batch = (input_ids, labels), as `CausalLMObjective`. Reports "exit_loss" (the weighted
-    intermediate term) besides "lm_loss" and "aux_loss".
+    intermediate term) besides "lm_loss" and "aux_loss". `exit_layers` restricts the
+    intermediate losses to the layers the engine will try (its `EngineConfig.exit_layers`);
+    None trains every intermediate layer. Fewer exits also mean fewer LM-head passes per step.
     """
 
-    def __init__(self, exit_weight: float = 1.0) -> None:
+    def __init__(self, exit_weight: float = 1.0, exit_layers: tuple[int, ...] | None = None) -> None:
         if exit_weight < 0:
             raise ValueError(f"exit_weight must be >= 0, got {exit_weight}")
+        if exit_layers is not None and (not exit_layers or min(exit_layers) < 1):
+            raise ValueError(f"exit_layers must be non-empty layer counts >= 1 (e.g. (2, 4)), got {exit_layers}; "
+                             f"use None for every intermediate layer")
         self.exit_weight = exit_weight
+        self.exit_layers = tuple(sorted(set(exit_layers))) if exit_layers is not None else None
 
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         input_ids, labels = batch
@@ -58,13 +71,17 @@ class EarlyExitObjective:
         aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=lm.device)
         hs = out.hidden_states  # input of each block + final (before norm): hs[l] = after l layers
         L = len(hs) - 1
-        exits = [(l / L) * lm_loss(exit_logits(model, hs[l]), labels) for l in range(1, L)]
+        if self.exit_layers is not None and max(self.exit_layers) >= L:
+            raise ValueError(f"exit_layers {self.exit_layers} must be < num_hidden_layers ({L}); "
+                             f"the last layer is the full model, trained by the LM loss already")
+        layers = self.exit_layers if self.exit_layers is not None else range(1, L)
+        exits = [(l / L) * lm_loss(exit_logits(model, hs[l]), labels) for l in layers]
         ex = torch.stack(exits).mean() if exits else torch.zeros((), device=lm.device)
         return {"loss": lm + aux + self.exit_weight * ex, "lm_loss": lm.detach(), "aux_loss": aux.detach(),
                 "exit_loss": ex.detach()}
 
     def __repr__(self) -> str:
-        return f"EarlyExitObjective(exit_weight={self.exit_weight})"
+        return f"EarlyExitObjective(exit_weight={self.exit_weight}, exit_layers={self.exit_layers})"
 
 
 @torch.no_grad()
@@ -107,3 +124,39 @@ def reference_early_exit_greedy(model: nn.Module, prompt: list[int], max_tokens:
         tokens.append(tok)
         exits.append(n_layers)
     return out, out_exits
+
+
+@torch.no_grad()
+def early_exit_forward(model: nn.Module, input_ids: torch.Tensor, threshold: float, exit_layers: tuple[int, ...],
+                       prompt_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher-forced early exit: (logits (B, T, V) the decoder would sample from, exit layer (B, T)).
+
+    Positions < `prompt_len` are prefill and never exit (the engine exits in decode steps
+    only). A position that exits after layer e takes `exit_logits` there and passes
+    through layers > e unchanged, so their K/V for it come from its exit state (as the
+    engine's KV fill). threshold >= 1.0 gives the full model's logits.
+    """
+    bb = model.model
+    n_layers = len(bb.layers)
+    B, T = input_ids.shape
+    pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
+    meta = AttentionMetadata(q_offset=0)
+    x = bb.embed_tokens(input_ids)  # (B, T, d)
+    if bb.embed_positions is not None:
+        x = x + bb.embed_positions(pos)
+    may_exit = (pos >= prompt_len) if threshold < 1.0 else torch.zeros_like(pos, dtype=torch.bool)
+    done = torch.zeros_like(may_exit)  # (B, T) exited already
+    exit_at = torch.full((B, T), n_layers, dtype=torch.long, device=input_ids.device)
+    out = None
+    for i, layer in enumerate(bb.layers):
+        y, _ = layer(x, meta, None)
+        x = torch.where(done[..., None], x, y)  # exited positions keep their exit state
+        if i + 1 in exit_layers and i + 1 < n_layers and bool(may_exit.any()):
+            lg = exit_logits(model, x)
+            take = (lg.float().softmax(-1).amax(-1) >= threshold) & may_exit & ~done
+            out = lg if out is None else torch.where(take[..., None], lg, out)
+            exit_at[take] = i + 1
+            done |= take
+    final = model.lm_head(bb.norm(x))
+    out = final if out is None else torch.where(done[..., None], out, final)
+    return out, exit_at
