@@ -1,18 +1,24 @@
 """Early-exit trade-off: decode speed vs validation loss, on a model trained with the exit loss.
 
-Trains `--preset` twice from the same initialisation for the same number of steps on the
-built-in corpus (stdlib docstrings): with the plain LM objective and with
-`EarlyExitObjective` (LayerSkip-style losses on every intermediate layer through the
-shared head). Then, for the early-exit model and each threshold:
+Trains `--preset` (default `small` with a 2048-token BPE vocabulary) on Tiny Shakespeare
+(../shared/data when present, else the built-in stdlib corpus, or `--data`) with
+`EarlyExitObjective` (LayerSkip-style: the shared final norm + LM head on intermediate
+layers, loss weights rising with depth), and optionally the plain LM objective from the
+same initialisation for comparison. Then, for each threshold:
 
-* validation loss when every position takes the logits of the first layer whose top
-  probability reaches the threshold (the last layer otherwise), from one forward with
-  all hidden states (this ignores that exited positions' upper-layer K/V come from their
-  exit state; the engine's tokens include that effect - see the agreement column);
-* decode tokens/s of the engine at batch 1 (greedy, `--decode-tokens` tokens after a
-  short prompt), mean layers run per decode step, and agreement with threshold 1.0.
+* validation loss of the distributions the early-exit decoder would actually use: one
+  teacher-forced pass over held-out text with `early_exit_forward` (each position takes the
+  exit layer's distribution where its top probability reaches the threshold, the last
+  layer's where not; exited positions' skipped layers get their K/V from the exit state,
+  as in the engine), and the mean exit layer over the positions that may exit;
+* decode tokens/s of the engine (`LLMEngine`, the real paged decode path with its KV fill
+  of skipped layers) at batch 1, greedy, `--decode-tokens` tokens after each of
+  `--prompts` held-out prompts; thresholds are timed in interleaved rounds (median of
+  `--rounds`) because the machine is shared; speed-up = tok/s / tok/s at threshold 1.0;
+  mean layers per decode step; agreement of the greedy tokens with threshold 1.0.
 
-    python benchmarks/early_exit.py --preset small --steps 300
+    python benchmarks/early_exit.py --skip-plain --save-dir runs/ee   # train (1200 steps) + measure
+    python benchmarks/early_exit.py --load-dir runs/ee --exit-layers 2     # re-measure only
 
 Writes benchmarks/results/early_exit.json and early_exit.md. Timings are from a shared
 machine: compare the ratios within one run.
@@ -23,52 +29,42 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from autoglm import OpenAutoGLMForCausalLM
+from autoglm.data import sample_batch
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
-from autoglm.inference.early_exit import EarlyExitObjective, exit_logits
+from autoglm.inference.early_exit import EarlyExitObjective, early_exit_forward
 from autoglm.losses import lm_loss
 from autoglm.training import TrainConfig, Trainer
 from autoglm.training.objectives import CausalLMObjective
 from autoglm.training.pretrain import build_model, eval_batches_for, prepare_data
-from autoglm.data import sample_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 @torch.no_grad()
-def val_losses(model, batches, thresholds, exit_layers=None):
-    """{threshold: mean loss with per-position early exit}, plus mean exit layer per threshold."""
-    L = model.config.num_hidden_layers
-    allowed = set(exit_layers or range(1, L))
-    tot = {t: 0.0 for t in thresholds}
-    layers = {t: 0.0 for t in thresholds}
-    n = 0
-    for x, y in batches:
-        hs = model(x, output_hidden_states=True).hidden_states
-        logits = [exit_logits(model, hs[l]) for l in range(1, L)] + [model.lm_head(model.model.norm(hs[L]))]
-        conf = [lg.float().softmax(-1).amax(-1) for lg in logits]
-        for t in thresholds:
-            chosen = logits[-1].clone()
-            layer = torch.full(x.shape, float(L))
-            done = torch.zeros(x.shape, dtype=torch.bool)
-            if t < 1.0:
-                for l in range(L - 1):
-                    if l + 1 not in allowed:
-                        continue
-                    take = (conf[l] >= t) & ~done
-                    chosen[take] = logits[l][take]
-                    layer[take] = l + 1
-                    done |= take
-            tot[t] += float(lm_loss(chosen, y))
-            layers[t] += float(layer.mean())
-        n += 1
-    return {t: tot[t] / n for t in thresholds}, {t: layers[t] / n for t in thresholds}
+def val_losses(model, batches, thresholds, exit_layers):
+    """{threshold: (mean loss of the decoder's distributions, mean exit layer of positions >= 1)}."""
+    res = {}
+    for t in thresholds:
+        tot, layers, n = 0.0, 0.0, 0
+        for x, y in batches:
+            logits, exit_at = early_exit_forward(model, x, t, exit_layers, prompt_len=1)
+            tot += float(lm_loss(logits, y))
+            layers += float(exit_at[:, 1:].float().mean())
+            n += 1
+        res[t] = (tot / n, layers / n)
+    return res
 
 
-def decode_speed(model, prompt, n_tokens, threshold, ref=None, exit_layers=None):
+def decode_once(model, prompt, n_tokens, threshold, exit_layers):
     eng = LLMEngine(model, config=EngineConfig(block_size=16, num_blocks=128, early_exit_threshold=threshold,
                                                exit_layers=exit_layers))
     rid = eng.add_request(prompt, SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True))
@@ -77,70 +73,145 @@ def decode_speed(model, prompt, n_tokens, threshold, ref=None, exit_layers=None)
     t = time.perf_counter()
     while eng.has_unfinished():
         eng.step()
-    dt = time.perf_counter() - t
-    agree = None if ref is None else sum(a == b for a, b in zip(req.output_ids, ref)) / len(ref)
-    return (n_tokens - 1) / dt, eng.stats.layers_run / max(1, eng.stats.decode_steps), req.output_ids, agree
+    return time.perf_counter() - t, eng.stats.layers_run, eng.stats.decode_steps, list(req.output_ids)
+
+
+def decode_table(model, prompts, n_tokens, thresholds, exit_layers, rounds):
+    """Interleaved rounds: every threshold decodes every prompt once per round."""
+    times = {t: [] for t in thresholds}
+    layers, steps, outs = {}, {}, {}
+    for _ in range(rounds):
+        for t in thresholds:
+            dt, lr, ds, toks = 0.0, 0, 0, []
+            for p in prompts:
+                d, a, b, o = decode_once(model, p, n_tokens, t, exit_layers)
+                dt, lr, ds = dt + d, lr + a, ds + b
+                toks.append(o)
+            times[t].append(dt)
+            layers[t], steps[t], outs[t] = lr, ds, toks
+    n_dec = len(prompts) * (n_tokens - 1)
+    res = {}
+    for t in thresholds:
+        ref = outs[thresholds[0]]
+        agree = sum(a == b for o, r in zip(outs[t], ref) for a, b in zip(o, r)) / sum(len(r) for r in ref)
+        res[t] = dict(tok_s=n_dec / statistics.median(times[t]), mean_layers=layers[t] / max(1, steps[t]),
+                      agreement=agree, round_s=[round(x, 3) for x in times[t]])
+    return res
+
+
+def train(init, name, obj, cfg, prep, save_dir):
+    """Train a copy of init (on CUDA when there is one), save it, return it on the CPU."""
+    m = copy.deepcopy(init)
+    t = time.perf_counter()
+    r = Trainer(m, cfg, train_batch=lambda i: sample_batch(prep.tokens.train, cfg.batch_size, cfg.seq_len, i, cfg.seed),
+                eval_batches=eval_batches_for(prep.tokens.val, cfg), objective=obj, progress=False).fit()
+    info = dict(seconds=round(time.perf_counter() - t, 1), steps=r.steps, stop_reason=r.stop_reason,
+                device=str(next(m.parameters()).device),
+                val_curve=[(h["step"], round(h["val_loss"], 4)) for h in r.history if "val_loss" in h])
+    print(f"trained {name}: {info}", flush=True)
+    m = m.cpu().float().eval()
+    if save_dir is not None:
+        m.save_pretrained(save_dir / name)
+        prep.tokenizer.save_pretrained(save_dir / name)
+    return m, info
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=None, help="training text (default Tiny Shakespeare if present)")
     ap.add_argument("--preset", default="small")
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=1200)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--vocab", type=int, default=4096)
+    ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--exit-weight", type=float, default=1.0)
+    ap.add_argument("--train-exit-layers", default="", help="layers given an exit loss, e.g. 2,4 (default: all)")
+    ap.add_argument("--exit-layers", default="2,4", help="layers after which the engine may exit ('' = all)")
     ap.add_argument("--thresholds", default="1.0,0.95,0.9,0.8,0.7,0.6,0.5")
     ap.add_argument("--decode-tokens", type=int, default=128)
-    ap.add_argument("--eval-batches", type=int, default=10)
+    ap.add_argument("--prompts", type=int, default=4, help="held-out prompts decoded per threshold")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median)")
+    ap.add_argument("--eval-batches", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--cache-dir", default=None)
-    ap.add_argument("--exit-layers", default="", help="layers after which the engine may exit, e.g. 2,4 (default: all)")
+    ap.add_argument("--save-dir", type=Path, default=None, help="save the trained models here")
+    ap.add_argument("--load-dir", type=Path, default=None, help="load models saved by --save-dir; no training")
     ap.add_argument("--skip-plain", action="store_true", help="train only the early-exit model")
+    ap.add_argument("--dropout", type=float, default=0.0, help="residual/embedding dropout while training")
+    ap.add_argument("--eval-every", type=int, default=0, help="validation-curve interval while training")
+    ap.add_argument("--max-train-seconds", type=float, default=None, help="time budget per model")
+    ap.add_argument("--train-only", action="store_true", help="train and save, measure nothing")
+    ap.add_argument("--plain-only", action="store_true", help="train only the plain model; report its val loss")
+    ap.add_argument("--val-threads", type=int, default=None, help="torch threads for the val-loss pass (default --threads)")
     a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 training, also on a GPU
     thresholds = [float(t) for t in a.thresholds.split(",")]
+    if thresholds[0] != 1.0:
+        thresholds = [1.0] + thresholds  # the reference row
+    data = a.data if a.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
     cache = a.cache_dir or tempfile.mkdtemp(prefix="autoglm-ee-")
-    prep = prepare_data(None, cache, a.vocab)
+    tok_dir = (a.load_dir / "early-exit") if a.load_dir is not None else None
+    prep = prepare_data(data, cache, a.vocab, tokenizer_dir=tok_dir)
     cfg = TrainConfig(batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, max_steps=a.steps,
-                      warmup_steps=max(1, a.steps // 10), eval_every=0, save_every=0, eval_batches=a.eval_batches,
-                      precision="fp32")
-    torch.manual_seed(0)
-    init = build_model(a.preset, len(prep.tokenizer))
-    train = prep.tokens.train
+                      warmup_steps=max(1, a.steps // 10), eval_every=a.eval_every, save_every=0,
+                      eval_batches=a.eval_batches, precision="fp32", max_seconds=a.max_train_seconds)
+    train_layers = tuple(int(x) for x in a.train_exit_layers.split(",") if x) or None
     models, train_s = {}, {}
-    runs = [("plain", CausalLMObjective())] if not a.skip_plain else []
-    for name, obj in runs + [("early-exit", EarlyExitObjective(a.exit_weight))]:
-        m = copy.deepcopy(init)
-        t = time.perf_counter()
-        Trainer(m, cfg, train_batch=lambda i: sample_batch(train, cfg.batch_size, cfg.seq_len, i, cfg.seed),
-                objective=obj, progress=False).fit()
-        train_s[name] = time.perf_counter() - t
-        models[name] = m.eval()
-        print(f"trained {name} in {train_s[name]:.0f}s", flush=True)
+    if a.load_dir is not None:
+        for name in ("plain", "early-exit"):
+            if (a.load_dir / name).is_dir():
+                models[name] = OpenAutoGLMForCausalLM.from_pretrained(a.load_dir / name).eval()
+    else:
+        torch.manual_seed(0)
+        init = build_model(a.preset, len(prep.tokenizer), dropout=a.dropout)
+        runs = [] if a.skip_plain else [("plain", CausalLMObjective())]
+        if not a.plain_only:
+            runs.append(("early-exit", EarlyExitObjective(a.exit_weight, train_layers)))
+        for name, obj in runs:
+            models[name], train_s[name] = train(init, name, obj, cfg, prep, a.save_dir)
+        if a.train_only:
+            return
+    model = models.get("early-exit", models.get("plain"))
+    L = model.config.num_hidden_layers
+    exit_layers = tuple(int(x) for x in a.exit_layers.split(",") if x) or tuple(range(1, L))
     batches = list(eval_batches_for(prep.tokens.val, cfg)())
-    plain_loss = val_losses(models["plain"], batches, [1.0])[0] if "plain" in models else {1.0: float("nan")}
-    exit_layers = tuple(int(x) for x in a.exit_layers.split(",") if x) or None
-    ee_loss, ee_layers = val_losses(models["early-exit"], batches, thresholds, exit_layers)
-    prompt = prep.tokenizer("Return the ").input_ids
-    rows, ref, base_speed = [], None, None
-    for t in thresholds:
-        speed, layers, out, agree = decode_speed(models["early-exit"], prompt, a.decode_tokens, t, ref, exit_layers)
-        if ref is None:
-            ref, base_speed, agree = out, speed, 1.0
-        rows.append(dict(threshold=t, val_loss=round(ee_loss[t], 4),
-                         val_loss_vs_full_pct=round(100 * (ee_loss[t] / ee_loss[1.0] - 1), 2),
-                         mean_exit_layer_val=round(ee_layers[t], 2), decode_tok_s=round(speed, 1),
-                         decode_speedup=round(speed / base_speed, 2), decode_mean_layers=round(layers, 2),
-                         token_agreement_pct=round(100 * agree, 1)))
-        print(rows[-1], flush=True)
-    res = dict(args=vars(a), plain_val_loss=round(plain_loss[1.0], 4), train_seconds=train_s, rows=rows)
+    torch.set_num_threads(a.val_threads or a.threads)
+    plain = val_losses(models["plain"], batches, [1.0], exit_layers)[1.0][0] if "plain" in models else None
+    if a.plain_only:
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "early_exit_plain.json").write_text(json.dumps(dict(plain_val_loss=plain, training=train_s), indent=2))
+        print("plain val loss", plain)
+        return
+    vl = val_losses(model, batches, thresholds, exit_layers)
+    torch.set_num_threads(a.threads)
+    print("val", vl, flush=True)
+    val = prep.tokens.val
+    step = len(val) // max(1, a.prompts)
+    prompts = [val[i * step:i * step + 32].tolist() for i in range(a.prompts)]
+    dec = decode_table(model, prompts, a.decode_tokens, thresholds, exit_layers, a.rounds)
+    full_loss, base = vl[1.0][0], dec[1.0]["tok_s"]
+    rows = [dict(threshold=t, val_loss=round(vl[t][0], 4), val_loss_vs_full_pct=round(100 * (vl[t][0] / full_loss - 1), 2),
+                 mean_exit_layer_val=round(vl[t][1], 2), decode_tok_s=round(dec[t]["tok_s"], 1),
+                 decode_speedup=round(dec[t]["tok_s"] / base, 2), decode_mean_layers=round(dec[t]["mean_layers"], 2),
+                 token_agreement_pct=round(100 * dec[t]["agreement"], 1), round_s=dec[t]["round_s"])
+            for t in thresholds]
+    for r in rows:
+        print(r, flush=True)
+    res = dict(args={k: str(v) for k, v in vars(a).items()}, data=prep.source, vocab=len(prep.tokenizer), layers=L,
+               exit_layers=exit_layers, plain_val_loss=None if plain is None else round(plain, 4),
+               training=train_s, rows=rows)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "early_exit.json").write_text(json.dumps(res, indent=2))
-    md = [f"preset {a.preset}, {a.steps} steps: val loss plain objective {res['plain_val_loss']}, "
-          f"early-exit objective (full depth) {rows[0]['val_loss'] if rows[0]['threshold'] == 1.0 else 'n/a'}", "",
-          "| threshold | val loss | vs full depth % | mean exit layer (val) | decode tok/s (batch 1) | speedup |"
+    head = (f"preset {a.preset} ({L} layers, vocab {len(prep.tokenizer)}), {a.steps} steps on {Path(prep.source).name}; "
+            f"engine exits after layers {list(exit_layers)}; val loss at full depth {rows[0]['val_loss']}"
+            + ("" if plain is None else f" (plain objective: {round(plain, 4)})"))
+    md = [head, "",
+          "| threshold | val loss | vs full depth % | mean exit layer (val) | decode tok/s (batch 1) | speed-up |"
           " mean layers (decode) | tokens equal to threshold 1.0 % |", "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['threshold']} | {r['val_loss']} | {r['val_loss_vs_full_pct']} | {r['mean_exit_layer_val']} | "
            f"{r['decode_tok_s']} | {r['decode_speedup']}x | {r['decode_mean_layers']} | {r['token_agreement_pct']} |"
