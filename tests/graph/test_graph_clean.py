@@ -165,3 +165,30 @@ def test_bad_input_messages(tmp_path):
     (tmp_path / "x.parquet").write_text("")
     with pytest.raises(ValueError, match="unsupported extension"):
         clean_graph(tmp_path / "o4", edges=[tmp_path / "x.parquet"])
+
+
+def test_quoted_csv_and_tsv_fields_match_python_csv(tmp_path):
+    """Delimiters inside double quotes, "" escapes, quoted node ids in a TSV: fields as
+    Python's csv module reads them; an unbalanced quote is quarantined, not mis-split."""
+    rows = [["source", "target", "relation", "weight"], ["Smith, J.", "Doe, A.", "cites", "1.0"],
+            ["a", "b", "knows, well", "2"], ['say "hi"', "b", "r", "1"], ["c", "d", "", "1"]]
+    edges = tmp_path / "e.csv"
+    with open(edges, "w", newline="") as f:
+        csv.writer(f, quoting=csv.QUOTE_MINIMAL, lineterminator="\n").writerows(rows)
+    with open(edges, "a") as f:
+        f.write('"unterminated,b,r,1\n')
+    nodes = tmp_path / "n.tsv"
+    nodes.write_text('id\tf0\tf1\n"Smith, J."\t1.0\t2.0\n"tab\there"\t3\t4\n')
+    rep = clean_graph(tmp_path / "out", edges=[edges], nodes=[nodes])
+    assert rep["totals"]["rows_in"] == 5 + 2 and rep["totals"]["kept"] == 4 + 2  # edge rows + node rows
+    assert rep["totals"]["by_rule"] == {"malformed": 1}
+    with open(tmp_path / "out" / "quarantine.csv") as f:
+        q = list(csv.DictReader(f))
+    assert [(r["line"], r["reason"]) for r in q] == [("6", "malformed: unbalanced quotes")]
+    with open(tmp_path / "out" / "nodes.csv") as f:
+        names = [r["name"] for r in csv.DictReader(f)]
+    g = load_clean_graph(tmp_path / "out")
+    got = sorted((names[s], names[t]) for s, t in g.edge_index.t().tolist())
+    assert got == sorted((r[0], r[1]) for r in rows[1:])
+    assert sorted(g.relations) == ["", "cites", "knows, well", "r"]
+    assert g.x[names.index("Smith, J.")].tolist() == [1.0, 2.0] and g.x[names.index("tab\there")].tolist() == [3.0, 4.0]

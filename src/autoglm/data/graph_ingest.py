@@ -17,13 +17,17 @@ line count, so a re-run skips files already ingested and reads only appended lin
 file that grew.
 
 CSV/TSV need a header (`source,target[,relation][,weight][,timestamp]`; triples
-`subject,relation,object`; nodes `id,<feature columns>`); fields are split on the
-delimiter without quote handling. JSONL rows are objects with the same keys (nodes:
+`subject,relation,object`; nodes `id,<feature columns>`). Fields follow RFC 4180 quoting
+within a line: a field in double quotes may hold the delimiter, and `""` inside it is one
+`"` (`"Smith, J.",b` -> `Smith, J.` | `b`); a field with an unbalanced quote makes the
+row `malformed: unbalanced quotes`. A quoted field cannot span lines (rows are lines, so
+row accounting stays exact). JSONL rows are objects with the same keys (nodes:
 `{"id": ..., "features": [...]}`).
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import logging
@@ -96,7 +100,8 @@ def _q(s: str) -> str:
 def _header(path: Path, kind: str, delim: str) -> dict[str, int]:
     """Column name -> 1-based field index, from the file's first line."""
     with open(path, encoding="utf-8") as f:
-        names = [c.strip().lower() for c in f.readline().rstrip("\r\n").split(delim)]
+        header = f.readline().rstrip("\r\n")
+    names = [c.strip().lower() for c in next(csv.reader([header], delimiter=delim, skipinitialspace=True), [])]
     cols: dict[str, int] = {}
     for key, aliases in _ALIASES.items():
         for a in aliases:
@@ -112,6 +117,26 @@ def _header(path: Path, kind: str, delim: str) -> dict[str, int]:
         cols["_features"] = [i + 1 for i, n in enumerate(names) if i + 1 != cols["id"]]  # type: ignore[assignment]
     cols["_width"] = len(names)
     return cols
+
+
+_QUOTED = '"(?:[^"]|"")*"'  # one complete double-quoted field ("" = an escaped quote)
+
+
+def _split_sql(delim: str) -> tuple[str, str]:
+    """SQL (fields list, unbalanced-quotes condition) for the VARCHAR column `line`.
+
+    Lines without a double quote take the fast `string_split`; others are tokenised by a
+    regex (one match per field: a quoted field, or a run of non-delimiters), then quoted
+    fields are unwrapped and `""` unescaped."""
+    d = "\\t" if delim == "\t" else delim  # RE2 spelling of the delimiter
+    pat = f"(?:^|{d}) *({_QUOTED} *|[^{d}]*)"
+    tokens = f"regexp_extract_all(line, {_q(pat)}, 1)"
+    full, has_quote = f"regexp_full_match(trim(x), {_q(_QUOTED)})", "strpos(coalesce(line, ''), chr(34))"
+    unquote = (f"list_transform({tokens}, lambda x: CASE WHEN {full} "
+               f"THEN replace(trim(x)[2:-2], repeat(chr(34), 2), chr(34)) ELSE x END)")
+    fields = f"CASE WHEN {has_quote} = 0 THEN string_split(coalesce(line, ''), {_q(delim)}) ELSE {unquote} END"
+    bad = f"{has_quote} > 0 AND len(list_filter({tokens}, lambda x: strpos(x, chr(34)) > 0 AND NOT {full})) > 0"
+    return fields, bad
 
 
 def _raw_lines(con, path: Path, skip: int, name: str) -> int:
@@ -137,14 +162,16 @@ def _edge_fields(path: Path, fmt: str, kind: str) -> tuple[str, str]:
     sel = ", ".join(f"nullif(trim(f[{cols[k]}]), '') AS {k}" if k in cols else f"NULL AS {k}"
                     for k in ("source", "target", "relation", "weight", "timestamp"))
     w = cols["_width"]
-    return (sel, f"CASE WHEN line IS NULL OR trim(line) = '' THEN 'malformed: blank line' WHEN len(f) <> {w} THEN "
+    _, bad_quotes = _split_sql(delim)
+    return (sel, f"CASE WHEN line IS NULL OR trim(line) = '' THEN 'malformed: blank line' "
+                 f"WHEN {bad_quotes} THEN 'malformed: unbalanced quotes' WHEN len(f) <> {w} THEN "
                  f"'malformed: expected {w} fields, got ' || len(f) END")
 
 
 def _ingest_edges(con, path: Path, fmt: str, kind: str, skip: int, cfg: IngestConfig) -> None:
     sel, malformed = _edge_fields(path, fmt, kind)
     delim = "\t" if fmt == "tsv" else ","
-    split = f"string_split(coalesce(line, ''), {_q(delim)})" if fmt != "jsonl" else "[]::VARCHAR[]"
+    split = _split_sql(delim)[0] if fmt != "jsonl" else "[]::VARCHAR[]"
     rng = ""
     if cfg.num_nodes is not None:
         n = int(cfg.num_nodes)
@@ -200,9 +227,11 @@ def _ingest_nodes(con, path: Path, fmt: str, skip: int, cfg: IngestConfig, width
         fidx = cols["_features"]  # type: ignore[assignment]
         lst = "[" + ", ".join(f"nullif(trim(f[{i}]), '')" for i in fidx) + "]" if fidx else "[]::VARCHAR[]"
         w = cols["_width"]
+        split, bad_quotes = _split_sql(delim)
         con.execute(f"""CREATE OR REPLACE TEMP TABLE p AS
-            WITH s AS (SELECT ln, line, string_split(coalesce(line, ''), {_q(delim)}) AS f FROM raw)
+            WITH s AS (SELECT ln, line, {split} AS f FROM raw)
             SELECT ln, line, CASE WHEN line IS NULL OR trim(line) = '' THEN 'malformed: blank line'
+                                  WHEN {bad_quotes} THEN 'malformed: unbalanced quotes'
                                   WHEN len(f) <> {w} THEN 'malformed: expected {w} fields, got ' || len(f) END AS bad,
                    nullif(trim(f[{cols['id']}]), '') AS id, {lst} AS fv FROM s""")
     if width is None:
