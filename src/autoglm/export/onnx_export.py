@@ -12,8 +12,10 @@ Layout of an export directory (Optimum's "with past" layout, weights stored once
       export.json    opset, precision, axes, and the measured parity against eager PyTorch
 
 Batch, sequence and past axes are dynamic (the dummy input uses sizes 2 / 3 / 5 so no
-size is specialised, and the parity check runs other sizes). Attention runs the dense
-masked kernel with per-row positions, the MoE its static dense dispatch (see `wrapper`).
+size is specialised, and the parity check runs other sizes). Positions come from the
+attention mask; the prefill graph of a sparse model runs windowed attention (chunks of
+queries against their window + global keys, `export.attention`), the decode graph the
+dense masked kernel; the MoE runs its static dense dispatch (see `wrapper`).
 
 The export is written into a temporary directory next to `out` and moved into place
 only after the ONNX Runtime logits matched eager PyTorch within `atol`: a failed or
@@ -36,7 +38,8 @@ import onnx
 import torch
 
 from .storage import fold_weight_transposes, gemm_to_matmul, save_graphs, strip_metadata
-from .wrapper import ExportDecoder, export_mode, past_names, present_names
+from .attention import DEFAULT_EXPORT_CHUNK
+from .wrapper import PREFILL_ATTENTION, ExportDecoder, export_mode, past_names, present_names
 
 __all__ = [
     "SUPPORTED_OPSETS", "DEFAULT_OPSET", "ExportError", "load_model_dir", "export_onnx",
@@ -167,11 +170,15 @@ def check_parity(model, onnx_dir: str | Path, batch: int = 3, prompt_len: int = 
 
 
 def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT_OPSET, atol: float = 1e-4,
-                overwrite: bool = False, model=None) -> dict:
+                overwrite: bool = False, model=None, prefill_attention: str = "windowed",
+                chunk: int = DEFAULT_EXPORT_CHUNK) -> dict:
     """Export the model saved in `model_dir` to `out_dir` (layout in the module docstring).
 
     model: an already loaded model to export instead of loading `model_dir` (its config
     and tokenizer files are still copied from `model_dir` when present).
+    prefill_attention: "windowed" (sparse models: O(T * (W + chunk + G)) attention in the
+    prefill graph) or "dense" (an explicit (T, T) mask, the reference); chunk: queries per
+    chunk of the windowed kernel.
     Raises FileNotFoundError (no model), ValueError (unsupported opset), FileExistsError
     (`out_dir` not empty and not `overwrite`), ExportError (ORT logits drift past `atol`).
     Returns the export info written to export.json.
@@ -179,10 +186,15 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     if opset not in SUPPORTED_OPSETS:
         raise ValueError(f"opset {opset} is not supported; use one of {SUPPORTED_OPSETS[0]}..{SUPPORTED_OPSETS[-1]} "
                          f"(torch.onnx emits opset >= 18 and onnxruntime runs up to 23); default {DEFAULT_OPSET}")
+    if prefill_attention not in PREFILL_ATTENTION:
+        raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTION}, got {prefill_attention!r}")
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
     model = model if model is not None else load_model_dir(model_dir)
     model = model.float().eval()
     cfg = model.config
-    wrapper = ExportDecoder(model).eval()
+    wrapper = ExportDecoder(model, prefill_attention, chunk).eval()
+    windowed = prefill_attention == "windowed" and cfg.attention == "sparse"
     with atomic_output_dir(out_dir, overwrite) as tmp:
         log.info("exporting prefill and decode graphs (opset %d)", opset)
         graphs = {"prefill": _export_graph(wrapper, False, opset), "decode": _export_graph(wrapper, True, opset)}
@@ -195,9 +207,12 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
                 "num_layers": cfg.num_hidden_layers, "num_key_value_heads": cfg.num_key_value_heads,
                 "head_dim": cfg.head_dim, "vocab_size": cfg.vocab_size,
                 "max_position_embeddings": cfg.max_position_embeddings,
+                "prefill_attention": {"kind": "windowed", "chunk": chunk} if windowed else {"kind": "dense"},
                 "eos_token_id": cfg.eos_token_id, "pad_token_id": cfg.pad_token_id}
         (tmp / "export.json").write_text(json.dumps(info, indent=2))
-        parity = check_parity(model, tmp)
+        # a prompt longer than window + chunk, so that the windowed prefill's chunk layout is exercised
+        prompt_len = min(cfg.window_size + 2 * chunk + 5, cfg.max_position_embeddings - 8) if windowed else 11
+        parity = check_parity(model, tmp, prompt_len=prompt_len)
         worst = max(parity.values())
         if not worst <= atol:  # also catches NaN
             raise ExportError(f"ONNX Runtime logits differ from eager PyTorch by {worst:.3g} (tolerance {atol:g}): "

@@ -60,6 +60,7 @@ class OrtCausalLM:
         self.eos_token_id = self.info.get("eos_token_id")
         self.pad_token_id = self.info.get("pad_token_id") or 0
         self.max_length = int(self.info["max_position_embeddings"])
+        self.windowed_prefill = self.info.get("prefill_attention", {}).get("kind") == "windowed"
 
     def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
                 past: list[np.ndarray] | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -73,6 +74,11 @@ class OrtCausalLM:
                              f"({input_ids.shape[0]}, {P + input_ids.shape[-1]}), got {attention_mask.shape}")
         feed = {"input_ids": input_ids, "attention_mask": attention_mask}
         if past is None:
+            if self.windowed_prefill and not _contiguous_rows(attention_mask):
+                raise ValueError("the prefill graph runs windowed attention, which needs each row's real tokens "
+                                 "to be contiguous (left or right padding only); got a mask with padding inside "
+                                 "a row. Left-pad the prompts (as generate() does) or export with "
+                                 "prefill_attention='dense'")
             outs = self.sessions["prefill"].run(None, feed)
         else:
             if len(past) != 2 * self.num_layers:
@@ -130,6 +136,15 @@ class OrtCausalLM:
             mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
             logits, past = self.forward(step[:, None], mask, past)
         return outputs
+
+
+def _contiguous_rows(mask: np.ndarray) -> bool:
+    """True when the ones of every row of a (B, T) 0/1 mask form one run (or the row is empty)."""
+    m = mask.astype(bool)
+    n = m.sum(1)
+    first = m.argmax(1)
+    last = m.shape[1] - 1 - m[:, ::-1].argmax(1)
+    return bool(np.all((n == 0) | (last - first + 1 == n)))
 
 
 def evaluate_ort(lm: OrtCausalLM, batches) -> dict[str, float]:

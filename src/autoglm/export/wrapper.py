@@ -5,8 +5,11 @@
 head as eager inference) with three changes that make the graph static and traceable:
 
 * positions always come from the attention mask (the "per-row positions" path of
-  `model.build_metadata`): `k_pos = cumsum(mask) - 1`, so the dense masked kernel
-  (`attend_dense`) runs for every length and there is no `mask.all()` branch to bake in;
+  `model.build_metadata`): `k_pos = cumsum(mask) - 1`, so there is no `mask.all()` branch
+  to bake in. The decode graph runs the dense masked kernel (`attend_dense`: a few new
+  queries against the cache); the prefill graph of a sparse model runs the windowed kernel
+  (`export.attention.WindowedPrefill`, O(T * (W + C + G)) instead of a (T, T) mask) unless
+  `prefill_attention="dense"`;
 * the KV cache is a small object with the HF `Cache.update` method that concatenates the
   graph's `past_key_values` inputs with the new keys/values and records them as outputs;
 * every MoE layer uses the static `dense` dispatch (every expert on every token, a dense
@@ -30,8 +33,12 @@ import torch.nn.functional as F
 
 from ..modules import AttentionMetadata, LearnedPositionEmbedding
 from ..modules.moe import MoEFeedForward
+from .attention import DEFAULT_EXPORT_CHUNK, WindowedPrefill
 
-__all__ = ["ExportDecoder", "dense_moe_dispatch", "export_mode", "past_names", "present_names"]
+__all__ = ["ExportDecoder", "PREFILL_ATTENTION", "dense_moe_dispatch", "export_mode", "past_names", "present_names"]
+
+
+PREFILL_ATTENTION = ("windowed", "dense")
 
 
 def past_names(num_layers: int) -> list[str]:
@@ -109,15 +116,20 @@ class ExportDecoder(nn.Module):
                     tokens and the new ones (left padding is supported: a token's position
                     is the number of real tokens before it).
     past:           2 * L tensors (B, Hkv, P, D) -- key and value per layer -- or none
-                    (the prefill graph).
+                    (the prefill graph; with windowed attention each row's real tokens must
+                    be contiguous, i.e. left or right padding).
     logits:         (B, T, V) float32.
     present:        2 * L tensors (B, Hkv, P + T, D).
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, prefill_attention: str = "windowed",
+                 chunk: int = DEFAULT_EXPORT_CHUNK) -> None:
         super().__init__()
+        if prefill_attention not in PREFILL_ATTENTION:
+            raise ValueError(f"prefill_attention must be one of {PREFILL_ATTENTION}, got {prefill_attention!r}")
         self.model = model
         self.num_layers = model.config.num_hidden_layers
+        self.prefill_attention, self.chunk = prefill_attention, chunk
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -126,6 +138,10 @@ class ExportDecoder(nn.Module):
         k_pos = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, P + T)
         q_pos = k_pos[:, k_pos.shape[1] - T:]  # (B, T)
         meta = AttentionMetadata(q_offset=0, q_pos=q_pos, k_pos=k_pos, k_valid=valid)
+        cfg = self.model.config
+        if not past and self.prefill_attention == "windowed" and cfg.attention == "sparse":
+            # one mask / index layout for every layer (see export.attention)
+            meta.kernel = WindowedPrefill(attention_mask, cfg.window_size, cfg.num_global_tokens, self.chunk)
         cache = _GraphCache(list(past) if past else None)
         out = self.model.model(input_ids, q_pos, meta, cache)
         logits = self.model.lm_head(out.last_hidden_state).float()  # (B, T, V)
