@@ -52,6 +52,9 @@ def _moe_dispatch(model, tokens: int):
     saved = [m.dispatch for m in moes]
     for m in moes:
         m.dispatch = "gather" if tokens * m.top_k <= 2 * m.num_experts else "dense"
+    for m in moes:  # stacked expert weights built (or refreshed) eagerly, outside any tracing
+        if m.dispatch == "gather":
+            m.stacked_weights()
     try:
         yield
     finally:
@@ -115,6 +118,11 @@ class CUDAGraphDecoder:
             with _moe_dispatch(self.runner.model, B):
                 logits = self.forward(bucket.layout, rows=bucket.rows).logits
         return logits[:len(sched)].clone()
+
+    def reset(self) -> None:
+        """Forget the captured graphs (call after changing weights in place: MoE layers replay a
+        stacked copy of the expert weights taken at capture)."""
+        self.buckets.clear()
 
     # --------------------------------------------------------------- internals
     def _rows(self, so: SchedulerOutput):

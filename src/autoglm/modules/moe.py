@@ -90,7 +90,11 @@ class MoEFeedForward(nn.Module):
         return torch.zeros_like(xf).index_add_(0, token_of, ys)
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E, 2 * hidden, d) gate|up and (E, d, hidden) down weights of all experts, cached."""
+        """(E, 2 * hidden, d) gate|up and (E, d, hidden) down weights of all experts, cached.
+        Under torch.compile the cache built before compiling is used as is (the version check
+        is Python-side bookkeeping a traced graph cannot hold)."""
+        if torch.compiler.is_compiling() and hasattr(self, "_stacked"):
+            return self._stacked
         params = [p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if getattr(self, "_stacked_key", None) != key:
