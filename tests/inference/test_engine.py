@@ -115,3 +115,24 @@ def test_kv_waste_accounting(preset):
         eng.generate(ps, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
         wastes.append(eng.stats.kv_waste)
     assert wastes[0] == 0.0 and 0.0 < wastes[1] < 0.6
+
+
+def test_logprobs_of_streamed_outputs_match_a_full_forward(tiny_model):
+    ids = prompts(1, 12, 13, seed=5)[0]
+    eng = LLMEngine(tiny_model, config=EngineConfig(block_size=4, num_blocks=64))
+    rid = eng.add_request(ids, SamplingParams(max_tokens=10, temperature=0.8, seed=3, ignore_eos=True, logprobs=4))
+    entries, out = [], []
+    while eng.has_unfinished():
+        for o in eng.step():
+            assert o.request_id == rid and len(o.logprobs) == len(o.new_token_ids) == 1
+            entries += o.logprobs
+            out += o.new_token_ids
+    with torch.no_grad():
+        ref = tiny_model(torch.tensor([ids + out])).logits[0, len(ids) - 1:-1].float().log_softmax(-1)
+    for i, (e, t) in enumerate(zip(entries, out)):
+        assert e.token_id == t and abs(e.logprob - float(ref[i, t])) < 1e-4
+        top = ref[i].topk(4)
+        assert [j for j, _ in e.top] == top.indices.tolist()
+        torch.testing.assert_close(torch.tensor([v for _, v in e.top]), top.values, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="logprobs"):
+        SamplingParams(logprobs=21)

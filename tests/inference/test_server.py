@@ -139,3 +139,59 @@ def test_metrics_count_observations(client, server):
     after = [count(n) for n in ("autoglm_time_to_first_token_seconds_count", "autoglm_request_queue_time_seconds_count",
                                 "autoglm_generation_tokens_total")]
     assert [a - b for a, b in zip(after, before)] == [1, 1, 5]
+
+
+def model_logprobs(engine, prompt_ids, output_ids):
+    """Reference: one full forward over prompt + output, log-softmax at each output position."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + output_ids])
+    with torch.no_grad():
+        lp = engine.model(ids).logits[0].float().log_softmax(-1)
+    return lp[len(prompt_ids) - 1:len(prompt_ids) - 1 + len(output_ids)]
+
+
+def test_completion_logprobs_match_a_full_forward(client, server):
+    engine = server[1]
+    out = client.completions.create(model="tiny", prompt="Return the value", max_tokens=8, temperature=0, logprobs=3)
+    lp = out.choices[0].logprobs
+    _, r = reference(engine, "Return the value", max_tokens=8, temperature=0)
+    ref = model_logprobs(engine, r.prompt_ids, r.output_ids)
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == len(r.output_ids)
+    for i, t in enumerate(r.output_ids):
+        assert abs(lp.token_logprobs[i] - float(ref[i, t])) < 1e-4
+        assert lp.tokens[i] == engine.tokenizer.decode([t])
+        # top-3 alternatives keyed by text (ids that decode alike keep the likelier): values from the reference top-3
+        top3 = ref[i].topk(3).values.tolist()
+        assert all(any(abs(v - w) < 1e-4 for w in top3) for v in lp.top_logprobs[i].values())
+        assert max(lp.top_logprobs[i].values()) == pytest.approx(top3[0], abs=1e-4)
+        assert lp.token_logprobs[i] == pytest.approx(top3[0], abs=1e-4)  # greedy picks the top token
+    # offsets of each token's own text (a character split across tokens decodes as U+FFFD per piece)
+    assert lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))]
+
+
+def test_chat_logprobs_streamed_and_not(client, server):
+    msgs = [{"role": "user", "content": "Open the file"}]
+    full = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0, logprobs=True,
+                                          top_logprobs=2)
+    content = full.choices[0].logprobs.content
+    assert len(content) == full.usage.completion_tokens
+    assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].logprob >= c.top_logprobs[1].logprob for c in content)
+    assert all(c.logprob == pytest.approx(c.top_logprobs[0].logprob, abs=1e-5) for c in content)  # greedy
+    chunks = list(client.chat.completions.create(model="tiny", messages=msgs, max_tokens=6, temperature=0,
+                                                 logprobs=True, top_logprobs=2, stream=True))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-6)
+    plain = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0)
+    assert plain.choices[0].logprobs is None
+
+
+def test_bad_logprobs_requests(client):
+    msgs = [{"role": "user", "content": "x"}]
+    with pytest.raises(openai.BadRequestError, match="top_logprobs"):
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, top_logprobs=2)
+    with pytest.raises(openai.BadRequestError, match=r"\[0, 20\]"):
+        client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, logprobs=True, top_logprobs=50)
+    with pytest.raises(openai.BadRequestError, match=r"\[0, 20\]"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=2, logprobs=-1)

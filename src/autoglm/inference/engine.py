@@ -25,7 +25,7 @@ from .block_pool import BlockPool
 from .cuda_graph import CUDAGraphDecoder
 from .kv_cache_manager import KVCacheManager
 from .lora import LoRAAdapter, MultiLoRA
-from .request import FinishReason, Request, RequestOutput, SamplingParams
+from .request import FinishReason, Request, RequestOutput, SamplingParams, TokenLogprob
 from .runner import ModelRunner
 from .sampling import sample_token
 from .scheduler import Scheduler
@@ -62,6 +62,16 @@ class EngineStats:
     @property
     def kv_waste(self) -> float:
         return 1.0 - self.kv_slots_used / self.kv_slots_allocated if self.kv_slots_allocated else 0.0
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """Log-probability of `token` under softmax(logits (V,)) and the `top` most likely tokens."""
+    lp = logits.float().log_softmax(-1)
+    alts = []
+    if top:
+        v, i = lp.topk(top)
+        alts = list(zip(i.tolist(), v.tolist()))
+    return TokenLogprob(token, float(lp[token]), alts)
 
 
 class LLMEngine:
@@ -205,7 +215,10 @@ class LLMEngine:
             if req.first_token_time is None:
                 req.first_token_time = now
             self.stats.generated_tokens += 1
-            results.append(self._check_stop(req, tok))
+            out_i = self._check_stop(req, tok)
+            if req.params.logprobs is not None:
+                out_i.logprobs = [token_logprob(logits, tok, req.params.logprobs)]
+            results.append(out_i)
         self.stats.preemptions = self.scheduler.num_preemptions
         return results
 

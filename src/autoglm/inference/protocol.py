@@ -33,8 +33,8 @@ class _Common(BaseModel):
     # accepted only at their neutral values (see UNSUPPORTED)
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
-    logprobs: Union[bool, int, None] = None
-    top_logprobs: int | None = None
+    logprobs: Union[bool, int, None] = None  # completions: int (top alternatives); chat: bool
+    top_logprobs: int | None = None  # chat only: alternatives per token (needs logprobs: true)
     logit_bias: dict | None = None
     response_format: dict | None = None
     tools: list | None = None
@@ -45,8 +45,7 @@ class _Common(BaseModel):
 
 
 # field -> value it must keep (anything else is a 400: the server does not implement it)
-UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logprobs": (None, False, 0),
-               "top_logprobs": (None, 0), "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
                "echo": False, "best_of": (None, 1), "suffix": (None, "")}
 
 

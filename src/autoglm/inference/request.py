@@ -14,9 +14,11 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["SamplingParams", "Request", "RequestStatus", "RequestOutput", "FinishReason"]
+__all__ = ["SamplingParams", "Request", "RequestStatus", "RequestOutput", "FinishReason", "TokenLogprob",
+           "MAX_LOGPROBS"]
 
 _ids = itertools.count()
+MAX_LOGPROBS = 20
 
 
 @dataclass
@@ -38,6 +40,7 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each new token's log-probability and this many top alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -50,6 +53,8 @@ class SamplingParams:
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+             f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top alternatives per token), got {self.logprobs!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -113,6 +118,17 @@ class Request:
 
 
 @dataclass
+class TokenLogprob:
+    """Log-probability of a generated token under the model's distribution (log-softmax of the
+    raw logits, before temperature / penalties / filters, as vLLM reports by default) and the
+    top alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
 class RequestOutput:
     """What one engine step reports for one request (streamed to the caller)."""
 
@@ -125,3 +141,4 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first admission; set on the first output only
+    logprobs: list[TokenLogprob] | None = None  # one per new token when SamplingParams.logprobs is set

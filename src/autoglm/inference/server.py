@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from .async_engine import AsyncEngine
 from .protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest
-from .request import RequestOutput, SamplingParams
+from .request import MAX_LOGPROBS, RequestOutput, SamplingParams
 
 __all__ = ["create_app", "ServerMetrics", "APIError", "chat_prompt", "BackgroundServer"]
 
@@ -85,6 +85,7 @@ def _params(req, max_tokens: int | None, context: int, prompt_len: int) -> Sampl
     if rf is not None and rf.get("type") != "text":
         raise APIError(400, f"response_format {rf.get('type')!r} is not supported (no constrained decoding); "
                             "use type 'text' or drop the field", "response_format", "unsupported_parameter")
+    logprobs = _logprobs_arg(req)
     room = context - prompt_len
     if max_tokens is None:
         max_tokens = min(16 if isinstance(req, CompletionRequest) else room, room)
@@ -98,9 +99,76 @@ def _params(req, max_tokens: int | None, context: int, prompt_len: int) -> Sampl
     try:
         return SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
                               repetition_penalty=req.repetition_penalty, seed=req.seed, stop=stop,
-                              ignore_eos=req.ignore_eos)
+                              ignore_eos=req.ignore_eos, logprobs=logprobs)
     except ValueError as e:
         raise APIError(400, str(e)) from None
+
+
+def _logprobs_arg(req) -> int | None:
+    """Number of top alternatives per token, or None when logprobs are not asked for.
+    Completions: `logprobs: N`. Chat: `logprobs: true` with optional `top_logprobs: N`."""
+    if isinstance(req, CompletionRequest):
+        if req.top_logprobs is not None:
+            raise APIError(400, "'top_logprobs' belongs to chat completions; for completions send 'logprobs': N",
+                           "top_logprobs")
+        if req.logprobs is None:
+            return None
+        if isinstance(req.logprobs, bool):
+            raise APIError(400, "'logprobs' of a completion is an integer (top alternatives per token, 0-"
+                                f"{MAX_LOGPROBS}), not a boolean", "logprobs")
+        n = req.logprobs
+    else:
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):
+            raise APIError(400, "'logprobs' of a chat completion is a boolean; give the number of alternatives "
+                                "in 'top_logprobs'", "logprobs")
+        if not req.logprobs:
+            if req.top_logprobs:
+                raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            return None
+        n = req.top_logprobs or 0
+    if not 0 <= n <= MAX_LOGPROBS:
+        raise APIError(400, f"the number of top logprobs must be in [0, {MAX_LOGPROBS}], got {n}",
+                       "logprobs" if isinstance(req, CompletionRequest) else "top_logprobs")
+    return n
+
+
+class _LogprobWriter:
+    """Per-choice logprobs in the OpenAI shapes: completions `{tokens, token_logprobs,
+    top_logprobs, text_offset}`, chat `{content: [{token, logprob, bytes, top_logprobs}]}`."""
+
+    def __init__(self, tok, chat: bool) -> None:
+        self.tok, self.chat, self.offset = tok, chat, 0
+
+    def text(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+    def payload(self, entries) -> dict | None:
+        if entries is None:
+            return None
+        if self.chat:
+            def item(tid, lp):
+                t = self.text(tid)
+                return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+            return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, v) for i, v in e.top]}
+                                for e in entries]}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            t = self.text(e.token_id)
+            out["tokens"].append(t)
+            out["token_logprobs"].append(e.logprob)
+            tops = {}
+            for i, v in e.top:
+                tops.setdefault(self.text(i), v)  # two ids can decode to the same text: keep the likelier
+            out["top_logprobs"].append(tops)
+            out["text_offset"].append(self.offset)
+            self.offset += len(t)
+        return out
+
+    @staticmethod
+    def merge(a: dict | None, b: dict | None) -> dict | None:
+        if a is None or b is None:
+            return a or b
+        return {k: a[k] + b[k] for k in a}
 
 
 def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | None = None,
@@ -260,13 +328,16 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
             return StreamingResponse(sse(subs, rid, created, obj, chat, include_usage, len(prompt_ids), req.model),
                                      media_type="text/event-stream")
         texts, finals = [""] * req.n, [None] * req.n
+        writers = [_LogprobWriter(tok, chat) for _ in range(req.n)]
+        lps = [None] * req.n
         async for i, o in stream(subs):
             texts[i] += o.new_text
+            lps[i] = _LogprobWriter.merge(lps[i], writers[i].payload(o.logprobs))
             if o.finished:
                 finals[i] = o
         choices = []
         for i, (t, o) in enumerate(zip(texts, finals)):
-            c = {"index": i, "finish_reason": o.finish_reason.value, "stop_reason": o.stop_reason, "logprobs": None}
+            c = {"index": i, "finish_reason": o.finish_reason.value, "stop_reason": o.stop_reason, "logprobs": lps[i]}
             c.update({"message": {"role": "assistant", "content": t}} if chat else {"text": t})
             choices.append(c)
         return {"id": rid, "object": obj, "created": created, "model": req.model, "choices": choices,
@@ -280,13 +351,14 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
             return f"data: {json.dumps({**base, 'choices': choices, **extra})}\n\n"
 
         finals = []
+        writers = [_LogprobWriter(tok, chat) for _ in subs]
         try:
             if chat:
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
                              for i in range(len(subs))])
             async for i, o in stream(subs):
                 fr = o.finish_reason.value if o.finished else None
-                c = {"index": i, "finish_reason": fr, "logprobs": None}
+                c = {"index": i, "finish_reason": fr, "logprobs": writers[i].payload(o.logprobs)}
                 if o.finished:
                     c["stop_reason"] = o.stop_reason
                     finals.append(o)
