@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from autoglm.graph.clean import clean_graph
 from autoglm.graph.datasets import load_graph
 from autoglm.graph.experiment import ssl_probe
 from autoglm.graph.probe import linear_probe
@@ -43,8 +42,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def probe_section(data, cfg: GraphSSLConfig, seeds: int, epochs: int, lr: float, first_seed: int = 0) -> dict:
-    res = ssl_probe(data, cfg, seeds=list(range(first_seed, first_seed + seeds)), epochs=epochs, lr=lr)
+def probe_section(data, cfg: GraphSSLConfig, seeds: int, epochs: int, lr: float, first_seed: int = 0,
+                  weight_decay: float = 2e-4, device: str | None = None) -> dict:
+    res = ssl_probe(data, cfg, seeds=list(range(first_seed, first_seed + seeds)), epochs=epochs, lr=lr,
+                    weight_decay=weight_decay, device=device)
     raw = linear_probe(data.x, data.y, data.train_mask, data.val_mask, data.test_mask, weight_decay=1e-2)
     res["raw_feature_probe"] = 100 * raw["test_acc"]
     return res
@@ -132,6 +133,7 @@ def scale_section(num_nodes: int, num_edges: int, num_features: int, hidden: int
 
 def clean_section(num_edges: int, num_nodes: int, workdir: Path, memory_limit: str) -> dict:
     """Generate an edge CSV with 1% duplicates, 0.1% self-loops, 0.1% missing targets; clean it."""
+    from autoglm.graph.clean import clean_graph  # DuckDB only where this section runs
     path = workdir / "edges.csv"
     gen = torch.Generator().manual_seed(0)
     chunk = 1_000_000
@@ -201,6 +203,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--first-seed", type=int, default=0, help="seeds are first_seed .. first_seed + seeds - 1")
     ap.add_argument("--epochs", type=int, default=200)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--weight-decay", type=float, default=2e-4, help="AdamW (decoupled) weight decay")
+    ap.add_argument("--l2", type=float, default=0.0, help="coupled L2 in the loss (torch Adam's weight_decay)")
+    ap.add_argument("--attention", action=argparse.BooleanOptionalAction, default=False)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--residual", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--dropout", type=float, default=0.2)
+    ap.add_argument("--input-dropout", type=float, default=0.0)
+    ap.add_argument("--attn-dropout", type=float, default=0.1)
+    ap.add_argument("--replace-rate", type=float, default=0.0)
+    ap.add_argument("--device", default=None, help="cpu / cuda; default: CUDA when available")
     ap.add_argument("--hidden-dim", type=int, default=256)
     ap.add_argument("--num-layers", type=int, default=2)
     ap.add_argument("--mask-rate", type=float, default=0.5)
@@ -227,11 +239,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = GraphSSLConfig(hidden_dim=args.hidden_dim, num_layers=args.num_layers, mask_rate=args.mask_rate,
                          sce_alpha=3.0, contrastive_weight=args.contrastive_weight,
                          reconstruction_weight=args.reconstruction_weight, contrastive_nodes=args.contrastive_nodes,
-                         propagate_input=args.propagate_input)
+                         propagate_input=args.propagate_input, attention=args.attention, heads=args.heads,
+                         residual=args.residual,
+                         dropout=args.dropout, input_dropout=args.input_dropout, attn_dropout=args.attn_dropout,
+                         replace_rate=args.replace_rate, l2=args.l2)
     if sections & {"probe", "augmentations"}:
         data = load_graph(args.dataset, args.root, args.cache_dir, normalize_features=False)
         if "probe" in sections:
-            res["probe"] = probe_section(data, cfg, args.seeds, args.epochs, args.lr, args.first_seed)
+            res["probe"] = probe_section(data, cfg, args.seeds, args.epochs, args.lr, args.first_seed,
+                                         args.weight_decay, args.device)
             log.info("probe: %.2f +/- %.2f", res["probe"]["mean"], res["probe"]["std"])
         if "augmentations" in sections:
             res["augmentations"] = augmentation_section(data, cfg, args.aug_seeds, args.aug_epochs, args.lr, 5)

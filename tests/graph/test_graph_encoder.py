@@ -40,23 +40,52 @@ def test_gcn_encoder_matches_dense_reference(propagate_input):
     torch.testing.assert_close(enc(x, ei), h)
 
 
+def _naive_attention(hw, ei, att_src, att_dst, n):
+    """GAT aggregation as a per-node, per-head loop. hw (n, H*C) -> (n, H*C)."""
+    heads = att_src.shape[0]
+    hw = hw.view(n, heads, -1)
+    edges = [(s, t) for s, t in ei.t().tolist() if s != t] + [(i, i) for i in range(n)]
+    out = torch.zeros_like(hw)
+    for i in range(n):
+        nbrs = [s for s, t in edges if t == i]
+        for hd in range(heads):
+            e = torch.stack([torch.nn.functional.leaky_relu(
+                (hw[j, hd] * att_src[hd]).sum() + (hw[i, hd] * att_dst[hd]).sum(), 0.2) for j in nbrs])
+            a = e.softmax(0)
+            out[i, hd] = sum(a[k] * hw[j, hd] for k, j in enumerate(nbrs))
+    return out.view(n, -1)
+
+
 def test_attention_encoder_matches_naive_loop():
     x, ei = _graph(n=7, e=20, seed=1)
     enc = GraphEncoder(5, 8, num_layers=1, attention=True, heads=2).eval()
     layer = enc.layers[0]
     h = enc.input(x)
-    hw = (h @ layer.lin.weight.t()).view(7, 2, 4)
-    edges = [(s, t) for s, t in ei.t().tolist() if s != t] + [(i, i) for i in range(7)]
-    out = torch.zeros(7, 2, 4)
-    for i in range(7):
-        nbrs = [s for s, t in edges if t == i]
-        for hd in range(2):
-            e = torch.stack([torch.nn.functional.leaky_relu(
-                (hw[j, hd] * layer.att_src[hd]).sum() + (hw[i, hd] * layer.att_dst[hd]).sum(), 0.2) for j in nbrs])
-            a = e.softmax(0)
-            out[i, hd] = sum(a[k] * hw[j, hd] for k, j in enumerate(nbrs))
-    ref = h + layer.act(out.view(7, 8) + layer.bias)
+    out = _naive_attention(h @ layer.lin.weight.t(), ei, layer.att_src, layer.att_dst, 7)
+    ref = h + layer.act(out + layer.bias)
     torch.testing.assert_close(enc(x, ei), ref)
+
+
+def test_attention_input_propagation_and_plain_layers_match_naive_loop():
+    """propagate_input with attention: h_0 = attention-weighted mean of x W_in; residual=False:
+    h_l = act(aggregate(h_{l-1}) W_l) with no identity path (GraphMAE's plain GAT)."""
+    x, ei = _graph(n=7, e=20, seed=2)
+    enc = GraphEncoder(5, 8, num_layers=2, attention=True, heads=2, propagate_input=True, residual=False).eval()
+    ia = enc.input_attention
+    h = _naive_attention(enc.input(x), ei, ia.att_src, ia.att_dst, 7)
+    for layer in enc.layers:
+        h = layer.act(_naive_attention(h @ layer.lin.weight.t(), ei, layer.att_src, layer.att_dst, 7) + layer.bias)
+    torch.testing.assert_close(enc(x, ei), h)
+
+
+def test_plain_gcn_layers_match_dense_reference():
+    x, ei = _graph()
+    enc = GraphEncoder(5, 8, num_layers=2, residual=False).eval()
+    a = _dense_norm_adj(ei, 12)
+    h = enc.input(x)
+    for layer in enc.layers:
+        h = layer.act(a @ h @ layer.lin.weight.t() + layer.bias)
+    torch.testing.assert_close(enc(x, ei), h)
 
 
 def test_gradients_flow_and_no_dense_matrix():

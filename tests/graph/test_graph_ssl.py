@@ -10,7 +10,7 @@ from autoglm.cli import app
 from autoglm.graph.datasets import sbm_graph
 from autoglm.graph.experiment import embed, load_ssl_model, save_ssl_model, ssl_probe
 from autoglm.graph.losses import info_nce, scaled_cosine_error
-from autoglm.graph.probe import linear_probe
+from autoglm.graph.probe import linear_probe, tuned_linear_probe
 from autoglm.graph.ssl import GraphSSLConfig, GraphSSLModel, GraphSSLObjective, pretrain_graph
 
 
@@ -46,6 +46,57 @@ def test_masked_nodes_only_see_mask_token(graph):
     x2 = graph.x.clone()
     x2[:50] = torch.rand(50, 64)  # changing masked inputs must not change anything
     torch.testing.assert_close(model.reconstruct(x2, mask, g), a)
+
+
+def test_attention_decoder_reconstructs_masked_nodes_from_neighbours(graph):
+    """With attention the decoder propagates too: masked rows are not all the same constant
+    (they were, when the decoder was a bare Linear on re-masked zeros)."""
+    cfg = GraphSSLConfig(hidden_dim=16, num_layers=1, attention=True, heads=2, dropout=0.0, attn_dropout=0.0)
+    model = GraphSSLModel(64, cfg).eval()
+    mask = torch.zeros(200, dtype=torch.bool)
+    mask[:50] = True
+    out = model.reconstruct(graph.x, mask, model.encoder.prepare(graph.edge_index, 200))
+    assert float(out[mask].detach().std(0).max()) > 1e-3
+
+
+def test_replaced_masked_nodes_see_the_source_node_features(graph):
+    """replace_from: masked node i encodes x[replace_from[i]] instead of [MASK]; equal to
+    feeding that row as if it were i's own features, then masking only for the loss."""
+    cfg = GraphSSLConfig(hidden_dim=16, num_layers=1, dropout=0.0)
+    model = GraphSSLModel(64, cfg).eval()
+    g = model.encoder.prepare(graph.edge_index, 200)
+    mask = torch.zeros(200, dtype=torch.bool)
+    mask[:50] = True
+    rf = torch.full((200,), -1)
+    rf[:10] = torch.arange(100, 110)
+    x2 = graph.x.clone()
+    x2[:10] = graph.x[100:110]
+    mask2 = mask.clone()
+    # reference: nodes 0-9 carry node 100-109's features into the encoder ...
+    h = model.encoder(torch.where(mask2.unsqueeze(1) & (rf < 0).unsqueeze(1), model.mask_token.expand_as(x2), x2),
+                      graph=g)
+    rep = model.encoder_to_decoder(model.decoder_act(h)).masked_fill(mask.unsqueeze(1), 0.0)
+    torch.testing.assert_close(model.reconstruct(graph.x, mask, g, rf), g[0] @ model.decoder(rep))
+
+
+def test_l2_term_is_half_sum_of_squares(graph):
+    base = dict(hidden_dim=16, num_layers=1, dropout=0.0, contrastive_weight=0.0)
+    model = GraphSSLModel(64, GraphSSLConfig(**base))
+    batch = {"x": graph.x, "edge_index": graph.edge_index, "step": 1}
+    plain = GraphSSLObjective(GraphSSLConfig(**base))(model, batch)["loss"]
+    reg = GraphSSLObjective(GraphSSLConfig(**base, l2=1e-3))(model, batch)["loss"]
+    torch.testing.assert_close(reg - plain, 0.5e-3 * sum(float(p.pow(2).sum()) for p in model.parameters()) * torch.ones(()))
+
+
+def test_tuned_probe_selects_on_validation_only(graph):
+    emb = torch.randn(200, 8) + torch.nn.functional.one_hot(graph.y, 8).float()
+    masks = (graph.y, graph.train_mask, graph.val_mask, graph.test_mask)
+    grid = [(std, wd) for std in (False, True) for wd in (1e-4, 1e-1)]
+    runs = [linear_probe(emb, *masks, weight_decay=wd, standardize=std) for std, wd in grid]
+    best = max(range(len(runs)), key=lambda i: (runs[i]["val_acc"], -i))  # ties -> first
+    got = tuned_linear_probe(emb, *masks, weight_decays=(1e-4, 1e-1))
+    assert got["test_acc"] == runs[best]["test_acc"] and got["val_acc"] == max(r["val_acc"] for r in runs)
+    assert (bool(got["standardize"]), got["weight_decay"]) == grid[best]
 
 
 def test_pretraining_beats_raw_features_and_random_encoder_and_is_deterministic(graph):

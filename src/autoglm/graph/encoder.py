@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch_geometric.utils import softmax as segment_softmax
 
-__all__ = ["normalized_adjacency", "ResidualGraphLayer", "GraphEncoder"]
+__all__ = ["normalized_adjacency", "attention_aggregate", "EdgeAttention", "ResidualGraphLayer", "GraphEncoder"]
 
 
 def _validate(edge_index: torch.Tensor, num_nodes: int) -> None:
@@ -68,16 +68,57 @@ def normalized_adjacency(edge_index: torch.Tensor, num_nodes: int,
         return adj.to_sparse_csr()
 
 
+def attention_aggregate(hw: torch.Tensor, edge_index: torch.Tensor, att_src: torch.Tensor, att_dst: torch.Tensor,
+                        attn_dropout: float = 0.0, training: bool = False) -> torch.Tensor:
+    """GAT aggregation of already-projected features, edge-wise (no dense N x N).
+
+    hw (N, D), edge_index (2, E) (source, target) incl. self-loops, att_src / att_dst (H, D/H)
+    -> (N, D): for each head, out_i = sum_j alpha_ij hw_j over i's in-edges with
+    alpha = softmax_j LeakyReLU(a_src . hw_j + a_dst . hw_i) (slope 0.2); heads concatenated.
+    """
+    n, d = hw.shape
+    heads = att_src.shape[0]
+    hh = hw.view(n, heads, d // heads)  # (N, H, C)
+    src, dst = edge_index
+    a_src = (hh * att_src).sum(-1)  # (N, H)
+    a_dst = (hh * att_dst).sum(-1)
+    score = nn.functional.leaky_relu(a_src[src] + a_dst[dst], 0.2)  # (E, H)
+    alpha = segment_softmax(score, dst, num_nodes=n)  # sums to 1 over each target's in-edges
+    alpha = nn.functional.dropout(alpha, attn_dropout, training)
+    msg = hh[src] * alpha.unsqueeze(-1)  # (E, H, C)
+    return torch.zeros_like(hh).index_add_(0, dst, msg).view(n, d)
+
+
+class EdgeAttention(nn.Module):
+    """The attention weights of one GAT aggregation, as a module: hw (N, D), edge_index with
+    self-loops -> (N, D). Used for attention-mode input propagation and the decoder."""
+
+    def __init__(self, dim: int, heads: int = 1, attn_dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be divisible by heads ({heads}) for attention")
+        self.attn_dropout = attn_dropout
+        self.att_src = nn.Parameter(torch.empty(heads, dim // heads))
+        self.att_dst = nn.Parameter(torch.empty(heads, dim // heads))
+        nn.init.xavier_uniform_(self.att_src)
+        nn.init.xavier_uniform_(self.att_dst)
+
+    def forward(self, hw: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
+        return attention_aggregate(hw, edge_index, self.att_src, self.att_dst, self.attn_dropout, self.training)
+
+
 class ResidualGraphLayer(nn.Module):
-    """h -> h + act(aggregate(h) W), aggregate = norm_adj @ (or attention over in-edges).
+    """h -> h + act(aggregate(h) W), aggregate = norm_adj @ (or attention over in-edges);
+    with `residual=False` the plain GCN / GAT layer h -> act(aggregate(h) W).
 
     h (N, D) -> (N, D). With attention, D must divide by `heads`; each head has D/heads
     channels and scores e_ij = LeakyReLU(a_src . (W h_j) + a_dst . (W h_i)).
     """
 
     def __init__(self, dim: int, attention: bool = False, heads: int = 1, dropout: float = 0.0,
-                 attn_dropout: float = 0.0) -> None:
+                 attn_dropout: float = 0.0, residual: bool = True) -> None:
         super().__init__()
+        self.residual = residual
         if attention and dim % heads:
             raise ValueError(f"hidden_dim ({dim}) must be divisible by heads ({heads}) for attention")
         self.attention, self.heads = attention, heads
@@ -98,20 +139,12 @@ class ResidualGraphLayer(nn.Module):
         hw = self.lin(self.dropout(h))  # (N, D)
         if not self.attention:
             return adj @ hw
-        n, d = hw.shape
-        hh = hw.view(n, self.heads, d // self.heads)  # (N, H, C)
-        src, dst = edge_index
-        a_src = (hh * self.att_src).sum(-1)  # (N, H)
-        a_dst = (hh * self.att_dst).sum(-1)
-        score = nn.functional.leaky_relu(a_src[src] + a_dst[dst], 0.2)  # (E, H)
-        alpha = segment_softmax(score, dst, num_nodes=n)  # sums to 1 over each target's in-edges
-        alpha = nn.functional.dropout(alpha, self.attn_dropout, self.training)
-        msg = hh[src] * alpha.unsqueeze(-1)  # (E, H, C)
-        return torch.zeros_like(hh).index_add_(0, dst, msg).view(n, d)
+        return attention_aggregate(hw, edge_index, self.att_src, self.att_dst, self.attn_dropout, self.training)
 
     def forward(self, h: torch.Tensor, adj: torch.Tensor | None = None,
                 edge_index: torch.Tensor | None = None) -> torch.Tensor:
-        return h + self.act(self.aggregate(h, adj, edge_index) + self.bias)
+        out = self.act(self.aggregate(h, adj, edge_index) + self.bias)
+        return h + out if self.residual else out
 
 
 class GraphEncoder(nn.Module):
@@ -120,22 +153,25 @@ class GraphEncoder(nn.Module):
     `state` (N, hidden_dim), when given, is added to the input projection: this is how
     `forward_sequence` carries node states from one snapshot to the next. With
     `propagate_input=True` the input projection is smoothed once, h_0 = norm_adj @ x W_in
-    (GCN adjacency only), so no layer carries a node's raw features unsmoothed.
+    (with attention: h_0 = attention-weighted mean of x_j W_in over in-neighbours, own
+    attention weights), so no layer carries a node's raw features unsmoothed. With
+    `residual=False` the layers drop the `h_{l-1} +` path: with propagate_input=False this is
+    GraphMAE's plain L-layer GAT / GCN (the input projection folds into the first layer's W).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 256, num_layers: int = 2, attention: bool = False,
                  heads: int = 1, dropout: float = 0.0, attn_dropout: float = 0.0,
-                 propagate_input: bool = False) -> None:
+                 propagate_input: bool = False, input_dropout: float = 0.0, residual: bool = True) -> None:
         super().__init__()
-        if propagate_input and attention:
-            raise ValueError("propagate_input needs the GCN adjacency; use attention=False or propagate_input=False")
         self.propagate_input = propagate_input
         if in_dim < 1 or hidden_dim < 1 or num_layers < 1:
             raise ValueError(f"in_dim ({in_dim}), hidden_dim ({hidden_dim}) and num_layers ({num_layers}) "
                              f"must all be >= 1")
         self.in_dim, self.hidden_dim, self.attention = in_dim, hidden_dim, attention
         self.input = nn.Linear(in_dim, hidden_dim)
-        self.layers = nn.ModuleList(ResidualGraphLayer(hidden_dim, attention, heads, dropout, attn_dropout)
+        self.input_dropout = nn.Dropout(input_dropout)  # feature dropout on x (GraphMAE's in_drop)
+        self.input_attention = EdgeAttention(hidden_dim, heads, attn_dropout) if attention and propagate_input else None
+        self.layers = nn.ModuleList(ResidualGraphLayer(hidden_dim, attention, heads, dropout, attn_dropout, residual)
                                     for _ in range(num_layers))
 
     def prepare(self, edge_index: torch.Tensor, num_nodes: int,
@@ -158,9 +194,9 @@ class GraphEncoder(nn.Module):
                 raise ValueError("pass edge_index (2, E) or a prepared graph= from encoder.prepare(...)")
             graph = self.prepare(edge_index, x.shape[0], edge_weight)
         adj, ei = graph
-        h = self.input(x)  # (N, D)
+        h = self.input(self.input_dropout(x))  # (N, D)
         if self.propagate_input:
-            h = adj @ h
+            h = self.input_attention(h, ei) if self.attention else adj @ h
         if state is not None:
             if state.shape != h.shape:
                 raise ValueError(f"state must be {tuple(h.shape)}, got {tuple(state.shape)}")

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .probe import linear_probe
+from .probe import tuned_linear_probe
 from .ssl import GraphSSLConfig, GraphSSLModel, pretrain_graph
 
 __all__ = ["ssl_probe", "save_ssl_model", "load_ssl_model", "embed"]
@@ -30,25 +30,31 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def embed(model: GraphSSLModel, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
-    """Frozen embeddings (N, hidden_dim) in eval mode."""
-    return model.eval()(x, edge_index)
+    """Frozen embeddings (N, hidden_dim) in eval mode, computed on the model's device and
+    returned on the device of `x`."""
+    dev = next(model.parameters()).device
+    return model.eval()(x.to(dev), edge_index.to(dev)).to(x.device)
 
 
 def ssl_probe(data: Any, cfg: GraphSSLConfig, seeds: Sequence[int] = (0, 1, 2, 3, 4), epochs: int = 300,
-              lr: float = 1e-3, weight_decay: float = 2e-4, probe_weight_decay: float = 1e-2) -> dict[str, Any]:
-    """For each seed: pre-train on (data.x, data.edge_index), embed, probe on data's masks.
+              lr: float = 1e-3, weight_decay: float = 2e-4,
+              probe_weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 5e-2),
+              probe_standardize: Sequence[bool] = (False, True), device: str | None = None) -> dict[str, Any]:
+    """For each seed: pre-train on (data.x, data.edge_index), embed, probe on data's masks
+    (`tuned_linear_probe`: weight decay and standardisation chosen on the validation split).
     Returns {"mean", "std" (test accuracy in %, std over seeds), "runs", "seconds_per_epoch",
     "config", "epochs", "split"}."""
     runs = []
     for seed in seeds:
         t = time.perf_counter()
         model, _ = pretrain_graph(data.x, data.edge_index, GraphSSLConfig(**{**cfg.to_dict(), "seed": seed}),
-                                  epochs=epochs, lr=lr, weight_decay=weight_decay)
+                                  epochs=epochs, lr=lr, weight_decay=weight_decay, device=device)
         dt = time.perf_counter() - t
-        res = linear_probe(embed(model, data.x, data.edge_index), data.y, data.train_mask, data.val_mask,
-                           data.test_mask, weight_decay=probe_weight_decay, seed=seed)
+        res = tuned_linear_probe(embed(model, data.x, data.edge_index), data.y, data.train_mask, data.val_mask,
+                                 data.test_mask, probe_weight_decays, probe_standardize, seed=seed)
         runs.append({"seed": seed, "pretrain_seconds": round(dt, 2), **res})
-        log.info("seed %d: test %.2f%% (val %.2f%%), %.1f s", seed, 100 * res["test_acc"], 100 * res["val_acc"], dt)
+        log.info("seed %d: test %.2f%% (val %.2f%%; probe wd %g, standardize %d), %.1f s", seed,
+                 100 * res["test_acc"], 100 * res["val_acc"], res["weight_decay"], res["standardize"], dt)
     accs = [100 * r["test_acc"] for r in runs]
     split = {k: int(getattr(data, k).sum()) for k in ("train_mask", "val_mask", "test_mask")}
     return {"mean": statistics.mean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "runs": runs,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from .augment import drop_edges, drop_nodes, mask_features, perturb_edges
-from .encoder import GraphEncoder
+from .encoder import EdgeAttention, GraphEncoder
 from .losses import info_nce, scaled_cosine_error
 
 __all__ = ["AUGMENTATIONS", "GraphSSLConfig", "GraphSSLModel", "GraphSSLObjective", "pretrain_graph"]
@@ -46,10 +46,13 @@ class GraphSSLConfig:
     num_layers: int = 2  # residual propagation layers (receptive field = num_layers hops)
     attention: bool = False  # GAT-style attention instead of fixed GCN weights
     propagate_input: bool = False  # h_0 = norm_adj @ x W_in: no unsmoothed identity path to the embedding
+    residual: bool = True  # h_l = h_{l-1} + act(...); False = plain GCN/GAT layers (GraphMAE's encoder)
     heads: int = 4  # attention heads (only with attention=True)
     dropout: float = 0.2  # input dropout of every layer (regularises small graphs)
+    input_dropout: float = 0.0  # dropout on the raw features before the input projection
     attn_dropout: float = 0.1  # dropout on attention coefficients
     mask_rate: float = 0.15  # fraction of nodes whose features are replaced by [MASK]
+    replace_rate: float = 0.0  # of the masked nodes, this fraction gets another node's features (GraphMAE: 0.05)
     sce_alpha: float = 2.0  # scaled cosine error exponent
     tau: float = 0.5  # InfoNCE temperature (GRACE)
     proj_dim: int = 128  # projection head width for the contrastive term
@@ -57,6 +60,8 @@ class GraphSSLConfig:
     aug_p: tuple[float, float] = (0.2, 0.3)  # strength of view 1 and view 2 (same p for every augmentation)
     contrastive_weight: float = 1.0  # weight of InfoNCE; 0 turns it off (pure GraphMAE)
     reconstruction_weight: float = 1.0  # weight of masked reconstruction; 0 turns it off (pure GRACE)
+    l2: float = 0.0  # coupled L2 (loss += l2/2 ||params||^2) = torch Adam's weight_decay, GraphMAE's 2e-4;
+    # the Trainer's AdamW decay is decoupled (lr * wd per step, ~0 at lr 1e-3)
     contrastive_nodes: int = 4096  # InfoNCE is O(N^2): sample at most this many nodes per step
     seed: int = 0  # seeds the per-step augmentation generator
 
@@ -65,7 +70,9 @@ class GraphSSLConfig:
         bad = [a for a in self.augmentations if a not in AUGMENTATIONS]
         if bad:
             raise ValueError(f"unknown augmentations {bad}; choose from {list(AUGMENTATIONS)}")
-        for name in ("mask_rate", "dropout", "attn_dropout"):
+        if self.l2 < 0:
+            raise ValueError(f"l2 ({self.l2}) must be >= 0")
+        for name in ("mask_rate", "replace_rate", "dropout", "attn_dropout", "input_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be in [0, 1)")
         if len(self.aug_p) != 2 or not all(0.0 <= p <= 1.0 for p in self.aug_p):
@@ -79,17 +86,21 @@ class GraphSSLConfig:
 
 
 class GraphSSLModel(nn.Module):
-    """Encoder + [MASK] token + decoder (one GCN propagation to the input width) + projector."""
+    """Encoder + [MASK] token + decoder (one propagation to the input width: GCN weights, or
+    single-head attention when the encoder uses attention) + projector."""
 
     def __init__(self, in_dim: int, cfg: GraphSSLConfig) -> None:
         super().__init__()
         self.cfg = cfg
         self.encoder = GraphEncoder(in_dim, cfg.hidden_dim, cfg.num_layers, cfg.attention, cfg.heads,
-                                    cfg.dropout, cfg.attn_dropout, cfg.propagate_input)
+                                    cfg.dropout, cfg.attn_dropout, cfg.propagate_input, cfg.input_dropout,
+                                    cfg.residual)
         self.mask_token = nn.Parameter(torch.zeros(1, in_dim))
         self.encoder_to_decoder = nn.Linear(cfg.hidden_dim, cfg.hidden_dim, bias=False)
         self.decoder = nn.Linear(cfg.hidden_dim, in_dim)
         self.decoder_act = nn.PReLU()
+        # without a propagation step the re-masked rows would decode to a constant
+        self.decoder_attention = EdgeAttention(in_dim, 1, cfg.attn_dropout) if cfg.attention else None
         self.projector = nn.Sequential(nn.Linear(cfg.hidden_dim, cfg.proj_dim), nn.ELU(),
                                        nn.Linear(cfg.proj_dim, cfg.hidden_dim))
 
@@ -98,14 +109,24 @@ class GraphSSLModel(nn.Module):
         return self.encoder(x, edge_index)
 
     def reconstruct(self, x: torch.Tensor, node_mask: torch.Tensor,
-                    graph: tuple[torch.Tensor | None, torch.Tensor | None]) -> torch.Tensor:
-        """Masked rows of x replaced by [MASK], encoded, re-masked, decoded: -> (N, F)."""
+                    graph: tuple[torch.Tensor | None, torch.Tensor | None],
+                    replace_from: torch.Tensor | None = None) -> torch.Tensor:
+        """Masked rows of x replaced by [MASK], encoded, re-masked, decoded: -> (N, F).
+
+        `replace_from` (N,) long, optional: masked node i whose entry is >= 0 gets the
+        features of node replace_from[i] instead of the [MASK] token (GraphMAE's random
+        replacement); it is still re-masked and scored like every masked node."""
         x_in = torch.where(node_mask.unsqueeze(1), self.mask_token.expand_as(x), x)
+        if replace_from is not None:
+            swap = node_mask & (replace_from >= 0)
+            x_in = torch.where(swap.unsqueeze(1), x[replace_from.clamp_min(0)], x_in)
         h = self.encoder(x_in, graph=graph)
         rep = self.encoder_to_decoder(self.decoder_act(h)).masked_fill(node_mask.unsqueeze(1), 0.0)  # re-mask
-        adj = graph[0]
+        adj, ei = graph
         out = self.decoder(rep)
-        return adj @ out if adj is not None else out
+        if self.decoder_attention is not None:
+            return self.decoder_attention(out, ei)
+        return adj @ out
 
 
 class GraphSSLObjective:
@@ -144,7 +165,11 @@ class GraphSSLObjective:
         if cfg.reconstruction_weight > 0:
             graph = batch.get("graph") or model.encoder.prepare(edge_index, n)
             _, node_mask = mask_features(x, cfg.mask_rate, mode="node", generator=gen)
-            recon = model.reconstruct(x, node_mask, graph)
+            replace_from = None
+            if cfg.replace_rate > 0:
+                swap = torch.rand(n, generator=gen, device=x.device) < cfg.replace_rate
+                replace_from = torch.where(swap, torch.randint(0, n, (n,), generator=gen, device=x.device), -1)
+            recon = model.reconstruct(x, node_mask, graph, replace_from)
             rec = scaled_cosine_error(recon[node_mask], x[node_mask], cfg.sce_alpha)
         if cfg.contrastive_weight > 0:
             (x1, e1), (x2, e2) = (self.view(x, edge_index, p, gen) for p in cfg.aug_p)
@@ -154,6 +179,8 @@ class GraphSSLObjective:
                 z1, z2 = z1[idx], z2[idx]
             con = info_nce(z1, z2, cfg.tau)
         loss = cfg.contrastive_weight * con + cfg.reconstruction_weight * rec
+        if cfg.l2 > 0:
+            loss = loss + 0.5 * cfg.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
         return {"loss": loss, "contrastive_loss": con.detach(), "reconstruction_loss": rec.detach()}
 
     def __repr__(self) -> str:
@@ -162,18 +189,23 @@ class GraphSSLObjective:
 
 def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfig, epochs: int = 300,
                    lr: float = 1e-3, weight_decay: float = 2e-4, out_dir: str | Path | None = None,
-                   progress: bool = False, console: Any = None) -> tuple[GraphSSLModel, Any]:
+                   progress: bool = False, console: Any = None, device: str | None = None
+                   ) -> tuple[GraphSSLModel, Any]:
     """Full-batch pre-training with `autoglm.training.Trainer` (one optimizer step = one epoch).
 
     x (N, F), edge_index (2, E). Returns (model in eval mode, TrainResult). With `out_dir`
-    the Trainer writes metrics.jsonl and safetensors checkpoints there.
+    the Trainer writes metrics.jsonl and safetensors checkpoints there. `device`: None = CUDA
+    when available, else CPU (the Trainer's `SingleDevice` default).
     """
     from ..training import TrainConfig, Trainer
+    from ..training.strategy import SingleDevice
 
     if x.shape[0] == 0:
         raise ValueError("the graph is empty (0 nodes); nothing to pre-train on")
     torch.manual_seed(cfg.seed)
     model = GraphSSLModel(x.shape[1], cfg)
+    strategy = SingleDevice(device)
+    x, edge_index = x.to(strategy.device), edge_index.to(strategy.device)  # once, not every step
     # the fixed (un-augmented) adjacency is reused by the reconstruction branch every epoch
     graph = model.encoder.prepare(edge_index, x.shape[0])
     batch = {"x": x, "edge_index": edge_index, "graph": graph}
@@ -182,6 +214,7 @@ def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfi
                        save_every=0, log_every=max(1, epochs // 10), seed=cfg.seed,
                        grad_clip=0.0, precision="fp32")
     trainer = Trainer(model, tcfg, train_batch=lambda i: {**batch, "step": i}, out_dir=out_dir,
-                      objective=GraphSSLObjective(cfg), progress=progress, console=console)
+                      objective=GraphSSLObjective(cfg), progress=progress, console=console,
+                      strategy=strategy)
     result = trainer.fit()
     return model.eval(), result
