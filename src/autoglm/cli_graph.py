@@ -50,6 +50,9 @@ def clean(
     allow_self_loops: bool = typer.Option(False, help="Keep self-loops instead of quarantining them."),
     z_threshold: float = typer.Option(3.0, help="|z| above which a node is flagged as an anomaly."),
     memory_limit: str = typer.Option("4GB", help="DuckDB memory cap; larger inputs spill to disk."),
+    recon_anomaly: bool = typer.Option(False, help="Also flag nodes by the graph autoencoder's masked "
+                                                   "reconstruction error (needs --nodes features)."),
+    recon_epochs: int = typer.Option(100, min=1, help="Autoencoder training epochs for --recon-anomaly."),
 ) -> None:
     """Ingest new rows (dedup, quarantine with reasons, impute features, flag anomalies) into OUT."""
     from .graph.clean import clean_graph
@@ -57,7 +60,8 @@ def clean(
     _setup_logging()
     try:
         rep = clean_graph(out, edges=edges, triples=triples, nodes=nodes, num_nodes=num_nodes,
-                          allow_self_loops=allow_self_loops, z_threshold=z_threshold, memory_limit=memory_limit)
+                          allow_self_loops=allow_self_loops, z_threshold=z_threshold, memory_limit=memory_limit,
+                          recon_anomaly=recon_anomaly, recon_epochs=recon_epochs)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     console.print_json(json.dumps({"totals": rep["totals"], "graph": rep["graph"], "rows_per_s": rep["rows_per_s"]}))
@@ -116,10 +120,11 @@ def probe(
     augment: str = typer.Option("edge_perturb,feature_mask"), propagate_input: bool = typer.Option(True),
     json_out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here."),
 ) -> None:
-    """Linear probe (logistic regression on frozen embeddings, public split), mean +/- std over seeds."""
+    """Linear probe (logistic regression on frozen embeddings, public split; weight decay and
+    standardisation chosen on the validation split), mean +/- std over seeds."""
     from .graph.datasets import load_graph
     from .graph.experiment import embed, load_ssl_model, ssl_probe
-    from .graph.probe import linear_probe
+    from .graph.probe import tuned_linear_probe
 
     _setup_logging()
     try:
@@ -128,8 +133,8 @@ def probe(
             if getattr(g, k, None) is None:
                 raise ValueError(f"{data} has no {k}; the probe needs labels and a split (use sbm or Planetoid)")
         if model_dir is not None:
-            res = linear_probe(embed(load_ssl_model(model_dir), g.x, g.edge_index), g.y, g.train_mask, g.val_mask,
-                               g.test_mask, weight_decay=1e-2)
+            res = tuned_linear_probe(embed(load_ssl_model(model_dir), g.x, g.edge_index), g.y, g.train_mask,
+                                     g.val_mask, g.test_mask)
             out = {"test_acc": 100 * res["test_acc"], "val_acc": 100 * res["val_acc"], "model_dir": str(model_dir)}
         else:
             cfg = _ssl_config(hidden_dim, num_layers, attention, mask_rate, contrastive_weight,

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["augment", "encoder", "losses", "probe", "ssl", "clean", "datasets", "experiment", "sampling"]
+MODULES = ["augment", "encoder", "losses", "probe", "ssl", "clean", "datasets", "experiment", "sampling", "anomaly"]
 
 
 @pytest.mark.parametrize("name", MODULES)

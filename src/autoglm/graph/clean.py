@@ -7,7 +7,8 @@ Output folder:
     quarantine.csv      every rejected row: file, line, reason, raw text (all runs)
     nodes.csv           node index -> original id
     graph.safetensors   x, edge_index, edge_weight, edge_type, edge_time, feature_imputed,
-                        imputed, degree_z, feature_z, anomaly
+                        imputed, degree_z, feature_z, anomaly (+ recon_error, recon_z with
+                        recon_anomaly=True)
     graph.json          shapes, relation names, thresholds
     report.json         rows per rule per file, totals, rows/s (input rows = kept + quarantined)
 
@@ -15,7 +16,11 @@ Missing features (nodes without a row, or NaN entries) are filled by feature pro
 (Rossi et al. 2022): repeat x_i <- mean of i's neighbours, resetting known entries, so each
 missing entry converges to the harmonic average of the known values around it; they are marked in `feature_imputed`
 (N, F) / `imputed` (N,). Anomalies: z-score of log(1 + degree) and the RMS z-score of a
-node's features; |z| > threshold flags the node (`anomaly`), nothing is dropped.
+node's features; |z| > threshold flags the node (`anomaly`), nothing is dropped. With
+`recon_anomaly=True` a graph autoencoder is also trained on the cleaned graph and each
+node's masked-reconstruction error (`autoglm.graph.anomaly`) is scored by a robust z-score
+(`recon_z`); recon_z > threshold flags the node too: this catches contextual anomalies
+(normal-looking features that do not fit the neighbourhood), which the z-scores miss.
 
 Example:
     >>> import tempfile, pathlib
@@ -102,9 +107,11 @@ def _node_index(con, num_nodes: int | None) -> None:
 def clean_graph(out_dir: str | Path, edges: Sequence[str | Path] = (), triples: Sequence[str | Path] = (),
                 nodes: Sequence[str | Path] = (), num_nodes: int | None = None, allow_self_loops: bool = False,
                 num_features: int | None = None, z_threshold: float = 3.0, propagation_steps: int = 40,
-                memory_limit: str = "4GB", threads: int | None = None) -> dict[str, Any]:
+                memory_limit: str = "4GB", threads: int | None = None, recon_anomaly: bool = False,
+                recon_epochs: int = 100) -> dict[str, Any]:
     """Ingest new rows of the given files into `out_dir` and rebuild the cleaned graph.
-    Returns the report (also written to out_dir/report.json)."""
+    Returns the report (also written to out_dir/report.json). `recon_anomaly` adds the
+    graph autoencoder's reconstruction error to the anomaly scores (needs node features)."""
     if not (edges or triples or nodes):
         raise ValueError("no input files; pass edge lists, triple dumps and/or node attribute tables")
     if z_threshold <= 0:
@@ -129,7 +136,8 @@ def clean_graph(out_dir: str | Path, edges: Sequence[str | Path] = (), triples: 
         t_ingest = time.perf_counter() - t0
         _node_index(con, num_nodes)
         con.execute(f"COPY (SELECT * FROM quarantine ORDER BY file, line) TO '{out / 'quarantine.csv'}' (HEADER)")
-        data_meta = _build(con, out, manifest.get("num_features"), z_threshold, propagation_steps)
+        data_meta = _build(con, out, manifest.get("num_features"), z_threshold, propagation_steps,
+                           recon_epochs if recon_anomaly else 0)
         con.execute(f"COPY (SELECT idx, name FROM node_index ORDER BY idx) TO '{out / 'nodes.csv'}' (HEADER)")
         con.execute("COMMIT")
     except BaseException:
@@ -154,7 +162,8 @@ def clean_graph(out_dir: str | Path, edges: Sequence[str | Path] = (), triples: 
     return report
 
 
-def _build(con, out: Path, width: int | None, z_threshold: float, steps: int) -> dict[str, Any]:
+def _build(con, out: Path, width: int | None, z_threshold: float, steps: int, recon_epochs: int = 0
+           ) -> dict[str, Any]:
     from safetensors.torch import save_file
 
     n = int(con.execute("SELECT count(*) FROM node_index").fetchone()[0])
@@ -186,11 +195,27 @@ def _build(con, out: Path, width: int | None, z_threshold: float, steps: int) ->
         tensors.update(x=x, feature_imputed=~known, imputed=(~known).any(1))
     degree_z, feature_z = anomaly_scores(x, edge_index, n)
     anomaly = (degree_z.abs() > z_threshold) | (feature_z > z_threshold)
+    recon_flags = None
+    if recon_epochs:
+        if x is None:
+            raise ValueError("recon_anomaly needs node features: ingest a node attribute table (--nodes) or turn "
+                             "--recon-anomaly off")
+        from torch_geometric.utils import to_undirected
+
+        from .anomaly import reconstruction_errors, robust_z
+
+        err = reconstruction_errors(x, to_undirected(edge_index, num_nodes=n), epochs=recon_epochs)
+        recon_z = robust_z(err)
+        recon_flags = recon_z > z_threshold
+        anomaly = anomaly | recon_flags
+        tensors.update(recon_error=err, recon_z=recon_z)
     tensors.update(degree_z=degree_z, feature_z=feature_z, anomaly=anomaly)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "graph.safetensors"))
     meta = {"num_nodes": n, "num_edges": int(edge_index.shape[1]), "num_features": int(width or 0),
             "relations": rels, "z_threshold": z_threshold, "imputed_nodes": int(tensors["imputed"].sum()) if x is not None
             else 0, "anomalies": int(anomaly.sum()), "tensors": sorted(tensors)}
+    if recon_flags is not None:
+        meta["recon_anomalies"] = int(recon_flags.sum())
     (out / "graph.json").write_text(json.dumps(meta, indent=1))
     return meta
 
