@@ -16,6 +16,9 @@ benchmarks/results/distillation.{json,md}.
 
     python benchmarks/distillation.py                      # default: ~15 min on 2 CPU cores
     python benchmarks/distillation.py --teacher-steps 20 --student-steps 20 --seq-len 64   # smoke run
+    python benchmarks/distillation.py --work-dir W --reuse-teachers --temperature 2   # student variants, same teachers
+
+`--device cuda` trains and times on a GPU (bf16 autocast training, fp32 evaluation).
 
 Targets (issue #4): the distilled student beats the scratch student on held-out loss and
 keeps >= 95% of the better teacher's next-token accuracy at <= 40% of its parameters.
@@ -38,7 +41,8 @@ from autoglm.data import sample_batch
 from autoglm.training import TrainConfig, Trainer, evaluate
 from autoglm.training.distill import AlphaSchedule, DistillConfig
 from autoglm.training.finetune import distill
-from autoglm.training.pretrain import build_model, eval_batches_for, pretrain, save_final_model
+from autoglm.training.pretrain import build_model, eval_batches_for, prepare_data, pretrain, save_final_model
+from autoglm.training.strategy import SingleDevice
 
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -55,10 +59,10 @@ def train_cfg(args, steps: int) -> TrainConfig:
                        eval_batches=args.eval_batches, seed=args.seed, log_every=max(1, steps // 10))
 
 
-def train_lm(model, tokens, cfg: TrainConfig):
+def train_lm(model, tokens, cfg: TrainConfig, device: str = "cpu"):
     train = tokens.train
     trainer = Trainer(model, cfg, train_batch=lambda i: sample_batch(train, cfg.batch_size, cfg.seq_len, i, cfg.seed),
-                      eval_batches=eval_batches_for(tokens.val, cfg), progress=False)
+                      eval_batches=eval_batches_for(tokens.val, cfg), progress=False, strategy=SingleDevice(device))
     return trainer.fit()
 
 
@@ -67,13 +71,17 @@ def latencies_ms(models: dict, batch: int, seq_len: int, repeats: int) -> dict[s
     models are timed round-robin (one call each per repeat, after a warm-up), so load from
     other processes on a shared machine hits all of them alike."""
     vocab = min(m.config.vocab_size for m in models.values())
-    x = torch.randint(2, vocab, (batch, seq_len))
+    device = next(next(iter(models.values())).parameters()).device
+    x = torch.randint(2, vocab, (batch, seq_len), device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in models}
     with torch.inference_mode():
         for i in range(repeats + 1):
             for name, model in models.items():
+                sync()
                 t = time.perf_counter()
                 model(x, use_cache=False)
+                sync()
                 if i:
                     times[name].append(time.perf_counter() - t)
     return {k: statistics.median(v) * 1000 for k, v in times.items()}
@@ -87,19 +95,37 @@ def run(args) -> dict:
     data = args.data if args.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="autoglm-distill-bench-"))
     cache = work / "cache"
-    # ---- teachers
+    # ---- teachers (or, with --reuse-teachers, the ones an earlier run left in --work-dir)
     t_cfg = train_cfg(args, args.teacher_steps)
-    t0 = time.perf_counter()
-    teacher_a, prepared, res_a = pretrain(args.teacher_a, work / "teacher_a", t_cfg, data=data, cache_dir=cache,
-                                          vocab_size=args.vocab_size, progress=False)
+    dev = args.device
+    stats_file = work / "teacher_stats.json"
+    if args.reuse_teachers and stats_file.is_file():
+        from autoglm.hf import OpenAutoGLMForCausalLM
+
+        stats = json.loads(stats_file.read_text())
+        if stats["teacher_config"] != {k: str(v) for k, v in vars(t_cfg).items()}:
+            raise SystemExit(f"{work} holds teachers trained with {stats['teacher_config']}; not reusing them")
+        prepared = prepare_data(data, cache, args.vocab_size, tokenizer_dir=work / "teacher_a")
+        teacher_a = OpenAutoGLMForCausalLM.from_pretrained(work / "teacher_a").to(dev)
+        teacher_b = OpenAutoGLMForCausalLM.from_pretrained(work / "teacher_b").to(dev)
+        res_a = res_b = None
+        tps = stats["tokens_per_s"]
+        logging.info("reusing the teachers in %s", work)
+    else:
+        t0 = time.perf_counter()
+        teacher_a, prepared, res_a = pretrain(args.teacher_a, work / "teacher_a", t_cfg, data=data, cache_dir=cache,
+                                              vocab_size=args.vocab_size, progress=False, device=dev)
+        logging.info("teacher A (%s) trained in %.0f s", args.teacher_a, time.perf_counter() - t0)
+        torch.manual_seed(args.seed + 1)
+        teacher_b = build_model(args.teacher_b, len(prepared.tokenizer))
+        t0 = time.perf_counter()
+        res_b = train_lm(teacher_b, prepared.tokens, t_cfg, dev)
+        save_final_model(teacher_b, prepared.tokenizer, work / "teacher_b", {"preset": args.teacher_b})
+        logging.info("teacher B (%s) trained in %.0f s", args.teacher_b, time.perf_counter() - t0)
+        tps = [res_a.tokens_per_s, res_b.tokens_per_s]
+        stats_file.write_text(json.dumps({"teacher_config": {k: str(v) for k, v in vars(t_cfg).items()},
+                                          "tokens_per_s": tps}))
     tok, tokens = prepared.tokenizer, prepared.tokens
-    logging.info("teacher A (%s) trained in %.0f s", args.teacher_a, time.perf_counter() - t0)
-    torch.manual_seed(args.seed + 1)
-    teacher_b = build_model(args.teacher_b, len(tok))
-    t0 = time.perf_counter()
-    res_b = train_lm(teacher_b, tokens, t_cfg)
-    save_final_model(teacher_b, tok, work / "teacher_b", {"preset": args.teacher_b})
-    logging.info("teacher B (%s) trained in %.0f s", args.teacher_b, time.perf_counter() - t0)
     # ---- students: same init seed, same batches, same steps
     s_cfg = train_cfg(args, args.student_steps)
     dcfg = DistillConfig(alpha=AlphaSchedule(args.alpha, args.alpha_end, "progressive" if args.rounds > 1 else
@@ -107,27 +133,33 @@ def run(args) -> dict:
                          temperature=args.temperature, combine=args.combine, hard_weight=args.hard_weight,
                          cache_top_k=args.cache_top_k)
     t0 = time.perf_counter()
-    distilled, res_d = distill("small", [work / "teacher_a", work / "teacher_b"], work / "student_kd", s_cfg, dcfg,
+    kd_dir = work / "student_kd"
+    if kd_dir.exists():  # a rerun over --work-dir: start the student afresh
+        import shutil
+        shutil.rmtree(kd_dir)
+        shutil.rmtree(work / "logit-cache", ignore_errors=True)
+    distilled, res_d = distill("small", [work / "teacher_a", work / "teacher_b"], kd_dir, s_cfg, dcfg,
                                data=data, cache_dir=cache, logit_cache_dir=work / "logit-cache",
-                               model_overrides=student_overrides(args), progress=False)
+                               model_overrides=student_overrides(args), progress=False, device=dev)
     time_kd = time.perf_counter() - t0
     torch.manual_seed(s_cfg.seed)
     scratch = build_model("small", len(tok), **student_overrides(args))
     t0 = time.perf_counter()
-    res_s = train_lm(scratch, tokens, s_cfg)
+    res_s = train_lm(scratch, tokens, s_cfg, dev)
     time_scratch = time.perf_counter() - t0
     # ---- evaluation on the same held-out batches
     ev_cfg = train_cfg(args, 1)
-    models = {"teacher A (" + args.teacher_a + ")": (teacher_a, res_a),
-              "teacher B (" + args.teacher_b + ")": (teacher_b, res_b),
-              "student, distilled": (distilled, res_d), "student, scratch": (scratch, res_s)}
+    models = {"teacher A (" + args.teacher_a + ")": (teacher_a, tps[0]),
+              "teacher B (" + args.teacher_b + ")": (teacher_b, tps[1]),
+              "student, distilled": (distilled, res_d.tokens_per_s), "student, scratch": (scratch, res_s.tokens_per_s)}
     rows = {}
-    lat = latencies_ms({k: m.eval() for k, (m, _) in models.items()}, args.batch_size, args.seq_len, args.repeats)
-    for name, (model, res) in models.items():
+    lat = latencies_ms({k: m.to(dev).eval() for k, (m, _) in models.items()}, args.batch_size, args.seq_len,
+                       args.repeats)
+    for name, (model, train_tps) in models.items():
         model.eval()
         ev = evaluate(model, eval_batches_for(tokens.val, ev_cfg)())
         rows[name] = {"params": total_params(model), "active": model.num_parameters_summary()["active"],
-                      "val_loss": ev["loss"], "val_acc": ev["accuracy"], "train_tokens_per_s": res.tokens_per_s,
+                      "val_loss": ev["loss"], "val_acc": ev["accuracy"], "train_tokens_per_s": train_tps,
                       "latency_ms": lat[name]}
     teachers = [k for k in rows if k.startswith("teacher")]
     best = max(teachers, key=lambda k: rows[k]["val_acc"])
@@ -147,7 +179,10 @@ def run(args) -> dict:
         "size_le_40pct": summary["student_size_pct"] <= 40.0,
     }
     return {"args": {k: str(v) for k, v in vars(args).items()}, "data": str(data or "builtin:stdlib-docstrings"),
-            "device": f"{platform.machine()} ({torch.get_num_threads()} threads), fp32, torch {torch.__version__}",
+            "device": (f"{torch.cuda.get_device_name()}, " if dev.startswith("cuda") else "") +
+                      f"{platform.machine()} ({torch.get_num_threads()} threads), "
+                      f"{'bf16 autocast training, fp32 eval' if dev.startswith('cuda') else 'fp32'}, "
+                      f"torch {torch.__version__}",
             "rows": rows, "summary": summary}
 
 
@@ -161,11 +196,15 @@ def markdown(res: dict) -> str:
                    f"{100 * r['params'] / best['params']:.1f}% | {r['val_loss']:.3f} | {100 * r['val_acc']:.2f}% | "
                    f"{r['latency_ms']:.1f} | {r['train_tokens_per_s']:,.0f} |")
     s = res["summary"]
+    kd, sc = res["rows"]["student, distilled"], res["rows"]["student, scratch"]
     out += ["", "| summary | value | target |", "|---|---|---|",
+            f"| training steps, teachers / each student | {res['args']['teacher_steps']} / "
+            f"{res['args']['student_steps']} | |",
             f"| student size % of better teacher | {s['student_size_pct']:.1f}% | <= 40% |",
             f"| inference speed-up vs better teacher | {s['inference_speedup_vs_better_teacher']:.2f}x | |",
             f"| accuracy retained (distilled) | {s['accuracy_retained_pct']:.1f}% | >= 95% |",
             f"| accuracy retained (scratch) | {s['scratch_accuracy_retained_pct']:.1f}% | |",
+            f"| val accuracy distilled - scratch | {100 * (kd['val_acc'] - sc['val_acc']):+.2f} points | |",
             f"| val loss distilled - scratch | {s['loss_delta_kd_minus_scratch']:+.3f} | < 0 |",
             f"| training time distilled / scratch | {s['train_time_ratio_kd_over_scratch']:.2f}x | |"]
     return "\n".join(out) + "\n"
@@ -196,6 +235,9 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--reuse-teachers", action="store_true",
+                   help="Reuse the teachers an earlier run with the same teacher settings left in --work-dir")
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

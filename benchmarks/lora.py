@@ -3,18 +3,24 @@
 1. `small` is pre-trained on the base domain (the built-in corpus of Python standard
    library docstrings) with the pretrain recipe; its tokenizer is kept for both domains.
 2. It is adapted to a second text (Tiny Shakespeare from ../shared/data, or --new-data)
-   twice, for the same steps and batches, with `autoglm.training.finetune.finetune`:
-   full fine-tuning, and LoRA through PEFT (default r=8, alpha=16, q_proj/v_proj).
+   for the same steps and batches, with `autoglm.training.finetune.finetune`: full
+   fine-tuning, LoRA through PEFT with the default config (r=8, alpha=16, q_proj/v_proj)
+   and, optionally (--wide-targets), LoRA on more modules.
+   The new domain's held-out tail (last 10%) is split in two: its first half is the
+   *validation* split, its second half the *test* split. Each method trains once per
+   learning rate in its grid (--lr, --lora-lr: comma-separated) and the rate with the
+   lowest validation loss is chosen; the test split is only reported, never used to choose.
    Each run happens in its own fresh process (multiprocessing spawn) so its peak memory
    can be read: on CPU the peak resident set (sampled every 2 ms while `finetune` runs:
-   model load, training, evaluation) minus the resident set just before it; on CUDA
-   torch.cuda.max_memory_allocated.
-3. Held-out loss on the new domain, and on the base domain (forgetting), before and after.
+   model load, training, evaluation, checkpointing) minus the resident set just before
+   it; on CUDA torch.cuda.max_memory_allocated.
+3. Test loss on the new domain, and held-out loss on the base domain (forgetting), before
+   and after.
 
 Writes benchmarks/results/lora.{json,md}.
 
-    python benchmarks/lora.py                                   # default: ~10 min on 2 CPU cores
-    python benchmarks/lora.py --base-steps 10 --steps 10 --seq-len 64      # smoke run
+    python benchmarks/lora.py --device cuda                     # default: a few minutes on one GPU
+    python benchmarks/lora.py --base-steps 10 --steps 10 --seq-len 64 --lr 1e-3 --lora-lr 1e-2   # smoke run
 
 Targets (issue #4): LoRA trains < 1% of the parameters and its new-domain held-out loss
 is within 5% of full fine-tuning's.
@@ -76,41 +82,54 @@ def _cfg(args, steps: int, lr: float):
                        seed=args.seed, log_every=max(1, steps // 5))
 
 
-def _eval_on(model, tokens, args) -> dict:
+def _split_heldout(tokens):
+    """The new domain's held-out tail -> (validation, test): its first and second halves."""
+    half = len(tokens.val) // 2
+    return tokens.val[:half], tokens.val[half:]
+
+
+def _eval_on(model, val_tokens, args) -> dict:
     from autoglm.training import evaluate
     from autoglm.training.pretrain import eval_batches_for
 
-    return evaluate(model, eval_batches_for(tokens.val, _cfg(args, 1, 1e-3))())
+    return evaluate(model, eval_batches_for(val_tokens, _cfg(args, 1, 1e-3))())
 
 
-def _child(mode: str, args, base_dir: str, new_data: str, cache: str, q) -> None:
+def _child(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> None:
     """One fine-tuning run in a fresh process; puts its results on q."""
     torch.set_num_threads(args.threads)
     from autoglm.data import build_token_cache, read_corpus
     from autoglm.tokenizer import load_tokenizer
     from autoglm.training.finetune import finetune
+    from autoglm.training.pretrain import eval_batches_for
 
     tok = load_tokenizer(base_dir)
     base_tokens = build_token_cache(read_corpus(None), tok, cache)
+    new_tokens = build_token_cache(read_corpus(new_data), tok, cache, val_fraction=0.1,
+                                   source=str(Path(new_data).resolve()))
+    val, test = _split_heldout(new_tokens)
+    cfg = _cfg(args, args.steps, run["lr"])
     device = args.device
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     rss0 = _rss_kb()
     sampler = PeakRSS().start()
     t0 = time.perf_counter()
-    lora = mode == "lora"
-    model, result, info = finetune(base_dir, new_data, Path(args.work) / mode, _cfg(args, args.steps, args.lora_lr
-                                   if lora else args.lr), lora=lora, cache_dir=cache, progress=False,
-                                   device=device, targets=args.targets.split(","), r=args.rank,
-                                   alpha=2 * args.rank)
+    model, result, info = finetune(base_dir, new_data, Path(args.work) / run["name"], cfg, lora=run["lora"],
+                                   cache_dir=cache, progress=False, device=device, targets=run["targets"],
+                                   r=args.rank, alpha=2 * args.rank, eval_data=eval_batches_for(val, cfg))
     seconds = time.perf_counter() - t0
     peak_kb = sampler.stop()
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else (peak_kb - rss0) / 1024)
-    base_eval = _eval_on(model, base_tokens, args)
-    q.put({"mode": mode, "trainable": info["trainable_params"], "total": info["total_params"],
-           "new_before": info["eval_before"]["loss"], "new_after": info["eval_after"]["loss"],
-           "new_acc_after": info["eval_after"]["accuracy"], "base_after": base_eval["loss"],
+    test_eval, base_eval = _eval_on(model, test, args), _eval_on(model, base_tokens.val, args)
+    q.put({**run, "trainable": info["trainable_params"], "total": info["total_params"],
+           "val_before": info["eval_before"]["loss"], "val_after": info["eval_after"]["loss"],
+           "test_after": test_eval["loss"], "test_acc_after": test_eval["accuracy"], "base_after": base_eval["loss"],
            "peak_train_mem_mb": peak, "seconds": seconds, "tokens_per_s": result.tokens_per_s})
+
+
+def _grid(text: str) -> list[float]:
+    return [float(v) for v in str(text).split(",") if v.strip()]
 
 
 def run(args) -> dict:
@@ -124,56 +143,82 @@ def run(args) -> dict:
     cache = work / "cache"
     t0 = time.perf_counter()
     base, prepared, res = pretrain("small", work / "base", _cfg(args, args.base_steps, args.base_lr), data=None,
-                                   cache_dir=cache, vocab_size=args.vocab_size, progress=False)
+                                   cache_dir=cache, vocab_size=args.vocab_size, progress=False,
+                                   device=args.device)
     logging.info("base model pre-trained on the built-in corpus in %.0f s", time.perf_counter() - t0)
     base_on_base = res.final_eval["loss"]
-    # tokenize the new domain once here, so neither child's peak memory includes it
+    # tokenize the new domain once here, so no child's peak memory includes it
     from autoglm.data import build_token_cache, read_corpus
-    build_token_cache(read_corpus(new_data), prepared.tokenizer, cache, val_fraction=0.1)
+    new_tokens = build_token_cache(read_corpus(new_data), prepared.tokenizer, cache, val_fraction=0.1,
+                                   source=str(Path(new_data).resolve()))
+    _, test = _split_heldout(new_tokens)
+    base.to(args.device)
+    new_before = _eval_on(base, test, args)
+    del base
+    methods = {"full": dict(lora=False, targets=None, lrs=_grid(args.lr)),
+               "lora": dict(lora=True, targets=args.targets.split(","), lrs=_grid(args.lora_lr))}
+    if args.wide_targets:
+        methods["lora-wide"] = dict(lora=True, targets=args.wide_targets.split(","), lrs=_grid(args.lora_lr))
     ctx = mp.get_context("spawn")
-    rows = {}
-    for mode in ("full", "lora"):
-        q = ctx.Queue()
-        p = ctx.Process(target=_child, args=(mode, args, str(work / "base"), str(new_data), str(cache), q))
-        p.start()
-        rows[mode] = q.get()
-        p.join()
-        logging.info("%s fine-tuning: %s", mode, rows[mode])
-    full, lora = rows["full"], rows["lora"]
-    summary = {
-        "lora_trainable_pct": 100 * lora["trainable"] / lora["total"],
-        "peak_mem_ratio_lora_over_full": lora["peak_train_mem_mb"] / full["peak_train_mem_mb"],
-        "new_domain_loss_ratio_lora_over_full": lora["new_after"] / full["new_after"],
-        "base_domain_loss_before": base_on_base,
-        "forgetting_full": full["base_after"] - base_on_base,
-        "forgetting_lora": lora["base_after"] - base_on_base,
-    }
-    summary["targets_met"] = {"trainable_lt_1pct": summary["lora_trainable_pct"] < 1.0,
-                              "new_loss_within_5pct": summary["new_domain_loss_ratio_lora_over_full"] <= 1.05}
+    runs: dict[str, list[dict]] = {}
+    for name, m in methods.items():
+        runs[name] = []
+        for lr in m["lrs"]:
+            spec = {"name": f"{name}-lr{lr:g}", "method": name, "lora": m["lora"], "targets": m["targets"], "lr": lr}
+            q = ctx.Queue()
+            p = ctx.Process(target=_child, args=(spec, args, str(work / "base"), str(new_data), str(cache), q))
+            p.start()
+            runs[name].append(q.get())
+            p.join()
+            logging.info("%s: %s", spec["name"], runs[name][-1])
+    rows = {name: min(rs, key=lambda r: r["val_after"]) for name, rs in runs.items()}  # chosen on validation
+    full = rows["full"]
+    summary = {"base_domain_loss_before": base_on_base, "new_domain_test_loss_before": new_before["loss"]}
+    for name, r in rows.items():
+        if name == "full":
+            continue
+        summary[name] = {"trainable_pct": 100 * r["trainable"] / r["total"],
+                         "peak_mem_ratio_over_full": r["peak_train_mem_mb"] / full["peak_train_mem_mb"],
+                         "test_loss_ratio_over_full": r["test_after"] / full["test_after"],
+                         "targets_met": {"trainable_lt_1pct": 100 * r["trainable"] / r["total"] < 1.0,
+                                         "new_loss_within_5pct": r["test_after"] / full["test_after"] <= 1.05}}
+    for name, r in rows.items():
+        summary[f"forgetting_{name}"] = r["base_after"] - base_on_base
     return {"args": {k: str(v) for k, v in vars(args).items()}, "new_data": str(new_data),
             "base_data": "builtin:stdlib-docstrings",
-            "device": f"{platform.machine()} ({args.threads} threads), fp32, torch {torch.__version__}, {args.device}",
-            "rows": rows, "summary": summary}
+            "device": f"{platform.machine()} ({args.threads} threads), "
+                      f"{'bf16 autocast training, fp32 eval' if args.device.startswith('cuda') else 'fp32'}, "
+                      f"torch {torch.__version__}, {args.device}" +
+                      (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""),
+            "rows": rows, "all_runs": runs, "summary": summary}
 
 
 def markdown(res: dict) -> str:
     mem = "peak train mem (MB over pre-train RSS)" if res["args"]["device"] == "cpu" else "peak CUDA mem (MB)"
-    out = [f"Device: {res['device']}; base domain: {res['base_data']}; new domain: {res['new_data']}", "",
-           f"| method | trainable params | % of model | {mem} | new-domain val loss (before -> after) | "
-           f"new-domain acc | base-domain val loss after | tok/s |", "|---|---|---|---|---|---|---|---|"]
-    for mode, r in res["rows"].items():
-        out.append(f"| {mode} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f}% | "
-                   f"{r['peak_train_mem_mb']:.0f} | {r['new_before']:.3f} -> {r['new_after']:.3f} | "
-                   f"{100 * r['new_acc_after']:.2f}% | {r['base_after']:.3f} | {r['tokens_per_s']:,.0f} |")
     s = res["summary"]
-    out += ["", "| summary | value | target |", "|---|---|---|",
-            f"| LoRA targets, rank | {res['args']['targets']}, r={res['args']['rank']} | |",
-            f"| LoRA trainable % | {s['lora_trainable_pct']:.2f}% | < 1% |",
-            f"| peak training memory LoRA / full | {s['peak_mem_ratio_lora_over_full']:.2f} | |",
-            f"| new-domain loss LoRA / full | {s['new_domain_loss_ratio_lora_over_full']:.3f} | <= 1.05 |",
-            f"| base-domain loss before fine-tuning | {s['base_domain_loss_before']:.3f} | |",
-            f"| forgetting (base loss increase), full | {s['forgetting_full']:+.3f} | |",
-            f"| forgetting (base loss increase), LoRA | {s['forgetting_lora']:+.3f} | |"]
+    out = [f"Device: {res['device']}; base domain: {res['base_data']}; new domain: {res['new_data']} "
+           f"(held-out tail split into validation and test halves)", "",
+           "| method | lr grid: validation loss | chosen lr |", "|---|---|---|"]
+    for name, rs in res["all_runs"].items():
+        grid = ", ".join("{:g}: {:.3f}".format(r["lr"], r["val_after"]) for r in rs)
+        out.append(f"| {name} | {grid} | {res['rows'][name]['lr']:g} |")
+    out += ["", f"| method | targets | trainable params | % of model | {mem} | new-domain test loss (before -> after) "
+            f"| new-domain test acc | base-domain val loss after | tok/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in res["rows"].items():
+        targets = "all" if r["targets"] is None else ",".join(r["targets"]) + f" r={res['args']['rank']}"
+        out.append(f"| {name} | {targets} | {r['trainable']:,} | {100 * r['trainable'] / r['total']:.2f}% | "
+                   f"{r['peak_train_mem_mb']:.0f} | {s['new_domain_test_loss_before']:.3f} -> {r['test_after']:.3f} | "
+                   f"{100 * r['test_acc_after']:.2f}% | {r['base_after']:.3f} | {r['tokens_per_s']:,.0f} |")
+    out += ["", "| summary | value | target |", "|---|---|---|"]
+    for name, v in s.items():
+        if not isinstance(v, dict):
+            continue
+        out += [f"| {name}: trainable % | {v['trainable_pct']:.2f}% | < 1% |",
+                f"| {name}: peak training memory / full | {v['peak_mem_ratio_over_full']:.2f} | |",
+                f"| {name}: new-domain test loss / full | {v['test_loss_ratio_over_full']:.3f} | <= 1.05 |"]
+    out.append(f"| base-domain loss before fine-tuning | {s['base_domain_loss_before']:.3f} | |")
+    for name in res["rows"]:
+        out.append(f"| forgetting (base loss increase), {name} | {s['forgetting_' + name]:+.3f} | |")
     return "\n".join(out) + "\n"
 
 
@@ -181,13 +226,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--new-data", type=Path, default=None, help="Second-domain text (default: Tiny Shakespeare)")
     p.add_argument("--work-dir", type=Path, default=None)
-    p.add_argument("--base-steps", type=int, default=200)
+    p.add_argument("--base-steps", type=int, default=1000)
     p.add_argument("--base-lr", type=float, default=3e-3)
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--lr", type=float, default=1e-3, help="Full fine-tuning learning rate")
-    p.add_argument("--lora-lr", type=float, default=5e-3, help="LoRA learning rate")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", default="3e-4,1e-3,3e-3",
+                   help="Full fine-tuning learning rates, comma separated (chosen on the validation split)")
+    p.add_argument("--lora-lr", default="3e-3,1e-2,3e-2", help="LoRA learning rates, comma separated")
     p.add_argument("--targets", default="q_proj,v_proj", help="LoRA target modules, comma separated "
                                                                  "('experts' = every expert projection)")
+    p.add_argument("--wide-targets", default="", help="Also report LoRA on these targets (e.g. "
+                                                     "q_proj,k_proj,v_proj,o_proj,experts); empty: not run")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r, as the default 8/16)")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
