@@ -117,6 +117,20 @@ def test_disconnect_cancels_and_frees_blocks(server):
         assert name in m
 
 
+def test_non_streaming_client_that_hangs_up_cancels(server):
+    url, engine = server
+    body = {"model": "tiny", "prompt": "The ", "max_tokens": 250, "ignore_eos": True}
+    aborted = engine.stats.generated_tokens
+    with pytest.raises(httpx.TimeoutException):  # the client gives up long before 250 tokens are made
+        httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
+    for _ in range(100):
+        if engine.pool.num_used == 0 and not engine.has_unfinished():
+            break
+        time.sleep(0.05)
+    assert engine.pool.num_used == 0 and not engine.has_unfinished()
+    assert engine.stats.generated_tokens - aborted < 250  # stopped early, not run to max_tokens
+
+
 def test_cli_serve_refuses_a_non_model_dir(tmp_path):
     from typer.testing import CliRunner
 

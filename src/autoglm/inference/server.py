@@ -25,7 +25,7 @@ import uuid
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import ValidationError
 
@@ -130,6 +130,12 @@ def _logprobs_arg(req) -> int | None:
         raise APIError(400, f"the number of top logprobs must be in [0, {MAX_LOGPROBS}], got {n}",
                        "logprobs" if isinstance(req, CompletionRequest) else "top_logprobs")
     return n
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client closes the connection (the body has already been read)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 class _LogprobWriter:
@@ -330,11 +336,24 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
         texts, finals = [""] * req.n, [None] * req.n
         writers = [_LogprobWriter(tok, chat) for _ in range(req.n)]
         lps = [None] * req.n
-        async for i, o in stream(subs):
-            texts[i] += o.new_text
-            lps[i] = _LogprobWriter.merge(lps[i], writers[i].payload(o.logprobs))
-            if o.finished:
-                finals[i] = o
+
+        async def collect():
+            async for i, o in stream(subs):
+                texts[i] += o.new_text
+                lps[i] = _LogprobWriter.merge(lps[i], writers[i].payload(o.logprobs))
+                if o.finished:
+                    finals[i] = o
+
+        # a client that hangs up before the answer is ready cancels its requests (their KV
+        # blocks go back to the pool) instead of generating for nobody
+        work, gone = asyncio.create_task(collect()), asyncio.create_task(_disconnected(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not work.done():
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            return Response(status_code=499)
+        gone.cancel()
+        work.result()
         choices = []
         for i, (t, o) in enumerate(zip(texts, finals)):
             c = {"index": i, "finish_reason": o.finish_reason.value, "stop_reason": o.stop_reason, "logprobs": lps[i]}
