@@ -52,6 +52,9 @@ def serve(
                                                          "reaches this; 1.0 = never."),
     lora: list[str] = typer.Option([], "--lora", help="NAME=ADAPTER_DIR: serve a PEFT LoRA adapter (from "
                                                       "`autoglm finetune --lora`) unmerged as model NAME; repeatable."),
+    allow_lora_updates: bool = typer.Option(False, "--allow-lora-updates",
+                                            help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
+                                                 "(adapters loaded from a path on this machine, without a restart)."),
 ) -> None:
     """Serve a model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
     import uvicorn
@@ -72,7 +75,8 @@ def serve(
         engine = LLMEngine(model, tok, cfg)
         for lora_name, path in adapters:
             engine.add_lora(lora_name, path)
-        app_ = create_app(AsyncEngine(engine), model_name=name, api_key=api_key, max_concurrent=max_concurrent)
+        app_ = create_app(AsyncEngine(engine), model_name=name, api_key=api_key, max_concurrent=max_concurrent,
+                          allow_lora_updates=allow_lora_updates)
     except (ValueError, FileNotFoundError) as e:
         err.print(f"[bold red]error:[/] {e}")
         raise typer.Exit(code=2)

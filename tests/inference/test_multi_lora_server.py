@@ -107,3 +107,37 @@ def test_cli_lora_specs(tmp_path, tiny_tokenizer_dir):
     res = CliRunner().invoke(cli_app, ["serve", str(model_dir), "--lora", f"x={other}"])
     assert res.exit_code == 2
     assert "other dimensions" in " ".join(res.output.split())
+
+
+def test_load_and_unload_adapters_without_restart(tmp_path, tiny_tokenizer):
+    import httpx2 as httpx
+
+    base = make_model("tiny", seed=1)
+    path = save_adapter(base, tmp_path / "c", 3, target_modules=["q_proj", "v_proj"])
+    ref = PeftModel.from_pretrained(copy.deepcopy(base), path, adapter_name="C").eval()
+    engine = LLMEngine(base, tiny_tokenizer, EngineConfig(block_size=8, num_blocks=128))
+    locked = create_app(AsyncEngine(engine), model_name="tiny")
+    with BackgroundServer(locked) as url:  # off by default: 403 naming the flag
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "C", "lora_path": str(path)})
+        assert r.status_code == 403 and "--allow-lora-updates" in r.json()["error"]["message"]
+    engine = LLMEngine(base, tiny_tokenizer, EngineConfig(block_size=8, num_blocks=128))
+    with BackgroundServer(create_app(AsyncEngine(engine), model_name="tiny", allow_lora_updates=True)) as url:
+        client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "C", "lora_path": str(path)})
+        assert r.status_code == 200
+        assert [m.id for m in client.models.list().data] == ["tiny", "C"]
+        out = client.completions.create(model="C", prompt="Return the value", max_tokens=10, temperature=0)
+        assert out.choices[0].text == reference_text(ref, tiny_tokenizer, "Return the value", "C", 10)
+        bad = [({"lora_name": "D", "lora_path": str(tmp_path / "missing")}, 404),
+               ({"lora_name": "C", "lora_path": str(path)}, 400),  # name taken
+               ({"lora_name": "tiny", "lora_path": str(path)}, 400),  # the base model's name
+               ({"lora_name": "E"}, 400)]  # no path
+        for body, code in bad:
+            assert httpx.post(url + "/v1/load_lora_adapter", json=body).status_code == code, body
+        assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "C"}).status_code == 200
+        assert httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": "C"}).status_code == 404
+        assert [m.id for m in client.models.list().data] == ["tiny"]
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="C", prompt="x", max_tokens=2)
+        assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].text is not None

@@ -66,6 +66,11 @@ class AsyncEngine:
         with self._cv:
             self.engine.add_lora(name, path)
 
+    def remove_lora(self, name: str) -> None:
+        """Unload a LoRA adapter while serving (refused while requests use it)."""
+        with self._cv:
+            self.engine.remove_lora(name)
+
     def abort(self, request_id: str) -> None:
         with self._cv:
             self.engine.abort(request_id)

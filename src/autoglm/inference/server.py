@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from pydantic import ValidationError
 
 from .async_engine import AsyncEngine
-from .protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest
+from .protocol import UNSUPPORTED, ChatCompletionRequest, CompletionRequest, LoadLoRARequest, UnloadLoRARequest
 from .request import MAX_LOGPROBS, RequestOutput, SamplingParams
 
 __all__ = ["create_app", "ServerMetrics", "APIError", "chat_prompt", "BackgroundServer"]
@@ -178,8 +178,12 @@ class _LogprobWriter:
 
 
 def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | None = None,
-               max_concurrent: int = 256) -> FastAPI:
-    """Build the FastAPI app around a started-on-startup AsyncEngine."""
+               max_concurrent: int = 256, allow_lora_updates: bool = False) -> FastAPI:
+    """Build the FastAPI app around a started-on-startup AsyncEngine.
+
+    allow_lora_updates: enable POST /v1/load_lora_adapter {"lora_name", "lora_path"} and
+    /v1/unload_lora_adapter {"lora_name"} (vLLM's routes): adapters come and go without a
+    restart. Off by default, since it lets a client make the server read a local path."""
     metrics = ServerMetrics()
     loras = engine.engine.lora
     if model_name in loras:
@@ -229,6 +233,8 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
             err = e.errors()[0]
             loc = ".".join(str(x) for x in err["loc"])
             raise APIError(400, f"invalid field '{loc}': {err['msg']} ({len(e.errors())} error(s))", loc) from None
+        if schema in (LoadLoRARequest, UnloadLoRARequest):
+            return req
         if req.model != model_name and req.model not in loras:
             served = ", ".join(repr(m) for m in [model_name, *loras.names()])
             raise APIError(404, f"model {req.model!r} does not exist; this server serves {served} "
@@ -396,6 +402,38 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         return await handle(request, ChatCompletionRequest, chat=True)
+
+    def lora_updates_allowed():
+        if not allow_lora_updates:
+            raise APIError(403, "loading and unloading LoRA adapters at run time is off; start the server with "
+                                "--allow-lora-updates", code="lora_updates_disabled", kind="permission_error")
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora(request: Request):
+        lora_updates_allowed()
+        req = await parse(request, LoadLoRARequest)
+        if req.lora_name == model_name:
+            raise APIError(400, f"{req.lora_name!r} is the base model's name; pick another adapter name", "lora_name")
+        try:
+            await asyncio.to_thread(engine.add_lora, req.lora_name, req.lora_path)
+        except FileNotFoundError as e:
+            raise APIError(404, str(e), "lora_path", "lora_not_found") from None
+        except ValueError as e:
+            raise APIError(400, str(e), "lora_path") from None
+        return PlainTextResponse(f"LoRA adapter {req.lora_name!r} loaded")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora(request: Request):
+        lora_updates_allowed()
+        req = await parse(request, UnloadLoRARequest)
+        if req.lora_name not in loras:
+            raise APIError(404, f"no LoRA adapter named {req.lora_name!r} is loaded; loaded: "
+                                f"{loras.names() or 'none'}", "lora_name", "lora_not_found")
+        try:
+            await asyncio.to_thread(engine.remove_lora, req.lora_name)
+        except ValueError as e:
+            raise APIError(409, str(e), "lora_name", "lora_in_use") from None
+        return PlainTextResponse(f"LoRA adapter {req.lora_name!r} unloaded")
 
     @app.get("/v1/models")
     async def models():
