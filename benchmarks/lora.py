@@ -158,7 +158,8 @@ def run(args) -> dict:
     methods = {"full": dict(lora=False, targets=None, lrs=_grid(args.lr)),
                "lora": dict(lora=True, targets=args.targets.split(","), lrs=_grid(args.lora_lr))}
     if args.wide_targets:
-        methods["lora-wide"] = dict(lora=True, targets=args.wide_targets.split(","), lrs=_grid(args.lora_lr))
+        methods["lora-wide"] = dict(lora=True, targets=args.wide_targets.split(","),
+                                    lrs=_grid(args.wide_lr or args.lora_lr))
     ctx = mp.get_context("spawn")
     runs: dict[str, list[dict]] = {}
     for name, m in methods.items():
@@ -236,6 +237,7 @@ def main() -> None:
                                                                  "('experts' = every expert projection)")
     p.add_argument("--wide-targets", default="", help="Also report LoRA on these targets (e.g. "
                                                      "q_proj,k_proj,v_proj,o_proj,experts); empty: not run")
+    p.add_argument("--wide-lr", default="", help="Learning rates for the --wide-targets row (default: --lora-lr)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r, as the default 8/16)")
     p.add_argument("--vocab-size", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=8)
