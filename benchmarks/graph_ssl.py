@@ -82,27 +82,38 @@ def augmentation_section(data, base: GraphSSLConfig, seeds: int, epochs: int, lr
     return rows
 
 
-def sampled_epoch(x, edge_index, cfg: GraphSSLConfig, batch_size: int, fanouts: list[int]) -> float:
-    """One epoch of neighbour-sampled mini-batches (ceil(N / batch_size) steps): (seconds, last loss)."""
+def sampled_epoch(x, edge_index, cfg: GraphSSLConfig, batch_size: int, fanouts: list[int],
+                  max_steps: int = 0) -> dict:
+    """One epoch of neighbour-sampled mini-batches (ceil(N / batch_size) steps), or only its
+    first `max_steps` steps (a measured fraction). -> {"loss", "steps", "total_steps",
+    "csr_s" (building the CSR), "steps_s" (the steps run)}."""
     from autoglm.graph.sampling import build_csr, sample_subgraph
 
     model = GraphSSLModel(x.shape[1], cfg)
     obj, opt = GraphSSLObjective(cfg), torch.optim.Adam(model.parameters(), lr=1e-3)
+    t = time.perf_counter()
     csr = build_csr(edge_index, x.shape[0])
+    csr_s = time.perf_counter() - t
     perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))
-    loss = float("nan")
-    for step, start in enumerate(range(0, x.shape[0], batch_size)):
+    starts = list(range(0, x.shape[0], batch_size))
+    run = starts[:max_steps] if max_steps else starts
+    loss, t = float("nan"), time.perf_counter()
+    for step, start in enumerate(run):
         nodes, sub = sample_subgraph(csr, perm[start:start + batch_size], fanouts, torch.Generator().manual_seed(step))
         opt.zero_grad()
         out = obj(model, {"x": x[nodes], "edge_index": sub, "step": step})
         out["loss"].backward()
         opt.step()
         loss = float(out["loss"])
-    return loss
+        if step % 10 == 0:
+            log.info("sampled step %d/%d (%d nodes in the subgraph): %.1f s, peak RSS %.0f MB", step + 1, len(run),
+                     nodes.numel(), time.perf_counter() - t, peak_rss_mb())
+    return {"loss": loss, "steps": len(run), "total_steps": len(starts), "csr_s": round(csr_s, 2),
+            "steps_s": round(time.perf_counter() - t, 2)}
 
 
 def scale_section(num_nodes: int, num_edges: int, num_features: int, hidden: int, mode: str = "full",
-                  batch_size: int = 8192) -> dict:
+                  batch_size: int = 8192, max_steps: int = 0) -> dict:
     """One pre-training epoch (both loss terms) on a uniform random graph: full-batch, or
     neighbour-sampled mini-batches (fanouts 10, 5) over every node once."""
     gen = torch.Generator().manual_seed(0)
@@ -115,10 +126,14 @@ def scale_section(num_nodes: int, num_edges: int, num_features: int, hidden: int
     rss0 = peak_rss_mb()
     t = time.perf_counter()
     if mode == "sampled":
-        loss = sampled_epoch(x, edge_index, cfg, batch_size, [10, 5])
+        r = sampled_epoch(x, edge_index, cfg, batch_size, [10, 5], max_steps)
+        full = r["steps"] == r["total_steps"]
         return {"nodes": num_nodes, "edges": num_edges, "features": num_features, "hidden": hidden,
-                "mode": f"sampled (batch {batch_size}, fanouts 10,5)", "epoch_s": round(time.perf_counter() - t, 2),
-                "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_mb": round(rss0, 1), "loss": loss}
+                "mode": f"sampled (batch {batch_size}, fanouts 10,5)" + ("" if full else
+                                                                         f", {r['steps']}/{r['total_steps']} steps"),
+                "epoch_s": round(time.perf_counter() - t, 2) if full else None,
+                "projected_epoch_s": round(r["csr_s"] + r["steps_s"] * r["total_steps"] / r["steps"], 1),
+                "peak_rss_mb": round(peak_rss_mb(), 1), "rss_before_mb": round(rss0, 1), **r}
     graph = model.encoder.prepare(edge_index, num_nodes)
     t_prep = time.perf_counter() - t
     opt.zero_grad()
@@ -182,8 +197,9 @@ def markdown(res: dict) -> str:
     if "scale" in res:
         s = res["scale"]
         out += ["## Scale: one pre-training epoch", "", "| nodes | edges | mode | epoch (s) | peak RSS (MB) |",
-                "|---|---|---|---|---|", f"| {s['nodes']:,} | {s['edges']:,} | {s['mode']} | {s['epoch_s']} | "
-                                       f"{s['peak_rss_mb']} |", ""]
+                "|---|---|---|---|---|", f"| {s['nodes']:,} | {s['edges']:,} | {s['mode']} | "
+                f"{s['epoch_s'] if s['epoch_s'] is not None else 'projected %s' % s['projected_epoch_s']} | "
+                f"{s['peak_rss_mb']} |", ""]
     if "clean" in res:
         c = res["clean"]
         out += ["## Scale: cleaning a generated edge file", "", "| edges | file (MB) | ingest (s) | rows/s | "
@@ -227,6 +243,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale-features", type=int, default=32)
     ap.add_argument("--scale-hidden", type=int, default=64)
     ap.add_argument("--scale-mode", choices=["full", "sampled"], default="full")
+    ap.add_argument("--scale-batch-size", type=int, default=8192)
+    ap.add_argument("--scale-steps", type=int, default=0, help="sampled mode: run only this many mini-batches of "
+                                                                "the epoch (0 = all) and project the epoch time")
     ap.add_argument("--clean-edges", type=int, default=10_000_000)
     ap.add_argument("--clean-memory-limit", default="8GB")
     ap.add_argument("--out", type=Path, default=ROOT / "results")
@@ -253,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
             res["augmentations"] = augmentation_section(data, cfg, args.aug_seeds, args.aug_epochs, args.lr, 5)
     if "scale" in sections:
         res["scale"] = scale_section(args.scale_nodes, args.scale_edges, args.scale_features, args.scale_hidden,
-                                     args.scale_mode)
+                                     args.scale_mode, args.scale_batch_size, args.scale_steps)
         log.info("scale: %s", res["scale"])
     if "clean" in sections:
         work = Path(tempfile.mkdtemp(prefix="autoglm-clean-"))
