@@ -7,9 +7,9 @@ tokens -- sit at a different index in every row. This kernel keeps the chunk lay
 the eager one and makes the padding part of it:
 
 * queries in chunks of `C` (the sequence is padded to a multiple of C);
-* chunk c reads the window keys at indices [cC - W + 1, cC + C) -- one `index_select`
-  with indices computed from the (dynamic) length -- plus the G global keys of its row,
-  gathered per row at the index of the row's g-th real token;
+* chunk c reads the G global keys of its row (gathered per row at the index of the row's
+  g-th real token and put in front of the keys) and the window keys at indices
+  [cC - W + 1, cC + C): one `index_select` with indices computed from the (dynamic) length;
 * one additive mask (B, 1, nC, C, G + L), L = W + C - 1, built once per graph from the
   positions (the same rule as `sparse_mask`, on positions, not indices) and shared by every
   layer and head; masked scores get a large finite negative, so no row can give NaN and
@@ -80,6 +80,9 @@ class WindowedPrefill:
         win = (starts - (W - 1) + torch.arange(L, device=dev)[None, :]).reshape(-1)  # (nC * L,) key indices
         in_range = (win >= 0) & (win < T)
         self.win_idx = win.clamp(0, T - 1)
+        # one gather serves both slots: keys are read from [global keys of the row] ++ [all T keys]
+        self.key_idx = (torch.cat([torch.arange(G, device=dev).expand(n_chunks, G),
+                                   G + self.win_idx.view(n_chunks, L)], dim=1).reshape(-1))  # (nC * (G + L),)
         qp = self.k_pos[:, q_idx.clamp(max=T - 1)].view(B, n_chunks, C, 1)  # (B, nC, C, 1)
         kp = self.k_pos[:, self.win_idx].view(B, n_chunks, 1, L)  # (B, nC, 1, L)
         kv = (self.valid[:, self.win_idx] & in_range).view(B, n_chunks, 1, L)
@@ -100,10 +103,10 @@ class WindowedPrefill:
         """(B, Hkv, T, D) -> (B, H, nC, G + L, D): each chunk's global + window keys."""
         B, Hkv, T, D = t.shape
         nC, L, G = self.n_chunks, self.L, self.num_global
-        win = t.index_select(2, self.win_idx).view(B, Hkv, nC, L, D)
         if G:
             glob = t.gather(2, self.glob_idx[:, None, :, None].expand(B, Hkv, G, D))  # (B, Hkv, G, D)
-            win = torch.cat([glob[:, :, None].expand(B, Hkv, nC, G, D), win], dim=3)
+            t = torch.cat([glob, t], dim=2)  # (B, Hkv, G + T, D)
+        win = t.index_select(2, self.key_idx).view(B, Hkv, nC, G + L, D)
         if heads != Hkv:  # grouped-query attention: each kv head serves heads // Hkv query heads
             win = win[:, :, None].expand(B, Hkv, heads // Hkv, *win.shape[2:]).reshape(B, heads, *win.shape[2:])
         return win
