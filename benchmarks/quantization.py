@@ -146,7 +146,8 @@ def run(args) -> dict:
                          "lower --eval-batches / --calib-windows / --seq-len")
     dirs = {"fp32": work / "onnx-fp32", "int8": work / "onnx-int8", "int8-static": work / "onnx-int8-static"}
     t = time.perf_counter()
-    export_onnx(model_dir, dirs["fp32"], model=model)
+    export_onnx(model_dir, dirs["fp32"], model=model, prefill_attention=args.prefill_attention,
+                chunk=args.export_chunk)
     log.info("exported in %.0fs", time.perf_counter() - t)
     quantize_export(dirs["fp32"], dirs["int8"], "int8")
     quantize_export(dirs["fp32"], dirs["int8-static"], "int8-static", calibration=calib)
@@ -205,6 +206,7 @@ def run(args) -> dict:
                       "experts": cfg.num_experts, "vocab": cfg.vocab_size,
                       "params": model.num_parameters_summary()["total"]},
             "data": str(data or "builtin:stdlib-docstrings"), "prefill_len": args.prefill_len,
+            "prefill_attention": args.prefill_attention, "export_chunk": args.export_chunk,
             "eval_tokens": int(sum(y.numel() for _, y in eval_batches)), "calibration_windows": len(calib),
             "results": results, "ratios": ratios}
 
@@ -217,7 +219,9 @@ def to_markdown(res: dict) -> str:
     m = res["model"]
     lines = [f"Device: {res['device']}, torch {res['torch']}, onnxruntime {res['onnxruntime']}; model "
              f"{m['layers']} x {m['hidden']}, {m['experts']} experts, vocab {m['vocab']}, {m['params'] / 1e6:.2f}M "
-             f"params; data {Path(res['data']).name}; held-out tokens {res['eval_tokens']}", "",
+             f"params; data {Path(res['data']).name}; held-out tokens {res['eval_tokens']}; exported prefill "
+             f"attention {res.get('prefill_attention', 'dense')}"
+             + (f" (chunk {res['export_chunk']})" if res.get("prefill_attention") == "windowed" else ""), "",
              f"| model | size (MB) | prefill {res['prefill_len']} (ms) | decode (ms/token) | held-out loss "
              f"| greedy agreement | next-token agreement |", "|---|---|---|---|---|---|---|"]
     for r in res["results"]:
@@ -239,6 +243,9 @@ def main() -> None:
     p.add_argument("--train-seconds", type=float, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prefill-len", type=int, default=512)
+    p.add_argument("--prefill-attention", choices=("windowed", "dense"), default="windowed",
+                   help="attention of the exported prefill graph (dense: the (T, T)-mask reference)")
+    p.add_argument("--export-chunk", type=int, default=32, help="query chunk of the windowed prefill attention")
     p.add_argument("--decode-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--seq-len", type=int, default=256)

@@ -48,6 +48,9 @@ def onnx(
     calibration_windows: int = typer.Option(32, min=1, help="Held-out windows used for calibration."),
     calibration_seq_len: int = typer.Option(128, min=2, help="Tokens per calibration window."),
     keep_lm_head_float: bool = typer.Option(False, help="Keep the LM head in float (more accurate, larger file)."),
+    prefill_attention: str = typer.Option("windowed", help="Prefill attention of a sparse model: windowed "
+                                                           "(O(T * window), default) or dense (a (T, T) mask)."),
+    chunk: int = typer.Option(32, min=1, help="Queries per chunk of the windowed prefill attention."),
     overwrite: bool = typer.Option(False, help="Replace OUT if it exists."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "autoglm", help="Where tokenized corpora are cached."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
@@ -56,6 +59,7 @@ def onnx(
     sequence axes, checked against eager PyTorch; with --quantize, INT8 through ONNX Runtime."""
     from .export import QUANT_MODES, ExportError, export_onnx, load_model_dir, quantize_export
     from .export.storage import directory_size_mb
+    from .export.wrapper import PREFILL_ATTENTION
 
     _setup_logging(verbose)
     try:
@@ -63,16 +67,21 @@ def onnx(
             raise ValueError(f"--quantize must be one of {', '.join(QUANT_MODES)}, got {quantize!r}")
         if out.exists() and any(out.iterdir()) and not overwrite:
             raise FileExistsError(f"{out} already exists and is not empty; pick another --out or pass --overwrite")
+        if prefill_attention not in PREFILL_ATTENTION:
+            raise ValueError(f"--prefill-attention must be one of {', '.join(PREFILL_ATTENTION)}, "
+                             f"got {prefill_attention!r}")
         model = load_model_dir(model_dir)
         windows = None
         if quantize == "int8-static":  # read the calibration text before the (slow) export
             windows = _calibration(model_dir, calibration_data, cache_dir, calibration_windows, calibration_seq_len)
         if quantize is None:
-            info = export_onnx(model_dir, out, opset=opset, atol=atol, overwrite=overwrite, model=model)
+            info = export_onnx(model_dir, out, opset=opset, atol=atol, overwrite=overwrite, model=model,
+                               prefill_attention=prefill_attention, chunk=chunk)
         else:
             with tempfile.TemporaryDirectory(prefix="autoglm-fp32-") as tmp:
                 fp32 = Path(tmp) / "fp32"
-                export_onnx(model_dir, fp32, opset=opset, atol=atol, model=model)
+                export_onnx(model_dir, fp32, opset=opset, atol=atol, model=model,
+                            prefill_attention=prefill_attention, chunk=chunk)
                 info = quantize_export(fp32, out, quantize, calibration=windows,
                                        keep_lm_head_float=keep_lm_head_float, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, ExportError) as e:

@@ -34,6 +34,13 @@ def test_unsupported_opset_and_mode(tmp_path, export_model_dir):
     res = runner.invoke(app, ["export", "onnx", str(export_model_dir), "--out", str(tmp_path / "o3"),
                               "--quantize", "int4"])
     assert res.exit_code == 2 and "--quantize must be one of" in _out(res)
+    res = runner.invoke(app, ["export", "onnx", str(export_model_dir), "--out", str(tmp_path / "o4"),
+                              "--prefill-attention", "banded"])
+    assert res.exit_code == 2 and "--prefill-attention must be one of" in _out(res)
+    with pytest.raises(ValueError, match="prefill_attention"):
+        export_onnx(export_model_dir, tmp_path / "o5", prefill_attention="banded")
+    with pytest.raises(ValueError, match="chunk"):
+        export_onnx(export_model_dir, tmp_path / "o6", chunk=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
