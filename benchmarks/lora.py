@@ -29,6 +29,7 @@ is within 5% of full fine-tuning's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -142,11 +143,23 @@ def run(args) -> dict:
     args.work = str(work)
     cache = work / "cache"
     t0 = time.perf_counter()
-    base, prepared, res = pretrain("small", work / "base", _cfg(args, args.base_steps, args.base_lr), data=None,
-                                   cache_dir=cache, vocab_size=args.vocab_size, progress=False,
-                                   device=args.device)
-    logging.info("base model pre-trained on the built-in corpus in %.0f s", time.perf_counter() - t0)
-    base_on_base = res.final_eval["loss"]
+    base_cfg = _cfg(args, args.base_steps, args.base_lr)
+    if args.reuse_base and (work / "base" / "config.json").is_file():  # the base an earlier run left in --work-dir
+        from autoglm.hf import OpenAutoGLMForCausalLM
+        from autoglm.training.pretrain import prepare_data
+
+        saved = json.loads((work / "base" / "run.json").read_text())["train_config"]
+        if saved != json.loads(json.dumps(dataclasses.asdict(base_cfg), default=str)):
+            raise SystemExit(f"{work / 'base'} was pre-trained with {saved}; not reusing it")
+        prepared = prepare_data(None, cache, args.vocab_size, tokenizer_dir=work / "base")
+        base = OpenAutoGLMForCausalLM.from_pretrained(work / "base").to(args.device)
+        base_on_base = _eval_on(base, prepared.tokens.val, args)["loss"]
+        logging.info("reusing the base model in %s", work / "base")
+    else:
+        base, prepared, res = pretrain("small", work / "base", base_cfg, data=None, cache_dir=cache,
+                                       vocab_size=args.vocab_size, progress=False, device=args.device)
+        logging.info("base model pre-trained on the built-in corpus in %.0f s", time.perf_counter() - t0)
+        base_on_base = res.final_eval["loss"]
     # tokenize the new domain once here, so no child's peak memory includes it
     from autoglm.data import build_token_cache, read_corpus
     new_tokens = build_token_cache(read_corpus(new_data), prepared.tokenizer, cache, val_fraction=0.1,
@@ -237,6 +250,8 @@ def main() -> None:
                                                                  "('experts' = every expert projection)")
     p.add_argument("--wide-targets", default="", help="Also report LoRA on these targets (e.g. "
                                                      "q_proj,k_proj,v_proj,o_proj,experts); empty: not run")
+    p.add_argument("--reuse-base", action="store_true",
+                   help="Reuse the base model an earlier run with the same base settings left in --work-dir")
     p.add_argument("--wide-lr", default="", help="Learning rates for the --wide-targets row (default: --lora-lr)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank r (lora_alpha = 2r, as the default 8/16)")
     p.add_argument("--vocab-size", type=int, default=2048)
