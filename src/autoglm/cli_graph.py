@@ -37,7 +37,7 @@ def _ssl_config(hidden_dim: int, num_layers: int, attention: bool, mask_rate: fl
     augs = tuple(a for a in augment.split(",") if a)
     return GraphSSLConfig(hidden_dim=hidden_dim, num_layers=num_layers, attention=attention, mask_rate=mask_rate,
                           contrastive_weight=contrastive_weight, reconstruction_weight=reconstruction_weight,
-                          augmentations=augs, seed=seed, propagate_input=propagate_input and not attention)
+                          augmentations=augs, seed=seed, propagate_input=propagate_input)
 
 
 @app.command()
@@ -81,7 +81,7 @@ def pretrain(
     reconstruction_weight: float = typer.Option(1.0),
     augment: str = typer.Option("edge_perturb,feature_mask", help="Comma list: node_drop, edge_perturb, "
                                                                   "edge_drop, feature_mask."),
-    propagate_input: bool = typer.Option(True, help="h_0 = norm_adj x W_in (GCN encoder only; best on Cora)."),
+    propagate_input: bool = typer.Option(True, help="Smooth the input projection once (norm_adj or attention); best on Cora."),
     seed: int = typer.Option(0),
 ) -> None:
     """Self-supervised pre-training (InfoNCE + masked feature reconstruction); saves the model and embeddings."""
