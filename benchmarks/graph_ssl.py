@@ -228,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--input-dropout", type=float, default=0.0)
     ap.add_argument("--attn-dropout", type=float, default=0.1)
     ap.add_argument("--replace-rate", type=float, default=0.0)
+    ap.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=False,
+                    help="row-normalise the features (sum 1, as DGL's Cora that GraphMAE reads)")
     ap.add_argument("--device", default=None, help="cpu / cuda; default: CUDA when available")
     ap.add_argument("--hidden-dim", type=int, default=256)
     ap.add_argument("--num-layers", type=int, default=2)
@@ -263,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                          dropout=args.dropout, input_dropout=args.input_dropout, attn_dropout=args.attn_dropout,
                          replace_rate=args.replace_rate, l2=args.l2)
     if sections & {"probe", "augmentations"}:
-        data = load_graph(args.dataset, args.root, args.cache_dir, normalize_features=False)
+        data = load_graph(args.dataset, args.root, args.cache_dir, normalize_features=args.normalize_features)
         if "probe" in sections:
             res["probe"] = probe_section(data, cfg, args.seeds, args.epochs, args.lr, args.first_seed,
                                          args.weight_decay, args.device)
