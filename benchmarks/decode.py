@@ -20,10 +20,8 @@ Writes benchmarks/results/decode.json and decode.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
@@ -31,6 +29,7 @@ from autoglm import OpenAutoGLMConfig
 from autoglm.hf import OpenAutoGLMForCausalLM
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
 from autoglm.inference.cuda_graph import CUDAGraphDecoder
+from results_io import save_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -201,10 +200,6 @@ def main():
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {dev_name}, dtype {dtype}, torch {torch.__version__}", flush=True)
     rows = [bench_preset(p, a, device, dtype) for p in a.presets.split(",")]
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps(dict(device=dev_name, dtype=str(dtype), args=vars(a), rows=rows),
-                                                indent=2))
     lens = a.forward_lens
     md = [f"Device: {dev_name}, {dtype}, torch {torch.__version__}; prompt {a.prompt_len} tokens, batch 1 decode", "",
           "| preset | params total | params active | HF generate tok/s | engine eager tok/s | engine CUDA graphs tok/s "
@@ -218,8 +213,7 @@ def main():
                   f"{r.get('compiled_tok_s', float('nan')):.1f} | "
                   f"**{r['decode_speedup_vs_hf']:.1f}x** | {r['decode_mfu_pct']:.2f} | {fw} | "
                   f"{r.get('peak_mem_gib', float('nan')):.2f} |")
-    (out / "decode.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    save_results(a.out, "decode", dict(device=dev_name, dtype=str(dtype), args=vars(a), rows=rows), "\n".join(md))
 
 
 if __name__ == "__main__":

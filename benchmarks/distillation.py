@@ -43,6 +43,7 @@ from autoglm.training.distill import AlphaSchedule, DistillConfig
 from autoglm.training.finetune import distill
 from autoglm.training.pretrain import build_model, eval_batches_for, prepare_data, pretrain, save_final_model
 from autoglm.training.strategy import SingleDevice
+from results_io import save_results
 
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -241,13 +242,8 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=ROOT / "results")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "distillation.json").write_text(json.dumps(res, indent=2))
-    md = markdown(res)
-    (args.out / "distillation.md").write_text(md)
-    print(md)
+    save_results(args.out, "distillation", res, markdown(res))
 
 
 if __name__ == "__main__":

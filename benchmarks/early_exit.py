@@ -49,6 +49,7 @@ from autoglm.losses import lm_loss
 from autoglm.training import TrainConfig, Trainer
 from autoglm.training.objectives import CausalLMObjective
 from autoglm.training.pretrain import build_model, eval_batches_for, prepare_data
+from results_io import save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -227,9 +228,6 @@ def main():
     res = dict(args={k: str(v) for k, v in vars(a).items()}, data=prep.source, vocab=len(prep.tokenizer), layers=L,
                exit_layers=exit_layers, plain_val_loss=None if plain is None else round(plain, 4),
                training=train_s, rows=rows)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "early_exit.json").write_text(json.dumps(res, indent=2))
     trained = f"loaded from {a.load_dir}" if a.load_dir is not None else f"{a.steps} steps"
     head = (f"preset {a.preset} ({L} layers, vocab {len(prep.tokenizer)}), {trained} on {Path(prep.source).name}; "
             f"engine exits after layers {list(exit_layers)}; val loss at full depth {rows[0]['val_loss']}"
@@ -242,8 +240,7 @@ def main():
            f"{r['argmax_agreement_val_pct']} | "
            f"{r['decode_tok_s']} | {r['decode_speedup']}x | {r['decode_speedup_cpu_time']}x | {r['decode_mean_layers']} | {r['token_agreement_pct']} |"
            for r in rows]
-    (out / "early_exit.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    save_results(a.out, "early_exit", res, "\n".join(md))
 
 
 if __name__ == "__main__":

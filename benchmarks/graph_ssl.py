@@ -20,7 +20,6 @@ import logging
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ from autoglm.graph.datasets import load_graph
 from autoglm.graph.experiment import ssl_probe
 from autoglm.graph.probe import linear_probe
 from autoglm.graph.ssl import GraphSSLConfig, GraphSSLModel, GraphSSLObjective
+from results_io import save_results
 
 ROOT = Path(__file__).resolve().parent
 PLANETOID = ROOT.parent.parent / "shared" / "data" / "planetoid"
@@ -283,10 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         log.info("clean: %s", res["clean"])
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "graph_ssl.json").write_text(json.dumps(res, indent=1))
-    (args.out / "graph_ssl.md").write_text(markdown(res))
-    sys.stdout.write(markdown(res) + "\n")
+    save_results(args.out, "graph_ssl", res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import torch
 
+from results_io import save_results
+
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
@@ -265,11 +267,7 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "lora.json").write_text(json.dumps(res, indent=2))
-    md = markdown(res)
-    (args.out / "lora.md").write_text(md)
-    print(md)
+    save_results(args.out, "lora", res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ FP32 ONNX Runtime, held-out loss within 2% of FP32.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import platform
 import statistics
@@ -43,6 +42,7 @@ from autoglm.export.storage import directory_size_mb
 from autoglm.tokenizer import load_tokenizer
 from autoglm.training import TrainConfig, evaluate
 from autoglm.training.pretrain import pretrain
+from results_io import save_results
 
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -259,11 +259,7 @@ def main() -> None:
     for name in ("quantization", "autoglm"):
         logging.getLogger(name).setLevel(logging.INFO)
     res = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "quantization.json").write_text(json.dumps(res, indent=2))
-    md = to_markdown(res)
-    (args.out / "quantization.md").write_text(md)
-    print(md)
+    save_results(args.out, "quantization", res, to_markdown(res))
 
 
 if __name__ == "__main__":

@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -32,6 +29,7 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from autoglm import OpenAutoGLMConfig
 from autoglm.hf import OpenAutoGLMForCausalLM
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
+from results_io import save_results
 
 
 def pct(xs, q):
@@ -217,9 +215,6 @@ def main():
             lc = EngineConfig(block_size=a.block_size, num_blocks=num_blocks, max_num_seqs=a.load_in_flight)
             res["load_check"] = load_check(model, d, a.load_requests, a.load_in_flight, lc)
         print("load check", res["load_check"], flush=True)
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serving.json").write_text(json.dumps(res, indent=2))
     md = ["| system | wall s | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms | KV waste % |",
           "|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['system']} | {r['wall_s']} | {r['out_tok_s']} | {r['ttft_p50']} | {r['ttft_p99']} | "
@@ -235,8 +230,7 @@ def main():
         lc = res["load_check"]
         md.append(f"\nload check: {lc['requests']} requests, {lc['in_flight']} in flight, {lc['errors']} errors, "
                   f"{lc['leaked_blocks']} leaked blocks, {lc['wall_s']} s")
-    (out / "serving.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    save_results(a.out, "serving", res, "\n".join(md))
 
 
 if __name__ == "__main__":

@@ -117,8 +117,14 @@ def test_disconnect_cancels_and_frees_blocks(server):
         assert name in m
 
 
-def test_non_streaming_client_that_hangs_up_cancels(server):
+def test_non_streaming_client_that_hangs_up_cancels(server, monkeypatch):
     url, engine = server
+    step = engine.step
+
+    def slow_step():  # >= 5 ms a step: 250 tokens take well over the client's 0.3 s on any machine
+        time.sleep(0.005)
+        return step()
+    monkeypatch.setattr(engine, "step", slow_step)
     body = {"model": "tiny", "prompt": "The ", "max_tokens": 250, "ignore_eos": True}
     aborted = engine.stats.generated_tokens
     with pytest.raises(httpx.TimeoutException):  # the client gives up long before 250 tokens are made

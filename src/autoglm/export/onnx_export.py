@@ -37,9 +37,10 @@ import numpy as np
 import onnx
 import torch
 
-from .storage import fold_weight_transposes, gemm_to_matmul, save_graphs, strip_metadata
+from ..modules.moe import moe_dispatch
 from .attention import DEFAULT_EXPORT_CHUNK
-from .wrapper import PREFILL_ATTENTION, ExportDecoder, export_mode, past_names, present_names
+from .storage import fold_weight_transposes, gemm_to_matmul, save_graphs, strip_metadata
+from .wrapper import PREFILL_ATTENTION, ExportDecoder, past_names, present_names
 
 __all__ = [
     "SUPPORTED_OPSETS", "DEFAULT_OPSET", "ExportError", "load_model_dir", "export_onnx",
@@ -113,7 +114,7 @@ def _export_graph(wrapper: ExportDecoder, with_past: bool, opset: int) -> onnx.M
     names_in = ["input_ids", "attention_mask"] + (past_names(L) if with_past else [])
     names_out = ["logits"] + present_names(L)
     try:
-        with export_mode(wrapper.model), torch.no_grad():
+        with moe_dispatch(wrapper.model, "dense"), torch.no_grad():
             prog = torch.onnx.export(wrapper, (ids, mask, *past), input_names=names_in, output_names=names_out,
                                      dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False)
     except Exception as e:  # the exporter raises many types; report them as one

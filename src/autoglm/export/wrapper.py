@@ -16,26 +16,22 @@ head as eager inference) with three changes that make the graph static and trace
   (N, E) combine matrix with zeros off the top-k), so no expert is dropped because the
   dummy input did not route to it and no `nonzero`/`bincount` appears in the graph.
 
-The wrapper never changes the wrapped model: the MoE dispatch (and, for absolute
-positions, the range-checked table lookup) is switched only inside `export_mode()` and
-restored afterwards.
+The wrapper never changes the wrapped model: the export switches the MoE dispatch only
+inside `modules.moe.moe_dispatch(model, "dense")`, restored afterwards. The absolute
+position table skips its data-dependent range check by itself while torch.export traces;
+out-of-range positions fail in ONNX Runtime's Gather, and `OrtCausalLM.generate` checks
+the context up front.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 from torch import nn
 
-import torch.nn.functional as F
-
-from ..modules import AttentionMetadata, LearnedPositionEmbedding
-from ..modules.moe import MoEFeedForward
+from ..modules import AttentionMetadata
 from .attention import DEFAULT_EXPORT_CHUNK, WindowedPrefill
 
-__all__ = ["ExportDecoder", "PREFILL_ATTENTION", "dense_moe_dispatch", "export_mode", "past_names", "present_names"]
+__all__ = ["ExportDecoder", "PREFILL_ATTENTION", "past_names", "present_names"]
 
 
 PREFILL_ATTENTION = ("windowed", "dense")
@@ -49,48 +45,6 @@ def past_names(num_layers: int) -> list[str]:
 def present_names(num_layers: int) -> list[str]:
     """Output names of the updated cache: present.{i}.key / .value."""
     return [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-@contextlib.contextmanager
-def dense_moe_dispatch(model: nn.Module) -> Iterator[None]:
-    """Temporarily switch every MoE layer of `model` to the static dense dispatch."""
-    moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    saved = [m.dispatch for m in moes]
-    try:
-        for m in moes:
-            m.dispatch = "dense"
-        yield
-    finally:
-        for m, d in zip(moes, saved):
-            m.dispatch = d
-
-
-class _TracedPositions(nn.Module):
-    """The learned absolute position table without its Python-side range check (a
-    data-dependent `int(max)` that torch.export cannot trace); shares the table's weight.
-    Out-of-range positions fail in ONNX Runtime's Gather, and `OrtCausalLM.generate`
-    checks the context length up front."""
-
-    def __init__(self, table: LearnedPositionEmbedding) -> None:
-        super().__init__()
-        self.weight = table.weight
-
-    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(position_ids, self.weight)  # (B, T) -> (B, T, d)
-
-
-@contextlib.contextmanager
-def export_mode(model: nn.Module) -> Iterator[None]:
-    """Static MoE dispatch and a traceable absolute position table, restored afterwards."""
-    backbone = model.model
-    table = backbone.embed_positions
-    try:
-        if isinstance(table, LearnedPositionEmbedding):
-            backbone.embed_positions = _TracedPositions(table)
-        with dense_moe_dispatch(model):
-            yield
-    finally:
-        backbone.embed_positions = table
 
 
 class _GraphCache:

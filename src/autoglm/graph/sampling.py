@@ -71,8 +71,8 @@ def pretrain_graph_sampled(x: torch.Tensor, edge_index: torch.Tensor, cfg: Any, 
     """Mini-batch pre-training with the shared Trainer: each step samples `batch_size` seed
     nodes and their `fanouts`-hop neighbourhood and runs `GraphSSLObjective` on that
     subgraph. Memory scales with batch_size * prod(fanouts), not with N."""
-    from ..training import TrainConfig, Trainer
-    from .ssl import GraphSSLModel, GraphSSLObjective
+    from ..training import Trainer
+    from .ssl import GraphSSLModel, GraphSSLObjective, ssl_train_config
 
     num_nodes = x.shape[0]
     if num_nodes == 0:
@@ -87,9 +87,6 @@ def pretrain_graph_sampled(x: torch.Tensor, edge_index: torch.Tensor, cfg: Any, 
         nodes, sub = sample_subgraph(csr, seeds, fanouts, gen)
         return {"x": x[nodes], "edge_index": sub, "step": i}
 
-    tcfg = TrainConfig(batch_size=1, seq_len=1, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
-                       warmup_steps=max(1, steps // 20), max_steps=steps, eval_every=0, save_every=0,
-                       log_every=max(1, steps // 10), seed=cfg.seed, grad_clip=0.0, precision="fp32")
-    result = Trainer(model, tcfg, train_batch=batch, out_dir=out_dir, objective=GraphSSLObjective(cfg),
-                     progress=False).fit()
+    result = Trainer(model, ssl_train_config(steps, lr, weight_decay, cfg.seed), train_batch=batch, out_dir=out_dir,
+                     objective=GraphSSLObjective(cfg), progress=False).fit()
     return model.eval(), result

@@ -187,6 +187,16 @@ class GraphSSLObjective:
         return f"GraphSSLObjective({self.cfg})"
 
 
+def ssl_train_config(steps: int, lr: float, weight_decay: float, seed: int, **kw: Any):
+    """The Trainer settings graph pre-training uses (one optimizer step = one batch or epoch;
+    no gradient clipping, fp32, 5% warmup, Adam's betas)."""
+    from ..training import TrainConfig
+
+    return TrainConfig(batch_size=1, seq_len=1, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
+                       warmup_steps=max(1, steps // 20), max_steps=steps, eval_every=0, save_every=0,
+                       log_every=max(1, steps // 10), seed=seed, grad_clip=0.0, precision="fp32", **kw)
+
+
 def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfig, epochs: int = 300,
                    lr: float = 1e-3, weight_decay: float = 2e-4, out_dir: str | Path | None = None,
                    progress: bool = False, console: Any = None, device: str | None = None
@@ -197,7 +207,7 @@ def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfi
     the Trainer writes metrics.jsonl and safetensors checkpoints there. `device`: None = CUDA
     when available, else CPU (the Trainer's `SingleDevice` default).
     """
-    from ..training import TrainConfig, Trainer
+    from ..training import Trainer
     from ..training.strategy import SingleDevice
 
     if x.shape[0] == 0:
@@ -209,10 +219,7 @@ def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfi
     # the fixed (un-augmented) adjacency is reused by the reconstruction branch every epoch
     graph = model.encoder.prepare(edge_index, x.shape[0])
     batch = {"x": x, "edge_index": edge_index, "graph": graph}
-    tcfg = TrainConfig(batch_size=1, seq_len=1, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
-                       warmup_steps=max(1, epochs // 20), max_steps=epochs, min_lr_ratio=0.1, eval_every=0,
-                       save_every=0, log_every=max(1, epochs // 10), seed=cfg.seed,
-                       grad_clip=0.0, precision="fp32")
+    tcfg = ssl_train_config(epochs, lr, weight_decay, cfg.seed, min_lr_ratio=0.1)
     trainer = Trainer(model, tcfg, train_batch=lambda i: {**batch, "step": i}, out_dir=out_dir,
                       objective=GraphSSLObjective(cfg), progress=progress, console=console,
                       strategy=strategy)

@@ -24,12 +24,10 @@ and layout logic against the plain path; on CUDA it is a fallback.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 import torch
 
-from ..modules.moe import MoEFeedForward
-from .runner import StepLayout, _slots_of
+from ..modules.moe import moe_dispatch
+from .runner import StepLayout, _live_keys, _slots_of
 from .scheduler import SchedulerOutput
 
 __all__ = ["CUDAGraphDecoder", "max_decode_keys"]
@@ -44,22 +42,10 @@ def max_decode_keys(config, block_size: int, max_len: int) -> int:
     return blocks * block_size
 
 
-@contextmanager
-def _moe_dispatch(model, tokens: int):
+def _static_dispatch(tokens: int):
     """Static-shape MoE dispatch for `tokens` rows: gather while it reads fewer weights than
     running every expert, dense otherwise."""
-    moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-    saved = [m.dispatch for m in moes]
-    for m in moes:
-        m.dispatch = "gather" if tokens * m.top_k <= 2 * m.num_experts else "dense"
-    for m in moes:  # stacked expert weights built (or refreshed) eagerly, outside any tracing
-        if m.dispatch == "gather":
-            m.stacked_weights()
-    try:
-        yield
-    finally:
-        for m, d in zip(moes, saved):
-            m.dispatch = d
+    return lambda m: "gather" if tokens * m.top_k <= 2 * m.num_experts else "dense"
 
 
 class _Bucket:
@@ -115,7 +101,7 @@ class CUDAGraphDecoder:
             self.replays += 1
             logits = bucket.logits
         else:
-            with _moe_dispatch(self.runner.model, B):
+            with moe_dispatch(self.runner.model, _static_dispatch(B)):
                 logits = self.forward(bucket.layout, rows=bucket.rows).logits
         return logits[:len(sched)].clone()
 
@@ -132,7 +118,7 @@ class CUDAGraphDecoder:
             r = s.request
             c = r.num_computed_tokens
             table = self.runner.kv.get(r.request_id).block_ids
-            kpos = [p for j, blk in enumerate(table) if blk is not None for p in range(j * bs, min((j + 1) * bs, c + 1))]
+            kpos = _live_keys(table, c + 1, bs)
             if len(kpos) > self.max_keys:
                 return None
             out.append((r.all_token_ids[c], c, _slots_of(table, [c], bs)[0], _slots_of(table, kpos, bs), kpos))
@@ -163,7 +149,7 @@ class CUDAGraphDecoder:
         self.buckets[B] = bucket
         if not self.capture:
             return bucket
-        with torch.inference_mode(), _moe_dispatch(r.model, B):
+        with torch.inference_mode(), moe_dispatch(r.model, _static_dispatch(B)):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: kernels chosen, caches (stacked experts) built

@@ -193,7 +193,10 @@ class LLMEngine:
         self._account_kv()
         decode_only = all(s.num_new_tokens == 1 for s in so.scheduled)
         with self.lora.batch([(s.request.lora, s.num_new_tokens) for s in so.scheduled]):
-            out = self._execute(so)
+            # LoRA deltas come from Python hooks, which a replayed (or captured) CUDA graph would
+            # skip or bake in: a step with LoRA tokens runs the eager packed forward
+            out = self.runner.execute(so, self.config.early_exit_threshold, self.exit_layers,
+                                      use_graphs=not self.lora.active)
         self.stats.steps += 1
         if decode_only:
             self.stats.decode_steps += 1
@@ -221,18 +224,6 @@ class LLMEngine:
             results.append(out_i)
         self.stats.preemptions = self.scheduler.num_preemptions
         return results
-
-    def _execute(self, so):
-        graphs = getattr(self.runner, "graphs", None)
-        if not (self.lora.active and graphs is not None):
-            return self.runner.execute(so, self.config.early_exit_threshold, self.exit_layers)
-        # LoRA deltas come from Python hooks, which a replayed (or captured) CUDA graph would
-        # skip or bake in: a step with LoRA tokens runs the eager packed forward
-        self.runner.graphs = None
-        try:
-            return self.runner.execute(so, self.config.early_exit_threshold, self.exit_layers)
-        finally:
-            self.runner.graphs = graphs
 
     def _account_kv(self) -> None:
         """Allocated vs used KV slots of the running requests. A slot is used when it holds (or this

@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..modules.moe import MoEFeedForward, route
+from ..modules.moe import MoEFeedForward, route, sorted_groups
 
 __all__ = ["LoRAModule", "LoRAAdapter", "MultiLoRA", "load_lora_adapter"]
 
@@ -306,10 +306,7 @@ class MultiLoRA:
                 self._expert_groups[id(e)] = self._groups
             return
         r = route(xf, moe.router.weight, moe.top_k)
-        k = r.topk_idx.shape[1]
-        flat = r.topk_idx.reshape(-1)
-        token_of = torch.argsort(flat, stable=True) // k  # as MoEFeedForward._sorted
-        counts = torch.bincount(flat, minlength=moe.num_experts).tolist()
+        _, token_of, counts = sorted_groups(r.topk_idx, moe.num_experts)  # the layout the layer will use
         for e, tok in zip(moe.experts, token_of.split(counts)):
             which = self._token_adapter[tok]  # (rows,) index into self._groups of each row's adapter, -1 base
             groups = {}

@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from ..modules.attention import AttentionMetadata, attend_dense
 from ..modules.position import apply_rotary
@@ -56,6 +55,13 @@ class RunnerOutput:
 
 def _slots_of(table: list[int | None], positions: range, block_size: int) -> list[int]:
     return [table[p // block_size] * block_size + p % block_size for p in positions]
+
+
+def _live_keys(table: list[int | None], end: int, block_size: int) -> list[int]:
+    """Positions < end whose block is still held: every key a query of this step may read
+    (freed blocks hold nothing anyone here can see)."""
+    return [p for j, blk in enumerate(table) if blk is not None
+            for p in range(j * block_size, min((j + 1) * block_size, end))]
 
 
 class PagedKVCache:
@@ -133,9 +139,7 @@ class ModelRunner:
             ids += toks
             pos += range(c, c + n)
             write += _slots_of(table, range(c, c + n), bs)
-            # keys: every live position < c + n (freed blocks hold nothing anyone here can see)
-            kpos = [p for j, blk in enumerate(table) if blk is not None
-                    for p in range(j * bs, min((j + 1) * bs, c + n))]
+            kpos = _live_keys(table, c + n, bs)
             kslots = _slots_of(table, kpos, bs)
             if n == 1:
                 dec_q.append(a)
@@ -160,9 +164,10 @@ class ModelRunner:
     # ---------------------------------------------------------------- forward
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput, exit_threshold: float = 1.0,
-                exit_layers: tuple[int, ...] = ()) -> RunnerOutput:
-        """Run the step; returns the logits of every request that samples this step."""
-        if self.graphs is not None and exit_threshold >= 1.0:
+                exit_layers: tuple[int, ...] = (), use_graphs: bool = True) -> RunnerOutput:
+        """Run the step; returns the logits of every request that samples this step.
+        use_graphs=False keeps the step eager (e.g. Python hooks such as LoRA deltas must run)."""
+        if use_graphs and self.graphs is not None and exit_threshold >= 1.0:
             logits = self.graphs.try_run(so)
             if logits is not None:
                 return RunnerOutput(logits, len(self.model.model.layers))
@@ -180,7 +185,7 @@ class ModelRunner:
         meta = AttentionMetadata(q_pos=lay.positions[None], kernel=PagedAttention(self, lay, cache))
         x = bb.embed_tokens(lay.input_ids[None])  # (1, N, d)
         if bb.embed_positions is not None:  # positions are < the context length: the engine checks
-            x = x + F.embedding(lay.positions[None], bb.embed_positions.weight)
+            x = x + bb.embed_positions.lookup(lay.positions[None])
         n_layers = len(bb.layers)
         if rows is None:
             rows = torch.tensor(lay.sample_rows, dtype=torch.long, device=self.device)

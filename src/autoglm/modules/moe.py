@@ -28,6 +28,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
@@ -36,7 +38,7 @@ from torch import nn
 
 from .ffn import SwiGLU
 
-__all__ = ["MoEFeedForward", "RouterOutput", "route"]
+__all__ = ["MoEFeedForward", "RouterOutput", "moe_dispatch", "route", "sorted_groups"]
 
 
 class RouterOutput(NamedTuple):
@@ -52,6 +54,15 @@ def route(x: torch.Tensor, router_weight: torch.Tensor, top_k: int) -> RouterOut
     w, idx = probs.topk(top_k, dim=-1)
     w = w / w.sum(dim=-1, keepdim=True)
     return RouterOutput(logits, idx, w)
+
+
+def sorted_groups(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """The `sorted` dispatch's layout of token copies: (order (N*k,) flat copy index sorted by
+    expert, token_of (N*k,) source token of each sorted copy, counts: copies per expert).
+    Expert e runs on tokens token_of[sum(counts[:e]) : sum(counts[:e + 1])], in that order."""
+    flat = topk_idx.reshape(-1)  # (N*k,) expert of each token copy
+    order = torch.argsort(flat, stable=True)  # token copies grouped by expert
+    return order, order // topk_idx.shape[1], torch.bincount(flat, minlength=num_experts).tolist()
 
 
 class MoEFeedForward(nn.Module):
@@ -76,11 +87,7 @@ class MoEFeedForward(nn.Module):
         return y.view(shape), r
 
     def _sorted(self, xf: torch.Tensor, r: RouterOutput) -> torch.Tensor:
-        N, k = r.topk_idx.shape
-        flat = r.topk_idx.reshape(-1)  # (N*k,) expert of each token copy
-        order = torch.argsort(flat, stable=True)  # token copies grouped by expert
-        token_of = order // k  # source token of each sorted copy
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        order, token_of, counts = sorted_groups(r.topk_idx, self.num_experts)
         xs = xf[token_of]  # (N*k, d)
         outs = []
         for e, chunk in enumerate(xs.split(counts)):
@@ -120,3 +127,22 @@ class MoEFeedForward(nn.Module):
         for e, expert in enumerate(self.experts):
             y = y + combine[:, e : e + 1] * expert(xf)
         return y
+
+
+@contextmanager
+def moe_dispatch(model: nn.Module, dispatch: str | Callable[[MoEFeedForward], str]) -> Iterator[None]:
+    """Temporarily run every MoE layer of `model` with `dispatch` (a name, or a function of the
+    layer giving one); the layers' own settings come back afterwards. Stacked expert weights
+    of `gather` layers are built here, eagerly, so no trace (export, compile, CUDA-graph
+    capture) has to."""
+    moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    saved = [m.dispatch for m in moes]
+    try:
+        for m in moes:
+            m.dispatch = dispatch(m) if callable(dispatch) else dispatch
+            if m.dispatch == "gather":
+                m.stacked_weights()
+        yield
+    finally:
+        for m, d in zip(moes, saved):
+            m.dispatch = d

@@ -57,15 +57,23 @@ class LearnedPositionEmbedding(nn.Module):
     def num_positions(self) -> int:
         return self.weight.shape[0]
 
+    def lookup(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """The table lookup without the range check: for callers that bound positions
+        themselves (the inference engine) and traced code (a data-dependent check is a host
+        sync, which CUDA-graph capture and torch.export cannot hold)."""
+        return F.embedding(position_ids.clamp_min(0), self.weight)
+
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
         """position_ids (B, T) long -> (B, T, d)."""
+        if torch.compiler.is_compiling():  # torch.compile / torch.export trace: the caller bounds positions
+            return self.lookup(position_ids)
         if position_ids.numel() and int(position_ids.max()) >= self.num_positions:
             raise ValueError(
                 f"position {int(position_ids.max())} is beyond the position table "
                 f"({self.num_positions} positions, the model's max_position_embeddings); shorten the "
                 f"input or extend the context with model.extend_context(N) / --context-length N, "
                 f"which interpolates the learned table")
-        return F.embedding(position_ids.clamp_min(0), self.weight)
+        return self.lookup(position_ids)
 
     @torch.no_grad()
     def resize(self, new_len: int) -> None:
