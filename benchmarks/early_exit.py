@@ -9,16 +9,19 @@ same initialisation for comparison. Then, for each threshold:
 * validation loss of the distributions the early-exit decoder would actually use: one
   teacher-forced pass over held-out text with `early_exit_forward` (each position takes the
   exit layer's distribution where its top probability reaches the threshold, the last
-  layer's where not; exited positions' skipped layers get their K/V from the exit state,
-  as in the engine), the mean exit layer over the positions that may exit, and how often
-  its argmax equals the full model's (teacher-forced, so errors do not compound);
-* decode tokens/s of the engine (`LLMEngine`, the real paged decode path with its KV fill
-  of skipped layers) at batch 1, greedy, `--decode-tokens` tokens after each of
-  `--prompts` held-out prompts; thresholds are timed in interleaved rounds and each keeps
-  its fastest of `--rounds` (wall clock, and process CPU time, which leaves out waits for a
-  core on a shared machine); speed-up = tok/s / tok/s at threshold 1.0;
-  mean layers per decode step; agreement of the greedy tokens with threshold 1.0 position by
-  position (free-running: after the first different token the continuations part).
+  layer's where not; at most 16 exits in a row, the engine's cap; every K/V is the full
+  model's, as the engine's deferred rows make it), the mean exit layer over the positions
+  that may exit, and how often its argmax equals the full model's (teacher-forced, so
+  errors do not compound);
+* decode tokens/s of the engine (`LLMEngine`, the real paged decode path, deferred rows
+  included) at batch 1, for each of `--temperatures` (default 1.0, the API's default
+  sampling, seeded per prompt, and 0 = greedy),
+  `--decode-tokens` tokens after each of `--prompts` held-out prompts; thresholds are timed
+  in interleaved rounds and each keeps its fastest of `--rounds` (wall clock, and process
+  CPU time, which leaves out waits for a core on a shared machine); speed-up = tok/s /
+  tok/s at threshold 1.0; mean layers per decode step; agreement of the tokens with
+  threshold 1.0 position by position (free-running: after the first different token the
+  continuations part).
 
     python benchmarks/early_exit.py --skip-plain --save-dir runs/ee   # train (1200 steps) + measure
     python benchmarks/early_exit.py --init-from runs/ee --skip-plain --train-only --steps 600 --lr 1e-3 \
@@ -55,6 +58,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHAKESPEARE = ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
+BLOCK_SIZE = 16  # the engine's KV block size here, which is also its cap on consecutive exits (max_deferred)
+
+
 @torch.no_grad()
 def val_losses(model, batches, thresholds, exit_layers):
     """{threshold: (mean loss of the decoder's distributions, mean exit layer of positions >= 1,
@@ -64,7 +70,7 @@ def val_losses(model, batches, thresholds, exit_layers):
     for t in thresholds:
         tot, layers, same, n = 0.0, 0.0, 0.0, 0
         for (x, y), f in zip(batches, full):
-            logits, exit_at = early_exit_forward(model, x, t, exit_layers, prompt_len=1)
+            logits, exit_at = early_exit_forward(model, x, t, exit_layers, prompt_len=1, max_run=BLOCK_SIZE)
             tot += float(lm_loss(logits, y))
             layers += float(exit_at[:, 1:].float().mean())
             same += float((logits.argmax(-1) == f).float().mean())
@@ -73,11 +79,13 @@ def val_losses(model, batches, thresholds, exit_layers):
     return res
 
 
-def decode_once(model, prompt, n_tokens, threshold, exit_layers):
-    """One batch-1 greedy decode on the engine: (wall s, process CPU s, layers run, decode steps, tokens)."""
-    eng = LLMEngine(model, config=EngineConfig(block_size=16, num_blocks=128, early_exit_threshold=threshold,
+def decode_once(model, prompt, n_tokens, threshold, exit_layers, temperature=0.0, seed=0):
+    """One batch-1 decode on the engine (greedy, or sampled at `temperature` with `seed`):
+    (wall s, process CPU s, layers run, decode steps, tokens)."""
+    eng = LLMEngine(model, config=EngineConfig(block_size=BLOCK_SIZE, num_blocks=128, early_exit_threshold=threshold,
                                                exit_layers=exit_layers))
-    rid = eng.add_request(prompt, SamplingParams(max_tokens=n_tokens, temperature=0, ignore_eos=True))
+    rid = eng.add_request(prompt, SamplingParams(max_tokens=n_tokens, temperature=temperature, seed=seed,
+                                                 ignore_eos=True))
     req = eng.requests[rid]
     eng.step()  # prefill (+ first token) is not decode
     t, c = time.perf_counter(), time.process_time()
@@ -87,7 +95,7 @@ def decode_once(model, prompt, n_tokens, threshold, exit_layers):
             list(req.output_ids))
 
 
-def decode_table(model, prompts, n_tokens, thresholds, exit_layers, rounds):
+def decode_table(model, prompts, n_tokens, thresholds, exit_layers, rounds, temperature=0.0):
     """Interleaved rounds (every threshold decodes every prompt once per round). On a shared
     machine other jobs only ever add time, so each (threshold, prompt) keeps its fastest
     round, for wall time and for process CPU time (1 thread: CPU time leaves out the time the
@@ -98,7 +106,7 @@ def decode_table(model, prompts, n_tokens, thresholds, exit_layers, rounds):
     for _ in range(rounds):
         for i, p in enumerate(prompts):
             for t in thresholds:
-                w, c, a, b, o = decode_once(model, p, n_tokens, t, exit_layers)
+                w, c, a, b, o = decode_once(model, p, n_tokens, t, exit_layers, temperature, seed=i)
                 wall[t, i].append(w)
                 cpu[t, i].append(c)
                 layers[t, i], steps[t, i], outs[t, i] = a, b, o
@@ -148,6 +156,8 @@ def main():
     ap.add_argument("--decode-tokens", type=int, default=128)
     ap.add_argument("--prompts", type=int, default=4, help="held-out prompts decoded per threshold")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (fastest kept)")
+    ap.add_argument("--temperatures", default="1.0,0",
+                    help="decode temperatures, each its own timed table (0 = greedy; > 0 samples, seeded per prompt)")
     ap.add_argument("--eval-batches", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="benchmarks/results")
@@ -214,15 +224,20 @@ def main():
     val = prep.tokens.val
     step = len(val) // max(1, a.prompts)
     prompts = [val[i * step:i * step + 32].tolist() for i in range(a.prompts)]
-    dec = decode_table(model, prompts, a.decode_tokens, thresholds, exit_layers, a.rounds)
-    full_loss, base, base_cpu = vl[1.0][0], dec[1.0]["tok_s"], dec[1.0]["cpu_tok_s"]
-    rows = [dict(threshold=t, val_loss=round(vl[t][0], 4), val_loss_vs_full_pct=round(100 * (vl[t][0] / full_loss - 1), 2),
-                 mean_exit_layer_val=round(vl[t][1], 2), argmax_agreement_val_pct=round(100 * vl[t][2], 1),
-                 decode_tok_s=round(dec[t]["tok_s"], 1),
-                 decode_speedup=round(dec[t]["tok_s"] / base, 2),
-                 decode_speedup_cpu_time=round(dec[t]["cpu_tok_s"] / base_cpu, 2), decode_mean_layers=round(dec[t]["mean_layers"], 2),
-                 token_agreement_pct=round(100 * dec[t]["agreement"], 1), round_wall_s=dec[t]["round_wall_s"])
-            for t in thresholds]
+    temps = [float(x) for x in a.temperatures.split(",") if x]
+    decs = {T: decode_table(model, prompts, a.decode_tokens, thresholds, exit_layers, a.rounds, T) for T in temps}
+    full_loss = vl[1.0][0]
+    rows = []
+    for t in thresholds:
+        row = dict(threshold=t, val_loss=round(vl[t][0], 4), val_loss_vs_full_pct=round(100 * (vl[t][0] / full_loss - 1), 2),
+                   mean_exit_layer_val=round(vl[t][1], 2), argmax_agreement_val_pct=round(100 * vl[t][2], 1), decode={})
+        for T, dec in decs.items():
+            d, base = dec[t], dec[1.0]
+            row["decode"][T] = dict(tok_s=round(d["tok_s"], 1), speedup=round(d["tok_s"] / base["tok_s"], 2),
+                                    speedup_cpu_time=round(d["cpu_tok_s"] / base["cpu_tok_s"], 2),
+                                    mean_layers=round(d["mean_layers"], 2), token_agreement_pct=round(100 * d["agreement"], 1),
+                                    round_wall_s=d["round_wall_s"])
+        rows.append(row)
     for r in rows:
         print(r, flush=True)
     res = dict(args={k: str(v) for k, v in vars(a).items()}, data=prep.source, vocab=len(prep.tokenizer), layers=L,
@@ -231,15 +246,19 @@ def main():
     trained = f"loaded from {a.load_dir}" if a.load_dir is not None else f"{a.steps} steps"
     head = (f"preset {a.preset} ({L} layers, vocab {len(prep.tokenizer)}), {trained} on {Path(prep.source).name}; "
             f"engine exits after layers {list(exit_layers)}; val loss at full depth {rows[0]['val_loss']}"
-            + ("" if plain is None else f" (plain objective: {round(plain, 4)})"))
+            + ("" if plain is None else f" (plain objective: {round(plain, 4)})")
+            + "; decode at batch 1, T = temperature (0 = greedy), speed-up = tok/s over threshold 1.0's (wall / CPU time)")
+    name = lambda T: "greedy" if T == 0 else f"T={T:g}"  # noqa: E731
     md = [head, "",
-          "| threshold | val loss | vs full depth % | mean exit layer (val) | argmax = full (val) % |"
-          " decode tok/s (batch 1) | speed-up | speed-up (CPU time) | mean layers (decode) |"
-          " greedy tokens = threshold 1.0 % |", "|---|---|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['threshold']} | {r['val_loss']} | {r['val_loss_vs_full_pct']} | {r['mean_exit_layer_val']} | "
-           f"{r['argmax_agreement_val_pct']} | "
-           f"{r['decode_tok_s']} | {r['decode_speedup']}x | {r['decode_speedup_cpu_time']}x | {r['decode_mean_layers']} | {r['token_agreement_pct']} |"
-           for r in rows]
+          "| threshold | val loss | vs full depth % | mean exit layer (val) | argmax = full (val) % | "
+          + " | ".join(f"{name(T)} tok/s | {name(T)} speed-up | {name(T)} mean layers | {name(T)} tokens = thr. 1.0 %"
+                       for T in temps) + " |",
+          "|" + "---|" * (5 + 4 * len(temps))]
+    for r in rows:
+        cells = [f"{d['tok_s']} | {d['speedup']}x / {d['speedup_cpu_time']}x | {d['mean_layers']} | {d['token_agreement_pct']}"
+                 for d in r["decode"].values()]
+        md.append(f"| {r['threshold']} | {r['val_loss']} | {r['val_loss_vs_full_pct']} | {r['mean_exit_layer_val']} | "
+                  f"{r['argmax_agreement_val_pct']} | " + " | ".join(cells) + " |")
     save_results(a.out, "early_exit", res, "\n".join(md))
 
 

@@ -1,10 +1,13 @@
-"""Early exit: threshold 1.0 == full model; lower thresholds == a naive full-recompute reference."""
+"""Early exit: threshold 1.0 == full model; lower thresholds == a naive full-recompute reference;
+deferred rows keep every K/V the full model's, in batches, across the window and preemption."""
 
 import torch
+import pytest
 from inference_helpers import make_model, prompts
 
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
-from autoglm.inference.early_exit import EarlyExitObjective, early_exit_forward, reference_early_exit_greedy
+from autoglm.inference.early_exit import (EarlyExitObjective, early_exit_forward, exit_logits,
+                                         reference_early_exit_greedy)
 
 
 def run(model, ps, threshold, n=40):
@@ -23,13 +26,13 @@ def test_threshold_one_is_the_full_model():
         assert set(r.exit_layers) == {4}
 
 
-def test_early_exit_matches_naive_reference_with_kv_fill():
+def test_early_exit_matches_naive_reference():
     model = make_model("tiny", num_hidden_layers=4, window_size=16)
     p = prompts(1, 10, 11, seed=6)[0]
     # a threshold in the middle of the confidence range so some tokens exit and some do not
     reqs, eng = run(model, [p], 0.08, n=60)
     r = reqs[0]
-    ref_tokens, ref_exits = reference_early_exit_greedy(model, p, 60, 0.08, (1, 2, 3))
+    ref_tokens, ref_exits = reference_early_exit_greedy(model, p, 60, 0.08, (1, 2, 3), max_run=4)  # block_size
     assert r.exit_layers == ref_exits
     assert r.output_ids == ref_tokens
     assert len(set(r.exit_layers[1:])) >= 2 and min(r.exit_layers) < 4  # both exits and full passes happened
@@ -56,10 +59,12 @@ def test_teacher_forced_early_exit_matches_naive_reference():
     # (with the same KV fill) and the same tokens as the token-by-token reference decoder
     model = make_model("tiny", num_hidden_layers=4, window_size=16)
     p = prompts(1, 10, 11, seed=6)[0]
-    ref_tokens, ref_exits = reference_early_exit_greedy(model, p, 60, 0.08, (1, 2, 3))
+    ref_tokens, ref_exits = reference_early_exit_greedy(model, p, 60, 0.08, (1, 2, 3), max_run=3)
     assert len(set(ref_exits[1:])) >= 2  # both exits and full passes
     ids = torch.tensor([p + ref_tokens[:-1]])
-    logits, exit_at = early_exit_forward(model, ids, 0.08, (1, 2, 3), prompt_len=len(p))
+    logits, exit_at = early_exit_forward(model, ids, 0.08, (1, 2, 3), prompt_len=len(p), max_run=3)
+    _, uncapped = early_exit_forward(model, ids, 0.08, (1, 2, 3), prompt_len=len(p))
+    assert (uncapped != exit_at).any()  # the cap on runs of exits was exercised
     assert exit_at[0, len(p) - 1:].tolist() == ref_exits
     assert logits[0, len(p) - 1:].argmax(-1).tolist() == ref_tokens
     assert (exit_at[0, :len(p) - 1] == 4).all()  # prefill never exits
@@ -81,3 +86,43 @@ def test_objective_exit_layers_restricts_the_intermediate_losses():
         except ValueError:
             continue
         raise AssertionError(f"exit_layers={bad} was accepted")
+
+
+def assert_tokens_from_full_model_states(model, prompt, out_ids, exits):
+    """Each generated token is the argmax of the exit (or last) layer on the *full* model's hidden
+    states of its prefix: the K/V every token read was the full model's, deferred rows included."""
+    ids = torch.tensor([prompt + out_ids[:-1]])
+    with torch.no_grad():
+        hs = model(ids, output_hidden_states=True).hidden_states
+    L = len(hs) - 1
+    for j, (tok, e) in enumerate(zip(out_ids, exits)):
+        h = hs[e][0, len(prompt) - 1 + j]
+        logits = exit_logits(model, h) if e < L else model.lm_head(model.model.norm(h))
+        assert int(logits.argmax()) == tok, f"token {j} (exit layer {e})"
+
+
+@pytest.mark.parametrize("num_blocks", [256, 14])  # 14 blocks of 4 slots for 4 requests: preemptions
+def test_deferred_rows_in_batches_past_the_window(num_blocks):
+    # window 8 << 70 tokens: deferred tokens fall out of the window; a 1-token prompt makes some
+    # global positions (< 4) generated tokens that may exit; concurrent requests exit together
+    model = make_model("tiny", num_hidden_layers=4, window_size=8, num_global_tokens=4)
+    ps = [prompts(1, 1, 2, seed=3)[0]] + prompts(3, 5, 20, seed=7)
+    eng = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=num_blocks, max_num_seqs=4,
+                                               max_num_batched_tokens=16, early_exit_threshold=0.08,
+                                               exit_layers=(1, 2)))
+    reqs = eng.generate(ps, SamplingParams(max_tokens=70, temperature=0, ignore_eos=True))
+    exits = [e for r in reqs for e in r.exit_layers[1:]]
+    assert {1, 2, 4} <= set(exits)  # both exits and full passes happened
+    for p, r in zip(ps, reqs):
+        assert_tokens_from_full_model_states(model, p, r.output_ids, r.exit_layers)
+    assert not eng.runner.deferred  # finished requests leave nothing behind
+    assert eng.pool.num_free == num_blocks
+    if num_blocks == 14:
+        assert eng.stats.preemptions > 0
+
+
+def test_early_exit_refuses_lora_adapters(tmp_path):
+    model = make_model("tiny", num_hidden_layers=2)
+    eng = LLMEngine(model, config=EngineConfig(early_exit_threshold=0.5))
+    with pytest.raises(ValueError, match="early exit"):
+        eng.add_lora("a", tmp_path)

@@ -8,16 +8,14 @@ engine's runner can stop at the first layer whose top probability reaches a thre
 (see `runner.ModelRunner.execute`).
 
 `reference_early_exit_greedy` recomputes the whole sequence for every token, with the
-same rule written naively: a position that exited at layer e passes through layers > e
-unchanged (so those layers' K/V for it come from its exit hidden state). Tests compare
-the engine against it.
+same rule written naively: a full forward over the prefix (every earlier position has all
+its layers, which the engine's deferred rows guarantee) and the exit test on the last
+position. Tests compare the engine against it.
 
-`early_exit_forward` is the same rule teacher-forced on given text, in one layer-parallel
-pass: the logits the early-exit decoder would use at every position (exit layer's where it
-exits, the last layer's where not), with the K/V of exited positions' skipped layers taken
-from their exit state. Whether position t exits at layer l depends only on layers < l of
-positions <= t, so running all positions layer by layer is exact. Its cross-entropy is the
-honest validation loss of early-exit decoding.
+`early_exit_forward` is the same rule teacher-forced on given text, in one pass: the
+logits the early-exit decoder would use at every position (exit layer's where it exits,
+the last layer's where not). Its cross-entropy is the honest validation loss of
+early-exit decoding.
 
 Example:
     >>> import torch
@@ -36,7 +34,6 @@ import torch
 from torch import nn
 
 from ..losses import lm_loss
-from ..modules.attention import AttentionMetadata
 
 __all__ = ["EarlyExitObjective", "early_exit_forward", "exit_logits", "reference_early_exit_greedy"]
 
@@ -86,77 +83,75 @@ class EarlyExitObjective:
 
 @torch.no_grad()
 def reference_early_exit_greedy(model: nn.Module, prompt: list[int], max_tokens: int, threshold: float,
-                                exit_layers: tuple[int, ...]) -> tuple[list[int], list[int]]:
+                                exit_layers: tuple[int, ...], max_run: int | None = None) -> tuple[list[int], list[int]]:
     """Greedy decoding with early exit, recomputing the full sequence each token (O(n^2), tests only).
 
-    The first token comes from the full model (prefill never exits, as in the engine).
-    Returns (tokens, exit layer of each token).
+    Every earlier position runs every layer (the engine's deferred rows give them exactly
+    that); the new token comes from the first exit layer whose top probability reaches the
+    threshold, else from the last layer. The first token comes from the full model (prefill
+    never exits, as in the engine), and so does every token after `max_run` exits in a row
+    (the engine's `max_deferred`). Returns (tokens, exit layer of each token).
     """
     bb = model.model
     n_layers = len(bb.layers)
-    tokens, exits = list(prompt), [n_layers] * len(prompt)  # exits[p]: layers position p ran in full
-    out, out_exits = [], []
+    tokens, out, out_exits, run = list(prompt), [], [], 0
     for step in range(max_tokens):
-        ids = torch.tensor([tokens])
-        T = ids.shape[1]
-        pos = torch.arange(T)[None]
-        meta = AttentionMetadata(q_offset=0)
-        x = bb.embed_tokens(ids)
-        if bb.embed_positions is not None:
-            x = x + bb.embed_positions(pos)
-        last_exit = n_layers
-        logits = None
-        for i, layer in enumerate(bb.layers):
-            y, _ = layer(x, meta, None)
-            ran = torch.tensor([e > i for e in exits])[None, :, None]  # positions that run layer i
-            x = torch.where(ran, y, x)
-            if step > 0 and threshold < 1.0 and i + 1 in exit_layers and i + 1 < n_layers:
-                lg = exit_logits(model, x[0, -1])
+        hs = model(torch.tensor([tokens]), output_hidden_states=True).hidden_states  # hs[l]: after l layers
+        logits, last_exit = None, n_layers
+        for e in sorted(exit_layers):
+            if step > 0 and threshold < 1.0 and 1 <= e < n_layers and (max_run is None or run < max_run):
+                lg = exit_logits(model, hs[e][0, -1])
                 if float(lg.float().softmax(-1).max()) >= threshold:
-                    logits, last_exit = lg, i + 1
+                    logits, last_exit = lg, e
                     break
         if logits is None:
-            logits = model.lm_head(bb.norm(x[0, -1]))
-        exits[-1] = last_exit  # the last input position's K/V above last_exit come from its exit state
+            logits = model.lm_head(bb.norm(hs[-1][0, -1]))
         tok = int(logits.argmax())
+        run = run + 1 if last_exit < n_layers else 0
         out.append(tok)
         out_exits.append(last_exit)
         tokens.append(tok)
-        exits.append(n_layers)
     return out, out_exits
 
 
 @torch.no_grad()
 def early_exit_forward(model: nn.Module, input_ids: torch.Tensor, threshold: float, exit_layers: tuple[int, ...],
-                       prompt_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+                       prompt_len: int = 1, max_run: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher-forced early exit: (logits (B, T, V) the decoder would sample from, exit layer (B, T)).
 
     Positions < `prompt_len` are prefill and never exit (the engine exits in decode steps
-    only). A position that exits after layer e takes `exit_logits` there and passes
-    through layers > e unchanged, so their K/V for it come from its exit state (as the
-    engine's KV fill). threshold >= 1.0 gives the full model's logits.
+    only). A position that exits after layer e takes `exit_logits` there; it still runs the
+    layers above for the positions after it (the engine's deferred rows), so every K/V is
+    the full model's. Whether position t exits at layer l depends only on layers < l of
+    positions <= t, so one layer-parallel pass is exact; `max_run` (the engine's
+    `max_deferred`) then sends every position after that many exits in a row to full depth.
+    threshold >= 1.0 gives the full model's logits.
     """
     bb = model.model
     n_layers = len(bb.layers)
     B, T = input_ids.shape
     pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-    meta = AttentionMetadata(q_offset=0)
-    x = bb.embed_tokens(input_ids)  # (B, T, d)
-    if bb.embed_positions is not None:
-        x = x + bb.embed_positions(pos)
     may_exit = (pos >= prompt_len) if threshold < 1.0 else torch.zeros_like(pos, dtype=torch.bool)
-    done = torch.zeros_like(may_exit)  # (B, T) exited already
-    exit_at = torch.full((B, T), n_layers, dtype=torch.long, device=input_ids.device)
-    out = None
-    for i, layer in enumerate(bb.layers):
-        y, _ = layer(x, meta, None)
-        x = torch.where(done[..., None], x, y)  # exited positions keep their exit state
-        if i + 1 in exit_layers and i + 1 < n_layers and bool(may_exit.any()):
-            lg = exit_logits(model, x)
-            take = (lg.float().softmax(-1).amax(-1) >= threshold) & may_exit & ~done
-            out = lg if out is None else torch.where(take[..., None], lg, out)
-            exit_at[take] = i + 1
-            done |= take
-    final = model.lm_head(bb.norm(x))
-    out = final if out is None else torch.where(done[..., None], out, final)
-    return out, exit_at
+    out, exit_at, done = None, torch.full((B, T), n_layers, dtype=torch.long, device=input_ids.device), None
+    hs = model(input_ids, output_hidden_states=True).hidden_states  # hs[l]: after l layers
+    for e in sorted(exit_layers):
+        if not (1 <= e < n_layers) or not bool(may_exit.any()):
+            continue
+        lg = exit_logits(model, hs[e])
+        take = (lg.float().softmax(-1).amax(-1) >= threshold) & may_exit
+        if done is not None:
+            take &= ~done
+        out = lg if out is None else torch.where(take[..., None], lg, out)
+        exit_at[take] = e
+        done = take if done is None else done | take
+    if done is not None and max_run is not None:  # runs of exits longer than max_run: back to full depth
+        keep = done.clone()
+        for b in range(B):
+            run = 0
+            for t in range(T):
+                keep[b, t] = bool(done[b, t]) and run < max_run
+                run = run + 1 if keep[b, t] else 0
+        exit_at[done & ~keep] = n_layers
+        done = keep
+    final = model.lm_head(bb.norm(hs[-1]))
+    return (final if out is None else torch.where(done[..., None], out, final)), exit_at

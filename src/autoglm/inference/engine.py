@@ -104,12 +104,18 @@ class LLMEngine:
         if self.sparse:  # globals + window + one step's chunk, rounded out to blocks
             mc = self.model.config
             span = mc.num_global_tokens + mc.window_size + self.config.max_num_batched_tokens
+            if self.config.early_exit_threshold < 1.0:  # deferred tokens keep their windows' keys
+                span += self.runner.max_deferred
             return min(-(-total // self.config.block_size), span // self.config.block_size + 3)
         return -(-total // self.config.block_size)
 
     def add_lora(self, name: str, path) -> LoRAAdapter:
         """Load a PEFT LoRA adapter directory and serve it under `name` (requests pick it with `lora=name`).
         Raises ValueError / FileNotFoundError at load time for an adapter that does not fit the model."""
+        if self.config.early_exit_threshold < 1.0:
+            raise ValueError("LoRA adapters cannot be served by an engine with early exit: the exits were trained "
+                             "on the base model and deferred rows are not routed to adapters; set "
+                             "early_exit_threshold=1.0 (or serve the adapter from a second engine)")
         return self.lora.add(name, path)
 
     def remove_lora(self, name: str) -> None:
@@ -167,6 +173,7 @@ class LLMEngine:
         return True
 
     def _forget(self, req: Request) -> None:
+        self.runner.forget(req.request_id)
         self.requests.pop(req.request_id, None)
         self._gens.pop(req.request_id, None)
         self._text.pop(req.request_id, None)

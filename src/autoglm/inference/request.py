@@ -88,6 +88,9 @@ class Request:
     lora: str | None = None  # name of the LoRA adapter this request runs with (None = the base model)
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
+    # early exit: the oldest position whose upper layers are still deferred (see runner); the KV
+    # manager keeps the keys that position will read. None when nothing is deferred
+    deferred_from: int | None = None
     status: RequestStatus = RequestStatus.WAITING
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None

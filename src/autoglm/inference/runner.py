@@ -13,9 +13,13 @@ projections and FFNs run once on N tokens. Attention is the engine's kernel
 
 Early exit (decode steps): after each of `exit_layers`, the shared final norm + LM head
 give a distribution per row; when every row's top probability reaches the threshold the
-remaining layers are skipped, except their K/V projections, which are computed from the
-exit hidden state and written so that later tokens have a full cache (CALM-style state
-copying). threshold >= 1.0 never exits.
+step ends there and samples from those logits. The skipped layers of the exited tokens
+are *deferred*, not approximated (as in FREE's synchronised parallel decoding): the runner
+keeps each exited token's hidden state and depth, and the next step of that request that
+goes deeper runs them through the missing layers as extra rows of the same packed batch,
+each joining at the layer after its depth. So every K/V entry a later token reads is the
+full model's, and a token that does not exit gets exactly the full model's logits; exits
+cost no K/V work of their own. threshold >= 1.0 never exits.
 """
 
 from __future__ import annotations
@@ -25,11 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..modules.attention import AttentionMetadata, attend_dense
-from ..modules.position import apply_rotary
 from .kv_cache_manager import KVCacheManager
 from .scheduler import SchedulerOutput
 
-__all__ = ["ModelRunner", "PagedKVCache", "PagedAttention", "RunnerOutput", "StepLayout"]
+__all__ = ["DeferredToken", "ModelRunner", "PagedKVCache", "PagedAttention", "RunnerOutput", "StepLayout"]
 
 
 @dataclass
@@ -45,6 +48,15 @@ class StepLayout:
     decode_valid: torch.Tensor | None = None  # (Bd, Tk)
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (a, b, slots, kpos)
     sample_rows: list[int] = field(default_factory=list)  # packed index whose logits are sampled
+
+
+@dataclass
+class DeferredToken:
+    """A token that exited early: its hidden state after `depth` layers, awaiting the rest."""
+
+    position: int
+    hidden: torch.Tensor  # (d,)
+    depth: int
 
 
 @dataclass
@@ -123,19 +135,29 @@ class ModelRunner:
         self.k_cache = torch.zeros(shape, dtype=dtype or param.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype or param.dtype, device=self.device)
         self.graphs = None  # a CUDAGraphDecoder, set by the engine on CUDA (see cuda_graph.py)
+        # request id -> its exited tokens still missing their upper layers, by position
+        self.deferred: dict[str, list[DeferredToken]] = {}
+        self.max_deferred = kv.block_size  # longest run of exits before a step must go to full depth
 
     # ----------------------------------------------------------------- layout
     def build_layout(self, so: SchedulerOutput) -> StepLayout:
+        segs = []
+        for s in so.scheduled:
+            r, c = s.request, s.request.num_computed_tokens
+            segs.append((self.kv.get(r.request_id).block_ids, c, r.all_token_ids[c:c + s.num_new_tokens], s.samples))
+        return self._layout(segs)
+
+    def _layout(self, segs: list[tuple[list[int | None], int, list[int], bool]]) -> StepLayout:
+        """Packed layout of segments (block table, first position, token ids, samples?) in order;
+        one token is a decode row, more a prefill chunk."""
         ids, pos, write = [], [], []
         dec_q, dec_slots, dec_kpos = [], [], []
         prefills, sample_rows = [], []
         bs = self.block_size
-        for s in so.scheduled:
-            r, n = s.request, s.num_new_tokens
-            c = r.num_computed_tokens
-            table = self.kv.get(r.request_id).block_ids
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
+        for table, c, toks, samples in segs:
+            n = len(toks)
             a = len(ids)
-            toks = r.all_token_ids[c:c + n]
             ids += toks
             pos += range(c, c + n)
             write += _slots_of(table, range(c, c + n), bs)
@@ -146,11 +168,9 @@ class ModelRunner:
                 dec_slots.append(kslots)
                 dec_kpos.append(kpos)
             else:
-                t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
                 prefills.append((a, a + n, t(kslots), t(kpos)))
-            if s.samples:
+            if samples:
                 sample_rows.append(a + n - 1)
-        t = lambda x: torch.tensor(x, dtype=torch.long, device=self.device)  # noqa: E731
         lay = StepLayout(t(ids), t(pos), t(write), prefills=prefills, sample_rows=sample_rows)
         if dec_q:
             Tk = max(len(k) for k in dec_kpos)
@@ -167,46 +187,97 @@ class ModelRunner:
                 exit_layers: tuple[int, ...] = (), use_graphs: bool = True) -> RunnerOutput:
         """Run the step; returns the logits of every request that samples this step.
         use_graphs=False keeps the step eager (e.g. Python hooks such as LoRA deltas must run)."""
-        if use_graphs and self.graphs is not None and exit_threshold >= 1.0:
+        if use_graphs and self.graphs is not None and exit_threshold >= 1.0 and not self.deferred:
             logits = self.graphs.try_run(so)
             if logits is not None:
                 return RunnerOutput(logits, len(self.model.model.layers))
         lay = self.build_layout(so)
-        can_exit = exit_threshold < 1.0 and lay.decode_q is not None and not lay.prefills \
-            and len(lay.sample_rows) == len(so.scheduled)
-        return self.forward(lay, exit_threshold if can_exit else 1.0, exit_layers)
+        if exit_threshold >= 1.0 and not self.deferred:
+            return self.forward(lay)
+        return self._forward_early_exit(so, lay, exit_threshold, exit_layers)
 
-    def forward(self, lay: StepLayout, exit_threshold: float = 1.0, exit_layers: tuple[int, ...] = (),
-                rows: torch.Tensor | None = None) -> RunnerOutput:
-        """The packed forward over a layout; static shapes and no host sync when exit_threshold >= 1
-        (so a CUDA graph can capture it)."""
+    def forward(self, lay: StepLayout, rows: torch.Tensor | None = None) -> RunnerOutput:
+        """The packed forward over a layout, every layer; static shapes and no host sync (so a CUDA
+        graph can capture it)."""
         bb = self.model.model
-        cache = PagedKVCache(self, lay)
-        meta = AttentionMetadata(q_pos=lay.positions[None], kernel=PagedAttention(self, lay, cache))
-        x = bb.embed_tokens(lay.input_ids[None])  # (1, N, d)
-        if bb.embed_positions is not None:  # positions are < the context length: the engine checks
-            x = x + bb.embed_positions.lookup(lay.positions[None])
-        n_layers = len(bb.layers)
+        x, meta, cache = self._start(lay)
         if rows is None:
             rows = torch.tensor(lay.sample_rows, dtype=torch.long, device=self.device)
-        for i, layer in enumerate(bb.layers):
+        for layer in bb.layers:
             x, _ = layer(x, meta, cache)
-            if exit_threshold < 1.0 and i + 1 in exit_layers and i + 1 < n_layers:
+        return RunnerOutput(self.model.lm_head(bb.norm(x[0, rows])), len(bb.layers))
+
+    def _start(self, lay: StepLayout):
+        """Embedded tokens (1, N, d) and the attention metadata / paged cache of a layout."""
+        bb = self.model.model
+        x = bb.embed_tokens(lay.input_ids[None])
+        if bb.embed_positions is not None:  # positions are < the context length: the engine checks
+            x = x + bb.embed_positions.lookup(lay.positions[None])
+        return (x, *self._attention(lay))
+
+    def _attention(self, lay: StepLayout):
+        cache = PagedKVCache(self, lay)
+        return AttentionMetadata(q_pos=lay.positions[None], kernel=PagedAttention(self, lay, cache)), cache
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's deferred tokens."""
+        self.deferred.pop(request_id, None)
+
+    def _forward_early_exit(self, so: SchedulerOutput, lay: StepLayout, threshold: float,
+                            exit_layers: tuple[int, ...]) -> RunnerOutput:
+        """The packed forward with exits (see the module docstring) and deferred rows joining."""
+        bb = self.model.model
+        n_layers = len(bb.layers)
+        can_exit = threshold < 1.0 and lay.decode_q is not None and not lay.prefills \
+            and len(lay.sample_rows) == len(so.scheduled)
+        segs, waiting = [], []  # waiting: (request id, block table, DeferredToken) not yet joined
+        for s in so.scheduled:
+            r, c = s.request, s.request.num_computed_tokens
+            table = self.kv.get(r.request_id).block_ids
+            segs.append((table, c, r.all_token_ids[c:c + s.num_new_tokens], s.samples))
+            queue = self.deferred.pop(r.request_id, [])
+            r.deferred_from = None
+            # a prefill (first pass or recompute after preemption) runs every layer itself
+            if s.num_new_tokens == 1 and queue and queue[-1].position == c - 1:
+                waiting += [(r.request_id, table, d) for d in queue]
+                # at most `max_deferred` tokens wait: their keys stay allocated (the scheduler frees
+                # blocks only out of the oldest one's window), so this bounds the extra KV memory
+                can_exit = can_exit and c - queue[0].position < self.max_deferred
+        x, meta, cache = self._start(lay)
+        rows = torch.tensor(lay.sample_rows, dtype=torch.long, device=self.device)
+        joined: list[tuple[str, DeferredToken]] = []  # their rows follow the step's own rows, in order
+        for i, layer in enumerate(bb.layers):
+            new = [w for w in waiting if w[2].depth == i]
+            if new:
+                waiting = [w for w in waiting if w[2].depth != i]
+                joined += [(rid, d) for rid, _, d in new]
+                x = torch.cat([x, torch.stack([d.hidden for _, _, d in new])[None].to(x.dtype)], dim=1)
+                segs += [(table, d.position, [0], False) for _, table, d in new]
+                meta, cache = self._attention(self._layout(segs))
+            x, _ = layer(x, meta, cache)
+            if can_exit and i + 1 in exit_layers and i + 1 < n_layers:
                 logits = self.model.lm_head(bb.norm(x[0, rows]))
-                conf = logits.float().softmax(-1).amax(-1)
-                if bool((conf >= exit_threshold).all()):
-                    for rest in bb.layers[i + 1:]:
-                        self._fill_kv(rest.self_attn, rest.input_layernorm(x), lay)
+                if bool((logits.float().softmax(-1).amax(-1) >= threshold).all()):
+                    self._defer(so, x, lay, joined, waiting, i + 1)
                     return RunnerOutput(logits, i + 1)
         return RunnerOutput(self.model.lm_head(bb.norm(x[0, rows])), n_layers)
 
-    def _fill_kv(self, attn, h: torch.Tensor, lay: StepLayout) -> None:
-        """K/V of a skipped layer from the exit hidden state h (1, N, d), written to the cache."""
-        N = h.shape[1]
-        k = attn.k_proj(h).view(1, N, attn.n_kv, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(h).view(1, N, attn.n_kv, attn.head_dim).transpose(1, 2)
-        if attn.rotary is not None:
-            cos, sin = attn.rotary(lay.positions[None])
-            k = apply_rotary(k, cos, sin)
-        self.k_cache[attn.layer_idx, lay.write_slots] = k[0].transpose(0, 1).to(self.k_cache.dtype)
-        self.v_cache[attn.layer_idx, lay.write_slots] = v[0].transpose(0, 1).to(self.v_cache.dtype)
+    def _defer(self, so: SchedulerOutput, x: torch.Tensor, lay: StepLayout,
+               joined: list[tuple[str, "DeferredToken"]], waiting: list, depth: int) -> None:
+        """After an exit at `depth`: every row of the step (its own tokens and the deferred ones
+        that joined) waits, with its hidden state, for the layers above; tokens still waiting
+        for a deeper layer keep theirs."""
+        queues: dict[str, list[DeferredToken]] = {}
+        for rid, _, d in waiting:
+            queues.setdefault(rid, []).append(d)
+        n = len(so.scheduled)
+        for k, (rid, d) in enumerate(joined):
+            queues.setdefault(rid, []).append(DeferredToken(d.position, x[0, n + k], depth))
+        positions = lay.positions.tolist()
+        for k, s in enumerate(so.scheduled):
+            rid = s.request.request_id
+            queues.setdefault(rid, []).append(DeferredToken(positions[k], x[0, k], depth))
+        for s in so.scheduled:
+            q = sorted(queues[s.request.request_id], key=lambda d: d.position)
+            self.deferred[s.request.request_id] = q
+            s.request.deferred_from = q[0].position

@@ -70,6 +70,7 @@ class Scheduler:
     def _preempt(self, req: Request) -> None:
         self.kv.free(req.request_id)
         req.num_computed_tokens = 0
+        req.deferred_from = None  # recomputed from scratch: every layer
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
         self.num_preemptions += 1
@@ -81,7 +82,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            self.kv.free_out_of_window(req.request_id, req.num_computed_tokens)
+            # deferred early-exit tokens still have to read their own windows
+            frontier = req.num_computed_tokens if req.deferred_from is None else req.deferred_from
+            self.kv.free_out_of_window(req.request_id, frontier)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             while self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
                 victim = self.running.pop()  # latest admitted; never one already scheduled (index < i)
