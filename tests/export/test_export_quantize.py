@@ -24,17 +24,20 @@ def _heldout_batches(ids, n=4, T=64):
     return [(torch.from_numpy(x[:, :-1]), torch.from_numpy(x[:, 1:]))]
 
 
-def test_dynamic_int8_weights_per_channel_router_float(int8_export, fp32_export):
+def test_dynamic_int8_weights_per_channel_router_float(int8_export, fp32_export, eager_model):
+    cfg = eager_model.config
     for graph in ("prefill", "decode"):
         m, ops = _ops(int8_export / f"{graph}.onnx")
         assert "DynamicQuantizeLinear" in ops or "DynamicQuantizeMatMul" in ops
         # the router MatMul still reads its float weight
         router = [n for n in m.graph.node if any(".router." in i for i in n.input)]
         assert router and all(n.op_type == "MatMul" for n in router)
-        # per-channel: the int8 weights of the expert projections have one scale per output column
-        inits = {t.name: t for t in m.graph.initializer}
-        scales = [t for name, t in inits.items() if "experts.0.gate_proj" in name and name.endswith("_scale")]
-        assert scales and all(list(t.dims) == [128] for t in scales)
+        # per-channel: the int8 weights of the experts (the dense dispatch's two wide matrices:
+        # every expert's gate|up, and every expert's down) have one scale per output column
+        scales = [list(t.dims) for t in m.graph.initializer
+                  if ".layers.0.mlp." in t.name and ".router." not in t.name and t.name.endswith("_scale")]
+        E, h, d = cfg.num_experts, cfg.expert_intermediate_size, cfg.hidden_size
+        assert sorted(scales) == sorted([[2 * E * h], [d]])
     info = json.loads((int8_export / "export.json").read_text())
     assert info["precision"] == "int8"
     ratio = (fp32_export / "weights.bin").stat().st_size / (int8_export / "weights.bin").stat().st_size

@@ -114,7 +114,7 @@ def _export_graph(wrapper: ExportDecoder, with_past: bool, opset: int) -> onnx.M
     names_in = ["input_ids", "attention_mask"] + (past_names(L) if with_past else [])
     names_out = ["logits"] + present_names(L)
     try:
-        with moe_dispatch(wrapper.model, "dense"), torch.no_grad():
+        with torch.no_grad(), moe_dispatch(wrapper.model, "dense"):  # no_grad first: wide weights prebuilt
             prog = torch.onnx.export(wrapper, (ids, mask, *past), input_names=names_in, output_names=names_out,
                                      dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False)
     except Exception as e:  # the exporter raises many types; report them as one

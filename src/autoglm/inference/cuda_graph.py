@@ -107,7 +107,7 @@ class CUDAGraphDecoder:
 
     def reset(self) -> None:
         """Forget the captured graphs (call after changing weights in place: MoE layers replay a
-        stacked copy of the expert weights taken at capture)."""
+        stacked or concatenated copy of the expert weights taken at capture)."""
         self.buckets.clear()
 
     # --------------------------------------------------------------- internals

@@ -8,7 +8,10 @@ top-k, renormalise their weights to sum to 1. Two dispatch paths give the same r
              are hit do work. Data-dependent shapes: fast in eager mode.
 * `dense`  - every expert runs on every token and a dense (N, E) combine matrix with
              zeros off the top-k selects; static shapes for ONNX export / full-graph
-             compile.
+             compile. The experts run as three wide matmuls over their concatenated
+             weights (gate and up: (N, d) x (d, E * hidden); down: the combine-scaled
+             (N, E * hidden) x (E * hidden, d), which sums the experts' outputs), so an
+             exported graph has 3 large MatMuls per layer instead of 3 * E small ones.
 * `gather` - each token copy gathers its expert's weights from stacked (E, ...) copies
              and runs one batched matmul: static shapes and no host sync (CUDA-graph
              capture), and only the chosen experts' weights are read - the fast path for a
@@ -96,20 +99,35 @@ class MoEFeedForward(nn.Module):
         ys = torch.cat(outs) * r.topk_weight.reshape(-1)[order, None].to(xf.dtype)
         return torch.zeros_like(xf).index_add_(0, token_of, ys)
 
-    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(E, 2 * hidden, d) gate|up and (E, d, hidden) down weights of all experts, cached.
-        Under torch.compile the cache built before compiling is used as is (the version check
-        is Python-side bookkeeping a traced graph cannot hold)."""
-        if torch.compiler.is_compiling() and hasattr(self, "_stacked"):
-            return self._stacked
+    def _cached(self, kind: str, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+        """Weights derived from the experts' (stacked or concatenated), cached per `kind` and
+        rebuilt when a parameter changes (its version counter moves). Under torch.compile the
+        cache built before compiling is used as is (the version check is Python-side
+        bookkeeping a traced graph cannot hold)."""
+        cache = self.__dict__.setdefault("_weight_cache", {})
+        if torch.compiler.is_compiling() and kind in cache:
+            return cache[kind][1]
         params = [p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
-        if getattr(self, "_stacked_key", None) != key:
+        if kind not in cache or cache[kind][0] != key:
             with torch.no_grad():
-                gu = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
-                down = torch.stack([e.down_proj.weight for e in self.experts])
-            self._stacked, self._stacked_key = (gu, down), key
-        return self._stacked
+                cache[kind] = (key, build())
+        return cache[kind][1]
+
+    def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(E, 2 * hidden, d) gate|up and (E, d, hidden) down weights of all experts, cached."""
+        return self._cached("stacked", lambda: (
+            torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts]),
+            torch.stack([e.down_proj.weight for e in self.experts])))
+
+    def _wide(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(2 * E * hidden, d) [gate of every expert; up of every expert] and (d, E * hidden) down."""
+        ex = self.experts
+        build = lambda: (torch.cat([e.gate_proj.weight for e in ex] + [e.up_proj.weight for e in ex]),  # noqa: E731
+                         torch.cat([e.down_proj.weight for e in ex], dim=1))
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.experts.parameters()):
+            return build()  # training: concatenated in the graph, so gradients reach every expert
+        return self._cached("wide", build)
 
     def _gather(self, xf: torch.Tensor, r: RouterOutput) -> torch.Tensor:
         gu, down = self.stacked_weights()
@@ -122,11 +140,12 @@ class MoEFeedForward(nn.Module):
         return y.view(N, k, -1).sum(1)
 
     def _dense(self, xf: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        gu, down = self._wide()
+        N, E = xf.shape[0], self.num_experts
         combine = torch.zeros_like(r.logits).scatter(1, r.topk_idx, r.topk_weight).to(xf.dtype)  # (N, E)
-        y = torch.zeros_like(xf)
-        for e, expert in enumerate(self.experts):
-            y = y + combine[:, e : e + 1] * expert(xf)
-        return y
+        g, u = F.linear(xf, gu).chunk(2, dim=-1)  # (N, E * hidden) each
+        h = (F.silu(g) * u).view(N, E, -1) * combine[:, :, None]
+        return F.linear(h.view(N, -1), down)  # sum over experts of combine * down_e(h_e)
 
 
 @contextmanager
@@ -142,6 +161,8 @@ def moe_dispatch(model: nn.Module, dispatch: str | Callable[[MoEFeedForward], st
             m.dispatch = dispatch(m) if callable(dispatch) else dispatch
             if m.dispatch == "gather":
                 m.stacked_weights()
+            elif m.dispatch == "dense" and not torch.is_grad_enabled():
+                m._wide()
         yield
     finally:
         for m, d in zip(moes, saved):
