@@ -41,6 +41,7 @@ import logging
 import multiprocessing as mp
 import platform
 import resource
+import shutil
 import tempfile
 import threading
 import time
@@ -105,7 +106,15 @@ def _eval_on(model, val_tokens, args) -> dict:
 
 
 def _child(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> None:
-    """One fine-tuning run in a fresh process; puts its results on q."""
+    """One fine-tuning run in a fresh process; puts its results (or {"error": ...}) on q."""
+    try:
+        _child_run(run, args, base_dir, new_data, cache, q)
+    except BaseException as e:  # the parent waits on q: never leave it hanging
+        q.put({"error": f"{type(e).__name__}: {e}"})
+        raise
+
+
+def _child_run(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> None:
     torch.set_num_threads(args.threads)
     from autoglm.data import build_token_cache, read_corpus
     from autoglm.tokenizer import load_tokenizer
@@ -247,11 +256,15 @@ def run(args) -> dict:
         runs[name] = []
         for lr in m["lrs"]:
             spec = {"name": f"{name}-lr{lr:g}", "method": name, "lora": m["lora"], "targets": m["targets"], "lr": lr}
+            shutil.rmtree(work / spec["name"], ignore_errors=True)  # a run dir left by an earlier invocation
             q = ctx.Queue()
             p = ctx.Process(target=_child, args=(spec, args, str(work / "base"), str(new_data), str(cache), q))
             p.start()
-            runs[name].append(q.get())
+            out = q.get()
             p.join()
+            if "error" in out:
+                raise SystemExit(f"{spec['name']} failed: {out['error']}")
+            runs[name].append(out)
             logging.info("%s: %s", spec["name"], runs[name][-1])
     rows = {name: min(rs, key=lambda r: r["val_after"]) for name, rs in runs.items()}  # chosen on validation
     full = rows["full"]
