@@ -88,3 +88,21 @@ def test_z_loss_and_load_stats():
     assert math.isclose(float(router_z_loss(logits)), z, rel_tol=1e-6)
     load = expert_load(torch.tensor([[0, 1], [1, 1]]), 3)
     assert load.tolist() == [0.25, 0.75, 0.0]
+
+
+def test_dense_dispatch_honours_adapters_in_the_experts():
+    # wide matmuls read the experts' weights directly; a hooked (multi-LoRA) expert projection
+    # must still apply, as it does in the sorted dispatch
+    torch.manual_seed(0)
+    a = MoEFeedForward(8, 12, 4, 2, "sorted")
+    b = MoEFeedForward(8, 12, 4, 2, "dense")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 5, 8)
+    with torch.no_grad():
+        plain = a(x)[0]
+        torch.testing.assert_close(b(x)[0], plain)  # plain experts: the wide path
+        for m in (a, b):
+            m.experts[1].up_proj.register_forward_hook(lambda mod, inp, out: out + 1.0)
+        ya, yb = a(x)[0], b(x)[0]
+    torch.testing.assert_close(yb, ya)
+    assert (ya - plain).abs().max() > 1e-3  # the hook changed the output (expert 1 was routed to)

@@ -12,6 +12,8 @@ top-k, renormalise their weights to sum to 1. Two dispatch paths give the same r
              weights (gate and up: (N, d) x (d, E * hidden); down: the combine-scaled
              (N, E * hidden) x (E * hidden, d), which sums the experts' outputs), so an
              exported graph has 3 large MatMuls per layer instead of 3 * E small ones.
+             Experts whose projections are wrapped (PEFT) or hooked (multi-LoRA
+             serving) are called one by one instead, so their adapters apply.
 * `gather` - each token copy gathers its expert's weights from stacked (E, ...) copies
              and runs one batched matmul: static shapes and no host sync (CUDA-graph
              capture), and only the chosen experts' weights are read - the fast path for a
@@ -139,10 +141,21 @@ class MoEFeedForward(nn.Module):
         y = y * r.topk_weight.reshape(-1, 1).to(y.dtype)
         return y.view(N, k, -1).sum(1)
 
+    def _plain_experts(self) -> bool:
+        """True when every expert projection is a bare nn.Linear: no PEFT wrapper and no hooks
+        (multi-LoRA serving), which only a call of the module itself would honour."""
+        return all(type(lin) is nn.Linear and not lin._forward_hooks and not lin._forward_pre_hooks
+                   for e in self.experts for lin in (e.gate_proj, e.up_proj, e.down_proj))
+
     def _dense(self, xf: torch.Tensor, r: RouterOutput) -> torch.Tensor:
+        combine = torch.zeros_like(r.logits).scatter(1, r.topk_idx, r.topk_weight).to(xf.dtype)  # (N, E)
+        if not self._plain_experts():  # adapters live in the expert modules: call each one
+            y = torch.zeros_like(xf)
+            for e, expert in enumerate(self.experts):
+                y = y + combine[:, e : e + 1] * expert(xf)
+            return y
         gu, down = self._wide()
         N, E = xf.shape[0], self.num_experts
-        combine = torch.zeros_like(r.logits).scatter(1, r.topk_idx, r.topk_weight).to(xf.dtype)  # (N, E)
         g, u = F.linear(xf, gu).chunk(2, dim=-1)  # (N, E * hidden) each
         h = (F.silu(g) * u).view(N, E, -1) * combine[:, :, None]
         return F.linear(h.view(N, -1), down)  # sum over experts of combine * down_e(h_e)
