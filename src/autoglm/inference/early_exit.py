@@ -130,28 +130,29 @@ def early_exit_forward(model: nn.Module, input_ids: torch.Tensor, threshold: flo
     bb = model.model
     n_layers = len(bb.layers)
     B, T = input_ids.shape
-    pos = torch.arange(T, device=input_ids.device)[None].expand(B, T)
-    may_exit = (pos >= prompt_len) if threshold < 1.0 else torch.zeros_like(pos, dtype=torch.bool)
-    out, exit_at, done = None, torch.full((B, T), n_layers, dtype=torch.long, device=input_ids.device), None
     hs = model(input_ids, output_hidden_states=True).hidden_states  # hs[l]: after l layers
-    for e in sorted(exit_layers):
-        if not (1 <= e < n_layers) or not bool(may_exit.any()):
+    final = model.lm_head(bb.norm(hs[-1]))
+    exit_at = torch.full((B, T), n_layers, dtype=torch.long, device=input_ids.device)
+    if threshold >= 1.0:
+        return final, exit_at
+    may_exit = (torch.arange(T, device=input_ids.device) >= prompt_len)[None].expand(B, T)
+    out = final
+    for e in sorted(set(exit_layers)):  # the first exit layer that is confident wins
+        if not 1 <= e < n_layers:
             continue
         lg = exit_logits(model, hs[e])
-        take = (lg.float().softmax(-1).amax(-1) >= threshold) & may_exit
-        if done is not None:
-            take &= ~done
-        out = lg if out is None else torch.where(take[..., None], lg, out)
+        take = (lg.float().softmax(-1).amax(-1) >= threshold) & may_exit & (exit_at == n_layers)
         exit_at[take] = e
-        done = take if done is None else done | take
-    if done is not None and max_run is not None:  # runs of exits longer than max_run: back to full depth
-        keep = done.clone()
-        for b in range(B):
-            run = 0
-            for t in range(T):
-                keep[b, t] = bool(done[b, t]) and run < max_run
-                run = run + 1 if keep[b, t] else 0
-        exit_at[done & ~keep] = n_layers
-        done = keep
-    final = model.lm_head(bb.norm(hs[-1]))
-    return (final if out is None else torch.where(done[..., None], out, final)), exit_at
+        out = torch.where(take[..., None], lg, out)
+    if max_run is not None:  # runs of exits longer than max_run: back to full depth
+        back = []
+        for row in (exit_at < n_layers).tolist():
+            run, flags = 0, []
+            for exited in row:
+                flags.append(exited and run >= max_run)
+                run = run + 1 if exited and run < max_run else 0
+            back.append(flags)
+        back = torch.tensor(back, device=input_ids.device)
+        exit_at[back] = n_layers
+        out = torch.where(back[..., None], final, out)
+    return out, exit_at

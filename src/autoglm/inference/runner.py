@@ -141,11 +141,15 @@ class ModelRunner:
 
     # ----------------------------------------------------------------- layout
     def build_layout(self, so: SchedulerOutput) -> StepLayout:
+        return self._layout(self._segments(so))
+
+    def _segments(self, so: SchedulerOutput) -> list[tuple[list[int | None], int, list[int], bool]]:
+        """One (block table, first position, new token ids, samples?) per scheduled request."""
         segs = []
         for s in so.scheduled:
             r, c = s.request, s.request.num_computed_tokens
             segs.append((self.kv.get(r.request_id).block_ids, c, r.all_token_ids[c:c + s.num_new_tokens], s.samples))
-        return self._layout(segs)
+        return segs
 
     def _layout(self, segs: list[tuple[list[int | None], int, list[int], bool]]) -> StepLayout:
         """Packed layout of segments (block table, first position, token ids, samples?) in order;
@@ -191,10 +195,11 @@ class ModelRunner:
             logits = self.graphs.try_run(so)
             if logits is not None:
                 return RunnerOutput(logits, len(self.model.model.layers))
-        lay = self.build_layout(so)
+        segs = self._segments(so)
+        lay = self._layout(segs)
         if exit_threshold >= 1.0 and not self.deferred:
             return self.forward(lay)
-        return self._forward_early_exit(so, lay, exit_threshold, exit_layers)
+        return self._forward_early_exit(so, segs, lay, exit_threshold, exit_layers)
 
     def forward(self, lay: StepLayout, rows: torch.Tensor | None = None) -> RunnerOutput:
         """The packed forward over a layout, every layer; static shapes and no host sync (so a CUDA
@@ -223,18 +228,17 @@ class ModelRunner:
         """Drop a finished request's deferred tokens."""
         self.deferred.pop(request_id, None)
 
-    def _forward_early_exit(self, so: SchedulerOutput, lay: StepLayout, threshold: float,
+    def _forward_early_exit(self, so: SchedulerOutput, segs: list, lay: StepLayout, threshold: float,
                             exit_layers: tuple[int, ...]) -> RunnerOutput:
-        """The packed forward with exits (see the module docstring) and deferred rows joining."""
+        """The packed forward with exits (see the module docstring) and deferred rows joining;
+        `segs` are the step's own segments (`_segments`), `lay` their layout."""
         bb = self.model.model
         n_layers = len(bb.layers)
         can_exit = threshold < 1.0 and lay.decode_q is not None and not lay.prefills \
             and len(lay.sample_rows) == len(so.scheduled)
-        segs, waiting = [], []  # waiting: (request id, block table, DeferredToken) not yet joined
-        for s in so.scheduled:
-            r, c = s.request, s.request.num_computed_tokens
-            table = self.kv.get(r.request_id).block_ids
-            segs.append((table, c, r.all_token_ids[c:c + s.num_new_tokens], s.samples))
+        segs, waiting = list(segs), []  # waiting: (request id, block table, DeferredToken) not yet joined
+        for s, (table, c, _, _) in zip(so.scheduled, segs):
+            r = s.request
             queue = self.deferred.pop(r.request_id, [])
             r.deferred_from = None
             # a prefill (first pass or recompute after preemption) runs every layer itself

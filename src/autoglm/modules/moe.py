@@ -174,7 +174,7 @@ def moe_dispatch(model: nn.Module, dispatch: str | Callable[[MoEFeedForward], st
             m.dispatch = dispatch(m) if callable(dispatch) else dispatch
             if m.dispatch == "gather":
                 m.stacked_weights()
-            elif m.dispatch == "dense" and not torch.is_grad_enabled():
+            elif m.dispatch == "dense" and not torch.is_grad_enabled() and m._plain_experts():
                 m._wide()
         yield
     finally:
