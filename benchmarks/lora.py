@@ -11,7 +11,9 @@
    --new-data; the part given to the base never reaches the adaptation or held-out text)
    for the same steps and batches, with `autoglm.training.finetune.finetune`: full
    fine-tuning, LoRA through PEFT with the default config (r=8, alpha=16, q_proj/v_proj)
-   and, optionally (--wide-targets), LoRA on more modules.
+   and, optionally (--wide-targets), LoRA on more modules. --adapt-share F < 1 trains on
+   only the first F of the adaptation text (low-resource adaptation); --steps takes a
+   comma-separated grid, chosen on validation together with the learning rate.
    The new domain's held-out tail (last 10%) is split in two: its first half is the
    *validation* split, its second half the *test* split. Each method trains once per
    learning rate in its grid (--lr, --lora-lr: comma-separated) and the rate with the
@@ -40,6 +42,7 @@ import json
 import logging
 import multiprocessing as mp
 import platform
+import queue
 import resource
 import shutil
 import tempfile
@@ -84,11 +87,12 @@ class PeakRSS:
         return max(self.peak_kb, _rss_kb())
 
 
-def _cfg(args, steps: int, lr: float):
+def _cfg(args, steps: int, lr: float, eval_every: int = 0):
     from autoglm.training import TrainConfig
 
     return TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=lr, max_steps=steps,
-                       warmup_steps=max(1, steps // 10), eval_every=0, save_every=0, eval_batches=args.eval_batches,
+                       warmup_steps=max(1, steps // 10), eval_every=eval_every, save_every=0,
+                       eval_batches=args.eval_batches,
                        seed=args.seed, log_every=max(1, steps // 5))
 
 
@@ -115,6 +119,7 @@ def _child(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> None
 
 
 def _child_run(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> None:
+    train_data = run.get("train_data") or new_data  # --adapt-share < 1: a prefix of the adaptation text
     torch.set_num_threads(args.threads)
     from autoglm.data import build_token_cache, read_corpus
     from autoglm.tokenizer import load_tokenizer
@@ -126,24 +131,84 @@ def _child_run(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> 
     new_tokens = build_token_cache(read_corpus(new_data), tok, cache, val_fraction=0.1,
                                    source=str(Path(new_data).resolve()))
     val, test = _split_heldout(new_tokens)
-    cfg = _cfg(args, args.steps, run["lr"])
+    cfg = _cfg(args, run["steps"], run["lr"], args.eval_every)
     device = args.device
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    stop = BestStep(test, base_tokens.val, args) if args.eval_every else None
     rss0 = _rss_kb()
     sampler = PeakRSS().start()
     t0 = time.perf_counter()
-    model, result, info = finetune(base_dir, new_data, Path(args.work) / run["name"], cfg, lora=run["lora"],
+    model, result, info = finetune(base_dir, train_data, Path(args.work) / run["name"], cfg, lora=run["lora"],
+                                   val_fraction=0.0 if run.get("train_data") else 0.1,
                                    cache_dir=cache, progress=False, device=device, targets=run["targets"],
-                                   r=args.rank, alpha=2 * args.rank, eval_data=eval_batches_for(val, cfg))
+                                   r=args.rank, alpha=2 * args.rank, eval_data=eval_batches_for(val, cfg),
+                                   callbacks=[stop] if stop else ())
     seconds = time.perf_counter() - t0
     peak_kb = sampler.stop()
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else (peak_kb - rss0) / 1024)
-    test_eval, base_eval = _eval_on(model, test, args), _eval_on(model, base_tokens.val, args)
+    if stop is None:  # the model after the last step
+        test_eval, base_eval = _eval_on(model, test, args), _eval_on(model, base_tokens.val, args)
+        best = {"step": run["steps"], "val": info["eval_after"]["loss"], "test": test_eval, "base": base_eval}
+    else:  # early stopping: the step with the best validation loss (the final evaluation included)
+        best = stop.best
     q.put({**run, "trainable": info["trainable_params"], "total": info["total_params"],
-           "val_before": info["eval_before"]["loss"], "val_after": info["eval_after"]["loss"],
-           "test_after": test_eval["loss"], "test_acc_after": test_eval["accuracy"], "base_after": base_eval["loss"],
-           "peak_train_mem_mb": peak, "seconds": seconds, "tokens_per_s": result.tokens_per_s})
+           "val_before": info["eval_before"]["loss"], "val_after": best["val"], "best_step": best["step"],
+           "test_after": best["test"]["loss"], "test_acc_after": best["test"]["accuracy"],
+           "base_after": best["base"]["loss"], "peak_train_mem_mb": peak, "seconds": seconds,
+           "tokens_per_s": result.tokens_per_s})
+
+
+class BestStep:
+    """Trainer callback for early stopping without checkpoints: at every evaluation whose
+    validation loss is the best so far, the test and base-domain losses of the model as it is
+    then are recorded (`best`), so a run reports the step validation would have stopped at."""
+
+    def __init__(self, test, base_val, args) -> None:
+        self.test, self.base_val, self.args, self.best = test, base_val, args, None
+
+    def on_eval(self, trainer, row: dict) -> None:
+        if self.best is None or row["val_loss"] < self.best["val"]:
+            self.best = {"step": row["step"], "val": row["val_loss"],
+                         "test": _eval_on(trainer.model, self.test, self.args),
+                         "base": _eval_on(trainer.model, self.base_val, self.args)}
+
+
+def _run_children(specs: list[dict], args, work: Path, new_data, cache: Path) -> dict[str, dict]:
+    """Each fine-tuning run in its own spawned process, at most --parallel at a time (each with
+    --threads threads; its peak memory is its own process's). Returns {run name: result}."""
+    ctx = mp.get_context("spawn")
+    pending, active, done = list(specs), [], {}
+    while pending or active:
+        while pending and len(active) < max(1, args.parallel):
+            spec = pending.pop(0)
+            shutil.rmtree(work / spec["name"], ignore_errors=True)  # a run dir left by an earlier invocation
+            q = ctx.Queue()
+            p = ctx.Process(target=_child, args=(spec, args, str(work / "base"), str(new_data), str(cache), q))
+            p.start()
+            active.append((spec, p, q))
+        spec, p, q = active[0]
+        for item in active:  # the first run to finish
+            try:
+                out = item[2].get(timeout=0.5)
+            except queue.Empty:
+                continue
+            spec, p, q = item
+            break
+        else:
+            for item in active:
+                if not item[1].is_alive() and item[2].empty():
+                    raise SystemExit(f"{item[0]['name']} died (exit code {item[1].exitcode}) without a result")
+            continue
+        p.join()
+        active.remove((spec, p, q))
+        if "error" in out:
+            for _, other, _ in active:
+                other.terminate()
+            raise SystemExit(f"{spec['name']} failed: {out['error']}")
+        done[spec["name"]] = out
+        logging.info("%s: %s", spec["name"], out)
+    return done
 
 
 def _grid(text: str) -> list[float]:
@@ -165,6 +230,20 @@ def _split_new_domain(new_data: Path, share: float, work: Path) -> tuple[str, Pa
     if not adapt.is_file() or adapt.read_text(encoding="utf-8") != rest:
         adapt.write_text(rest, encoding="utf-8")
     return head, adapt
+
+
+def _adapt_prefix(adapt: Path, share: float, work: Path) -> str:
+    """--adapt-share < 1 (low-resource adaptation): the first `share` of the adaptation text's
+    training part (its first 90%; cut at a blank line) written to work/adapt_train.txt. The
+    held-out validation and test halves stay those of the whole text, which this prefix never
+    reaches. Returns the file's path."""
+    text = Path(adapt).read_text(encoding="utf-8")
+    cut = text.find("\n\n", int(len(text) * 0.9 * share))
+    if not 0 < share < 1 or cut < 0 or cut >= int(len(text) * 0.9):
+        raise SystemExit(f"--adapt-share must be in (0, 1) and leave a prefix inside the training part; got {share}")
+    out = work / "adapt_train.txt"
+    out.write_text(text[:cut].strip() + "\n", encoding="utf-8")
+    return str(out)
 
 
 def _pretrain_base(args, work: Path, head: str, cfg):
@@ -250,22 +329,13 @@ def run(args) -> dict:
     if args.wide_targets:
         methods["lora-wide"] = dict(lora=True, targets=args.wide_targets.split(","),
                                     lrs=_grid(args.wide_lr or args.lora_lr))
-    ctx = mp.get_context("spawn")
-    runs: dict[str, list[dict]] = {}
-    for name, m in methods.items():
-        runs[name] = []
-        for lr in m["lrs"]:
-            spec = {"name": f"{name}-lr{lr:g}", "method": name, "lora": m["lora"], "targets": m["targets"], "lr": lr}
-            shutil.rmtree(work / spec["name"], ignore_errors=True)  # a run dir left by an earlier invocation
-            q = ctx.Queue()
-            p = ctx.Process(target=_child, args=(spec, args, str(work / "base"), str(new_data), str(cache), q))
-            p.start()
-            out = q.get()
-            p.join()
-            if "error" in out:
-                raise SystemExit(f"{spec['name']} failed: {out['error']}")
-            runs[name].append(out)
-            logging.info("%s: %s", spec["name"], runs[name][-1])
+    step_grid = [int(v) for v in _grid(args.steps)]
+    train_data = _adapt_prefix(new_data, args.adapt_share, work) if args.adapt_share < 1 else None
+    specs = [{"name": f"{name}-lr{lr:g}" + (f"-steps{steps}" if len(step_grid) > 1 else ""), "method": name,
+              "lora": m["lora"], "targets": m["targets"], "lr": lr, "steps": steps, "train_data": train_data}
+             for name, m in methods.items() for lr in m["lrs"] for steps in step_grid]
+    done = _run_children(specs, args, work, new_data, cache)
+    runs: dict[str, list[dict]] = {name: [done[s["name"]] for s in specs if s["method"] == name] for name in methods}
     rows = {name: min(rs, key=lambda r: r["val_after"]) for name, rs in runs.items()}  # chosen on validation
     full = rows["full"]
     summary = {"base_domain_loss_before": base_on_base, "new_domain_test_loss_before": new_before["loss"]}
@@ -283,6 +353,8 @@ def run(args) -> dict:
     for name, r in rows.items():
         summary[f"forgetting_{name}"] = r["base_after"] - base_on_base
     return {"args": {k: str(v) for k, v in vars(args).items()}, "new_data": str(new_data),
+            "adapt_train": (f"the first {args.adapt_share:g} of its training part ({train_data})" if train_data
+                            else "its whole training part (first 90%)"),
             "base_data": _base_data(args),
             "device": f"{platform.machine()} ({args.threads} threads), "
                       f"{'bf16 autocast training, fp32 eval' if args.device.startswith('cuda') else 'fp32'}, "
@@ -291,15 +363,25 @@ def run(args) -> dict:
             "rows": rows, "all_runs": runs, "summary": summary}
 
 
+def _setting(run: dict) -> str:
+    """A run's grid point: its learning rate, its steps when steps were a grid too, and the step
+    early stopping chose when that is not the last."""
+    out = f"{run['lr']:g}" + (f" x {run['steps']} steps" if run["name"].endswith(f"-steps{run.get('steps')}") else "")
+    if run.get("best_step", run.get("steps")) != run.get("steps"):
+        out += f" (best at step {run['best_step']})"
+    return out
+
+
 def markdown(res: dict) -> str:
     mem = "peak train mem (MB over pre-train RSS)" if res["args"]["device"] == "cpu" else "peak CUDA mem (MB)"
     s = res["summary"]
     out = [f"Device: {res['device']}; base domain: {res['base_data']}; new domain: {res['new_data']} "
-           f"(held-out tail split into validation and test halves)", "",
-           "| method | lr grid: validation loss | chosen lr |", "|---|---|---|"]
+           f"(held-out tail split into validation and test halves); adaptation trains on "
+           f"{res.get('adapt_train', 'its whole training part (first 90%)')}", "",
+           "| method | grid (lr[ x steps]): validation loss | chosen |", "|---|---|---|"]
     for name, rs in res["all_runs"].items():
-        grid = ", ".join("{:g}: {:.3f}".format(r["lr"], r["val_after"]) for r in rs)
-        out.append(f"| {name} | {grid} | {res['rows'][name]['lr']:g} |")
+        grid = ", ".join(f"{_setting(r)}: {r['val_after']:.3f}" for r in rs)
+        out.append(f"| {name} | {grid} | {_setting(res['rows'][name])} |")
     out += ["", f"| method | targets | trainable params | % of model | {mem} | new-domain test loss (before -> after) "
             f"| new-domain test acc | base-domain val loss after | tok/s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["rows"].items():
@@ -331,7 +413,11 @@ def main() -> None:
                    help="Share of the new-domain file (its start, cut at a blank line) added to the base corpus "
                         "and tokenizer; the rest is the adaptation text, whose last 10%% is held out. 0: base on "
                         "the docstrings only (domain replacement)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", default="300", help="Fine-tuning steps; a comma-separated grid is chosen on "
+                                                   "validation together with the learning rate")
+    p.add_argument("--adapt-share", type=float, default=1.0,
+                   help="Low-resource adaptation: train on only this leading fraction of the adaptation text "
+                        "(validation and test stay the held-out tail)"),
     p.add_argument("--lr", default="1e-3,3e-3,6e-3",
                    help="Full fine-tuning learning rates, comma separated (chosen on the validation split)")
     p.add_argument("--lora-lr", default="3e-3,1e-2,3e-2", help="LoRA learning rates, comma separated")
@@ -347,6 +433,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--eval-batches", type=int, default=10)
+    p.add_argument("--parallel", type=int, default=1,
+                   help="Fine-tuning runs at once, each in its own process with --threads threads")
+    p.add_argument("--eval-every", type=int, default=0,
+                   help="Evaluate every N steps and report each run at its best-validation step (early "
+                        "stopping); 0: the model after the last step")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--seed", type=int, default=1337)

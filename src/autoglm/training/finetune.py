@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ def finetune(base_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: T
              targets: list[str] | None = None, r: int = 8, alpha: int = 16, dropout: float = 0.05,
              val_fraction: float = 0.1, cache_dir: str | Path | None = None, progress: bool = True,
              device: str | None = None, console=None, resume: bool = False,
-             eval_data: Any = None) -> tuple[nn.Module, TrainResult, dict[str, Any]]:
+             eval_data: Any = None, callbacks: Sequence[Any] = ()) -> tuple[nn.Module, TrainResult, dict[str, Any]]:
     """Fine-tune the model in `base_dir` on `data` (.jsonl of prompt/completion records or
     text). Every input is checked before training. Returns (model, result, info); info
     holds trainable/total parameter counts and the held-out eval before and after.
@@ -141,7 +142,8 @@ def finetune(base_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: T
     optimizer, scheduler, RNG and step) and `resume=True` continues from the latest one,
     reproducing the uninterrupted run. `eval_data`: a callable returning the held-out
     batches to use instead of the file's own validation tail (e.g. a validation split
-    for choosing the learning rate)."""
+    for choosing the learning rate). `callbacks`: passed to the `Trainer` (objects with
+    `on_step(trainer, row)` / `on_eval(trainer, row)` methods)."""
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"{base_dir} is not a saved model directory (no config.json)")
@@ -169,7 +171,7 @@ def finetune(base_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: T
     n_train, n_total = trainable_parameters(model)
     before = evaluate(model, eval_batches()) if eval_batches else None
     trainer = Trainer(model, cfg, train_batch=train_batch, eval_batches=eval_batches, out_dir=out_dir,
-                      progress=progress, strategy=SingleDevice(device), console=console)
+                      progress=progress, strategy=SingleDevice(device), console=console, callbacks=callbacks)
     result = trainer.fit(resume=resume)
     info = {"recipe": "finetune-lora" if lora else "finetune-full", "base_model": str(base_dir.resolve()),
             "data": str(Path(data).resolve()), "train_config": asdict(cfg), "trainable_params": n_train,
