@@ -49,6 +49,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -56,6 +57,7 @@ from results_io import save_results
 
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+HELD_OUT = 0.1  # the adaptation text's last 10% of tokens: validation and test halves
 
 
 def _rss_kb() -> int:
@@ -128,7 +130,7 @@ def _child_run(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> 
 
     tok = load_tokenizer(base_dir)
     base_tokens = build_token_cache(read_corpus(None), tok, cache)
-    new_tokens = build_token_cache(read_corpus(new_data), tok, cache, val_fraction=0.1,
+    new_tokens = build_token_cache(read_corpus(new_data), tok, cache, val_fraction=HELD_OUT,
                                    source=str(Path(new_data).resolve()))
     val, test = _split_heldout(new_tokens)
     cfg = _cfg(args, run["steps"], run["lr"], args.eval_every)
@@ -140,7 +142,7 @@ def _child_run(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> 
     sampler = PeakRSS().start()
     t0 = time.perf_counter()
     model, result, info = finetune(base_dir, train_data, Path(args.work) / run["name"], cfg, lora=run["lora"],
-                                   val_fraction=0.0 if run.get("train_data") else 0.1,
+                                   val_fraction=0.0 if run.get("train_data") else HELD_OUT,
                                    cache_dir=cache, progress=False, device=device, targets=run["targets"],
                                    r=args.rank, alpha=2 * args.rank, eval_data=eval_batches_for(val, cfg),
                                    callbacks=[stop] if stop else ())
@@ -187,19 +189,7 @@ def _run_children(specs: list[dict], args, work: Path, new_data, cache: Path) ->
             p = ctx.Process(target=_child, args=(spec, args, str(work / "base"), str(new_data), str(cache), q))
             p.start()
             active.append((spec, p, q))
-        spec, p, q = active[0]
-        for item in active:  # the first run to finish
-            try:
-                out = item[2].get(timeout=0.5)
-            except queue.Empty:
-                continue
-            spec, p, q = item
-            break
-        else:
-            for item in active:
-                if not item[1].is_alive() and item[2].empty():
-                    raise SystemExit(f"{item[0]['name']} died (exit code {item[1].exitcode}) without a result")
-            continue
+        (spec, p, q), out = _first_result(active)
         p.join()
         active.remove((spec, p, q))
         if "error" in out:
@@ -209,6 +199,18 @@ def _run_children(specs: list[dict], args, work: Path, new_data, cache: Path) ->
         done[spec["name"]] = out
         logging.info("%s: %s", spec["name"], out)
     return done
+
+
+def _first_result(active: list[tuple[dict, Any, Any]]) -> tuple[tuple[dict, Any, Any], dict]:
+    """Wait for the first of the (spec, process, queue) runs to put its result; a process that
+    exits without one ends the benchmark."""
+    while True:
+        for item in active:
+            try:
+                return item, item[2].get(timeout=0.5)
+            except queue.Empty:
+                if not item[1].is_alive() and item[2].empty():
+                    raise SystemExit(f"{item[0]['name']} died (exit code {item[1].exitcode}) without a result")
 
 
 def _grid(text: str) -> list[float]:
@@ -232,17 +234,24 @@ def _split_new_domain(new_data: Path, share: float, work: Path) -> tuple[str, Pa
     return head, adapt
 
 
-def _adapt_prefix(adapt: Path, share: float, work: Path) -> str:
+def _adapt_prefix(adapt: Path, share: float, work: Path, tokenizer, cache: Path, n_train: int) -> str:
     """--adapt-share < 1 (low-resource adaptation): the first `share` of the adaptation text's
-    training part (its first 90%; cut at a blank line) written to work/adapt_train.txt. The
-    held-out validation and test halves stay those of the whole text, which this prefix never
-    reaches. Returns the file's path."""
+    training part (cut at a blank line) written to work/adapt_train.txt and tokenized into the
+    cache here, as the children's `finetune` will read it (so no child's peak memory includes
+    it). The held-out validation and test halves stay those of the whole text; a prefix longer
+    than the training part's `n_train` tokens (it would reach them) is refused. Returns the path."""
+    from autoglm.data import build_token_cache, read_corpus
+
     text = Path(adapt).read_text(encoding="utf-8")
-    cut = text.find("\n\n", int(len(text) * 0.9 * share))
-    if not 0 < share < 1 or cut < 0 or cut >= int(len(text) * 0.9):
-        raise SystemExit(f"--adapt-share must be in (0, 1) and leave a prefix inside the training part; got {share}")
+    cut = text.find("\n\n", int(len(text) * (1 - HELD_OUT) * share)) if 0 < share < 1 else -1
+    if cut < 0:
+        raise SystemExit(f"--adapt-share must be in (0, 1) and leave a prefix of the adaptation text; got {share}")
     out = work / "adapt_train.txt"
     out.write_text(text[:cut].strip() + "\n", encoding="utf-8")
+    n = len(build_token_cache(read_corpus(out), tokenizer, cache, val_fraction=0.0, source=str(out.resolve())).train)
+    if n > n_train:
+        raise SystemExit(f"--adapt-share {share}: the prefix ({n} tokens) reaches the held-out tail (the training "
+                         f"part has {n_train}); use a smaller share")
     return str(out)
 
 
@@ -318,7 +327,7 @@ def run(args) -> dict:
         logging.info("base model pre-trained on %s in %.0f s", _base_data(args), time.perf_counter() - t0)
     # tokenize the new domain once here, so no child's peak memory includes it
     from autoglm.data import build_token_cache, read_corpus
-    new_tokens = build_token_cache(read_corpus(new_data), tokenizer, cache, val_fraction=0.1,
+    new_tokens = build_token_cache(read_corpus(new_data), tokenizer, cache, val_fraction=HELD_OUT,
                                    source=str(Path(new_data).resolve()))
     _, test = _split_heldout(new_tokens)
     base.to(args.device)
@@ -330,9 +339,12 @@ def run(args) -> dict:
         methods["lora-wide"] = dict(lora=True, targets=args.wide_targets.split(","),
                                     lrs=_grid(args.wide_lr or args.lora_lr))
     step_grid = [int(v) for v in _grid(args.steps)]
-    train_data = _adapt_prefix(new_data, args.adapt_share, work) if args.adapt_share < 1 else None
-    specs = [{"name": f"{name}-lr{lr:g}" + (f"-steps{steps}" if len(step_grid) > 1 else ""), "method": name,
-              "lora": m["lora"], "targets": m["targets"], "lr": lr, "steps": steps, "train_data": train_data}
+    train_data = (_adapt_prefix(new_data, args.adapt_share, work, tokenizer, cache, len(new_tokens.train))
+                  if args.adapt_share < 1 else None)
+    many = len(step_grid) > 1
+    specs = [{"name": f"{name}-lr{lr:g}" + (f"-steps{steps}" if many else ""), "method": name, "lora": m["lora"],
+              "targets": m["targets"], "lr": lr, "steps": steps, "train_data": train_data,
+              "setting": f"{lr:g}" + (f" x {steps} steps" if many else "")}
              for name, m in methods.items() for lr in m["lrs"] for steps in step_grid]
     done = _run_children(specs, args, work, new_data, cache)
     runs: dict[str, list[dict]] = {name: [done[s["name"]] for s in specs if s["method"] == name] for name in methods}
@@ -364,12 +376,9 @@ def run(args) -> dict:
 
 
 def _setting(run: dict) -> str:
-    """A run's grid point: its learning rate, its steps when steps were a grid too, and the step
-    early stopping chose when that is not the last."""
-    out = f"{run['lr']:g}" + (f" x {run['steps']} steps" if run["name"].endswith(f"-steps{run.get('steps')}") else "")
-    if run.get("best_step", run.get("steps")) != run.get("steps"):
-        out += f" (best at step {run['best_step']})"
-    return out
+    """A run's grid point, and the step early stopping chose when that is not the last."""
+    stopped = run["best_step"] != run["steps"]
+    return run["setting"] + (f" (best at step {run['best_step']})" if stopped else "")
 
 
 def markdown(res: dict) -> str:
@@ -377,7 +386,7 @@ def markdown(res: dict) -> str:
     s = res["summary"]
     out = [f"Device: {res['device']}; base domain: {res['base_data']}; new domain: {res['new_data']} "
            f"(held-out tail split into validation and test halves); adaptation trains on "
-           f"{res.get('adapt_train', 'its whole training part (first 90%)')}", "",
+           f"{res['adapt_train']}", "",
            "| method | grid (lr[ x steps]): validation loss | chosen |", "|---|---|---|"]
     for name, rs in res["all_runs"].items():
         grid = ", ".join(f"{_setting(r)}: {r['val_after']:.3f}" for r in rs)
@@ -417,7 +426,7 @@ def main() -> None:
                                                    "validation together with the learning rate")
     p.add_argument("--adapt-share", type=float, default=1.0,
                    help="Low-resource adaptation: train on only this leading fraction of the adaptation text "
-                        "(validation and test stay the held-out tail)"),
+                        "(validation and test stay the held-out tail)")
     p.add_argument("--lr", default="1e-3,3e-3,6e-3",
                    help="Full fine-tuning learning rates, comma separated (chosen on the validation split)")
     p.add_argument("--lora-lr", default="3e-3,1e-2,3e-2", help="LoRA learning rates, comma separated")
