@@ -181,8 +181,8 @@ def markdown(res: dict) -> str:
         p = res["probe"]
         out += [f"## Linear probe on {res['dataset']} (public split {p['split']})", "",
                 "| method | test accuracy (%) |", "|---|---|",
-                f"| Open-AutoGLM graph SSL ({len(p['runs'])} seeds, {p['epochs']} epochs) | "
-                f"{p['mean']:.2f} +/- {p['std']:.2f} |",
+                f"| Open-AutoGLM graph SSL ({len(p['runs'])} seeds, {p['epochs']} epochs; validation mean "
+                f"{p['val_mean']:.2f}) | {p['mean']:.2f} +/- {p['std']:.2f} |",
                 f"| logistic regression on raw features | {p['raw_feature_probe']:.2f} |",
                 "| published: GCN (supervised) / GAT | 81.5 / 83.0 |",
                 "| published: DGI / GRACE / CCA-SSG / GraphMAE | 82.3 / 81.9 / 84.0 / 84.2 +/- 0.4 |", "",
@@ -237,6 +237,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--contrastive-weight", type=float, default=0.1)
     ap.add_argument("--propagate-input", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--reconstruction-weight", type=float, default=1.0)
+    ap.add_argument("--decorrelation-weight", type=float, default=0.0,
+                    help="weight of the CCA-SSG term (view invariance + decorrelation) on the encoder outputs")
+    ap.add_argument("--decorrelation-lambda", type=float, default=1e-3)
+    ap.add_argument("--augmentations", default="edge_perturb,feature_mask",
+                    help="how the two views are made (node_drop, edge_perturb, edge_drop, feature_mask)")
+    ap.add_argument("--aug-p", default="0.2,0.3", help="strength of view 1 and view 2")
+    ap.add_argument("--feature-p", default=None, help="feature-masking rate of view 1 and 2 (default: --aug-p)")
     ap.add_argument("--contrastive-nodes", type=int, default=1024)
     ap.add_argument("--aug-seeds", type=int, default=2)
     ap.add_argument("--aug-epochs", type=int, default=50)
@@ -263,7 +270,12 @@ def main(argv: list[str] | None = None) -> None:
                          propagate_input=args.propagate_input, attention=args.attention, heads=args.heads,
                          residual=args.residual,
                          dropout=args.dropout, input_dropout=args.input_dropout, attn_dropout=args.attn_dropout,
-                         replace_rate=args.replace_rate, l2=args.l2)
+                         replace_rate=args.replace_rate, l2=args.l2,
+                         decorrelation_weight=args.decorrelation_weight,
+                         decorrelation_lambda=args.decorrelation_lambda,
+                         augmentations=tuple(args.augmentations.split(",")),
+                         aug_p=tuple(float(p) for p in args.aug_p.split(",")),
+                         feature_p=tuple(float(p) for p in args.feature_p.split(",")) if args.feature_p else None)
     if sections & {"probe", "augmentations"}:
         data = load_graph(args.dataset, args.root, args.cache_dir, normalize_features=args.normalize_features)
         if "probe" in sections:

@@ -30,14 +30,36 @@ def _fail(exc: Exception) -> None:
     raise typer.Exit(code=2)
 
 
+def _pair(text: str, name: str) -> tuple[float, float] | None:
+    """'0.4,0.2' -> (0.4, 0.2); '0.3' -> (0.3, 0.3); '' -> None."""
+    if not text:
+        return None
+    try:
+        vals = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--{name} {text!r}: expected one or two numbers, e.g. 0.4 or 0.4,0.2") from None
+    if len(vals) not in (1, 2):
+        raise ValueError(f"--{name} {text!r}: expected one or two numbers (view 1, view 2)")
+    return (vals[0], vals[-1])
+
+
 def _ssl_config(hidden_dim: int, num_layers: int, attention: bool, mask_rate: float, contrastive_weight: float,
-                reconstruction_weight: float, augment: str, seed: int, propagate_input: bool):
+                reconstruction_weight: float, augment: str, seed: int, propagate_input: bool,
+                decorrelation_weight: float = 0.0, decorrelation_lambda: float = 1e-3, aug_p: str = "0.2,0.3",
+                feature_p: str = "", dropout: float = 0.2):
     from .graph.ssl import GraphSSLConfig
 
     augs = tuple(a for a in augment.split(",") if a)
     return GraphSSLConfig(hidden_dim=hidden_dim, num_layers=num_layers, attention=attention, mask_rate=mask_rate,
                           contrastive_weight=contrastive_weight, reconstruction_weight=reconstruction_weight,
-                          augmentations=augs, seed=seed, propagate_input=propagate_input)
+                          decorrelation_weight=decorrelation_weight, decorrelation_lambda=decorrelation_lambda,
+                          augmentations=augs, aug_p=_pair(aug_p, "aug-p"), feature_p=_pair(feature_p, "feature-p"),
+                          dropout=dropout, seed=seed, propagate_input=propagate_input)
+
+
+DECOR_HELP = "CCA-SSG weight (view invariance + feature decorrelation on the encoder outputs); 0 = off."
+AUG_P_HELP = "Augmentation strength of view 1,view 2 (one number = both)."
+FEATURE_P_HELP = "Feature-masking rate of view 1,view 2 if it should differ from --aug-p (CCA-SSG on Cora: 0.1)."
 
 
 @app.command()
@@ -79,8 +101,15 @@ def pretrain(
     mask_rate: float = typer.Option(0.15, help="Fraction of nodes whose features are masked and reconstructed."),
     contrastive_weight: float = typer.Option(0.1, help="InfoNCE weight (its loss is ~30x the reconstruction's)."),
     reconstruction_weight: float = typer.Option(1.0),
+    decorrelation_weight: float = typer.Option(0.0, help=DECOR_HELP),
+    decorrelation_lambda: float = typer.Option(1e-3, help="CCA-SSG lambda (decorrelation vs invariance)."),
     augment: str = typer.Option("edge_perturb,feature_mask", help="Comma list: node_drop, edge_perturb, "
                                                                   "edge_drop, feature_mask."),
+    aug_p: str = typer.Option("0.2,0.3", help=AUG_P_HELP),
+    feature_p: str = typer.Option("", help=FEATURE_P_HELP),
+    dropout: float = typer.Option(0.2, help="Dropout on every encoder layer's input."),
+    weight_decay: float = typer.Option(2e-4, help="AdamW (decoupled) weight decay."),
+    normalize_features: bool = typer.Option(True, help="Row-normalise Planetoid features (sum 1)."),
     propagate_input: bool = typer.Option(True, help="Smooth the input projection once (norm_adj or attention); best on Cora."),
     seed: int = typer.Option(0),
 ) -> None:
@@ -93,10 +122,12 @@ def pretrain(
 
     _setup_logging()
     try:
-        g = load_graph(data, root, cache_dir)
+        g = load_graph(data, root, cache_dir, normalize_features=normalize_features)
         cfg = _ssl_config(hidden_dim, num_layers, attention, mask_rate, contrastive_weight, reconstruction_weight,
-                          augment, seed, propagate_input)
-        model, result = pretrain_graph(g.x, g.edge_index, cfg, epochs=epochs, lr=lr, progress=True, console=err)
+                          augment, seed, propagate_input, decorrelation_weight, decorrelation_lambda, aug_p,
+                          feature_p, dropout)
+        model, result = pretrain_graph(g.x, g.edge_index, cfg, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                       progress=True, console=err)
     except (ValueError, FileNotFoundError) as e:
         _fail(e)
     save_ssl_model(model, out)
@@ -117,7 +148,13 @@ def probe(
     epochs: int = typer.Option(300), lr: float = typer.Option(1e-3), hidden_dim: int = typer.Option(256),
     num_layers: int = typer.Option(2), attention: bool = typer.Option(False), mask_rate: float = typer.Option(0.15),
     contrastive_weight: float = typer.Option(0.1), reconstruction_weight: float = typer.Option(1.0),
-    augment: str = typer.Option("edge_perturb,feature_mask"), propagate_input: bool = typer.Option(True),
+    decorrelation_weight: float = typer.Option(0.0, help=DECOR_HELP),
+    decorrelation_lambda: float = typer.Option(1e-3, help="CCA-SSG lambda (decorrelation vs invariance)."),
+    augment: str = typer.Option("edge_perturb,feature_mask"), aug_p: str = typer.Option("0.2,0.3", help=AUG_P_HELP),
+    feature_p: str = typer.Option("", help=FEATURE_P_HELP), dropout: float = typer.Option(0.2),
+    weight_decay: float = typer.Option(2e-4, help="AdamW (decoupled) weight decay of pre-training."),
+    normalize_features: bool = typer.Option(True, help="Row-normalise Planetoid features (sum 1)."),
+    propagate_input: bool = typer.Option(True),
     json_out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here."),
 ) -> None:
     """Linear probe (logistic regression on frozen embeddings, public split; weight decay and
@@ -128,7 +165,7 @@ def probe(
 
     _setup_logging()
     try:
-        g = load_graph(data, root, cache_dir)
+        g = load_graph(data, root, cache_dir, normalize_features=normalize_features)
         for k in ("y", "train_mask", "val_mask", "test_mask"):
             if getattr(g, k, None) is None:
                 raise ValueError(f"{data} has no {k}; the probe needs labels and a split (use sbm or Planetoid)")
@@ -138,8 +175,9 @@ def probe(
             out = {"test_acc": 100 * res["test_acc"], "val_acc": 100 * res["val_acc"], "model_dir": str(model_dir)}
         else:
             cfg = _ssl_config(hidden_dim, num_layers, attention, mask_rate, contrastive_weight,
-                              reconstruction_weight, augment, 0, propagate_input)
-            out = ssl_probe(g, cfg, seeds=list(range(seeds)), epochs=epochs, lr=lr)
+                              reconstruction_weight, augment, 0, propagate_input, decorrelation_weight,
+                              decorrelation_lambda, aug_p, feature_p, dropout)
+            out = ssl_probe(g, cfg, seeds=list(range(seeds)), epochs=epochs, lr=lr, weight_decay=weight_decay)
             console.print(f"[bold]{data}[/] linear probe: {out['mean']:.2f} +/- {out['std']:.2f} % over {seeds} "
                           f"seeds (split {out['split']})")
     except (ValueError, FileNotFoundError) as e:

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 from autoglm.cli import app
 from autoglm.graph.datasets import sbm_graph
 from autoglm.graph.experiment import embed, load_ssl_model, save_ssl_model, ssl_probe
-from autoglm.graph.losses import info_nce, scaled_cosine_error
+from autoglm.graph.losses import cca_ssg, info_nce, scaled_cosine_error
 from autoglm.graph.probe import linear_probe, tuned_linear_probe
 from autoglm.graph.ssl import GraphSSLConfig, GraphSSLModel, GraphSSLObjective, pretrain_graph
 
@@ -34,6 +34,23 @@ def test_objective_is_weighted_sum_of_reference_terms(graph):
     con = info_nce(model.projector(model.encoder(x1, e1)), model.projector(model.encoder(x2, e2)), 0.5)
     torch.testing.assert_close(out["loss"], 0.3 * con + 2.0 * rec)
     torch.testing.assert_close(out["reconstruction_loss"], rec)
+
+
+def test_decorrelation_term_uses_encoder_outputs_of_both_views(graph):
+    cfg = GraphSSLConfig(hidden_dim=16, num_layers=1, dropout=0.0, contrastive_weight=0.5, reconstruction_weight=0.0,
+                         decorrelation_weight=0.2, decorrelation_lambda=0.01, augmentations=("edge_drop", "feature_mask"),
+                         aug_p=(0.4, 0.3), feature_p=(0.1, 0.0))
+    model = GraphSSLModel(64, cfg)
+    out = GraphSSLObjective(cfg)(model, {"x": graph.x, "edge_index": graph.edge_index, "step": 5})
+    obj, gen = GraphSSLObjective(cfg), torch.Generator().manual_seed(5)
+    (x1, e1), (x2, e2) = (obj.view(graph.x, graph.edge_index, p, gen, f) for p, f in zip((0.4, 0.3), (0.1, 0.0)))
+    assert (x2 == graph.x).all() and not (x1 == graph.x).all()  # feature_p, not aug_p, sets the feature mask
+    assert e1.shape[1] < graph.edge_index.shape[1]
+    h1, h2 = model.encoder(x1, e1), model.encoder(x2, e2)
+    dec = cca_ssg(h1, h2, 0.01)
+    con = info_nce(model.projector(h1), model.projector(h2), 0.5)
+    torch.testing.assert_close(out["decorrelation_loss"], dec)
+    torch.testing.assert_close(out["loss"], 0.5 * con + 0.2 * dec)
 
 
 def test_masked_nodes_only_see_mask_token(graph):
@@ -124,6 +141,7 @@ def test_save_load_roundtrip_and_multi_seed(tmp_path, graph):
     assert len(res["runs"]) == 2 and res["split"] == {"train_mask": 40, "val_mask": 50, "test_mask": 100}
     accs = [100 * r["test_acc"] for r in res["runs"]]
     assert res["mean"] == pytest.approx(sum(accs) / 2) and res["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
+    assert res["val_mean"] == pytest.approx(sum(100 * r["val_acc"] for r in res["runs"]) / 2)
 
 
 def test_config_validation():
@@ -131,8 +149,12 @@ def test_config_validation():
         GraphSSLConfig(augmentations=("rotate",))
     with pytest.raises(ValueError, match="mask_rate"):
         GraphSSLConfig(mask_rate=1.5)
-    with pytest.raises(ValueError, match="not both 0"):
+    with pytest.raises(ValueError, match="not all 0"):
         GraphSSLConfig(contrastive_weight=0, reconstruction_weight=0)
+    with pytest.raises(ValueError, match="feature_p"):
+        GraphSSLConfig(feature_p=(0.1,))
+    with pytest.raises(ValueError, match="decorrelation_lambda"):
+        GraphSSLConfig(decorrelation_lambda=-1.0)
     with pytest.raises(ValueError, match="empty"):
         pretrain_graph(torch.zeros(0, 4), torch.zeros(2, 0, dtype=torch.long), GraphSSLConfig())
 
@@ -154,3 +176,20 @@ def test_cli_clean_pretrain_probe(tmp_path):
     assert len(json.loads((tmp_path / "p.json").read_text())["runs"]) == 2
     r = CliRunner().invoke(app, ["graph", "clean", "--out", str(tmp_path / "bad"), "--edges", str(tmp_path / "n.csv")])
     assert r.exit_code == 2 and "lacks" in r.output
+
+
+def test_cli_pretrain_cca_options(tmp_path):
+    args = ["graph", "pretrain", "--out", str(tmp_path / "m"), "--epochs", "2", "--hidden-dim", "8",
+            "--contrastive-weight", "0", "--decorrelation-weight", "1", "--decorrelation-lambda", "2e-3",
+            "--augment", "edge_drop,feature_mask", "--aug-p", "0.4", "--feature-p", "0.1,0.2", "--dropout", "0",
+            "--weight-decay", "0"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "m" / "graph_ssl_config.json").read_text())
+    assert saved["decorrelation_weight"] == 1.0 and saved["decorrelation_lambda"] == 2e-3
+    assert saved["aug_p"] == [0.4, 0.4] and saved["feature_p"] == [0.1, 0.2] and saved["dropout"] == 0.0
+    r = CliRunner().invoke(app, ["graph", "pretrain", "--out", str(tmp_path / "x"), "--aug-p", "0.1,0.2,0.3"])
+    assert r.exit_code == 2 and "one or two numbers" in r.output
+    r = CliRunner().invoke(app, ["graph", "pretrain", "--out", str(tmp_path / "x"), "--feature-p", "half"])
+    assert r.exit_code == 2 and "--feature-p" in r.output
+    assert not (tmp_path / "x").exists()

@@ -42,8 +42,9 @@ def ssl_probe(data: Any, cfg: GraphSSLConfig, seeds: Sequence[int] = (0, 1, 2, 3
               probe_standardize: Sequence[bool] = (False, True), device: str | None = None) -> dict[str, Any]:
     """For each seed: pre-train on (data.x, data.edge_index), embed, probe on data's masks
     (`tuned_linear_probe`: weight decay and standardisation chosen on the validation split).
-    Returns {"mean", "std" (test accuracy in %, std over seeds), "runs", "seconds_per_epoch",
-    "config", "epochs", "split"}."""
+    Returns {"mean", "std" (test accuracy in %, std over seeds), "val_mean" (validation accuracy
+    in %, what configurations are compared on), "runs", "seconds_per_epoch", "config", "epochs",
+    "split"}."""
     runs = []
     for seed in seeds:
         t = time.perf_counter()
@@ -57,7 +58,8 @@ def ssl_probe(data: Any, cfg: GraphSSLConfig, seeds: Sequence[int] = (0, 1, 2, 3
                  100 * res["test_acc"], 100 * res["val_acc"], res["weight_decay"], res["standardize"], dt)
     accs = [100 * r["test_acc"] for r in runs]
     split = {k: int(getattr(data, k).sum()) for k in ("train_mask", "val_mask", "test_mask")}
-    return {"mean": statistics.mean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0, "runs": runs,
+    return {"mean": statistics.mean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
+            "val_mean": statistics.mean(100 * r["val_acc"] for r in runs), "runs": runs,
             "seconds_per_epoch": sum(r["pretrain_seconds"] for r in runs) / (len(runs) * epochs),
             "config": cfg.to_dict(), "epochs": epochs, "split": split}
 

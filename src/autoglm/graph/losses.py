@@ -7,6 +7,9 @@ Example:
     True
     >>> float(scaled_cosine_error(z, z))
     0.0
+    >>> x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    >>> bool(cca_ssg(x, x + 0.1 * x.roll(1, 0)) < cca_ssg(x, x.roll(1, 0)))  # agreeing views score better
+    True
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["info_nce", "scaled_cosine_error"]
+__all__ = ["cca_ssg", "info_nce", "scaled_cosine_error"]
 
 
 def _one_way(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
@@ -55,3 +58,27 @@ def scaled_cosine_error(pred: torch.Tensor, target: torch.Tensor, alpha: float =
         return pred.sum() * 0.0  # nothing masked: zero loss that keeps the graph connected
     cos = F.cosine_similarity(pred.float(), target.float(), dim=-1)
     return (1 - cos).pow(alpha).mean()
+
+
+def cca_ssg(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 1e-3) -> torch.Tensor:
+    """CCA-SSG's objective (Zhang et al., 2021) between two views of the same N nodes.
+
+    z1, z2 (N, D) encoder outputs, each standardised per dimension over the nodes (zero
+    mean, unit std). Invariance: -trace(z1^T z2 / N), i.e. minus the summed per-dimension
+    correlation of the views; decorrelation: lambd * (||I - z1^T z1 / N||_F^2 +
+    ||I - z2^T z2 / N||_F^2), which keeps the dimensions of each view uncorrelated so the
+    embedding cannot collapse. No negatives: O(N D^2). -> scalar.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"z1 and z2 must both be (N, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    if z1.shape[0] < 2:
+        raise ValueError(f"cca_ssg standardises over nodes and needs at least 2, got {z1.shape[0]}")
+    if lambd < 0:
+        raise ValueError(f"lambd ({lambd}) must be >= 0; CCA-SSG uses 5e-4 to 1e-3")
+    n = z1.shape[0]
+    a = (z1.float() - z1.float().mean(0)) / z1.float().std(0).clamp_min(1e-6)
+    b = (z2.float() - z2.float().mean(0)) / z2.float().std(0).clamp_min(1e-6)
+    eye = torch.eye(a.shape[1], device=a.device)
+    invariance = -(a * b).sum() / n  # = -trace(a^T b / N) without forming the D x D matrix
+    decorrelation = (eye - a.t() @ a / n).pow(2).sum() + (eye - b.t() @ b / n).pow(2).sum()
+    return invariance + lambd * decorrelation

@@ -3,6 +3,7 @@ feature reconstruction (GraphMAE: [MASK] token, re-masking, scaled cosine error)
 
     loss = contrastive_weight * info_nce(proj(enc(view1)), proj(enc(view2)), tau)
          + reconstruction_weight * sce(dec(remask(enc(x with masked rows = [MASK]))), x)[masked]
+         + decorrelation_weight * cca_ssg(enc(view1), enc(view2), decorrelation_lambda)   (optional)
 
 `GraphSSLModel` holds the parameters (encoder, [MASK] token, decoder, projector);
 `GraphSSLObjective` is a training objective `(model, batch) -> {"loss", ...}` for
@@ -15,7 +16,7 @@ Example:
     >>> model = GraphSSLModel(8, cfg)
     >>> batch = {"x": torch.randn(6, 8), "edge_index": torch.tensor([[0, 1, 2], [1, 2, 3]]), "step": 0}
     >>> sorted(GraphSSLObjective(cfg)(model, batch))
-    ['contrastive_loss', 'loss', 'reconstruction_loss']
+    ['contrastive_loss', 'decorrelation_loss', 'loss', 'reconstruction_loss']
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from torch import nn
 
 from .augment import drop_edges, drop_nodes, mask_features, perturb_edges
 from .encoder import EdgeAttention, GraphEncoder
-from .losses import info_nce, scaled_cosine_error
+from .losses import cca_ssg, info_nce, scaled_cosine_error
 
 __all__ = ["AUGMENTATIONS", "GraphSSLConfig", "GraphSSLModel", "GraphSSLObjective", "pretrain_graph"]
 
@@ -58,8 +59,13 @@ class GraphSSLConfig:
     proj_dim: int = 128  # projection head width for the contrastive term
     augmentations: tuple[str, ...] = ("edge_perturb", "feature_mask")  # how the two views are made
     aug_p: tuple[float, float] = (0.2, 0.3)  # strength of view 1 and view 2 (same p for every augmentation)
+    feature_p: tuple[float, float] | None = None  # feature-masking rate of view 1 and 2 if it should differ
+    # from aug_p (CCA-SSG on Cora: edges dropped at 0.4, feature columns masked at 0.1)
     contrastive_weight: float = 1.0  # weight of InfoNCE; 0 turns it off (pure GraphMAE)
     reconstruction_weight: float = 1.0  # weight of masked reconstruction; 0 turns it off (pure GRACE)
+    decorrelation_weight: float = 0.0  # weight of CCA-SSG's view-invariance + decorrelation term on the
+    # encoder outputs of the same two views (no negatives, O(N D^2)); 0 = off
+    decorrelation_lambda: float = 1e-3  # CCA-SSG's lambda (decorrelation vs invariance)
     l2: float = 0.0  # coupled L2 (loss += l2/2 ||params||^2) = torch Adam's weight_decay, GraphMAE's 2e-4;
     # the Trainer's AdamW decay is decoupled (lr * wd per step, ~0 at lr 1e-3)
     contrastive_nodes: int = 4096  # InfoNCE is O(N^2): sample at most this many nodes per step
@@ -67,6 +73,10 @@ class GraphSSLConfig:
 
     def __post_init__(self) -> None:
         self.augmentations, self.aug_p = tuple(self.augmentations), tuple(self.aug_p)
+        if self.feature_p is not None:
+            self.feature_p = tuple(self.feature_p)
+            if len(self.feature_p) != 2 or not all(0.0 <= p <= 1.0 for p in self.feature_p):
+                raise ValueError(f"feature_p {self.feature_p} must be two probabilities (view 1, view 2) or None")
         bad = [a for a in self.augmentations if a not in AUGMENTATIONS]
         if bad:
             raise ValueError(f"unknown augmentations {bad}; choose from {list(AUGMENTATIONS)}")
@@ -77,9 +87,12 @@ class GraphSSLConfig:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be in [0, 1)")
         if len(self.aug_p) != 2 or not all(0.0 <= p <= 1.0 for p in self.aug_p):
             raise ValueError(f"aug_p {self.aug_p} must be two probabilities (view 1, view 2)")
-        if self.contrastive_weight < 0 or self.reconstruction_weight < 0 or (
-                self.contrastive_weight == 0 and self.reconstruction_weight == 0):
-            raise ValueError("contrastive_weight and reconstruction_weight must be >= 0 and not both 0")
+        weights = (self.contrastive_weight, self.reconstruction_weight, self.decorrelation_weight)
+        if min(weights) < 0 or max(weights) == 0:
+            raise ValueError("contrastive_weight, reconstruction_weight and decorrelation_weight must be >= 0 "
+                             "and not all 0")
+        if self.decorrelation_lambda < 0:
+            raise ValueError(f"decorrelation_lambda ({self.decorrelation_lambda}) must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -130,7 +143,8 @@ class GraphSSLModel(nn.Module):
 
 
 class GraphSSLObjective:
-    """(model: GraphSSLModel, batch) -> {"loss", "contrastive_loss", "reconstruction_loss"}.
+    """(model: GraphSSLModel, batch) -> {"loss", "contrastive_loss", "reconstruction_loss",
+    "decorrelation_loss"}.
 
     batch = {"x": (N, F) float, "edge_index": (2, E) long, "step": int}; the step seeds this
     step's masks and views (generator seed = cfg.seed * 1_000_003 + step).
@@ -139,9 +153,10 @@ class GraphSSLObjective:
     def __init__(self, cfg: GraphSSLConfig) -> None:
         self.cfg = cfg
 
-    def view(self, x: torch.Tensor, edge_index: torch.Tensor, p: float,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """One augmented view: the configured augmentations applied in a fixed order."""
+    def view(self, x: torch.Tensor, edge_index: torch.Tensor, p: float, gen: torch.Generator,
+             feature_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One augmented view: the configured augmentations applied in a fixed order, each at
+        rate p (feature masking at `feature_p` when given)."""
         n = x.shape[0]
         for aug in self.cfg.augmentations:
             if aug == "node_drop":
@@ -152,7 +167,7 @@ class GraphSSLObjective:
             elif aug == "edge_perturb":
                 edge_index, _, _ = perturb_edges(edge_index, n, p, generator=gen)
             elif aug == "feature_mask":
-                x, _ = mask_features(x, p, mode="column", generator=gen)
+                x, _ = mask_features(x, p if feature_p is None else feature_p, mode="column", generator=gen)
         return x, edge_index
 
     def __call__(self, model: nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -161,7 +176,7 @@ class GraphSSLObjective:
         n = x.shape[0]
         gen = torch.Generator(device=x.device).manual_seed(cfg.seed * 1_000_003 + int(batch.get("step", 0)))
         zero = x.new_zeros(())
-        rec = con = zero
+        rec = con = dec = zero
         if cfg.reconstruction_weight > 0:
             graph = batch.get("graph") or model.encoder.prepare(edge_index, n)
             _, node_mask = mask_features(x, cfg.mask_rate, mode="node", generator=gen)
@@ -171,17 +186,23 @@ class GraphSSLObjective:
                 replace_from = torch.where(swap, torch.randint(0, n, (n,), generator=gen, device=x.device), -1)
             recon = model.reconstruct(x, node_mask, graph, replace_from)
             rec = scaled_cosine_error(recon[node_mask], x[node_mask], cfg.sce_alpha)
-        if cfg.contrastive_weight > 0:
-            (x1, e1), (x2, e2) = (self.view(x, edge_index, p, gen) for p in cfg.aug_p)
-            z1, z2 = model.projector(model.encoder(x1, e1)), model.projector(model.encoder(x2, e2))
-            if n > cfg.contrastive_nodes:  # O(N^2) term on a random subset of anchors
-                idx = torch.randperm(n, generator=gen, device=x.device)[:cfg.contrastive_nodes]
-                z1, z2 = z1[idx], z2[idx]
-            con = info_nce(z1, z2, cfg.tau)
-        loss = cfg.contrastive_weight * con + cfg.reconstruction_weight * rec
+        if cfg.contrastive_weight > 0 or cfg.decorrelation_weight > 0:
+            fp = cfg.feature_p or (None, None)
+            (x1, e1), (x2, e2) = (self.view(x, edge_index, p, gen, f) for p, f in zip(cfg.aug_p, fp))
+            h1, h2 = model.encoder(x1, e1), model.encoder(x2, e2)
+            if cfg.decorrelation_weight > 0:
+                dec = cca_ssg(h1, h2, cfg.decorrelation_lambda)
+            if cfg.contrastive_weight > 0:
+                z1, z2 = model.projector(h1), model.projector(h2)
+                if n > cfg.contrastive_nodes:  # O(N^2) term on a random subset of anchors
+                    idx = torch.randperm(n, generator=gen, device=x.device)[:cfg.contrastive_nodes]
+                    z1, z2 = z1[idx], z2[idx]
+                con = info_nce(z1, z2, cfg.tau)
+        loss = cfg.contrastive_weight * con + cfg.reconstruction_weight * rec + cfg.decorrelation_weight * dec
         if cfg.l2 > 0:
             loss = loss + 0.5 * cfg.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
-        return {"loss": loss, "contrastive_loss": con.detach(), "reconstruction_loss": rec.detach()}
+        return {"loss": loss, "contrastive_loss": con.detach(), "reconstruction_loss": rec.detach(),
+                "decorrelation_loss": dec.detach()}
 
     def __repr__(self) -> str:
         return f"GraphSSLObjective({self.cfg})"
