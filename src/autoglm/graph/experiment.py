@@ -5,7 +5,7 @@ Example:
     >>> from autoglm.graph.datasets import sbm_graph
     >>> res = ssl_probe(sbm_graph(200, 4, 32, 0.05, 0.005), GraphSSLConfig(hidden_dim=32), seeds=[0], epochs=5)
     >>> sorted(res)
-    ['config', 'epochs', 'mean', 'runs', 'seconds_per_epoch', 'split', 'std']
+    ['config', 'epochs', 'mean', 'runs', 'seconds_per_epoch', 'split', 'std', 'val_mean']
 """
 
 from __future__ import annotations
