@@ -46,7 +46,9 @@ def _pair(text: str, name: str) -> tuple[float, float] | None:
 def _ssl_config(hidden_dim: int, num_layers: int, attention: bool, mask_rate: float, contrastive_weight: float,
                 reconstruction_weight: float, augment: str, seed: int, propagate_input: bool,
                 decorrelation_weight: float = 0.0, decorrelation_lambda: float = 1e-3, aug_p: str = "0.2,0.3",
-                feature_p: str = "", dropout: float = 0.2):
+                feature_p: str = "", dropout: float = 0.2, residual: bool = True, input_projection: bool = True,
+                final_act: bool = True, init: str = "torch", sce_alpha: float = 2.0,
+                contrastive_nodes: int = 4096):
     from .graph.ssl import GraphSSLConfig
 
     augs = tuple(a for a in augment.split(",") if a)
@@ -54,11 +56,22 @@ def _ssl_config(hidden_dim: int, num_layers: int, attention: bool, mask_rate: fl
                           contrastive_weight=contrastive_weight, reconstruction_weight=reconstruction_weight,
                           decorrelation_weight=decorrelation_weight, decorrelation_lambda=decorrelation_lambda,
                           augmentations=augs, aug_p=_pair(aug_p, "aug-p"), feature_p=_pair(feature_p, "feature-p"),
-                          dropout=dropout, seed=seed, propagate_input=propagate_input)
+                          dropout=dropout, seed=seed, propagate_input=propagate_input, residual=residual,
+                          input_projection=input_projection, final_act=final_act, init=init,
+                          sce_alpha=sce_alpha, contrastive_nodes=contrastive_nodes)
 
 
 DECOR_HELP = "CCA-SSG weight (view invariance + feature decorrelation on the encoder outputs); 0 = off."
 AUG_P_HELP = "Augmentation strength of view 1,view 2 (one number = both)."
+MASK_HELP = ("Fraction of nodes whose features are masked and reconstructed (GraphSSLConfig's default is "
+             "0.15; 0.5 is GraphMAE's Cora setting).")
+NODES_HELP = "InfoNCE is O(N^2): anchors sampled per step (all nodes if the graph is smaller)."
+SCE_HELP = "Scaled cosine error exponent of the reconstruction loss (GraphMAE on Cora: 3)."
+RESIDUAL_HELP = "Residual layers h + act(A h W); off = plain GCN / GAT layers."
+INPUT_PROJ_HELP = ("Linear input projection before the layers; off = the first layer reads the features "
+                   "(exact GCN of CCA-SSG; needs --no-propagate-input).")
+FINAL_ACT_HELP = "Activation on the last encoder layer; off = a linear last layer (CCA-SSG)."
+INIT_HELP = "Layer weight init: torch (nn.Linear default) or glorot (Xavier-uniform, as the GCN papers and PyG)."
 FEATURE_P_HELP = "Feature-masking rate of view 1,view 2 if it should differ from --aug-p (CCA-SSG on Cora: 0.1)."
 
 
@@ -96,24 +109,31 @@ def pretrain(
     root: Optional[Path] = typer.Option(None, help="Planetoid root holding <name>/raw."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "autoglm" / "planetoid", help="Writable copy for PyG."),
     out: Path = typer.Option(Path("runs/graph"), help="Where model.safetensors + config + embeddings go."),
-    epochs: int = typer.Option(300), lr: float = typer.Option(1e-3), hidden_dim: int = typer.Option(256),
+    epochs: int = typer.Option(100), lr: float = typer.Option(1e-3), hidden_dim: int = typer.Option(512),
     num_layers: int = typer.Option(2), attention: bool = typer.Option(False),
-    mask_rate: float = typer.Option(0.15, help="Fraction of nodes whose features are masked and reconstructed."),
-    contrastive_weight: float = typer.Option(0.1, help="InfoNCE weight (its loss is ~30x the reconstruction's)."),
-    reconstruction_weight: float = typer.Option(1.0),
-    decorrelation_weight: float = typer.Option(0.0, help=DECOR_HELP),
+    mask_rate: float = typer.Option(0.5, help=MASK_HELP),
+    contrastive_weight: float = typer.Option(0.1, help="InfoNCE weight."),
+    reconstruction_weight: float = typer.Option(1.0, help="Masked feature reconstruction weight."),
+    sce_alpha: float = typer.Option(3.0, help=SCE_HELP),
+    contrastive_nodes: int = typer.Option(1024, min=2, help=NODES_HELP),
+    decorrelation_weight: float = typer.Option(1.0, help=DECOR_HELP),
     decorrelation_lambda: float = typer.Option(1e-3, help="CCA-SSG lambda (decorrelation vs invariance)."),
-    augment: str = typer.Option("edge_perturb,feature_mask", help="Comma list: node_drop, edge_perturb, "
+    augment: str = typer.Option("edge_drop,feature_mask", help="Comma list: node_drop, edge_perturb, "
                                                                   "edge_drop, feature_mask."),
-    aug_p: str = typer.Option("0.2,0.3", help=AUG_P_HELP),
-    feature_p: str = typer.Option("", help=FEATURE_P_HELP),
-    dropout: float = typer.Option(0.2, help="Dropout on every encoder layer's input."),
-    weight_decay: float = typer.Option(2e-4, help="AdamW (decoupled) weight decay."),
+    aug_p: str = typer.Option("0.4", help=AUG_P_HELP),
+    feature_p: str = typer.Option("0.1", help=FEATURE_P_HELP),
+    dropout: float = typer.Option(0.0, help="Dropout on every encoder layer's input."),
+    weight_decay: float = typer.Option(0.0, help="AdamW (decoupled) weight decay."),
     normalize_features: bool = typer.Option(True, help="Row-normalise Planetoid features (sum 1)."),
-    propagate_input: bool = typer.Option(True, help="Smooth the input projection once (norm_adj or attention); best on Cora."),
+    propagate_input: bool = typer.Option(False, help="Smooth the input projection once (norm_adj or attention)."),
+    residual: bool = typer.Option(False, help=RESIDUAL_HELP),
+    input_projection: bool = typer.Option(False, help=INPUT_PROJ_HELP),
+    final_act: bool = typer.Option(False, help=FINAL_ACT_HELP),
+    init: str = typer.Option("glorot", help=INIT_HELP),
     seed: int = typer.Option(0),
 ) -> None:
-    """Self-supervised pre-training (InfoNCE + masked feature reconstruction); saves the model and embeddings."""
+    """Self-supervised pre-training (CCA-SSG term, InfoNCE, masked feature reconstruction; weighted sum), saves
+    the model and embeddings. Defaults: the best validation probe on Cora (benchmarks/graph_ssl.py)."""
     from safetensors.torch import save_file
 
     from .graph.datasets import load_graph
@@ -125,7 +145,8 @@ def pretrain(
         g = load_graph(data, root, cache_dir, normalize_features=normalize_features)
         cfg = _ssl_config(hidden_dim, num_layers, attention, mask_rate, contrastive_weight, reconstruction_weight,
                           augment, seed, propagate_input, decorrelation_weight, decorrelation_lambda, aug_p,
-                          feature_p, dropout)
+                          feature_p, dropout, residual, input_projection, final_act, init, sce_alpha,
+                          contrastive_nodes)
         model, result = pretrain_graph(g.x, g.edge_index, cfg, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                        progress=True, console=err)
     except (ValueError, FileNotFoundError) as e:
@@ -145,16 +166,23 @@ def probe(
     model_dir: Optional[Path] = typer.Option(None, help="Probe this pre-trained model (one run) instead of "
                                                         "pre-training one per seed."),
     seeds: int = typer.Option(5, min=1, help="Seeds (each: pre-train + probe); mean and std are reported."),
-    epochs: int = typer.Option(300), lr: float = typer.Option(1e-3), hidden_dim: int = typer.Option(256),
-    num_layers: int = typer.Option(2), attention: bool = typer.Option(False), mask_rate: float = typer.Option(0.15),
+    epochs: int = typer.Option(100), lr: float = typer.Option(1e-3), hidden_dim: int = typer.Option(512),
+    num_layers: int = typer.Option(2), attention: bool = typer.Option(False),
+    mask_rate: float = typer.Option(0.5, help=MASK_HELP),
     contrastive_weight: float = typer.Option(0.1), reconstruction_weight: float = typer.Option(1.0),
-    decorrelation_weight: float = typer.Option(0.0, help=DECOR_HELP),
+    sce_alpha: float = typer.Option(3.0, help=SCE_HELP),
+    contrastive_nodes: int = typer.Option(1024, min=2, help=NODES_HELP),
+    decorrelation_weight: float = typer.Option(1.0, help=DECOR_HELP),
     decorrelation_lambda: float = typer.Option(1e-3, help="CCA-SSG lambda (decorrelation vs invariance)."),
-    augment: str = typer.Option("edge_perturb,feature_mask"), aug_p: str = typer.Option("0.2,0.3", help=AUG_P_HELP),
-    feature_p: str = typer.Option("", help=FEATURE_P_HELP), dropout: float = typer.Option(0.2),
-    weight_decay: float = typer.Option(2e-4, help="AdamW (decoupled) weight decay of pre-training."),
+    augment: str = typer.Option("edge_drop,feature_mask"), aug_p: str = typer.Option("0.4", help=AUG_P_HELP),
+    feature_p: str = typer.Option("0.1", help=FEATURE_P_HELP), dropout: float = typer.Option(0.0),
+    weight_decay: float = typer.Option(0.0, help="AdamW (decoupled) weight decay of pre-training."),
     normalize_features: bool = typer.Option(True, help="Row-normalise Planetoid features (sum 1)."),
-    propagate_input: bool = typer.Option(True),
+    propagate_input: bool = typer.Option(False),
+    residual: bool = typer.Option(False, help=RESIDUAL_HELP),
+    input_projection: bool = typer.Option(False, help=INPUT_PROJ_HELP),
+    final_act: bool = typer.Option(False, help=FINAL_ACT_HELP),
+    init: str = typer.Option("glorot", help=INIT_HELP),
     json_out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here."),
 ) -> None:
     """Linear probe (logistic regression on frozen embeddings, public split; weight decay and
@@ -176,7 +204,8 @@ def probe(
         else:
             cfg = _ssl_config(hidden_dim, num_layers, attention, mask_rate, contrastive_weight,
                               reconstruction_weight, augment, 0, propagate_input, decorrelation_weight,
-                              decorrelation_lambda, aug_p, feature_p, dropout)
+                              decorrelation_lambda, aug_p, feature_p, dropout, residual, input_projection, final_act,
+                              init, sce_alpha, contrastive_nodes)
             out = ssl_probe(g, cfg, seeds=list(range(seeds)), epochs=epochs, lr=lr, weight_decay=weight_decay)
             console.print(f"[bold]{data}[/] linear probe: {out['mean']:.2f} +/- {out['std']:.2f} % over {seeds} "
                           f"seeds (split {out['split']})")

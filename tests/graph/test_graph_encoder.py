@@ -88,6 +88,43 @@ def test_plain_gcn_layers_match_dense_reference():
     torch.testing.assert_close(enc(x, ei), h)
 
 
+@pytest.mark.parametrize("residual,final_act", [(False, True), (True, True), (False, False)])
+def test_no_input_projection_matches_pyg_gcnconv(residual, final_act):
+    """input_projection=False: layer 1 reads x directly (F -> D, never residual), later layers
+    follow `residual`; final_act=False: no activation after the last layer; checked against
+    PyG's GCNConv with the same weights."""
+    from torch_geometric.nn import GCNConv
+
+    x, ei = _graph()
+    ei = ei[:, ei[0] != ei[1]]  # GCNConv adds one self-loop per node; ours does the same
+    enc = GraphEncoder(5, 8, num_layers=3, residual=residual, input_projection=False, final_act=final_act).eval()
+    assert enc.input is None and enc.layers[0].lin.weight.shape == (8, 5)
+    h = x
+    for i, layer in enumerate(enc.layers):
+        conv = GCNConv(layer.lin.in_features, 8)
+        with torch.no_grad():
+            conv.lin.weight.copy_(layer.lin.weight)
+            conv.bias.copy_(layer.bias)
+        out = conv(h, ei)
+        out = layer.act(out) if final_act or i < 2 else out
+        h = h + out if residual and i > 0 else out
+    torch.testing.assert_close(enc(x, ei), h)
+    states = enc.forward_sequence([(x, ei), (x, ei)])  # the state is added to layer 1's output
+    assert states[1].shape == (12, 8) and not torch.allclose(states[1], states[0])
+
+
+def test_glorot_init_scale():
+    """init="glorot": Var = 2 / (fan_in + fan_out) (Xavier-uniform); "torch": nn.Linear's
+    kaiming-uniform, Var = 1 / (3 fan_in)."""
+    for init, var in (("glorot", 2 / (300 + 200)), ("torch", 1 / (3 * 300))):
+        enc = GraphEncoder(300, 200, num_layers=2, residual=False, input_projection=False, init=init)
+        w = enc.layers[0].lin.weight.detach()
+        assert w.shape == (200, 300)
+        assert abs(float(w.var()) / var - 1) < 0.05, (init, float(w.var()), var)
+    with pytest.raises(ValueError, match="init 'he'"):
+        GraphEncoder(5, 8, init="he")
+
+
 def test_gradients_flow_and_no_dense_matrix():
     x, ei = _graph()
     enc = GraphEncoder(5, 8, 2)
@@ -117,3 +154,5 @@ def test_bad_inputs():
         GraphEncoder(5, 6, attention=True, heads=4)
     with pytest.raises(ValueError, match="node set"):
         enc.forward_sequence([(x, ei), (x[:5], ei[:, :0])])
+    with pytest.raises(ValueError, match="needs input_projection=True"):
+        GraphEncoder(5, 8, propagate_input=True, input_projection=False)

@@ -182,12 +182,22 @@ def test_cli_pretrain_cca_options(tmp_path):
     args = ["graph", "pretrain", "--out", str(tmp_path / "m"), "--epochs", "2", "--hidden-dim", "8",
             "--contrastive-weight", "0", "--decorrelation-weight", "1", "--decorrelation-lambda", "2e-3",
             "--augment", "edge_drop,feature_mask", "--aug-p", "0.4", "--feature-p", "0.1,0.2", "--dropout", "0",
-            "--weight-decay", "0"]
+            "--weight-decay", "0", "--no-propagate-input", "--no-input-projection", "--no-residual",
+            "--no-final-act", "--init", "glorot"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
     saved = json.loads((tmp_path / "m" / "graph_ssl_config.json").read_text())
     assert saved["decorrelation_weight"] == 1.0 and saved["decorrelation_lambda"] == 2e-3
     assert saved["aug_p"] == [0.4, 0.4] and saved["feature_p"] == [0.1, 0.2] and saved["dropout"] == 0.0
+    assert saved["input_projection"] is False and saved["residual"] is False
+    assert saved["final_act"] is False and saved["init"] == "glorot"
+    from autoglm.graph.experiment import load_ssl_model
+    assert load_ssl_model(tmp_path / "m").encoder.input is None  # the saved model loads with its shape
+    r = CliRunner().invoke(app, ["graph", "pretrain", "--out", str(tmp_path / "x"), "--propagate-input",
+                                 "--no-input-projection"])
+    assert r.exit_code == 2 and "--no-propagate-input" in r.output
+    r = CliRunner().invoke(app, ["graph", "pretrain", "--out", str(tmp_path / "x"), "--init", "zeros"])
+    assert r.exit_code == 2 and "init 'zeros'" in r.output
     r = CliRunner().invoke(app, ["graph", "pretrain", "--out", str(tmp_path / "x"), "--aug-p", "0.1,0.2,0.3"])
     assert r.exit_code == 2 and "one or two numbers" in r.output
     r = CliRunner().invoke(app, ["graph", "pretrain", "--out", str(tmp_path / "x"), "--feature-p", "half"])

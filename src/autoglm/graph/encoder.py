@@ -107,24 +107,43 @@ class EdgeAttention(nn.Module):
         return attention_aggregate(hw, edge_index, self.att_src, self.att_dst, self.attn_dropout, self.training)
 
 
+INITS = ("torch", "glorot")
+
+
+def _init_weight(w: torch.Tensor, init: str) -> None:
+    """"torch": keep nn.Linear's default (kaiming-uniform, bound 1/sqrt(fan_in)); "glorot":
+    Xavier-uniform, bound sqrt(6 / (fan_in + fan_out)), the GCN / GAT papers' and PyG's init."""
+    if init not in INITS:
+        raise ValueError(f"init {init!r} is not one of {INITS}")
+    if init == "glorot":
+        nn.init.xavier_uniform_(w)
+
+
 class ResidualGraphLayer(nn.Module):
     """h -> h + act(aggregate(h) W), aggregate = norm_adj @ (or attention over in-edges);
     with `residual=False` the plain GCN / GAT layer h -> act(aggregate(h) W).
 
-    h (N, D) -> (N, D). With attention, D must divide by `heads`; each head has D/heads
-    channels and scores e_ij = LeakyReLU(a_src . (W h_j) + a_dst . (W h_i)).
+    h (N, D) -> (N, D); a plain layer may change the width (`in_dim` -> D). `act=False` leaves
+    the layer linear (CCA-SSG's last layer); `init` as in `_init_weight`. With attention, D
+    must divide by `heads`; each head has D/heads channels and scores
+    e_ij = LeakyReLU(a_src . (W h_j) + a_dst . (W h_i)).
     """
 
     def __init__(self, dim: int, attention: bool = False, heads: int = 1, dropout: float = 0.0,
-                 attn_dropout: float = 0.0, residual: bool = True) -> None:
+                 attn_dropout: float = 0.0, residual: bool = True, in_dim: int | None = None,
+                 act: bool = True, init: str = "torch") -> None:
         super().__init__()
+        in_dim = dim if in_dim is None else in_dim
+        if residual and in_dim != dim:
+            raise ValueError(f"a residual layer needs in_dim == dim (got {in_dim} -> {dim}); pass residual=False")
         self.residual = residual
         if attention and dim % heads:
             raise ValueError(f"hidden_dim ({dim}) must be divisible by heads ({heads}) for attention")
         self.attention, self.heads = attention, heads
-        self.lin = nn.Linear(dim, dim, bias=False)
+        self.lin = nn.Linear(in_dim, dim, bias=False)
+        _init_weight(self.lin.weight, init)
         self.bias = nn.Parameter(torch.zeros(dim))
-        self.act = nn.PReLU()
+        self.act = nn.PReLU() if act else nn.Identity()
         self.dropout = nn.Dropout(dropout)
         self.attn_dropout = attn_dropout
         if attention:
@@ -156,23 +175,41 @@ class GraphEncoder(nn.Module):
     (with attention: h_0 = attention-weighted mean of x_j W_in over in-neighbours, own
     attention weights), so no layer carries a node's raw features unsmoothed. With
     `residual=False` the layers drop the `h_{l-1} +` path: with propagate_input=False this is
-    GraphMAE's plain L-layer GAT / GCN (the input projection folds into the first layer's W).
+    GraphMAE's plain L-layer GAT / GCN up to the extra linear input projection.
+    `input_projection=False` drops that projection: the first layer reads x directly,
+    h_1 = act(aggregate(x) W_1) (a plain layer, since x's width differs), and layers 2..L are
+    as above; with residual=False this is exactly the L-layer GCN / GAT of GraphMAE and
+    CCA-SSG. It matters for training, not for what the model can express: on Cora,
+    CCA-SSG's recipe through the extra projection probes ~2 points lower. `state` is then
+    added to h_1. `final_act=False` leaves the last layer without its activation (CCA-SSG's
+    encoder; GraphMAE keeps it); `init="glorot"` initialises the weights as the GCN / GAT papers
+    and PyG do (Xavier-uniform) instead of nn.Linear's default: with the CCA-SSG term on Cora
+    both matter (probe ~82 -> ~84 together for the plain GCN).
     """
 
     def __init__(self, in_dim: int, hidden_dim: int = 256, num_layers: int = 2, attention: bool = False,
                  heads: int = 1, dropout: float = 0.0, attn_dropout: float = 0.0,
-                 propagate_input: bool = False, input_dropout: float = 0.0, residual: bool = True) -> None:
+                 propagate_input: bool = False, input_dropout: float = 0.0, residual: bool = True,
+                 input_projection: bool = True, final_act: bool = True, init: str = "torch") -> None:
         super().__init__()
         self.propagate_input = propagate_input
         if in_dim < 1 or hidden_dim < 1 or num_layers < 1:
             raise ValueError(f"in_dim ({in_dim}), hidden_dim ({hidden_dim}) and num_layers ({num_layers}) "
                              f"must all be >= 1")
+        if propagate_input and not input_projection:
+            raise ValueError("propagate_input smooths the input projection; it needs input_projection=True "
+                             "(or pass propagate_input=False)")
         self.in_dim, self.hidden_dim, self.attention = in_dim, hidden_dim, attention
-        self.input = nn.Linear(in_dim, hidden_dim)
+        self.input = nn.Linear(in_dim, hidden_dim) if input_projection else None
+        if self.input is not None:
+            _init_weight(self.input.weight, init)
         self.input_dropout = nn.Dropout(input_dropout)  # feature dropout on x (GraphMAE's in_drop)
         self.input_attention = EdgeAttention(hidden_dim, heads, attn_dropout) if attention and propagate_input else None
-        self.layers = nn.ModuleList(ResidualGraphLayer(hidden_dim, attention, heads, dropout, attn_dropout, residual)
-                                    for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            ResidualGraphLayer(hidden_dim, attention, heads, dropout, attn_dropout,
+                               residual and (input_projection or i > 0), None if input_projection or i else in_dim,
+                               act=final_act or i < num_layers - 1, init=init)
+            for i in range(num_layers))
 
     def prepare(self, edge_index: torch.Tensor, num_nodes: int,
                 edge_weight: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -194,14 +231,19 @@ class GraphEncoder(nn.Module):
                 raise ValueError("pass edge_index (2, E) or a prepared graph= from encoder.prepare(...)")
             graph = self.prepare(edge_index, x.shape[0], edge_weight)
         adj, ei = graph
-        h = self.input(self.input_dropout(x))  # (N, D)
-        if self.propagate_input:
-            h = self.input_attention(h, ei) if self.attention else adj @ h
+        h = self.input_dropout(x)
+        layers = list(self.layers)
+        if self.input is None:  # the first layer reads x directly
+            h = layers.pop(0)(h, adj, ei)
+        else:
+            h = self.input(h)  # (N, D)
+            if self.propagate_input:
+                h = self.input_attention(h, ei) if self.attention else adj @ h
         if state is not None:
             if state.shape != h.shape:
                 raise ValueError(f"state must be {tuple(h.shape)}, got {tuple(state.shape)}")
             h = h + state
-        for layer in self.layers:
+        for layer in layers:
             h = layer(h, adj, ei)
         return h
 

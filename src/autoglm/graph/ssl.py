@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .augment import drop_edges, drop_nodes, mask_features, perturb_edges
-from .encoder import EdgeAttention, GraphEncoder
+from .encoder import INITS, EdgeAttention, GraphEncoder
 from .losses import cca_ssg, info_nce, scaled_cosine_error
 
 __all__ = ["AUGMENTATIONS", "GraphSSLConfig", "GraphSSLModel", "GraphSSLObjective", "pretrain_graph"]
@@ -48,6 +48,10 @@ class GraphSSLConfig:
     attention: bool = False  # GAT-style attention instead of fixed GCN weights
     propagate_input: bool = False  # h_0 = norm_adj @ x W_in: no unsmoothed identity path to the embedding
     residual: bool = True  # h_l = h_{l-1} + act(...); False = plain GCN/GAT layers (GraphMAE's encoder)
+    input_projection: bool = True  # False: the first layer reads x directly (exact GCN / GAT of
+    # GraphMAE and CCA-SSG); needs propagate_input=False
+    final_act: bool = True  # False: no activation on the last layer (CCA-SSG's encoder)
+    init: str = "torch"  # layer weights: "torch" (nn.Linear default) or "glorot" (GCN / GAT papers, PyG)
     heads: int = 4  # attention heads (only with attention=True)
     dropout: float = 0.2  # input dropout of every layer (regularises small graphs)
     input_dropout: float = 0.0  # dropout on the raw features before the input projection
@@ -91,6 +95,11 @@ class GraphSSLConfig:
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError("contrastive_weight, reconstruction_weight and decorrelation_weight must be >= 0 "
                              "and not all 0")
+        if self.init not in INITS:
+            raise ValueError(f"init {self.init!r} must be one of {INITS}")
+        if self.propagate_input and not self.input_projection:
+            raise ValueError("propagate_input smooths the input projection, so input_projection=False needs "
+                             "propagate_input=False too (CLI: add --no-propagate-input)")
         if self.decorrelation_lambda < 0:
             raise ValueError(f"decorrelation_lambda ({self.decorrelation_lambda}) must be >= 0")
 
@@ -107,7 +116,7 @@ class GraphSSLModel(nn.Module):
         self.cfg = cfg
         self.encoder = GraphEncoder(in_dim, cfg.hidden_dim, cfg.num_layers, cfg.attention, cfg.heads,
                                     cfg.dropout, cfg.attn_dropout, cfg.propagate_input, cfg.input_dropout,
-                                    cfg.residual)
+                                    cfg.residual, cfg.input_projection, cfg.final_act, cfg.init)
         self.mask_token = nn.Parameter(torch.zeros(1, in_dim))
         self.encoder_to_decoder = nn.Linear(cfg.hidden_dim, cfg.hidden_dim, bias=False)
         self.decoder = nn.Linear(cfg.hidden_dim, in_dim)
