@@ -97,8 +97,14 @@ def test_errors_are_openai_style_and_server_survives(client, server):
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
-def test_disconnect_cancels_and_frees_blocks(server):
+def test_disconnect_cancels_and_frees_blocks(server, monkeypatch):
     url, engine = server
+    step = engine.step
+
+    def slow_step():  # >= 5 ms a step: on a loaded machine the 200 tokens must not finish before the
+        time.sleep(0.005)  # server sees the hang-up (that would count as "finished", not "aborted")
+        return step()
+    monkeypatch.setattr(engine, "step", slow_step)
     body = {"model": "tiny", "prompt": "The ", "max_tokens": 200, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
         for i, _ in enumerate(r.iter_lines()):
