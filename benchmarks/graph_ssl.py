@@ -125,14 +125,15 @@ def sampled_epoch(x, edge_index, cfg: GraphSSLConfig, batch_size: int, fanouts: 
 
 
 def scale_section(num_nodes: int, num_edges: int, num_features: int, hidden: int, mode: str = "full",
-                  batch_size: int = 8192, max_steps: int = 0) -> dict:
-    """One pre-training epoch (both loss terms) on a uniform random graph: full-batch, or
-    neighbour-sampled mini-batches (fanouts 10, 5) over every node once."""
+                  batch_size: int = 8192, max_steps: int = 0, base: GraphSSLConfig | None = None) -> dict:
+    """One pre-training epoch of `base`'s objective (default: GraphSSLConfig()) at width `hidden`
+    on a uniform random graph: full-batch, or neighbour-sampled mini-batches (fanouts 10, 5)
+    over every node once."""
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(num_nodes, num_features, generator=gen) < 0.05).float()
     edge_index = torch.randint(0, num_nodes, (2, num_edges), generator=gen)
-    cfg = GraphSSLConfig(hidden_dim=hidden, num_layers=2, proj_dim=hidden, contrastive_nodes=2048,
-                         augmentations=("edge_perturb", "feature_mask"))
+    cfg = GraphSSLConfig(**{**(base or GraphSSLConfig()).to_dict(), "hidden_dim": hidden, "proj_dim": hidden,
+                            "contrastive_nodes": 2048})
     model = GraphSSLModel(num_features, cfg)
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     rss0 = peak_rss_mb()
@@ -315,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                                                            args.weight_decay)
     if "scale" in sections:
         res["scale"] = scale_section(args.scale_nodes, args.scale_edges, args.scale_features, args.scale_hidden,
-                                     args.scale_mode, args.scale_batch_size, args.scale_steps)
+                                     args.scale_mode, args.scale_batch_size, args.scale_steps, cfg)
         log.info("scale: %s", res["scale"])
     if "clean" in sections:
         work = Path(tempfile.mkdtemp(prefix="autoglm-clean-"))
