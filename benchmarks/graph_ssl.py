@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--replace-rate", type=float, default=0.0)
     ap.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=True,
                     help="row-normalise the features (sum 1, as DGL's Cora that GraphMAE reads)")
-    ap.add_argument("--device", default=None, help="cpu / cuda; default: CUDA when available")
+    ap.add_argument("--device", default=None, help="cpu / cuda; None = CUDA when available")
     ap.add_argument("--hidden-dim", type=int, default=512)
     ap.add_argument("--num-layers", type=int, default=2)
     ap.add_argument("--mask-rate", type=float, default=0.5)
@@ -268,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--augmentations", default="edge_drop,feature_mask",
                     help="how the two views are made (node_drop, edge_perturb, edge_drop, feature_mask)")
     ap.add_argument("--aug-p", default="0.4,0.4", help="strength of view 1 and view 2")
-    ap.add_argument("--feature-p", default="0.1,0.1", help="feature-masking rate of view 1 and 2 (default: --aug-p)")
+    ap.add_argument("--feature-p", default="0.1,0.1", help="feature-masking rate of view 1 and 2 ('' = --aug-p)")
     ap.add_argument("--contrastive-nodes", type=int, default=1024)
     ap.add_argument("--aug-seeds", type=int, default=2)
     ap.add_argument("--aug-epochs", type=int, default=100)
