@@ -35,9 +35,12 @@ from pathlib import Path
 import torch
 
 from autoglm.graph.datasets import load_graph
+from autoglm.graph.encoder import INITS
 from autoglm.graph.experiment import ssl_probe
 from autoglm.graph.probe import linear_probe
 from autoglm.graph.ssl import GraphSSLConfig, GraphSSLModel, GraphSSLObjective
+from autoglm.graph_recipes import CORA_RECIPE as R
+from autoglm.graph_recipes import CORA_TRAINING as T
 from results_io import save_results
 
 ROOT = Path(__file__).resolve().parent
@@ -235,41 +238,42 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "autoglm-planetoid")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds are first_seed .. first_seed + seeds - 1")
-    ap.add_argument("--epochs", type=int, default=100)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW (decoupled) weight decay")
+    ap.add_argument("--epochs", type=int, default=T["epochs"])
+    ap.add_argument("--lr", type=float, default=T["lr"])
+    ap.add_argument("--weight-decay", type=float, default=T["weight_decay"], help="AdamW (decoupled) weight decay")
     ap.add_argument("--l2", type=float, default=0.0, help="coupled L2 in the loss (torch Adam's weight_decay)")
     ap.add_argument("--attention", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--residual", action=argparse.BooleanOptionalAction, default=False)
-    ap.add_argument("--input-projection", action=argparse.BooleanOptionalAction, default=False,
+    ap.add_argument("--residual", action=argparse.BooleanOptionalAction, default=R["residual"])
+    ap.add_argument("--input-projection", action=argparse.BooleanOptionalAction, default=R["input_projection"],
                     help="a linear input projection before the layers (off: the first layer reads x; "
                          "needs --no-propagate-input)")
-    ap.add_argument("--final-act", action=argparse.BooleanOptionalAction, default=False,
+    ap.add_argument("--final-act", action=argparse.BooleanOptionalAction, default=R["final_act"],
                     help="activation on the last encoder layer (off: CCA-SSG's linear last layer)")
-    ap.add_argument("--init", choices=["torch", "glorot"], default="glorot",
+    ap.add_argument("--init", choices=INITS, default=R["init"],
                     help="layer weight init: nn.Linear's default or Xavier-uniform (GCN papers, PyG)")
-    ap.add_argument("--dropout", type=float, default=0.0)
+    ap.add_argument("--dropout", type=float, default=R["dropout"])
     ap.add_argument("--input-dropout", type=float, default=0.0)
     ap.add_argument("--attn-dropout", type=float, default=0.1)
     ap.add_argument("--replace-rate", type=float, default=0.0)
     ap.add_argument("--normalize-features", action=argparse.BooleanOptionalAction, default=True,
                     help="row-normalise the features (sum 1, as DGL's Cora that GraphMAE reads)")
     ap.add_argument("--device", default=None, help="cpu / cuda; None = CUDA when available")
-    ap.add_argument("--hidden-dim", type=int, default=512)
-    ap.add_argument("--num-layers", type=int, default=2)
-    ap.add_argument("--mask-rate", type=float, default=0.5)
-    ap.add_argument("--contrastive-weight", type=float, default=0.1)
-    ap.add_argument("--propagate-input", action=argparse.BooleanOptionalAction, default=False)
-    ap.add_argument("--reconstruction-weight", type=float, default=1.0)
-    ap.add_argument("--decorrelation-weight", type=float, default=1.0,
+    ap.add_argument("--hidden-dim", type=int, default=R["hidden_dim"])
+    ap.add_argument("--num-layers", type=int, default=R["num_layers"])
+    ap.add_argument("--mask-rate", type=float, default=R["mask_rate"])
+    ap.add_argument("--contrastive-weight", type=float, default=R["contrastive_weight"])
+    ap.add_argument("--propagate-input", action=argparse.BooleanOptionalAction, default=R["propagate_input"])
+    ap.add_argument("--reconstruction-weight", type=float, default=R["reconstruction_weight"])
+    ap.add_argument("--decorrelation-weight", type=float, default=R["decorrelation_weight"],
                     help="weight of the CCA-SSG term (view invariance + decorrelation) on the encoder outputs")
-    ap.add_argument("--decorrelation-lambda", type=float, default=1e-3)
-    ap.add_argument("--augmentations", default="edge_drop,feature_mask",
+    ap.add_argument("--decorrelation-lambda", type=float, default=R["decorrelation_lambda"])
+    ap.add_argument("--augmentations", default=",".join(R["augmentations"]),
                     help="how the two views are made (node_drop, edge_perturb, edge_drop, feature_mask)")
-    ap.add_argument("--aug-p", default="0.4,0.4", help="strength of view 1 and view 2")
-    ap.add_argument("--feature-p", default="0.1,0.1", help="feature-masking rate of view 1 and 2 ('' = --aug-p)")
-    ap.add_argument("--contrastive-nodes", type=int, default=1024)
+    ap.add_argument("--aug-p", default=",".join(map(str, R["aug_p"])), help="strength of view 1 and view 2")
+    ap.add_argument("--feature-p", default=",".join(map(str, R["feature_p"])),
+                    help="feature-masking rate of view 1 and 2 ('' = --aug-p)")
+    ap.add_argument("--contrastive-nodes", type=int, default=R["contrastive_nodes"])
     ap.add_argument("--aug-seeds", type=int, default=2)
     ap.add_argument("--aug-epochs", type=int, default=100)
     ap.add_argument("--scale-nodes", type=int, default=1_000_000)
@@ -293,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     res: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
                  "dataset": args.dataset, "machine": f"{torch.get_num_threads()} torch threads, CPU (shared)"}
     cfg = GraphSSLConfig(hidden_dim=args.hidden_dim, num_layers=args.num_layers, mask_rate=args.mask_rate,
-                         sce_alpha=3.0, contrastive_weight=args.contrastive_weight,
+                         sce_alpha=R["sce_alpha"], contrastive_weight=args.contrastive_weight,
                          reconstruction_weight=args.reconstruction_weight, contrastive_nodes=args.contrastive_nodes,
                          propagate_input=args.propagate_input, attention=args.attention, heads=args.heads,
                          residual=args.residual, input_projection=args.input_projection,

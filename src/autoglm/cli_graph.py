@@ -11,6 +11,9 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from .graph_recipes import CORA_RECIPE as R
+from .graph_recipes import CORA_TRAINING as T
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Graph branch: clean raw graph files, self-supervised pre-training, linear probe.")
 console = Console()
@@ -43,24 +46,21 @@ def _pair(text: str, name: str) -> tuple[float, float] | None:
     return (vals[0], vals[-1])
 
 
-def _ssl_config(hidden_dim: int, num_layers: int, attention: bool, mask_rate: float, contrastive_weight: float,
-                reconstruction_weight: float, augment: str, seed: int, propagate_input: bool,
-                decorrelation_weight: float = 0.0, decorrelation_lambda: float = 1e-3, aug_p: str = "0.2,0.3",
-                feature_p: str = "", dropout: float = 0.2, residual: bool = True, input_projection: bool = True,
-                final_act: bool = True, init: str = "torch", sce_alpha: float = 2.0,
-                contrastive_nodes: int = 4096):
+def _ssl_config(augment: str, aug_p: str, feature_p: str, **fields):
+    """GraphSSLConfig from the CLI's strings (comma lists) plus the other fields by name."""
     from .graph.ssl import GraphSSLConfig
 
-    augs = tuple(a for a in augment.split(",") if a)
-    return GraphSSLConfig(hidden_dim=hidden_dim, num_layers=num_layers, attention=attention, mask_rate=mask_rate,
-                          contrastive_weight=contrastive_weight, reconstruction_weight=reconstruction_weight,
-                          decorrelation_weight=decorrelation_weight, decorrelation_lambda=decorrelation_lambda,
-                          augmentations=augs, aug_p=_pair(aug_p, "aug-p"), feature_p=_pair(feature_p, "feature-p"),
-                          dropout=dropout, seed=seed, propagate_input=propagate_input, residual=residual,
-                          input_projection=input_projection, final_act=final_act, init=init,
-                          sce_alpha=sce_alpha, contrastive_nodes=contrastive_nodes)
+    return GraphSSLConfig(augmentations=tuple(a for a in augment.split(",") if a), aug_p=_pair(aug_p, "aug-p"),
+                          feature_p=_pair(feature_p, "feature-p"), **fields)
 
 
+def _csv(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
+REC_HELP = "Masked feature reconstruction weight."
+LAMBDA_HELP = "CCA-SSG lambda (decorrelation vs invariance)."
+PROPAGATE_HELP = "Smooth the input projection once (norm_adj or attention)."
 DECOR_HELP = "CCA-SSG weight (view invariance + feature decorrelation on the encoder outputs); 0 = off."
 AUG_P_HELP = "Augmentation strength of view 1,view 2 (one number = both)."
 MASK_HELP = ("Fraction of nodes whose features are masked and reconstructed (GraphSSLConfig's default is "
@@ -109,27 +109,28 @@ def pretrain(
     root: Optional[Path] = typer.Option(None, help="Planetoid root holding <name>/raw."),
     cache_dir: Path = typer.Option(Path.home() / ".cache" / "autoglm" / "planetoid", help="Writable copy for PyG."),
     out: Path = typer.Option(Path("runs/graph"), help="Where model.safetensors + config + embeddings go."),
-    epochs: int = typer.Option(100), lr: float = typer.Option(1e-3), hidden_dim: int = typer.Option(512),
-    num_layers: int = typer.Option(2), attention: bool = typer.Option(False),
-    mask_rate: float = typer.Option(0.5, help=MASK_HELP),
-    contrastive_weight: float = typer.Option(0.1, help="InfoNCE weight."),
-    reconstruction_weight: float = typer.Option(1.0, help="Masked feature reconstruction weight."),
-    sce_alpha: float = typer.Option(3.0, help=SCE_HELP),
-    contrastive_nodes: int = typer.Option(1024, min=2, help=NODES_HELP),
-    decorrelation_weight: float = typer.Option(1.0, help=DECOR_HELP),
-    decorrelation_lambda: float = typer.Option(1e-3, help="CCA-SSG lambda (decorrelation vs invariance)."),
-    augment: str = typer.Option("edge_drop,feature_mask", help="Comma list: node_drop, edge_perturb, "
+    epochs: int = typer.Option(T["epochs"]), lr: float = typer.Option(T["lr"]),
+    hidden_dim: int = typer.Option(R["hidden_dim"]),
+    num_layers: int = typer.Option(R["num_layers"]), attention: bool = typer.Option(False),
+    mask_rate: float = typer.Option(R["mask_rate"], help=MASK_HELP),
+    contrastive_weight: float = typer.Option(R["contrastive_weight"], help="InfoNCE weight."),
+    reconstruction_weight: float = typer.Option(R["reconstruction_weight"], help=REC_HELP),
+    sce_alpha: float = typer.Option(R["sce_alpha"], help=SCE_HELP),
+    contrastive_nodes: int = typer.Option(R["contrastive_nodes"], min=2, help=NODES_HELP),
+    decorrelation_weight: float = typer.Option(R["decorrelation_weight"], help=DECOR_HELP),
+    decorrelation_lambda: float = typer.Option(R["decorrelation_lambda"], help=LAMBDA_HELP),
+    augment: str = typer.Option(_csv(R["augmentations"]), help="Comma list: node_drop, edge_perturb, "
                                                                   "edge_drop, feature_mask."),
-    aug_p: str = typer.Option("0.4", help=AUG_P_HELP),
-    feature_p: str = typer.Option("0.1", help=FEATURE_P_HELP),
-    dropout: float = typer.Option(0.0, help="Dropout on every encoder layer's input."),
-    weight_decay: float = typer.Option(0.0, help="AdamW (decoupled) weight decay."),
+    aug_p: str = typer.Option(_csv(R["aug_p"]), help=AUG_P_HELP),
+    feature_p: str = typer.Option(_csv(R["feature_p"]), help=FEATURE_P_HELP),
+    dropout: float = typer.Option(R["dropout"], help="Dropout on every encoder layer's input."),
+    weight_decay: float = typer.Option(T["weight_decay"], help="AdamW (decoupled) weight decay."),
     normalize_features: bool = typer.Option(True, help="Row-normalise Planetoid features (sum 1)."),
-    propagate_input: bool = typer.Option(False, help="Smooth the input projection once (norm_adj or attention)."),
-    residual: bool = typer.Option(False, help=RESIDUAL_HELP),
-    input_projection: bool = typer.Option(False, help=INPUT_PROJ_HELP),
-    final_act: bool = typer.Option(False, help=FINAL_ACT_HELP),
-    init: str = typer.Option("glorot", help=INIT_HELP),
+    propagate_input: bool = typer.Option(R["propagate_input"], help=PROPAGATE_HELP),
+    residual: bool = typer.Option(R["residual"], help=RESIDUAL_HELP),
+    input_projection: bool = typer.Option(R["input_projection"], help=INPUT_PROJ_HELP),
+    final_act: bool = typer.Option(R["final_act"], help=FINAL_ACT_HELP),
+    init: str = typer.Option(R["init"], help=INIT_HELP),
     seed: int = typer.Option(0),
 ) -> None:
     """Self-supervised pre-training (CCA-SSG term, InfoNCE, masked feature reconstruction; weighted sum), saves
@@ -143,10 +144,13 @@ def pretrain(
     _setup_logging()
     try:
         g = load_graph(data, root, cache_dir, normalize_features=normalize_features)
-        cfg = _ssl_config(hidden_dim, num_layers, attention, mask_rate, contrastive_weight, reconstruction_weight,
-                          augment, seed, propagate_input, decorrelation_weight, decorrelation_lambda, aug_p,
-                          feature_p, dropout, residual, input_projection, final_act, init, sce_alpha,
-                          contrastive_nodes)
+        cfg = _ssl_config(augment, aug_p, feature_p, hidden_dim=hidden_dim, num_layers=num_layers,
+                          attention=attention, mask_rate=mask_rate, contrastive_weight=contrastive_weight,
+                          reconstruction_weight=reconstruction_weight, sce_alpha=sce_alpha,
+                          contrastive_nodes=contrastive_nodes, decorrelation_weight=decorrelation_weight,
+                          decorrelation_lambda=decorrelation_lambda, dropout=dropout, seed=seed,
+                          propagate_input=propagate_input, residual=residual, input_projection=input_projection,
+                          final_act=final_act, init=init)
         model, result = pretrain_graph(g.x, g.edge_index, cfg, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                        progress=True, console=err)
     except (ValueError, FileNotFoundError) as e:
@@ -166,23 +170,27 @@ def probe(
     model_dir: Optional[Path] = typer.Option(None, help="Probe this pre-trained model (one run) instead of "
                                                         "pre-training one per seed."),
     seeds: int = typer.Option(5, min=1, help="Seeds (each: pre-train + probe); mean and std are reported."),
-    epochs: int = typer.Option(100), lr: float = typer.Option(1e-3), hidden_dim: int = typer.Option(512),
-    num_layers: int = typer.Option(2), attention: bool = typer.Option(False),
-    mask_rate: float = typer.Option(0.5, help=MASK_HELP),
-    contrastive_weight: float = typer.Option(0.1), reconstruction_weight: float = typer.Option(1.0),
-    sce_alpha: float = typer.Option(3.0, help=SCE_HELP),
-    contrastive_nodes: int = typer.Option(1024, min=2, help=NODES_HELP),
-    decorrelation_weight: float = typer.Option(1.0, help=DECOR_HELP),
-    decorrelation_lambda: float = typer.Option(1e-3, help="CCA-SSG lambda (decorrelation vs invariance)."),
-    augment: str = typer.Option("edge_drop,feature_mask"), aug_p: str = typer.Option("0.4", help=AUG_P_HELP),
-    feature_p: str = typer.Option("0.1", help=FEATURE_P_HELP), dropout: float = typer.Option(0.0),
-    weight_decay: float = typer.Option(0.0, help="AdamW (decoupled) weight decay of pre-training."),
+    epochs: int = typer.Option(T["epochs"]), lr: float = typer.Option(T["lr"]),
+    hidden_dim: int = typer.Option(R["hidden_dim"]),
+    num_layers: int = typer.Option(R["num_layers"]), attention: bool = typer.Option(False),
+    mask_rate: float = typer.Option(R["mask_rate"], help=MASK_HELP),
+    contrastive_weight: float = typer.Option(R["contrastive_weight"]),
+    reconstruction_weight: float = typer.Option(R["reconstruction_weight"]),
+    sce_alpha: float = typer.Option(R["sce_alpha"], help=SCE_HELP),
+    contrastive_nodes: int = typer.Option(R["contrastive_nodes"], min=2, help=NODES_HELP),
+    decorrelation_weight: float = typer.Option(R["decorrelation_weight"], help=DECOR_HELP),
+    decorrelation_lambda: float = typer.Option(R["decorrelation_lambda"], help=LAMBDA_HELP),
+    augment: str = typer.Option(_csv(R["augmentations"])),
+    aug_p: str = typer.Option(_csv(R["aug_p"]), help=AUG_P_HELP),
+    feature_p: str = typer.Option(_csv(R["feature_p"]), help=FEATURE_P_HELP),
+    dropout: float = typer.Option(R["dropout"]),
+    weight_decay: float = typer.Option(T["weight_decay"], help="AdamW (decoupled) weight decay of pre-training."),
     normalize_features: bool = typer.Option(True, help="Row-normalise Planetoid features (sum 1)."),
-    propagate_input: bool = typer.Option(False),
-    residual: bool = typer.Option(False, help=RESIDUAL_HELP),
-    input_projection: bool = typer.Option(False, help=INPUT_PROJ_HELP),
-    final_act: bool = typer.Option(False, help=FINAL_ACT_HELP),
-    init: str = typer.Option("glorot", help=INIT_HELP),
+    propagate_input: bool = typer.Option(R["propagate_input"]),
+    residual: bool = typer.Option(R["residual"], help=RESIDUAL_HELP),
+    input_projection: bool = typer.Option(R["input_projection"], help=INPUT_PROJ_HELP),
+    final_act: bool = typer.Option(R["final_act"], help=FINAL_ACT_HELP),
+    init: str = typer.Option(R["init"], help=INIT_HELP),
     json_out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here."),
 ) -> None:
     """Linear probe (logistic regression on frozen embeddings, public split; weight decay and
@@ -202,10 +210,13 @@ def probe(
                                      g.val_mask, g.test_mask)
             out = {"test_acc": 100 * res["test_acc"], "val_acc": 100 * res["val_acc"], "model_dir": str(model_dir)}
         else:
-            cfg = _ssl_config(hidden_dim, num_layers, attention, mask_rate, contrastive_weight,
-                              reconstruction_weight, augment, 0, propagate_input, decorrelation_weight,
-                              decorrelation_lambda, aug_p, feature_p, dropout, residual, input_projection, final_act,
-                              init, sce_alpha, contrastive_nodes)
+            cfg = _ssl_config(augment, aug_p, feature_p, hidden_dim=hidden_dim, num_layers=num_layers,
+                              attention=attention, mask_rate=mask_rate, contrastive_weight=contrastive_weight,
+                              reconstruction_weight=reconstruction_weight, sce_alpha=sce_alpha,
+                              contrastive_nodes=contrastive_nodes, decorrelation_weight=decorrelation_weight,
+                              decorrelation_lambda=decorrelation_lambda, dropout=dropout, seed=0,
+                              propagate_input=propagate_input, residual=residual,
+                              input_projection=input_projection, final_act=final_act, init=init)
             out = ssl_probe(g, cfg, seeds=list(range(seeds)), epochs=epochs, lr=lr, weight_decay=weight_decay)
             console.print(f"[bold]{data}[/] linear probe: {out['mean']:.2f} +/- {out['std']:.2f} % over {seeds} "
                           f"seeds (split {out['split']})")

@@ -97,23 +97,33 @@ def test_errors_are_openai_style_and_server_survives(client, server):
     assert [m.id for m in client.models.list()] == ["tiny"]
 
 
-def test_disconnect_cancels_and_frees_blocks(server, monkeypatch):
-    url, engine = server
+def _slow_steps(engine, monkeypatch):
+    """>= 5 ms an engine step, so a client's hang-up is seen long before the request could finish,
+    also on a loaded machine (a finished request would count as "finished", not "aborted")."""
     step = engine.step
 
-    def slow_step():  # >= 5 ms a step: on a loaded machine the 200 tokens must not finish before the
-        time.sleep(0.005)  # server sees the hang-up (that would count as "finished", not "aborted")
+    def slow_step():
+        time.sleep(0.005)
         return step()
     monkeypatch.setattr(engine, "step", slow_step)
+
+
+def _wait_idle(engine):
+    for _ in range(100):
+        if engine.pool.num_used == 0 and not engine.has_unfinished():
+            break
+        time.sleep(0.05)
+
+
+def test_disconnect_cancels_and_frees_blocks(server, monkeypatch):
+    url, engine = server
+    _slow_steps(engine, monkeypatch)
     body = {"model": "tiny", "prompt": "The ", "max_tokens": 200, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
         for i, _ in enumerate(r.iter_lines()):
             if i >= 3:
                 break  # drop the connection mid-stream
-    for _ in range(100):
-        if engine.pool.num_used == 0 and not engine.has_unfinished():
-            break
-        time.sleep(0.05)
+    _wait_idle(engine)
     assert engine.pool.num_used == 0 and not engine.has_unfinished()
     m = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert 'autoglm_requests_total{outcome="aborted"}' in m
@@ -125,20 +135,12 @@ def test_disconnect_cancels_and_frees_blocks(server, monkeypatch):
 
 def test_non_streaming_client_that_hangs_up_cancels(server, monkeypatch):
     url, engine = server
-    step = engine.step
-
-    def slow_step():  # >= 5 ms a step: 250 tokens take well over the client's 0.3 s on any machine
-        time.sleep(0.005)
-        return step()
-    monkeypatch.setattr(engine, "step", slow_step)
+    _slow_steps(engine, monkeypatch)  # 250 tokens take well over the client's 0.3 s on any machine
     body = {"model": "tiny", "prompt": "The ", "max_tokens": 250, "ignore_eos": True}
     aborted = engine.stats.generated_tokens
     with pytest.raises(httpx.TimeoutException):  # the client gives up long before 250 tokens are made
         httpx.post(url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
-    for _ in range(100):
-        if engine.pool.num_used == 0 and not engine.has_unfinished():
-            break
-        time.sleep(0.05)
+    _wait_idle(engine)
     assert engine.pool.num_used == 0 and not engine.has_unfinished()
     assert engine.stats.generated_tokens - aborted < 250  # stopped early, not run to max_tokens
 

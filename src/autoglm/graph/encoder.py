@@ -110,11 +110,20 @@ class EdgeAttention(nn.Module):
 INITS = ("torch", "glorot")
 
 
+def check_encoder_options(init: str = "torch", propagate_input: bool = False, input_projection: bool = True) -> None:
+    """The encoder options that can contradict each other or be misspelt; raises ValueError.
+    Shared by `GraphEncoder` and `GraphSSLConfig` (so a bad config fails before any data loads)."""
+    if init not in INITS:
+        raise ValueError(f"init {init!r} must be one of {INITS}")
+    if propagate_input and not input_projection:
+        raise ValueError("propagate_input smooths the input projection, so it needs input_projection=True; "
+                         "or turn it off (propagate_input=False, CLI: --no-propagate-input)")
+
+
 def _init_weight(w: torch.Tensor, init: str) -> None:
     """"torch": keep nn.Linear's default (kaiming-uniform, bound 1/sqrt(fan_in)); "glorot":
     Xavier-uniform, bound sqrt(6 / (fan_in + fan_out)), the GCN / GAT papers' and PyG's init."""
-    if init not in INITS:
-        raise ValueError(f"init {init!r} is not one of {INITS}")
+    check_encoder_options(init)
     if init == "glorot":
         nn.init.xavier_uniform_(w)
 
@@ -196,20 +205,20 @@ class GraphEncoder(nn.Module):
         if in_dim < 1 or hidden_dim < 1 or num_layers < 1:
             raise ValueError(f"in_dim ({in_dim}), hidden_dim ({hidden_dim}) and num_layers ({num_layers}) "
                              f"must all be >= 1")
-        if propagate_input and not input_projection:
-            raise ValueError("propagate_input smooths the input projection; it needs input_projection=True "
-                             "(or pass propagate_input=False)")
+        check_encoder_options(init, propagate_input, input_projection)
         self.in_dim, self.hidden_dim, self.attention = in_dim, hidden_dim, attention
         self.input = nn.Linear(in_dim, hidden_dim) if input_projection else None
         if self.input is not None:
             _init_weight(self.input.weight, init)
         self.input_dropout = nn.Dropout(input_dropout)  # feature dropout on x (GraphMAE's in_drop)
         self.input_attention = EdgeAttention(hidden_dim, heads, attn_dropout) if attention and propagate_input else None
-        self.layers = nn.ModuleList(
-            ResidualGraphLayer(hidden_dim, attention, heads, dropout, attn_dropout,
-                               residual and (input_projection or i > 0), None if input_projection or i else in_dim,
-                               act=final_act or i < num_layers - 1, init=init)
-            for i in range(num_layers))
+        layers = []
+        for i in range(num_layers):
+            reads_x = i == 0 and not input_projection  # width in_dim -> hidden_dim, so never residual
+            layers.append(ResidualGraphLayer(hidden_dim, attention, heads, dropout, attn_dropout,
+                                             residual=residual and not reads_x, in_dim=in_dim if reads_x else None,
+                                             act=final_act or i < num_layers - 1, init=init))
+        self.layers = nn.ModuleList(layers)
 
     def prepare(self, edge_index: torch.Tensor, num_nodes: int,
                 edge_weight: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:

@@ -31,14 +31,17 @@ import torch
 from torch import nn
 
 from .augment import drop_edges, drop_nodes, mask_features, perturb_edges
-from .encoder import INITS, EdgeAttention, GraphEncoder
+from .encoder import EdgeAttention, GraphEncoder, check_encoder_options
+from ..graph_recipes import CORA_RECIPE, CORA_TRAINING  # noqa: F401 (re-exported)
 from .losses import cca_ssg, info_nce, scaled_cosine_error
 
-__all__ = ["AUGMENTATIONS", "GraphSSLConfig", "GraphSSLModel", "GraphSSLObjective", "pretrain_graph"]
+__all__ = ["AUGMENTATIONS", "CORA_RECIPE", "CORA_TRAINING", "GraphSSLConfig", "GraphSSLModel", "GraphSSLObjective",
+           "pretrain_graph"]
 
 log = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("node_drop", "edge_perturb", "edge_drop", "feature_mask")
+
 
 
 @dataclass
@@ -95,11 +98,7 @@ class GraphSSLConfig:
         if min(weights) < 0 or max(weights) == 0:
             raise ValueError("contrastive_weight, reconstruction_weight and decorrelation_weight must be >= 0 "
                              "and not all 0")
-        if self.init not in INITS:
-            raise ValueError(f"init {self.init!r} must be one of {INITS}")
-        if self.propagate_input and not self.input_projection:
-            raise ValueError("propagate_input smooths the input projection, so input_projection=False needs "
-                             "propagate_input=False too (CLI: add --no-propagate-input)")
+        check_encoder_options(self.init, self.propagate_input, self.input_projection)
         if self.decorrelation_lambda < 0:
             raise ValueError(f"decorrelation_lambda ({self.decorrelation_lambda}) must be >= 0")
 
