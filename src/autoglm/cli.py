@@ -33,7 +33,7 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
+    err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # no line breaks inside paths
     raise typer.Exit(code=2)
 
 

@@ -85,7 +85,7 @@ def onnx(
                 info = quantize_export(fp32, out, quantize, calibration=windows,
                                        keep_lm_head_float=keep_lm_head_float, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, ExportError) as e:
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # no line breaks inside paths
         raise typer.Exit(code=2)
     console.print_json(json.dumps({"out": str(out), "precision": info["precision"],
                                    "size_mb": round(directory_size_mb(out), 3),

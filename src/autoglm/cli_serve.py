@@ -78,7 +78,7 @@ def serve(
         app_ = create_app(AsyncEngine(engine), model_name=name, api_key=api_key, max_concurrent=max_concurrent,
                           allow_lora_updates=allow_lora_updates)
     except (ValueError, FileNotFoundError) as e:
-        err.print(f"[bold red]error:[/] {e}")
+        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # no line breaks inside paths
         raise typer.Exit(code=2)
     served = ", ".join([name, *(n for n, _ in adapters)])
     err.print(f"serving [bold]{served}[/] on http://{host}:{port}/v1")
