@@ -54,9 +54,9 @@ def peak_rss_mb() -> float:
 
 
 def probe_section(data, cfg: GraphSSLConfig, seeds: int, epochs: int, lr: float, first_seed: int = 0,
-                  weight_decay: float = 2e-4, device: str | None = None) -> dict:
+                  weight_decay: float = 2e-4, device: str | None = None, probe_every: int = 0) -> dict:
     res = ssl_probe(data, cfg, seeds=list(range(first_seed, first_seed + seeds)), epochs=epochs, lr=lr,
-                    weight_decay=weight_decay, device=device)
+                    weight_decay=weight_decay, device=device, probe_every=probe_every)
     raw = linear_probe(data.x, data.y, data.train_mask, data.val_mask, data.test_mask, weight_decay=1e-2)
     res["raw_feature_probe"] = 100 * raw["test_acc"]
     return res
@@ -191,6 +191,32 @@ def clean_section(num_edges: int, num_nodes: int, workdir: Path, memory_limit: s
             "duckdb_memory_limit": memory_limit}
 
 
+def plot_curve(curve: list[dict], title: str, path: Path) -> None:
+    """Probe accuracy vs pre-training epoch, mean with a +/- std band, validation and test."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib not installed; skipping the plot")
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ep = [c["epoch"] for c in curve]
+    for split in ("val", "test"):
+        m = [c[f"{split}_acc_mean"] for c in curve]
+        sd = [c[f"{split}_acc_std"] for c in curve]
+        ax.plot(ep, m, marker="o", label=split)
+        ax.fill_between(ep, [a - b for a, b in zip(m, sd)], [a + b for a, b in zip(m, sd)], alpha=0.2)
+    ax.set(xlabel="pre-training epoch", ylabel="linear-probe accuracy (%)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    log.info("wrote %s", path)
+
+
 def markdown(res: dict) -> str:
     out = ["# Graph SSL benchmark", "", f"Machine: {res['machine']}", ""]
     if "probe" in res:
@@ -204,6 +230,12 @@ def markdown(res: dict) -> str:
                 "| published: DGI / GRACE / CCA-SSG / GraphMAE | 82.3 / 81.9 / 84.0 / 84.2 +/- 0.4 |", "",
                 f"Config: `{json.dumps(p['config'])}`, lr {res['args']['lr']}; "
                 f"{p['seconds_per_epoch'] * 1000:.0f} ms/epoch.", ""]
+        if p.get("curve"):
+            out += ["### Probe accuracy during pre-training (mean +/- std over seeds; the final row is the "
+                    "reported model)", "", "| epoch | val (%) | test (%) |", "|---|---|---|"]
+            out += [f"| {c['epoch']} | {c['val_acc_mean']:.2f} +/- {c['val_acc_std']:.2f} | "
+                    f"{c['test_acc_mean']:.2f} +/- {c['test_acc_std']:.2f} |" for c in p["curve"]]
+            out.append("")
     if "augmentations" in res:
         out += ["## Augmentations (same objective, two views)", "",
                 "| views | cost / epoch (ms) | val (%) | probe test accuracy (%) | gain vs none (pts) |",
@@ -238,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cache-dir", type=Path, default=Path(tempfile.gettempdir()) / "autoglm-planetoid")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds are first_seed .. first_seed + seeds - 1")
+    ap.add_argument("--probe-every", type=int, default=0,
+                    help="also probe every N pre-training epochs: a table and graph_ssl_curve.png of accuracy "
+                         "vs epoch (0 = off; the reported accuracy is always the final model's)")
     ap.add_argument("--epochs", type=int, default=T["epochs"])
     ap.add_argument("--lr", type=float, default=T["lr"])
     ap.add_argument("--weight-decay", type=float, default=T["weight_decay"], help="AdamW (decoupled) weight decay")
@@ -313,8 +348,11 @@ def main(argv: list[str] | None = None) -> None:
         data = load_graph(args.dataset, args.root, args.cache_dir, normalize_features=args.normalize_features)
         if "probe" in sections:
             res["probe"] = probe_section(data, cfg, args.seeds, args.epochs, args.lr, args.first_seed,
-                                         args.weight_decay, args.device)
+                                         args.weight_decay, args.device, args.probe_every)
             log.info("probe: %.2f +/- %.2f", res["probe"]["mean"], res["probe"]["std"])
+            if res["probe"]["curve"]:
+                plot_curve(res["probe"]["curve"], f"{args.dataset}: linear probe during pre-training "
+                           f"({args.seeds} seeds)", args.out / "graph_ssl_curve.png")
         if "augmentations" in sections:
             res["augmentations"] = augmentation_section(data, cfg, args.aug_seeds, args.aug_epochs, args.lr, 5,
                                                            args.weight_decay)

@@ -29,7 +29,7 @@ def _setup_logging() -> None:
 
 
 def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}")
+    err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # no line breaks inside paths
     raise typer.Exit(code=2)
 
 
@@ -170,6 +170,8 @@ def probe(
     model_dir: Optional[Path] = typer.Option(None, help="Probe this pre-trained model (one run) instead of "
                                                         "pre-training one per seed."),
     seeds: int = typer.Option(5, min=1, help="Seeds (each: pre-train + probe); mean and std are reported."),
+    probe_every: int = typer.Option(0, min=0, help="Also probe every N pre-training epochs and print accuracy "
+                                                   "vs epoch, mean over seeds (0 = off)."),
     epochs: int = typer.Option(T["epochs"]), lr: float = typer.Option(T["lr"]),
     hidden_dim: int = typer.Option(R["hidden_dim"]),
     num_layers: int = typer.Option(R["num_layers"]), attention: bool = typer.Option(False),
@@ -206,6 +208,8 @@ def probe(
             if getattr(g, k, None) is None:
                 raise ValueError(f"{data} has no {k}; the probe needs labels and a split (use sbm or Planetoid)")
         if model_dir is not None:
+            if probe_every:
+                raise ValueError("--probe-every follows a pre-training run; drop it with --model-dir")
             res = tuned_linear_probe(embed(load_ssl_model(model_dir), g.x, g.edge_index), g.y, g.train_mask,
                                      g.val_mask, g.test_mask)
             out = {"test_acc": 100 * res["test_acc"], "val_acc": 100 * res["val_acc"], "model_dir": str(model_dir)}
@@ -217,7 +221,16 @@ def probe(
                               decorrelation_lambda=decorrelation_lambda, dropout=dropout, seed=0,
                               propagate_input=propagate_input, residual=residual,
                               input_projection=input_projection, final_act=final_act, init=init)
-            out = ssl_probe(g, cfg, seeds=list(range(seeds)), epochs=epochs, lr=lr, weight_decay=weight_decay)
+            out = ssl_probe(g, cfg, seeds=list(range(seeds)), epochs=epochs, lr=lr, weight_decay=weight_decay,
+                            probe_every=probe_every)
+            if out["curve"]:
+                from rich.table import Table
+
+                table = Table("epoch", "val (%)", "test (%)", title="probe accuracy during pre-training")
+                for c in out["curve"]:
+                    table.add_row(str(c["epoch"]), f"{c['val_acc_mean']:.2f} +/- {c['val_acc_std']:.2f}",
+                                  f"{c['test_acc_mean']:.2f} +/- {c['test_acc_std']:.2f}")
+                console.print(table)
             console.print(f"[bold]{data}[/] linear probe: {out['mean']:.2f} +/- {out['std']:.2f} % over {seeds} "
                           f"seeds (split {out['split']})")
     except (ValueError, FileNotFoundError) as e:

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from autoglm.cli import app
 from autoglm.graph.datasets import sbm_graph
-from autoglm.graph.experiment import embed, load_ssl_model, save_ssl_model, ssl_probe
+from autoglm.graph.experiment import ProbeCurve, embed, load_ssl_model, save_ssl_model, ssl_probe
 from autoglm.graph.losses import cca_ssg, info_nce, scaled_cosine_error
 from autoglm.graph.probe import linear_probe, tuned_linear_probe
 from autoglm.graph.ssl import GraphSSLConfig, GraphSSLModel, GraphSSLObjective, pretrain_graph
@@ -142,6 +142,27 @@ def test_save_load_roundtrip_and_multi_seed(tmp_path, graph):
     accs = [100 * r["test_acc"] for r in res["runs"]]
     assert res["mean"] == pytest.approx(sum(accs) / 2) and res["std"] == pytest.approx(abs(accs[0] - accs[1]) / 2)
     assert res["val_mean"] == pytest.approx(sum(100 * r["val_acc"] for r in res["runs"]) / 2)
+    assert res["curve"] == []
+
+
+def test_probe_curve_leaves_training_unchanged(graph):
+    """Probing during pre-training (dropout on, so the RNG matters) must not change the trained
+    model; points come every `probe_every` epochs plus the last, the last one is the final
+    model's probe, and ssl_probe averages the curves over seeds."""
+    cfg = GraphSSLConfig(hidden_dim=16, num_layers=1, dropout=0.3)
+    plain, _ = pretrain_graph(graph.x, graph.edge_index, cfg, epochs=5)
+    cb = ProbeCurve(graph, 2, 0, {})
+    probed, _ = pretrain_graph(graph.x, graph.edge_index, cfg, epochs=5, callbacks=[cb], log_every=2)
+    torch.testing.assert_close(embed(probed, graph.x, graph.edge_index), embed(plain, graph.x, graph.edge_index))
+    assert [p["epoch"] for p in cb.points] == [2, 4, 5]
+    res = ssl_probe(graph, cfg, seeds=[0, 1], epochs=5, probe_every=2)
+    for run in res["runs"]:
+        assert (run["curve"][-1]["val_acc"], run["curve"][-1]["test_acc"]) == (run["val_acc"], run["test_acc"])
+    last = res["curve"][-1]
+    assert [r["epoch"] for r in res["curve"]] == [2, 4, 5] and last["seeds"] == 2
+    assert last["test_acc_mean"] == pytest.approx(res["mean"]) and last["test_acc_std"] == pytest.approx(res["std"])
+    with pytest.raises(ValueError, match="probe every"):
+        ProbeCurve(graph, 0, 0, {})
 
 
 def test_config_validation():
@@ -171,9 +192,13 @@ def test_cli_clean_pretrain_probe(tmp_path):
     assert r.exit_code == 0, r.output
     assert (tmp_path / "m" / "model.safetensors").is_file() and (tmp_path / "m" / "embeddings.safetensors").is_file()
     r = CliRunner().invoke(app, ["graph", "probe", "--seeds", "2", "--epochs", "2", "--hidden-dim", "8",
-                                 "--json-out", str(tmp_path / "p.json")])
+                                 "--probe-every", "1", "--json-out", str(tmp_path / "p.json")])
     assert r.exit_code == 0, r.output
-    assert len(json.loads((tmp_path / "p.json").read_text())["runs"]) == 2
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert len(res["runs"]) == 2 and [c["epoch"] for c in res["curve"]] == [1, 2]
+    assert "probe accuracy during pre-training" in r.output
+    r = CliRunner().invoke(app, ["graph", "probe", "--model-dir", str(tmp_path / "m"), "--probe-every", "1"])
+    assert r.exit_code == 2 and "--probe-every" in r.output
     r = CliRunner().invoke(app, ["graph", "clean", "--out", str(tmp_path / "bad"), "--edges", str(tmp_path / "n.csv")])
     assert r.exit_code == 2 and "lacks" in r.output
 

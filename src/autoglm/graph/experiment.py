@@ -5,7 +5,7 @@ Example:
     >>> from autoglm.graph.datasets import sbm_graph
     >>> res = ssl_probe(sbm_graph(200, 4, 32, 0.05, 0.005), GraphSSLConfig(hidden_dim=32), seeds=[0], epochs=5)
     >>> sorted(res)
-    ['config', 'epochs', 'mean', 'runs', 'seconds_per_epoch', 'split', 'std', 'val_mean']
+    ['config', 'curve', 'epochs', 'mean', 'runs', 'seconds_per_epoch', 'split', 'std', 'val_mean']
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 from .probe import tuned_linear_probe
 from .ssl import GraphSSLConfig, GraphSSLModel, pretrain_graph
 
-__all__ = ["ssl_probe", "save_ssl_model", "load_ssl_model", "embed"]
+__all__ = ["ProbeCurve", "ssl_probe", "save_ssl_model", "load_ssl_model", "embed"]
 
 log = logging.getLogger(__name__)
 
@@ -36,24 +36,76 @@ def embed(model: GraphSSLModel, x: torch.Tensor, edge_index: torch.Tensor) -> to
     return model.eval()(x.to(dev), edge_index.to(dev)).to(x.device)
 
 
+class ProbeCurve:
+    """Trainer callback: every `every` epochs (and after the last) probes the current encoder's
+    frozen embeddings like `ssl_probe` does and appends {"epoch", "val_acc", "test_acc"} to
+    `points`. A diagnostic (how accuracy evolves during pre-training); its probe time is not
+    counted as pre-training time by `ssl_probe`."""
+
+    def __init__(self, data: Any, every: int, seed: int, probe_kw: dict[str, Any]) -> None:
+        if every < 1:
+            raise ValueError(f"probe every {every} epochs: must be >= 1")
+        self.data, self.every, self.seed, self.probe_kw = data, every, seed, probe_kw
+        self.points: list[dict[str, float]] = []
+        self.seconds = 0.0
+
+    def on_step(self, trainer: Any, row: dict[str, float]) -> None:
+        step = int(row["step"])
+        if step % self.every and step != trainer.cfg.max_steps:
+            return
+        t = time.perf_counter()
+        model = trainer.strategy.unwrap(trainer.model)
+        d = self.data
+        with torch.random.fork_rng(devices=[]):  # the probe's nn.Linear must not shift training's CPU RNG
+            res = tuned_linear_probe(embed(model, d.x, d.edge_index), d.y, d.train_mask, d.val_mask,
+                                     d.test_mask, seed=self.seed, **self.probe_kw)
+        model.train()  # embed() switched to eval mode
+        self.points.append({"epoch": step, "val_acc": res["val_acc"], "test_acc": res["test_acc"]})
+        self.seconds += time.perf_counter() - t
+
+
+def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
+    """Per-epoch mean and population std (in %) over the seeds' probe curves."""
+    by_epoch: dict[int, list[dict[str, float]]] = {}
+    for r in runs:
+        for p in r.get("curve", []):
+            by_epoch.setdefault(int(p["epoch"]), []).append(p)
+    out = []
+    for epoch, pts in sorted(by_epoch.items()):
+        row: dict[str, float] = {"epoch": epoch, "seeds": len(pts)}
+        for k in ("val_acc", "test_acc"):
+            vals = [100 * p[k] for p in pts]
+            row[f"{k}_mean"] = statistics.mean(vals)
+            row[f"{k}_std"] = statistics.pstdev(vals) if len(vals) > 1 else 0.0
+        out.append(row)
+    return out
+
+
 def ssl_probe(data: Any, cfg: GraphSSLConfig, seeds: Sequence[int] = (0, 1, 2, 3, 4), epochs: int = 300,
               lr: float = 1e-3, weight_decay: float = 2e-4,
               probe_weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 5e-2),
-              probe_standardize: Sequence[bool] = (False, True), device: str | None = None) -> dict[str, Any]:
+              probe_standardize: Sequence[bool] = (False, True), device: str | None = None,
+              probe_every: int = 0) -> dict[str, Any]:
     """For each seed: pre-train on (data.x, data.edge_index), embed, probe on data's masks
     (`tuned_linear_probe`: weight decay and standardisation chosen on the validation split).
     Returns {"mean", "std" (test accuracy in %, std over seeds), "val_mean" (validation accuracy
     in %, what configurations are compared on), "runs", "seconds_per_epoch", "config", "epochs",
-    "split"}."""
+    "split", "curve"}. With `probe_every` N > 0 the encoder is also probed every N epochs while it
+    trains (`ProbeCurve`): each run gets its "curve" and "curve" holds the per-epoch mean / std
+    over seeds (empty without). The reported accuracy is always the final model's."""
     runs = []
+    probe_kw = {"weight_decays": probe_weight_decays, "standardize": probe_standardize}
     for seed in seeds:
+        curve = [ProbeCurve(data, probe_every, seed, probe_kw)] if probe_every else []
         t = time.perf_counter()
         model, _ = pretrain_graph(data.x, data.edge_index, GraphSSLConfig(**{**cfg.to_dict(), "seed": seed}),
-                                  epochs=epochs, lr=lr, weight_decay=weight_decay, device=device)
-        dt = time.perf_counter() - t
+                                  epochs=epochs, lr=lr, weight_decay=weight_decay, device=device,
+                                  callbacks=curve, log_every=probe_every or None)
+        dt = time.perf_counter() - t - sum(c.seconds for c in curve)
         res = tuned_linear_probe(embed(model, data.x, data.edge_index), data.y, data.train_mask, data.val_mask,
-                                 data.test_mask, probe_weight_decays, probe_standardize, seed=seed)
-        runs.append({"seed": seed, "pretrain_seconds": round(dt, 2), **res})
+                                 data.test_mask, seed=seed, **probe_kw)
+        runs.append({"seed": seed, "pretrain_seconds": round(dt, 2), **res,
+                     **({"curve": curve[0].points} if curve else {})})
         log.info("seed %d: test %.2f%% (val %.2f%%; probe wd %g, standardize %d), %.1f s", seed,
                  100 * res["test_acc"], 100 * res["val_acc"], res["weight_decay"], res["standardize"], dt)
     accs = [100 * r["test_acc"] for r in runs]
@@ -61,7 +113,7 @@ def ssl_probe(data: Any, cfg: GraphSSLConfig, seeds: Sequence[int] = (0, 1, 2, 3
     return {"mean": statistics.mean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
             "val_mean": statistics.mean(100 * r["val_acc"] for r in runs), "runs": runs,
             "seconds_per_epoch": sum(r["pretrain_seconds"] for r in runs) / (len(runs) * epochs),
-            "config": cfg.to_dict(), "epochs": epochs, "split": split}
+            "config": cfg.to_dict(), "epochs": epochs, "split": split, "curve": _mean_curve(runs)}
 
 
 def save_ssl_model(model: GraphSSLModel, out_dir: str | Path) -> None:

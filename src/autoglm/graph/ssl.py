@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -221,20 +222,22 @@ def ssl_train_config(steps: int, lr: float, weight_decay: float, seed: int, **kw
     no gradient clipping, fp32, 5% warmup, Adam's betas)."""
     from ..training import TrainConfig
 
+    kw.setdefault("log_every", max(1, steps // 10))
     return TrainConfig(batch_size=1, seq_len=1, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
                        warmup_steps=max(1, steps // 20), max_steps=steps, eval_every=0, save_every=0,
-                       log_every=max(1, steps // 10), seed=seed, grad_clip=0.0, precision="fp32", **kw)
+                       seed=seed, grad_clip=0.0, precision="fp32", **kw)
 
 
 def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfig, epochs: int = 300,
                    lr: float = 1e-3, weight_decay: float = 2e-4, out_dir: str | Path | None = None,
-                   progress: bool = False, console: Any = None, device: str | None = None
-                   ) -> tuple[GraphSSLModel, Any]:
+                   progress: bool = False, console: Any = None, device: str | None = None,
+                   callbacks: Sequence[Any] = (), log_every: int | None = None) -> tuple[GraphSSLModel, Any]:
     """Full-batch pre-training with `autoglm.training.Trainer` (one optimizer step = one epoch).
 
     x (N, F), edge_index (2, E). Returns (model in eval mode, TrainResult). With `out_dir`
     the Trainer writes metrics.jsonl and safetensors checkpoints there. `device`: None = CUDA
-    when available, else CPU (the Trainer's `SingleDevice` default).
+    when available, else CPU (the Trainer's `SingleDevice` default). `callbacks` go to the Trainer
+    (`on_step(trainer, row)` runs every `log_every` epochs, default epochs // 10, and after the last).
     """
     from ..training import Trainer
     from ..training.strategy import SingleDevice
@@ -248,9 +251,10 @@ def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfi
     # the fixed (un-augmented) adjacency is reused by the reconstruction branch every epoch
     graph = model.encoder.prepare(edge_index, x.shape[0])
     batch = {"x": x, "edge_index": edge_index, "graph": graph}
-    tcfg = ssl_train_config(epochs, lr, weight_decay, cfg.seed, min_lr_ratio=0.1)
+    extra = {} if log_every is None else {"log_every": log_every}
+    tcfg = ssl_train_config(epochs, lr, weight_decay, cfg.seed, min_lr_ratio=0.1, **extra)
     trainer = Trainer(model, tcfg, train_batch=lambda i: {**batch, "step": i}, out_dir=out_dir,
                       objective=GraphSSLObjective(cfg), progress=progress, console=console,
-                      strategy=strategy)
+                      strategy=strategy, callbacks=callbacks)
     result = trainer.fit()
     return model.eval(), result
