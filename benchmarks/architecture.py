@@ -29,6 +29,7 @@ import torch
 from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
 from autoglm.training import TrainConfig
 from autoglm.training.pretrain import pretrain
+from results_io import pyplot
 
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -130,12 +131,8 @@ def markdown(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logging.warning("matplotlib not installed; skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, r in res["rows"].items():

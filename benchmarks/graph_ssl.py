@@ -36,12 +36,12 @@ import torch
 
 from autoglm.graph.datasets import load_graph
 from autoglm.graph.encoder import INITS
-from autoglm.graph.experiment import ssl_probe
+from autoglm.graph.experiment import curve_rows, ssl_probe
 from autoglm.graph.probe import linear_probe
 from autoglm.graph.ssl import GraphSSLConfig, GraphSSLModel, GraphSSLObjective
 from autoglm.graph_recipes import CORA_RECIPE as R
 from autoglm.graph_recipes import CORA_TRAINING as T
-from results_io import save_results
+from results_io import pyplot, save_results
 
 ROOT = Path(__file__).resolve().parent
 PLANETOID = ROOT.parent.parent / "shared" / "data" / "planetoid"
@@ -193,12 +193,8 @@ def clean_section(num_edges: int, num_nodes: int, workdir: Path, memory_limit: s
 
 def plot_curve(curve: list[dict], title: str, path: Path) -> None:
     """Probe accuracy vs pre-training epoch, mean with a +/- std band, validation and test."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib not installed; skipping the plot")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ep = [c["epoch"] for c in curve]
@@ -233,8 +229,7 @@ def markdown(res: dict) -> str:
         if p.get("curve"):
             out += ["### Probe accuracy during pre-training (mean +/- std over seeds; the final row is the "
                     "reported model)", "", "| epoch | val (%) | test (%) |", "|---|---|---|"]
-            out += [f"| {c['epoch']} | {c['val_acc_mean']:.2f} +/- {c['val_acc_std']:.2f} | "
-                    f"{c['test_acc_mean']:.2f} +/- {c['test_acc_std']:.2f} |" for c in p["curve"]]
+            out += ["| " + " | ".join(row) + " |" for row in curve_rows(p["curve"])]
             out.append("")
     if "augmentations" in res:
         out += ["## Augmentations (same objective, two views)", "",

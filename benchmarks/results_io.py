@@ -5,6 +5,7 @@ this module imports as `results_io`)."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,3 +17,16 @@ def save_results(out_dir: str | Path, name: str, res: Any, md: str) -> None:
     md = md.rstrip("\n") + "\n"
     (out / f"{name}.md").write_text(md)
     print(md, end="")
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the file-only Agg backend, or None (with a warning) when matplotlib
+    is not installed: the benchmark then skips its plot."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logging.warning("matplotlib not installed; skipping the plot")
+        return None
+    return plt

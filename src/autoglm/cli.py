@@ -14,10 +14,11 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from .cli_common import err, fail
+
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Open-AutoGLM: train, evaluate and sample a sparse-attention MoE language model.")
 console = Console()
-err = Console(stderr=True)
 
 DEFAULT_CACHE = Path.home() / ".cache" / "autoglm"
 
@@ -30,11 +31,6 @@ def _setup_logging(verbose: bool) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on every load/save
-
-
-def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # no line breaks inside paths
-    raise typer.Exit(code=2)
 
 
 def _load_model_dir(model_dir: Path):
@@ -60,7 +56,7 @@ def info(preset: str = typer.Argument(..., help="Preset name, e.g. tiny, small, 
     try:
         cfg = OpenAutoGLMConfig.from_name(preset)
     except ValueError as e:
-        _fail(e)
+        fail(e)
     with torch.device("meta"):  # no memory, no init: counts only
         counts = OpenAutoGLMForCausalLM(cfg).num_parameters_summary()
     t = Table(title=f"preset {preset}", show_header=False)
@@ -117,7 +113,7 @@ def train(
         model, prepared, result = pretrain(preset, out, cfg, data=data, cache_dir=cache_dir,
                                            vocab_size=vocab_size, resume=resume, console=err)
     except (ValueError, FileNotFoundError, UnicodeDecodeError, CheckpointError) as e:
-        _fail(e)
+        fail(e)
     ev = result.final_eval
     console.print(f"[bold green]done[/]: {result.steps} steps in {result.elapsed:.0f}s "
                   f"({result.tokens_per_s:,.0f} tokens/s); validation loss {ev['loss']:.3f}, "
@@ -149,7 +145,7 @@ def eval_cmd(
             data = None if src.startswith("builtin:") else Path(src)
         res = evaluate_run(model_dir, data, cache_dir, batch_size, seq_len, max_batches)
     except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+        fail(e)
     console.print_json(json.dumps(res))
 
 
@@ -187,7 +183,7 @@ def generate(
         t = time.perf_counter()
         text = _generate(model, tok, prompt, max_new_tokens, temperature, top_k, top_p, greedy, seed)
     except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+        fail(e)
     console.print(text)
     err.print(f"[dim]{max_new_tokens} tokens in {time.perf_counter() - t:.2f}s[/]")
 

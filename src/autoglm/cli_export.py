@@ -16,12 +16,13 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from .cli_common import err, fail
+
 __all__ = ["app"]
 
 app = typer.Typer(name="export", add_completion=False, no_args_is_help=True,
                   help="Export a saved model to ONNX (prefill + decode graphs), optionally INT8-quantized.")
 console = Console()
-err = Console(stderr=True)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -85,8 +86,7 @@ def onnx(
                 info = quantize_export(fp32, out, quantize, calibration=windows,
                                        keep_lm_head_float=keep_lm_head_float, overwrite=overwrite)
     except (ValueError, FileNotFoundError, FileExistsError, ExportError) as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # no line breaks inside paths
-        raise typer.Exit(code=2)
+        fail(e)
     console.print_json(json.dumps({"out": str(out), "precision": info["precision"],
                                    "size_mb": round(directory_size_mb(out), 3),
                                    **{k: v for k, v in info.items() if k.startswith("parity")}}))

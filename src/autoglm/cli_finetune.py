@@ -17,6 +17,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
+from .cli_common import err, fail
+
 __all__ = ["app"]
 
 app = typer.Typer(add_completion=False)
@@ -24,7 +26,6 @@ adapters_app = typer.Typer(add_completion=False, no_args_is_help=True,
                            help="Task adapters (e.g. sequence classification) on a frozen backbone.")
 app.add_typer(adapters_app, name="adapters")
 console = Console()
-err = Console(stderr=True)
 DEFAULT_CACHE = Path.home() / ".cache" / "autoglm"
 _ERRORS = (ValueError, FileNotFoundError, KeyError, UnicodeDecodeError)
 
@@ -32,11 +33,6 @@ _ERRORS = (ValueError, FileNotFoundError, KeyError, UnicodeDecodeError)
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)], force=True)
-
-
-def _fail(exc: BaseException) -> None:
-    err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # no line breaks inside paths
-    raise typer.Exit(code=2)
 
 
 def _train_config(steps: int, batch_size: int, seq_len: int, lr: float, seed: int, eval_every: int = 0,
@@ -84,7 +80,7 @@ def distill(
                         logit_cache_dir=logit_cache or out / "logit-cache", epoch_batches=epoch_batches,
                         console=err)
     except _ERRORS as e:
-        _fail(e)
+        fail(e)
     ev = result.final_eval
     console.print(f"[bold green]done[/]: {result.steps} steps; student validation loss {ev['loss']:.3f}, "
                   f"next-token accuracy {ev['accuracy'] * 100:.1f}%; saved to {out}")
@@ -116,7 +112,7 @@ def finetune(
         _, result, info = run(base, data, out, cfg, lora=lora, targets=list(target), r=r, alpha=lora_alpha,
                               dropout=lora_dropout, cache_dir=cache_dir, console=err, resume=resume)
     except (*_ERRORS, CheckpointError) as e:
-        _fail(e)
+        fail(e)
     pct = 100 * info["trainable_params"] / info["total_params"]
     msg = f"[bold green]done[/]: {result.steps} steps, {info['trainable_params']:,} trainable params ({pct:.2f}%)"
     if info["eval_after"]:
@@ -137,7 +133,7 @@ def merge(
     try:
         merge_lora(adapter, out, base)
     except _ERRORS as e:
-        _fail(e)
+        fail(e)
     console.print(f"merged model saved to {out}")
 
 
@@ -166,7 +162,7 @@ def adapters_train(
                                              pooling=pooling, max_len=max_len, progress=True)
         path = save_named_adapter(model, name, model_dir, classes)
     except _ERRORS as e:
-        _fail(e)
+        fail(e)
     console.print(f"adapter {name!r} ({len(classes)} labels) saved to {path}; train accuracy "
                   f"{stats['train_accuracy'] * 100:.1f}%")
 

@@ -11,13 +11,13 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
+from .cli_common import err, fail
 from .graph_recipes import CORA_RECIPE as R
 from .graph_recipes import CORA_TRAINING as T
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Graph branch: clean raw graph files, self-supervised pre-training, linear probe.")
 console = Console()
-err = Console(stderr=True)
 
 SOURCE_HELP = ("'sbm' (generated stochastic block model), Cora/CiteSeer/PubMed (with --root) or a folder "
                "written by `autoglm graph clean`")
@@ -26,11 +26,6 @@ SOURCE_HELP = ("'sbm' (generated stochastic block model), Cora/CiteSeer/PubMed (
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True,
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)])
-
-
-def _fail(exc: Exception) -> None:
-    err.print(f"[bold red]error:[/] {exc}", soft_wrap=True)  # no line breaks inside paths
-    raise typer.Exit(code=2)
 
 
 def _pair(text: str, name: str) -> tuple[float, float] | None:
@@ -98,7 +93,7 @@ def clean(
                           allow_self_loops=allow_self_loops, z_threshold=z_threshold, memory_limit=memory_limit,
                           recon_anomaly=recon_anomaly, recon_epochs=recon_epochs)
     except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+        fail(e)
     console.print_json(json.dumps({"totals": rep["totals"], "graph": rep["graph"], "rows_per_s": rep["rows_per_s"]}))
     console.print(f"report: {out / 'report.json'}; quarantined rows: {out / 'quarantine.csv'}")
 
@@ -154,7 +149,7 @@ def pretrain(
         model, result = pretrain_graph(g.x, g.edge_index, cfg, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                        progress=True, console=err)
     except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+        fail(e)
     save_ssl_model(model, out)
     save_file({"embeddings": embed(model, g.x, g.edge_index).contiguous()}, str(out / "embeddings.safetensors"))
     last = result.history[-1] if result.history else {}
@@ -198,8 +193,7 @@ def probe(
     """Linear probe (logistic regression on frozen embeddings, public split; weight decay and
     standardisation chosen on the validation split), mean +/- std over seeds."""
     from .graph.datasets import load_graph
-    from .graph.experiment import embed, load_ssl_model, ssl_probe
-    from .graph.probe import tuned_linear_probe
+    from .graph.experiment import curve_rows, load_ssl_model, probe_model, ssl_probe
 
     _setup_logging()
     try:
@@ -210,8 +204,7 @@ def probe(
         if model_dir is not None:
             if probe_every:
                 raise ValueError("--probe-every follows a pre-training run; drop it with --model-dir")
-            res = tuned_linear_probe(embed(load_ssl_model(model_dir), g.x, g.edge_index), g.y, g.train_mask,
-                                     g.val_mask, g.test_mask)
+            res = probe_model(load_ssl_model(model_dir), g)
             out = {"test_acc": 100 * res["test_acc"], "val_acc": 100 * res["val_acc"], "model_dir": str(model_dir)}
         else:
             cfg = _ssl_config(augment, aug_p, feature_p, hidden_dim=hidden_dim, num_layers=num_layers,
@@ -227,14 +220,13 @@ def probe(
                 from rich.table import Table
 
                 table = Table("epoch", "val (%)", "test (%)", title="probe accuracy during pre-training")
-                for c in out["curve"]:
-                    table.add_row(str(c["epoch"]), f"{c['val_acc_mean']:.2f} +/- {c['val_acc_std']:.2f}",
-                                  f"{c['test_acc_mean']:.2f} +/- {c['test_acc_std']:.2f}")
+                for row in curve_rows(out["curve"]):
+                    table.add_row(*row)
                 console.print(table)
             console.print(f"[bold]{data}[/] linear probe: {out['mean']:.2f} +/- {out['std']:.2f} % over {seeds} "
                           f"seeds (split {out['split']})")
     except (ValueError, FileNotFoundError) as e:
-        _fail(e)
+        fail(e)
     out["data"] = data
     console.print_json(json.dumps(out))
     if json_out:

@@ -11,13 +11,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.logging import RichHandler
+
+from .cli_common import err, fail
 
 __all__ = ["app", "parse_lora_specs"]
 
 app = typer.Typer(add_completion=False)
-err = Console(stderr=True)
 
 
 def parse_lora_specs(specs: list[str], base_name: str) -> list[tuple[str, Path]]:
@@ -78,8 +78,7 @@ def serve(
         app_ = create_app(AsyncEngine(engine), model_name=name, api_key=api_key, max_concurrent=max_concurrent,
                           allow_lora_updates=allow_lora_updates)
     except (ValueError, FileNotFoundError) as e:
-        err.print(f"[bold red]error:[/] {e}", soft_wrap=True)  # no line breaks inside paths
-        raise typer.Exit(code=2)
+        fail(e)
     served = ", ".join([name, *(n for n, _ in adapters)])
     err.print(f"serving [bold]{served}[/] on http://{host}:{port}/v1")
     uvicorn.run(app_, host=host, port=port, log_level="info")

@@ -23,7 +23,7 @@ import torch
 from .probe import tuned_linear_probe
 from .ssl import GraphSSLConfig, GraphSSLModel, pretrain_graph
 
-__all__ = ["ProbeCurve", "ssl_probe", "save_ssl_model", "load_ssl_model", "embed"]
+__all__ = ["ProbeCurve", "curve_rows", "probe_model", "ssl_probe", "save_ssl_model", "load_ssl_model", "embed"]
 
 log = logging.getLogger(__name__)
 
@@ -36,32 +36,47 @@ def embed(model: GraphSSLModel, x: torch.Tensor, edge_index: torch.Tensor) -> to
     return model.eval()(x.to(dev), edge_index.to(dev)).to(x.device)
 
 
+def probe_model(model: GraphSSLModel, data: Any, seed: int = 0, **probe_kw: Any) -> dict[str, float]:
+    """`tuned_linear_probe` on the frozen embeddings of `model` over data's labels and masks."""
+    return tuned_linear_probe(embed(model, data.x, data.edge_index), data.y, data.train_mask, data.val_mask,
+                              data.test_mask, seed=seed, **probe_kw)
+
+
 class ProbeCurve:
     """Trainer callback: every `every` epochs (and after the last) probes the current encoder's
     frozen embeddings like `ssl_probe` does and appends {"epoch", "val_acc", "test_acc"} to
-    `points`. A diagnostic (how accuracy evolves during pre-training); its probe time is not
-    counted as pre-training time by `ssl_probe`."""
+    `points`; `final` keeps the whole probe result of the last epoch. A diagnostic (how accuracy
+    evolves during pre-training); its probe time is not counted as pre-training time by
+    `ssl_probe`."""
 
     def __init__(self, data: Any, every: int, seed: int, probe_kw: dict[str, Any]) -> None:
         if every < 1:
             raise ValueError(f"probe every {every} epochs: must be >= 1")
         self.data, self.every, self.seed, self.probe_kw = data, every, seed, probe_kw
         self.points: list[dict[str, float]] = []
+        self.final: dict[str, float] | None = None
         self.seconds = 0.0
 
     def on_step(self, trainer: Any, row: dict[str, float]) -> None:
         step = int(row["step"])
-        if step % self.every and step != trainer.cfg.max_steps:
+        last = step == trainer.cfg.max_steps
+        if step % self.every and not last:
             return
         t = time.perf_counter()
         model = trainer.strategy.unwrap(trainer.model)
-        d = self.data
         with torch.random.fork_rng(devices=[]):  # the probe's nn.Linear must not shift training's CPU RNG
-            res = tuned_linear_probe(embed(model, d.x, d.edge_index), d.y, d.train_mask, d.val_mask,
-                                     d.test_mask, seed=self.seed, **self.probe_kw)
+            res = probe_model(model, self.data, self.seed, **self.probe_kw)
         model.train()  # embed() switched to eval mode
         self.points.append({"epoch": step, "val_acc": res["val_acc"], "test_acc": res["test_acc"]})
+        if last:
+            self.final = res
         self.seconds += time.perf_counter() - t
+
+
+def curve_rows(curve: list[dict[str, float]]) -> list[tuple[str, str, str]]:
+    """`ssl_probe`'s "curve" as display rows: (epoch, "val mean +/- std", "test mean +/- std")."""
+    return [(str(c["epoch"]), f"{c['val_acc_mean']:.2f} +/- {c['val_acc_std']:.2f}",
+             f"{c['test_acc_mean']:.2f} +/- {c['test_acc_std']:.2f}") for c in curve]
 
 
 def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
@@ -102,8 +117,8 @@ def ssl_probe(data: Any, cfg: GraphSSLConfig, seeds: Sequence[int] = (0, 1, 2, 3
                                   epochs=epochs, lr=lr, weight_decay=weight_decay, device=device,
                                   callbacks=curve, log_every=probe_every or None)
         dt = time.perf_counter() - t - sum(c.seconds for c in curve)
-        res = tuned_linear_probe(embed(model, data.x, data.edge_index), data.y, data.train_mask, data.val_mask,
-                                 data.test_mask, seed=seed, **probe_kw)
+        # the curve's last point already probed this model
+        res = curve[0].final if curve else probe_model(model, data, seed, **probe_kw)
         runs.append({"seed": seed, "pretrain_seconds": round(dt, 2), **res,
                      **({"curve": curve[0].points} if curve else {})})
         log.info("seed %d: test %.2f%% (val %.2f%%; probe wd %g, standardize %d), %.1f s", seed,

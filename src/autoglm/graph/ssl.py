@@ -217,15 +217,17 @@ class GraphSSLObjective:
         return f"GraphSSLObjective({self.cfg})"
 
 
-def ssl_train_config(steps: int, lr: float, weight_decay: float, seed: int, **kw: Any):
+def ssl_train_config(steps: int, lr: float, weight_decay: float, seed: int, log_every: int | None = None,
+                     **kw: Any):
     """The Trainer settings graph pre-training uses (one optimizer step = one batch or epoch;
-    no gradient clipping, fp32, 5% warmup, Adam's betas)."""
+    no gradient clipping, fp32, 5% warmup, Adam's betas; a metrics row every `log_every` steps,
+    default steps // 10)."""
     from ..training import TrainConfig
 
-    kw.setdefault("log_every", max(1, steps // 10))
     return TrainConfig(batch_size=1, seq_len=1, lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999),
                        warmup_steps=max(1, steps // 20), max_steps=steps, eval_every=0, save_every=0,
-                       seed=seed, grad_clip=0.0, precision="fp32", **kw)
+                       log_every=log_every or max(1, steps // 10), seed=seed, grad_clip=0.0, precision="fp32",
+                       **kw)
 
 
 def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfig, epochs: int = 300,
@@ -251,8 +253,7 @@ def pretrain_graph(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfi
     # the fixed (un-augmented) adjacency is reused by the reconstruction branch every epoch
     graph = model.encoder.prepare(edge_index, x.shape[0])
     batch = {"x": x, "edge_index": edge_index, "graph": graph}
-    extra = {} if log_every is None else {"log_every": log_every}
-    tcfg = ssl_train_config(epochs, lr, weight_decay, cfg.seed, min_lr_ratio=0.1, **extra)
+    tcfg = ssl_train_config(epochs, lr, weight_decay, cfg.seed, log_every, min_lr_ratio=0.1)
     trainer = Trainer(model, tcfg, train_batch=lambda i: {**batch, "step": i}, out_dir=out_dir,
                       objective=GraphSSLObjective(cfg), progress=progress, console=console,
                       strategy=strategy, callbacks=callbacks)
