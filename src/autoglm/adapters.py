@@ -16,15 +16,14 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from .atomic import atomic_dir
 
 __all__ = ["adapter_type", "adapter_types", "check_name", "save_adapter", "load_adapter",
            "SequenceClassificationAdapter"]
@@ -60,14 +59,11 @@ def save_adapter(module: nn.Module, directory: str | Path) -> Path:
         raise TypeError(f"{type(module).__name__} is not a registered adapter type; decorate it with "
                         f"@adapter_type('name') and store its constructor kwargs in self.init_kwargs")
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
     state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-    save_file(state, str(tmp / "adapter.safetensors"))
-    (tmp / "adapter_config.json").write_text(json.dumps({"type": type_name, "kwargs": module.init_kwargs}, indent=2))
-    if directory.exists():
-        shutil.rmtree(directory)
-    os.replace(tmp, directory)
+    with atomic_dir(directory) as tmp:
+        save_file(state, str(tmp / "adapter.safetensors"))
+        (tmp / "adapter_config.json").write_text(json.dumps({"type": type_name, "kwargs": module.init_kwargs},
+                                                            indent=2))
     return directory
 
 

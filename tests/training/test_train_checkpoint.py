@@ -9,6 +9,7 @@ import torch
 from autoglm.training import (CheckpointError, TrainConfig, build_optimizer, build_scheduler, list_checkpoints,
                               load_checkpoint, load_latest, save_checkpoint)
 from autoglm.training import checkpoint as ckpt_mod
+from autoglm import atomic as atomic_mod
 from autoglm.training.objectives import CausalLMObjective
 from training_helpers import batch_fn, make_model, random_tokens
 
@@ -79,7 +80,7 @@ def test_crash_mid_save_keeps_previous_checkpoint_as_latest(tmp_path, monkeypatc
 def test_killed_process_leftovers_are_ignored_and_cleaned(tmp_path):
     model, opt, sched = trained(steps=0)
     save_checkpoint(tmp_path, 1, model, opt, sched, {})
-    partial = tmp_path / ".tmp-step-000002-deadbeef"  # what a SIGKILL mid-save leaves behind
+    partial = tmp_path / ".step-000002.tmp-deadbeef"  # what a SIGKILL mid-save leaves behind
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half a file")
     assert load_latest(tmp_path) == tmp_path / "step-000001"
@@ -154,8 +155,8 @@ def test_files_are_flushed_before_rename(tmp_path, monkeypatch):
     """Every file of the new checkpoint is fsync'ed before the directory becomes visible."""
     synced, order = [], []
     real_fsync, real_replace = os.fsync, os.replace
-    monkeypatch.setattr(ckpt_mod.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
-    monkeypatch.setattr(ckpt_mod.os, "replace",
+    monkeypatch.setattr(atomic_mod.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    monkeypatch.setattr(atomic_mod.os, "replace",
                         lambda a, b: (order.append((len(synced), str(b))), real_replace(a, b))[1])
     model, opt, sched = trained(steps=0)
     save_checkpoint(tmp_path, 1, model, opt, sched, {})

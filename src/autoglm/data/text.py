@@ -16,9 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +27,8 @@ from rich.console import Console
 from rich.progress import track
 from tokenizers import Tokenizer
 
-from autoglm.tokenizer import EOS_TOKEN
+from ..atomic import atomic_dir
+from ..tokenizer import EOS_TOKEN
 
 __all__ = ["TokenCache", "build_token_cache", "sample_batch", "iter_eval_batches"]
 
@@ -192,22 +190,12 @@ def build_token_cache(
         "source": source if source is not None else f"{len(texts)} documents",
     }
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=cache_dir))
-    try:
+    with atomic_dir(final) as tmp:  # a concurrent build of the same key writes the same bytes
         out = np.memmap(tmp / "tokens.bin", dtype=dtype, mode="w+", shape=(n_tokens,))
         np.concatenate(parts, out=out)
         out.flush()
         del out  # close the mapping before the rename
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / "meta.json").is_file():
-                raise
-            logger.info("token cache %s was built concurrently; using that one", final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     logger.info(
         "wrote token cache %s: %d tokens (%d train, %d val) from %s",
         final, n_tokens, n_train, n_tokens - n_train, meta["source"],

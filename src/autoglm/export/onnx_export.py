@@ -24,27 +24,25 @@ drifting export leaves nothing behind.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
 
+from ..atomic import atomic_dir
 from ..modules.moe import moe_dispatch
+from ..rundir import RunDir
 from .attention import DEFAULT_EXPORT_CHUNK
 from .storage import fold_weight_transposes, gemm_to_matmul, save_graphs, strip_metadata
 from .wrapper import PREFILL_ATTENTION, ExportDecoder, past_names, present_names
 
 __all__ = [
     "SUPPORTED_OPSETS", "DEFAULT_OPSET", "ExportError", "load_model_dir", "export_onnx",
-    "check_parity", "atomic_output_dir", "copy_side_files",
+    "check_parity", "copy_side_files",
 ]
 
 log = logging.getLogger(__name__)
@@ -60,34 +58,7 @@ class ExportError(RuntimeError):
 
 def load_model_dir(model_dir: str | Path):
     """Load an `OpenAutoGLMForCausalLM` from a saved directory, in eval mode, fp32."""
-    from ..hf import OpenAutoGLMForCausalLM
-
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} is not a saved model directory (needs config.json and model.safetensors); "
-            f"train one with `autoglm train --out {model_dir}` or save one with model.save_pretrained(dir)")
-    return OpenAutoGLMForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory; on success it replaces `out_dir`, on error it is removed."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out_dir} already exists and is not empty; pick another --out or pass "
-                              f"--overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    return RunDir.open(model_dir).load_model(dtype=torch.float32)
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> None:
@@ -196,7 +167,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
     cfg = model.config
     wrapper = ExportDecoder(model, prefill_attention, chunk).eval()
     windowed = prefill_attention == "windowed" and cfg.attention == "sparse"
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite) as tmp:
         log.info("exporting prefill and decode graphs (opset %d)", opset)
         graphs = {"prefill": _export_graph(wrapper, False, opset), "decode": _export_graph(wrapper, True, opset)}
         save_graphs(graphs, tmp)

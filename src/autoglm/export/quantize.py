@@ -29,7 +29,8 @@ import onnx
 from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                       quantize_dynamic, quantize_static)
 
-from .onnx_export import atomic_output_dir, copy_side_files
+from ..atomic import atomic_dir
+from .onnx_export import copy_side_files
 from .runtime import OrtCausalLM, read_export_info
 from .storage import load_graph, save_graphs
 
@@ -121,7 +122,7 @@ def quantize_export(src_dir: str | Path, out_dir: str | Path, mode: str = "int8"
     if method is None:
         raise ValueError(f"calibrate_method must be minmax, percentile or entropy, got {calibrate_method!r}")
     fp32 = OrtCausalLM(src_dir, threads=0)
-    with atomic_output_dir(out_dir, overwrite) as tmp, tempfile.TemporaryDirectory() as work:
+    with atomic_dir(out_dir, overwrite) as tmp, tempfile.TemporaryDirectory() as work:
         graphs = {}
         for name, fname in info["graphs"].items():
             model = load_graph(Path(src_dir) / fname)

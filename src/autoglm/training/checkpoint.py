@@ -11,10 +11,10 @@ Layout of one checkpoint, `ckpt_root/step-000123/`:
 
 `ckpt_root/latest` is a one-line text file naming the newest complete checkpoint.
 
-Atomicity: everything is written into a hidden temp directory inside `ckpt_root`
-(`.tmp-step-...`), each file and the directory are fsync'ed, and the directory is renamed
-to `step-NNNNNN` with `os.replace` (atomic on POSIX); only then is `latest` rewritten, again
-through a temp file and a rename. A crash at any point leaves either the previous
+Atomicity (`autoglm.atomic`): everything is written into a hidden temp directory inside
+`ckpt_root`, each file and the directory are fsync'ed, and the directory is renamed to
+`step-NNNNNN` (atomic on POSIX); only then is `latest` rewritten, again through a temp file
+and a rename. A crash at any point leaves either the previous
 checkpoint as latest or the new one complete - never a partial `step-*` directory.
 Loading uses safetensors and `torch.load(..., weights_only=True)` only.
 
@@ -26,11 +26,9 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
+
+from ..atomic import atomic_dir, atomic_write_text
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints",
            "capture_rng_state", "restore_rng_state"]
@@ -97,24 +97,6 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------- files
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # platforms without directory fds (Windows): rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 @contextlib.contextmanager
 def _quiet_hf_progress():
     """save_pretrained draws a tqdm bar per save; keep it out of the training progress bar."""
@@ -221,13 +203,7 @@ def list_checkpoints(ckpt_root: str | Path) -> list[Path]:
 
 
 def _write_latest(root: Path, name: str) -> None:
-    tmp = root / f".{_LATEST}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "w") as f:
-        f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / _LATEST)
-    _fsync_dir(root)
+    atomic_write_text(root / _LATEST, name + "\n")
 
 
 def _prune(root: Path, keep: int, protect: Path) -> None:
@@ -249,33 +225,17 @@ def save_checkpoint(ckpt_root: str | Path, step: int, model: nn.Module, optimize
     """
     root = Path(ckpt_root)
     root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".tmp-step-*"):  # left by a process killed mid-save
+    for stale in root.glob(".step-*.*-*"):  # temporary folders left by a process killed mid-save
         shutil.rmtree(stale, ignore_errors=True)
     name = f"step-{step:06d}"
     final = root / name
-    tmp = root / f".tmp-{name}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_dir(final) as tmp:  # re-saving a step (e.g. after a resume) swaps the old copy out
         _save_weights(model, tmp)
         torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None,
                     "scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp / _OPTIM)
         torch.save(capture_rng_state(), tmp / _RNG)
         full_state = {**state, "step": step, "format_version": FORMAT_VERSION}
         (tmp / _STATE).write_text(json.dumps(full_state, indent=2, sort_keys=True))  # written last
-        for f in tmp.iterdir():
-            _fsync_file(f)
-        _fsync_dir(tmp)
-        if final.exists():  # re-saving a step (e.g. after a resume): swap the old copy out
-            aside = root / f".tmp-old-{name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, aside)
-            os.replace(tmp, final)
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     _write_latest(root, name)
     if keep is not None:
         _prune(root, keep, protect=final)

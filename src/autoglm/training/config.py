@@ -4,9 +4,9 @@ Every field carries a one-line *why*. `dataclasses.asdict(cfg)` gives plain JSON
 (the tuple `betas` becomes a list in JSON; `TrainConfig.from_dict` turns it back).
 
 Example:
-    >>> cfg = TrainConfig(max_steps=50, warmup_steps=5)
-    >>> cfg.tokens_per_step
-    4096
+    >>> cfg = TrainConfig(max_steps=50)
+    >>> cfg.tokens_per_step, cfg.warmup_steps
+    (4096, 5)
     >>> TrainConfig.from_dict(dataclasses.asdict(cfg)) == cfg
     True
 """
@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
+
+from ..settings import from_dict, setting
 
 __all__ = ["TrainConfig", "PRECISIONS"]
 
@@ -24,29 +26,37 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 @dataclass
 class TrainConfig:
-    batch_size: int = 16  # sequences per micro-batch; memory scales with batch_size * seq_len
-    seq_len: int = 256  # tokens per sequence; must be <= the model's max_position_embeddings
-    grad_accum: int = 1  # micro-batches per optimizer step: effective batch = batch_size * grad_accum
-    lr: float = 3e-3  # peak learning rate; small models tolerate (and need) a high one
-    min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr (Chinchilla: decay to ~10%)
-    weight_decay: float = 0.1  # AdamW decoupled decay, applied to >=2-D weights only
-    betas: tuple[float, float] = (0.9, 0.95)  # beta2 0.95 is steadier than 0.999 for LM pre-training
-    grad_clip: float = 1.0  # clip the global grad norm to this; 0 disables clipping (norm still reported)
-    warmup_steps: int = 100  # linear warmup from 0 avoids early Adam blow-ups while moments are noisy
-    max_steps: int = 1000  # optimizer steps; the cosine schedule reaches its floor here
-    max_seconds: float | None = None  # wall-clock budget per fit() call: stop early, still eval + save at the end
-    eval_every: int = 200  # evaluate every N optimizer steps; 0 = only at the end
-    eval_batches: int = 20  # cap on evaluation batches, so an eval costs a bounded time
-    save_every: int = 500  # checkpoint every N optimizer steps; 0 = only at the end
-    keep_checkpoints: int = 2  # newest checkpoints kept on disk; older ones are pruned
-    seed: int = 1337  # seeds torch's global RNG at the start of a fresh run (dropout, etc.)
-    precision: str = "auto"  # "auto" = bf16 autocast on CUDA if supported else fp32; "bf16"; "fp32"
-    grad_checkpointing: bool = False  # recompute block activations in backward: less memory, ~30% slower
-    log_every: int = 10  # log a metrics row every N steps (each row forces a device sync)
-    compile: bool = False  # torch.compile the model; pays off on GPU for long runs
+    batch_size: int = setting(16, "sequences per micro-batch; memory scales with batch_size * seq_len")
+    seq_len: int = setting(256, "tokens per sequence; must be <= the model's max_position_embeddings")
+    grad_accum: int = setting(1, "micro-batches per optimizer step: effective batch = batch_size * "
+                                 "grad_accum")
+    lr: float = setting(3e-3, "peak learning rate; small models tolerate (and need) a high one")
+    min_lr_ratio: float = setting(0.1, "cosine floor as a fraction of lr (Chinchilla: decay to ~10%)")
+    weight_decay: float = setting(0.1, "AdamW decoupled decay, applied to >=2-D weights only")
+    betas: tuple[float, float] = setting((0.9, 0.95), "beta2 0.95 is steadier than 0.999 for LM pre-training")
+    grad_clip: float = setting(1.0, "clip the global grad norm to this; 0 disables clipping (norm still "
+                                    "reported)")
+    warmup_steps: int | None = setting(None, "linear warmup from 0 avoids early Adam blow-ups; none = "
+                                             "min(100, max_steps / 10)")
+    max_steps: int = setting(1000, "optimizer steps; the cosine schedule reaches its floor here", flag="steps")
+    max_seconds: float | None = setting(None, "wall-clock budget per fit() call: stop early, still eval + save "
+                                              "at the end")
+    eval_every: int = setting(200, "evaluate every N optimizer steps; 0 = only at the end")
+    eval_batches: int = setting(20, "cap on evaluation batches, so an eval costs a bounded time")
+    save_every: int = setting(500, "checkpoint every N optimizer steps; 0 = only at the end")
+    keep_checkpoints: int = setting(2, "newest checkpoints kept on disk; older ones are pruned")
+    seed: int = setting(1337, "seeds torch's global RNG at the start of a fresh run (dropout, etc.)")
+    precision: Literal["auto", "bf16", "fp32"] = setting("auto", "auto = bf16 autocast on CUDA if supported, else "
+                                                                 "fp32")
+    grad_checkpointing: bool = setting(False, "recompute block activations in backward: less memory, ~30% "
+                                              "slower")
+    log_every: int = setting(10, "log a metrics row every N steps (each row forces a device sync)")
+    compile: bool = setting(False, "torch.compile the model; pays off on GPU for long runs")
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # lists come back from JSON
+        if self.warmup_steps is None:
+            self.warmup_steps = min(100, max(1, self.max_steps // 10)) if isinstance(self.max_steps, int) else 0
         self.validate()
 
     @property
@@ -85,8 +95,4 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         """Inverse of `dataclasses.asdict`; unknown keys are an error naming them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
+        return from_dict(cls, d)

@@ -11,9 +11,9 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from .cli_common import err, fail
-from .graph_recipes import CORA_RECIPE as R
-from .graph_recipes import CORA_TRAINING as T
+from .common import err, fail
+from ..graph_recipes import CORA_RECIPE as R
+from ..graph_recipes import CORA_TRAINING as T
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Graph branch: clean raw graph files, self-supervised pre-training, linear probe.")
@@ -43,7 +43,7 @@ def _pair(text: str, name: str) -> tuple[float, float] | None:
 
 def _ssl_config(augment: str, aug_p: str, feature_p: str, **fields):
     """GraphSSLConfig from the CLI's strings (comma lists) plus the other fields by name."""
-    from .graph.ssl import GraphSSLConfig
+    from ..graph.ssl import GraphSSLConfig
 
     return GraphSSLConfig(augmentations=tuple(a for a in augment.split(",") if a), aug_p=_pair(aug_p, "aug-p"),
                           feature_p=_pair(feature_p, "feature-p"), **fields)
@@ -85,7 +85,7 @@ def clean(
     recon_epochs: int = typer.Option(100, min=1, help="Autoencoder training epochs for --recon-anomaly."),
 ) -> None:
     """Ingest new rows (dedup, quarantine with reasons, impute features, flag anomalies) into OUT."""
-    from .graph.clean import clean_graph
+    from ..graph.clean import clean_graph
 
     _setup_logging()
     try:
@@ -132,9 +132,9 @@ def pretrain(
     the model and embeddings. Defaults: the best validation probe on Cora (benchmarks/graph_ssl.py)."""
     from safetensors.torch import save_file
 
-    from .graph.datasets import load_graph
-    from .graph.experiment import embed, save_ssl_model
-    from .graph.ssl import pretrain_graph
+    from ..graph.datasets import load_graph
+    from ..graph.experiment import embed, save_ssl_model
+    from ..graph.ssl import pretrain_graph
 
     _setup_logging()
     try:
@@ -192,8 +192,8 @@ def probe(
 ) -> None:
     """Linear probe (logistic regression on frozen embeddings, public split; weight decay and
     standardisation chosen on the validation split), mean +/- std over seeds."""
-    from .graph.datasets import load_graph
-    from .graph.experiment import curve_rows, load_ssl_model, probe_model, ssl_probe
+    from ..graph.datasets import load_graph
+    from ..graph.experiment import curve_rows, load_ssl_model, probe_model, ssl_probe
 
     _setup_logging()
     try:

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from .cli_common import err, fail
+from .common import err, fail
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Open-AutoGLM: train, evaluate and sample a sparse-attention MoE language model.")
@@ -34,15 +34,9 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _load_model_dir(model_dir: Path):
-    from .hf import OpenAutoGLMForCausalLM
-    from .tokenizer import load_tokenizer
+    from ..rundir import RunDir
 
-    if not (model_dir / "config.json").is_file() or not (model_dir / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"{model_dir} is not a saved model directory (needs config.json and model.safetensors); "
-            f"train one with `autoglm train --out {model_dir}`")
-    model = OpenAutoGLMForCausalLM.from_pretrained(model_dir).eval()
-    return model, load_tokenizer(model_dir)
+    return RunDir.open(model_dir).load()
 
 
 @app.command()
@@ -50,8 +44,8 @@ def info(preset: str = typer.Argument(..., help="Preset name, e.g. tiny, small, 
     """Print a preset's architecture and its total and active (per-token) parameter counts."""
     import torch
 
-    from .config import OpenAutoGLMConfig
-    from .hf import OpenAutoGLMForCausalLM
+    from ..config import OpenAutoGLMConfig
+    from ..hf import OpenAutoGLMForCausalLM
 
     try:
         cfg = OpenAutoGLMConfig.from_name(preset)
@@ -100,8 +94,8 @@ def train(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Pre-train a model on a text corpus: AdamW, warmup + cosine, clipping, checkpoints, validation."""
-    from .training import CheckpointError, TrainConfig
-    from .training.pretrain import pretrain
+    from ..training import CheckpointError, TrainConfig
+    from ..training.pretrain import pretrain
 
     _setup_logging(verbose)
     try:
@@ -134,7 +128,7 @@ def eval_cmd(
     cache_dir: Path = typer.Option(DEFAULT_CACHE),
 ) -> None:
     """Validation loss, perplexity and next-token accuracy of a saved model."""
-    from .training.pretrain import evaluate_run
+    from ..training.pretrain import evaluate_run
 
     _setup_logging(False)
     try:
@@ -156,7 +150,7 @@ def _generate(model, tok, prompt: str, max_new_tokens: int, temperature: float, 
     if ids.shape[1] + max_new_tokens > limit:
         raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
                          f"context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
-    from .inference import EngineConfig, LLMEngine, SamplingParams
+    from ..inference import EngineConfig, LLMEngine, SamplingParams
 
     block = 16
     engine = LLMEngine(model, tok, EngineConfig(block_size=block, num_blocks=-(-limit // block) + 1))
@@ -188,10 +182,15 @@ def generate(
     err.print(f"[dim]{max_new_tokens} tokens in {time.perf_counter() - t:.2f}s[/]")
 
 
-app.add_typer(__import__("autoglm.cli_finetune", fromlist=["app"]).app)  # distill, finetune, merge, adapters
-app.add_typer(__import__("autoglm.cli_serve", fromlist=["app"]).app)  # serve (OpenAI-compatible API)
-app.add_typer(__import__("autoglm.cli_export", fromlist=["app"]).app, name="export")  # export onnx [--quantize]
-app.add_typer(__import__("autoglm.cli_graph", fromlist=["app"]).app, name="graph")  # graph clean|pretrain|probe
+from . import export as _export  # noqa: E402  (export onnx [--quantize])
+from . import finetune as _finetune  # noqa: E402  (distill, finetune, merge, adapters)
+from . import graph as _graph  # noqa: E402  (graph clean | pretrain | probe)
+from . import serve as _serve  # noqa: E402  (serve: the OpenAI-compatible API)
+
+app.add_typer(_finetune.app)
+app.add_typer(_serve.app)
+app.add_typer(_export.app, name="export")
+app.add_typer(_graph.app, name="graph")
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-from .cli_common import err, fail
+from .common import err, fail
 
 __all__ = ["app"]
 
@@ -58,9 +58,9 @@ def onnx(
 ) -> None:
     """Export MODEL_DIR to ONNX: prefill and decode (KV cache in/out) graphs with dynamic batch and
     sequence axes, checked against eager PyTorch; with --quantize, INT8 through ONNX Runtime."""
-    from .export import QUANT_MODES, ExportError, export_onnx, load_model_dir, quantize_export
-    from .export.storage import directory_size_mb
-    from .export.wrapper import PREFILL_ATTENTION
+    from ..export import QUANT_MODES, ExportError, export_onnx, load_model_dir, quantize_export
+    from ..export.storage import directory_size_mb
+    from ..export.wrapper import PREFILL_ATTENTION
 
     _setup_logging(verbose)
     try:
@@ -93,9 +93,9 @@ def onnx(
 
 
 def _calibration(model_dir: Path, data: Optional[Path], cache_dir: Path, n: int, seq_len: int):
-    from .data import build_token_cache, read_corpus
-    from .export.quantize import calibration_windows
-    from .tokenizer import load_tokenizer
+    from ..data import build_token_cache, read_corpus
+    from ..export.quantize import calibration_windows
+    from ..tokenizer import load_tokenizer
 
     tok = load_tokenizer(model_dir)
     tokens = build_token_cache(read_corpus(data), tok, cache_dir)

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from .cli_common import err, fail
+from .common import err, fail
 
 __all__ = ["app"]
 
@@ -37,7 +37,7 @@ def _setup_logging(verbose: bool) -> None:
 
 def _train_config(steps: int, batch_size: int, seq_len: int, lr: float, seed: int, eval_every: int = 0,
                   save_every: int = 0, **kw):
-    from .training import TrainConfig
+    from ..training import TrainConfig
 
     return TrainConfig(batch_size=batch_size, seq_len=seq_len, lr=lr, max_steps=steps,
                        warmup_steps=min(100, max(1, steps // 10)), eval_every=eval_every, save_every=save_every,
@@ -65,8 +65,8 @@ def distill(
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Train a student from one or two teachers (progressive KD, reference loss)."""
-    from .training.distill import AlphaSchedule, DistillConfig
-    from .training.finetune import distill as run
+    from ..training.distill import AlphaSchedule, DistillConfig
+    from ..training.finetune import distill as run
 
     _setup_logging(verbose)
     try:
@@ -103,8 +103,8 @@ def finetune(
 ) -> None:
     """Fine-tune a saved model fully or with LoRA; with --lora only the adapter is saved.
     Checkpoints (with --lora: adapter, optimizer, scheduler, step) go to OUT/checkpoints."""
-    from .training.checkpoint import CheckpointError
-    from .training.finetune import finetune as run
+    from ..training.checkpoint import CheckpointError
+    from ..training.finetune import finetune as run
 
     _setup_logging(verbose)
     try:
@@ -127,7 +127,7 @@ def merge(
     base: Optional[Path] = typer.Option(None, help="Base model directory (default: the one the adapter records)."),
 ) -> None:
     """Fold a LoRA adapter into its base model and save a plain model (loads without PEFT)."""
-    from .training.lora import merge_lora
+    from ..training.lora import merge_lora
 
     _setup_logging(False)
     try:
@@ -147,9 +147,9 @@ def adapters_train(
     pooling: str = typer.Option("last", help="last (last real token) or mean."),
 ) -> None:
     """Train a sequence-classification adapter with the backbone frozen and save it by name."""
-    from .hf import OpenAutoGLMForCausalLM
-    from .tokenizer import load_tokenizer
-    from .training.task_adapters import read_labeled_jsonl, save_named_adapter, train_classifier
+    from ..hf import OpenAutoGLMForCausalLM
+    from ..tokenizer import load_tokenizer
+    from ..training.task_adapters import read_labeled_jsonl, save_named_adapter, train_classifier
 
     _setup_logging(False)
     try:
@@ -170,7 +170,7 @@ def adapters_train(
 @adapters_app.command("list")
 def adapters_list(model_dir: Path = typer.Argument(..., help="Model directory.")) -> None:
     """List the adapters saved with a model (MODEL_DIR/adapters/*)."""
-    from .training.task_adapters import list_saved_adapters
+    from ..training.task_adapters import list_saved_adapters
 
     items = list_saved_adapters(model_dir)
     if not items:

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 from rich.logging import RichHandler
 
-from .cli_common import err, fail
+from .common import err, fail
 
 __all__ = ["app", "parse_lora_specs"]
 
@@ -59,17 +59,17 @@ def serve(
     """Serve a model over an OpenAI-compatible API (/v1/completions, /v1/chat/completions, /metrics)."""
     import uvicorn
 
-    from .cli import _load_model_dir
-    from .inference import EngineConfig, LLMEngine
-    from .inference.async_engine import AsyncEngine
-    from .inference.server import create_app
+    from ..rundir import RunDir
+    from ..inference import EngineConfig, LLMEngine
+    from ..inference.async_engine import AsyncEngine
+    from ..inference.server import create_app
 
     logging.basicConfig(level=logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=err, show_path=False, show_time=False)], force=True)
     name = served_model_name or model_dir.resolve().name
     try:
         adapters = parse_lora_specs(lora, name)
-        model, tok = _load_model_dir(model_dir)
+        model, tok = RunDir.open(model_dir).load()
         cfg = EngineConfig(block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                            max_num_batched_tokens=max_num_batched_tokens, early_exit_threshold=early_exit_threshold)
         engine = LLMEngine(model, tok, cfg)
