@@ -167,7 +167,7 @@ def main(argv=None) -> None:
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--eval-batches", type=int, default=50)
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     logging.basicConfig(level=logging.INFO, format="%(message)s")

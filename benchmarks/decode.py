@@ -192,7 +192,7 @@ def main():
     ap.add_argument("--compile", action="store_true", help="also time CUDA graphs of a torch.compile'd decode step")
     ap.add_argument("--forward-lens", default="512,2048,8192")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=None, help="results folder (default: docs/results)")
     a = ap.parse_args()
     a.forward_lens = [int(x) for x in a.forward_lens.split(",") if x]
     device = torch.device(a.device)

@@ -239,7 +239,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--reuse-teachers", action="store_true",
                    help="Reuse the teachers an earlier run with the same teacher settings left in --work-dir")
-    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     res = run(args)

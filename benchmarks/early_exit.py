@@ -160,7 +160,7 @@ def main():
                     help="decode temperatures, each its own timed table (0 = greedy; > 0 samples, seeded per prompt)")
     ap.add_argument("--eval-batches", type=int, default=30)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=None, help="results folder (default: docs/results)")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--save-dir", type=Path, default=None, help="save the trained models here")
     ap.add_argument("--load-dir", type=Path, default=None, help="load models saved by --save-dir; no training")

@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> None:
                                                                 "the epoch (0 = all) and project the epoch time")
     ap.add_argument("--clean-edges", type=int, default=10_000_000)
     ap.add_argument("--clean-memory-limit", default="8GB")
-    ap.add_argument("--out", type=Path, default=ROOT / "results")
+    ap.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
     for action in ap._actions:  # every option shows its default in --help
         if action.help is None:
             action.help = "(default: %(default)s)"

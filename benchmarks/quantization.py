@@ -252,7 +252,7 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--calib-windows", type=int, default=32)
     p.add_argument("--greedy-prompts", type=int, default=8)
-    p.add_argument("--out", type=Path, default=ROOT / "results")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger().setLevel(logging.WARNING)

@@ -1,22 +1,87 @@
 """What every benchmark script does last: write `<name>.json` and `<name>.md` into the
-results folder and print the markdown table (run as `python benchmarks/<script>.py`, so
-this module imports as `results_io`)."""
+results folder (default `docs/results/`, committed) and print the markdown table. Run as
+`python benchmarks/<script>.py`, so this module imports as `results_io`.
+
+Each JSON file carries `meta`: the command that made it, the commit, the machine (CPU, GPU),
+the torch version and the date, and the Markdown file ends with the same lines, so every
+committed number says how to reproduce it.
+"""
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import os
+import platform
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
 
-def save_results(out_dir: str | Path, name: str, res: Any, md: str) -> None:
-    out = Path(out_dir)
+
+def machine() -> dict[str, Any]:
+    """What ran the benchmark: CPU, cores, threads torch used, GPU (if any), versions."""
+    import torch
+
+    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
+                            "cpu": _cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__,
+                            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _commit() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("+changes" if dirty else "")
+
+
+def meta() -> dict[str, Any]:
+    script = Path(sys.argv[0])
+    cmd = ["python", f"benchmarks/{script.name}" if script.parent.name == "benchmarks" else str(script),
+           *sys.argv[1:]]
+    return {"command": shlex.join(cmd), "commit": _commit(), "machine": machine(),
+            "date": datetime.date.today().isoformat()}
+
+
+def save_results(out_dir: str | Path | None, name: str, res: Any, md: str) -> Path:
+    """Write `<name>.json` (res + meta) and `<name>.md` (md + a reproduce footer) to `out_dir`
+    (None: docs/results/); returns the JSON path."""
+    out = Path(out_dir) if out_dir is not None else RESULTS
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(res, indent=2, default=str))
-    md = md.rstrip("\n") + "\n"
+    m = meta()
+    payload = {**res, "meta": m} if isinstance(res, dict) else {"result": res, "meta": m}
+    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    mach = m["machine"]
+    where = mach.get("gpu") or f"{mach['cpu']}, {mach['cores']} cores, {mach['torch_threads']} torch threads"
+    footer = (f"\n\nMade by `{m['command']}` at commit {m['commit']} on {m['date']}; "
+              f"{where}; torch {mach['torch']}.\n")
+    md = md.rstrip("\n") + footer
     (out / f"{name}.md").write_text(md)
     print(md, end="")
+    return out / f"{name}.json"
 
 
 def pyplot() -> Any:

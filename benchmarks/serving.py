@@ -172,7 +172,7 @@ def main():
     ap.add_argument("--load-in-flight", type=int, default=32)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--out", default=None, help="results folder (default: docs/results)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
