@@ -62,9 +62,13 @@ def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | N
     return dataclasses.field(default=default, metadata=meta)
 
 
-def section(cls: type, help: str = "") -> Any:
-    """A nested config section (a dataclass built from its own defaults)."""
-    return dataclasses.field(default_factory=cls, metadata={"help": help, "section": True})
+def section(cls: type, help: str = "", **defaults: Any) -> Any:
+    """A nested config section. `defaults`: this recipe's own defaults for some of the
+    section's fields (e.g. a fine-tuning recipe's `max_steps=200`); a file or override
+    that sets other fields of the section keeps them. Derived fields (those the section's
+    `__post_init__` fills in) are computed after the merge, from the final values."""
+    return dataclasses.field(default_factory=lambda: cls(**defaults),
+                             metadata={"help": help, "section": True, "defaults": defaults})
 
 
 def field_help(f: dataclasses.Field) -> str:
@@ -191,11 +195,13 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown field; {cls.__name__} has: {', '.join(sorted(fields))}")
     hints = _hints(cls)
+    data = dict(data)
+    for name, f in fields.items():  # a section starts from the recipe's defaults for it
+        if dataclasses.is_dataclass(hints[name]) and "defaults" in f.metadata:
+            given = data.get(name, {})
+            if isinstance(given, Mapping):
+                data[name] = {**f.metadata["defaults"], **given}
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
-    for name, f in fields.items():  # sections not mentioned still get built from their defaults
-        if (name not in kwargs and dataclasses.is_dataclass(hints[name])
-                and f.default_factory is not dataclasses.MISSING):
-            kwargs[name] = f.default_factory()
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -295,17 +301,20 @@ class Leaf:
     argument: bool
 
 
-def leaves(cls: type, prefix: str = "") -> Iterator[Leaf]:
-    """Every non-section field of `cls` and its sections, depth first, in field order."""
+def leaves(cls: type, prefix: str = "", defaults: Mapping[str, Any] | None = None) -> Iterator[Leaf]:
+    """Every non-section field of `cls` and its sections, depth first, in field order;
+    `defaults`: a parent recipe's defaults for this section's fields."""
     hints = _hints(cls)
     for f in dataclasses.fields(cls):
         if not f.init:
             continue
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            yield from leaves(tp, prefix + f.name + ".")
+            yield from leaves(tp, prefix + f.name + ".", f.metadata.get("defaults"))
             continue
-        if f.default is not dataclasses.MISSING:
+        if defaults and f.name in defaults:
+            default = defaults[f.name]
+        elif f.default is not dataclasses.MISSING:
             default = f.default
         elif f.default_factory is not dataclasses.MISSING:
             default = f.default_factory()

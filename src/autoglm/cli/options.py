@@ -70,7 +70,7 @@ def _param(leaf: Leaf, name: str) -> inspect.Parameter:
         help_ += f" (one of: {', '.join(str(c) for c in typing.get_args(base))})"
     if b_origin in (tuple, list):
         help_ += " (comma list)"
-    shown = "" if leaf.default is dataclasses.MISSING else f"[default: {_show(leaf.default)}]"
+    shown = "" if leaf.default is dataclasses.MISSING else f"(default: {_show(leaf.default)})"
     help_ = f"{help_}. {shown}" if help_ else shown
     section = leaf.path.rsplit(".", 1)[0] if "." in leaf.path else None
     panel = f"{section} options" if section else None
@@ -80,14 +80,14 @@ def _param(leaf: Leaf, name: str) -> inspect.Parameter:
         annot, info = Optional[bool], typer.Option(None, f"{flag}/--no-{name}", help=help_, show_default=False,
                                                   rich_help_panel=panel)
     elif b_origin in (tuple, list):
-        annot, info = Optional[list[str]], typer.Option(None, flag, help=help_, show_default=False,
+        annot, info = Optional[list[str]], typer.Option(None, flag, help=help_, show_default=False, metavar="LIST",
                                                         rich_help_panel=panel)
     elif leaf.argument:
-        py = {int: int, float: float, Path: Path}.get(base, str)
+        py = {int: int, float: float, Path: Path}.get(base, str) if base is tp else str
         annot, info = Optional[py], typer.Argument(None, help=help_, show_default=False,
                                                    metavar=name.upper().replace("-", "_"))
-    else:
-        py = {int: int, float: float, Path: Path}.get(base, str)
+    else:  # an optional field takes text, so that "none" can be given
+        py = {int: int, float: float, Path: Path}.get(base, str) if base is tp else str
         metavar = {int: "INT", float: "FLOAT", Path: "PATH"}.get(base, "TEXT" if b_origin is not Literal else "CHOICE")
         annot, info = Optional[py], typer.Option(None, flag, help=help_, show_default=False, metavar=metavar,
                                                  rich_help_panel=panel)
