@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,8 +19,11 @@ demo: setup  ## train `small` on the built-in corpus for a few minutes, then eva
 	$(BIN)/autoglm train --preset small --out runs/demo --steps 150 --minutes 6 --eval-every 50 --save-every 50
 	$(BIN)/autoglm generate runs/demo --prompt "Return the " --max-new-tokens 60
 
-test: setup  ## run the test suite
+test: setup  ## run the test suite and every module's doctests (CPU; slow end-to-end tests left out)
 	$(BIN)/python -m pytest
+
+test-all: setup  ## also the tests marked slow
+	$(BIN)/python -m pytest -m "slow or not slow"
 
 bench: setup  ## architecture benchmark (writes benchmarks/results/)
 	$(BIN)/python benchmarks/architecture.py
