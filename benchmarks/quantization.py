@@ -41,7 +41,8 @@ from autoglm.export.runtime import evaluate_ort
 from autoglm.export.storage import directory_size_mb
 from autoglm.tokenizer import load_tokenizer
 from autoglm.training import TrainConfig, evaluate
-from autoglm.training.pretrain import pretrain
+from autoglm.recipes.common import ModelSpec, TextData
+from autoglm.recipes.pretrain import PretrainConfig, pretrain
 from results_io import save_results
 
 ROOT = Path(__file__).resolve().parent
@@ -130,8 +131,8 @@ def run(args) -> dict:
         log.info("training %s for %ds on %s", args.preset, args.train_seconds, data or "the built-in corpus")
         cfg = TrainConfig(batch_size=8, seq_len=256, max_steps=100000, max_seconds=args.train_seconds,
                           warmup_steps=30, eval_every=0, save_every=0, eval_batches=4)
-        pretrain(args.preset, work / "model", cfg, data=data, cache_dir=work / "cache", vocab_size=args.vocab_size,
-                 progress=False)
+        pretrain(PretrainConfig(out=work / "model", model=ModelSpec(args.preset, args.vocab_size),
+                                data=TextData(data, work / "cache"), train=cfg, sample_prompt=""), progress=False)
         model_dir = work / "model"
     else:
         model_dir = Path(args.model_dir)

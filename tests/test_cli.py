@@ -79,7 +79,7 @@ def test_resume_continues_from_latest(trained):
     root, data, out, _ = trained
     code, output = run("train", "--preset", "tiny", "--data", data, "--out", out, "--steps", "14",
                        "--batch-size", "4", "--seq-len", "32", "--eval-every", "6", "--save-every", "6",
-                       "--vocab-size", "300", "--cache-dir", root / "cache", "--resume", "--no-sample")
+                       "--vocab-size", "300", "--cache-dir", root / "cache", "--resume", "--sample-prompt", "")
     assert code == 0, output
     assert "14 steps" in output
 

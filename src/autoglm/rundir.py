@@ -38,9 +38,7 @@ from typing import Any
 
 from .atomic import atomic_files
 
-__all__ = ["RunDir", "KINDS", "BUILTIN_CORPUS"]
-
-BUILTIN_CORPUS = "builtin:stdlib-docstrings"  # what run.json records as the data of the built-in corpus
+__all__ = ["RunDir", "KINDS"]
 
 # kind -> (files it must hold, what it is called, how to make one)
 KINDS: dict[str, tuple[tuple[str, ...], str, str]] = {

@@ -52,11 +52,13 @@ class ConfigError(ValueError):
 
 
 def setting(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
-            cli: bool = True, argument: bool = False) -> Any:
+            cli: bool = True, argument: bool = False, required: bool = False) -> Any:
     """A config field with its one-line help. `flag`: the command-line name if it should
     differ from the field's (e.g. "steps" for max_steps); `cli=False`: file-only;
-    `argument=True`: a positional argument on the command line."""
-    meta = {"help": help, "flag": flag, "cli": cli, "argument": argument}
+    `argument=True`: a positional argument on the command line; `required=True`: the
+    default (None) must be replaced by the file or the command line (checked by
+    `load_config`, with the field's name and help in the message)."""
+    meta = {"help": help, "flag": flag, "cli": cli, "argument": argument, "required": required}
     if isinstance(default, (list, dict, set)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -202,6 +204,10 @@ def _build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             if isinstance(given, Mapping):
                 data[name] = {**f.metadata["defaults"], **given}
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    for name, f in fields.items():
+        if f.metadata.get("required") and kwargs.get(name, f.default) in (None, (), ""):
+            raise ConfigError(f"{prefix}{name}: required ({f.metadata.get('help', '')}); set it in the config "
+                              f"file or on the command line")
     try:
         return cls(**kwargs)
     except ConfigError:
@@ -299,6 +305,7 @@ class Leaf:
     flag: str | None
     cli: bool
     argument: bool
+    required: bool
 
 
 def leaves(cls: type, prefix: str = "", defaults: Mapping[str, Any] | None = None) -> Iterator[Leaf]:
@@ -322,4 +329,4 @@ def leaves(cls: type, prefix: str = "", defaults: Mapping[str, Any] | None = Non
             default = dataclasses.MISSING
         m = f.metadata
         yield Leaf(prefix + f.name, tp, default, m.get("help", ""), m.get("flag"), m.get("cli", True),
-                   m.get("argument", False))
+                   m.get("argument", False), m.get("required", False))

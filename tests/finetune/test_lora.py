@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
 from autoglm.losses import IGNORE_INDEX
 from autoglm.training import TrainConfig
-from autoglm.training.finetune import finetune
+from autoglm.recipes.finetune import FinetuneConfig, LoraSpec, finetune
 from autoglm.training.lora import apply_lora, load_lora, lora_config, merge_lora, resolve_targets, trainable_parameters
 from autoglm.training.sft_data import SFTDataset, encode_pair, encode_sft, read_sft_jsonl
 
@@ -110,6 +110,14 @@ def test_loss_is_on_completion_tokens_only(tmp_path):
     torch.testing.assert_close(loss, torch.stack(terms).mean(), rtol=1e-5, atol=1e-6)
 
 
+def run_finetune(base, data, out, train, lora=True, targets=("q_proj", "v_proj"), resume=False, **kw):
+    """The fine-tuning recipe, as `autoglm finetune` calls it; returns (model, result, info)."""
+    cfg = FinetuneConfig(base=base, data=data, out=out, train=train, lora=LoraSpec(enabled=lora, targets=targets),
+                         resume=resume, **kw)
+    o = finetune(cfg, progress=False)
+    return o.model, o.result, o.info
+
+
 def test_finetune_lora_saves_adapter_only_and_merge_matches(tmp_path):
     make_tokenizer(tmp_path / "tok")
     base = make_model_dir(tmp_path / "base", tmp_path / "tok")
@@ -118,7 +126,7 @@ def test_finetune_lora_saves_adapter_only_and_merge_matches(tmp_path):
                             for i in range(20)))
     cfg = TrainConfig(batch_size=4, seq_len=32, max_steps=8, warmup_steps=1, lr=1e-2, eval_every=0,
                       save_every=0, log_every=4)
-    model, result, info = finetune(base, data, tmp_path / "ad", cfg, lora=True, progress=False)
+    model, result, info = run_finetune(base, data, tmp_path / "ad", cfg, lora=True)
     assert info["eval_after"]["loss"] < info["eval_before"]["loss"]
     files = sorted(p.name for p in (tmp_path / "ad").iterdir())
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
@@ -141,7 +149,7 @@ def test_full_finetune_on_text_file(tmp_path):
     data = write_text(tmp_path / "d.txt")
     cfg = TrainConfig(batch_size=4, seq_len=32, max_steps=6, warmup_steps=1, eval_every=0, save_every=0,
                       eval_batches=2)
-    _, _, info = finetune(base, data, tmp_path / "full", cfg, lora=False, progress=False)
+    _, _, info = run_finetune(base, data, tmp_path / "full", cfg, lora=False)
     assert info["trainable_params"] == info["total_params"]
     assert info["eval_after"]["loss"] < info["eval_before"]["loss"]
     assert (tmp_path / "full" / "model.safetensors").is_file()
@@ -162,8 +170,8 @@ def test_lora_resume_reproduces_the_uninterrupted_adapter(tmp_path):
     data = write_text(tmp_path / "d.txt")
     cfg = TrainConfig(batch_size=2, seq_len=32, max_steps=6, warmup_steps=2, lr=1e-2, eval_every=0, save_every=2,
                       keep_checkpoints=5, eval_batches=1, log_every=2)
-    kw = dict(lora=True, progress=False, cache_dir=tmp_path / "cache", targets=["q_proj", "v_proj", "o_proj"])
-    finetune(base, data, tmp_path / "a", cfg, **kw)
+    kw = dict(lora=True, cache_dir=tmp_path / "cache", targets=("q_proj", "v_proj", "o_proj"))
+    run_finetune(base, data, tmp_path / "a", cfg, **kw)
     ckpts = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step-*"))
     assert ckpts == ["step-000002", "step-000004", "step-000006"]
     step2 = tmp_path / "a" / "checkpoints" / "step-000002"
@@ -174,8 +182,8 @@ def test_lora_resume_reproduces_the_uninterrupted_adapter(tmp_path):
     shutil.copytree(step2, tmp_path / "b" / "checkpoints" / "step-000002")
     (tmp_path / "b" / "checkpoints" / "latest").write_text("step-000002\n")
     with pytest.raises(ValueError, match="resume=True"):  # a fresh start over a checkpoint is refused
-        finetune(base, data, tmp_path / "b", cfg, **kw)
-    _, result, _ = finetune(base, data, tmp_path / "b", cfg, resume=True, **kw)
+        run_finetune(base, data, tmp_path / "b", cfg, **kw)
+    _, result, _ = run_finetune(base, data, tmp_path / "b", cfg, resume=True, **kw)
     assert result.steps == 6 and result.steps_run == 4
     a, b = load_file(tmp_path / "a" / "adapter_model.safetensors"), load_file(tmp_path / "b" / "adapter_model.safetensors")
     s2 = load_file(step2 / "adapter_model.safetensors")
@@ -185,4 +193,4 @@ def test_lora_resume_reproduces_the_uninterrupted_adapter(tmp_path):
         assert torch.equal(a[k], b[k]), k
     # resuming with other LoRA targets is refused, naming the mismatch
     with pytest.raises(CheckpointError, match="does not match the model's adapter"):
-        finetune(base, data, tmp_path / "b", cfg, resume=True, **{**kw, "targets": ["q_proj"]})
+        run_finetune(base, data, tmp_path / "b", cfg, resume=True, **{**kw, "targets": ("q_proj",)})

@@ -70,7 +70,10 @@ def _param(leaf: Leaf, name: str) -> inspect.Parameter:
         help_ += f" (one of: {', '.join(str(c) for c in typing.get_args(base))})"
     if b_origin in (tuple, list):
         help_ += " (comma list)"
-    shown = "" if leaf.default is dataclasses.MISSING else f"(default: {_show(leaf.default)})"
+    if leaf.required:
+        shown = "(required)"
+    else:
+        shown = "" if leaf.default is dataclasses.MISSING else f"(default: {_show(leaf.default)})"
     help_ = f"{help_}. {shown}" if help_ else shown
     section = leaf.path.rsplit(".", 1)[0] if "." in leaf.path else None
     panel = f"{section} options" if section else None
@@ -112,6 +115,8 @@ def add_recipe_command(app: typer.Typer, name: str, cls: type, run: Callable[[An
     Bad input (ConfigError and the other user errors `run` raises) prints `error: ...`, exit 2."""
     names = option_names(cls)
     params = [_param(lf, names[lf.path]) for lf in leaves(cls) if lf.cli]
+    spelled = {lf.path: names[lf.path].upper().replace("-", "_") if lf.argument else "--" + names[lf.path]
+               for lf in leaves(cls) if lf.cli}
     params.sort(key=lambda p: not isinstance(p.default, typer.models.ArgumentInfo))  # arguments first
     params += [
         inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[Path],
@@ -132,7 +137,7 @@ def add_recipe_command(app: typer.Typer, name: str, cls: type, run: Callable[[An
         try:
             cfg = load_config(cls, config_file, _overrides(cls, values))
         except ConfigError as e:
-            fail(_with_flags(e, names))
+            fail(_with_flags(e, spelled))
         if print_config:
             console.print(to_yaml(cfg), end="", markup=False, highlight=False, soft_wrap=True)
             return
@@ -149,10 +154,10 @@ def add_recipe_command(app: typer.Typer, name: str, cls: type, run: Callable[[An
     app.command(name)(command)
 
 
-def _with_flags(e: ConfigError, names: dict[str, str]) -> str:
+def _with_flags(e: ConfigError, spelled: dict[str, str]) -> str:
     """Add the command-line spelling to a message that names a field by its dotted path."""
     msg = str(e)
-    for path, flag in sorted(names.items(), key=lambda kv: -len(kv[0])):
+    for path, flag in sorted(spelled.items(), key=lambda kv: -len(kv[0])):
         if msg.startswith(path + ":") or f": {path}:" in msg:
-            return msg.replace(f"{path}:", f"{path} (--{flag}):", 1)
+            return msg.replace(f"{path}:", f"{path} ({flag}):", 1)
     return msg

@@ -35,14 +35,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..losses import IGNORE_INDEX, lm_loss
+from ..settings import setting
 from .teacher_cache import TeacherLogitCache, topk_to_probs
 
 __all__ = ["kd_loss", "kd_scale", "combine_teachers", "AlphaSchedule", "DistillConfig",
@@ -151,17 +152,23 @@ class AlphaSchedule:
 
 @dataclass
 class DistillConfig:
-    """How the student learns from the teachers."""
+    """How the student learns from the teachers (the `distill` section of the distill recipe)."""
 
-    alpha: AlphaSchedule = field(default_factory=AlphaSchedule)  # default: constant 0.7
-    temperature: float = 1.0  # softens teacher and student distributions (loss scaled by T^2)
-    combine: str = "fixed"  # "fixed" or "confidence" (see combine_teachers)
-    teacher_weights: tuple[float, ...] | None = None  # fixed weights (default equal)
-    hard_weight: float = 0.0  # weight of the hard-label cross-entropy added to the KD loss
-    kd_weight: float = 1.0  # weight of the KD loss
-    cache_top_k: int = 0  # >0: teachers' top-k logits are cached on disk (needs a cache dir)
+    alpha: float = setting(0.7, "weight of the teachers in the soft target (in the first round)")
+    alpha_end: float | None = setting(None, "alpha in the last round of the progressive schedule; none = alpha")
+    rounds: int = setting(1, "rounds of the alpha schedule; the soft-label mix changes once per round")
+    temperature: float = setting(1.0, "softens teacher and student distributions (the loss is scaled by T^2)")
+    combine: Literal["fixed", "confidence"] = setting("fixed", "how teachers mix: fixed weights or per-token "
+                                                               "confidence (see combine_teachers)")
+    teacher_weights: tuple[float, ...] | None = setting(None, "fixed teacher weights, e.g. 0.6,0.4; none = equal")
+    hard_weight: float = setting(0.0, "weight of the hard-label cross-entropy added to the KD loss")
+    kd_weight: float = setting(1.0, "weight of the KD loss")
+    cache_top_k: int = setting(0, "> 0: the teachers' top-k logits are cached on disk and reused")
 
     def __post_init__(self) -> None:
+        if self.teacher_weights is not None:
+            self.teacher_weights = tuple(self.teacher_weights)
+        self.schedule(1)  # checks alpha, alpha_end and rounds
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.combine not in COMBINE_MODES:
@@ -171,6 +178,12 @@ class DistillConfig:
                              f"and not both 0")
         if self.cache_top_k < 0:
             raise ValueError(f"cache_top_k must be >= 0 (0 disables the cache), got {self.cache_top_k}")
+
+    def schedule(self, total_steps: int) -> AlphaSchedule:
+        """alpha per optimizer step over a run of `total_steps`."""
+        end = self.alpha if self.alpha_end is None else self.alpha_end
+        return AlphaSchedule(self.alpha, end, "progressive" if self.rounds > 1 else "constant", self.rounds,
+                             max(total_steps, 1))
 
 
 def _vocab_of(model: nn.Module) -> int:
@@ -224,11 +237,12 @@ class DistillationObjective:
     """
 
     def __init__(self, teachers: Sequence[nn.Module], cfg: DistillConfig | None = None,
-                 cache: TeacherLogitCache | None = None) -> None:
+                 cache: TeacherLogitCache | None = None, total_steps: int = 1) -> None:
         self.teachers = list(teachers)
         if not self.teachers:
             raise ValueError("DistillationObjective needs at least one teacher")
         self.cfg = cfg or DistillConfig()
+        self.alpha = self.cfg.schedule(total_steps)  # alpha(step)
         if self.cfg.cache_top_k and cache is None:
             raise ValueError("cache_top_k > 0 needs a TeacherLogitCache (pass cache=...)")
         self.cache = cache
@@ -239,7 +253,7 @@ class DistillationObjective:
 
     def __repr__(self) -> str:
         c = self.cfg
-        return (f"DistillationObjective(teachers={len(self.teachers)}, alpha={c.alpha}, T={c.temperature}, "
+        return (f"DistillationObjective(teachers={len(self.teachers)}, alpha={self.alpha}, T={c.temperature}, "
                 f"combine={c.combine}, hard_weight={c.hard_weight}, top_k={c.cache_top_k})")
 
     @torch.no_grad()
@@ -283,7 +297,7 @@ class DistillationObjective:
             raise ValueError(f"teacher distribution {tuple(t_probs.shape)} does not match the student's logits "
                              f"{tuple(out.logits.shape)}; teachers must share the student's vocabulary")
         mask = labels != IGNORE_INDEX
-        alpha = self.cfg.alpha(step)
+        alpha = self.alpha(step)
         kd = kd_loss(out.logits, t_probs, alpha, step, self.cfg.temperature, mask)
         zero = torch.zeros((), device=kd.device)
         hard = lm_loss(out.logits, labels) if self.cfg.hard_weight else zero

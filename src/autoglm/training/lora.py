@@ -20,9 +20,7 @@ Example:
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -99,53 +97,42 @@ def trainable_parameters(model: nn.Module) -> tuple[int, int]:
 
 
 def save_lora(model: PeftModel, tokenizer, out_dir: str | Path, base_model_dir: str | Path | None = None,
-              run_info: dict | None = None) -> Path:
+              run_info: dict | None = None, config_yaml: str | None = None) -> Path:
     """Save only the adapter (adapter_config.json + adapter_model.safetensors), the tokenizer,
-    and run.json with the base model directory so `merge` can find it."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+    and run.json with the base model directory so `merge` can find it (atomically, by RunDir)."""
+    from ..rundir import RunDir
+
     info = {"base_model": str(Path(base_model_dir).resolve()) if base_model_dir else None, **(run_info or {})}
-    (out_dir / "run.json").write_text(json.dumps(info, indent=2, default=str))
-    return out_dir
-
-
-def _base_of(adapter_dir: Path, base_dir: str | Path | None) -> Path:
-    if base_dir is not None:
-        return Path(base_dir)
-    run = adapter_dir / "run.json"
-    base = json.loads(run.read_text()).get("base_model") if run.is_file() else None
-    if not base:
-        raise ValueError(f"{adapter_dir} does not record its base model; pass the base model directory "
-                         f"(--base) explicitly")
-    return Path(base)
+    return RunDir.save(out_dir, model, tokenizer, info, config_yaml=config_yaml).path
 
 
 def load_lora(adapter_dir: str | Path, base_dir: str | Path | None = None,
               torch_dtype: torch.dtype | None = None) -> PeftModel:
-    """Load the base model (AutoModelForCausalLM) and put the saved LoRA adapter on it (unmerged)."""
+    """Load the base model (AutoModelForCausalLM) and put the saved LoRA adapter on it (unmerged).
+    `base_dir`: the base model directory (default: the one the adapter's run.json records)."""
     from transformers import AutoModelForCausalLM
 
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter_dir} holds no adapter_config.json: not a LoRA adapter directory "
-                                f"(make one with `autoglm finetune --lora`)")
-    base_dir = _base_of(adapter_dir, base_dir)
+    from ..rundir import RunDir
+
+    adapter = RunDir.open(adapter_dir, "lora")
+    base = base_dir if base_dir is not None else adapter.base_model
+    if base is None:
+        raise ValueError(f"{adapter_dir} does not record its base model; pass the base model directory "
+                         f"(--base) explicitly")
+    base = RunDir.open(base, role="base model").path
     kw = {"dtype": torch_dtype} if torch_dtype is not None else {}
-    base = AutoModelForCausalLM.from_pretrained(base_dir, **kw)
-    return PeftModel.from_pretrained(base, adapter_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(base, **kw)
+    return PeftModel.from_pretrained(model, adapter.path).eval()
 
 
 def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None) -> nn.Module:
     """Fold the LoRA weights into the base model and save a plain model (no PEFT needed to
     load it) with the adapter's tokenizer in `out_dir`. Returns the merged model."""
-    adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    from ..rundir import RunDir
+
     model = load_lora(adapter_dir, base_dir).merge_and_unload()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        if (adapter_dir / name).is_file():
-            shutil.copy2(adapter_dir / name, out_dir / name)
+    adapter = RunDir(Path(adapter_dir), "lora")
+    tok = adapter.load_tokenizer() if (Path(adapter_dir) / "tokenizer.json").is_file() else None
+    RunDir.save(out_dir, model, tok, {"recipe": "merge", "adapter": str(Path(adapter_dir).resolve()),
+                                      "base_model": str(adapter.base_model or base_dir)})
     return model

@@ -1,0 +1,87 @@
+"""`autoglm info | train | eval | generate`: the language model's own commands."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from ..recipes.generate import EvalConfig, GenerateConfig
+from ..recipes.pretrain import PretrainConfig
+from .common import console, err, fail
+from .options import add_recipe_command
+
+__all__ = ["register"]
+
+
+def info(preset: str = typer.Argument(..., help="Preset name, e.g. tiny, small, base, standard-small.")) -> None:
+    """Print a preset's architecture and its total and active (per-token) parameter counts."""
+    import torch
+
+    from ..config import OpenAutoGLMConfig
+    from ..hf import OpenAutoGLMForCausalLM
+
+    try:
+        cfg = OpenAutoGLMConfig.from_name(preset)
+    except ValueError as e:
+        fail(e)
+    with torch.device("meta"):  # no memory, no init: counts only
+        counts = OpenAutoGLMForCausalLM(cfg).num_parameters_summary()
+    t = Table(title=f"preset {preset}", show_header=False)
+    t.add_row("total params", f"{counts['total']:,} ({counts['total'] / 1e6:.1f}M)")
+    t.add_row("active params / token", f"{counts['active']:,} ({counts['active'] / 1e6:.1f}M)")
+    t.add_row("layers x width x heads", f"{cfg.num_hidden_layers} x {cfg.hidden_size} x {cfg.num_attention_heads}"
+              f" (kv heads {cfg.num_key_value_heads})")
+    attn = (f"sparse: window {cfg.window_size} + {cfg.num_global_tokens} global tokens"
+            if cfg.attention == "sparse" else "dense causal")
+    t.add_row("attention", attn)
+    t.add_row("position", f"{cfg.position} (max {cfg.max_position_embeddings} before extend_context)")
+    ffn = (f"MoE: {cfg.num_experts} SwiGLU experts x {cfg.expert_intermediate_size}, top-{cfg.num_experts_per_tok},"
+           f" every {cfg.moe_every} layer(s)" if cfg.num_experts else f"dense SwiGLU x {cfg.intermediate_size}")
+    t.add_row("ffn", ffn)
+    t.add_row("vocab", str(cfg.vocab_size))
+    console.print(t)
+
+
+def run_train(cfg: PretrainConfig) -> None:
+    from ..recipes.generate import generate_text
+    from ..recipes.pretrain import pretrain
+
+    out = pretrain(cfg, console=err)
+    r, ev = out.result, out.result.final_eval
+    console.print(f"[bold green]done[/]: {r.steps} steps in {r.elapsed:.0f}s ({r.tokens_per_s:,.0f} tokens/s); "
+                  f"validation loss {ev['loss']:.3f}, perplexity {ev['perplexity']:.1f}, next-token accuracy "
+                  f"{ev['accuracy'] * 100:.1f}%")
+    console.print(f"model saved to {cfg.out} (load with AutoModelForCausalLM.from_pretrained after `import autoglm`)")
+    if cfg.sample_prompt:
+        text = generate_text(out.model.eval(), out.tokenizer, cfg.sample_prompt, 60, seed=cfg.train.seed)
+        console.print("[bold]sample:[/] " + escape(text), highlight=False)
+
+
+def run_eval(cfg: EvalConfig) -> None:
+    from ..recipes.generate import evaluate_run
+
+    console.print_json(json.dumps(evaluate_run(cfg)))
+
+
+def run_generate(cfg: GenerateConfig) -> None:
+    from ..recipes.generate import generate
+
+    t = time.perf_counter()
+    text = generate(cfg)
+    console.print(text, markup=False, highlight=False)
+    err.print(f"[dim]{cfg.max_new_tokens} tokens in {time.perf_counter() - t:.2f}s[/]")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(info)
+    add_recipe_command(app, "train", PretrainConfig, run_train,
+                       help="Pre-train a model on a text corpus (AdamW, warmup + cosine, clipping, checkpoints, "
+                            "validation); default: `small` on the built-in corpus.")
+    add_recipe_command(app, "eval", EvalConfig, run_eval,
+                       help="Validation loss, perplexity and next-token accuracy of a saved run.")
+    add_recipe_command(app, "generate", GenerateConfig, run_generate,
+                       help="Continue a prompt with the KV cache (greedy, or temperature / top-k / top-p sampling).")
