@@ -3,36 +3,37 @@
 Reproduces the reference table's columns in one run:
   params (total / active per token), forward latency at 512 / 2048 / 8192 tokens (median
   of repeats, batch 1), and held-out next-token accuracy / loss after the *same training
-  wall-clock* on the same data (Tiny Shakespeare when ../shared/data is present).
+  wall-clock* on the same data (Tiny Shakespeare when ../shared/data is present), trained
+  by the `compare` recipe (`autoglm compare`) with the config in configs/compare-shakespeare.yaml.
 
-Writes benchmarks/results/architecture.{json,md,png}.
+Writes docs/results/architecture.{json,md,png}.
 
     python benchmarks/architecture.py                       # CPU: small vs standard-small
     python benchmarks/architecture.py --device cuda --presets base --precision bf16
 
-Targets (issue #2): at 8192 tokens the Open-AutoGLM forward is >= 1.45x faster than the
-standard model, and its held-out accuracy after equal training time is not lower.
+Targets: at 8192 tokens the Open-AutoGLM forward is >= 1.45x faster than the standard
+model, and its held-out accuracy after equal training time is not lower.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
-from autoglm.training import TrainConfig
-from autoglm.training.pretrain import pretrain
-from results_io import pyplot
+from autoglm.recipes.compare import CompareConfig, compare
+from autoglm.settings import load_config
+from results_io import pyplot, save_results
 
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+CONFIG = ROOT.parent / "configs" / "compare-shakespeare.yaml"
 
 
 def latency_ms(model, seq_len: int, repeats: int, device: str, dtype) -> float:
@@ -77,21 +78,20 @@ def run(args) -> dict:
             logging.info("%s forward @%d: %.1f ms", preset, T, ms)
         del model
 
-    # ---- quality after equal training wall-clock
-    if args.train_seconds > 0:
+    # ---- quality after equal training wall-clock: the compare recipe
+    if args.minutes > 0:
+        overrides = {"presets": [sparse, dense], "minutes": args.minutes, "device": args.device,
+                     "train.precision": args.precision, "out": args.work_dir or tempfile.mkdtemp(prefix="autoglm-arch-")}
         data = args.data if args.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
-        for preset in (sparse, dense):
-            cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, warmup_steps=50,
-                              max_steps=args.max_steps, max_seconds=args.train_seconds, eval_every=10**9,
-                              save_every=10**9, eval_batches=args.eval_batches, precision=args.precision,
-                              seed=args.seed)
-            _, prepared, result = pretrain(preset, args.out / "runs" / preset, cfg, data=data,
-                                           cache_dir=args.out / "cache", vocab_size=args.vocab_size,
-                                           device=args.device)
-            rows[preset].update(train_steps=result.steps, train_seconds=result.elapsed,
-                                train_tokens_per_s=result.tokens_per_s, val=result.final_eval,
-                                curve=[h for h in result.history if "val_loss" in h or "loss" in h])
-            rows[preset]["data"] = prepared.source
+        if data is not None:
+            overrides["data.path"] = data
+        cmp = compare(load_config(CompareConfig, args.config, overrides), progress=False)
+        for r in cmp["rows"]:
+            rows[r["preset"]].update(train_steps=r["steps"], train_seconds=r["seconds"],
+                                     train_tokens_per_s=r["tokens_per_s"],
+                                     val={"loss": r["val_loss"], "accuracy": r["val_acc"]},
+                                     curve=cmp["curves"][r["preset"]])
+        rows[sparse]["data"] = rows[dense]["data"] = cmp["data"]
     s, d = rows[sparse], rows[dense]
     summary = {f"speedup@{T}": d["latency_ms"][T] / s["latency_ms"][T] for T in args.lengths}
     if "val" in s:
@@ -138,47 +138,39 @@ def plot(res: dict, path: Path) -> None:
     for name, r in res["rows"].items():
         Ts = list(r["latency_ms"])
         axes[0].plot(Ts, [r["latency_ms"][T] for T in Ts], marker="o", label=name)
-        curve = [h for h in r.get("curve", []) if "loss" in h and "elapsed" in h]
+        curve = r.get("curve", [])
         if curve:
-            axes[1].plot([h["elapsed"] for h in curve], [h["loss"] for h in curve], label=name)
+            axes[1].plot([c[0] for c in curve], [c[1] for c in curve], marker="o", ms=3, label=name)
     axes[0].set(xscale="log", yscale="log", xlabel="sequence length", ylabel="forward latency (ms)",
                 title="Forward latency (batch 1)")
-    axes[1].set(xlabel="training wall-clock (s)", ylabel="train loss", title="Loss vs time (equal budget)")
+    axes[1].set(xlabel="wall-clock (s)", ylabel="validation loss", title="Loss vs time (equal budget)")
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="small", help="sparse preset; its twin is standard-<preset>")
+    p.add_argument("--config", type=Path, default=CONFIG, help="compare-recipe config for the training part")
     p.add_argument("--data", type=Path, default=None, help=f"training text (default {SHAKESPEARE} when present)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--train-seconds", type=float, default=240.0, help="training budget per model (0 = skip)")
-    p.add_argument("--max-steps", type=int, default=5000, help="schedule length (the time budget stops earlier)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--vocab-size", type=int, default=None)
-    p.add_argument("--eval-batches", type=int, default=50)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--minutes", type=float, default=5.0, help="training budget per model (0 = latency only)")
+    p.add_argument("--work-dir", type=Path, default=None, help="where the compare runs go (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args.out.mkdir(parents=True, exist_ok=True)
     res = run(args)
-    stem = args.out / f"architecture{'' if args.presets == 'small' else '-' + args.presets}"
-    stem.with_suffix(".json").write_text(json.dumps(res, indent=2, default=str))
-    md = markdown(res)
-    stem.with_suffix(".md").write_text(md)
-    plot(res, stem.with_suffix(".png"))
-    sys.stdout.write(md)
+    name = "architecture" if args.presets == "small" else f"architecture-{args.presets}"
+    path = save_results(args.out, name, res, markdown(res))
+    plot(res, path.with_suffix(".png"))
 
 
 if __name__ == "__main__":

@@ -5,14 +5,14 @@
    the BPE tokenizer. Teacher B (`standard-small`: dense) trains on the same tokens with
    the same tokenizer.
 2. The student (a narrower, shallower `small`) trains for the same steps and on the same
-   batches twice: with `autoglm.training.finetune.distill` (both teachers, reference KD
-   loss) and from scratch (plain next-token cross-entropy).
+   batches twice: with the distill recipe (`autoglm distill`: both teachers, reference KD
+   loss) and with the pretrain recipe from scratch (plain next-token cross-entropy).
 3. All four models are evaluated on the same held-out batches.
 
 Reports params (student / teachers), student size %, inference speed-up (forward
 latency, median of repeats), training throughput, held-out loss / next-token accuracy
 and % of the better teacher's accuracy retained. Writes
-benchmarks/results/distillation.{json,md}.
+docs/results/distillation.{json,md}.
 
     python benchmarks/distillation.py                      # default: ~15 min on 2 CPU cores
     python benchmarks/distillation.py --teacher-steps 20 --student-steps 20 --seq-len 64   # smoke run
@@ -30,6 +30,7 @@ import argparse
 import json
 import logging
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -37,34 +38,39 @@ from pathlib import Path
 
 import torch
 
-from autoglm.data import sample_batch
-from autoglm.training import TrainConfig, Trainer, evaluate
-from autoglm.training.distill import AlphaSchedule, DistillConfig
-from autoglm.training.finetune import distill
-from autoglm.training.pretrain import build_model, eval_batches_for, prepare_data, pretrain, save_final_model
-from autoglm.training.strategy import SingleDevice
+from autoglm.data import iter_eval_batches, prepare_corpus
+from autoglm.recipes.common import ModelSpec, TextData
+from autoglm.recipes.distill import DistillRecipeConfig, distill
+from autoglm.recipes.pretrain import PretrainConfig, pretrain
+from autoglm.rundir import RunDir
+from autoglm.training import TrainConfig, evaluate
+from autoglm.training.distill import DistillConfig
 from results_io import save_results
 
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def student_overrides(args) -> dict:
-    return dict(hidden_size=args.student_hidden, num_hidden_layers=args.student_layers,
-                num_attention_heads=4, expert_intermediate_size=args.student_expert_size)
+def student_spec(args) -> ModelSpec:
+    return ModelSpec("small", args.vocab_size, {"hidden_size": args.student_hidden,
+                                                "num_hidden_layers": args.student_layers, "num_attention_heads": 4,
+                                                "expert_intermediate_size": args.student_expert_size})
 
 
 def train_cfg(args, steps: int) -> TrainConfig:
     return TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, max_steps=steps,
-                       warmup_steps=max(1, steps // 10), eval_every=0, save_every=0,
-                       eval_batches=args.eval_batches, seed=args.seed, log_every=max(1, steps // 10))
+                       eval_every=0, save_every=0, eval_batches=args.eval_batches, seed=args.seed,
+                       log_every=max(1, steps // 10))
 
 
-def train_lm(model, tokens, cfg: TrainConfig, device: str = "cpu"):
-    train = tokens.train
-    trainer = Trainer(model, cfg, train_batch=lambda i: sample_batch(train, cfg.batch_size, cfg.seq_len, i, cfg.seed),
-                      eval_batches=eval_batches_for(tokens.val, cfg), progress=False, strategy=SingleDevice(device))
-    return trainer.fit()
+def train_lm(args, out: Path, spec: ModelSpec, steps: int, data, tokenizer=None, seed: int | None = None):
+    """The pretrain recipe, as `autoglm train` runs it (shared tokenizer when given)."""
+    cfg = PretrainConfig(out=out, model=spec, data=data, train=train_cfg(args, steps), device=args.device,
+                         sample_prompt="")
+    if seed is not None:
+        cfg.train.seed = seed
+    shutil.rmtree(out, ignore_errors=True)  # a rerun over --work-dir starts afresh
+    return pretrain(cfg, progress=False, tokenizer=tokenizer)
 
 
 def latencies_ms(models: dict, batch: int, seq_len: int, repeats: int) -> dict[str, float]:
@@ -93,63 +99,52 @@ def total_params(model) -> int:
 
 
 def run(args) -> dict:
-    data = args.data if args.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
+    corpus = args.data if args.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="autoglm-distill-bench-"))
-    cache = work / "cache"
+    data = TextData(corpus, work / "cache")
+    dev = args.device
     # ---- teachers (or, with --reuse-teachers, the ones an earlier run left in --work-dir)
     t_cfg = train_cfg(args, args.teacher_steps)
-    dev = args.device
     stats_file = work / "teacher_stats.json"
     if args.reuse_teachers and stats_file.is_file():
-        from autoglm.hf import OpenAutoGLMForCausalLM
-
         stats = json.loads(stats_file.read_text())
         if stats["teacher_config"] != {k: str(v) for k, v in vars(t_cfg).items()}:
             raise SystemExit(f"{work} holds teachers trained with {stats['teacher_config']}; not reusing them")
-        prepared = prepare_data(data, cache, args.vocab_size, tokenizer_dir=work / "teacher_a")
-        teacher_a = OpenAutoGLMForCausalLM.from_pretrained(work / "teacher_a").to(dev)
-        teacher_b = OpenAutoGLMForCausalLM.from_pretrained(work / "teacher_b").to(dev)
-        res_a = res_b = None
+        teacher_a, tok = RunDir.open(work / "teacher_a").load(device=dev)
+        teacher_b = RunDir.open(work / "teacher_b").load_model(device=dev)
         tps = stats["tokens_per_s"]
         logging.info("reusing the teachers in %s", work)
     else:
         t0 = time.perf_counter()
-        teacher_a, prepared, res_a = pretrain(args.teacher_a, work / "teacher_a", t_cfg, data=data, cache_dir=cache,
-                                              vocab_size=args.vocab_size, progress=False, device=dev)
+        a = train_lm(args, work / "teacher_a", ModelSpec(args.teacher_a, args.vocab_size), args.teacher_steps, data)
         logging.info("teacher A (%s) trained in %.0f s", args.teacher_a, time.perf_counter() - t0)
-        torch.manual_seed(args.seed + 1)
-        teacher_b = build_model(args.teacher_b, len(prepared.tokenizer))
         t0 = time.perf_counter()
-        res_b = train_lm(teacher_b, prepared.tokens, t_cfg, dev)
-        save_final_model(teacher_b, prepared.tokenizer, work / "teacher_b", {"preset": args.teacher_b})
+        b = train_lm(args, work / "teacher_b", ModelSpec(args.teacher_b, args.vocab_size), args.teacher_steps, data,
+                     tokenizer=a.tokenizer, seed=args.seed + 1)
         logging.info("teacher B (%s) trained in %.0f s", args.teacher_b, time.perf_counter() - t0)
-        tps = [res_a.tokens_per_s, res_b.tokens_per_s]
+        teacher_a, teacher_b, tok = a.model, b.model, a.tokenizer
+        tps = [a.result.tokens_per_s, b.result.tokens_per_s]
         stats_file.write_text(json.dumps({"teacher_config": {k: str(v) for k, v in vars(t_cfg).items()},
                                           "tokens_per_s": tps}))
-    tok, tokens = prepared.tokenizer, prepared.tokens
     # ---- students: same init seed, same batches, same steps
-    s_cfg = train_cfg(args, args.student_steps)
-    dcfg = DistillConfig(alpha=AlphaSchedule(args.alpha, args.alpha_end, "progressive" if args.rounds > 1 else
-                                             "constant", args.rounds, args.student_steps),
-                         temperature=args.temperature, combine=args.combine, hard_weight=args.hard_weight,
-                         cache_top_k=args.cache_top_k)
+    kd_cfg = DistillRecipeConfig(
+        teachers=(work / "teacher_a", work / "teacher_b"), out=work / "student_kd", student=student_spec(args),
+        data=data, train=train_cfg(args, args.student_steps), logit_cache=work / "logit-cache", device=dev,
+        distill=DistillConfig(alpha=args.alpha, alpha_end=args.alpha_end, rounds=args.rounds,
+                              temperature=args.temperature, combine=args.combine, hard_weight=args.hard_weight,
+                              cache_top_k=args.cache_top_k))
+    shutil.rmtree(kd_cfg.out, ignore_errors=True)  # a rerun over --work-dir: start the student afresh
+    shutil.rmtree(work / "logit-cache", ignore_errors=True)
     t0 = time.perf_counter()
-    kd_dir = work / "student_kd"
-    if kd_dir.exists():  # a rerun over --work-dir: start the student afresh
-        import shutil
-        shutil.rmtree(kd_dir)
-        shutil.rmtree(work / "logit-cache", ignore_errors=True)
-    distilled, res_d = distill("small", [work / "teacher_a", work / "teacher_b"], kd_dir, s_cfg, dcfg,
-                               data=data, cache_dir=cache, logit_cache_dir=work / "logit-cache",
-                               model_overrides=student_overrides(args), progress=False, device=dev)
+    kd = distill(kd_cfg, progress=False)
+    distilled, res_d = kd.model, kd.result
     time_kd = time.perf_counter() - t0
-    torch.manual_seed(s_cfg.seed)
-    scratch = build_model("small", len(tok), **student_overrides(args))
     t0 = time.perf_counter()
-    res_s = train_lm(scratch, tokens, s_cfg, dev)
+    sc = train_lm(args, work / "student_scratch", student_spec(args), args.student_steps, data, tokenizer=tok)
+    scratch, res_s = sc.model, sc.result
     time_scratch = time.perf_counter() - t0
+    val = prepare_corpus(corpus, data.cache_dir, tokenizer=tok).tokens.val
     # ---- evaluation on the same held-out batches
-    ev_cfg = train_cfg(args, 1)
     models = {"teacher A (" + args.teacher_a + ")": (teacher_a, tps[0]),
               "teacher B (" + args.teacher_b + ")": (teacher_b, tps[1]),
               "student, distilled": (distilled, res_d.tokens_per_s), "student, scratch": (scratch, res_s.tokens_per_s)}
@@ -158,7 +153,7 @@ def run(args) -> dict:
                        args.repeats)
     for name, (model, train_tps) in models.items():
         model.eval()
-        ev = evaluate(model, eval_batches_for(tokens.val, ev_cfg)())
+        ev = evaluate(model, iter_eval_batches(val, args.batch_size, args.seq_len, max_batches=args.eval_batches))
         rows[name] = {"params": total_params(model), "active": model.num_parameters_summary()["active"],
                       "val_loss": ev["loss"], "val_acc": ev["accuracy"], "train_tokens_per_s": train_tps,
                       "latency_ms": lat[name]}
@@ -179,7 +174,7 @@ def run(args) -> dict:
         "retained_ge_95pct": summary["accuracy_retained_pct"] >= 95.0,
         "size_le_40pct": summary["student_size_pct"] <= 40.0,
     }
-    return {"args": {k: str(v) for k, v in vars(args).items()}, "data": str(data or "builtin:stdlib-docstrings"),
+    return {"args": {k: str(v) for k, v in vars(args).items()}, "data": str(corpus or "builtin:stdlib-docstrings"),
             "device": (f"{torch.cuda.get_device_name()}, " if dev.startswith("cuda") else "") +
                       f"{platform.machine()} ({torch.get_num_threads()} threads), "
                       f"{'bf16 autocast training, fp32 eval' if dev.startswith('cuda') else 'fp32'}, "

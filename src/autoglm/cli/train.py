@@ -9,6 +9,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ..recipes.compare import CompareConfig
 from ..recipes.generate import EvalConfig, GenerateConfig
 from ..recipes.pretrain import PretrainConfig
 from .common import console, err, fail
@@ -76,11 +77,31 @@ def run_generate(cfg: GenerateConfig) -> None:
     err.print(f"[dim]{cfg.max_new_tokens} tokens in {time.perf_counter() - t:.2f}s[/]")
 
 
+def run_compare(cfg: CompareConfig) -> None:
+    from ..recipes.compare import compare
+
+    res = compare(cfg, console=err)
+    t = Table(title=f"same wall-clock: {cfg.minutes:g} min per model")
+    for col in ("model", "params total / active", "steps", "tokens/s", "val loss", "perplexity", "next-token acc"):
+        t.add_column(col)
+    for r in res["rows"]:
+        name = f"[bold]{r['preset']}[/]" if r["preset"] == res["best"] else r["preset"]
+        t.add_row(name, f"{r['params_total'] / 1e6:.1f}M / {r['params_active'] / 1e6:.1f}M", str(r["steps"]),
+                  f"{r['tokens_per_s']:,}", f"{r['val_loss']:.3f}", f"{r['val_ppl']:.1f}", f"{r['val_acc'] * 100:.1f}%")
+    console.print(t)
+    console.print(f"runs, compare.md and the loss-vs-time plot ({res['plot'] or 'not drawn'}) are in {cfg.out}")
+    if res["sample"]:
+        console.print(f"[bold]sample from {res['best']}:[/] " + escape(res["sample"]), highlight=False)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(info)
     add_recipe_command(app, "train", PretrainConfig, run_train,
                        help="Pre-train a model on a text corpus (AdamW, warmup + cosine, clipping, checkpoints, "
                             "validation); default: `small` on the built-in corpus.")
+    add_recipe_command(app, "compare", CompareConfig, run_compare,
+                       help="Train several presets side by side for the same wall-clock (default: the sparse MoE "
+                            "`small` against the dense `standard-small`); table, loss-vs-time plot, sample.")
     add_recipe_command(app, "eval", EvalConfig, run_eval,
                        help="Validation loss, perplexity and next-token accuracy of a saved run.")
     add_recipe_command(app, "generate", GenerateConfig, run_generate,

@@ -47,9 +47,11 @@ class PretrainOutput:
     source: str  # the corpus it trained on
 
 
-def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None,
-             callbacks: Sequence[Any] = ()) -> PretrainOutput:
-    """Train `cfg.model` on `cfg.data` and save the run directory `cfg.out`."""
+def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, callbacks: Sequence[Any] = (),
+             tokenizer: Any = None, prepared: Any = None) -> PretrainOutput:
+    """Train `cfg.model` on `cfg.data` and save the run directory `cfg.out`. `tokenizer`: use
+    this one instead of training a new one; `prepared`: the corpus already tokenized
+    (`data.prepare_corpus`), so several runs on one corpus read and tokenize it once."""
     import torch
 
     from ..data import iter_eval_batches, prepare_corpus, sample_batch
@@ -66,9 +68,10 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None,
     if cfg.train.seq_len > model_cfg.max_position_embeddings:
         raise ValueError(f"train.seq_len ({cfg.train.seq_len}) is longer than the {cfg.model.preset} model's "
                          f"max_position_embeddings ({model_cfg.max_position_embeddings}); lower --seq-len")
-    tokenizer = RunDir(out).load_tokenizer() if cfg.resume and (out / "tokenizer.json").is_file() else None
-    data = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.model.vocab_size or model_cfg.vocab_size,
-                          tokenizer, cfg.data.val_fraction)
+    if cfg.resume and (out / "tokenizer.json").is_file():
+        tokenizer = RunDir(out).load_tokenizer()
+    data = prepared or prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.model.vocab_size or model_cfg.vocab_size,
+                                      tokenizer, cfg.data.val_fraction)
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, len(data.tokenizer))

@@ -1,0 +1,181 @@
+"""The comparison recipe: several presets trained side by side for the same wall-clock.
+
+This is what `make demo` runs: the sparse-attention MoE model (`small`) and the dense
+Transformer of equal total size (`standard-small`) each get `minutes` of wall-clock on the
+same corpus, tokenizer, batches and schedule. Each run's step count is set from a short
+timing of its own training step, so both finish their warmup + cosine schedule inside the
+budget (the budget is also a hard stop). The result is a table, a plot of validation loss
+against wall-clock time, and a sample from the model with the lower validation loss.
+
+Files under `out`: one run directory per preset (`out/<preset>/`, loadable like any
+`autoglm train` run), `compare.json`, `compare.md` and `val_loss.png`.
+
+Example:
+    >>> from autoglm.settings import load_config
+    >>> cfg = load_config(CompareConfig, overrides={"minutes": 0.5})
+    >>> cfg.presets, cfg.train.seq_len
+    (('small', 'standard-small'), 128)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from ..settings import section, setting
+from ..training.config import TrainConfig
+from .common import ModelSpec, TextData
+
+__all__ = ["CompareConfig", "compare", "seconds_per_step", "steps_for_budget"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompareConfig:
+    out: Path = setting(Path("runs/compare"), "folder for the runs (one per preset), the table and the plot")
+    presets: tuple[str, ...] = setting(("small", "standard-small"), "presets to train side by side")
+    minutes: float = setting(2.0, "wall-clock budget per model (training and its evaluations)")
+    vocab_size: int = setting(4096, "BPE vocabulary trained once on the corpus and shared by every model")
+    data: TextData = section(TextData)
+    train: TrainConfig = section(TrainConfig, batch_size=16, seq_len=128, lr=4e-3, eval_every=25, eval_batches=8,
+                                 save_every=0, log_every=10, max_steps=1)
+    sample_prompt: str = setting("Return the ", "prompt of the sample from the better model; '' = none")
+    sample_tokens: int = setting(60, "tokens in the sample")
+    device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
+
+    def __post_init__(self) -> None:
+        if len(self.presets) < 1:
+            raise ValueError("presets is empty; name at least one, e.g. small,standard-small")
+        for p in self.presets:
+            ModelSpec(p)  # an unknown preset fails here, before any training
+        if self.minutes <= 0:
+            raise ValueError(f"minutes must be > 0, got {self.minutes}")
+
+
+def seconds_per_step(spec: ModelSpec, vocab: int, t: TrainConfig, tokens, device: str | None = None,
+                     steps: int = 3) -> float:
+    """Median wall-clock seconds of one optimizer step (forward, backward, AdamW) of a fresh
+    `spec` model on real batches, after one warm-up step."""
+    import torch
+
+    from ..data import sample_batch
+    from ..training import CausalLMObjective, SingleDevice, build_optimizer
+    from .common import build_model
+
+    strategy = SingleDevice(device)
+    model = strategy.setup(build_model(spec, vocab))
+    opt = build_optimizer(model, t)
+    objective = CausalLMObjective()
+    times = []
+    for i in range(steps + 1):
+        t0 = time.perf_counter()
+        for m in range(t.grad_accum):
+            x, y = (b.to(strategy.device) for b in sample_batch(tokens, t.batch_size, t.seq_len, i * 7 + m, t.seed))
+            with strategy.autocast(t.precision):
+                loss = objective(model, (x, y))["loss"] / t.grad_accum
+            loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if strategy.device.type == "cuda":
+            torch.cuda.synchronize(strategy.device)
+        if i:
+            times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def steps_for_budget(budget_s: float, step_s: float, t: TrainConfig) -> int:
+    """Optimizer steps that fit `budget_s` at `step_s` per step, counting evaluations (an eval
+    batch costs about a third of a training step: forward only)."""
+    eval_share = (t.eval_batches / 3.0) / t.eval_every if t.eval_every else 0.0
+    return max(10, int(budget_s / (step_s * (1.0 + eval_share))))
+
+
+def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> dict[str, Any]:
+    """Train every preset for `cfg.minutes` and write the table, the plot and the sample."""
+    from ..atomic import atomic_write_text
+    from ..data import prepare_corpus
+    from ..settings import to_dict
+    from .generate import generate_text
+    from .pretrain import PretrainConfig, pretrain
+
+    out = Path(cfg.out)
+    data = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.vocab_size, val_fraction=cfg.data.val_fraction)
+    budget = cfg.minutes * 60
+    rows, curves, runs = [], {}, {}
+    for preset in cfg.presets:
+        spec = ModelSpec(preset, cfg.vocab_size)
+        step_s = seconds_per_step(spec, len(data.tokenizer), cfg.train, data.tokens.train, cfg.device)
+        steps = steps_for_budget(budget, step_s, cfg.train)
+        train = replace(cfg.train, max_steps=steps, max_seconds=budget, warmup_steps=None,
+                        eval_every=max(1, min(cfg.train.eval_every, steps // 4)))
+        log.info("%s: %.2f s/step -> %d steps in %.0f s", preset, step_s, steps, budget)
+        run_cfg = PretrainConfig(out=out / preset, model=spec, data=cfg.data, train=train, device=cfg.device,
+                                 sample_prompt="")
+        res = pretrain(run_cfg, progress=progress, console=console, prepared=data)
+        runs[preset] = res
+        counts = res.model.num_parameters_summary()
+        curve = [(r["elapsed"], r["val_loss"]) for r in res.result.history if "val_loss" in r]
+        curves[preset] = curve
+        ev = res.result.final_eval
+        rows.append({"preset": preset, "params_total": counts["total"], "params_active": counts["active"],
+                     "steps": res.result.steps, "planned_steps": steps, "seconds_per_step": round(step_s, 4),
+                     "stop_reason": res.result.stop_reason, "seconds": round(res.result.elapsed, 1),
+                     "tokens_per_s": round(res.result.tokens_per_s), "val_loss": ev["loss"],
+                     "val_ppl": ev["perplexity"], "val_acc": ev["accuracy"]})
+    best = min(rows, key=lambda r: r["val_loss"])["preset"]
+    sample = ""
+    if cfg.sample_prompt:
+        model = runs[best].model.eval()
+        sample = generate_text(model, data.tokenizer, cfg.sample_prompt, cfg.sample_tokens, temperature=0.7,
+                               top_k=40, top_p=0.95, seed=cfg.train.seed)
+    result = {"rows": rows, "best": best, "sample": sample, "curves": curves, "config": to_dict(cfg),
+              "data": data.source}
+    atomic_write_text(out / "compare.json", json.dumps(result, indent=2))
+    atomic_write_text(out / "compare.md", markdown(result))
+    plot = _plot(curves, out / "val_loss.png", cfg.minutes)
+    result["plot"] = str(plot) if plot else None
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["| model | params (total / active) | steps | tokens/s | val loss | perplexity | next-token acc |",
+             "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['preset']} | {r['params_total'] / 1e6:.1f}M / {r['params_active'] / 1e6:.1f}M | "
+                     f"{r['steps']} | {r['tokens_per_s']:,} | {r['val_loss']:.3f} | {r['val_ppl']:.1f} | "
+                     f"{r['val_acc'] * 100:.1f}% |")
+    lines.append("")
+    lines.append(f"Same wall-clock per model ({result['config']['minutes']:g} min), same corpus, tokenizer, batches "
+                 f"and schedule; lower validation loss: **{result['best']}**.")
+    if result["sample"]:
+        lines += ["", f"Sample from {result['best']}:", "", "> " + result["sample"].replace("\n", "\n> ")]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(curves: dict[str, list], path: Path, minutes: float) -> Path | None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed; no plot (pip install matplotlib)")
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, pts in curves.items():
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
+    ax.set_xlabel("wall-clock seconds (training + evaluation)")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.set_title(f"Same budget ({minutes:g} min per model)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

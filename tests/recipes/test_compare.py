@@ -1,0 +1,47 @@
+"""The compare recipe (what `make demo` runs): equal budgets, a run per preset, table, plot, sample."""
+
+import json
+
+import pytest
+
+from autoglm.recipes.compare import CompareConfig, compare, steps_for_budget
+from autoglm.settings import ConfigError, load_config
+from autoglm.training import TrainConfig
+
+
+def test_steps_for_budget_counts_evaluations():
+    t = TrainConfig(eval_every=10, eval_batches=6, max_steps=1)
+    # each 10 steps add 6 forward-only batches ~ 2 steps: 60 s at 0.5 s/step -> 120 / 1.2 = 100 steps
+    assert steps_for_budget(60.0, 0.5, t) == 100
+    assert steps_for_budget(60.0, 0.5, TrainConfig(eval_every=0, max_steps=1)) == 120
+    assert steps_for_budget(1.0, 10.0, t) == 10  # never fewer than 10
+
+
+def test_bad_presets_are_refused_before_training():
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        load_config(CompareConfig, overrides={"presets": "tiny,huge"})
+    with pytest.raises(ConfigError, match="minutes must be > 0"):
+        load_config(CompareConfig, overrides={"minutes": 0})
+
+
+def test_compare_trains_each_preset_for_the_same_budget(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"the {w} returns the {o} of the call." for w in ("value", "name", "size", "path")
+                               for o in ("file", "object", "list")) * 40)
+    cfg = load_config(CompareConfig, overrides={
+        "presets": "tiny,standard-tiny", "minutes": 0.05, "vocab_size": 300, "out": tmp_path / "cmp",
+        "data.path": corpus, "data.cache_dir": tmp_path / "cache", "train.batch_size": 4, "train.seq_len": 32,
+        "train.eval_batches": 2, "sample_tokens": 8})
+    res = compare(cfg, progress=False)
+    assert [r["preset"] for r in res["rows"]] == ["tiny", "standard-tiny"]
+    for r in res["rows"]:
+        assert 1 <= r["steps"] <= r["planned_steps"] and r["planned_steps"] >= 10 and r["val_loss"] > 0
+        assert r["stop_reason"] in ("max_steps", "max_seconds")
+        assert r["seconds"] < 3 * 60 * cfg.minutes + 30  # the budget is a hard stop (plus the final eval and save)
+        assert (tmp_path / "cmp" / r["preset"] / "model.safetensors").is_file()
+        assert res["curves"][r["preset"]], "no validation points to plot"
+    assert res["best"] == min(res["rows"], key=lambda r: r["val_loss"])["preset"]
+    assert res["sample"].startswith(cfg.sample_prompt)
+    saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert saved["best"] == res["best"] and (tmp_path / "cmp" / "val_loss.png").stat().st_size > 1000
+    assert "lower validation loss" in (tmp_path / "cmp" / "compare.md").read_text()
