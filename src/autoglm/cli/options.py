@@ -105,6 +105,8 @@ def _overrides(cls: type, values: dict[str, Any]) -> dict[str, Any]:
             continue
         if isinstance(v, list):  # a repeated option, each maybe a comma list
             v = [part.strip() for item in v for part in str(item).split(",") if part.strip()]
+            if len(v) == 1 and v[0].lower() in ("none", "null"):
+                v = v[0]  # an optional list field set to none (the loader reads the word)
         out[leaf.path] = v
     return out
 
