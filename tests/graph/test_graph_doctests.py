@@ -5,11 +5,11 @@ import importlib
 
 import pytest
 
-MODULES = ["augment", "encoder", "losses", "probe", "ssl", "clean", "datasets", "experiment", "sampling", "anomaly"]
+MODULES = ["config", "augment", "encoder", "losses", "probe", "ssl", "clean", "datasets", "experiment", "sampling", "anomaly"]
 
 
-@pytest.mark.parametrize("name", MODULES)
+@pytest.mark.parametrize("name", [f"autoglm.graph.{m}" for m in MODULES] + ["autoglm.recipes.graph_ssl"])
 def test_doctests(name):
-    mod = importlib.import_module(f"autoglm.graph.{name}")
+    mod = importlib.import_module(name)
     res = doctest.testmod(mod)
     assert res.attempted > 0 and res.failed == 0

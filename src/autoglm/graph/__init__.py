@@ -1,13 +1,31 @@
-"""Graph branch: augmentations (pure functions), the autoregressive graph encoder, the
-contrastive + masked-reconstruction objective, the linear probe and data cleaning."""
+"""Graph branch: augmentations (pure functions), the graph encoder, the contrastive +
+masked-reconstruction + CCA-SSG objective, the linear probe, neighbour sampling and data
+cleaning. The workflow that assembles them is `autoglm.recipes.graph_ssl`.
 
-from .augment import drop_edges, drop_nodes, mask_features, perturb_edges
-from .encoder import GraphEncoder, ResidualGraphLayer, normalized_adjacency
-from .losses import info_nce, scaled_cosine_error
-from .probe import linear_probe, load_planetoid
-from .sampling import build_csr, pretrain_graph_sampled, sample_subgraph
-from .ssl import AUGMENTATIONS, GraphSSLConfig, GraphSSLModel, GraphSSLObjective, pretrain_graph
+Names are imported on first use, so `autoglm.graph.config` (the typed config the CLI reads
+at start-up) loads without torch_geometric."""
 
-__all__ = ["drop_edges", "drop_nodes", "mask_features", "perturb_edges", "GraphEncoder", "ResidualGraphLayer",
-           "normalized_adjacency", "info_nce", "scaled_cosine_error", "linear_probe", "load_planetoid",
-           "build_csr", "pretrain_graph_sampled", "sample_subgraph", "AUGMENTATIONS", "GraphSSLConfig", "GraphSSLModel", "GraphSSLObjective", "pretrain_graph"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_WHERE = {
+    "drop_edges": "augment", "drop_nodes": "augment", "mask_features": "augment", "perturb_edges": "augment",
+    "GraphEncoder": "encoder", "ResidualGraphLayer": "encoder", "normalized_adjacency": "encoder",
+    "info_nce": "losses", "scaled_cosine_error": "losses", "cca_ssg": "losses",
+    "linear_probe": "probe", "tuned_linear_probe": "probe", "load_planetoid": "probe",
+    "build_csr": "sampling", "pretrain_graph_sampled": "sampling", "sample_subgraph": "sampling",
+    "AUGMENTATIONS": "config", "EncoderConfig": "config", "ViewConfig": "config", "LossConfig": "config",
+    "OptimConfig": "config", "GraphSSLConfig": "config",
+    "GraphSSLModel": "ssl", "GraphSSLObjective": "ssl", "pretrain_graph": "ssl",
+    "ssl_probe": "experiment", "save_ssl_model": "experiment", "load_ssl_model": "experiment", "embed": "experiment",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'autoglm.graph' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)

@@ -23,7 +23,8 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from .ssl import GraphSSLConfig, pretrain_graph
+from .config import EncoderConfig, GraphSSLConfig, LossConfig, OptimConfig
+from .ssl import pretrain_graph
 
 __all__ = ["reconstruction_errors", "robust_z"]
 
@@ -60,9 +61,14 @@ def reconstruction_errors(x: torch.Tensor, edge_index: torch.Tensor, epochs: int
         raise ValueError(f"reconstruction scoring needs features (N, F) for N >= 2 nodes, got {tuple(x.shape)}")
     if num_passes < 2:
         raise ValueError(f"num_passes ({num_passes}) must be >= 2: a node must be masked while others are seen")
-    cfg = GraphSSLConfig(hidden_dim=hidden_dim, num_layers=2, propagate_input=True, mask_rate=mask_rate,
-                         sce_alpha=2.0, contrastive_weight=0.0, dropout=0.0, seed=seed)
-    model, _ = pretrain_graph(x.float(), edge_index, cfg, epochs=epochs, lr=lr, device="cpu")
+    # a residual GCN with a smoothed input projection, reconstruction only (the SSL default's
+    # plain GCN is tuned for the probe, not for reconstructing a node from its neighbours)
+    cfg = GraphSSLConfig(
+        encoder=EncoderConfig(hidden_dim=hidden_dim, num_layers=2, residual=True, input_projection=True,
+                              propagate_input=True, final_act=True, init="torch", dropout=0.0),
+        loss=LossConfig(mask_rate=mask_rate, sce_alpha=2.0, contrastive_weight=0.0, decorrelation_weight=0.0),
+        optim=OptimConfig(epochs=epochs, lr=lr, weight_decay=2e-4, seed=seed))
+    model, _ = pretrain_graph(x.float(), edge_index, cfg, device="cpu")
     graph = model.encoder.prepare(edge_index, x.shape[0])
     err = _masked_errors(model.eval(), x.float(), graph, num_passes, torch.Generator().manual_seed(seed))
     log.info("reconstruction anomaly scores: %d nodes, median error %.4f", x.shape[0], float(err.median()))

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch_geometric.utils import softmax as segment_softmax
 
+from .config import INITS, check_encoder_options
+
 __all__ = ["normalized_adjacency", "attention_aggregate", "EdgeAttention", "ResidualGraphLayer", "GraphEncoder"]
 
 
@@ -107,25 +109,13 @@ class EdgeAttention(nn.Module):
         return attention_aggregate(hw, edge_index, self.att_src, self.att_dst, self.attn_dropout, self.training)
 
 
-INITS = ("torch", "glorot")
-
-
-def check_encoder_options(init: str = "torch", propagate_input: bool = False, input_projection: bool = True) -> None:
-    """The encoder options that can contradict each other or be misspelt; raises ValueError.
-    Shared by `GraphEncoder` and `GraphSSLConfig` (so a bad config fails before any data loads)."""
-    if init not in INITS:
-        raise ValueError(f"init {init!r} must be one of {INITS}")
-    if propagate_input and not input_projection:
-        raise ValueError("propagate_input smooths the input projection, so it needs input_projection=True; "
-                         "or turn it off (propagate_input=False, CLI: --no-propagate-input)")
-
-
 def _init_weight(w: torch.Tensor, init: str) -> None:
     """"torch": keep nn.Linear's default (kaiming-uniform, bound 1/sqrt(fan_in)); "glorot":
     Xavier-uniform, bound sqrt(6 / (fan_in + fan_out)), the GCN / GAT papers' and PyG's init."""
-    check_encoder_options(init)
     if init == "glorot":
         nn.init.xavier_uniform_(w)
+    elif init != "torch":
+        raise ValueError(f"init {init!r} must be one of {INITS}")
 
 
 class ResidualGraphLayer(nn.Module):

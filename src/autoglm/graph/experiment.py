@@ -3,13 +3,16 @@ pre-trained graph model as safetensors + JSON.
 
 Example:
     >>> from autoglm.graph.datasets import sbm_graph
-    >>> res = ssl_probe(sbm_graph(200, 4, 32, 0.05, 0.005), GraphSSLConfig(hidden_dim=32), seeds=[0], epochs=5)
+    >>> from autoglm.settings import load_config
+    >>> cfg = load_config(GraphSSLConfig, overrides={"encoder.hidden_dim": 32, "optim.epochs": 5})
+    >>> res = ssl_probe(sbm_graph(200, 4, 32, 0.05, 0.005), cfg, seeds=[0], probe_weight_decays=[1e-3])
     >>> sorted(res)
-    ['config', 'curve', 'epochs', 'mean', 'runs', 'seconds_per_epoch', 'split', 'std', 'val_mean']
+    ['config', 'curve', 'epochs', 'mean', 'runs', 'seconds_per_epoch', 'seeds', 'split', 'std', 'val_mean']
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import statistics
@@ -20,10 +23,14 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_files
+from ..settings import ConfigError, from_dict, leaves
 from .probe import tuned_linear_probe
+from .sampling import pretrain_graph_sampled
 from .ssl import GraphSSLConfig, GraphSSLModel, pretrain_graph
 
-__all__ = ["ProbeCurve", "curve_rows", "probe_model", "ssl_probe", "save_ssl_model", "load_ssl_model", "embed"]
+__all__ = ["ProbeCurve", "curve_rows", "probe_model", "pretrain", "with_seed", "ssl_probe", "save_ssl_model",
+           "load_ssl_model", "embed"]
 
 log = logging.getLogger(__name__)
 
@@ -96,26 +103,37 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
     return out
 
 
-def ssl_probe(data: Any, cfg: GraphSSLConfig, seeds: Sequence[int] = (0, 1, 2, 3, 4), epochs: int = 300,
-              lr: float = 1e-3, weight_decay: float = 2e-4,
+def pretrain(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfig, **kw: Any) -> tuple[GraphSSLModel, Any]:
+    """`pretrain_graph` (full-batch), or `pretrain_graph_sampled` when `cfg.optim.batch_size` is set."""
+    train = pretrain_graph if cfg.optim.batch_size is None else pretrain_graph_sampled
+    return train(x, edge_index, cfg, **kw)
+
+
+def with_seed(cfg: GraphSSLConfig, seed: int) -> GraphSSLConfig:
+    """A copy of `cfg` with `optim.seed = seed`."""
+    return dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, seed=seed))
+
+
+def ssl_probe(data: Any, cfg: GraphSSLConfig, seeds: Sequence[int] = (0, 1, 2, 3, 4),
               probe_weight_decays: Sequence[float] = (1e-4, 1e-3, 1e-2, 5e-2),
               probe_standardize: Sequence[bool] = (False, True), device: str | None = None,
               probe_every: int = 0) -> dict[str, Any]:
-    """For each seed: pre-train on (data.x, data.edge_index), embed, probe on data's masks
-    (`tuned_linear_probe`: weight decay and standardisation chosen on the validation split).
-    Returns {"mean", "std" (test accuracy in %, std over seeds), "val_mean" (validation accuracy
-    in %, what configurations are compared on), "runs", "seconds_per_epoch", "config", "epochs",
-    "split", "curve"}. With `probe_every` N > 0 the encoder is also probed every N epochs while it
-    trains (`ProbeCurve`): each run gets its "curve" and "curve" holds the per-epoch mean / std
-    over seeds (empty without). The reported accuracy is always the final model's."""
+    """For each seed: pre-train `cfg` (its `optim.seed` replaced by the seed) on (data.x,
+    data.edge_index), embed, probe on data's masks (`tuned_linear_probe`: weight decay and
+    standardisation chosen on the validation split). Returns {"mean", "std" (test accuracy in %,
+    std over seeds), "val_mean" (validation accuracy in %, what configurations are compared on),
+    "runs", "seeds", "seconds_per_epoch", "config", "epochs", "split" (train/val/test node
+    counts), "curve"}. With `probe_every` N > 0 the encoder is also probed every N epochs (steps,
+    with mini-batches) while it trains (`ProbeCurve`): each run gets its "curve" and "curve"
+    holds the per-epoch mean / std over seeds (empty without). The reported accuracy is always
+    the final model's."""
     runs = []
     probe_kw = {"weight_decays": probe_weight_decays, "standardize": probe_standardize}
     for seed in seeds:
         curve = [ProbeCurve(data, probe_every, seed, probe_kw)] if probe_every else []
         t = time.perf_counter()
-        model, _ = pretrain_graph(data.x, data.edge_index, GraphSSLConfig(**{**cfg.to_dict(), "seed": seed}),
-                                  epochs=epochs, lr=lr, weight_decay=weight_decay, device=device,
-                                  callbacks=curve, log_every=probe_every or None)
+        model, _ = pretrain(data.x, data.edge_index, with_seed(cfg, seed), device=device, callbacks=curve,
+                            log_every=probe_every or None)
         dt = time.perf_counter() - t - sum(c.seconds for c in curve)
         # the curve's last point already probed this model
         res = curve[0].final if curve else probe_model(model, data, seed, **probe_kw)
@@ -125,30 +143,51 @@ def ssl_probe(data: Any, cfg: GraphSSLConfig, seeds: Sequence[int] = (0, 1, 2, 3
                  100 * res["test_acc"], 100 * res["val_acc"], res["weight_decay"], res["standardize"], dt)
     accs = [100 * r["test_acc"] for r in runs]
     split = {k: int(getattr(data, k).sum()) for k in ("train_mask", "val_mask", "test_mask")}
+    epochs = cfg.optim.epochs
     return {"mean": statistics.mean(accs), "std": statistics.pstdev(accs) if len(accs) > 1 else 0.0,
-            "val_mean": statistics.mean(100 * r["val_acc"] for r in runs), "runs": runs,
+            "val_mean": statistics.mean(100 * r["val_acc"] for r in runs), "runs": runs, "seeds": list(seeds),
             "seconds_per_epoch": sum(r["pretrain_seconds"] for r in runs) / (len(runs) * epochs),
             "config": cfg.to_dict(), "epochs": epochs, "split": split, "curve": _mean_curve(runs)}
 
 
 def save_ssl_model(model: GraphSSLModel, out_dir: str | Path) -> None:
-    """out_dir/model.safetensors + out_dir/graph_ssl_config.json."""
+    """out_dir/model.safetensors + out_dir/graph_ssl_config.json ({"in_dim", **nested config}),
+    each landing by atomic rename (an interrupted save keeps the previous model)."""
     from safetensors.torch import save_file
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
-    (out / "graph_ssl_config.json").write_text(json.dumps({"in_dim": model.encoder.in_dim, **model.cfg.to_dict()},
-                                                          indent=1))
+    with atomic_files(out_dir) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        (tmp / "graph_ssl_config.json").write_text(json.dumps({"in_dim": model.encoder.in_dim,
+                                                               **model.cfg.to_dict()}, indent=1))
+
+
+def _nested(meta: dict[str, Any]) -> dict[str, Any]:
+    """A graph_ssl_config.json written before the config had sections (flat field names) in
+    today's nested layout; a nested one unchanged."""
+    sections = {f.name for f in dataclasses.fields(GraphSSLConfig)}
+    if set(meta) <= sections:
+        return meta
+    where = {leaf.path.rsplit(".", 1)[-1]: leaf.path.split(".")[0] for leaf in leaves(GraphSSLConfig)}
+    out: dict[str, Any] = {}
+    for k, v in meta.items():
+        out.setdefault(where.get(k, k), {})[k] = v
+    return out
 
 
 def load_ssl_model(out_dir: str | Path) -> GraphSSLModel:
+    """The model `save_ssl_model` wrote (in eval mode); FileNotFoundError naming what is missing."""
     from safetensors.torch import load_file
 
-    out = Path(out_dir)
-    if not (out / "graph_ssl_config.json").is_file():
-        raise FileNotFoundError(f"{out} holds no graph_ssl_config.json; pre-train with `autoglm graph pretrain --out {out}`")
-    meta = json.loads((out / "graph_ssl_config.json").read_text())
-    model = GraphSSLModel(meta.pop("in_dim"), GraphSSLConfig(**meta))
-    model.load_state_dict(load_file(str(out / "model.safetensors")))
+    from ..rundir import RunDir
+
+    run = RunDir.open(out_dir, "graph")
+    meta = json.loads((run.path / "graph_ssl_config.json").read_text())
+    in_dim = meta.pop("in_dim")
+    try:
+        cfg = from_dict(GraphSSLConfig, _nested(meta))
+    except ConfigError as e:
+        raise ValueError(f"{run.path / 'graph_ssl_config.json'}: {e}; the file is damaged or from another "
+                         f"version") from None
+    model = GraphSSLModel(in_dim, cfg)
+    model.load_state_dict(load_file(str(run.path / "model.safetensors")))
     return model.eval()

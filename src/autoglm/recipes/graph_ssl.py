@@ -1,0 +1,176 @@
+"""The graph SSL recipe: graph source -> self-supervised pre-training -> saved model, and
+graph source -> pre-train per seed -> linear probe (mean +/- std over seeds).
+
+`autoglm graph pretrain` is `pretrain(GraphPretrainConfig)`, `autoglm graph probe` is
+`probe(GraphProbeConfig)`, and benchmarks/graph_ssl.py calls the same two. Both configs
+share the `data` and `ssl` sections, so one file serves both commands:
+configs/graph-cora.yaml is the Cora recipe (data + the SSL config behind the documented
+result). Without a file the built-in generated graph ('sbm') runs with the same SSL defaults.
+
+Example:
+    >>> from autoglm.settings import load_config
+    >>> cfg = load_config(GraphProbeConfig, overrides={"ssl.optim.seed": 5, "probe.seeds": 3})
+    >>> cfg.data.source, seeds_of(cfg), cfg.ssl.encoder.hidden_dim
+    ('sbm', [5, 6, 7], 512)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..graph.config import GraphSSLConfig
+from ..settings import section, setting, to_dict, to_yaml
+
+__all__ = ["GraphData", "ProbeSettings", "GraphPretrainConfig", "GraphProbeConfig", "GraphPretrainOutput",
+           "load_data", "pretrain", "probe", "seeds_of", "split_name"]
+
+log = logging.getLogger(__name__)
+
+PLANETOID = ("Cora", "CiteSeer", "PubMed")
+
+
+@dataclass
+class GraphData:
+    source: str = setting("sbm", "'sbm' (a generated stochastic block model, 1000 nodes), Cora / CiteSeer / "
+                                 "PubMed (with root) or a folder written by `autoglm graph clean`", flag="data")
+    root: Path | None = setting(None, "Planetoid root: the folder holding <name>/raw/ind.<name>.* (read-only "
+                                      "is fine)")
+    cache_dir: Path = setting(Path.home() / ".cache" / "autoglm" / "planetoid", "writable copy of the raw "
+                              "files, since PyG writes processed/ next to them")
+    normalize_features: bool = setting(True, "row-normalise non-negative features to sum 1 (standard for "
+                                             "Planetoid)")
+
+    def __post_init__(self) -> None:
+        if self.source in PLANETOID and self.root is None:
+            raise ValueError(f"source {self.source} needs root, the folder that holds {self.source}/raw "
+                             f"(e.g. --root ../shared/data/planetoid)")
+
+
+@dataclass
+class ProbeSettings:
+    seeds: int = setting(5, "pre-train + probe runs, with seeds ssl.optim.seed .. ssl.optim.seed + seeds - 1; "
+                            "mean and std over them are reported")
+    probe_every: int = setting(0, "also probe every N pre-training epochs, for accuracy vs epoch (0 = off; the "
+                                  "reported accuracy is always the final model's)")
+    weight_decays: tuple[float, ...] = setting((1e-4, 1e-3, 1e-2, 5e-2), "the probe's weight decay grid, chosen "
+                                               "on validation accuracy", flag="probe-weight-decays")
+    standardize: tuple[bool, ...] = setting((False, True), "z-score the embeddings before the probe: the "
+                                            "choices tried on validation", flag="probe-standardize")
+    model_dir: Path | None = setting(None, "probe this pre-trained model (one run, no pre-training) instead "
+                                           "of pre-training one per seed")
+    json_out: Path | None = setting(None, "also write the result as JSON here")
+
+    def __post_init__(self) -> None:
+        self.weight_decays, self.standardize = tuple(self.weight_decays), tuple(self.standardize)
+        if self.seeds < 1 or self.probe_every < 0:
+            raise ValueError(f"seeds ({self.seeds}) must be >= 1 and probe_every ({self.probe_every}) >= 0")
+        if not self.weight_decays or not self.standardize:
+            raise ValueError("weight_decays and standardize must each hold at least one value")
+        if self.model_dir is not None and self.probe_every:
+            raise ValueError(f"probe_every={self.probe_every} follows a pre-training run, and model_dir skips "
+                             f"pre-training; set it to 0 (drop --probe-every)")
+
+
+@dataclass
+class GraphPretrainConfig:
+    data: GraphData = section(GraphData, "the graph")
+    ssl: GraphSSLConfig = section(GraphSSLConfig, "the self-supervised model, objective and optimiser")
+    out: Path = setting(Path("runs/graph"), "output folder: model.safetensors, graph_ssl_config.json, "
+                                            "embeddings.safetensors, config.yaml, run.json")
+    device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
+
+
+@dataclass
+class GraphProbeConfig:
+    data: GraphData = section(GraphData, "the graph (needs labels and train/val/test masks)")
+    ssl: GraphSSLConfig = section(GraphSSLConfig, "the self-supervised model, objective and optimiser")
+    probe: ProbeSettings = section(ProbeSettings, "seeds and the linear probe")
+    device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
+
+
+@dataclass
+class GraphPretrainOutput:
+    model: Any  # GraphSSLModel, eval mode
+    result: Any  # training.TrainResult
+    out: Path
+
+
+def seeds_of(cfg: GraphProbeConfig) -> list[int]:
+    """The probe's seeds: ssl.optim.seed and the next probe.seeds - 1."""
+    return list(range(cfg.ssl.optim.seed, cfg.ssl.optim.seed + cfg.probe.seeds))
+
+
+def split_name(src: GraphData) -> str:
+    """How the graph's train/val/test split was made, for the record of every result."""
+    if src.source in PLANETOID:
+        return "public Planetoid split (20 labelled nodes per class, 500 val, 1000 test)"
+    if src.source == "sbm":
+        return "generated graph: 10 train nodes per class, N/4 val, N/2 test (seed 0)"
+    return "the graph's own train/val/test masks"
+
+
+def load_data(src: GraphData) -> Any:
+    """The graph `src` names, as a PyG `Data` (x, edge_index; y and masks where it has them)."""
+    from ..graph.datasets import load_graph
+
+    return load_graph(src.source, src.root, src.cache_dir, normalize_features=src.normalize_features)
+
+
+def pretrain(cfg: GraphPretrainConfig, data: Any = None, progress: bool = False,
+             console: Any = None) -> GraphPretrainOutput:
+    """Pre-train `cfg.ssl` on `data` (default: `load_data(cfg.data)`) and write `cfg.out`: the model
+    (model.safetensors + graph_ssl_config.json), the final embeddings (embeddings.safetensors),
+    config.yaml (this config; re-run it with --config) and run.json, each by atomic rename."""
+    from safetensors.torch import save_file
+
+    from ..atomic import atomic_files
+    from ..graph.experiment import embed, pretrain as train, save_ssl_model
+
+    data = load_data(cfg.data) if data is None else data
+    model, result = train(data.x, data.edge_index, cfg.ssl, progress=progress, console=console, device=cfg.device)
+    last = next((r for r in reversed(result.history) if "loss" in r), {})
+    info = {"recipe": "graph_ssl.pretrain", "data": cfg.data.source, "nodes": int(data.x.shape[0]),
+            "edges": int(data.edge_index.shape[1]), "config": to_dict(cfg),
+            "result": {"steps": result.steps, "seconds": round(result.elapsed, 2), "final_loss": last.get("loss")}}
+    save_ssl_model(model, cfg.out)
+    with atomic_files(cfg.out) as tmp:
+        save_file({"embeddings": embed(model, data.x, data.edge_index).contiguous()},
+                  str(tmp / "embeddings.safetensors"))
+        (tmp / "config.yaml").write_text(to_yaml(cfg))
+        (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    return GraphPretrainOutput(model, result, cfg.out)
+
+
+def probe(cfg: GraphProbeConfig, data: Any = None) -> dict[str, Any]:
+    """Linear-probe accuracy on `data` (default: `load_data(cfg.data)`)'s split: pre-train and
+    probe once per seed (`seeds_of(cfg)`), or probe `cfg.probe.model_dir` once. Returns the
+    result with "data" (the source), "split" (node counts), "split_name", "seeds" and
+    "recipe_config"; also
+    written to `cfg.probe.json_out` when set."""
+    from ..atomic import atomic_write_text
+    from ..graph.experiment import load_ssl_model, probe_model, ssl_probe
+
+    data = load_data(cfg.data) if data is None else data
+    missing = [k for k in ("y", "train_mask", "val_mask", "test_mask") if getattr(data, k, None) is None]
+    if missing:
+        raise ValueError(f"{cfg.data.source} has no {', '.join(missing)}; the probe needs labels and a "
+                         f"train/val/test split (use sbm or a Planetoid dataset)")
+    p = cfg.probe
+    probe_kw = {"weight_decays": p.weight_decays, "standardize": p.standardize}
+    if p.model_dir is not None:
+        res = probe_model(load_ssl_model(p.model_dir), data, **probe_kw)
+        out: dict[str, Any] = {"test_acc": 100 * res["test_acc"], "val_acc": 100 * res["val_acc"],
+                               "model_dir": str(p.model_dir),
+                               "split": {k: int(getattr(data, k).sum()) for k in ("train_mask", "val_mask",
+                                                                                   "test_mask")}}
+    else:
+        out = ssl_probe(data, cfg.ssl, seeds=seeds_of(cfg), probe_weight_decays=p.weight_decays,
+                        probe_standardize=p.standardize, device=cfg.device, probe_every=p.probe_every)
+    out.update(data=cfg.data.source, split_name=split_name(cfg.data), recipe_config=to_dict(cfg))
+    if p.json_out is not None:
+        atomic_write_text(p.json_out, json.dumps(out, indent=1, default=str))
+    return out

@@ -1,0 +1,93 @@
+"""`autoglm graph clean | pretrain | probe`: options generated from the recipe config, the
+config file under the command-line options, errors that name the field."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from autoglm.cli import app
+from autoglm.graph.experiment import load_ssl_model
+
+ONE_PROBE = ["--probe-weight-decays", "1e-3", "--probe-standardize", "false"]  # one probe fit, not the grid
+
+
+def _run(*args):
+    return CliRunner().invoke(app, ["graph", *map(str, args)])
+
+
+def test_cli_clean_pretrain_probe(tmp_path):
+    (tmp_path / "e.csv").write_text("source,target\n0,1\n1,2\n2,0\n0,0\n")
+    (tmp_path / "n.csv").write_text("id,a,b\n0,1,0\n1,0,1\n2,1,1\n")
+    r = _run("clean", "--out", tmp_path / "g", "--edges", tmp_path / "e.csv", "--nodes", tmp_path / "n.csv")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "g" / "report.json").read_text())["totals"]["by_rule"] == {"self_loop": 1}
+    r = _run("pretrain", "--data", tmp_path / "g", "--out", tmp_path / "m", "--epochs", 2, "--hidden-dim", 8)
+    assert r.exit_code == 0, r.output
+    for f in ("model.safetensors", "embeddings.safetensors", "graph_ssl_config.json", "config.yaml", "run.json"):
+        assert (tmp_path / "m" / f).is_file(), f
+    r = _run("probe", "--seeds", 2, "--epochs", 2, "--hidden-dim", 8, "--probe-every", 1, *ONE_PROBE,
+             "--json-out", tmp_path / "p.json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert len(res["runs"]) == 2 and [c["epoch"] for c in res["curve"]] == [1, 2] and res["seeds"] == [0, 1]
+    assert res["split"] == {"train_mask": 50, "val_mask": 250, "test_mask": 500} and "split_name" in res
+    assert "probe accuracy during pre-training" in r.output
+    r = _run("probe", "--model-dir", tmp_path / "m", "--probe-every", 1)
+    assert r.exit_code == 2 and "--probe-every" in r.output
+    r = _run("probe", "--model-dir", tmp_path / "nothing")
+    assert r.exit_code == 2 and "is not a graph model directory" in r.output
+    r = _run("clean", "--out", tmp_path / "bad", "--edges", tmp_path / "n.csv")
+    assert r.exit_code == 2 and "lacks" in r.output
+
+
+def test_cli_pretrain_options_reach_the_saved_model_and_probe_model_dir(tmp_path):
+    args = ["pretrain", "--out", tmp_path / "m", "--epochs", 2, "--hidden-dim", 8,
+            "--contrastive-weight", 0, "--decorrelation-weight", 1, "--decorrelation-lambda", 2e-3,
+            "--augment", "edge_drop,feature_mask", "--aug-p", 0.4, "--feature-p", "0.1,0.2", "--dropout", 0,
+            "--weight-decay", 0, "--no-propagate-input", "--no-input-projection", "--no-residual",
+            "--no-final-act", "--init", "glorot"]
+    r = _run(*args)
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "m" / "graph_ssl_config.json").read_text())
+    assert saved["loss"]["decorrelation_weight"] == 1.0 and saved["loss"]["decorrelation_lambda"] == 2e-3
+    assert saved["views"]["aug_p"] == [0.4, 0.4] and saved["views"]["feature_p"] == [0.1, 0.2]
+    enc = saved["encoder"]
+    assert enc["dropout"] == 0.0 and enc["input_projection"] is False and enc["residual"] is False
+    assert enc["final_act"] is False and enc["init"] == "glorot" and saved["optim"]["epochs"] == 2
+    assert load_ssl_model(tmp_path / "m").encoder.input is None  # the saved model loads with its shape
+    r = _run("probe", "--model-dir", tmp_path / "m", *ONE_PROBE, "--json-out", tmp_path / "p.json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert 0 <= res["test_acc"] <= 100 and res["model_dir"] == str(tmp_path / "m")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--propagate-input", "--no-input-projection"], "--no-propagate-input"),
+    (["--init", "zeros"], "ssl.encoder.init (--init): must be one of 'torch', 'glorot', got 'zeros'"),
+    (["--aug-p", "0.1,0.2,0.3"], "ssl.views.aug_p (--aug-p): expected 2 values, got 3"),
+    (["--feature-p", "half"], "ssl.views.feature_p[0]: expected float, got 'half'"),
+    (["--augment", "rotate"], "ssl.views: augmentations: unknown ['rotate']"),
+    (["--mask-rate", "1.5"], "ssl.loss: mask_rate (1.5) must be in [0, 1)"),
+    (["--data", "Cora"], "data: source Cora needs root"),
+])
+def test_cli_bad_options_name_the_field(tmp_path, args, message):
+    r = _run("pretrain", "--out", tmp_path / "x", *args)
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "x").exists()  # refused before any data loads or file is written
+
+
+def test_cli_options_override_the_config_file(tmp_path):
+    (tmp_path / "c.yaml").write_text("ssl:\n  encoder:\n    hidden_dim: 16\n    num_layers: 3\n"
+                                     "  optim:\n    epochs: 7\nprobe:\n  seeds: 3\n")
+    r = _run("probe", "--config", tmp_path / "c.yaml", "--hidden-dim", 8, "--feature-p", "none", "--print-config")
+    assert r.exit_code == 0, r.output
+    import yaml
+
+    cfg = yaml.safe_load(r.output)
+    assert cfg["ssl"]["encoder"]["hidden_dim"] == 8  # the option beats the file
+    assert cfg["ssl"]["encoder"]["num_layers"] == 3 and cfg["ssl"]["optim"]["epochs"] == 7  # the file beats defaults
+    assert cfg["probe"]["seeds"] == 3 and cfg["ssl"]["loss"]["mask_rate"] == 0.5  # untouched: the default
+    assert cfg["ssl"]["views"]["feature_p"] is None  # an optional list option takes 'none'
+    r = _run("pretrain", "--config", tmp_path / "c.yaml", "--print-config")
+    assert r.exit_code == 2 and "probe: unknown field" in r.output  # pretrain has no probe section
