@@ -9,7 +9,7 @@
    base). The docstrings' held-out tail is never trained on; forgetting is measured there.
 2. It is adapted to the rest of the second text (Tiny Shakespeare from ../shared/data, or
    --new-data; the part given to the base never reaches the adaptation or held-out text)
-   for the same steps and batches, with `autoglm.training.finetune.finetune`: full
+   for the same steps and batches, with the finetune recipe (`autoglm finetune`): full
    fine-tuning, LoRA through PEFT with the default config (r=8, alpha=16, q_proj/v_proj)
    and, optionally (--wide-targets), LoRA on more modules. --adapt-share F < 1 trains on
    only the first F of the adaptation text (low-resource adaptation); --steps takes a
@@ -25,7 +25,7 @@
 3. Test loss on the new domain, and held-out loss on the base domain (forgetting), before
    and after.
 
-Writes benchmarks/results/lora.{json,md}.
+Writes docs/results/lora.{json,md}.
 
     python benchmarks/lora.py                  # base 3000 steps, then 3 + 3 fine-tuning runs of 300 steps (--device cuda)
     python benchmarks/lora.py --base-steps 10 --steps 10 --seq-len 64 --lr 1e-3 --lora-lr 1e-2   # smoke run
@@ -37,7 +37,6 @@ is within 5% of full fine-tuning's.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import multiprocessing as mp
@@ -93,9 +92,15 @@ def _cfg(args, steps: int, lr: float, eval_every: int = 0):
     from autoglm.training import TrainConfig
 
     return TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lr=lr, max_steps=steps,
-                       warmup_steps=max(1, steps // 10), eval_every=eval_every, save_every=0,
-                       eval_batches=args.eval_batches,
+                       eval_every=eval_every, save_every=0, eval_batches=args.eval_batches,
                        seed=args.seed, log_every=max(1, steps // 5))
+
+
+def _batches(tokens, args):
+    """The fixed held-out batches of a token split (the same ones at every evaluation)."""
+    from autoglm.data import iter_eval_batches
+
+    return lambda: iter_eval_batches(tokens, args.batch_size, args.seq_len, max_batches=args.eval_batches)
 
 
 def _split_heldout(tokens):
@@ -106,9 +111,8 @@ def _split_heldout(tokens):
 
 def _eval_on(model, val_tokens, args) -> dict:
     from autoglm.training import evaluate
-    from autoglm.training.pretrain import eval_batches_for
 
-    return evaluate(model, eval_batches_for(val_tokens, _cfg(args, 1, 1e-3))())
+    return evaluate(model, _batches(val_tokens, args)())
 
 
 def _child(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> None:
@@ -124,9 +128,8 @@ def _child_run(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> 
     train_data = run.get("train_data") or new_data  # --adapt-share < 1: a prefix of the adaptation text
     torch.set_num_threads(args.threads)
     from autoglm.data import build_token_cache, read_corpus
+    from autoglm.recipes.finetune import FinetuneConfig, LoraSpec, finetune
     from autoglm.tokenizer import load_tokenizer
-    from autoglm.training.finetune import finetune
-    from autoglm.training.pretrain import eval_batches_for
 
     tok = load_tokenizer(base_dir)
     base_tokens = build_token_cache(read_corpus(None), tok, cache)
@@ -141,11 +144,12 @@ def _child_run(run: dict, args, base_dir: str, new_data: str, cache: str, q) -> 
     rss0 = _rss_kb()
     sampler = PeakRSS().start()
     t0 = time.perf_counter()
-    model, result, info = finetune(base_dir, train_data, Path(args.work) / run["name"], cfg, lora=run["lora"],
-                                   val_fraction=0.0 if run.get("train_data") else HELD_OUT,
-                                   cache_dir=cache, progress=False, device=device, targets=run["targets"],
-                                   r=args.rank, alpha=2 * args.rank, eval_data=eval_batches_for(val, cfg),
-                                   callbacks=[stop] if stop else ())
+    ft = FinetuneConfig(base=Path(base_dir), data=Path(train_data), out=Path(args.work) / run["name"], train=cfg,
+                        lora=LoraSpec(run["lora"], tuple(run["targets"] or ("q_proj", "v_proj")), args.rank,
+                                      2 * args.rank),
+                        val_fraction=0.0 if run.get("train_data") else HELD_OUT, cache_dir=Path(cache), device=device)
+    out = finetune(ft, progress=False, eval_data=_batches(val, args), callbacks=[stop] if stop else ())
+    model, result, info = out.model, out.result, out.info
     seconds = time.perf_counter() - t0
     peak_kb = sampler.stop()
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else (peak_kb - rss0) / 1024)
@@ -256,41 +260,21 @@ def _adapt_prefix(adapt: Path, share: float, work: Path, tokenizer, cache: Path,
 
 
 def _pretrain_base(args, work: Path, head: str, cfg):
-    """The base model: a BPE tokenizer trained on the base corpus, then `small` trained with the
-    pretrain recipe on it. The base corpus is the built-in docstrings plus, with
-    --base-share > 0, the head of the new-domain file (one more document). The docstrings'
-    held-out tail (the same one the forgetting numbers use) is never trained on."""
-    import numpy as np
+    """The base model: `small` trained with the pretrain recipe on the base corpus (its BPE
+    tokenizer trained there too): the built-in docstrings plus, with --base-share > 0, the
+    head of the new-domain file as extra training text. The docstrings' held-out tail (the
+    split the forgetting numbers use) is the run's validation split, never trained on."""
+    from autoglm.recipes.common import ModelSpec, TextData
+    from autoglm.recipes.pretrain import PretrainConfig, pretrain
 
-    from autoglm.data import build_token_cache, read_corpus, sample_batch
-    from autoglm.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
-    from autoglm.training import Trainer
-    from autoglm.training.pretrain import build_model, eval_batches_for, save_final_model
-    from autoglm.training.strategy import SingleDevice
-
-    docs = read_corpus(None)
-    raw = train_tokenizer(docs + ([head] if head else []), vocab_size=args.vocab_size)
-    tok_dir = Path(tempfile.mkdtemp(prefix="autoglm-tok-"))
-    save_tokenizer(raw, tok_dir)
-    tok = load_tokenizer(tok_dir)
-    base_tokens = build_token_cache(docs, tok, work / "cache")  # val tail: the forgetting split
-    train = base_tokens.train
-    if head:  # the new-domain head is trained on whole (its text never reaches the adaptation split)
-        extra = build_token_cache([head], tok, work / "cache", val_fraction=0.0, source="new-domain head")
-        eos = np.array([tok.convert_tokens_to_ids("<|endoftext|>")], dtype=train.dtype)
-        train = np.concatenate([np.asarray(train), eos, np.asarray(extra.train)])
-        logging.info("base corpus: %d docstring + %d new-domain-head training tokens",
-                     len(base_tokens.train), len(extra.train))
-    torch.manual_seed(cfg.seed)
-    model = build_model("small", len(tok))
-    trainer = Trainer(model, cfg, train_batch=lambda i: sample_batch(train, cfg.batch_size, cfg.seq_len, i, cfg.seed),
-                      eval_batches=eval_batches_for(base_tokens.val, cfg), out_dir=work / "base", progress=False,
-                      strategy=SingleDevice(args.device))
-    res = trainer.fit()
-    save_final_model(model, tok, work / "base", {"preset": "small", "data": _base_data(args),
-                                                  "train_config": dataclasses.asdict(cfg),
-                                                  "result": {"steps": res.steps, "final_eval": res.final_eval}})
-    return model, tok, res.final_eval["loss"]
+    extra = ()
+    if head:
+        (work / "base_head.txt").write_text(head, encoding="utf-8")
+        extra = (work / "base_head.txt",)
+    out = pretrain(PretrainConfig(out=work / "base", model=ModelSpec("small", args.vocab_size),
+                                  data=TextData(None, work / "cache", extra_train=extra), train=cfg,
+                                  device=args.device, sample_prompt=""), progress=False)
+    return out.model, out.tokenizer, out.result.final_eval["loss"]
 
 
 def _base_data(args) -> str:
@@ -310,16 +294,17 @@ def run(args) -> dict:
     head, new_data = _split_new_domain(new_data, args.base_share, work)
     if args.reuse_base and (work / "base" / "config.json").is_file():  # the base an earlier run left in --work-dir
         from autoglm.data import build_token_cache, read_corpus
-        from autoglm.hf import OpenAutoGLMForCausalLM
-        from autoglm.tokenizer import load_tokenizer
+        from autoglm.rundir import RunDir
+        from autoglm.settings import to_dict
 
-        saved = json.loads((work / "base" / "run.json").read_text())
-        if (saved["train_config"] != json.loads(json.dumps(dataclasses.asdict(base_cfg), default=str))
-                or saved.get("data", "builtin:stdlib-docstrings") != _base_data(args)):
-            raise SystemExit(f"{work / 'base'} was pre-trained with {saved['train_config']} on "
-                             f"{saved.get('data')}; not reusing it")
-        tokenizer = load_tokenizer(work / "base")
-        base = OpenAutoGLMForCausalLM.from_pretrained(work / "base").to(args.device)
+        run_dir = RunDir.open(work / "base")
+        saved = run_dir.info.get("config", {})
+        head_file = work / "base_head.txt"
+        saved_head = head_file.read_text(encoding="utf-8") if head_file.is_file() else ""
+        if saved.get("train") != to_dict(base_cfg) or saved_head != head:
+            raise SystemExit(f"{work / 'base'} was pre-trained with {saved.get('train')} on "
+                             f"{run_dir.info.get('data')}; not reusing it")
+        base, tokenizer = run_dir.load(device=args.device)
         base_on_base = _eval_on(base, build_token_cache(read_corpus(None), tokenizer, cache).val, args)["loss"]
         logging.info("reusing the base model in %s", work / "base")
     else:

@@ -47,6 +47,8 @@ class TextData:
                                       "of Python standard-library docstrings", flag="data")
     cache_dir: Path = setting(DEFAULT_CACHE, "where tokenized corpora are cached (reused across runs)")
     val_fraction: float = setting(0.1, "share of the token stream held out (its tail) for validation")
+    extra_train: tuple[Path, ...] = setting((), "more text files or folders for the training split only "
+                                                "(validation stays the corpus's tail)")
 
     def __post_init__(self) -> None:
         if not 0.0 < self.val_fraction < 1.0:

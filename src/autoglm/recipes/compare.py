@@ -104,7 +104,8 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
     from .pretrain import PretrainConfig, pretrain
 
     out = Path(cfg.out)
-    data = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.vocab_size, val_fraction=cfg.data.val_fraction)
+    data = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.vocab_size, val_fraction=cfg.data.val_fraction,
+                          extra_train=cfg.data.extra_train)
     budget = cfg.minutes * 60
     rows, curves, runs = [], {}, {}
     for preset in cfg.presets:

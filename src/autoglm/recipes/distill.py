@@ -110,7 +110,8 @@ def distill(cfg: DistillRecipeConfig, progress: bool = True, console: Any = None
     if t.seq_len > student.config.max_position_embeddings:
         raise ValueError(f"train.seq_len ({t.seq_len}) exceeds the student's max_position_embeddings "
                          f"({student.config.max_position_embeddings}); lower --seq-len")
-    data = prepare_corpus(cfg.data.path, cfg.data.cache_dir, tokenizer=tok, val_fraction=cfg.data.val_fraction)
+    data = prepare_corpus(cfg.data.path, cfg.data.cache_dir, tokenizer=tok, val_fraction=cfg.data.val_fraction,
+                          extra_train=cfg.data.extra_train)
     cache = None
     if cfg.distill.cache_top_k:
         key = hashlib.sha256(json.dumps([[str(Path(d).resolve()) for d in cfg.teachers], str(data.tokens.path),

@@ -71,7 +71,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
     if cfg.resume and (out / "tokenizer.json").is_file():
         tokenizer = RunDir(out).load_tokenizer()
     data = prepared or prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.model.vocab_size or model_cfg.vocab_size,
-                                      tokenizer, cfg.data.val_fraction)
+                                      tokenizer, cfg.data.val_fraction, cfg.data.extra_train)
     t = cfg.train
     torch.manual_seed(t.seed)
     model = build_model(cfg.model, len(data.tokenizer))
