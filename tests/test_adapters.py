@@ -39,11 +39,11 @@ def by_hand(model, head, x, mask, last):
 def test_adapter_output_is_head_on_last_real_token(padding):
     model = make_model()
     head = SequenceClassificationAdapter(model.config.hidden_size, num_labels=3)
-    model.register_adapter("cls", head)
-    assert model.list_adapters() == ["cls"]
+    model.register_task_adapter("cls", head)
+    assert model.list_task_adapters() == ["cls"]
     with torch.no_grad():
         assert model(torch.tensor([[5, 6, 7]])).adapter_output is None  # not active yet
-    model.set_adapter("cls")
+    model.set_task_adapter("cls")
     x, mask, lengths = right_padded()
     if padding == "left":
         x = torch.stack([row.roll(20 - n) for row, n in zip(x, lengths)])
@@ -60,7 +60,7 @@ def test_adapter_output_is_head_on_last_real_token(padding):
     with torch.no_grad():
         alone = model(x[2:3][mask[2:3].bool()][None] if mask is not None else x[2:3]).adapter_output
     torch.testing.assert_close(alone[0], expected[2], atol=1e-4, rtol=1e-4)
-    model.set_adapter(None)
+    model.set_task_adapter(None)
     with torch.no_grad():
         assert model(x, attention_mask=mask).adapter_output is None
 
@@ -71,19 +71,19 @@ def test_save_load_adapter_round_trip(tmp_path):
     with torch.no_grad():
         head.score.weight.normal_()
         head.score.bias.normal_()
-    model.register_adapter("sent", head)
-    model.set_adapter("sent")
+    model.register_task_adapter("sent", head)
+    model.set_task_adapter("sent")
     x, mask, _ = right_padded()
     with torch.no_grad():
         ref = model(x, attention_mask=mask).adapter_output
-    path = model.save_adapter("sent", tmp_path / "sent")
+    path = model.save_task_adapter("sent", tmp_path / "sent")
     assert {p.name for p in path.iterdir()} == {"adapter_config.json", "adapter.safetensors"}
 
     fresh = make_model()  # same backbone weights, no adapters
-    assert fresh.list_adapters() == []
-    loaded = fresh.load_adapter("sent2", tmp_path / "sent")
+    assert fresh.list_task_adapters() == []
+    loaded = fresh.load_task_adapter("sent2", tmp_path / "sent")
     assert isinstance(loaded, SequenceClassificationAdapter) and loaded.pooling == "mean"
-    assert fresh.active_adapter == "sent2"
+    assert fresh.active_task_adapter == "sent2"
     with torch.no_grad():
         got = fresh(x, attention_mask=mask).adapter_output
     torch.testing.assert_close(got, ref)
@@ -91,44 +91,44 @@ def test_save_load_adapter_round_trip(tmp_path):
 
 def test_adapters_not_in_backbone_checkpoint(tmp_path):
     model = make_model()
-    model.register_adapter("cls", SequenceClassificationAdapter(model.config.hidden_size, 2))
-    model.set_adapter("cls")
-    assert not any(k.startswith("adapters.") for k in model.state_dict())
+    model.register_task_adapter("cls", SequenceClassificationAdapter(model.config.hidden_size, 2))
+    model.set_task_adapter("cls")
+    assert not any(k.startswith("task_adapters.") for k in model.state_dict())
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert keys and not any("adapter" in k for k in keys), keys
     assert "adapter" not in (tmp_path / "config.json").read_text()
     reloaded = OpenAutoGLMForCausalLM.from_pretrained(tmp_path)
-    assert reloaded.list_adapters() == [] and reloaded.active_adapter is None
+    assert reloaded.list_task_adapters() == [] and reloaded.active_task_adapter is None
 
 
 def test_adapter_errors(tmp_path):
     model = make_model()
     d = model.config.hidden_size
-    model.register_adapter("a", SequenceClassificationAdapter(d, 2))
+    model.register_task_adapter("a", SequenceClassificationAdapter(d, 2))
     with pytest.raises(ValueError, match="already registered"):
-        model.register_adapter("a", SequenceClassificationAdapter(d, 2))
-    model.register_adapter("b", SequenceClassificationAdapter(d, 2))
+        model.register_task_adapter("a", SequenceClassificationAdapter(d, 2))
+    model.register_task_adapter("b", SequenceClassificationAdapter(d, 2))
     with pytest.raises(KeyError) as err:
-        model.set_adapter("c")
+        model.set_task_adapter("c")
     assert "'a'" in str(err.value) and "'b'" in str(err.value)
     with pytest.raises(ValueError, match="invalid"):
-        model.register_adapter("bad name!", SequenceClassificationAdapter(d, 2))
+        model.register_task_adapter("bad name!", SequenceClassificationAdapter(d, 2))
 
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        model.load_adapter("x", empty)
+        model.load_task_adapter("x", empty)
 
-    saved = model.save_adapter("a", tmp_path / "a")
+    saved = model.save_task_adapter("a", tmp_path / "a")
     cfg = json.loads((saved / "adapter_config.json").read_text())
     cfg["type"] = "no-such-adapter"
     (saved / "adapter_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError) as err:
-        model.load_adapter("x", saved)
+        model.load_task_adapter("x", saved)
     assert "no-such-adapter" in str(err.value) and "sequence-classification" in str(err.value)
-    assert "x" not in model.list_adapters()
+    assert "x" not in model.list_task_adapters()
 
 
 def test_train_adapter_with_frozen_backbone():
@@ -140,8 +140,8 @@ def test_train_adapter_with_frozen_backbone():
     with torch.no_grad():  # start from chance: equal logits, argmax picks class 0
         head.score.weight.zero_()
         head.score.bias.zero_()
-    model.register_adapter("cls", head)
-    model.set_adapter("cls")
+    model.register_task_adapter("cls", head)
+    model.set_task_adapter("cls")
     model.train()
 
     # toy task: the label is which half of a token set the last token comes from
@@ -165,6 +165,6 @@ def test_train_adapter_with_frozen_backbone():
         opt.step()
     after = accuracy()
     assert after >= 0.95, after
-    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("adapters."))
+    assert all(p.grad is None for n, p in model.named_parameters() if not n.startswith("task_adapters."))
     for k, v in model.state_dict().items():
         assert torch.equal(v, backbone[k]), k

@@ -72,7 +72,7 @@ def load_adapter(directory: str | Path) -> nn.Module:
     cfg_path = directory / "adapter_config.json"
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path} not found: {directory} is not a saved adapter "
-                                f"(save one with model.save_adapter(name, dir))")
+                                f"(save one with model.save_task_adapter(name, dir))")
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("type") not in _TYPES:
         raise ValueError(f"adapter type {cfg.get('type')!r} in {cfg_path} is unknown; registered types: "

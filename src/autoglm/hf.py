@@ -5,8 +5,9 @@ After `import autoglm`, a saved directory loads with plain
 the HF `Cache` API (a `DynamicCache` holding every layer's K/V), and projection names
 follow HF conventions so PEFT can target `q_proj`, `v_proj`, `o_proj`, experts, ...
 
-The task-adapter registry lives here too: `register_adapter(name, module)`,
-`set_adapter(name)`, `save_adapter`/`load_adapter` (see `autoglm.adapters`).
+The task-adapter registry lives here too: `register_task_adapter(name, module)`,
+`set_task_adapter(name)`, `save_task_adapter` / `load_task_adapter` (see `autoglm.adapters`); the names
+keep clear of transformers' PEFT `load_adapter` / `set_adapter`, which this class does not shadow.
 """
 
 from __future__ import annotations
@@ -73,8 +74,8 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = AutoGLMBackbone(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self.adapters = nn.ModuleDict()
-        self.active_adapter: str | None = None
+        self.task_adapters = nn.ModuleDict()
+        self.active_task_adapter: str | None = None
         self.post_init()
 
     # ------------------------------------------------------------------ compute
@@ -112,8 +113,8 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
                          output_hidden_states=bool(output_hidden_states))
         hidden = out.last_hidden_state
         adapter_output = None
-        if self.active_adapter is not None:
-            adapter_output = self.adapters[self.active_adapter](hidden, attention_mask)
+        if self.active_task_adapter is not None:
+            adapter_output = self.task_adapters[self.active_task_adapter](hidden, attention_mask)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)
@@ -140,50 +141,50 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
             if layer.is_moe:
                 per_expert = sum(p.numel() for p in layer.mlp.experts[0].parameters())
                 inactive += per_expert * (layer.mlp.num_experts - layer.mlp.top_k)
-        adapters = sum(p.numel() for p in self.adapters.parameters())
+        adapters = sum(p.numel() for p in self.task_adapters.parameters())
         return {"total": total - adapters, "active": total - adapters - inactive, "adapters": adapters}
 
     # ----------------------------------------------------------------- adapters
-    def register_adapter(self, name: str, module: nn.Module) -> None:
+    def register_task_adapter(self, name: str, module: nn.Module) -> None:
         _adapters.check_name(name)
-        if name in self.adapters:
+        if name in self.task_adapters:
             raise ValueError(f"adapter {name!r} is already registered; pick another name or remove it first")
-        self.adapters[name] = module.to(self.device)
+        self.task_adapters[name] = module.to(self.device)
 
-    def set_adapter(self, name: str | None) -> None:
-        if name is not None and name not in self.adapters:
-            raise KeyError(f"no adapter named {name!r}; registered: {sorted(self.adapters) or 'none'}")
-        self.active_adapter = name
+    def set_task_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.task_adapters:
+            raise KeyError(f"no adapter named {name!r}; registered: {sorted(self.task_adapters) or 'none'}")
+        self.active_task_adapter = name
 
-    def list_adapters(self) -> list[str]:
-        return sorted(self.adapters)
+    def list_task_adapters(self) -> list[str]:
+        return sorted(self.task_adapters)
 
-    def save_adapter(self, name: str, directory: str | Path) -> Path:
-        if name not in self.adapters:
-            raise KeyError(f"no adapter named {name!r}; registered: {sorted(self.adapters) or 'none'}")
-        return _adapters.save_adapter(self.adapters[name], directory)
+    def save_task_adapter(self, name: str, directory: str | Path) -> Path:
+        if name not in self.task_adapters:
+            raise KeyError(f"no adapter named {name!r}; registered: {sorted(self.task_adapters) or 'none'}")
+        return _adapters.save_adapter(self.task_adapters[name], directory)
 
-    def load_adapter(self, name: str, directory: str | Path, activate: bool = True) -> nn.Module:
+    def load_task_adapter(self, name: str, directory: str | Path, activate: bool = True) -> nn.Module:
         module = _adapters.load_adapter(directory)
-        self.register_adapter(name, module)
+        self.register_task_adapter(name, module)
         if activate:
-            self.set_adapter(name)
+            self.set_task_adapter(name)
         return module
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         # the backbone checkpoint never holds adapters: their keys are not "missing"
         res = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = [k for k in res.missing_keys if not k.startswith("adapters.")]
+        missing = [k for k in res.missing_keys if not k.startswith("task_adapters.")]
         if strict and (missing or res.unexpected_keys):
             raise RuntimeError(f"error loading state_dict: missing keys {missing}, "
                                f"unexpected keys {res.unexpected_keys}")
         return res
 
     def state_dict(self, *args, **kwargs):
-        # adapters are saved on their own (save_adapter), never inside the backbone checkpoint
+        # adapters are saved on their own (save_task_adapter), never inside the backbone checkpoint
         sd = super().state_dict(*args, **kwargs)
         prefix = kwargs.get("prefix", "")
-        return {k: v for k, v in sd.items() if not k.startswith(prefix + "adapters.")}
+        return {k: v for k, v in sd.items() if not k.startswith(prefix + "task_adapters.")}
 
 
 AutoConfig.register(OpenAutoGLMConfig.model_type, OpenAutoGLMConfig, exist_ok=True)

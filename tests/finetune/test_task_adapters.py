@@ -44,7 +44,7 @@ def test_train_classifier_frozen_backbone_save_list_load(tmp_path):
         ("sentiment", "sequence-classification", ["neg", "pos"])]
     fresh = OpenAutoGLMForCausalLM.from_pretrained(mdir).eval()
     _, lab = load_named_adapter(fresh, mdir, "sentiment")
-    assert lab == ["neg", "pos"] and fresh.active_adapter == "sentiment"
+    assert lab == ["neg", "pos"] and fresh.active_task_adapter == "sentiment"
     x, m = encode_texts(tok, texts, 128, tok.pad_token_id)  # train_classifier default max_len
     y = torch.tensor([classes.index(v) for v in labels])
     model.eval()

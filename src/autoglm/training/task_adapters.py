@@ -74,7 +74,7 @@ class ClassificationObjective:
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
         if out.adapter_output is None:
-            raise ValueError("no task adapter is active; call model.set_adapter(name) before training it")
+            raise ValueError("no task adapter is active; call model.set_task_adapter(name) before training it")
         logits = out.adapter_output.float()
         loss = F.cross_entropy(logits, batch["labels"])
         acc = (logits.argmax(-1) == batch["labels"]).float().mean()
@@ -113,8 +113,8 @@ def train_classifier(model: nn.Module, tokenizer, name: str, texts: Sequence[str
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     x, m = encode_texts(tokenizer, texts, max_len, pad)
     head = SequenceClassificationAdapter(model.config.hidden_size, len(classes), pooling=pooling)
-    model.register_adapter(name, head)
-    model.set_adapter(name)
+    model.register_task_adapter(name, head)
+    model.set_task_adapter(name)
     model.requires_grad_(False)
     head.requires_grad_(True)
     n = len(x)
@@ -139,7 +139,7 @@ def adapters_root(model_dir: str | Path) -> Path:
 
 def save_named_adapter(model: nn.Module, name: str, model_dir: str | Path, labels: Sequence[str] | None = None) -> Path:
     """Save adapter `name` to <model_dir>/adapters/<name>/ (+ labels.json with the class names)."""
-    path = model.save_adapter(name, adapters_root(model_dir) / name)
+    path = model.save_task_adapter(name, adapters_root(model_dir) / name)
     if labels is not None:
         (path / "labels.json").write_text(json.dumps(list(labels)))
     return path
@@ -167,6 +167,6 @@ def load_named_adapter(model: nn.Module, model_dir: str | Path, name: str,
         have = [a["name"] for a in list_saved_adapters(model_dir)]
         raise KeyError(f"no saved adapter named {name!r} in {adapters_root(model_dir)}; saved: {have or 'none'} "
                        f"(train one with `autoglm adapters train`)")
-    module = model.load_adapter(name, path, activate=activate)
+    module = model.load_task_adapter(name, path, activate=activate)
     lab = json.loads((path / "labels.json").read_text()) if (path / "labels.json").is_file() else None
     return module, lab
