@@ -18,7 +18,7 @@ and a rename. A crash at any point leaves either the previous
 checkpoint as latest or the new one complete - never a partial `step-*` directory.
 Loading uses safetensors and `torch.load(..., weights_only=True)` only.
 
-One process writes a checkpoint directory at a time (rank 0 under DDP).
+One process writes a checkpoint directory at a time (the trainer's main process).
 """
 
 from __future__ import annotations

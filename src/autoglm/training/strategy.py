@@ -1,14 +1,16 @@
 """Where and how a model trains: device placement, backward, cross-rank reductions.
 
-The loop talks only to a `Strategy`, never to `torch.distributed` directly, so data
-parallel (DDP) and sharded (FSDP2) training are new subclasses, not new loops:
+The loop talks only to a `Strategy`, never to `torch.distributed` directly. Only
+`SingleDevice` (one process, one device) exists today; the interface is what a
+multi-process strategy would implement:
 
-* `setup(model)` places (and for DDP/FSDP2 wraps or shards) the model;
-* `backward(loss)` / `no_sync(model, sync)` cover gradient accumulation (DDP skips the
-  all-reduce on all but the last micro-batch);
+* `setup(model)` places (and a multi-process strategy would wrap or shard) the model;
+* `backward(loss)` / `no_sync(model, sync)` cover gradient accumulation (`sync` is True on
+  the last micro-batch of a step, where a data-parallel strategy would all-reduce);
 * `reduce_mean(t)` averages a metric over ranks (identity on one device);
 * `is_main` gates logging, metrics files and checkpoint writes; `barrier()` lines ranks up;
-* `unwrap(model)` recovers the plain module for saving (strips torch.compile / DDP).
+* `unwrap(model)` recovers the plain module for saving (strips torch.compile and
+  DistributedDataParallel wrappers).
 
 Example:
     >>> import torch
@@ -54,7 +56,7 @@ def autocast_context(precision: str, device: torch.device | str = "cpu") -> cont
 
 class Strategy(abc.ABC):
     """How the loop reaches devices. Subclasses define the topology, placement and
-    collectives; gradient handling below is shared (DDP overrides `no_sync`)."""
+    collectives; gradient handling below is shared."""
 
     device: torch.device
 
@@ -77,7 +79,7 @@ class Strategy(abc.ABC):
         """Place (wrap, shard) the model; returns the module the loop should call."""
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        """The plain model inside torch.compile / DDP wrappers (what gets saved)."""
+        """The plain model inside torch.compile / DistributedDataParallel wrappers (what gets saved)."""
         while True:
             if hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
                 model = model._orig_mod
