@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     if "clean" in sections:
         work = Path(tempfile.mkdtemp(prefix="autoglm-clean-"))
         try:
-            res["clean"] = clean_section(args.clean_edges, max(1, args.clean_edges // 10), work, args.clean_memory_limit)
+            res["clean"] = clean_section(args.clean_edges, max(1, args.clean_edges // 10), work,
+                                         args.clean_memory_limit)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         log.info("clean: %s", res["clean"])

@@ -5,7 +5,8 @@ import importlib
 
 import pytest
 
-MODULES = ["config", "augment", "encoder", "losses", "probe", "ssl", "clean", "datasets", "experiment", "sampling", "anomaly"]
+MODULES = ["config", "augment", "encoder", "losses", "probe", "ssl", "clean", "datasets", "experiment", "sampling",
+           "anomaly"]
 
 
 @pytest.mark.parametrize("name", [f"autoglm.graph.{m}" for m in MODULES] + ["autoglm.recipes.graph_ssl"])
