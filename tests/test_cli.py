@@ -107,3 +107,26 @@ def test_bad_inputs_give_clear_errors(tmp_path, trained):
 
     code, output = run("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "r4", "--seq-len", "4096")
     assert code == 2 and "max_position_embeddings" in output
+
+
+def test_train_with_early_exit_from_a_config_file(trained, tmp_path):
+    """`autoglm train --config FILE` with command-line overrides, continuing from a run
+    (--init-from) with exits trained after layer 1; run.json records the exit layers that
+    `autoglm serve` then tries."""
+    root, data, out, _ = trained
+    cfg = tmp_path / "ee.yaml"
+    cfg.write_text(f"model: {{preset: tiny}}\ndata: {{path: {data}, cache_dir: {root / 'cache'}}}\n"
+                   f"train: {{batch_size: 4, seq_len: 32, max_steps: 50, eval_every: 0, save_every: 0}}\n"
+                   f"early_exit: {{enabled: true, layers: [1], weight: 2.0}}\nsample_prompt: ''\n")
+    code, output = run("train", "--config", cfg, "--steps", "3", "--init-from", out, "--out", tmp_path / "ee",
+                       "--print-config")
+    assert code == 0 and "max_steps: 3" in output and "layers:\n  - 1" in output, output
+    code, output = run("train", "--config", cfg, "--steps", "3", "--init-from", out, "--out", tmp_path / "ee")
+    assert code == 0, output
+    info = json.loads((tmp_path / "ee" / "run.json").read_text())
+    assert info["early_exit"] == {"layers": [1], "weight": 2.0}
+    assert info["config"]["train"]["max_steps"] == 3 and info["config"]["init_from"] == str(out)
+    rows = [json.loads(line) for line in (tmp_path / "ee" / "metrics.jsonl").read_text().splitlines()]
+    assert any("exit_loss" in r for r in rows)
+    code, output = run("train", "--config", cfg, "--exit-layers", "2", "--out", tmp_path / "bad")
+    assert code == 2 and "must be < the model's 2 layers" in output

@@ -129,6 +129,11 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
                                      hidden_states=out.hidden_states, aux_loss=aux, routing=out.routing,
                                      adapter_output=adapter_output)
 
+    def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The shared final norm + LM head on an intermediate hidden state (an early exit):
+        (..., d) -> (..., V). The last layer's output gives the ordinary logits."""
+        return self.lm_head(self.model.norm(hidden))
+
     def extend_context(self, new_len: int) -> None:
         """Grow the context to `new_len` by interpolating the learned position table."""
         self.model.extend_context(new_len)

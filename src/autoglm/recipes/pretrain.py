@@ -22,9 +22,26 @@ from ..settings import section, setting
 from ..training.config import TrainConfig
 from .common import ModelSpec, TextData, run_info
 
-__all__ = ["PretrainConfig", "PretrainOutput", "pretrain"]
+__all__ = ["PretrainConfig", "EarlyExitSpec", "PretrainOutput", "pretrain"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EarlyExitSpec:
+    """LayerSkip-style exits trained with the model (see `training.EarlyExitObjective`)."""
+
+    enabled: bool = setting(False, "also train early exits: intermediate layers get a next-token loss through "
+                                   "the shared head, so `autoglm serve` can stop decoding early", flag="early_exit")
+    weight: float = setting(1.0, "weight of the exit losses against the last layer's", flag="exit_weight")
+    layers: tuple[int, ...] | None = setting(None, "layers after which exits are trained (and tried when serving); "
+                                                   "none = every intermediate layer", flag="exit_layers")
+
+    def __post_init__(self) -> None:
+        if self.weight < 0:
+            raise ValueError(f"weight must be >= 0, got {self.weight}")
+        if self.layers is not None and (not self.layers or min(self.layers) < 1):
+            raise ValueError(f"layers must be layer counts >= 1, e.g. 2 or 2,4; got {self.layers}")
 
 
 @dataclass
@@ -33,6 +50,9 @@ class PretrainConfig:
     model: ModelSpec = section(ModelSpec)
     data: TextData = section(TextData)
     train: TrainConfig = section(TrainConfig)
+    early_exit: EarlyExitSpec = section(EarlyExitSpec)
+    init_from: Path | None = setting(None, "start from this run's weights and tokenizer instead of a fresh model "
+                                           "(continued pre-training, e.g. a second phase with other settings)")
     resume: bool = setting(False, "continue from OUT/checkpoints/latest (same config; a longer --steps is fine)")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
     sample_prompt: str = setting("The ", "prompt of the sample generated at the end; '' = no sample")
@@ -57,30 +77,43 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
     from ..data import iter_eval_batches, prepare_corpus, sample_batch
     from ..rundir import RunDir
     from ..settings import to_yaml
-    from ..training import SingleDevice, Trainer
+    from ..training import EarlyExitObjective, SingleDevice, Trainer
     from .common import build_model
 
     out = Path(cfg.out)
     if cfg.resume and not (out / "checkpoints").is_dir():
         raise FileNotFoundError(f"resume requested but {out / 'checkpoints'} does not exist; drop --resume to "
                                 f"start a new run, or point --out at an earlier run")
-    model_cfg = cfg.model.config()
+    init = RunDir.open(cfg.init_from, role="init_from run") if cfg.init_from is not None else None
+    init_model = init.load_model() if init is not None else None
+    model_cfg = init_model.config if init_model is not None else cfg.model.config()
     if cfg.train.seq_len > model_cfg.max_position_embeddings:
-        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) is longer than the {cfg.model.preset} model's "
+        raise ValueError(f"train.seq_len ({cfg.train.seq_len}) is longer than the model's "
                          f"max_position_embeddings ({model_cfg.max_position_embeddings}); lower --seq-len")
+    ee = cfg.early_exit
+    if ee.enabled and ee.layers is not None and max(ee.layers) >= model_cfg.num_hidden_layers:
+        raise ValueError(f"early_exit.layers {list(ee.layers)} must be < the model's {model_cfg.num_hidden_layers} "
+                         f"layers (the last layer is the full model)")
     if cfg.resume and (out / "tokenizer.json").is_file():
         tokenizer = RunDir(out).load_tokenizer()
+    elif init is not None:
+        tokenizer = init.load_tokenizer()
     data = prepared or prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.model.vocab_size or model_cfg.vocab_size,
                                       tokenizer, cfg.data.val_fraction, cfg.data.extra_train)
     t = cfg.train
     torch.manual_seed(t.seed)
-    model = build_model(cfg.model, len(data.tokenizer))
+    model = init_model.train() if init_model is not None else build_model(cfg.model, len(data.tokenizer))
+    objective = EarlyExitObjective(ee.weight, ee.layers) if ee.enabled else None
     train, val = data.tokens.train, data.tokens.val
     trainer = Trainer(model, t, train_batch=lambda i: sample_batch(train, t.batch_size, t.seq_len, i, t.seed),
                       eval_batches=lambda: iter_eval_batches(val, t.batch_size, t.seq_len, max_batches=t.eval_batches),
-                      out_dir=out, progress=progress, strategy=SingleDevice(cfg.device), console=console,
-                      callbacks=callbacks)
+                      out_dir=out, objective=objective, progress=progress, strategy=SingleDevice(cfg.device),
+                      console=console, callbacks=callbacks)
     result = trainer.fit(resume=cfg.resume)
-    info = run_info("pretrain", cfg, result, data=data.source, token_cache=str(data.tokens.path))
+    extra: dict[str, Any] = {"data": data.source, "token_cache": str(data.tokens.path)}
+    if ee.enabled:  # what `autoglm serve` reads to try exactly the trained exits
+        layers = ee.layers if ee.layers is not None else range(1, model.config.num_hidden_layers)
+        extra["early_exit"] = {"layers": list(layers), "weight": ee.weight}
+    info = run_info("pretrain", cfg, result, **extra)
     run = RunDir.save(out, model, data.tokenizer, info, config_yaml=to_yaml(cfg))
     return PretrainOutput(model, data.tokenizer, result, run, data.source)

@@ -16,14 +16,14 @@ from .checkpoint import (CheckpointError, capture_rng_state, list_checkpoints, l
 from .config import PRECISIONS, TrainConfig
 from .evaluate import evaluate
 from .loop import Callback, Trainer, TrainResult, enable_grad_checkpointing
-from .objectives import CausalLMObjective, Objective
+from .objectives import CausalLMObjective, EarlyExitObjective, Objective
 from .optim import build_optimizer, build_scheduler, lr_lambda, param_groups
 from .strategy import SingleDevice, Strategy, autocast_context, resolve_precision
 
 __all__ = [
     "TrainConfig", "PRECISIONS",
     "build_optimizer", "build_scheduler", "lr_lambda", "param_groups",
-    "Objective", "CausalLMObjective",
+    "Objective", "CausalLMObjective", "EarlyExitObjective",
     "Strategy", "SingleDevice", "autocast_context", "resolve_precision",
     "CheckpointError", "save_checkpoint", "load_checkpoint", "load_latest", "list_checkpoints",
     "capture_rng_state", "restore_rng_state",

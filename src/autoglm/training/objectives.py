@@ -6,6 +6,12 @@ averages over micro-batches and logs (detached). The loop never looks inside a b
 it moves tensors to the device and hands the batch to the objective, so distillation,
 LoRA, graph and multimodal objectives plug in without touching the loop.
 
+`EarlyExitObjective` (LayerSkip-style): besides the next-token loss at the last layer,
+every intermediate layer's output goes through the *shared* final norm and LM head
+(`model.exit_logits`) and gets its own next-token loss, weighted `exit_weight * (l / L)`
+(deeper exits count more). The engine's runner can then stop a decode step at the first
+layer whose top probability reaches a threshold (`autoglm.inference.runner`).
+
 Example:
     >>> import torch
     >>> from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
@@ -14,6 +20,8 @@ Example:
     >>> out = CausalLMObjective()(model, (x, x))
     >>> sorted(out)
     ['aux_loss', 'lm_loss', 'loss']
+    >>> sorted(EarlyExitObjective()(model, (x, x)))
+    ['aux_loss', 'exit_loss', 'lm_loss', 'loss']
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from torch import nn
 
 from ..losses import lm_loss
 
-__all__ = ["Objective", "CausalLMObjective"]
+__all__ = ["Objective", "CausalLMObjective", "EarlyExitObjective"]
 
 
 @runtime_checkable
@@ -54,3 +62,41 @@ class CausalLMObjective:
 
     def __repr__(self) -> str:
         return "CausalLMObjective()"
+
+
+class EarlyExitObjective:
+    """loss = LM loss (last layer) + MoE aux + exit_weight * mean_l (l / L) * LM loss(exit after layer l).
+
+    batch = (input_ids, labels), as `CausalLMObjective`. Reports "exit_loss" (the weighted
+    intermediate term) besides "lm_loss" and "aux_loss". `exit_layers` restricts the
+    intermediate losses to the layers the engine will try (its `EngineConfig.exit_layers`);
+    None trains every intermediate layer. Fewer exits also mean fewer LM-head passes per step.
+    """
+
+    def __init__(self, exit_weight: float = 1.0, exit_layers: tuple[int, ...] | None = None) -> None:
+        if exit_weight < 0:
+            raise ValueError(f"exit_weight must be >= 0, got {exit_weight}")
+        if exit_layers is not None and (not exit_layers or min(exit_layers) < 1):
+            raise ValueError(f"exit_layers must be non-empty layer counts >= 1 (e.g. (2, 4)), got {exit_layers}; "
+                             f"use None for every intermediate layer")
+        self.exit_weight = exit_weight
+        self.exit_layers = tuple(sorted(set(exit_layers))) if exit_layers is not None else None
+
+    def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+        input_ids, labels = batch
+        out = model(input_ids, output_hidden_states=True)
+        lm = lm_loss(out.logits, labels)
+        aux = out.aux_loss if out.aux_loss is not None else torch.zeros((), device=lm.device)
+        hs = out.hidden_states  # input of each block + final (before norm): hs[l] = after l layers
+        L = len(hs) - 1
+        if self.exit_layers is not None and max(self.exit_layers) >= L:
+            raise ValueError(f"exit_layers {self.exit_layers} must be < num_hidden_layers ({L}); "
+                             f"the last layer is the full model, trained by the LM loss already")
+        layers = self.exit_layers if self.exit_layers is not None else range(1, L)
+        exits = [(l / L) * lm_loss(model.exit_logits(hs[l]), labels) for l in layers]
+        ex = torch.stack(exits).mean() if exits else torch.zeros((), device=lm.device)
+        return {"loss": lm + aux + self.exit_weight * ex, "lm_loss": lm.detach(), "aux_loss": aux.detach(),
+                "exit_loss": ex.detach()}
+
+    def __repr__(self) -> str:
+        return f"EarlyExitObjective(exit_weight={self.exit_weight}, exit_layers={self.exit_layers})"
