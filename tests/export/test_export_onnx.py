@@ -35,11 +35,27 @@ def test_layout_and_dynamic_axes(fp32_export, eager_model):
     # no data-dependent routing made it into the graphs (static dense MoE dispatch)
     ops = {n.op_type for n in dec.graph.node} | {n.op_type for n in pre.graph.node}
     assert not ops & {"NonZero", "Loop", "If"}
-    # the weights are stored once for both graphs: weights.bin is about one model's worth
+    # the weights are stored once for both graphs, and the tied embedding / LM head once: one
+    # (V, d) table (the Gather reads it, the LM head reads Transpose(it)), so weights.bin is no
+    # larger than the model's parameters (parameters() counts the tied table once)
     n_bytes = sum(p.numel() * 4 for p in eager_model.parameters())
-    assert (fp32_export / "weights.bin").stat().st_size < 1.25 * n_bytes
+    assert (fp32_export / "weights.bin").stat().st_size <= 1.01 * n_bytes
+    W = eager_model.get_input_embeddings().weight.detach().numpy()  # (V, d), tied to the LM head
+    for graph in ("decode", "prefill"):
+        m = onnx.load(str(fp32_export / f"{graph}.onnx"))
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+        copies = [n for n, a in inits.items() if a.shape in (W.shape, W.T.shape)
+                  and np.array_equal(a.reshape(-1), (W if a.shape == W.shape else W.T).reshape(-1))]
+        assert len(copies) == 1
+        readers = {n.op_type: n for n in m.graph.node if copies[0] in n.input}
+        assert sorted(readers) == ["Gather", "Transpose"]
+        lm_head = [n for n in m.graph.node if readers["Transpose"].output[0] in n.input]
+        assert [n.op_type for n in lm_head] == ["MatMul"] and lm_head[0].output[0] == "logits"
     info = json.loads((fp32_export / "export.json").read_text())
     assert max(info["parity_vs_eager"]["prefill_max_abs_diff"], info["parity_vs_eager"]["decode_max_abs_diff"]) <= 1e-4
+    sizes = info["sizes"]
+    assert (fp32_export / "weights.bin").stat().st_size / 1e6 <= sizes["safetensors_mb"]  # + the two graphs
+    assert sizes["safetensors_over_onnx"] == pytest.approx(sizes["safetensors_mb"] / sizes["onnx_mb"])
 
 
 @pytest.mark.parametrize("batch,length", [(1, 1), (4, 9), (2, 70)])

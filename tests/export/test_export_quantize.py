@@ -76,10 +76,48 @@ def test_static_qdq_with_calibration(tmp_path, fp32_export, export_corpus_tokens
     assert info["parity_vs_fp32"]["argmax_agreement"] > 0.8
 
 
-def test_keep_lm_head_float(fp32_export):
-    m = onnx.load(str(fp32_export / "decode.onnx"), load_external_data=False)
-    names = float_nodes(m, keep_lm_head_float=True)
-    assert len(names) == len(float_nodes(m)) + 1  # router nodes + the LM head MatMul
+def _tied_table(path):
+    """The initializer the embedding Gather reads, and the op types reading it."""
+    m = onnx.load(str(path))
+    inits = {t.name: t for t in m.graph.initializer}
+    (gather,) = [n for n in m.graph.node if n.op_type == "Gather" and n.input[0] in inits
+                 and len(inits[n.input[0]].dims) == 2]
+    table = inits[gather.input[0]]
+    return m, table, sorted(n.op_type for n in m.graph.node if table.name in n.input)
+
+
+def test_tied_embedding_is_one_int8_table(int8_export, eager_model):
+    """The embedding Gather reads the LM head's int8 table (stored once, one scale per token), and
+    its rows dequantize to the eager embedding within half a quantization step."""
+    W = eager_model.get_input_embeddings().weight.detach().numpy()  # (V, d)
+    for graph in ("prefill", "decode"):
+        m, table, readers = _tied_table(int8_export / f"{graph}.onnx")
+        assert table.data_type == onnx.TensorProto.INT8 and list(table.dims) == [W.shape[1], W.shape[0]]
+        assert readers == ["Gather", "MatMulInteger"]
+        # no other copy of the table, float or int8 (the expert matrices have other shapes or values)
+        assert not [t.name for t in m.graph.initializer if "lm_head" in t.name and t.name != table.name
+                    and len(t.dims) == 2]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
+    q, s = inits[table.name], inits[table.name.replace("_quantized", "_scale")]  # (d, V) int8, (V,)
+    assert np.allclose(s, np.abs(W).max(1) / 127, rtol=0.01)  # absmax / 127 (or 127.5, by ORT version)
+    assert (np.abs(q.T * s[:, None] - W) <= 0.5 * s[:, None] + 1e-7).all()
+
+
+def test_keep_lm_head_float(tmp_path, fp32_export, eager_model):
+    from autoglm.export.storage import fold_weight_transposes, load_graph
+    from autoglm.export.tied import gather_rows_from_transposed
+
+    m = load_graph(fp32_export / "decode.onnx")  # what the quantizer sees
+    tied = gather_rows_from_transposed(m)
+    fold_weight_transposes(m)
+    extra = set(float_nodes(m, keep_lm_head_float=True)) - set(float_nodes(m))
+    assert {n.op_type for n in m.graph.node if n.name in extra} == {"MatMul", "Gather"}  # LM head + embedding
+    assert [n.name for n in m.graph.node if n.op_type == "Gather" and n.name in extra] == tied
+    out = tmp_path / "lm_head_float"
+    info = quantize_export(fp32_export, out, "int8", keep_lm_head_float=True)
+    _, table, readers = _tied_table(out / "decode.onnx")
+    assert table.data_type == onnx.TensorProto.FLOAT and readers == ["Gather", "MatMul"]  # one float table
+    assert info["parity_vs_fp32"]["argmax_agreement"] > 0.9
 
 
 def test_empty_calibration_is_refused_and_writes_nothing(tmp_path, fp32_export):

@@ -3,8 +3,9 @@
 Two modes, both writing a new export directory with the same layout (`onnx_export`):
 
 * `int8` (dynamic): weights of every MatMul with a constant weight (projections, experts,
-  LM head) and the embedding table become int8 **per output channel**; activations are
-  quantized on the fly per tensor. No calibration data.
+  LM head) become int8 **per output channel**; activations are quantized on the fly per
+  tensor. No calibration data. The tied embedding reads the LM head's int8 table (stored
+  once, one scale per token: `export.tied`).
 * `int8-static` (QDQ): weights int8 per channel, activations uint8 with ranges calibrated
   on held-out text (a `CalibrationDataReader` that runs prefill windows and, for the
   decode graph, multi-token decode chunks after a cached prefix).
@@ -32,7 +33,8 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
 from ..atomic import atomic_dir
 from .onnx_export import copy_side_files
 from .runtime import OrtCausalLM, read_export_info
-from .storage import load_graph, save_graphs
+from .storage import directory_size_mb, fold_weight_transposes, load_graph, save_graphs, size_report
+from .tied import gather_quantized_rows, gather_rows_from_transposed
 
 __all__ = ["QUANT_MODES", "quantize_export", "CausalLMCalibrationReader", "float_nodes", "calibration_windows"]
 
@@ -126,7 +128,12 @@ def quantize_export(src_dir: str | Path, out_dir: str | Path, mode: str = "int8"
         graphs = {}
         for name, fname in info["graphs"].items():
             model = load_graph(Path(src_dir) / fname)
-            exclude = float_nodes(model, keep_lm_head_float)
+            # the fp32 export stores the tied LM head as Transpose(embedding table); the quantizer
+            # only quantizes a MatMul whose weight is an initializer. The embedding Gather reads
+            # the same transposed table (one copy) and is rewritten to its int8 form afterwards
+            tied = gather_rows_from_transposed(model)
+            fold_weight_transposes(model)
+            exclude = float_nodes(model, keep_lm_head_float) + tied
             q_path = Path(work) / f"{name}.onnx"
             if mode == "int8":
                 quantize_dynamic(model, q_path, op_types_to_quantize=["MatMul", "Gather"], per_channel=True,
@@ -140,15 +147,22 @@ def quantize_export(src_dir: str | Path, out_dir: str | Path, mode: str = "int8"
                                 nodes_to_exclude=exclude, calibrate_method=method,
                                 extra_options={"MatMulConstBOnly": True, "WeightSymmetric": True})
             graphs[name] = onnx.load(str(q_path), load_external_data=True)
-            log.info("quantized %s graph (%s, %d nodes kept in float)", name, mode, len(exclude))
+            shared = gather_quantized_rows(graphs[name], tied)
+            embedding = ("the LM head's int8 table (stored once, one scale per token)" if shared else
+                         "the LM head's float table (stored once)" if tied else "its own table")
+            log.info("quantized %s graph (%s, %d nodes kept in float); embedding: %s", name, mode,
+                     len(exclude) - len(tied), embedding)
         save_graphs(graphs, tmp)
         copy_side_files(src_dir, tmp)
         q_info = {**info, "precision": mode, "quantization": {
             "weights": "int8 per output channel (symmetric)", "activations":
                 "dynamic uint8 per tensor" if mode == "int8" else f"static uint8 QDQ ({calibrate_method})",
             "float_nodes": "router" + (" + lm_head" if keep_lm_head_float else ""),
+            "embedding": embedding,
             "calibration_windows": len(windows)}}
-        q_info.pop("parity_vs_eager", None)
+        if "parity_vs_eager" in q_info:  # the fp32 export's check, kept for the record
+            q_info["fp32_parity_vs_eager"] = q_info.pop("parity_vs_eager")
+        q_info["sizes"] = size_report(tmp, info.get("sizes", {}).get("safetensors_mb"), directory_size_mb(src_dir))
         (tmp / "export.json").write_text(json.dumps(q_info, indent=2))
         q_info["parity_vs_fp32"] = _parity(fp32, OrtCausalLM(tmp, threads=0), info["vocab_size"])
         (tmp / "export.json").write_text(json.dumps(q_info, indent=2))

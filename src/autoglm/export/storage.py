@@ -22,8 +22,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-__all__ = ["WEIGHTS_FILE", "save_graphs", "load_graph", "directory_size_mb", "gemm_to_matmul",
-           "fold_weight_transposes", "strip_metadata"]
+__all__ = ["WEIGHTS_FILE", "save_graphs", "load_graph", "directory_size_mb", "size_report", "gemm_to_matmul",
+           "fold_weight_transposes", "transposed_initializer", "rename_inputs", "strip_metadata"]
 
 log = logging.getLogger(__name__)
 
@@ -80,27 +80,52 @@ def gemm_to_matmul(model: onnx.ModelProto) -> int:
     return count
 
 
-def fold_weight_transposes(model: onnx.ModelProto) -> int:
+def fold_weight_transposes(model: onnx.ModelProto, keep_shared: bool = False) -> int:
     """In place: Transpose(perm=[1, 0]) of a 2-D initializer -> a transposed initializer.
 
     The exporter keeps `Transpose(W)` as a node when W is shared (the tied embedding /
-    LM head); ONNX Runtime's quantizer only quantizes a MatMul whose weight is a constant
-    initializer. Returns the number of folded nodes."""
+    LM head: a Gather table and the LM-head MatMul weight); ONNX Runtime's quantizer only
+    quantizes a MatMul whose weight is a constant initializer, so the quantizer's input is
+    folded. `keep_shared=True` leaves the Transpose of a weight that other nodes also read:
+    the fp32 export stores the tied table once (ONNX Runtime folds the Transpose in memory
+    when it loads the graph). The folded weight is named `<W>.T`, so name-based choices
+    (`quantize.float_nodes`: the LM head) still recognise it. Returns the number of folded nodes."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
-    keep, count = [], 0
+    readers: dict[str, int] = {}
+    for node in g.node:
+        for i in set(node.input):
+            readers[i] = readers.get(i, 0) + 1
+    keep, renamed = [], {}
     for node in g.node:
         perm = _attr(node, "perm", None)
+        shared = keep_shared and readers.get(node.input[0], 0) > 1
         if (node.op_type == "Transpose" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2
-                and list(perm or [1, 0]) == [1, 0]):
-            w_t = np.ascontiguousarray(numpy_helper.to_array(inits[node.input[0]]).T)
-            g.initializer.append(numpy_helper.from_array(w_t, node.output[0]))
-            count += 1
+                and list(perm or [1, 0]) == [1, 0] and not shared):
+            renamed[node.output[0]] = transposed_initializer(g, node.input[0])
         else:
             keep.append(node)
     del g.node[:]
     g.node.extend(keep)
-    return count
+    rename_inputs(g, renamed)
+    return len(renamed)
+
+
+def transposed_initializer(graph: onnx.GraphProto, name: str) -> str:
+    """Add `<name>.T`, the transpose of the 2-D initializer `name`, unless it exists; returns its name."""
+    t_name = f"{name}.T"
+    if not any(t.name == t_name for t in graph.initializer):
+        w = next(t for t in graph.initializer if t.name == name)
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(w).T), t_name))
+    return t_name
+
+
+def rename_inputs(graph: onnx.GraphProto, renamed: dict[str, str]) -> None:
+    """In place: every node input named a key of `renamed` reads the value instead."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
 
 
 def strip_metadata(model: onnx.ModelProto) -> None:
@@ -166,3 +191,15 @@ def load_graph(path: str | Path) -> onnx.ModelProto:
 def directory_size_mb(directory: str | Path, suffixes: tuple[str, ...] = (".onnx", ".bin")) -> float:
     """Size on disk of the model files in `directory` (graphs + shared weights), in MB (1e6 bytes)."""
     return sum(p.stat().st_size for p in Path(directory).iterdir() if p.suffix in suffixes) / 1e6
+
+
+def size_report(directory: str | Path, safetensors_mb: float | None, fp32_onnx_mb: float | None = None) -> dict:
+    """An export's size (graphs + weights.bin, MB) and how many times smaller it is than the
+    FP32 safetensors checkpoint it came from and, for a quantized export, than the FP32
+    ONNX directory (`*_over_onnx`: that size / this one)."""
+    mb = directory_size_mb(directory)
+    out = {"onnx_mb": mb, "safetensors_mb": safetensors_mb,
+           "safetensors_over_onnx": safetensors_mb / mb if safetensors_mb else None}
+    if fp32_onnx_mb is not None:
+        out.update(fp32_onnx_mb=fp32_onnx_mb, fp32_onnx_over_onnx=fp32_onnx_mb / mb)
+    return out
