@@ -1,6 +1,6 @@
 """Shared fixtures: a tiny model briefly trained on stdlib docstrings (so greedy decoding has
 clear winners), saved with its tokenizer; its fp32 ONNX export made through the CLI; and
-the dynamic-INT8 quantization of that export."""
+its dynamic-INT8 export made through the CLI from a config file."""
 
 import numpy as np
 import pytest
@@ -64,9 +64,15 @@ def fp32_export(tmp_path_factory, export_model_dir):
 
 
 @pytest.fixture(scope="session")
-def int8_export(tmp_path_factory, fp32_export):
-    from autoglm.export import quantize_export
+def int8_export(tmp_path_factory, export_model_dir):
+    """`autoglm export onnx MODEL_DIR --out DIR --config int8.yaml`: the recipe's quantized path
+    (fp32 export, parity check, dynamic INT8) driven by a config file."""
+    from autoglm.cli import app
 
-    out = tmp_path_factory.mktemp("onnx_int8") / "int8"
-    quantize_export(fp32_export, out, "int8")
+    d = tmp_path_factory.mktemp("onnx_int8")
+    (d / "int8.yaml").write_text("quantize: int8\nparity:\n  atol: 1.0e-4\n")
+    out = d / "int8"
+    res = CliRunner().invoke(app, ["export", "onnx", str(export_model_dir), "--out", str(out),
+                                   "--config", str(d / "int8.yaml")])
+    assert res.exit_code == 0, res.output
     return out

@@ -33,10 +33,15 @@ def test_unsupported_opset_and_mode(tmp_path, export_model_dir):
     assert res.exit_code == 2 and "opset 99 is not supported" in _out(res)
     res = runner.invoke(app, ["export", "onnx", str(export_model_dir), "--out", str(tmp_path / "o3"),
                               "--quantize", "int4"])
-    assert res.exit_code == 2 and "--quantize must be one of" in _out(res)
+    assert res.exit_code == 2 and "quantize (--quantize): must be one of 'int8', 'int8-static'" in _out(res)
     res = runner.invoke(app, ["export", "onnx", str(export_model_dir), "--out", str(tmp_path / "o4"),
                               "--prefill-attention", "banded"])
-    assert res.exit_code == 2 and "--prefill-attention must be one of" in _out(res)
+    assert res.exit_code == 2 and "prefill_attention (--prefill-attention): must be one of" in _out(res)
+    res = runner.invoke(app, ["export", "onnx", str(export_model_dir), "--out", str(tmp_path / "o7"),
+                              "--rtol", "-1"])
+    assert res.exit_code == 2 and "atol and rtol must be >= 0" in _out(res)
+    res = runner.invoke(app, ["export", "onnx", str(export_model_dir)])
+    assert res.exit_code == 2 and "out is required" in _out(res)
     with pytest.raises(ValueError, match="prefill_attention"):
         export_onnx(export_model_dir, tmp_path / "o5", prefill_attention="banded")
     with pytest.raises(ValueError, match="chunk"):

@@ -1,0 +1,159 @@
+"""Export recipe: a saved model to ONNX (prefill + decode graphs), optionally INT8-quantized.
+
+`autoglm export onnx MODEL_DIR --out DIR [--quantize int8|int8-static]` and
+`benchmarks/quantization.py` both run this recipe. Steps:
+
+1. export the fp32 graphs, checked against eager PyTorch (`export_fp32`);
+2. with `quantize`, quantize that export with ONNX Runtime's tools (`quantize_fp32`):
+   dynamic INT8, or static QDQ calibrated on held-out windows of the corpus the model was
+   trained on (`calibration_data`);
+3. report the sizes: the export against the FP32 safetensors checkpoint and, for INT8,
+   against the FP32 ONNX directory.
+
+The config behind the documented INT8 result is `configs/export-int8.yaml`.
+
+Example:
+    >>> from autoglm.settings import load_config
+    >>> cfg = load_config(ExportConfig, overrides={"model_dir": "runs/a", "out": "runs/a-int8",
+    ...                                            "quantize": "int8-static", "calibration.windows": "8"})
+    >>> cfg.quantize, cfg.calibration.windows, cfg.parity.rtol
+    ('int8-static', 8, 0.0001)
+    >>> load_config(ExportConfig, overrides={"model_dir": "runs/a"})
+    Traceback (most recent call last):
+    ...
+    autoglm.settings.ConfigError: out is required: the directory to write the export to, e.g. --out runs/a-onnx
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from ..settings import section, setting
+from .common import DEFAULT_CACHE
+
+__all__ = ["ExportConfig", "ParitySettings", "CalibrationSettings", "run", "export_fp32", "quantize_fp32",
+           "calibration_data"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ParitySettings:
+    """How close ONNX Runtime's fp32 logits must be to eager PyTorch's for the export to be kept."""
+
+    atol: float = setting(1e-4, "absolute part of the tolerance on max |logit difference| vs eager PyTorch")
+    rtol: float = setting(1e-4, "relative part: times the graph's max |logit| (float32 reordering errs in "
+                                "proportion to the logits' scale)")
+
+    def __post_init__(self) -> None:
+        if not (self.atol >= 0 and self.rtol >= 0):
+            raise ValueError(f"atol and rtol must be >= 0, got {self.atol} and {self.rtol}")
+
+
+@dataclass
+class CalibrationSettings:
+    """Held-out text for static (QDQ) INT8: the activation ranges are measured on it."""
+
+    data: Path | None = setting(None, "text file or folder whose held-out 10% calibrates int8-static; none = "
+                                      "the corpus the model was trained on (run.json), else the built-in corpus",
+                                flag="calibration-data")
+    windows: int = setting(32, "held-out windows used for calibration", flag="calibration-windows")
+    seq_len: int = setting(128, "tokens per calibration window", flag="calibration-seq-len")
+    method: Literal["minmax", "percentile", "entropy"] = setting("minmax", "how activation ranges are chosen",
+                                                                 flag="calibration-method")
+
+    def __post_init__(self) -> None:
+        if self.windows < 1 or self.seq_len < 2:
+            raise ValueError(f"calibration needs windows >= 1 and seq_len >= 2, got {self.windows} and "
+                             f"{self.seq_len}")
+
+
+@dataclass
+class ExportConfig:
+    model_dir: Path | None = setting(None, "a saved model directory (config.json, model.safetensors)",
+                                     argument=True)
+    out: Path | None = setting(None, "output directory (prefill.onnx, decode.onnx, weights.bin, export.json)")
+    quantize: Literal["int8", "int8-static"] | None = setting(
+        None, "none = fp32; int8 = dynamic (weights per channel); int8-static = QDQ, activations calibrated "
+              "on held-out text")
+    keep_lm_head_float: bool = setting(False, "keep the LM head in float when quantizing (more accurate, "
+                                              "larger file)")
+    opset: int = setting(18, "ONNX opset (18-23)")
+    prefill_attention: Literal["windowed", "dense"] = setting(
+        "windowed", "prefill attention of a sparse model: windowed (O(T * window)) or dense (a (T, T) mask)")
+    chunk: int = setting(32, "queries per chunk of the windowed prefill attention")
+    parity: ParitySettings = section(ParitySettings, "the fp32 export's check against eager PyTorch")
+    calibration: CalibrationSettings = section(CalibrationSettings, "calibration of int8-static")
+    overwrite: bool = setting(False, "replace OUT if it exists")
+    cache_dir: Path = setting(DEFAULT_CACHE, "where tokenized corpora are cached")
+
+    def __post_init__(self) -> None:
+        if self.model_dir is None:
+            raise ValueError("model_dir is required: give the saved model directory to export, e.g. "
+                             "`autoglm export onnx runs/a --out runs/a-onnx`")
+        if self.out is None:
+            raise ValueError("out is required: the directory to write the export to, e.g. --out runs/a-onnx")
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+
+
+def calibration_data(cfg: ExportConfig):
+    """Held-out calibration windows (1, seq_len) int64 for int8-static, from `cfg.calibration.data`,
+    else the corpus the model trained on, else the built-in corpus."""
+    from ..data import build_token_cache, read_corpus
+    from ..export.quantize import calibration_windows
+    from ..rundir import RunDir
+
+    run_dir = RunDir.open(cfg.model_dir)
+    data = cfg.calibration.data if cfg.calibration.data is not None else run_dir.data_source
+    tokens = build_token_cache(read_corpus(data), run_dir.load_tokenizer(), cfg.cache_dir)
+    val = tokens.val
+    if len(val) < 2:
+        raise ValueError(f"the held-out split of {data or 'the built-in corpus'} has {len(val)} tokens: empty "
+                         f"calibration data; pass more text with --calibration-data")
+    return calibration_windows(val, cfg.calibration.windows, min(cfg.calibration.seq_len, len(val)))
+
+
+def export_fp32(cfg: ExportConfig, out: Path | None = None, model=None) -> dict:
+    """The fp32 export of `cfg.model_dir` into `out` (default `cfg.out`), checked against eager
+    PyTorch with `cfg.parity`. Returns its export info (export.json)."""
+    from ..export import export_onnx
+
+    return export_onnx(cfg.model_dir, out if out is not None else cfg.out, opset=cfg.opset, atol=cfg.parity.atol,
+                       rtol=cfg.parity.rtol, overwrite=cfg.overwrite, model=model,
+                       prefill_attention=cfg.prefill_attention, chunk=cfg.chunk)
+
+
+def quantize_fp32(cfg: ExportConfig, fp32_dir: Path, out: Path | None = None, windows=None) -> dict:
+    """Quantize the fp32 export in `fp32_dir` into `out` (default `cfg.out`) as `cfg.quantize` says.
+    windows: calibration windows for int8-static (default: `calibration_data(cfg)`)."""
+    from ..export import quantize_export
+
+    if cfg.quantize is None:
+        raise ValueError("quantize is none: there is nothing to quantize; set --quantize int8 or int8-static")
+    if cfg.quantize == "int8-static" and windows is None:
+        windows = calibration_data(cfg)
+    return quantize_export(fp32_dir, out if out is not None else cfg.out, cfg.quantize, calibration=windows,
+                           keep_lm_head_float=cfg.keep_lm_head_float, calibrate_method=cfg.calibration.method,
+                           overwrite=cfg.overwrite)
+
+
+def run(cfg: ExportConfig) -> dict:
+    """Export (and quantize) as `cfg` says; returns the export info written to OUT/export.json
+    (precision, sizes, parity vs eager PyTorch or vs the fp32 export)."""
+    from ..export import load_model_dir
+
+    if cfg.out.exists() and (not cfg.out.is_dir() or any(cfg.out.iterdir())) and not cfg.overwrite:
+        raise FileExistsError(f"{cfg.out} already exists and is not empty; pick another --out or pass --overwrite")
+    model = load_model_dir(cfg.model_dir)  # a clear error for a wrong directory before any slow step
+    if cfg.quantize is None:
+        return export_fp32(cfg, model=model)
+    windows = calibration_data(cfg) if cfg.quantize == "int8-static" else None  # bad text fails before the export
+    with tempfile.TemporaryDirectory(prefix="autoglm-fp32-") as tmp:
+        fp32 = Path(tmp) / "fp32"
+        export_fp32(cfg, fp32, model=model)
+        return quantize_fp32(cfg, fp32, windows=windows)
