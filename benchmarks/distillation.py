@@ -43,6 +43,7 @@ from autoglm.recipes.common import ModelSpec, TextData
 from autoglm.recipes.distill import DistillRecipeConfig, distill
 from autoglm.recipes.pretrain import PretrainConfig, pretrain
 from autoglm.rundir import RunDir
+from autoglm.settings import to_dict
 from autoglm.training import TrainConfig, evaluate
 from autoglm.training.distill import DistillConfig
 from results_io import save_results
@@ -174,7 +175,8 @@ def run(args) -> dict:
         "retained_ge_95pct": summary["accuracy_retained_pct"] >= 95.0,
         "size_le_40pct": summary["student_size_pct"] <= 40.0,
     }
-    return {"args": {k: str(v) for k, v in vars(args).items()}, "data": str(corpus or "builtin:stdlib-docstrings"),
+    return {"args": {k: str(v) for k, v in vars(args).items()}, "distill_config": to_dict(kd_cfg),
+            "data": str(corpus or "builtin:stdlib-docstrings"),
             "device": (f"{torch.cuda.get_device_name()}, " if dev.startswith("cuda") else "") +
                       f"{platform.machine()} ({torch.get_num_threads()} threads), "
                       f"{'bf16 autocast training, fp32 eval' if dev.startswith('cuda') else 'fp32'}, "

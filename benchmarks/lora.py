@@ -52,6 +52,7 @@ from typing import Any
 
 import torch
 
+from autoglm.rundir import RunDir
 from results_io import save_results
 
 ROOT = Path(__file__).resolve().parent
@@ -352,7 +353,7 @@ def run(args) -> dict:
     return {"args": {k: str(v) for k, v in vars(args).items()}, "new_data": str(new_data),
             "adapt_train": (f"the first {args.adapt_share:g} of its training part ({train_data})" if train_data
                             else "its whole training part (first 90%)"),
-            "base_data": _base_data(args),
+            "base_data": _base_data(args), "base_config": RunDir.open(work / "base").info.get("config"),
             "device": f"{platform.machine()} ({args.threads} threads), "
                       f"{'bf16 autocast training, fp32 eval' if args.device.startswith('cuda') else 'fp32'}, "
                       f"torch {torch.__version__}, {args.device}" +
