@@ -28,7 +28,6 @@ import torch
 from autoglm import OpenAutoGLMConfig
 from autoglm.hf import OpenAutoGLMForCausalLM
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
-from autoglm.inference.cuda_graph import CUDAGraphDecoder
 from results_io import save_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -55,9 +54,10 @@ def hf_generate(model, ids, n):
                           pad_token_id=model.config.pad_token_id)
 
 
-def make_engine(model, max_tokens, graphs, block_size, batch=1):
+def make_engine(model, max_tokens, graphs, block_size, batch=1, compile_decode=False):
     cfg = EngineConfig(block_size=block_size, num_blocks=batch * (-(-(max_tokens + 1) // block_size) + 2),
-                       max_num_seqs=batch, max_num_batched_tokens=max(512, max_tokens * batch), cuda_graphs=graphs)
+                       max_num_seqs=batch, max_num_batched_tokens=max(512, max_tokens * batch), cuda_graphs=graphs,
+                       compile_decode=compile_decode)
     return LLMEngine(model, config=cfg)
 
 
@@ -119,10 +119,7 @@ def bench_preset(name, a, device, dtype):
         if a.compile:
             modes.append(("engine CUDA graphs + torch.compile", True, True))
     for label, graphs, comp in modes:
-        eng = make_engine(model, len(prompt) + a.new_tokens + 1, graphs, a.block_size)
-        eng.config.compile_decode = comp
-        if comp:
-            eng.runner.graphs = CUDAGraphDecoder(eng.runner, (1,), compile=True)
+        eng = make_engine(model, len(prompt) + a.new_tokens + 1, graphs, a.block_size, compile_decode=comp)
         t0 = time.perf_counter()
         try:
             engine_generate(eng, prompt, 4)  # warm-up (and graph capture / compile)

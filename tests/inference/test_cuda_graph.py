@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
-from autoglm.inference.cuda_graph import CUDAGraphDecoder, max_decode_keys
+from autoglm.inference.cuda_graph import CUDAGraphDecoder, DecodeGraphOptions, max_decode_keys
 
 from inference_helpers import make_model, prompts
 from test_engine import hf_greedy
@@ -17,9 +17,11 @@ def test_bucketed_decode_matches_hf(preset):
     model = make_model(preset, window_size=16) if preset == "tiny" else make_model(preset)
     ps = prompts(5, 3, 40, seed=3)
     n_out = [7, 30, 12, 45, 3]
-    eng = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=400, max_num_batched_tokens=32))
-    dec = CUDAGraphDecoder(eng.runner, batch_sizes=(1, 2, 4), capture=False)  # 5 rows: eager; <= 4: bucketed
-    eng.runner.graphs = dec
+    # the runner builds its fixed-shape decoder; capture off runs it eagerly on CPU
+    eng = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=400, max_num_batched_tokens=32,
+                                               cuda_graphs=True, cuda_graph_capture=False,
+                                               cuda_graph_batch_sizes=(1, 2, 4)))  # 5 rows: eager; <= 4: bucketed
+    dec = eng.runner.graphs
     reqs = eng.generate(ps, [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in n_out])
     for p, n, r in zip(ps, n_out, reqs):
         assert r.output_ids == hf_greedy(model, p, n)
@@ -29,9 +31,9 @@ def test_bucketed_decode_matches_hf(preset):
 
 def test_sparse_key_bound_holds_while_generating_long():
     model = make_model("tiny", window_size=8, num_global_tokens=2)
-    eng = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=64))
-    dec = CUDAGraphDecoder(eng.runner, batch_sizes=(1,), capture=False)
-    eng.runner.graphs = dec
+    eng = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=64, cuda_graphs=True, cuda_graph_capture=False,
+                                               cuda_graph_batch_sizes=(1,)))
+    dec = eng.runner.graphs
     ids = prompts(1, 5, 6)[0]
     (req,) = eng.generate([ids], SamplingParams(max_tokens=120, temperature=0, ignore_eos=True))
     assert req.output_ids == hf_greedy(model, ids, 120)
@@ -42,9 +44,14 @@ def test_sparse_key_bound_holds_while_generating_long():
 
 def test_capture_needs_cuda():
     model = make_model("tiny")
-    eng = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=16))
     with pytest.raises(ValueError, match="CUDA"):
-        CUDAGraphDecoder(eng.runner, capture=True)
+        LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=16, cuda_graphs=True))
+    eng = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=16))
+    assert eng.runner.graphs is None  # on CPU by default: no fixed-shape decoder
+    with pytest.raises(ValueError, match="batch size"):
+        DecodeGraphOptions(batch_sizes=())
+    assert isinstance(LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=16, cuda_graphs=True,
+                                                           cuda_graph_capture=False)).runner.graphs, CUDAGraphDecoder)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

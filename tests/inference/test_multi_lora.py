@@ -139,8 +139,10 @@ def test_lora_steps_bypass_the_fixed_shape_decode_path(tmp_path):
     cg = pytest.importorskip("autoglm.inference.cuda_graph")
     base = make_model("tiny")
     paths = adapters_for(base, tmp_path, "tiny")
-    eng = LLMEngine(base, config=EngineConfig(block_size=4, num_blocks=200))
-    eng.runner.graphs = dec = cg.CUDAGraphDecoder(eng.runner, batch_sizes=(1, 2, 4, 8), capture=False)
+    eng = LLMEngine(base, config=EngineConfig(block_size=4, num_blocks=200, cuda_graphs=True, cuda_graph_capture=False,
+                                              cuda_graph_batch_sizes=(1, 2, 4, 8)))
+    dec = eng.runner.graphs
+    assert isinstance(dec, cg.CUDAGraphDecoder)
     for name, p in paths.items():
         eng.add_lora(name, p)
     ps = prompts(2, 5, 30, seed=6)

@@ -112,7 +112,7 @@ class WindowedPrefill:
         return win
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, num_global: int,
-                 table: torch.Tensor | None) -> torch.Tensor:
+                 table: torch.Tensor | None, layer_idx: int = 0) -> torch.Tensor:
         if window is None:
             return attend_dense(q, k, v, None, 0, self.q_pos, self.k_pos, self.valid, table)
         if (window, num_global) != (self.window, self.num_global):

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 __all__ = ["SamplingParams", "Request", "RequestStatus", "RequestOutput", "FinishReason", "TokenLogprob",
-           "MAX_LOGPROBS"]
+           "EngineCoreOutput", "InvalidRequestError", "MAX_LOGPROBS"]
 
 _ids = itertools.count()
 MAX_LOGPROBS = 20
@@ -28,10 +28,11 @@ class SamplingParams:
     temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 disable those filters;
     repetition_penalty > 1 discourages tokens already in the prompt or output (CTRL rule:
     positive logits divided, negative multiplied). `seed` makes sampling reproducible per
-    request, whatever else is in the batch.
+    request, whatever else is in the batch. max_tokens None: until the model's context is
+    full (the engine resolves it when the request is added).
     """
 
-    max_tokens: int = 16
+    max_tokens: int | None = 16
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
@@ -46,7 +47,7 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (isinstance(self.max_tokens, int) and self.max_tokens >= 1,
+            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
              f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
@@ -63,6 +64,16 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+class InvalidRequestError(ValueError):
+    """A request the engine cannot serve. `param` names the input at fault ("prompt",
+    "max_tokens", "model", ...) and `code` the kind of problem, so an API can say which field
+    to change (the OpenAI server answers 400 with both)."""
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.param, self.code = param, code
 
 
 class RequestStatus(enum.Enum):
@@ -145,3 +156,20 @@ class RequestOutput:
     num_output_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first admission; set on the first output only
     logprobs: list[TokenLogprob] | None = None  # one per new token when SamplingParams.logprobs is set
+
+
+@dataclass
+class EngineCoreOutput:
+    """What the engine core reports for one request after a step: the sampled tokens (ids
+    only; text is the output processor's job) and, when it finished, why."""
+
+    request_id: str
+    new_token_ids: list[int]
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    queue_time: float | None = None  # set on the request's first output
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from .request import SamplingParams
+from .request import SamplingParams, TokenLogprob
 
-__all__ = ["apply_repetition_penalty", "top_k_filter", "top_p_filter", "sample_token"]
+__all__ = ["apply_repetition_penalty", "top_k_filter", "top_p_filter", "sample_token", "sample_tokens",
+           "token_logprob"]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
@@ -59,3 +60,31 @@ def sample_token(logits: torch.Tensor, params: SamplingParams, seen: list[int],
     logits = top_p_filter(top_k_filter(logits / params.temperature, params.top_k), params.top_p)
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
+                  generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row of logits (R, V); row i follows params[i]. Plain greedy rows (no
+    repetition penalty) share one argmax, the rest go through `sample_token` one by one."""
+    plain = [i for i, p in enumerate(params) if p.greedy and p.repetition_penalty == 1.0]
+    out = [0] * len(params)
+    if plain:
+        picks = logits if len(plain) == len(params) else logits[plain]
+        for i, t in zip(plain, picks.argmax(-1).tolist()):
+            out[i] = t
+    if len(plain) < len(params):
+        done = set(plain)
+        for i, p in enumerate(params):
+            if i not in done:
+                out[i] = sample_token(logits[i], p, seen[i], generators[i])
+    return out
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """Log-probability of `token` under softmax(logits (V,)) and the `top` most likely tokens."""
+    lp = logits.float().log_softmax(-1)
+    alts = []
+    if top:
+        v, i = lp.topk(top)
+        alts = list(zip(i.tolist(), v.tolist()))
+    return TokenLogprob(token, float(lp[token]), alts)

@@ -12,6 +12,13 @@ Every step, under a token budget (`max_num_batched_tokens`) and a cap on running
 
 Prefill chunks and decode tokens therefore share one batch. The scheduler talks to the
 KV-cache manager only through `allocate_slots` / `free_out_of_window` / `free`.
+
+After the runner executed a step, `update_from_output(scheduler_output, runner_output)` is
+the one place request state moves on: computed tokens advance, sampled tokens are
+appended, and the token-level stop rules (EOS, stop token ids, max_tokens, the model's
+context) finish requests and free their blocks. It returns one `EngineCoreOutput` per
+request that sampled. Stop *strings* need text, so they are the output processor's; it
+finishes such a request through the engine core (`finish`).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .kv_cache_manager import KVCacheManager
-from .request import FinishReason, Request, RequestStatus
+from .request import EngineCoreOutput, FinishReason, Request, RequestStatus
 
 __all__ = ["Scheduler", "SchedulerOutput", "ScheduledRequest"]
 
@@ -48,16 +55,20 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512) -> None:
+    def __init__(self, kv: KVCacheManager, max_num_seqs: int = 64, max_num_batched_tokens: int = 512,
+                 max_model_len: int | None = None, eos_token_id: int | None = None) -> None:
         if max_num_seqs < 1 or max_num_batched_tokens < 1:
             raise ValueError(f"max_num_seqs ({max_num_seqs}) and max_num_batched_tokens "
                              f"({max_num_batched_tokens}) must be >= 1")
         self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.eos_token_id = eos_token_id
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.finished_ids: list[str] = []  # finished since the engine last collected them (`take_finished`)
 
     def add(self, req: Request) -> None:
         req.status = RequestStatus.WAITING
@@ -113,6 +124,41 @@ class Scheduler:
             budget -= n
         return out
 
+    # -------------------------------------------------------------- updates
+    def update_from_output(self, so: SchedulerOutput, runner_output) -> list[EngineCoreOutput]:
+        """Advance every scheduled request by the step the runner ran (`runner_output`: a
+        `ModelRunnerOutput`, one sampled token per request that samples, in scheduled order);
+        finish those that hit a token-level stop. One output per request that sampled."""
+        now = time.perf_counter()
+        outs, row = [], 0
+        for s in so.scheduled:
+            req, samples = s.request, s.samples  # (read before the tokens count as computed)
+            req.num_computed_tokens += s.num_new_tokens
+            if not samples:
+                continue
+            tok, lp = runner_output.sampled_token_ids[row], runner_output.logprobs[row]
+            row += 1
+            req.output_ids.append(tok)
+            req.exit_layers.append(runner_output.exit_layer)
+            req.token_times.append(now)
+            first = req.first_token_time is None
+            if first:
+                req.first_token_time = now
+            reason, stop_reason = self._check_stop(req, tok)
+            if reason is not None:
+                self.finish(req, reason, stop_reason)
+            outs.append(EngineCoreOutput(req.request_id, [tok], None if lp is None else [lp], reason, stop_reason,
+                                         req.scheduled_time - req.arrival_time if first else None))
+        return outs
+
+    def _check_stop(self, req: Request, tok: int) -> tuple[FinishReason | None, int | None]:
+        p = req.params
+        if (not p.ignore_eos and tok == self.eos_token_id) or tok in p.stop_token_ids:
+            return FinishReason.STOP, tok
+        if len(req.output_ids) >= p.max_tokens or (self.max_model_len and req.num_tokens >= self.max_model_len):
+            return FinishReason.LENGTH, None
+        return None, None
+
     def finish(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:
         """Remove a request (finished or aborted) and give its blocks back."""
         if req in self.running:
@@ -123,3 +169,9 @@ class Scheduler:
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.stop_reason = stop_reason
+        self.finished_ids.append(req.request_id)
+
+    def take_finished(self) -> list[str]:
+        """Ids of the requests finished since the last call (their per-request state elsewhere can go)."""
+        out, self.finished_ids = self.finished_ids, []
+        return out

@@ -73,8 +73,9 @@ def _float_mask(allowed: torch.Tensor, table: torch.Tensor, code: torch.Tensor) 
 class AttentionMetadata:
     """What one forward pass tells every attention layer.
 
-    kernel:    an engine's own attention kernel (see `autoglm.inference.runner`); the
-               cache it passes decides what k/v hold.
+    kernel:    an engine's own attention kernel (see `autoglm.inference.paged_attention`),
+               called by every layer with that layer's index; the cache it passes
+               decides what k/v hold.
     q_offset:  absolute position of the first query when positions are contiguous
                (training, prefill and decode of unpadded batches); keys are 0..Tk-1.
     q_pos/k_pos/k_valid: per-row positions (B, Tq), (B, Tk) and key validity (B, Tk)
@@ -87,7 +88,7 @@ class AttentionMetadata:
     k_pos: torch.Tensor | None = None
     k_valid: torch.Tensor | None = None
     # engine-provided attention (e.g. paged KV read through block tables):
-    # kernel(q, k, v, window, num_global, table) -> (B, H, Tq, D); overrides every other path
+    # kernel(q, k, v, window, num_global, table, layer_idx=i) -> (B, H, Tq, D); overrides every other path
     kernel: Callable | None = None
 
     @property
@@ -249,11 +250,12 @@ def attend_flex(q, k, v, window, num_global, q_offset, table=None):
 
 
 def attend(q, k, v, meta: AttentionMetadata, window: int | None, num_global: int,
-           impl: str, chunk_size: int, table: torch.Tensor | None = None) -> torch.Tensor:
+           impl: str, chunk_size: int, table: torch.Tensor | None = None, layer_idx: int = 0) -> torch.Tensor:
     """Dispatch to a kernel. window=None means dense causal attention; `table` (H, W + G)
-    is an optional learned relative-position bias (sparse attention only)."""
+    is an optional learned relative-position bias (sparse attention only); `layer_idx` is
+    the calling layer's index, passed to an engine kernel (`meta.kernel`)."""
     if meta.kernel is not None:
-        return meta.kernel(q, k, v, window, num_global, table)
+        return meta.kernel(q, k, v, window, num_global, table, layer_idx=layer_idx)
     if not meta.contiguous:
         return attend_dense(q, k, v, window, num_global, meta.q_pos, meta.k_pos, meta.k_valid, table)
     Tq, Tk = q.shape[2], k.shape[2]
@@ -313,5 +315,5 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:  # HF Cache API: returns all keys/values so far
             k, v = cache.update(k, v, self.layer_idx)
         table = self.rel_bias.table() if self.rel_bias is not None else None
-        y = attend(q, k, v, meta, self.window, self.num_global, self.impl, self.chunk_size, table)
+        y = attend(q, k, v, meta, self.window, self.num_global, self.impl, self.chunk_size, table, self.layer_idx)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))

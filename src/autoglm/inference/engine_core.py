@@ -1,0 +1,243 @@
+"""The engine core: token ids in, sampled token ids out (vLLM v1's EngineCore).
+
+    core = EngineCore(model, EngineConfig(num_blocks=256), eos_token_id=0)
+    req = core.add_request([5, 9, 2], SamplingParams(max_tokens=20, temperature=0))
+    while core.has_unfinished():
+        for out in core.step():        # EngineCoreOutput per request that sampled
+            ...
+
+One `step()` = `scheduler.schedule()` -> `runner.execute()` (packed forward + sampling) ->
+`scheduler.update_from_output()`, the one place request state moves on. The core knows no
+text: detokenisation, stop strings and streaming are the output processor's
+(`output_processor.OutputProcessor`), which runs outside the core (in the caller's thread,
+or on the server's event loop) and finishes a request that hit a stop string with `finish`.
+
+`add_request` is the one place a request is checked (token ids in the vocabulary, prompt
+and max_tokens inside the context, the request able to fit the KV pool, the adapter
+loaded); it raises `InvalidRequestError` (a ValueError naming the input at fault).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+
+from ..settings import setting
+from .block_pool import BlockPool
+from .cuda_graph import DecodeGraphOptions
+from .kv_cache_manager import KVCacheManager
+from .lora import LoRAAdapter, MultiLoRA
+from .request import EngineCoreOutput, FinishReason, InvalidRequestError, Request, SamplingParams
+from .runner import ModelRunner
+from .scheduler import Scheduler
+
+__all__ = ["EngineCore", "EngineConfig", "EngineStats"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    block_size: int = setting(16, "tokens per KV block")
+    num_blocks: int = setting(1024, "KV blocks in the pool (memory = num_blocks * block_size slots per layer)")
+    max_num_seqs: int = setting(64, "requests running at once")
+    max_num_batched_tokens: int = setting(512, "tokens per engine step (prefill chunks + decode tokens)")
+    early_exit_threshold: float = setting(1.0, "top probability at which decoding exits early; 1.0 = never")
+    exit_layers: tuple[int, ...] | None = setting(None, "layers after which an early exit is tried; none = every "
+                                                        "layer (`autoglm serve`: the run's trained exit layers "
+                                                        "when its run.json records them)")
+    cuda_graphs: bool | None = setting(None, "replay decode steps from CUDA graphs; none = when the model is on CUDA")
+    cuda_graph_batch_sizes: tuple[int, ...] = setting((1, 2, 4, 8, 16, 32), "batch sizes captured (lazily, on first use)")
+    cuda_graph_capture: bool = setting(True, "capture the graphs; off runs the same fixed-shape decode eagerly "
+                                             "(a CPU check of the graph path)")
+    compile_decode: bool = setting(False, "torch.compile the decode forward before capturing it (slow start, "
+                                          "faster steps)")
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.early_exit_threshold:
+            raise ValueError(f"early_exit_threshold must be > 0 (1.0 = never exit), got {self.early_exit_threshold}")
+        if self.exit_layers is not None and (not self.exit_layers or min(self.exit_layers) < 1):
+            raise ValueError(f"exit_layers must be layer counts >= 1 (e.g. 2,4), got {self.exit_layers}; "
+                             f"none tries every layer")
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    kv_slots_allocated: int = 0  # summed over steps: live blocks * block_size
+    kv_slots_used: int = 0  # summed over steps: slots holding a token some future query may attend to
+    layers_run: int = 0  # summed over decode steps
+    decode_steps: int = 0
+
+    @property
+    def kv_waste(self) -> float:
+        return 1.0 - self.kv_slots_used / self.kv_slots_allocated if self.kv_slots_allocated else 0.0
+
+
+class EngineCore:
+    def __init__(self, model, config: EngineConfig | None = None, eos_token_id: int | None = None) -> None:
+        self.model = model.eval()
+        self.config = cfg = config or EngineConfig()
+        mc = model.config
+        self.max_model_len = mc.max_position_embeddings
+        self.sparse = mc.attention == "sparse"
+        self.pool = BlockPool(cfg.num_blocks)
+        self.kv = KVCacheManager(self.pool, cfg.block_size, mc.window_size if self.sparse else None,
+                                 mc.num_global_tokens if self.sparse else 0)
+        eos = mc.eos_token_id if eos_token_id is None else eos_token_id
+        self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len, eos)
+        L = mc.num_hidden_layers
+        exit_layers = tuple(cfg.exit_layers or range(1, L))
+        if any(not 1 <= e < L for e in exit_layers):
+            raise ValueError(f"exit_layers {exit_layers} must be in [1, {L - 1}]: exits after one of the "
+                             f"model's {L} layers except the last (which is the full model)")
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        graphs = None
+        if cfg.cuda_graphs or (cfg.cuda_graphs is None and on_cuda):
+            sizes = tuple(b for b in cfg.cuda_graph_batch_sizes if b <= cfg.max_num_seqs) or (1,)
+            graphs = DecodeGraphOptions(sizes, capture=cfg.cuda_graph_capture, compile=cfg.compile_decode)
+        self.runner = ModelRunner(model, self.kv, cfg.early_exit_threshold, exit_layers, graphs)
+        self.requests: dict[str, Request] = {}  # unfinished requests
+        self.stats = EngineStats()
+
+    # --------------------------------------------------------------- requests
+    @property
+    def lora(self) -> MultiLoRA:
+        return self.runner.lora
+
+    def add_lora(self, name: str, path) -> LoRAAdapter:
+        """Load a PEFT LoRA adapter directory and serve it under `name` (requests pick it with `lora=name`).
+        Raises ValueError / FileNotFoundError at load time for an adapter that does not fit the model."""
+        if self.config.early_exit_threshold < 1.0:
+            raise ValueError("LoRA adapters cannot be served by an engine with early exit: the exits were trained "
+                             "on the base model and deferred rows are not routed to adapters; set "
+                             "early_exit_threshold=1.0 (or serve the adapter from a second engine)")
+        return self.lora.add(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        if any(r.lora == name for r in self.requests.values()):
+            raise ValueError(f"LoRA adapter {name!r} is in use by unfinished requests; wait for them or abort them")
+        self.lora.remove(name)
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    lora: str | None = None) -> Request:
+        """Queue a prompt (token ids) on the base model or the LoRA adapter `lora`; the one check
+        of a request. Raises InvalidRequestError for one the engine cannot serve."""
+        if lora is not None and lora not in self.lora:
+            raise InvalidRequestError(f"no LoRA adapter named {lora!r}; loaded: {self.lora.names() or 'none'} "
+                                      f"(add one with add_lora)", "model", "model_not_found")
+        ids = [int(t) for t in prompt_ids]
+        if not ids:
+            raise InvalidRequestError("prompt is empty; give at least one token", "prompt")
+        vocab = self.model.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}",
+                                      "prompt")
+        n, ctx = len(ids), self.max_model_len
+        if n >= ctx:
+            raise InvalidRequestError(f"prompt has {n} tokens but the model's context is {ctx}; shorten the prompt",
+                                      "prompt", "context_length_exceeded")
+        if params.max_tokens is None:
+            params = replace(params, max_tokens=ctx - n)
+        if n + params.max_tokens > ctx:
+            raise InvalidRequestError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                                      f"context of {ctx} tokens; shorten the prompt or lower max_tokens",
+                                      "max_tokens", "context_length_exceeded")
+        need = self._max_blocks_per_seq(n + params.max_tokens)
+        if need > self.pool.num_blocks:
+            raise InvalidRequestError(f"this request can need {need} KV blocks but the pool has "
+                                      f"{self.pool.num_blocks}; raise num_blocks or lower max_tokens", "max_tokens")
+        if request_id is not None and request_id in self.requests:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        req = Request(ids, params, request_id=request_id or "", lora=lora)
+        self.requests[req.request_id] = req
+        self.scheduler.add(req)
+        self.stats.prompt_tokens += n
+        return req
+
+    def _max_blocks_per_seq(self, total: int) -> int:
+        if self.sparse:  # globals + window + one step's chunk, rounded out to blocks
+            mc = self.model.config
+            span = mc.num_global_tokens + mc.window_size + self.config.max_num_batched_tokens
+            if self.config.early_exit_threshold < 1.0:  # deferred tokens keep their windows' keys
+                span += self.runner.max_deferred
+            return min(-(-total // self.config.block_size), span // self.config.block_size + 3)
+        return -(-total // self.config.block_size)
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its KV blocks go back to the pool. False if it is unknown or done."""
+        return self.finish(request_id, FinishReason.ABORT)
+
+    def finish(self, request_id: str, reason: FinishReason, stop_reason: str | int | None = None,
+               num_output_tokens: int | None = None) -> bool:
+        """End a request from outside the step (an abort, or a stop string the output processor
+        found): its blocks go back to the pool; tokens past `num_output_tokens` (sampled after
+        the stop, before the processor saw it) are dropped. False if it is unknown or done."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return False
+        if num_output_tokens is not None and num_output_tokens < len(req.output_ids):
+            for seq in (req.output_ids, req.exit_layers, req.token_times):
+                del seq[num_output_tokens:]
+        self.scheduler.finish(req, reason, stop_reason)
+        self._release_finished()
+        return True
+
+    def _release_finished(self) -> None:
+        for rid in self.scheduler.take_finished():
+            self.runner.forget(rid)
+            self.requests.pop(rid, None)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def snapshot(self) -> dict[str, int]:
+        """Queue depth and KV usage (plain counters: cheap, and safe to read from another thread)."""
+        return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "kv_blocks_used": self.pool.num_used, "kv_blocks_total": self.pool.num_blocks}
+
+    # ------------------------------------------------------------------- step
+    def step(self) -> list[EngineCoreOutput]:
+        so = self.scheduler.schedule()
+        if not so.scheduled:
+            if self.scheduler.has_unfinished and not self.scheduler.running:
+                raise RuntimeError("no request could be scheduled with an empty batch: the KV pool is too small "
+                                   "for the next request; raise num_blocks")
+            return []
+        self._account_kv()
+        runner_out = self.runner.execute(so)
+        outs = self.scheduler.update_from_output(so, runner_out)
+        st = self.stats
+        st.steps += 1
+        if all(s.num_new_tokens == 1 for s in so.scheduled):
+            st.decode_steps += 1
+            st.layers_run += runner_out.exit_layer
+        st.generated_tokens += len(outs)
+        st.preemptions = self.scheduler.num_preemptions
+        self._release_finished()
+        return outs
+
+    def _account_kv(self) -> None:
+        """Allocated vs used KV slots of the running requests. A slot is used when it holds (or this
+        step writes) a token that a query of this step or later can still attend to: position
+        < num_tokens and, for sparse attention, inside the window of the step's first query or
+        global."""
+        bs = self.config.block_size
+        mc = self.model.config
+        G = mc.num_global_tokens if self.sparse else 0
+        for r in self.scheduler.running:
+            table = self.kv.tables.get(r.request_id, [])
+            live = [j for j, b in enumerate(table) if b is not None]
+            self.stats.kv_slots_allocated += len(live) * bs
+            last = r.num_tokens
+            lo = max(0, r.num_computed_tokens - mc.window_size + 1) if self.sparse else 0
+            for j in live:
+                a, b = j * bs, min((j + 1) * bs, last)
+                used = max(0, b - max(a, lo)) + max(0, min(b, G, lo) - a)  # window part + global part
+                self.stats.kv_slots_used += used

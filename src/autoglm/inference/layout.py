@@ -1,0 +1,135 @@
+"""Step layouts: the index tensors one packed forward reads, made by one builder.
+
+A step packs the new tokens of every scheduled request into one (1, N) row. Each
+request's part is a `Segment` (block table, first position, token ids, samples?): one
+token is a decode row, more a prefill chunk. `LayoutBuilder.build(segments)` gives the
+eager layout (shapes follow the step); `build(segments, rows=B, keys=K)` the fixed-shape
+layout of a CUDA-graph bucket: decode rows only, padded to B rows of K key slots, where
+padding rows and padding keys write to / read from the scratch slot that no block table
+points to.
+
+Keys are gathered block by block: a row's keys are the positions of its live blocks (a
+block freed out of the sparse window is None in the table and skipped), block aligned,
+with `decode_valid` false past the row's last position. So the host work per row is
+O(blocks), not O(keys).
+
+Example:
+    >>> b = LayoutBuilder(block_size=4, scratch_slot=32, device="cpu")
+    >>> lay = b.build([Segment([3, 5], 5, [7], True)])      # decode: position 5 of blocks 3, 5
+    >>> lay.write_slots.tolist(), lay.decode_slots.tolist(), lay.decode_valid.sum().item()
+    ([21], [[12, 13, 14, 15, 20, 21, 32, 32]], 6)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+__all__ = ["Segment", "StepLayout", "LayoutBuilder"]
+
+
+@dataclass
+class Segment:
+    """One request's tokens in a step."""
+
+    table: list[int | None]  # physical block of each logical block (None: freed)
+    start: int  # position of the first token
+    tokens: list[int]
+    samples: bool  # the step reaches the end of the request's tokens: its last row is sampled
+
+
+@dataclass
+class StepLayout:
+    """Per-step index tensors shared by every layer."""
+
+    input_ids: torch.Tensor  # (N,) packed tokens
+    positions: torch.Tensor  # (N,) absolute positions
+    write_slots: torch.Tensor  # (N,) KV slot of each new token
+    decode_q: torch.Tensor | None = None  # (Bd,) packed index of each decode row
+    decode_slots: torch.Tensor | None = None  # (Bd, Tk) slots of its keys (padded)
+    decode_kpos: torch.Tensor | None = None  # (Bd, Tk)
+    decode_valid: torch.Tensor | None = None  # (Bd, Tk)
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (a, b, slots, kpos)
+    sample_rows: list[int] = field(default_factory=list)  # packed index whose logits are sampled
+
+    def copy_(self, other: "StepLayout") -> None:
+        """Copy a layout of the same fixed shape into this one's tensors, in place (the static
+        inputs of a captured CUDA graph)."""
+        for f in fields(self):
+            dst, src = getattr(self, f.name), getattr(other, f.name)
+            if isinstance(dst, torch.Tensor):
+                dst.copy_(src, non_blocking=True)
+
+
+class LayoutBuilder:
+    def __init__(self, block_size: int, scratch_slot: int, device) -> None:
+        self.block_size, self.scratch, self.device = block_size, scratch_slot, torch.device(device)
+
+    def fits(self, segments: list[Segment], rows: int, keys: int) -> bool:
+        """Whether `segments` fit a fixed-shape decode layout of `rows` rows and `keys` keys."""
+        bs = self.block_size
+        return len(segments) <= rows and all(
+            len(s.tokens) == 1 and s.samples and self._live_blocks(s.table, s.start + 1) * bs <= keys
+            for s in segments)
+
+    def build(self, segments: list[Segment], rows: int | None = None, keys: int | None = None,
+              device=None) -> StepLayout:
+        """The packed layout of `segments` in order. With `rows`/`keys`: the fixed-shape decode
+        layout (check `fits` first). `device`: where the tensors go (default: the builder's)."""
+        dev = torch.device(device) if device is not None else self.device
+        bs = self.block_size
+        ids, pos, write, sample_rows = [], [], [], []
+        dec_q, dec_blocks, dec_ends, prefills = [], [], [], []
+        for s in segments:
+            n, a = len(s.tokens), len(ids)
+            ids += s.tokens
+            pos += range(s.start, s.start + n)
+            write += [s.table[p // bs] * bs + p % bs for p in range(s.start, s.start + n)]
+            live = [(j, b) for j, b in enumerate(s.table[:-(-(s.start + n) // bs)]) if b is not None]
+            if n == 1:
+                dec_q.append(a)
+                dec_blocks.append(live)
+                dec_ends.append(s.start + 1)
+            else:
+                kpos, slots = self._keys([live], [s.start + n], len(live), dev)
+                keep = kpos[0] < s.start + n
+                prefills.append((a, a + n, slots[0][keep], kpos[0][keep]))
+            if s.samples:
+                sample_rows.append(a + n - 1)
+        if rows is not None:  # fixed shape: pad the decode rows up to `rows`
+            pad = rows - len(segments)
+            ids += [0] * pad
+            pos += [0] * pad
+            write += [self.scratch] * pad
+            dec_q += range(len(segments), rows)
+            dec_blocks += [[]] * pad
+            dec_ends += [0] * pad
+            sample_rows = list(range(rows))
+        t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
+        lay = StepLayout(t(ids), t(pos), t(write), prefills=prefills, sample_rows=sample_rows)
+        if dec_q:
+            nb = keys // bs if keys is not None else max(len(b) for b in dec_blocks)
+            kpos, slots = self._keys(dec_blocks, dec_ends, nb, dev)
+            lay.decode_q = t(dec_q)
+            lay.decode_valid = kpos < t(dec_ends)[:, None]
+            lay.decode_kpos = kpos.masked_fill(~lay.decode_valid, 0)
+            lay.decode_slots = slots.masked_fill(~lay.decode_valid, self.scratch)
+        return lay
+
+    # --------------------------------------------------------------- internals
+    def _live_blocks(self, table: list[int | None], end: int) -> int:
+        return sum(b is not None for b in table[:-(-end // self.block_size)])
+
+    def _keys(self, blocks: list[list[tuple[int, int]]], ends: list[int], nb: int, dev):
+        """Key positions and slots (R, nb * block_size) of rows whose live blocks are `blocks`
+        ((logical, physical) pairs); padding blocks get position `end` (invalid) and the scratch slot."""
+        bs = self.block_size
+        logical = [[j for j, _ in b] + [e // bs + 1] * (nb - len(b)) for b, e in zip(blocks, ends)]
+        physical = [[p for _, p in b] + [-1] * (nb - len(b)) for b in blocks]
+        off = torch.arange(bs, device=dev)
+        lg = torch.tensor(logical, dtype=torch.long, device=dev)  # (R, nb)
+        ph = torch.tensor(physical, dtype=torch.long, device=dev)
+        kpos = (lg[:, :, None] * bs + off).flatten(1)  # (R, nb * bs)
+        slots = torch.where(ph[:, :, None] >= 0, ph[:, :, None] * bs + off, self.scratch).flatten(1)
+        return kpos, slots

@@ -1,0 +1,91 @@
+"""Paged attention (K/V scattered into random blocks, read through layouts from the one
+LayoutBuilder) equals dense attention over contiguous K/V; the kernel reads the layer it is
+given; the fixed-shape (CUDA-graph) layout pads with the scratch slot only."""
+
+import pytest
+import torch
+
+from autoglm.inference.layout import LayoutBuilder, Segment
+from autoglm.inference.paged_attention import PagedAttention, PagedKVCache
+from autoglm.modules.attention import attend_dense
+
+H, HKV, D, BS, NBLOCKS = 4, 2, 8, 4, 64
+SCRATCH = NBLOCKS * BS
+
+
+def scattered(lens, new, freed=()):
+    """Random K/V for requests with `lens` cached tokens and `new` tokens this step, the cached
+    ones written into random blocks of layer 1 (layer 0 holds noise). `freed`: logical blocks
+    of request 0 dropped from its table (a sparse window moving on)."""
+    torch.manual_seed(0)
+    k_cache = torch.randn(2, SCRATCH + BS, HKV, D)  # layer 0: noise the kernel must not read
+    v_cache = torch.randn(2, SCRATCH + BS, HKV, D)
+    perm = torch.randperm(NBLOCKS).tolist()
+    reqs = []
+    for r, (L, n) in enumerate(zip(lens, new)):
+        T = L + n
+        k, v = torch.randn(1, HKV, T, D), torch.randn(1, HKV, T, D)
+        table = [perm.pop() for _ in range(-(-T // BS))]
+        slots = [table[p // BS] * BS + p % BS for p in range(T)]
+        k_cache[1, slots[:L]] = k[0, :, :L].transpose(0, 1)
+        v_cache[1, slots[:L]] = v[0, :, :L].transpose(0, 1)
+        if r == 0:
+            table = [None if j in freed else b for j, b in enumerate(table)]
+        reqs.append((k, v, table, torch.randn(1, H, n, D)))
+    return k_cache, v_cache, reqs
+
+
+def run(k_cache, v_cache, reqs, lens, new, window, num_global, table=None, rows=None, keys=None):
+    segs = [Segment(t, L, [0] * n, True) for (_, _, t, _), L, n in zip(reqs, lens, new)]
+    lay = LayoutBuilder(BS, SCRATCH, "cpu").build(segs, rows=rows, keys=keys)
+    R = len(lay.input_ids)
+    pad = R - sum(new)
+    new_k = torch.cat([k[:, :, L:] for (k, _, _, _), L in zip(reqs, lens)] + [torch.zeros(1, HKV, pad, D)], dim=2)
+    new_v = torch.cat([v[:, :, L:] for (_, v, _, _), L in zip(reqs, lens)] + [torch.zeros(1, HKV, pad, D)], dim=2)
+    q = torch.cat([q for *_, q in reqs] + [torch.randn(1, H, pad, D)], dim=2)
+    PagedKVCache(k_cache, v_cache, lay).update(new_k, new_v, 1)
+    return PagedAttention(k_cache, v_cache, lay)(q, None, None, window, num_global, table, layer_idx=1), lay
+
+
+def reference(reqs, lens, new, window, num_global, table=None, visible=None):
+    outs = []
+    for r, ((k, v, _, q), L, n) in enumerate(zip(reqs, lens, new)):
+        kpos = torch.arange(L + n) if visible is None or r else visible
+        outs.append(attend_dense(q, k[:, :, kpos], v[:, :, kpos], window, num_global, torch.arange(L, L + n)[None],
+                                 kpos[None], None, table))
+    return torch.cat(outs, dim=2)
+
+
+@pytest.mark.parametrize("window,num_global,with_bias", [(None, 0, False), (6, 2, False), (6, 2, True)])
+def test_paged_attention_equals_contiguous(window, num_global, with_bias):
+    lens, new = [13, 7, 21], [1, 1, 5]  # two decode rows and a prefill chunk of 5 in one packed step
+    k_cache, v_cache, reqs = scattered(lens, new)
+    table = torch.randn(H, (window or 1) + max(num_global, 1)) if with_bias and window else None
+    out, _ = run(k_cache, v_cache, reqs, lens, new, window, num_global, table)
+    torch.testing.assert_close(out, reference(reqs, lens, new, window, num_global, table), atol=1e-5, rtol=1e-5)
+
+
+def test_freed_blocks_are_skipped():
+    # request 0 (14 tokens, window 6, 2 global) dropped logical block 1 (positions 4-7): out of every window
+    lens, new = [13, 7], [1, 1]
+    k_cache, v_cache, reqs = scattered(lens, new, freed=(1,))
+    out, lay = run(k_cache, v_cache, reqs, lens, new, 6, 2)
+    visible = torch.tensor([0, 1, 2, 3] + list(range(8, 14)))
+    torch.testing.assert_close(out, reference(reqs, lens, new, 6, 2, visible=visible), atol=1e-5, rtol=1e-5)
+    assert lay.decode_valid[0].sum() == 10  # the freed block's positions are not keys
+
+
+def test_fixed_shape_layout_pads_with_the_scratch_slot():
+    lens, new = [13, 7, 2], [1, 1, 1]
+    k_cache, v_cache, reqs = scattered(lens, new)
+    eager, _ = run(k_cache.clone(), v_cache.clone(), reqs, lens, new, 6, 2)
+    before = k_cache.clone()
+    fixed, lay = run(k_cache, v_cache, reqs, lens, new, 6, 2, rows=4, keys=24)
+    torch.testing.assert_close(fixed[:, :, :3], eager, atol=1e-5, rtol=1e-5)
+    assert lay.decode_slots.shape == (4, 24) and lay.write_slots[3] == SCRATCH
+    assert not lay.decode_valid[3].any() and (lay.decode_slots[3] == SCRATCH).all()
+    real = torch.ones(SCRATCH + BS, dtype=torch.bool)
+    real[lay.write_slots[:3]] = False  # the real rows' own slots are written; the padding row only the scratch
+    real[SCRATCH:] = False
+    assert torch.equal(k_cache[1, real], before[1, real])
+    assert not LayoutBuilder(BS, SCRATCH, "cpu").fits([Segment(reqs[0][2], 13, [0], True)], 1, 8)  # 16 keys > 8
