@@ -14,9 +14,9 @@ from autoglm.cli import app as cli_app
 from autoglm.cli.serve import parse_lora_specs
 from autoglm.inference import EngineConfig, LLMEngine
 from autoglm.inference.async_engine import AsyncEngine
-from autoglm.inference.server import BackgroundServer, create_app
+from autoglm.inference.server import create_app
 
-from inference_helpers import make_model
+from inference_helpers import BackgroundServer, make_model
 from test_multi_lora import peft_greedy, save_adapter
 
 

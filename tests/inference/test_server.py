@@ -9,7 +9,9 @@ import pytest
 
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
 from autoglm.inference.async_engine import AsyncEngine
-from autoglm.inference.server import BackgroundServer, chat_prompt, create_app
+from autoglm.inference.server import chat_prompt, create_app
+
+from inference_helpers import BackgroundServer
 
 KEY = "sk-test"
 
@@ -100,12 +102,12 @@ def test_errors_are_openai_style_and_server_survives(client, server):
 def _slow_steps(engine, monkeypatch):
     """>= 5 ms an engine step, so a client's hang-up is seen long before the request could finish,
     also on a loaded machine (a finished request would count as "finished", not "aborted")."""
-    step = engine.step
+    step = engine.core.step
 
     def slow_step():
         time.sleep(0.005)
         return step()
-    monkeypatch.setattr(engine, "step", slow_step)
+    monkeypatch.setattr(engine.core, "step", slow_step)
 
 
 def _wait_idle(engine):
@@ -223,3 +225,48 @@ def test_bad_logprobs_requests(client):
         client.chat.completions.create(model="tiny", messages=msgs, max_tokens=2, logprobs=True, top_logprobs=50)
     with pytest.raises(openai.BadRequestError, match=r"\[0, 20\]"):
         client.completions.create(model="tiny", prompt="x", max_tokens=2, logprobs=-1)
+
+
+def test_stop_string_spanning_tokens_over_http(client, server):
+    engine = server[1]
+    free, r = reference(engine, "Return the value", max_tokens=30, temperature=0, ignore_eos=True)
+    tok = engine.tokenizer
+    pieces = [tok.decode(r.output_ids[:i]) for i in range(1, 31)]
+    cut = next(i for i in range(2, 30) if len(pieces[i]) > len(pieces[i - 1]) >= 2)
+    stop = pieces[cut][len(pieces[cut - 1]) - 1:len(pieces[cut - 1]) + 1]  # straddles a token boundary
+    want, ref = reference(engine, "Return the value", max_tokens=30, temperature=0, stop=[stop])
+    out = client.completions.create(model="tiny", prompt="Return the value", max_tokens=30, temperature=0,
+                                    stop=[stop], n=2)
+    assert [c.text for c in out.choices] == [want, want] == [free[:free.find(stop)]] * 2
+    assert [(c.finish_reason, c.stop_reason) for c in out.choices] == [("stop", stop)] * 2
+    assert out.usage.completion_tokens == 2 * len(ref.output_ids)
+    chunks = list(client.completions.create(model="tiny", prompt="Return the value", max_tokens=30, temperature=0,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == want and chunks[-1].choices[0].stop_reason == stop
+    _wait_idle(engine)
+    assert engine.pool.num_used == 0
+
+
+def test_request_errors_name_the_field(server):
+    url, h = server[0], {"Authorization": f"Bearer {KEY}"}
+    r = httpx.post(url + "/v1/chat/completions", headers=h,
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "hi " * 300}], "max_tokens": 2})
+    err = r.json()["error"]
+    assert r.status_code == 400 and (err["param"], err["code"]) == ("messages", "context_length_exceeded")
+    r = httpx.post(url + "/v1/completions", headers=h, json={"model": "tiny", "prompt": "x", "max_tokens": 10**6})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(url + "/v1/completions", headers=h, json={"model": "tiny", "prompt": "x", "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = httpx.post(url + "/v1/completions", headers=h, json={"model": "tiny", "prompt": [9999]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    deep = b'{"model": "tiny", "prompt": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    r = httpx.post(url + "/v1/completions", headers={**h, "Content-Type": "application/json"}, content=deep)
+    assert r.status_code == 400
+    parts = [{"type": "text", "text": "Open "}, {"type": "text", "text": "the file"}]
+    r = httpx.post(url + "/v1/chat/completions", headers=h,
+                   json={"model": "tiny", "messages": [{"role": "user", "content": parts}], "max_tokens": 3,
+                         "temperature": 0})
+    plain = httpx.post(url + "/v1/chat/completions", headers=h,
+                       json={"model": "tiny", "messages": [{"role": "user", "content": "Open the file"}],
+                             "max_tokens": 3, "temperature": 0})
+    assert r.status_code == 200 and r.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]

@@ -1,10 +1,22 @@
-"""`AsyncEngine`: the engine's step loop on a background thread, fed from an asyncio server.
+"""`AsyncEngine`: the engine core on its own thread, the output processor on the event loop.
 
-The engine itself is synchronous and not thread-safe; every call into it happens under
-one lock. The loop thread steps while there is work and sleeps on a condition variable
-otherwise; each request's outputs are handed to its `asyncio.Queue` on the server's
-event loop (`call_soon_threadsafe`). An exception inside a step fails every request in
-flight (their queues receive the exception) and the loop keeps serving new requests.
+The split is vLLM v1's: the core thread does nothing but run commands (add, abort, finish,
+load an adapter) between steps and step while there is work; after each step it hands the
+step's `EngineCoreOutput`s to the event loop in one call. There the output processor
+detokenises them, checks stop strings and delivers each submission's outputs to its
+`RequestStream` (one wake-up per stream per step, however many choices it has). Only the
+core thread ever touches the core, so there is no engine lock, and the text work never
+holds up a step.
+
+A submission's requests are checked once, by the core's `add_request`: `submit` raises
+its `InvalidRequestError` (a ValueError naming the input at fault). A stop string found
+on the loop, a client that goes away (`RequestStream.close`) and `abort` each queue a
+command, so the core frees the request's KV blocks before its next step and the loop
+never waits for a step. An exception inside a step fails every request in flight (their
+streams raise it) and the core keeps serving new requests.
+
+What the server may read or change goes through this class's public API: `tokenizer`,
+`max_model_len`, `lora_adapters()`, `stats()`, `add_lora`, `remove_lora`.
 """
 
 from __future__ import annotations
@@ -12,27 +24,102 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 from .engine import LLMEngine
-from .request import RequestOutput, SamplingParams
+from .output_processor import OutputProcessor
+from .request import FinishReason, RequestOutput, SamplingParams
 
-__all__ = ["AsyncEngine"]
+__all__ = ["AsyncEngine", "RequestStream"]
 
 logger = logging.getLogger(__name__)
 
 
+class RequestStream:
+    """The outputs of one submission (its n choices), batched as they arrive: iterate with
+    `async for batch in stream`, each batch a list of (choice index, RequestOutput). `close()`
+    cancels the choices not finished yet (their KV blocks go back to the pool)."""
+
+    def __init__(self, engine: "AsyncEngine", request_ids: list[str]) -> None:
+        self.request_ids = request_ids
+        self._engine = engine
+        self._open = set(request_ids)
+        self._items: list[tuple[int, RequestOutput]] = []
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def _put(self, items: list[tuple[int, RequestOutput]] | BaseException) -> None:
+        if isinstance(items, BaseException):
+            self._error = items
+        else:
+            self._items += items
+        self._ready.set()
+
+    async def __aiter__(self) -> AsyncIterator[list[tuple[int, RequestOutput]]]:
+        while self._open:
+            await self._ready.wait()
+            self._ready.clear()
+            if self._error is not None:
+                raise self._error
+            batch, self._items = self._items, []
+            for _, o in batch:
+                if o.finished:
+                    self._open.discard(o.request_id)
+            if batch:
+                yield batch
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._open)
+
+    def close(self) -> None:
+        """Cancel the unfinished choices (no-op when all finished)."""
+        if self._open:
+            self._engine.abort(sorted(self._open))
+            self._open.clear()
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self._cv = threading.Condition()
-        self._queues: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._core = engine.core
+        self._tokenizer = engine.tokenizer
+        self._processor = OutputProcessor(engine.tokenizer)  # used on the event loop only
+        self._streams: dict[str, tuple[RequestStream, int]] = {}  # request id -> its stream and choice index
+        self._cv = threading.Condition()  # guards _commands and _stop
+        self._commands: deque[Callable[[], None]] = deque()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
+    # ---------------------------------------------------------------- read API
+    @property
+    def tokenizer(self):
+        return self._tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self._core.max_model_len
+
+    def lora_adapters(self) -> dict[str, Path]:
+        """Loaded LoRA adapters: served name -> directory."""
+        return {name: a.path for name, a in self._core.lora.adapters.copy().items()}
+
+    def stats(self) -> dict[str, int]:
+        """Waiting and running requests, KV blocks used and in the pool (plain counters read
+        without stopping the core: each is exact, together they may be a step apart)."""
+        return self._core.snapshot()
+
+    # --------------------------------------------------------------- lifecycle
     def start(self) -> None:
+        """Start the core thread; call from the event loop that will submit requests."""
         if self._thread is None:
+            self._loop = asyncio.get_running_loop()
             self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="autoglm-engine", daemon=True)
+            self._thread = threading.Thread(target=self._run, name="autoglm-engine-core", daemon=True)
             self._thread.start()
 
     def shutdown(self) -> None:
@@ -43,70 +130,134 @@ class AsyncEngine:
             self._thread.join(timeout=10)
             self._thread = None
 
-    # ------------------------------------------------------------- requests
-    async def submit(self, prompt_ids: list[int], params: SamplingParams,
-                     lora: str | None = None) -> tuple[str, asyncio.Queue]:
-        """Queue a request (on the LoRA adapter `lora`, None = base); its outputs arrive on the returned
-        queue. Raises ValueError for a bad request. Waits for the engine lock on a worker thread, so the
-        event loop is not blocked by a step."""
-        loop = asyncio.get_running_loop()
-        q: asyncio.Queue = asyncio.Queue()
-        rid = await asyncio.to_thread(self._submit, prompt_ids, params, lora, loop, q)
-        return rid, q
+    # ---------------------------------------------------------------- requests
+    async def submit(self, prompt_ids: list[int], params: SamplingParams | list[SamplingParams],
+                     lora: str | None = None) -> RequestStream:
+        """Queue one request per SamplingParams (the choices of one API call) on the LoRA adapter
+        `lora` (None = base). Raises InvalidRequestError (a ValueError) for a bad request; then
+        none of the choices was queued."""
+        plist = params if isinstance(params, list) else [params]
+        base = uuid.uuid4().hex
+        ids = [f"{base}-{i}" for i in range(len(plist))]
+        stream = RequestStream(self, ids)
+        for i, (rid, p) in enumerate(zip(ids, plist)):  # tracked before the core can report on them
+            self._processor.add_request(rid, p, len(prompt_ids))
+            self._streams[rid] = (stream, i)
 
-    def _submit(self, prompt_ids, params, lora, loop, q) -> str:
-        with self._cv:
-            rid = self.engine.add_request(prompt_ids, params, lora=lora)
-            self._queues[rid] = (loop, q)
-            self._cv.notify_all()
-        return rid
+        def add() -> None:
+            added = []
+            try:
+                for rid, p in zip(ids, plist):
+                    added.append(self._core.add_request(prompt_ids, p, rid, lora).request_id)
+            except BaseException:
+                for rid in added:
+                    self._core.abort(rid)
+                raise
+        try:
+            await self._call(add)
+        except BaseException:
+            self._forget(ids)
+            self._send(lambda: [self._core.abort(rid) for rid in ids])  # cancelled while queued: undo the add
+            raise
+        return stream
 
-    def add_lora(self, name: str, path) -> None:
+    def abort(self, request_ids: list[str]) -> None:
+        """Cancel requests (their blocks are freed before the core's next step); returns at once."""
+        self._forget(request_ids)
+        self._send(lambda: [self._core.abort(rid) for rid in request_ids])
+
+    async def add_lora(self, name: str, path) -> None:
         """Load a LoRA adapter while serving (between steps)."""
-        with self._cv:
-            self.engine.add_lora(name, path)
+        await self._call(lambda: self._core.add_lora(name, path))
 
-    def remove_lora(self, name: str) -> None:
+    async def remove_lora(self, name: str) -> None:
         """Unload a LoRA adapter while serving (refused while requests use it)."""
+        await self._call(lambda: self._core.remove_lora(name))
+
+    # --------------------------------------------------------------- internals
+    def _forget(self, request_ids: list[str]) -> None:
+        for rid in request_ids:
+            self._processor.abort(rid)
+            self._streams.pop(rid, None)
+
+    def _send(self, fn: Callable[[], Any]) -> None:
+        """Run `fn` on the core thread before its next step."""
         with self._cv:
-            self.engine.remove_lora(name)
+            self._commands.append(fn)
+            self._cv.notify()
 
-    def abort(self, request_id: str) -> None:
-        with self._cv:
-            self.engine.abort(request_id)
-            self._queues.pop(request_id, None)
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` on the core thread before its next step; its result or exception comes back here."""
+        if self._loop is None:
+            raise RuntimeError("the engine is not started; call AsyncEngine.start() on the event loop first")
+        fut = self._loop.create_future()
 
-    async def snapshot_async(self) -> dict[str, int]:
-        return await asyncio.to_thread(self.snapshot)
+        def settle(value: Any, error: BaseException | None) -> None:
+            if not fut.done():
+                fut.set_exception(error) if error is not None else fut.set_result(value)
 
-    def snapshot(self) -> dict[str, int]:
-        """Queue depth and KV usage for /metrics."""
-        with self._cv:
-            e = self.engine
-            return {"waiting": e.num_waiting, "running": e.num_running, "kv_blocks_used": e.pool.num_used,
-                    "kv_blocks_total": e.pool.num_blocks}
+        def run() -> None:
+            try:
+                value, error = fn(), None
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                value, error = None, e
+            self._loop.call_soon_threadsafe(settle, value, error)
+        self._send(run)
+        return await fut
 
-    # ----------------------------------------------------------------- loop
-    def _deliver(self, rid: str, item: RequestOutput | Exception, last: bool) -> None:
-        target = self._queues.pop(rid, None) if last else self._queues.get(rid)
-        if target is not None:
-            loop, q = target
-            loop.call_soon_threadsafe(q.put_nowait, item)
-
-    def _loop(self) -> None:
+    def _run(self) -> None:
+        """The core thread: commands, then a step, while there is work."""
+        core = self._core
         while True:
             with self._cv:
-                while not self._stop and not self.engine.has_unfinished():
+                while not self._stop and not self._commands and not core.has_unfinished():
                     self._cv.wait()
                 if self._stop:
                     return
-                try:
-                    outs = self.engine.step()
-                except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
-                    logger.exception("engine step failed; failing the requests in flight")
-                    for rid in list(self.engine.requests):
-                        self.engine.abort(rid)
-                        self._deliver(rid, exc, True)
-                    continue
-                for o in outs:
-                    self._deliver(o.request_id, o, o.finished)
+                commands, self._commands = list(self._commands), deque()
+            for command in commands:
+                command()
+            if not core.has_unfinished():
+                continue
+            try:
+                outs = core.step()
+            except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+                logger.exception("engine step failed; failing the requests in flight")
+                ids = list(core.requests)
+                for rid in ids:
+                    core.abort(rid)
+                self._loop.call_soon_threadsafe(self._fail, ids, exc)
+                continue
+            if outs:
+                self._loop.call_soon_threadsafe(self._deliver, outs)
+
+    def _deliver(self, core_outputs) -> None:
+        """On the event loop: text, stop strings, then each stream's batch of this step."""
+        try:
+            res = self._processor.process(core_outputs)
+        except Exception as exc:  # noqa: BLE001 - e.g. a tokenizer that cannot decode: fail these requests
+            logger.exception("processing the engine's outputs failed; failing those requests")
+            ids = [o.request_id for o in core_outputs]
+            streams = {self._streams[rid][0] for rid in ids if rid in self._streams}
+            self.abort(ids)
+            for stream in streams:
+                stream._put(exc)
+            return
+        if res.stops:
+            hits = res.stops
+            self._send(lambda: [self._core.finish(h.request_id, FinishReason.STOP, h.stop, h.num_output_tokens)
+                                for h in hits])
+        batches: dict[RequestStream, list[tuple[int, RequestOutput]]] = {}
+        for o in res.outputs:
+            entry = self._streams.pop(o.request_id, None) if o.finished else self._streams.get(o.request_id)
+            if entry is not None:
+                batches.setdefault(entry[0], []).append((entry[1], o))
+        for stream, items in batches.items():
+            stream._put(items)
+
+    def _fail(self, request_ids: list[str], exc: BaseException) -> None:
+        for rid in request_ids:
+            entry = self._streams.pop(rid, None)
+            self._processor.abort(rid)
+            if entry is not None:
+                entry[0]._put(exc)

@@ -1,14 +1,29 @@
-"""OpenAI-compatible request schemas (pydantic). Unknown or unsupported fields are refused
-with a 400 naming the field, never silently ignored."""
+"""The OpenAI protocol: request schemas (pydantic) and the adapters between them and the engine.
+
+Requests in: `CompletionRequest` / `ChatCompletionRequest` (unknown or unsupported fields
+are refused with a 400 naming the field, never silently ignored), `sampling_params(req)`
+-> one `SamplingParams` per choice, `encode_prompt` -> token ids, `chat_prompt` -> text.
+Responses out: `ResponseBuilder` turns the engine's `RequestOutput`s of one API call into
+the whole response (`text_completion` / `chat.completion`) or its SSE chunks, with
+logprobs in the completions shape `{tokens, token_logprobs, top_logprobs, text_offset}`
+or the chat shape `{content: [{token, logprob, bytes, top_logprobs}]}`. `APIError` is the
+OpenAI error body `{"error": {"message", "type", "param", "code"}}`.
+"""
 
 from __future__ import annotations
 
+import json
+import time
+import uuid
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from .request import MAX_LOGPROBS, RequestOutput, SamplingParams
+
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "UNSUPPORTED",
-           "LoadLoRARequest", "UnloadLoRARequest"]
+           "LoadLoRARequest", "UnloadLoRARequest", "APIError", "chat_prompt", "encode_prompt", "sampling_params",
+           "LogprobFormatter", "ResponseBuilder"]
 
 
 class StreamOptions(BaseModel):
@@ -46,19 +61,31 @@ class _Common(BaseModel):
 
 
 # field -> value it must keep (anything else is a 400: the server does not implement it)
-UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
-               "echo": False, "best_of": (None, 1), "suffix": (None, "")}
+UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logit_bias": (None, {}), "tools": (None, []),
+               "tool_choice": (None, "none"), "echo": False, "best_of": (None, 1), "suffix": (None, "")}
 
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[int], list[str]]
 
 
+class TextPart(BaseModel):
+    """One part of a chat message's content (OpenAI's list form); only text parts are served."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: str
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
-    content: str
+    content: Union[str, list[TextPart]]
     name: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(_Common):
@@ -79,3 +106,210 @@ class UnloadLoRARequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     lora_name: str = Field(min_length=1)
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------ requests in
+def chat_prompt(messages) -> str:
+    """A plain chat template: one "role: content" line per message, then "assistant:"."""
+    return "".join(f"{m.role}: {getattr(m, 'text', m.content)}\n" for m in messages) + "assistant:"
+
+
+def encode_prompt(tokenizer, prompt) -> list[int]:
+    """A completion's `prompt` (text, token ids, or a one-element list of text) as token ids."""
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise APIError(400, "several prompts in one request are not supported; send one prompt (use n "
+                                "for several completions)", "prompt")
+        prompt = prompt[0]
+    return tokenizer(prompt).input_ids
+
+
+def sampling_params(req: CompletionRequest | ChatCompletionRequest) -> list[SamplingParams]:
+    """One SamplingParams per choice (a seeded request's choice i gets seed + i). The engine
+    checks them against the prompt and the context when it adds the request."""
+    for name, neutral in UNSUPPORTED.items():
+        if getattr(req, name) not in (neutral if isinstance(neutral, tuple) else (neutral,)):
+            raise APIError(400, f"'{name}' is not supported by this server; remove it from the request", name,
+                           "unsupported_parameter")
+    rf = req.response_format
+    if rf is not None and rf.get("type") != "text":
+        raise APIError(400, f"response_format {rf.get('type')!r} is not supported (no constrained decoding); "
+                            "use type 'text' or drop the field", "response_format", "unsupported_parameter")
+    chat = isinstance(req, ChatCompletionRequest)
+    # chat: up to the context when not given (the engine resolves None); completions: OpenAI's 16
+    if chat:
+        max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
+    else:
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    try:
+        return [SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
+                               repetition_penalty=req.repetition_penalty,
+                               seed=None if req.seed is None else req.seed + i, stop=stop,
+                               ignore_eos=req.ignore_eos, logprobs=_logprobs_arg(req, chat))
+                for i in range(req.n)]
+    except ValueError as e:
+        field = str(e).split(" ", 1)[0]
+        raise APIError(400, str(e), field if field in type(req).model_fields else None) from None
+
+
+def _logprobs_arg(req, chat: bool) -> int | None:
+    """Number of top alternatives per token, or None when logprobs are not asked for.
+    Completions: `logprobs: N`. Chat: `logprobs: true` with optional `top_logprobs: N`."""
+    if not chat:
+        if req.top_logprobs is not None:
+            raise APIError(400, "'top_logprobs' belongs to chat completions; for completions send 'logprobs': N",
+                           "top_logprobs")
+        if req.logprobs is None:
+            return None
+        if isinstance(req.logprobs, bool):
+            raise APIError(400, "'logprobs' of a completion is an integer (top alternatives per token, 0-"
+                                f"{MAX_LOGPROBS}), not a boolean", "logprobs")
+        n = req.logprobs
+    else:
+        if req.logprobs is not None and not isinstance(req.logprobs, bool):
+            raise APIError(400, "'logprobs' of a chat completion is a boolean; give the number of alternatives "
+                                "in 'top_logprobs'", "logprobs")
+        if not req.logprobs:
+            if req.top_logprobs:
+                raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+            return None
+        n = req.top_logprobs or 0
+    if not 0 <= n <= MAX_LOGPROBS:
+        raise APIError(400, f"the number of top logprobs must be in [0, {MAX_LOGPROBS}], got {n}",
+                       "top_logprobs" if chat else "logprobs")
+    return n
+
+
+# ---------------------------------------------------------------- responses out
+class LogprobFormatter:
+    """One choice's logprobs in the OpenAI shape (see module docstring); completions keep the
+    running `text_offset` across calls."""
+
+    def __init__(self, tokenizer, chat: bool) -> None:
+        self.tok, self.chat, self.offset = tokenizer, chat, 0
+
+    def _text(self, token_id: int) -> str:
+        return self.tok.decode([token_id])
+
+    def payload(self, entries) -> dict | None:
+        if entries is None:
+            return None
+        if self.chat:
+            def item(tid, lp):
+                t = self._text(tid)
+                return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+            return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, v) for i, v in e.top]}
+                                for e in entries]}
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for e in entries:
+            t = self._text(e.token_id)
+            out["tokens"].append(t)
+            out["token_logprobs"].append(e.logprob)
+            tops = {}
+            for i, v in e.top:
+                tops.setdefault(self._text(i), v)  # two ids can decode to the same text: keep the likelier
+            out["top_logprobs"].append(tops)
+            out["text_offset"].append(self.offset)
+            self.offset += len(t)
+        return out
+
+    @staticmethod
+    def merge(a: dict | None, b: dict | None) -> dict | None:
+        if a is None or b is None:
+            return a or b
+        return {k: a[k] + b[k] for k in a}
+
+
+class ResponseBuilder:
+    """The response of one API call (n choices), whole or as SSE chunks."""
+
+    def __init__(self, req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int, tokenizer) -> None:
+        self.chat = isinstance(req, ChatCompletionRequest)
+        self.model, self.n, self.num_prompt_tokens = req.model, req.n, num_prompt_tokens
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self.object = "chat.completion" if self.chat else "text_completion"
+        self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        self.logprobs = [LogprobFormatter(tokenizer, self.chat) for _ in range(self.n)]
+        chunk_object = self.object + (".chunk" if self.chat else "")
+        # every SSE event starts alike: serialise that part once
+        self._event_head = "data: " + json.dumps({"id": self.id, "object": chunk_object, "created": self.created,
+                                                  "model": self.model})[:-1] + ', "choices": '
+        self.texts, self.lps = [""] * self.n, [None] * self.n
+        self.finals: list[RequestOutput | None] = [None] * self.n
+
+    def usage(self) -> dict:
+        c = sum(o.num_output_tokens for o in self.finals if o is not None)
+        p = self.num_prompt_tokens * self.n
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    def _choice(self, i: int, text: str, lp: dict | None, final: RequestOutput | None, whole: bool) -> dict:
+        c = {"index": i, "finish_reason": final.finish_reason.value if final else None, "logprobs": lp}
+        if final is not None:
+            c["stop_reason"] = final.stop_reason
+        if self.chat:
+            c["message" if whole else "delta"] = {"role": "assistant", "content": text} if whole else {"content": text}
+        else:
+            c["text"] = text
+        return c
+
+    # -------------------------------------------------------------- whole
+    def add(self, batch: list[tuple[int, RequestOutput]]) -> None:
+        for i, o in batch:
+            self.texts[i] += o.new_text
+            self.lps[i] = LogprobFormatter.merge(self.lps[i], self.logprobs[i].payload(o.logprobs))
+            if o.finished:
+                self.finals[i] = o
+
+    def response(self) -> dict:
+        choices = [self._choice(i, self.texts[i], self.lps[i], self.finals[i], True) for i in range(self.n)]
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage()}
+
+    # ------------------------------------------------------------- chunks
+    def _sse(self, choices: list[dict], **extra) -> str:
+        tail = "".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in extra.items())
+        return f"{self._event_head}{json.dumps(choices)}{tail}}}\n\n"
+
+    def first_chunk(self) -> str:
+        """Chat streams open with the assistant role of every choice; completions send nothing."""
+        if not self.chat:
+            return ""
+        return self._sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                          for i in range(self.n)])
+
+    def chunk(self, batch: list[tuple[int, RequestOutput]]) -> str:
+        """One SSE event for the outputs that arrived together; a choice that advanced several
+        tokens since the last event gets them merged into one entry."""
+        merged: dict[int, list] = {}
+        for i, o in batch:
+            lp = self.logprobs[i].payload(o.logprobs)
+            if i in merged:
+                m = merged[i]
+                m[0] += o.new_text
+                m[1] = LogprobFormatter.merge(m[1], lp)
+                m[2] = o if o.finished else m[2]
+            else:
+                merged[i] = [o.new_text, lp, o if o.finished else None]
+            if o.finished:
+                self.finals[i] = o
+        return self._sse([self._choice(i, t, lp, f, False) for i, (t, lp, f) in merged.items()])
+
+    def last_chunks(self) -> str:
+        return (self._sse([], usage=self.usage()) if self.include_usage else "") + "data: [DONE]\n\n"
+
+    def error_chunk(self, e: APIError) -> str:
+        return f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind}})}\n\n"
