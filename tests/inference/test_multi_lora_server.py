@@ -11,7 +11,7 @@ from peft import PeftModel
 from typer.testing import CliRunner
 
 from autoglm.cli import app as cli_app
-from autoglm.cli.serve import parse_lora_specs
+from autoglm.recipes.serve import parse_lora_specs
 from autoglm.inference import EngineConfig, LLMEngine
 from autoglm.inference.async_engine import AsyncEngine
 from autoglm.inference.server import create_app
