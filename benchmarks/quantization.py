@@ -273,6 +273,7 @@ def run(args) -> dict:
             "parity_vs_eager": fp32_info["parity_vs_eager"],
             "parity_vs_fp32_onnx": {m: i["parity_vs_fp32"] for m, i in q_info.items()},
             "data": str(data or "builtin:stdlib-docstrings"), "prefill_len": args.prefill_len,
+            "greedy_prompts": args.greedy_prompts,
             "prefill_attention": cfg.prefill_attention, "export_chunk": cfg.chunk,
             "eval_tokens": int(sum(y.numel() for _, y in eval_batches)), "calibration_windows": len(calib),
             "results": results, "ratios": ratios}
@@ -288,14 +289,16 @@ def to_markdown(res: dict) -> str:
     fe = t.get("final_eval") or {}
     trained = (f"trained {t['steps']} steps (of a {t['scheduled_steps']}-step schedule, {t['batch_size']} x "
                f"{t['seq_len']} tokens each) in {t['minutes']} min on {t['data']}, final val loss "
-               f"{fe.get('val_loss', float('nan')):.4f}" if t.get("steps") else "training record not found")
+               f"{fe.get('loss', float('nan')):.4f}" if t.get("steps") else "training record not found")
+    overrides = "".join(" --set " + kv for kv in res.get("export_set", []))
+    chunk = f", chunk {res['export_chunk']}" if res["prefill_attention"] == "windowed" else ""
     lines = [f"Device: {res['device']}, torch {res['torch']}, onnxruntime {res['onnxruntime']}; model "
              f"{m['layers']} x {m['hidden']}, {m['experts']} experts, vocab {m['vocab']}, {m['params'] / 1e6:.2f}M "
              f"params, {trained}; held-out data {res['data']}, {res['eval_tokens']} tokens; export config "
-             f"{Path(res['export_config']).name}{''.join(' --set ' + kv for kv in res.get('export_set', []))} (prefill attention {res['prefill_attention']}"
-             + (f", chunk {res['export_chunk']}" if res["prefill_attention"] == "windowed" else "") + ")", "",
-             "| model | val loss | perplexity | next-token acc | argmax = FP32 | greedy = FP32 (8 x 32) "
-             "| max abs logit diff vs FP32 |", "|---|---|---|---|---|---|---|"]
+             f"{Path(res['export_config']).name}{overrides} (prefill attention {res['prefill_attention']}{chunk})", "",
+             f"| model | val loss | perplexity | next-token acc | argmax = FP32 "
+             f"| greedy = FP32 ({res['greedy_prompts']} x 32) | max abs logit diff vs FP32 |",
+             "|---|---|---|---|---|---|---|"]
     for r in res["results"]:
         lines.append(f"| {r['model']} | {r['val_loss']:.4f} | {r['val_ppl']:.2f} | {r['val_acc'] * 100:.2f}% "
                      f"| {r['argmax_agreement'] * 100:.2f}% | {r['greedy_agreement'] * 100:.1f}% "

@@ -69,6 +69,8 @@ def test_static_qdq_with_calibration(tmp_path, fp32_export, export_corpus_tokens
     m, ops = _ops(out / "decode.onnx")
     assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
     assert info["quantization"]["calibration_windows"] == 4
+    _, table, readers = _tied_table(out / "decode.onnx")  # the embedding gathers int8 columns of the LM head
+    assert table.data_type == onnx.TensorProto.INT8 and readers == ["DequantizeLinear", "Gather"]
     batches = _heldout_batches(ids)
     f = evaluate_ort(fp32, batches)["loss"]
     s = evaluate_ort(OrtCausalLM(out, threads=1), batches)["loss"]

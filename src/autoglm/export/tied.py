@@ -76,18 +76,29 @@ def gather_rows_from_transposed(model: onnx.ModelProto) -> list[str]:
     return gathers
 
 
+def _axis(node: onnx.NodeProto) -> int:
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 1)
+
+
 def gather_quantized_rows(model: onnx.ModelProto, gathers: list[str]) -> int:
-    """In place, on a quantized graph: each Gather named in `gathers` reads a float W^T that the
-    quantizer also stored as `W^T_quantized` (int8, symmetric, one scale per column): read that
-    instead, scaling each gathered column by its own scale, and drop the float copy. Returns
-    the number of rewritten Gathers (0 when the LM head stayed in float)."""
+    """In place, on a quantized graph: each Gather named in `gathers` reads a float W^T (dynamic
+    mode) or DequantizeLinear of the whole W^T (static QDQ) that the quantizer also stored as
+    `W^T_quantized` (int8, symmetric, one scale per column): gather the int8 columns instead,
+    scaling each by its own scale, and drop the float copy. Returns the number of rewritten
+    Gathers (0 when the LM head stayed in float)."""
     g = model.graph
     inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
     count, new_nodes = 0, []
     nodes = list(g.node)
     for i, node in enumerate(nodes):
         wt = node.input[0] if node.op_type == "Gather" and node.name in gathers else None
-        q, s, z = (f"{wt}_quantized", f"{wt}_scale", f"{wt}_zero_point") if wt else (None, None, None)
+        dq = producers.get(wt) if wt else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and _axis(dq) == 1:
+            # static (QDQ): the quantizer made every reader of W^T read DequantizeLinear(W^T_q)
+            q, s, z = (list(dq.input) + [""])[:3]
+        else:  # dynamic: the float W^T stays for the excluded Gather, W^T_q is the MatMul's
+            q, s, z = (f"{wt}_quantized", f"{wt}_scale", f"{wt}_zero_point") if wt else (None, None, None)
         ok = (wt is not None and q in inits and s in inits and inits[q].data_type == onnx.TensorProto.INT8
               and len(inits[s].dims) == 1 and inits[s].dims[0] == inits[q].dims[1]
               and (z not in inits or not numpy_helper.to_array(inits[z]).any()))
