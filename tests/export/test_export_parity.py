@@ -59,8 +59,10 @@ def test_tolerance_scales_with_the_logits():
 
 
 @pytest.mark.parametrize("case", [
-    # (preset, data seed, init seed, steps, final-norm gain): different data, seeds and logit scales
-    ("tiny", 0, 0, 40, 1.0),
+    # (preset, data seed, init seed, steps, final-norm gain): different data, seeds and logit scales.
+    # The ordinary cases are slow: the shared fixture's model (tiny, 60 steps on docstrings) already
+    # passes the default check in every run of the suite (conftest.fp32_export)
+    pytest.param(("tiny", 0, 0, 40, 1.0), marks=pytest.mark.slow),
     pytest.param(("tiny", 1, 7, 80, 1.0), marks=pytest.mark.slow),
     ("tiny", 2, 3, 40, 12.0),  # larger logits: a final-norm gain of 12 (a sharper, still trained, model)
     pytest.param(("small", 5, 1, 10, 1.0), marks=pytest.mark.slow),  # the reported case: `small`, 10 steps
