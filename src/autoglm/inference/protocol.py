@@ -248,6 +248,7 @@ class ResponseBuilder:
         # every SSE event starts alike: serialise that part once
         self._event_head = "data: " + json.dumps({"id": self.id, "object": chunk_object, "created": self.created,
                                                   "model": self.model})[:-1] + ', "choices": '
+        self._delta_key, self._delta_end = ('"delta": {"content"', "}") if self.chat else ('"text"', "")
         self.texts, self.lps = [""] * self.n, [None] * self.n
         self.finals: list[RequestOutput | None] = [None] * self.n
 
@@ -306,7 +307,10 @@ class ResponseBuilder:
                 merged[i] = [o.new_text, lp, o if o.finished else None]
             if o.finished:
                 self.finals[i] = o
-        return self._sse([self._choice(i, t, lp, f, False) for i, (t, lp, f) in merged.items()])
+        parts = [(f'{{"index": {i}, "finish_reason": null, "logprobs": null, {self._delta_key}: '
+                  f'{json.dumps(t)}{self._delta_end}}}') if lp is None and f is None  # the common event, formatted directly
+                 else json.dumps(self._choice(i, t, lp, f, False)) for i, (t, lp, f) in merged.items()]
+        return f"{self._event_head}[{', '.join(parts)}]}}\n\n"
 
     def last_chunks(self) -> str:
         return (self._sse([], usage=self.usage()) if self.include_usage else "") + "data: [DONE]\n\n"

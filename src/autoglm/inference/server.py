@@ -57,8 +57,8 @@ class ServerMetrics:
         self.kv_used = Gauge("autoglm_kv_blocks_in_use", "KV blocks held by requests", registry=r)
         self.kv_total = Gauge("autoglm_kv_blocks_total", "KV blocks in the pool", registry=r)
         self.ttft = Histogram("autoglm_time_to_first_token_seconds", "Time to first token", buckets=_LAT, registry=r)
-        self.tpot = Histogram("autoglm_time_per_output_token_seconds", "Time between output tokens",
-                              buckets=_LAT, registry=r)
+        self.tpot = Histogram("autoglm_time_per_output_token_seconds", "Mean time between a request's output "
+                              "tokens after the first (one observation per request)", buckets=_LAT, registry=r)
         self.queue = Histogram("autoglm_request_queue_time_seconds", "Time waiting before first scheduled",
                                buckets=_LAT, registry=r)
         self.e2e = Histogram("autoglm_e2e_request_latency_seconds", "End-to-end latency", buckets=_LAT, registry=r)
@@ -110,7 +110,7 @@ class _Call:
     def __init__(self, server: _Server, stream: RequestStream, n: int) -> None:
         self.server, self.stream, self.n = server, stream, n
         self.t0 = time.perf_counter()
-        self.last: dict[int, float] = {}  # choice -> time of its last output
+        self.first: dict[int, float] = {}  # choice -> time of its first output
         self.closed = False
 
     async def batches(self):
@@ -124,15 +124,19 @@ class _Call:
             raise APIError(500, f"engine error: {e}", kind="server_error") from None
 
     def _observe(self, batch: list[tuple[int, RequestOutput]]) -> None:
+        """Per-request latencies (a few observations per request, none per token: on a busy
+        server the metrics must not cost per token)."""
         m, now = self.server.metrics, time.perf_counter()
         for i, o in batch:
-            prev = self.last.get(i)
-            (m.ttft if prev is None else m.tpot).observe(now - (self.t0 if prev is None else prev))
-            self.last[i] = now
+            if i not in self.first:
+                self.first[i] = now
+                m.ttft.observe(now - self.t0)
             if o.queue_time is not None:
                 m.queue.observe(o.queue_time)
             if o.finished:
                 m.e2e.observe(now - self.t0)
+                if o.num_output_tokens > 1:
+                    m.tpot.observe((now - self.first[i]) / (o.num_output_tokens - 1))
         m.generation_tokens.inc(sum(len(o.new_token_ids) for _, o in batch))
 
     def close(self) -> None:
