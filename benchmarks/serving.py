@@ -1,27 +1,50 @@
-"""Serving benchmark: HF `generate()` (batched, left-padded) vs the engine (continuous batching).
+"""Serving benchmark: the engine called directly, the same engine through HTTP (`autoglm serve`),
+HF `generate()` on the same model and HF `generate()` on transformers' own Llama of the same
+size, side by side in one run at several concurrencies.
 
-Side by side in one run on the same weights (a randomly initialised preset, or --model-dir):
-`--requests` requests with prompt lengths uniform in [prompt-min, prompt-max] and output
-lengths uniform in [out-min, out-max], all arriving at t=0, greedy, EOS ignored so both
-systems produce exactly the requested lengths. Reports output tokens/s, TTFT and time per
-output token (p50/p99), KV memory waste (allocated but unused slots / allocated, averaged
-over decode steps), greedy agreement between the two, early-exit trade-off (decode speed
-and agreement with the full model per threshold) and a load check through the HTTP server
-(`--load-requests` with `--load-in-flight` concurrent, official openai client): errors
-and leaked KV blocks.
+Workload (one per concurrency c in --concurrency, default 1, 16, 64): c requests arrive
+together, prompts of random token ids with lengths uniform in [prompt-min, prompt-max],
+--out-tokens new tokens each, greedy, EOS ignored, so every system produces exactly the
+same number of tokens. Systems:
 
-    python benchmarks/serving.py --preset small                 # full size (slow on CPU)
-    python benchmarks/serving.py --preset small --requests 16 --prompt-max 128 --out-max 64 --load-requests 100
+* engine: `LLMEngine.generate` (continuous batching, paged KV, detokenisation and stop
+  checks included), c requests at once;
+* HTTP: the same engine config behind `autoglm serve` in its own process (started here on a
+  saved copy of the same weights), c concurrent streaming /v1/completions clients in this
+  process (SSE, `stream_options.include_usage`); the ratio HTTP / engine is what the server
+  path keeps of the engine's throughput;
+* HF generate: `model.generate` on the same model, one left-padded batch of c;
+* Llama generate: `model.generate` on `transformers.LlamaForCausalLM` built from a
+  `LlamaConfig` with the same width, depth, heads, vocabulary and total parameter count
+  (random weights: no download), one batch of c.
 
-Writes benchmarks/results/serving.json and serving.md. Timings on a shared machine are
-noisy: compare the ratios measured in the same run.
+Every system runs --repeats times, interleaved (the order reversed every other repeat);
+the table shows each system's best run (noise on a shared machine only slows things down)
+and the HTTP / engine ratio is the median over repeats of the two measured back to back. Reports output tokens/s, TTFT and time per output token
+(p50), KV waste, greedy agreement of engine and HF, and a load check through the server
+(--load-requests requests, --load-in-flight at once, the official openai client: errors and
+KV blocks still held afterwards). Pin threads (--threads, and OMP_NUM_THREADS for the
+server) so the systems compete on equal terms.
+
+    python benchmarks/serving.py --threads 1
+    python benchmarks/serving.py --threads 1 --concurrency 16,64 --systems engine,http --out /tmp/r
+
+Writes docs/results/serving.json and serving.md (--out to change).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
+import urllib.request
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -30,6 +53,8 @@ from autoglm import OpenAutoGLMConfig
 from autoglm.hf import OpenAutoGLMForCausalLM
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
 from results_io import save_results
+
+SYSTEMS = ("engine", "http", "hf", "llama")
 
 
 def pct(xs, q):
@@ -48,92 +73,121 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def run_hf(model, prompts, outs, batch_size, pad_id):
-    """Left-padded batches in arrival order; a batch runs until its longest output is done."""
+def run_hf(model, prompts, n_out, pad_id):
+    """One left-padded batch of all prompts, n_out new tokens each."""
+    P = max(map(len, prompts))
+    ids = torch.full((len(prompts), P), pad_id)
+    mask = torch.zeros((len(prompts), P), dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, P - len(p):] = torch.tensor(p)
+        mask[i, P - len(p):] = 1
+    clock = StepClock()
     t0 = time.perf_counter()
-    ttft, tpot, tokens, waste_alloc, waste_used, outputs = [], [], 0, 0, 0, []
-    for s in range(0, len(prompts), batch_size):
-        ps, ns = prompts[s:s + batch_size], outs[s:s + batch_size]
-        P, S = max(map(len, ps)), max(ns)
-        ids = torch.full((len(ps), P), pad_id)
-        mask = torch.zeros((len(ps), P), dtype=torch.long)
-        for i, p in enumerate(ps):
-            ids[i, P - len(p):] = torch.tensor(p)
-            mask[i, P - len(p):] = 1
-        clock = StepClock()
-        with torch.inference_mode():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=S, do_sample=False, eos_token_id=None,
-                                 pad_token_id=pad_id, logits_processor=LogitsProcessorList([clock]))
-        for i, (p, n) in enumerate(zip(ps, ns)):
-            outputs.append(out[i, P:P + n].tolist())
-            ttft.append(clock.times[0] - t0)
-            if n > 1:
-                tpot.append((clock.times[n - 1] - clock.times[0]) / (n - 1))
-            tokens += n
-        for step in range(S):  # KV slots held by the padded cache vs slots a request still needs
-            waste_alloc += len(ps) * (P + step)
-            waste_used += sum(len(p) + step for p, n in zip(ps, ns) if step < n)
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False,
+                             eos_token_id=None, pad_token_id=pad_id, logits_processor=LogitsProcessorList([clock]))
     wall = time.perf_counter() - t0
-    return dict(wall=wall, tokens=tokens, ttft=ttft, tpot=tpot, kv_waste=1 - waste_used / waste_alloc), outputs
+    alloc = sum(len(prompts) * (P + s) for s in range(n_out))  # padded cache slots held vs needed
+    used = sum(len(p) + s for p in prompts for s in range(n_out))
+    ttft = [clock.times[0] - t0] * len(prompts)
+    tpot = [(clock.times[-1] - clock.times[0]) / (n_out - 1)] * len(prompts) if n_out > 1 else []
+    return dict(wall=wall, tokens=len(prompts) * n_out, ttft=ttft, tpot=tpot, kv_waste=1 - used / alloc), \
+        [o[P:].tolist() for o in out]
 
 
-def run_engine(model, prompts, outs, cfg):
-    eng = LLMEngine(model, config=cfg)
+def run_engine(model, tokenizer, prompts, n_out, cfg):
+    eng = LLMEngine(model, tokenizer, cfg)
     t0 = time.perf_counter()
-    reqs = [eng.requests[eng.add_request(p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))]
-            for p, n in zip(prompts, outs)]
-    for r in reqs:
-        r.arrival_time = t0
-    while eng.has_unfinished():
-        eng.step()
+    reqs = eng.generate(prompts, SamplingParams(max_tokens=n_out, temperature=0, ignore_eos=True))
     wall = time.perf_counter() - t0
-    ttft = [r.first_token_time - r.arrival_time for r in reqs]
-    tpot = [(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in reqs if len(r.token_times) > 1]
     assert eng.pool.num_free == eng.pool.num_blocks, "leaked KV blocks"
-    return dict(wall=wall, tokens=sum(len(r.output_ids) for r in reqs), ttft=ttft, tpot=tpot,
-                kv_waste=eng.stats.kv_waste, preemptions=eng.stats.preemptions, steps=eng.stats.steps,
-                layers_run=eng.stats.layers_run, decode_steps=eng.stats.decode_steps), [r.output_ids for r in reqs]
+    return dict(wall=wall, tokens=sum(len(r.output_ids) for r in reqs), kv_waste=eng.stats.kv_waste,
+                ttft=[r.first_token_time - t0 for r in reqs],
+                tpot=[(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in reqs
+                      if len(r.token_times) > 1]), [r.output_ids for r in reqs]
 
 
-def summary(name, r):
-    return dict(system=name, wall_s=round(r["wall"], 2), out_tok_s=round(r["tokens"] / r["wall"], 1),
-                ttft_p50=round(pct(r["ttft"], 50), 3), ttft_p99=round(pct(r["ttft"], 99), 3),
-                tpot_p50_ms=round(1e3 * pct(r["tpot"], 50), 2), tpot_p99_ms=round(1e3 * pct(r["tpot"], 99), 2),
-                kv_waste_pct=round(100 * r["kv_waste"], 2))
+# ------------------------------------------------------------------------ HTTP
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
-def early_exit_curve(model, prompts, outs, cfg, thresholds, full_outputs):
-    rows = []
-    for th in thresholds:
-        c = EngineConfig(**{**cfg.__dict__, "early_exit_threshold": th})
-        r, o = run_engine(model, prompts, outs, c)
-        same = sum(a == b for x, y in zip(o, full_outputs) for a, b in zip(x, y)) / sum(map(len, o))
-        rows.append(dict(threshold=th, out_tok_s=round(r["tokens"] / r["wall"], 1),
-                         mean_layers=round(r["layers_run"] / max(1, r["decode_steps"]), 2),
-                         token_agreement_pct=round(100 * same, 1)))
-    return rows
+def start_server(run_dir, cfg: EngineConfig, threads: int, port: int) -> subprocess.Popen:
+    """`autoglm serve` in its own process (the deployment path), with the benchmark's engine config."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)} if threads else dict(os.environ)
+    cmd = [sys.executable, "-c", "from autoglm.cli import main; main()", "serve", str(run_dir), "--port", str(port),
+           "--served-model-name", "bench", "--block-size", str(cfg.block_size), "--num-blocks", str(cfg.num_blocks),
+           "--max-num-seqs", str(cfg.max_num_seqs), "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
+           "--max-concurrent", "100000"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"autoglm serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("autoglm serve did not come up within 300 s")
 
 
-def load_check(model, tokenizer_dir, n, in_flight, cfg):
+async def _stream(host, port, prompt, n_out):
+    """One streaming completion over a raw HTTP/1.1 connection: a lean client, so that the
+    client's own CPU (it shares the machine) stays small next to the server's. Returns the
+    send time, the time of every read that brought events, and the completion tokens (usage)."""
+    body = json.dumps({"model": "bench", "prompt": prompt, "max_tokens": n_out, "temperature": 0,
+                       "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}).encode()
+    reader, writer = await asyncio.open_connection(host, port)
+    t0 = time.perf_counter()
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % (host.encode(), len(body)) + body)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if b" 200 " not in head.split(b"\r\n", 1)[0]:
+        raise RuntimeError(f"server answered {head[:200]!r}")
+    times, parts = [], []
+    while data := await reader.read(1 << 16):
+        times.append(time.perf_counter())
+        parts.append(data)
+    writer.close()
+    text = b"".join(parts)
+    usage = text[text.rindex(b'"usage": '):]
+    n = json.loads(usage[9:usage.index(b"}") + 1])["completion_tokens"]
+    return t0, times, n
+
+
+def run_http(url, prompts, n_out):
+    host, port = url.removeprefix("http://").split(":")
+
+    async def main():
+        t = time.perf_counter()
+        res = await asyncio.gather(*(_stream(host, int(port), p, n_out) for p in prompts))
+        return res, time.perf_counter() - t
+
+    res, wall = asyncio.run(main())
+    return dict(wall=wall, tokens=sum(n for *_, n in res), ttft=[ts[0] - t0 for t0, ts, _ in res],
+                tpot=[(ts[-1] - ts[0]) / (n - 1) for _, ts, n in res if n > 1], kv_waste=None), None
+
+
+def load_check(url, n, in_flight):
     import openai
 
-    from autoglm.inference.async_engine import AsyncEngine
-    from autoglm.inference.server import BackgroundServer, create_app
-    from autoglm.tokenizer import load_tokenizer
-
-    engine = LLMEngine(model, load_tokenizer(tokenizer_dir), cfg)
-    app = create_app(AsyncEngine(engine), model_name="bench", max_concurrent=in_flight)
-    with BackgroundServer(app) as url:
+    async def main():
         client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
-        sem = asyncio.Semaphore(in_flight)
-        errors = []
+        sem, errors = asyncio.Semaphore(in_flight), []
 
         async def one(i):
             async with sem:
                 try:
                     if i % 2:
-                        stream = await client.completions.create(model="bench", prompt=f"def f{i}(x):", max_tokens=8 + i % 24,
-                                                                 stream=True, temperature=0.8, seed=i)
+                        stream = await client.completions.create(model="bench", prompt=f"def f{i}(x):",
+                                                                 max_tokens=8 + i % 24, stream=True, temperature=0.8,
+                                                                 seed=i)
                         async for _ in stream:
                             pass
                     else:
@@ -141,96 +195,190 @@ def load_check(model, tokenizer_dir, n, in_flight, cfg):
                 except Exception as e:  # noqa: BLE001 - counted and reported
                     errors.append(repr(e))
 
-        async def main():
-            await asyncio.gather(*(one(i) for i in range(n)))
+        await asyncio.gather(*(one(i) for i in range(n)))
+        return errors
 
-        t = time.perf_counter()
-        asyncio.run(main())
-        wall = time.perf_counter() - t
-        time.sleep(0.2)
-        leaked = engine.pool.num_used
-    return dict(requests=n, in_flight=in_flight, errors=len(errors), first_errors=errors[:3], leaked_blocks=leaked,
-                wall_s=round(wall, 1))
+    t = time.perf_counter()
+    errors = asyncio.run(main())
+    wall = time.perf_counter() - t
+    time.sleep(0.5)
+    with urllib.request.urlopen(url + "/metrics") as r:
+        metrics = r.read().decode()
+    held = next(float(x.split()[-1]) for x in metrics.splitlines() if x.startswith("autoglm_kv_blocks_in_use "))
+    return dict(requests=n, in_flight=in_flight, errors=len(errors), first_errors=errors[:3],
+                leaked_blocks=int(held), wall_s=round(wall, 1))
+
+
+# ---------------------------------------------------------------------- report
+def summary(name, c, r, engine_tok_s=None):
+    tok_s = r["tokens"] / r["wall"]
+    row = dict(system=name, concurrency=c, wall_s=round(r["wall"], 2), out_tok_s=round(tok_s, 1),
+               ttft_p50_s=round(pct(r["ttft"], 50), 3), tpot_p50_ms=round(1e3 * pct(r["tpot"], 50), 2),
+               kv_waste_pct=None if r["kv_waste"] is None else round(100 * r["kv_waste"], 1))
+    row["vs_engine"] = round(tok_s / engine_tok_s, 2) if engine_tok_s else None
+    return row
+
+
+def llama_like(mc, max_len):
+    """transformers' Llama with our model's width, depth, heads and vocabulary; the dense MLP as wide
+    as all our experts together (the same total parameters)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    inter = mc.num_experts * mc.expert_intermediate_size if mc.num_experts else mc.intermediate_size
+    cfg = LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, num_hidden_layers=mc.num_hidden_layers,
+                      num_attention_heads=mc.num_attention_heads, num_key_value_heads=mc.num_key_value_heads,
+                      intermediate_size=inter, max_position_embeddings=max_len, tie_word_embeddings=True,
+                      initializer_range=0.1)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--model-dir", default=None, help="a trained run directory instead of random weights")
-    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--preset", default="small", help="model preset (random weights)")
+    ap.add_argument("--concurrency", default="1,16,64", help="requests at once (and HF batch sizes)")
     ap.add_argument("--prompt-min", type=int, default=16)
-    ap.add_argument("--prompt-max", type=int, default=512)
-    ap.add_argument("--out-min", type=int, default=16)
-    ap.add_argument("--out-max", type=int, default=256)
-    ap.add_argument("--hf-batch", type=int, default=16, help="HF generate batch size (left padding)")
-    ap.add_argument("--block-size", type=int, default=4)
-    ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--max-batched-tokens", type=int, default=512)
-    ap.add_argument("--exit-thresholds", default="", help="early-exit curve on these weights, e.g. 1.0,0.9 (random weights rarely exit: see benchmarks/early_exit.py)")
-    ap.add_argument("--exit-requests", type=int, default=8)
-    ap.add_argument("--load-requests", type=int, default=500)
+    ap.add_argument("--prompt-max", type=int, default=32)
+    ap.add_argument("--out-tokens", type=int, default=64, help="new tokens per request (EOS ignored)")
+    ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
+    ap.add_argument("--repeats", type=int, default=2, help="runs per system (interleaved); the best counts")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--load-requests", type=int, default=200, help="load check through the server (0 = skip)")
     ap.add_argument("--load-in-flight", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads here and OMP_NUM_THREADS of the server "
+                                                           "(0 = leave as is)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="results folder (default: docs/results)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    systems = [s for s in a.systems.split(",") if s]
+    if bad := set(systems) - set(SYSTEMS):
+        ap.error(f"--systems: unknown {sorted(bad)}; choose from {SYSTEMS}")
+    conc = [int(c) for c in a.concurrency.split(",")]
     torch.manual_seed(a.seed)
-    if a.model_dir:
-        model = OpenAutoGLMForCausalLM.from_pretrained(a.model_dir).eval()
-    else:
-        model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(a.preset, initializer_range=0.1)).eval()
-    V = model.config.vocab_size
-    g = torch.Generator().manual_seed(a.seed)
-    lens = torch.randint(a.prompt_min, a.prompt_max + 1, (a.requests,), generator=g).tolist()
-    outs = torch.randint(a.out_min, a.out_max + 1, (a.requests,), generator=g).tolist()
-    prompts = [torch.randint(2, V, (n,), generator=g).tolist() for n in lens]
-    max_len = a.prompt_max + a.out_max
-    num_blocks = a.max_num_seqs * (-(-max_len // a.block_size) + 1)  # room for every request at once (dense)
-    cfg = EngineConfig(block_size=a.block_size, num_blocks=num_blocks, max_num_seqs=a.max_num_seqs,
+    model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(a.preset, initializer_range=0.1)).eval()
+    mc = model.config
+    max_len = a.prompt_max + a.out_tokens
+    C = max(conc)
+    cfg = EngineConfig(block_size=a.block_size, num_blocks=C * (-(-max_len // a.block_size) + 1), max_num_seqs=C,
                        max_num_batched_tokens=a.max_batched_tokens)
-    print(f"{a.requests} requests, prompts {a.prompt_min}-{a.prompt_max}, outputs {a.out_min}-{a.out_max}, "
-          f"preset {a.preset}, torch threads {torch.get_num_threads()}", flush=True)
-    hf, hf_out = run_hf(model, prompts, outs, a.hf_batch, model.config.pad_token_id)
-    print("hf done", summary("hf", hf), flush=True)
-    en, en_out = run_engine(model, prompts, outs, cfg)
-    print("engine done", summary("engine", en), flush=True)
-    agree = sum(x == y for x, y in zip(hf_out, en_out)) / len(hf_out)
-    rows = [summary(f"HF generate (batch {a.hf_batch}, padded)", hf), summary("engine (continuous batching)", en)]
-    res = dict(args=vars(a), rows=rows, throughput_ratio=round(en["tokens"] / en["wall"] / (hf["tokens"] / hf["wall"]), 2),
-               greedy_identical_requests_pct=round(100 * agree, 1), engine_preemptions=en["preemptions"])
-    th = [float(x) for x in a.exit_thresholds.split(",") if x]
-    if th:
-        k = a.exit_requests
-        res["early_exit"] = early_exit_curve(model, prompts[:k], outs[:k], cfg, th, en_out[:k])
-        print("early exit", res["early_exit"], flush=True)
-    if a.load_requests:
-        import tempfile
+    g = torch.Generator().manual_seed(a.seed)
+    workloads = {c: [torch.randint(2, mc.vocab_size, (int(n),), generator=g).tolist()
+                     for n in torch.randint(a.prompt_min, a.prompt_max + 1, (c,), generator=g)] for c in conc}
+    llama = llama_like(mc, mc.max_position_embeddings) if "llama" in systems else None
+    print(f"preset {a.preset}: {params(model) / 1e6:.1f}M params; Llama baseline "
+          f"{params(llama) / 1e6 if llama else 0:.1f}M; torch threads {torch.get_num_threads()}; "
+          f"concurrency {conc}; {a.out_tokens} tokens each", flush=True)
 
-        from autoglm.data import stdlib_docstring_corpus
-        from autoglm.tokenizer import save_tokenizer, train_tokenizer
-        with tempfile.TemporaryDirectory() as d:
-            save_tokenizer(train_tokenizer(stdlib_docstring_corpus()[:500], vocab_size=V), d)
-            lc = EngineConfig(block_size=a.block_size, num_blocks=num_blocks, max_num_seqs=a.load_in_flight)
-            res["load_check"] = load_check(model, d, a.load_requests, a.load_in_flight, lc)
-        print("load check", res["load_check"], flush=True)
-    md = ["| system | wall s | output tok/s | TTFT p50 s | TTFT p99 s | TPOT p50 ms | TPOT p99 ms | KV waste % |",
+    from autoglm.data import stdlib_docstring_corpus
+    from autoglm.tokenizer import save_tokenizer, train_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = train_tokenizer(stdlib_docstring_corpus()[:500], vocab_size=mc.vocab_size)
+        save_tokenizer(tok, tmp)
+        model.save_pretrained(tmp)
+        from autoglm.tokenizer import load_tokenizer
+        tokenizer = load_tokenizer(tmp)
+        server = url = None
+        if "http" in systems or a.load_requests:
+            port = free_port()
+            server = start_server(tmp, cfg, a.threads, port)
+            url = f"http://127.0.0.1:{port}"
+            run_http(url, workloads[conc[0]][:1], 4)  # warm-up
+        try:
+            res = measure(a, systems, conc, workloads, model, llama, tokenizer, cfg, url)
+            if a.load_requests:
+                res["load_check"] = load_check(url, a.load_requests, a.load_in_flight)
+                print("load check", res["load_check"], flush=True)
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=30)
+    res.update(args=vars(a), params_total=params(model), llama_params_total=params(llama) if llama else None)
+    save_results(a.out, "serving", res, markdown(a, res, conc))
+
+
+def measure(a, systems, conc, workloads, model, llama, tokenizer, cfg, url):
+    run_engine(model, tokenizer, workloads[conc[0]][:1], 4, cfg)  # warm-up
+    best: dict[tuple[str, int], dict] = {}
+    outputs, rep_ratios = {}, {}
+    for c in conc:
+        prompts = workloads[c]
+        for rep in range(a.repeats):
+            tok_s_of = {}
+            for s in (systems if rep % 2 == 0 else systems[::-1]):  # alternate the order: load drifts cancel
+                if s == "engine":
+                    r, out = run_engine(model, tokenizer, prompts, a.out_tokens, cfg)
+                elif s == "http":
+                    r, out = run_http(url, prompts, a.out_tokens)
+                elif s == "hf":
+                    r, out = run_hf(model, prompts, a.out_tokens, model.config.pad_token_id)
+                else:
+                    r, out = run_hf(llama, prompts, a.out_tokens, 0)
+                tok_s = tok_s_of[s] = r["tokens"] / r["wall"]
+                print(f"c={c} rep {rep} {s}: {tok_s:.1f} tok/s", flush=True)
+                if (s, c) not in best or tok_s > best[(s, c)]["tokens"] / best[(s, c)]["wall"]:
+                    best[(s, c)] = r
+                if out is not None and s in ("engine", "hf"):
+                    outputs[(s, c)] = out
+            if "engine" in tok_s_of and "http" in tok_s_of:
+                rep_ratios.setdefault(c, []).append(tok_s_of["http"] / tok_s_of["engine"])
+    names = {"engine": "engine (LLMEngine.generate)", "http": "HTTP (autoglm serve, streaming)",
+             "hf": "HF generate, same model", "llama": "HF generate, transformers Llama"}
+    rows, ratios, agree = [], {}, {}
+    for c in conc:
+        eng = best.get(("engine", c))
+        eng_tok_s = eng["tokens"] / eng["wall"] if eng else None
+        for s in systems:
+            rows.append(summary(names[s], c, best[(s, c)], eng_tok_s))
+        if c in rep_ratios:  # measured back to back in each repeat; the median repeat
+            ratios[c] = round(statistics.median(rep_ratios[c]), 3)
+        if ("engine", c) in outputs and ("hf", c) in outputs:
+            same = sum(x == y for x, y in zip(outputs[("engine", c)], outputs[("hf", c)]))
+            agree[c] = round(100 * same / c, 1)
+    return dict(rows=rows, http_over_engine=ratios, http_over_engine_per_repeat={
+        c: [round(x, 3) for x in v] for c, v in rep_ratios.items()}, greedy_identical_requests_pct=agree)
+
+
+def markdown(a, res, conc) -> str:
+    md = [f"Workload: at each concurrency c, c requests arrive together; prompts of {a.prompt_min}-{a.prompt_max} "
+          f"random token ids, {a.out_tokens} new tokens each (greedy, EOS ignored); model: the `{a.preset}` preset, "
+          f"random weights ({res['params_total'] / 1e6:.1f}M parameters); Llama baseline: transformers' "
+          f"LlamaForCausalLM with the same width, depth, heads, vocabulary and total parameters"
+          + (f" ({res['llama_params_total'] / 1e6:.1f}M)" if res["llama_params_total"] else "")
+          + f". The HTTP clients are raw HTTP/1.1 streaming connections from the benchmark process (they share the "
+          f"CPU with the server). Best of {a.repeats} interleaved runs per system; torch threads "
+          f"{a.threads or 'default'} (the server process: OMP_NUM_THREADS={a.threads}). The machine's cores are "
+          f"shared with other jobs: compare ratios within the run, not absolute numbers across runs.", "",
+          "| system | concurrency | wall s | output tok/s | vs engine | TTFT p50 s | TPOT p50 ms | KV waste % |",
           "|---|---|---|---|---|---|---|---|"]
-    md += [f"| {r['system']} | {r['wall_s']} | {r['out_tok_s']} | {r['ttft_p50']} | {r['ttft_p99']} | "
-           f"{r['tpot_p50_ms']} | {r['tpot_p99_ms']} | {r['kv_waste_pct']} |" for r in rows]
-    md.append(f"\nthroughput engine / HF: **{res['throughput_ratio']}x**; requests with identical greedy output: "
-              f"{res['greedy_identical_requests_pct']}%")
-    if "early_exit" in res:
-        md += ["", "| exit threshold | output tok/s | mean layers per decode step | tokens equal to full model % |",
-               "|---|---|---|---|"]
-        md += [f"| {r['threshold']} | {r['out_tok_s']} | {r['mean_layers']} | {r['token_agreement_pct']} |"
-               for r in res["early_exit"]]
+    for r in res["rows"]:
+        md.append(f"| {r['system']} | {r['concurrency']} | {r['wall_s']} | {r['out_tok_s']} | {r['vs_engine']} | "
+                  f"{r['ttft_p50_s']} | {r['tpot_p50_ms']} | {'' if r['kv_waste_pct'] is None else r['kv_waste_pct']} |")
+    if res["http_over_engine"]:
+        md.append("\nHTTP / engine throughput (the two measured back to back in each repeat; the median, then each repeat): "
+                  + ", ".join(f"**{v:.2f}** at {c} streams ({', '.join(f'{x:.2f}' for x in res['http_over_engine_per_repeat'][c])})"
+                              for c, v in res["http_over_engine"].items()))
+    vs = {(r["system"].split(",")[-1].strip(), r["concurrency"]): r["out_tok_s"] for r in res["rows"]}
+    lines = [f"{vs[('engine (LLMEngine.generate)', c)] / vs[(k, c)]:.2f}x {label} at {c}"
+             for c in conc for k, label in (("same model", "HF generate"), ("transformers Llama", "Llama generate"))
+             if ("engine (LLMEngine.generate)", c) in vs and (k, c) in vs]
+    if lines:
+        md.append("\nengine throughput / baseline: " + ", ".join(lines))
+    if res["greedy_identical_requests_pct"]:
+        md.append("\nrequests with greedy output identical to HF generate: " + ", ".join(
+            f"{v}% at {c}" for c, v in res["greedy_identical_requests_pct"].items()))
     if "load_check" in res:
         lc = res["load_check"]
-        md.append(f"\nload check: {lc['requests']} requests, {lc['in_flight']} in flight, {lc['errors']} errors, "
-                  f"{lc['leaked_blocks']} leaked blocks, {lc['wall_s']} s")
-    save_results(a.out, "serving", res, "\n".join(md))
+        md.append(f"\nload check through the server: {lc['requests']} requests, {lc['in_flight']} in flight (official "
+                  f"openai client, half streamed), {lc['errors']} errors, {lc['leaked_blocks']} KV blocks held "
+                  f"afterwards, {lc['wall_s']} s")
+    return "\n".join(md)
 
 
 if __name__ == "__main__":
