@@ -157,6 +157,19 @@ def quality(lms: dict, batches) -> dict[str, dict[str, float]]:
     return out
 
 
+def cpu_int8_support() -> str:
+    """The x86 instruction sets INT8 GEMMs speed up with (ONNX Runtime's MLAS uses VNNI / AMX when
+    present; on AVX2 alone int8 multiply-adds run at about the fp32 FMA rate)."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return platform.machine()
+    have = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
+    vnni = any(f in have for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return f"{' '.join(have) or 'no AVX2'}{'' if vnni else ', no VNNI'}"
+
+
 def _train_here(args, work: Path, data) -> Path:
     from autoglm.recipes.pretrain import PretrainConfig, pretrain
 
@@ -264,7 +277,7 @@ def run(args) -> dict:
         "decode fp32-torch/int8-torch": by[FP32]["decode_ms_per_token"] / by[TORCH_INT8]["decode_ms_per_token"],
     }
     mcfg = model.config
-    return {"device": f"{platform.machine()} ({args.threads} threads, shared machine)",
+    return {"device": f"{platform.machine()} ({cpu_int8_support()}; {args.threads} threads, shared machine)",
             "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
             "model": {"dir": str(model_dir), "layers": mcfg.num_hidden_layers, "hidden": mcfg.hidden_size,
                       "experts": mcfg.num_experts, "vocab": mcfg.vocab_size,
