@@ -136,8 +136,8 @@ def pretrain(cfg: GraphPretrainConfig, data: Any = None, progress: bool = False,
     info = {"recipe": "graph_ssl.pretrain", "data": cfg.data.source, "nodes": int(data.x.shape[0]),
             "edges": int(data.edge_index.shape[1]), "config": to_dict(cfg),
             "result": {"steps": result.steps, "seconds": round(result.elapsed, 2), "final_loss": last.get("loss")}}
-    save_ssl_model(model, cfg.out)
-    with atomic_files(cfg.out) as tmp:
+    with atomic_files(cfg.out) as tmp:  # every file lands by its own rename once all are written
+        save_ssl_model(model, tmp)
         save_file({"embeddings": embed(model, data.x, data.edge_index).contiguous()},
                   str(tmp / "embeddings.safetensors"))
         (tmp / "config.yaml").write_text(to_yaml(cfg))
