@@ -1,13 +1,47 @@
 """Early exit: threshold 1.0 == full model; lower thresholds == a naive full-recompute reference;
 deferred rows keep every K/V the full model's, in batches, across the window and preemption."""
 
-import torch
 import pytest
+import torch
 from inference_helpers import make_model, prompts
 
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
-from autoglm.inference.early_exit import (EarlyExitObjective, early_exit_forward, exit_logits,
-                                         reference_early_exit_greedy)
+from autoglm.inference.early_exit import early_exit_forward
+from autoglm.training import EarlyExitObjective
+
+
+@torch.no_grad()
+def reference_early_exit_greedy(model, prompt: list[int], max_tokens: int, threshold: float,
+                                exit_layers: tuple[int, ...], max_run: int | None = None) -> tuple[list[int], list[int]]:
+    """Greedy decoding with early exit, recomputing the full sequence each token (O(n^2): the
+    reference the engine is tested against).
+
+    Every earlier position runs every layer (the engine's deferred rows give them exactly
+    that); the new token comes from the first exit layer whose top probability reaches the
+    threshold, else from the last layer. The first token comes from the full model (prefill
+    never exits, as in the engine), and so does every token after `max_run` exits in a row
+    (the engine's `max_deferred`). Returns (tokens, exit layer of each token).
+    """
+    bb = model.model
+    n_layers = len(bb.layers)
+    tokens, out, out_exits, run = list(prompt), [], [], 0
+    for step in range(max_tokens):
+        hs = model(torch.tensor([tokens]), output_hidden_states=True).hidden_states  # hs[l]: after l layers
+        logits, last_exit = None, n_layers
+        for e in sorted(exit_layers):
+            if step > 0 and threshold < 1.0 and 1 <= e < n_layers and (max_run is None or run < max_run):
+                lg = model.exit_logits(hs[e][0, -1])
+                if float(lg.float().softmax(-1).max()) >= threshold:
+                    logits, last_exit = lg, e
+                    break
+        if logits is None:
+            logits = model.lm_head(bb.norm(hs[-1][0, -1]))
+        tok = int(logits.argmax())
+        run = run + 1 if last_exit < n_layers else 0
+        out.append(tok)
+        out_exits.append(last_exit)
+        tokens.append(tok)
+    return out, out_exits
 
 
 def run(model, ps, threshold, n=40):
@@ -97,7 +131,7 @@ def assert_tokens_from_full_model_states(model, prompt, out_ids, exits):
     L = len(hs) - 1
     for j, (tok, e) in enumerate(zip(out_ids, exits)):
         h = hs[e][0, len(prompt) - 1 + j]
-        logits = exit_logits(model, h) if e < L else model.lm_head(model.model.norm(h))
+        logits = model.exit_logits(h)
         assert int(logits.argmax()) == tok, f"token {j} (exit layer {e})"
 
 

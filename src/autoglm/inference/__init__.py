@@ -10,7 +10,6 @@ HTTP server lives in `autoglm.inference.server` (imported on demand: it needs Fa
 """
 
 from .block_pool import BlockPool, NoFreeBlocksError
-from .early_exit import EarlyExitObjective
 from .engine import LLMEngine
 from .engine_core import EngineConfig, EngineCore, EngineStats
 from .kv_cache_manager import KVCacheBlocks, KVCacheManager
@@ -24,7 +23,7 @@ from .sampling import apply_repetition_penalty, sample_token, top_k_filter, top_
 from .scheduler import ScheduledRequest, Scheduler, SchedulerOutput
 
 __all__ = [
-    "BlockPool", "NoFreeBlocksError", "EarlyExitObjective", "EngineConfig", "EngineCore", "EngineStats", "LLMEngine",
+    "BlockPool", "NoFreeBlocksError", "EngineConfig", "EngineCore", "EngineStats", "LLMEngine",
     "KVCacheBlocks", "KVCacheManager", "LayoutBuilder", "Segment", "StepLayout", "IncrementalDetokenizer",
     "OutputProcessor", "PagedAttention", "PagedKVCache", "EngineCoreOutput", "FinishReason", "InvalidRequestError",
     "Request", "RequestOutput", "RequestStatus", "SamplingParams", "ModelRunner", "ModelRunnerOutput",
