@@ -20,10 +20,10 @@ demo: setup  ## train `small` on the built-in corpus for a few minutes, then eva
 	$(BIN)/autoglm generate runs/demo --prompt "Return the " --max-new-tokens 60
 
 test: setup  ## run the test suite and every module's doctests (CPU; slow end-to-end tests left out)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto --dist loadgroup
 
 test-all: setup  ## also the tests marked slow
-	$(BIN)/python -m pytest -m "slow or not slow"
+	$(BIN)/python -m pytest -n auto --dist loadgroup -m "slow or not slow"
 
 bench: setup  ## architecture benchmark (writes benchmarks/results/)
 	$(BIN)/python benchmarks/architecture.py

@@ -205,6 +205,7 @@ def _periodic_batch(B, T, vocab, period, gen):
     return pattern.gather(1, col)
 
 
+@pytest.mark.slow  # trains two models for ~20 s each
 @pytest.mark.parametrize("position", ["rope", "relative"])
 def test_position_encoding_extends_to_twice_the_trained_length(position):
     V, L, period = 64, 64, 9

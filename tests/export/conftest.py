@@ -76,3 +76,16 @@ def int8_export(tmp_path_factory, export_model_dir):
                                    "--config", str(d / "int8.yaml")])
     assert res.exit_code == 0, res.output
     return out
+
+
+_INT8_FILES = ("test_export_quantize.py", "test_export_recipe.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under `pytest -n N --dist loadgroup` (make test) the export tests run in two groups, each
+    on one worker, so the session-scoped exports above are made once per group, not once per
+    test file; the INT8 files form the second group."""
+    for item in items:
+        if "tests/export/" in str(item.fspath).replace("\\", "/"):
+            group = "export-int8" if item.fspath.basename in _INT8_FILES else "export-fp32"
+            item.add_marker(pytest.mark.xdist_group(group))

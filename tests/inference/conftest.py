@@ -4,18 +4,6 @@ import pytest
 from inference_helpers import make_model
 
 
-@pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine OpenMP threads
-    that spin-wait for busy cores make a 0.4 s test take 20 s."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="session")
 def tiny_model():
     return make_model()
