@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
-from autoglm.recipes.compare import CompareConfig, compare
+from autoglm.recipes.compare import CompareConfig, compare, latencies
 from autoglm.settings import load_config
 from results_io import pyplot, save_results
 
@@ -36,58 +34,36 @@ SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "inpu
 CONFIG = ROOT.parent / "configs" / "compare-shakespeare.yaml"
 
 
-def latency_ms(model, seq_len: int, repeats: int, device: str, dtype) -> float:
-    """Median forward time (ms) of one (1, seq_len) batch, no KV cache, after one warm-up."""
-    x = torch.randint(2, model.config.vocab_size, (1, seq_len), device=device)
-    times = []
-    with torch.inference_mode(), torch.autocast(device_type=device.split(":")[0], dtype=dtype,
-                                                enabled=dtype != torch.float32):
-        for i in range(repeats + 1):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            t = time.perf_counter()
-            model(x, use_cache=False, logits_to_keep=1)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            if i:  # first call is warm-up
-                times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
-
-
 def param_counts(preset: str) -> dict:
     with torch.device("meta"):
         return OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(preset)).num_parameters_summary()
 
 
 def run(args) -> dict:
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
     sparse, dense = args.presets, f"standard-{args.presets}"
     rows = {}
     for preset in (sparse, dense):
         rows[preset] = {"preset": preset, "params": param_counts(preset), "latency_ms": {}}
 
-    # ---- latency: fresh random weights; the context is extended to the longest length
-    for preset in (sparse, dense):
-        torch.manual_seed(0)
-        cfg = OpenAutoGLMConfig.from_name(preset)
-        model = OpenAutoGLMForCausalLM(cfg).to(args.device).eval()
-        model.extend_context(max(max(args.lengths), cfg.max_position_embeddings))
-        for T in args.lengths:
-            ms = latency_ms(model, T, args.repeats, args.device, dtype)
-            rows[preset]["latency_ms"][T] = ms
-            logging.info("%s forward @%d: %.1f ms", preset, T, ms)
-        del model
+    # ---- latency only (no training): fresh random weights
+    if args.minutes <= 0:
+        for preset in (sparse, dense):
+            torch.manual_seed(0)
+            model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(preset)).to(args.device)
+            rows[preset]["latency_ms"] = latencies(model, args.lengths, args.repeats, args.precision)
 
     # ---- quality after equal training wall-clock: the compare recipe
     if args.minutes > 0:
         overrides = {"presets": [sparse, dense], "minutes": args.minutes, "device": args.device,
-                     "train.precision": args.precision, "out": args.work_dir or tempfile.mkdtemp(prefix="autoglm-arch-")}
+                     "train.precision": args.precision, "latency_lengths": args.lengths,
+                     "latency_repeats": args.repeats,
+                     "out": args.work_dir or tempfile.mkdtemp(prefix="autoglm-arch-")}
         data = args.data if args.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
         if data is not None:
             overrides["data.path"] = data
         cmp = compare(load_config(CompareConfig, args.config, overrides), progress=False)
         for r in cmp["rows"]:
-            rows[r["preset"]].update(train_steps=r["steps"], train_seconds=r["seconds"],
+            rows[r["preset"]].update(latency_ms=r["latency_ms"], train_steps=r["steps"], train_seconds=r["seconds"],
                                      train_tokens_per_s=r["tokens_per_s"],
                                      val={"loss": r["val_loss"], "accuracy": r["val_acc"]},
                                      curve=cmp["curves"][r["preset"]])

@@ -31,7 +31,7 @@ def test_compare_trains_each_preset_for_the_same_budget(tmp_path):
     cfg = load_config(CompareConfig, overrides={
         "presets": "tiny,standard-tiny", "minutes": 0.05, "vocab_size": 300, "out": tmp_path / "cmp",
         "data.path": corpus, "data.cache_dir": tmp_path / "cache", "train.batch_size": 4, "train.seq_len": 32,
-        "train.eval_batches": 2, "sample_tokens": 8})
+        "train.eval_batches": 2, "sample_tokens": 8, "latency_lengths": "64,256", "latency_repeats": 1})
     res = compare(cfg, progress=False)
     assert [r["preset"] for r in res["rows"]] == ["tiny", "standard-tiny"]
     for r in res["rows"]:
@@ -40,6 +40,7 @@ def test_compare_trains_each_preset_for_the_same_budget(tmp_path):
         assert r["seconds"] < 3 * 60 * cfg.minutes + 30  # the budget is a hard stop (plus the final eval and save)
         assert (tmp_path / "cmp" / r["preset"] / "model.safetensors").is_file()
         assert res["curves"][r["preset"]], "no validation points to plot"
+        assert set(r["latency_ms"]) == {64, 256} and all(v > 0 for v in r["latency_ms"].values())
     assert res["best"] == min(res["rows"], key=lambda r: r["val_loss"])["preset"]
     assert res["sample"].startswith(cfg.sample_prompt)
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())

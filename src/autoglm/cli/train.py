@@ -81,13 +81,16 @@ def run_compare(cfg: CompareConfig) -> None:
     from ..recipes.compare import compare
 
     res = compare(cfg, console=err)
+    lengths = list(res["rows"][0]["latency_ms"])
     t = Table(title=f"same wall-clock: {cfg.minutes:g} min per model")
-    for col in ("model", "params total / active", "steps", "tokens/s", "val loss", "perplexity", "next-token acc"):
+    for col in ("model", "params total / active", "steps", "val loss", "next-token acc",
+                *(f"fwd {n} tok" for n in lengths)):
         t.add_column(col)
     for r in res["rows"]:
         name = f"[bold]{r['preset']}[/]" if r["preset"] == res["best"] else r["preset"]
         t.add_row(name, f"{r['params_total'] / 1e6:.1f}M / {r['params_active'] / 1e6:.1f}M", str(r["steps"]),
-                  f"{r['tokens_per_s']:,}", f"{r['val_loss']:.3f}", f"{r['val_ppl']:.1f}", f"{r['val_acc'] * 100:.1f}%")
+                  f"{r['val_loss']:.3f}", f"{r['val_acc'] * 100:.1f}%",
+                  *(f"{r['latency_ms'][n]:,.0f} ms" for n in lengths))
     console.print(t)
     console.print(f"runs, compare.md and the loss-vs-time plot ({res['plot'] or 'not drawn'}) are in {cfg.out}")
     if res["sample"]:

@@ -4,8 +4,10 @@ This is what `make demo` runs: the sparse-attention MoE model (`small`) and the 
 Transformer of equal total size (`standard-small`) each get `minutes` of wall-clock on the
 same corpus, tokenizer, batches and schedule. Each run's step count is set from a short
 timing of its own training step, so both finish their warmup + cosine schedule inside the
-budget (the budget is also a hard stop). The result is a table, a plot of validation loss
-against wall-clock time, and a sample from the model with the lower validation loss.
+budget (the budget is also a hard stop). The result is a table (with each trained model's
+batch-1 forward latency at long inputs, where sparse attention pays off), a plot of
+validation loss against wall-clock time and of latency against input length, and a
+sample from the model with the lower validation loss.
 
 Files under `out`: one run directory per preset (`out/<preset>/`, loadable like any
 `autoglm train` run), `compare.json`, `compare.md` and `val_loss.png`.
@@ -13,8 +15,8 @@ Files under `out`: one run directory per preset (`out/<preset>/`, loadable like 
 Example:
     >>> from autoglm.settings import load_config
     >>> cfg = load_config(CompareConfig, overrides={"minutes": 0.5})
-    >>> cfg.presets, cfg.train.seq_len
-    (('small', 'standard-small'), 128)
+    >>> cfg.presets, cfg.train.batch_size, cfg.train.seq_len
+    (('small', 'standard-small'), 8, 64)
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..settings import section, setting
 from ..training.config import TrainConfig
 from .common import ModelSpec, TextData
 
-__all__ = ["CompareConfig", "compare", "seconds_per_step", "steps_for_budget"]
+__all__ = ["CompareConfig", "compare", "seconds_per_step", "steps_for_budget", "forward_latency_ms"]
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +42,18 @@ class CompareConfig:
     out: Path = setting(Path("runs/compare"), "folder for the runs (one per preset), the table and the plot")
     presets: tuple[str, ...] = setting(("small", "standard-small"), "presets to train side by side")
     minutes: float = setting(2.0, "wall-clock budget per model (training and its evaluations)")
-    vocab_size: int = setting(4096, "BPE vocabulary trained once on the corpus and shared by every model")
+    vocab_size: int = setting(2048, "BPE vocabulary trained once on the corpus and shared by every model")
     data: TextData = section(TextData)
-    train: TrainConfig = section(TrainConfig, batch_size=16, seq_len=128, lr=4e-3, eval_every=25, eval_batches=8,
+    # many small steps learn the most in a short budget: on 2 CPU cores 8 x 64 tokens per step
+    # reached a lower validation loss in 2 minutes than 16 x 128 or 4 x 64 (and lr 4e-3 than 3e-3 or 6e-3)
+    train: TrainConfig = section(TrainConfig, batch_size=8, seq_len=64, lr=4e-3, eval_every=25, eval_batches=8,
                                  save_every=0, log_every=10, max_steps=1)
-    sample_prompt: str = setting("Return the ", "prompt of the sample from the better model; '' = none")
+    sample_prompt: str = setting("Return the", "prompt of the sample from the better model; '' = none")
     sample_tokens: int = setting(60, "tokens in the sample")
+    sample_temperature: float = setting(0.7, "sampling temperature of the sample (top-k 40, top-p 0.95)")
+    latency_lengths: tuple[int, ...] = setting((512, 2048, 8192), "input lengths at which each trained model's "
+                                                                  "batch-1 forward is timed; empty = none")
+    latency_repeats: int = setting(3, "timed forwards per length (the median counts, after a warm-up)")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
 
     def __post_init__(self) -> None:
@@ -88,6 +96,42 @@ def seconds_per_step(spec: ModelSpec, vocab: int, t: TrainConfig, tokens, device
     return sorted(times)[len(times) // 2]
 
 
+def forward_latency_ms(model, seq_len: int, repeats: int = 3, precision: str = "fp32") -> float:
+    """Median wall-clock ms of one batch-1 forward over `seq_len` tokens (every layer, and the
+    logits of the last position, as in prefill), no KV cache, after one warm-up. The model's
+    context must already cover `seq_len` (`model.extend_context`)."""
+    import torch
+
+    from ..training import autocast_context
+
+    device = next(model.parameters()).device
+    x = torch.randint(2, model.config.vocab_size, (1, seq_len), device=device)
+    times = []
+    with torch.inference_mode(), autocast_context(precision, device):
+        for i in range(repeats + 1):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            model(x, use_cache=False, logits_to_keep=1)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i:  # the first call is the warm-up
+                times.append(time.perf_counter() - t0)
+    return 1000 * sorted(times)[len(times) // 2]
+
+
+def latencies(model, lengths, repeats: int, precision: str = "fp32") -> dict[int, float]:
+    """forward_latency_ms at each length, on a copy of `model` whose context is extended to the
+    longest one (an absolute position table is interpolated: the copy, not the model)."""
+    import copy
+
+    if not lengths:
+        return {}
+    m = copy.deepcopy(model).eval()
+    m.extend_context(max(max(lengths), m.config.max_position_embeddings))
+    return {T: forward_latency_ms(m, T, repeats, precision) for T in lengths}
+
+
 def steps_for_budget(budget_s: float, step_s: float, t: TrainConfig) -> int:
     """Optimizer steps that fit `budget_s` at `step_s` per step, counting evaluations (an eval
     batch costs about a third of a training step: forward only)."""
@@ -123,42 +167,48 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
         curve = [(r["elapsed"], r["val_loss"]) for r in res.result.history if "val_loss" in r]
         curves[preset] = curve
         ev = res.result.final_eval
+        lat = latencies(res.model, cfg.latency_lengths, cfg.latency_repeats, cfg.train.precision)
+        log.info("%s forward latency (ms): %s", preset, {k: round(v, 1) for k, v in lat.items()})
         rows.append({"preset": preset, "params_total": counts["total"], "params_active": counts["active"],
                      "steps": res.result.steps, "planned_steps": steps, "seconds_per_step": round(step_s, 4),
                      "stop_reason": res.result.stop_reason, "seconds": round(res.result.elapsed, 1),
                      "tokens_per_s": round(res.result.tokens_per_s), "val_loss": ev["loss"],
-                     "val_ppl": ev["perplexity"], "val_acc": ev["accuracy"]})
+                     "val_ppl": ev["perplexity"], "val_acc": ev["accuracy"], "latency_ms": lat})
     best = min(rows, key=lambda r: r["val_loss"])["preset"]
     sample = ""
     if cfg.sample_prompt:
         model = runs[best].model.eval()
-        sample = generate_text(model, data.tokenizer, cfg.sample_prompt, cfg.sample_tokens, temperature=0.7,
-                               top_k=40, top_p=0.95, seed=cfg.train.seed)
+        sample = generate_text(model, data.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
+                               temperature=cfg.sample_temperature, top_k=40, top_p=0.95, seed=cfg.train.seed)
     result = {"rows": rows, "best": best, "sample": sample, "curves": curves, "config": to_dict(cfg),
               "data": data.source}
     atomic_write_text(out / "compare.json", json.dumps(result, indent=2))
     atomic_write_text(out / "compare.md", markdown(result))
-    plot = _plot(curves, out / "val_loss.png", cfg.minutes)
+    plot = _plot(rows, curves, out / "val_loss.png", cfg.minutes)
     result["plot"] = str(plot) if plot else None
     return result
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| model | params (total / active) | steps | tokens/s | val loss | perplexity | next-token acc |",
-             "|---|---|---|---|---|---|---|"]
+    lengths = list(result["rows"][0]["latency_ms"])
+    lines = ["| model | params (total / active) | steps | tokens/s | val loss | perplexity | next-token acc | "
+             + "".join(f"fwd {T} ms | " for T in lengths),
+             "|---|---|---|---|---|---|---|" + "---|" * len(lengths)]
     for r in result["rows"]:
         lines.append(f"| {r['preset']} | {r['params_total'] / 1e6:.1f}M / {r['params_active'] / 1e6:.1f}M | "
                      f"{r['steps']} | {r['tokens_per_s']:,} | {r['val_loss']:.3f} | {r['val_ppl']:.1f} | "
-                     f"{r['val_acc'] * 100:.1f}% |")
+                     f"{r['val_acc'] * 100:.1f}% | " + "".join(f"{r['latency_ms'][T]:.0f} | " for T in lengths))
     lines.append("")
     lines.append(f"Same wall-clock per model ({result['config']['minutes']:g} min), same corpus, tokenizer, batches "
-                 f"and schedule; lower validation loss: **{result['best']}**.")
+                 f"and schedule; lower validation loss: **{result['best']}**. Forward latency: batch 1, the trained "
+                 f"weights, median of {result['config']['latency_repeats']}.")
     if result["sample"]:
         lines += ["", f"Sample from {result['best']}:", "", "> " + result["sample"].replace("\n", "\n> ")]
     return "\n".join(lines) + "\n"
 
 
-def _plot(curves: dict[str, list], path: Path, minutes: float) -> Path | None:
+def _plot(rows: list[dict], curves: dict[str, list], path: Path, minutes: float) -> Path | None:
+    """Validation loss against wall-clock time and, when measured, forward latency against length."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -166,15 +216,24 @@ def _plot(curves: dict[str, list], path: Path, minutes: float) -> Path | None:
     except ImportError:
         log.warning("matplotlib is not installed; no plot (pip install matplotlib)")
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    with_latency = bool(rows and rows[0]["latency_ms"])
+    fig, axes = plt.subplots(1, 2 if with_latency else 1, figsize=(11 if with_latency else 6, 4), squeeze=False)
+    ax = axes[0][0]
     for name, pts in curves.items():
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=name)
-    ax.set_xlabel("wall-clock seconds (training + evaluation)")
-    ax.set_ylabel("validation loss (nats / token)")
-    ax.set_title(f"Same budget ({minutes:g} min per model)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set(xlabel="wall-clock seconds (training + evaluation)", ylabel="validation loss (nats / token)",
+           title=f"Same budget ({minutes:g} min per model)")
+    if with_latency:
+        ax = axes[0][1]
+        for r in rows:
+            lengths = list(r["latency_ms"])
+            ax.plot(lengths, [r["latency_ms"][T] for T in lengths], marker="o", label=r["preset"])
+        ax.set(xscale="log", yscale="log", xlabel="input tokens", ylabel="forward latency (ms, batch 1)",
+               title="Forward latency")
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+        ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -55,7 +55,7 @@ class PretrainConfig:
                                            "(continued pre-training, e.g. a second phase with other settings)")
     resume: bool = setting(False, "continue from OUT/checkpoints/latest (same config; a longer --steps is fine)")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
-    sample_prompt: str = setting("The ", "prompt of the sample generated at the end; '' = no sample")
+    sample_prompt: str = setting("The", "prompt of the sample generated at the end; '' = no sample")
 
 
 @dataclass
