@@ -40,7 +40,7 @@ from autoglm.graph.probe import linear_probe
 from autoglm.graph.sampling import build_csr, pretrain_graph_sampled, sampled_steps
 from autoglm.graph.ssl import pretrain_graph
 from autoglm.recipes.graph_ssl import GraphProbeConfig, load_data, probe
-from autoglm.settings import load_config, to_dict
+from autoglm.settings import load_config, parse_assignments, to_dict
 from results_io import pyplot, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def peak_rss_mb() -> float:
 def config(args: argparse.Namespace, **extra) -> GraphProbeConfig:
     """The recipe config: the file, then --set, then the benchmark's own options, then `extra`
     (a section's variant); all through the one loader, so every value is checked the same way."""
-    over = dict(kv.split("=", 1) for kv in args.set)
+    over = parse_assignments(args.set)
     if args.seeds is not None:
         over["probe.seeds"] = args.seeds
     return load_config(GraphProbeConfig, args.config, {**over, **extra})

@@ -51,7 +51,7 @@ from autoglm.export.storage import directory_size_mb
 from autoglm.recipes.common import DEFAULT_CACHE
 from autoglm.recipes.export import ExportConfig, export_fp32, quantize_fp32
 from autoglm.rundir import RunDir
-from autoglm.settings import load_config
+from autoglm.settings import load_config, parse_assignments
 from results_io import save_results
 
 ROOT = Path(__file__).resolve().parent
@@ -212,7 +212,7 @@ def run(args) -> dict:
     val = build_token_cache(read_corpus(data), tok, args.cache_dir).val
     eval_batches = list(iter_eval_batches(val, 4, args.seq_len, max_batches=args.eval_batches))
     n_eval_tokens = sum(x.numel() for x, _ in eval_batches) + len(eval_batches)
-    over = dict(kv.split("=", 1) for kv in args.set)
+    over = parse_assignments(args.set)
     cfg = load_config(ExportConfig, args.config, {**over, "model_dir": model_dir, "out": work / "onnx-int8",
                                                   "cache_dir": args.cache_dir})
     calib = calibration_windows(val, cfg.calibration.windows, cfg.calibration.seq_len)

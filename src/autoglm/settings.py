@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 __all__ = ["ConfigError", "setting", "section", "load_config", "from_dict", "to_dict", "to_yaml", "read_yaml", "leaves",
-           "Leaf", "field_help"]
+           "Leaf", "parse_assignments"]
 
 
 class ConfigError(ValueError):
@@ -71,10 +71,6 @@ def section(cls: type, help: str = "", **defaults: Any) -> Any:
     `__post_init__` fills in) are computed after the merge, from the final values."""
     return dataclasses.field(default_factory=lambda: cls(**defaults),
                              metadata={"help": help, "section": True, "defaults": defaults})
-
-
-def field_help(f: dataclasses.Field) -> str:
-    return f.metadata.get("help", "")
 
 
 # ------------------------------------------------------------------- types
@@ -248,6 +244,17 @@ def _merge(base: dict[str, Any], dotted: str, value: Any) -> None:
             nxt = d[k] = {}
         d = nxt
     d[keys[-1]] = value
+
+
+def parse_assignments(items: list[str]) -> dict[str, str]:
+    """["train.lr=1e-3", ...] (e.g. a benchmark's --set options) -> overrides for `load_config`."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted field path, e.g. --set train.lr=1e-3")
+        out[key.strip()] = value
+    return out
 
 
 def from_dict(cls: type, data: Mapping[str, Any]) -> Any:
