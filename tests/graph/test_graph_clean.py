@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoglm.graph.clean import anomaly_scores, clean_graph, load_clean_graph, propagate_features
+from autoglm.graph.clean import CleaningRejected, anomaly_scores, clean_graph, load_clean_graph, propagate_features
 
 EDGES = """source,target,relation,weight
 a,b,cites,1.0
@@ -59,7 +59,7 @@ def _isfloat(s):
 
 def test_edge_rules_match_reference(tmp_path):
     (tmp_path / "e.csv").write_text(EDGES)
-    rep = clean_graph(tmp_path / "out", edges=[tmp_path / "e.csv"])
+    rep = clean_graph(tmp_path / "out", edges=[tmp_path / "e.csv"], allow_partial=True)  # 7 of 11 quarantined
     kept, reasons = _naive_clean(EDGES)
     t = rep["totals"]
     assert t["rows_in"] == len(EDGES.split("\n")) - 2 == t["kept"] + t["quarantined"]
@@ -87,7 +87,9 @@ def test_incremental_sync_processes_only_new_rows(tmp_path):
     with open(e, "a") as f:
         f.write("2,3\n0,1\n")  # one new edge, one duplicate of an edge from the first run
     rep = clean_graph(out, edges=[e])
-    assert rep["totals"] == {"rows_in": 2, "kept": 1, "quarantined": 1, "by_rule": {"duplicate": 1}}
+    assert {k: rep["totals"][k] for k in ("rows_in", "kept", "quarantined", "by_rule")} == \
+        {"rows_in": 2, "kept": 1, "quarantined": 1, "by_rule": {"duplicate": 1}}
+    assert rep["totals"]["examples"]["duplicate"]["value"] == "0 -> 1"  # the edge kept by the first run
     e2 = tmp_path / "e2.jsonl"
     e2.write_text('{"source": "3", "target": "4", "weight": 2}\n{"source": "3"\n')
     rep = clean_graph(out, edges=[e, e2])
@@ -105,9 +107,10 @@ def test_nodes_triples_out_of_range_and_imputation(tmp_path):
     (tmp_path / "n.jsonl").write_text('{"id": 0, "features": [1.0, 0.0]}\n{"id": 2, "features": [3.0, 4.0]}\n'
                                       '{"id": 1, "features": [1.0]}\n{"id": 1, "features": ["a", 2]}\n'
                                       '{"features": [1, 1]}\n{"id": 0, "features": [9, 9]}\n')
-    rep = clean_graph(tmp_path / "out", triples=[tmp_path / "t.tsv"], nodes=[tmp_path / "n.jsonl"], num_nodes=4)
-    assert rep["totals"]["by_rule"] == {"duplicate": 1, "missing_id": 1, "node_id_out_of_range": 2,
-                                        "non_numeric": 1, "wrong_width": 1}
+    rep = clean_graph(tmp_path / "out", triples=[tmp_path / "t.tsv"], nodes=[tmp_path / "n.jsonl"], num_nodes=4,
+                      allow_partial=True)
+    assert rep["totals"]["by_rule"] == {"bad_id": 2, "duplicate": 1, "missing_id": 1, "non_numeric": 1,
+                                        "wrong_width": 1}
     g = load_clean_graph(tmp_path / "out")
     assert g.num_nodes == 4 and g.edge_index.tolist() == [[0, 1], [1, 2]]
     # node 1 (no valid feature row) sits between 0 and 2: neighbour mean; node 3 is isolated: column mean
@@ -150,21 +153,27 @@ def test_anomaly_flags_hub_and_outlier_features(tmp_path):
 
 def test_bad_input_messages(tmp_path):
     (tmp_path / "h.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(ValueError, match="lacks"):
+    with pytest.raises(ValueError, match=r"no source column \(looked for source, src, subject, head, from\); "
+                                         r"columns found: 'a', 'b'; name the column with --source-col NAME"):
         clean_graph(tmp_path / "o1", edges=[tmp_path / "h.csv"])
+    with pytest.raises(ValueError, match=r"no column 'from_id' \(given by --source-col\); columns found: 'a', 'b'"):
+        clean_graph(tmp_path / "o1", edges=[tmp_path / "h.csv"], columns={"source": "from_id"})
+    assert not (tmp_path / "o1").exists()
     (tmp_path / "loops.csv").write_text("source,target\n1,1\n2,2\n")
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(CleaningRejected, match=r"no row of 2 was kept \(self_loop 2; e.g. loops.csv line 2: "
+                                               r"self_loop \('1'\)\)"):
         clean_graph(tmp_path / "o2", edges=[tmp_path / "loops.csv"])
-    assert not (tmp_path / "o2" / "manifest.json").exists()  # a failed build records nothing as ingested
-    assert len(list(csv.DictReader(open(tmp_path / "o2" / "quarantine.csv")))) == 2  # reasons are still shown
+    with pytest.raises(CleaningRejected, match="the cleaned graph is empty"):
+        clean_graph(tmp_path / "o2", edges=[tmp_path / "loops.csv"], allow_partial=True)
+    assert not (tmp_path / "o2").exists()  # a failed run writes nothing: no stray graph.duckdb
     (tmp_path / "loops.csv").write_text("source,target\n1,1\n2,2\n1,2\n")
-    rep = clean_graph(tmp_path / "o2", edges=[tmp_path / "loops.csv"])  # retry: the rollback left no rows behind
-    assert rep["totals"] == {"rows_in": 3, "kept": 1, "quarantined": 2, "by_rule": {"self_loop": 2}}
+    rep = clean_graph(tmp_path / "o2", edges=[tmp_path / "loops.csv"], allow_partial=True)  # retry: nothing left over
+    assert (rep["totals"]["rows_in"], rep["totals"]["kept"], rep["totals"]["by_rule"]) == (3, 1, {"self_loop": 2})
     with pytest.raises(ValueError, match="no input files"):
         clean_graph(tmp_path / "o3")
-    (tmp_path / "x.parquet").write_text("")
-    with pytest.raises(ValueError, match="unsupported extension"):
-        clean_graph(tmp_path / "o4", edges=[tmp_path / "x.parquet"])
+    (tmp_path / "x.xlsx").write_text("")
+    with pytest.raises(ValueError, match="unsupported extension '.xlsx'; use .csv, .tsv"):
+        clean_graph(tmp_path / "o4", edges=[tmp_path / "x.xlsx"])
 
 
 def test_quoted_csv_and_tsv_fields_match_python_csv(tmp_path):

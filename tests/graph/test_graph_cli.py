@@ -38,7 +38,7 @@ def test_cli_clean_pretrain_probe(tmp_path):
     r = _run("probe", "--model-dir", tmp_path / "nothing")
     assert r.exit_code == 2 and "is not a graph model directory" in r.output
     r = _run("clean", "--out", tmp_path / "bad", "--edges", tmp_path / "n.csv")
-    assert r.exit_code == 2 and "lacks" in r.output
+    assert r.exit_code == 2 and "no source column" in r.output and "--source-col" in r.output
 
 
 def test_cli_pretrain_options_reach_the_saved_model_and_probe_model_dir(tmp_path):
@@ -91,3 +91,32 @@ def test_cli_options_override_the_config_file(tmp_path):
     assert cfg["ssl"]["views"]["feature_p"] is None  # an optional list option takes 'none'
     r = _run("pretrain", "--config", tmp_path / "c.yaml", "--print-config")
     assert r.exit_code == 2 and "probe: unknown field" in r.output  # pretrain has no probe section
+
+
+def test_cli_clean_reads_an_export_guards_the_folder_and_feeds_pretrain(tmp_path):
+    e, n, out = tmp_path / "e.csv", tmp_path / "n.csv", tmp_path / "g"
+    e.write_bytes(b"\xef\xbb\xbffrom;to;when\r\n0;1;2024-01-01\r\n1;2;2024-01-06T10:00:00Z\r\n2;0;1704067200123\r\n"
+                  b"0;0;2024-01-01\r\n")  # ';' sniffed, BOM, CRLF, ISO dates and epoch ms
+    n.write_text("node,a,b\n0,1,0\n1,0,1\n2,1,1\n")
+    args = ["clean", "--out", out, "--edges", e, "--nodes", n, "--time-col", "WHEN", "--node-id-col", "node"]
+    r = _run(*args, "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert "dry run: nothing was written" in r.output and "self_loop" in r.output and not out.exists()
+    r = _run(*args)
+    assert r.exit_code == 0, r.output
+    for row in ("rows in", "kept", "quarantined", "self_loop", "nodes", "edges"):
+        assert row in r.output, row
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["totals"]["by_rule"] == {"self_loop": 1} and rep["graph"]["num_edges"] == 3
+    r = _run("pretrain", "--data", out, "--out", tmp_path / "m", "--epochs", 2, "--hidden-dim", 8)
+    assert r.exit_code == 0, r.output
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "bad.csv").write_text("source,target\n5,5\n6,6\n")
+    r = _run("clean", "--out", out, "--edges", tmp_path / "bad.csv")
+    assert r.exit_code == 2 and "no row of 2 was kept" in " ".join(r.output.split()) and "self_loop" in r.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the folder is as it was
+    r = _run("clean", "--out", out, "--edges", tmp_path / "bad.csv", "--max-quarantine", 2)
+    assert r.exit_code == 2 and "--max-quarantine" in r.output
+    r = _run("clean", "--out", tmp_path / "x", "--edges", e, "--source-col", "src_id")
+    assert r.exit_code == 2 and "no column 'src_id' (given by --source-col); columns found: 'from', 'to', 'when'" \
+        in " ".join(r.output.split())

@@ -3,8 +3,9 @@
 `pretrain` and `probe` are the graph SSL recipe (`autoglm.recipes.graph_ssl`): their options
 are generated from its config (`--config configs/graph-cora.yaml` for the Cora recipe,
 `--print-config` to see the resolved one). `clean` stays a plain command: its options are
-the files of one ingest and four switches, used by no other command or benchmark, so a
-config file would add a layer and save nothing.
+the files of one ingest and how to read them (delimiter, column names, time unit/format)
+plus a few switches, used by no other command or benchmark, so a config file would add a
+layer and save nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Optional
 import typer
 
 from ..recipes.graph_ssl import GraphPretrainConfig, GraphProbeConfig
+from rich.markup import escape
+
 from .common import console, err, fail, setup_logging, user_errors
 from .options import add_recipe_command
 
@@ -28,29 +31,88 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
 @app.command()
 def clean(
     out: Path = typer.Option(..., help="Output folder (re-use it for incremental syncs)."),
-    edges: list[Path] = typer.Option([], help="Edge list CSV/TSV/JSONL: source,target[,relation,weight,timestamp]."),
-    triples: list[Path] = typer.Option([], help="Triple dump CSV/TSV/JSONL: subject,relation,object."),
+    edges: list[Path] = typer.Option([], help="Edge list CSV/TSV/JSONL/Parquet: source,target[,relation,weight,"
+                                              "timestamp]."),
+    triples: list[Path] = typer.Option([], help="Triple dump CSV/TSV/JSONL/Parquet: subject,relation,object."),
     nodes: list[Path] = typer.Option([], help="Node attribute table: id + feature columns (JSONL: id, features)."),
+    delimiter: Optional[str] = typer.Option(None, help="CSV field delimiter (',', ';', '|', '\\t'); default: tab "
+                                                       "for .tsv, else sniffed from the header line."),
+    source_col: Optional[str] = typer.Option(None, help="Column holding the source id (default: source, src, "
+                                                        "subject, head or from)."),
+    target_col: Optional[str] = typer.Option(None, help="Column holding the target id (default: target, dst, "
+                                                        "object, tail or to)."),
+    relation_col: Optional[str] = typer.Option(None, help="Relation column (default: relation, rel, predicate, "
+                                                          "type)."),
+    weight_col: Optional[str] = typer.Option(None, help="Weight column (default: weight, w)."),
+    time_col: Optional[str] = typer.Option(None, help="Timestamp column (default: timestamp, time, ts, date, "
+                                                      "datetime)."),
+    node_id_col: Optional[str] = typer.Option(None, help="Node id column of --nodes files (default: id, node, "
+                                                         "node_id)."),
+    time_unit: str = typer.Option("auto", help="Unit of epoch-number timestamps: s, ms, or auto (|v| >= 1e11 is "
+                                               "ms). ISO 8601 dates/datetimes are always read (no zone = UTC)."),
+    time_format: Optional[str] = typer.Option(None, help="strptime format every timestamp must match instead, "
+                                                         "e.g. '%d/%m/%Y %H:%M'."),
     num_nodes: Optional[int] = typer.Option(None, help="If set, node ids must be integers in [0, num_nodes)."),
     allow_self_loops: bool = typer.Option(False, help="Keep self-loops instead of quarantining them."),
+    max_quarantine: float = typer.Option(0.5, min=0.0, max=1.0, help="Fail (and write nothing) when more than "
+                                                                      "this share of the rows is quarantined."),
+    allow_partial: bool = typer.Option(False, help="Write the graph even when nothing or too little was kept."),
+    dry_run: bool = typer.Option(False, help="Read, validate and report; write nothing."),
     z_threshold: float = typer.Option(3.0, help="|z| above which a node is flagged as an anomaly."),
     memory_limit: str = typer.Option("4GB", help="DuckDB memory cap; larger inputs spill to disk."),
     recon_anomaly: bool = typer.Option(False, help="Also flag nodes by the graph autoencoder's masked "
                                                    "reconstruction error (needs --nodes features)."),
     recon_epochs: int = typer.Option(100, min=1, help="Autoencoder training epochs for --recon-anomaly."),
 ) -> None:
-    """Ingest new rows (dedup, quarantine with reasons, impute features, flag anomalies) into OUT."""
-    from ..graph.clean import clean_graph
+    """Ingest new rows (dedup, quarantine with reasons, impute features, flag anomalies) into OUT.
+
+    Every rejected row goes to OUT/quarantine.csv with the first rule it broke, in this order:
+    malformed, bad_id, missing_endpoint, bad_weight, bad_timestamp, self_loop, duplicate.
+    A run that fails (bad input, or a guard rail: nothing kept, too many rows quarantined)
+    leaves OUT as it was."""
+    from ..graph.clean import CleaningRejected, clean_graph
 
     setup_logging()
+    columns = {"source": source_col, "target": target_col, "relation": relation_col, "weight": weight_col,
+               "timestamp": time_col, "id": node_id_col}
     try:
         rep = clean_graph(out, edges=edges, triples=triples, nodes=nodes, num_nodes=num_nodes,
                           allow_self_loops=allow_self_loops, z_threshold=z_threshold, memory_limit=memory_limit,
-                          recon_anomaly=recon_anomaly, recon_epochs=recon_epochs)
+                          recon_anomaly=recon_anomaly, recon_epochs=recon_epochs, delimiter=delimiter,
+                          columns={k: v for k, v in columns.items() if v}, time_unit=time_unit,
+                          time_format=time_format, max_quarantine=max_quarantine, allow_partial=allow_partial,
+                          dry_run=dry_run)
+    except CleaningRejected as e:
+        console.print(summary_table(e.report))
+        fail(e)
     except user_errors() as e:
         fail(e)
-    console.print_json(json.dumps({"totals": rep["totals"], "graph": rep["graph"], "rows_per_s": rep["rows_per_s"]}))
-    console.print(f"report: {out / 'report.json'}; quarantined rows: {out / 'quarantine.csv'}")
+    console.print(summary_table(rep))
+    if dry_run:
+        console.print(f"dry run: nothing was written to {out}")
+    else:
+        console.print(f"report: {out / 'report.json'}; quarantined rows: {out / 'quarantine.csv'}")
+
+
+def summary_table(report: dict):
+    """The rows of one clean run: in, kept, quarantined per rule (with the first example), nodes, edges."""
+    from rich.table import Table
+
+    t, g = report["totals"], report["graph"]
+    table = Table("", "rows", "first example", title="graph clean" + (" (dry run)" if report.get("dry_run") else ""))
+    table.add_row("rows in", str(t["rows_in"]), "")
+    table.add_row("kept", str(t["kept"]), "")
+    table.add_row("quarantined", str(t["quarantined"]),
+                  f"{t['quarantined'] / t['rows_in']:.1%} of rows in" if t["rows_in"] else "")
+    for rule, n in t["by_rule"].items():
+        ex = t.get("examples", {}).get(rule)
+        detail = ex["reason"].partition(":")[2].strip() if ex else ""
+        where = (f"{Path(ex['file']).name}:{ex['line']}" + (f" {ex['value']!r}" if ex.get("value") is not None else "")
+                 + (f": {detail}" if detail else "")) if ex else ""
+        table.add_row(f"  {rule}", str(n), escape(where))
+    table.add_row("nodes", str(g["num_nodes"]), "in the graph (all runs)")
+    table.add_row("edges", str(g["num_edges"]), "in the graph (all runs)")
+    return table
 
 
 def _pretrain(cfg: GraphPretrainConfig) -> None:

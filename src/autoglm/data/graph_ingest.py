@@ -1,28 +1,47 @@
-"""Graph ingestion on DuckDB: raw edge / triple / node files -> validated, deduplicated rows.
+"""Graph ingestion on DuckDB: edge / triple / node files as people export them ->
+validated, deduplicated rows.
 
-Files are read line by line by DuckDB (out of core: `memory_limit` bounds RAM, the rest
-spills to disk) into tables of a database under the output folder:
+Readers (streamed by DuckDB, out of core: `memory_limit` bounds RAM, the rest spills to disk):
 
-    edges(src, dst, rel, weight, ts, file, line)     kept edge rows (triples: rel = predicate)
-    node_rows(id, feats DOUBLE[], file, line)        kept node attribute rows (NaN = missing)
-    quarantine(file, line, reason, raw)              every rejected row with its reason
+* CSV / TSV / .txt: a header line names the columns; a UTF-8 byte order mark and CRLF
+  line ends are accepted; the delimiter is `IngestConfig.delimiter` or, if unset, tab for
+  .tsv and otherwise whichever of `,` `\\t` `;` `|` splits the header into the most fields.
+  Fields follow RFC 4180 quoting within a line: a field in double quotes may hold the
+  delimiter, and `""` inside it is one `"` (`"Smith, J.",b` -> `Smith, J.` | `b`); a field
+  with an unbalanced quote makes the row `malformed: unbalanced quotes`. A quoted field
+  cannot span lines (rows are lines, so row accounting stays exact).
+* JSONL (.jsonl, .ndjson, .json): one object per line; its keys are the columns (nodes:
+  `{"id": ..., "features": [...]}`, or the other keys as scalar features).
+* Parquet (.parquet, .pq): the file's columns; a row's `line` is its 1-based row number.
 
-Rules per edge row, first match wins: `malformed` (wrong field count / invalid JSON /
-blank line), `missing_endpoint`, `bad_weight`, `bad_timestamp`, `node_id_out_of_range`
-(only when `num_nodes` is given), `self_loop`, `duplicate` (same (src, dst, rel) as an
-earlier row, in this run or a previous one). Node rows: `malformed`, `missing_id`,
-`wrong_width`, `non_numeric`, `node_id_out_of_range`, `duplicate`. For every file,
-rows_in == kept + quarantined. A manifest (`manifest.json`) records each file's hash and
-line count, so a re-run skips files already ingested and reads only appended lines of a
-file that grew.
+Columns are found by name, case-insensitively: source (source, src, subject, head, from),
+target (target, dst, object, tail, to), relation (relation, rel, predicate, type), weight
+(weight, w), timestamp (timestamp, time, ts, date, datetime), node id (id, node, node_id);
+`IngestConfig.columns` ({"source": "from_user", ...}) names them when the file differs.
+A required column that is missing is an error listing the columns found.
 
-CSV/TSV need a header (`source,target[,relation][,weight][,timestamp]`; triples
-`subject,relation,object`; nodes `id,<feature columns>`). Fields follow RFC 4180 quoting
-within a line: a field in double quotes may hold the delimiter, and `""` inside it is one
-`"` (`"Smith, J.",b` -> `Smith, J.` | `b`); a field with an unbalanced quote makes the
-row `malformed: unbalanced quotes`. A quoted field cannot span lines (rows are lines, so
-row accounting stays exact). JSONL rows are objects with the same keys (nodes:
-`{"id": ..., "features": [...]}`).
+Timestamps become UTC epoch seconds (`edges.ts`, later `edge_time`): ISO 8601 dates and
+datetimes (`2024-01-01`, `2024-01-06T10:00:00Z`, `2024-01-07 08:30:00+02:00`; no zone =
+UTC), epoch numbers (`time_unit="auto"`: |v| >= 1e11 is milliseconds, below is seconds,
+>= 1e14 is refused; or "s" / "ms"), or, with `time_format` (a strptime format such as
+`%d/%m/%Y %H:%M`), only values of that format.
+
+Rules per edge row, in this order, the first one broken is reported (with the offending
+value): `malformed` (wrong field count, unbalanced quotes, invalid JSON, blank line),
+`bad_id` (with `num_nodes`: an id that is not an integer in [0, num_nodes)),
+`missing_endpoint`, `bad_weight` (not a finite number), `bad_timestamp`, `self_loop`,
+`duplicate` (same (source, target, relation) as an earlier kept row, in this run or a
+previous one). Node rows: `malformed`, `bad_id`, `missing_id`, `wrong_width`,
+`non_numeric`, `duplicate`. For every file rows_in == kept + quarantined (checked).
+
+Tables in the database:
+
+    edges(src, dst, rel, weight, ts, file, line)         kept edge rows (triples: rel = predicate)
+    node_rows(id, feats DOUBLE[], file, line)            kept node attribute rows (NaN = missing)
+    quarantine(file, line, reason, value, raw)           every rejected row: "rule: detail", value
+
+A manifest records each file's hash and line count, so a re-run skips files already
+ingested and reads only appended lines of a CSV/JSONL file that grew.
 """
 
 from __future__ import annotations
@@ -35,16 +54,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IngestConfig", "ingest_files", "connect", "EDGE_RULES", "NODE_RULES"]
+__all__ = ["IngestConfig", "ingest_files", "connect", "EDGE_RULES", "NODE_RULES", "TIME_UNITS", "file_format"]
 
 log = logging.getLogger(__name__)
 
-EDGE_RULES = ("malformed", "missing_endpoint", "bad_weight", "bad_timestamp", "node_id_out_of_range",
-              "self_loop", "duplicate")
-NODE_RULES = ("malformed", "missing_id", "wrong_width", "non_numeric", "node_id_out_of_range", "duplicate")
+EDGE_RULES = ("malformed", "bad_id", "missing_endpoint", "bad_weight", "bad_timestamp", "self_loop", "duplicate")
+NODE_RULES = ("malformed", "bad_id", "missing_id", "wrong_width", "non_numeric", "duplicate")
+TIME_UNITS = ("auto", "s", "ms")
+ROLES = ("source", "target", "relation", "weight", "timestamp", "id")
 _ALIASES = {"source": ("source", "src", "subject", "head", "from"), "target": ("target", "dst", "object", "tail", "to"),
             "relation": ("relation", "rel", "predicate", "type"), "weight": ("weight", "w"),
-            "timestamp": ("timestamp", "time", "ts"), "id": ("id", "node", "node_id")}
+            "timestamp": ("timestamp", "time", "ts", "date", "datetime"), "id": ("id", "node", "node_id")}
+_FLAG = {"source": "--source-col", "target": "--target-col", "relation": "--relation-col", "weight": "--weight-col",
+         "timestamp": "--time-col", "id": "--node-id-col"}
+_SNIFF = (",", "\t", ";", "|")
+_EXT = {".csv": "csv", ".txt": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+        ".parquet": "parquet", ".pq": "parquet"}
+# ISO 8601 calendar date, optional time (T or space), optional fraction, optional zone (Z, +hh, +hhmm, +hh:mm)
+_ISO = r"[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?)? ?([Zz]|[+-][0-9]{2}(:?[0-9]{2})?)?"
+_MS_FROM, _EPOCH_MAX = 1e11, 1e14  # auto unit: |v| >= 1e11 (year 5138 in s, 1973 in ms) is ms; >= 1e14 refused
 
 
 @dataclass
@@ -54,7 +82,26 @@ class IngestConfig:
     num_features: int | None = None  # node feature width; default: taken from the first node file
     memory_limit: str = "4GB"  # DuckDB RAM cap; larger inputs spill to the database folder
     threads: int | None = None  # DuckDB threads (None = DuckDB's default)
+    delimiter: str | None = None  # CSV field delimiter; None: tab for .tsv, else sniffed from the header
+    columns: dict[str, str] = field(default_factory=dict)  # role -> the file's column name, roles in ROLES
+    time_unit: str = "auto"  # epoch numbers: "s", "ms" or "auto" (by magnitude)
+    time_format: str | None = None  # strptime format every timestamp must match (instead of ISO / epoch)
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.delimiter in ("\\t", "tab", "TAB"):
+            self.delimiter = "\t"  # a tab is awkward to type in a shell
+        if self.delimiter is not None and (len(self.delimiter) != 1 or self.delimiter in "\"\r\n"):
+            raise ValueError(f"delimiter {self.delimiter!r} must be one character other than a quote or a line end "
+                             f"(e.g. ',', ';', '|', or '\\t' for tab)")
+        if self.time_unit not in TIME_UNITS:
+            raise ValueError(f"time_unit {self.time_unit!r} must be one of {', '.join(TIME_UNITS)}")
+        unknown = sorted(set(self.columns) - set(ROLES))
+        if unknown:
+            raise ValueError(f"columns: unknown roles {unknown}; use {', '.join(ROLES)}")
+        self.columns = {k: v for k, v in self.columns.items() if v}
+        if self.num_nodes is not None and self.num_nodes < 1:
+            raise ValueError(f"num_nodes ({self.num_nodes}) must be >= 1, or None for string ids")
 
 
 def connect(db_path: Path, cfg: IngestConfig):
@@ -63,12 +110,22 @@ def connect(db_path: Path, cfg: IngestConfig):
     con = duckdb.connect(str(db_path))
     con.execute(f"SET memory_limit='{cfg.memory_limit}'")
     con.execute(f"SET temp_directory='{db_path.parent / 'duckdb_tmp'}'")
+    con.execute("SET TimeZone='UTC'")  # zone-less datetimes are UTC; TIMESTAMPTZ columns print in UTC
     if cfg.threads:
         con.execute(f"SET threads={int(cfg.threads)}")
+    if cfg.time_format is not None:
+        try:
+            con.execute("SELECT try_strptime('', ?)", [cfg.time_format]).fetchall()
+        except duckdb.Error as e:
+            raise ValueError(f"time_format {cfg.time_format!r} is not a strptime format ({e}); e.g. "
+                             f"'%d/%m/%Y %H:%M'") from None
     con.execute("CREATE TABLE IF NOT EXISTS edges(src VARCHAR, dst VARCHAR, rel VARCHAR, weight DOUBLE, "
                 "ts DOUBLE, file VARCHAR, line BIGINT)")
     con.execute("CREATE TABLE IF NOT EXISTS node_rows(id VARCHAR, feats DOUBLE[], file VARCHAR, line BIGINT)")
-    con.execute("CREATE TABLE IF NOT EXISTS quarantine(file VARCHAR, line BIGINT, reason VARCHAR, raw VARCHAR)")
+    con.execute("CREATE TABLE IF NOT EXISTS quarantine(file VARCHAR, line BIGINT, reason VARCHAR, value VARCHAR, "
+                "raw VARCHAR)")
+    if "value" not in [r[0] for r in con.execute("DESCRIBE quarantine").fetchall()]:  # a folder from before `value`
+        con.execute("ALTER TABLE quarantine ADD COLUMN value VARCHAR")
     return con
 
 
@@ -84,39 +141,81 @@ def _sha256(path: Path, limit: int | None = None) -> str:
     return h.hexdigest()
 
 
-def _fmt(path: Path) -> str:
-    suf = path.suffix.lower()
-    if suf in (".csv", ".tsv", ".txt"):
-        return "tsv" if suf == ".tsv" else "csv"
-    if suf in (".jsonl", ".ndjson", ".json"):
-        return "jsonl"
-    raise ValueError(f"{path}: unsupported extension {suf!r}; use .csv, .tsv or .jsonl")
+def file_format(path: Path) -> str:
+    """"csv", "tsv", "jsonl" or "parquet", from the extension."""
+    fmt = _EXT.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise ValueError(f"{path}: unsupported extension {Path(path).suffix!r}; use .csv, .tsv, .txt, .jsonl, "
+                         f".ndjson or .parquet")
+    return fmt
 
 
 def _q(s: str) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def _header(path: Path, kind: str, delim: str) -> dict[str, int]:
-    """Column name -> 1-based field index, from the file's first line."""
-    with open(path, encoding="utf-8") as f:
-        header = f.readline().rstrip("\r\n")
-    names = [c.strip().lower() for c in next(csv.reader([header], delimiter=delim, skipinitialspace=True), [])]
+def _ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _resolve(path: Path, names: list[str], kind: str, cfg: IngestConfig) -> dict[str, int]:
+    """Role -> 0-based position in `names` (the file's columns), by `cfg.columns` or the aliases."""
+    low = [n.strip().lower() for n in names]
+    found = ", ".join(repr(n) for n in names) or "none"
+    roles = ("id",) if kind == "nodes" else ("source", "target", "relation", "weight", "timestamp")
+    need = {"nodes": ("id",), "triples": ("source", "target", "relation")}.get(kind, ("source", "target"))
     cols: dict[str, int] = {}
-    for key, aliases in _ALIASES.items():
-        for a in aliases:
-            if a in names:
-                cols[key] = names.index(a) + 1
-                break
-    need = ("id",) if kind == "nodes" else ("source", "target") + (("relation",) if kind == "triples" else ())
-    missing = [k for k in need if k not in cols]
-    if missing:
-        raise ValueError(f"{path}: header {names} lacks {missing}; the first line must name the columns, e.g. "
-                         f"{'id,f0,f1,...' if kind == 'nodes' else 'subject,relation,object' if kind == 'triples' else 'source,target,relation,weight,timestamp'}")
-    if kind == "nodes":
-        cols["_features"] = [i + 1 for i, n in enumerate(names) if i + 1 != cols["id"]]  # type: ignore[assignment]
-    cols["_width"] = len(names)
+    for role in roles:
+        given = cfg.columns.get(role)
+        if given is not None:
+            if given.strip().lower() not in low:
+                raise ValueError(f"{path}: no column {given!r} (given by {_FLAG[role]}); columns found: {found}")
+            cols[role] = low.index(given.strip().lower())
+            continue
+        hit = next((a for a in _ALIASES[role] if a in low and low.index(a) not in cols.values()), None)
+        if hit is not None:
+            cols[role] = low.index(hit)
+        elif role in need:
+            raise ValueError(f"{path}: no {role} column (looked for {', '.join(_ALIASES[role])}); columns found: "
+                             f"{found}; name the column with {_FLAG[role]} NAME")
+    by_pos: dict[int, list[str]] = {}
+    for role, i in cols.items():
+        by_pos.setdefault(i, []).append(role)
+    clash = [f"{names[i]!r} as {' and '.join(r)}" for i, r in by_pos.items() if len(r) > 1]
+    if clash:
+        raise ValueError(f"{path}: one column used for two roles: {'; '.join(clash)}; give each role its own column "
+                         f"({', '.join(_FLAG[r] for r in roles)})")
     return cols
+
+
+def _csv_header(path: Path, fmt: str, cfg: IngestConfig) -> tuple[list[str], str]:
+    """(column names, delimiter) from the first line (a UTF-8 byte order mark is dropped)."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        header = f.readline().rstrip("\r\n")
+    if not header.strip():
+        raise ValueError(f"{path}: the first line is empty; it must name the columns, e.g. "
+                         f"source,target,relation,weight,timestamp")
+    delim = cfg.delimiter or ("\t" if fmt == "tsv" else None)
+    if delim is None:  # the candidate that splits the header into the most fields (ties: ',')
+        width = {d: len(next(csv.reader([header], delimiter=d))) for d in _SNIFF}
+        delim = max(_SNIFF, key=lambda d: (width[d], d == ","))
+    return [c.strip() for c in next(csv.reader([header], delimiter=delim, skipinitialspace=True))], delim
+
+
+def _json_keys(path: Path, limit: int = 1000) -> list[str]:
+    """Keys of the objects on the first `limit` lines, in first-seen order."""
+    keys: dict[str, None] = {}
+    with open(path, encoding="utf-8-sig") as f:
+        for i, line in enumerate(f):
+            if i >= limit:
+                break
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                keys.update(dict.fromkeys(obj))
+    return list(keys)
 
 
 _QUOTED = '"(?:[^"]|"")*"'  # one complete double-quoted field ("" = an escaped quote)
@@ -128,7 +227,7 @@ def _split_sql(delim: str) -> tuple[str, str]:
     Lines without a double quote take the fast `string_split`; others are tokenised by a
     regex (one match per field: a quoted field, or a run of non-delimiters), then quoted
     fields are unwrapped and `""` unescaped."""
-    d = "\\t" if delim == "\t" else delim  # RE2 spelling of the delimiter
+    d = f"\\x{{{ord(delim):x}}}"  # RE2 spelling of the delimiter, safe inside and outside a class
     pat = f"(?:^|{d}) *({_QUOTED} *|[^{d}]*)"
     tokens = f"regexp_extract_all(line, {_q(pat)}, 1)"
     full, has_quote = f"regexp_full_match(trim(x), {_q(_QUOTED)})", "strpos(coalesce(line, ''), chr(34))"
@@ -139,137 +238,195 @@ def _split_sql(delim: str) -> tuple[str, str]:
     return fields, bad
 
 
-def _raw_lines(con, path: Path, skip: int, name: str) -> int:
-    """Table `name`(ln, line) with the lines after the first `skip`; returns the file's line count."""
-    con.execute(f"CREATE OR REPLACE TEMP TABLE {name} AS SELECT * FROM (SELECT row_number() OVER () AS ln, line "
+def _raw_lines(con, path: Path, skip: int) -> int:
+    """Temp table `raw`(ln, line) with the lines after the first `skip`; returns the file's line
+    count. DuckDB drops a byte order mark and the CR of CRLF line ends."""
+    con.execute(f"CREATE OR REPLACE TEMP TABLE raw AS SELECT * FROM (SELECT row_number() OVER () AS ln, line "
                 f"FROM read_csv({_q(str(path))}, columns={{'line': 'VARCHAR'}}, header=false, delim='\x1f', "
                 f"quote='', escape='', auto_detect=false, strict_mode=false)) WHERE ln > {skip}")
-    return int(con.execute(f"SELECT coalesce(max(ln), {skip}) FROM {name}").fetchone()[0])
+    return int(con.execute(f"SELECT coalesce(max(ln), {skip}) FROM raw").fetchone()[0])
 
 
-def _edge_fields(path: Path, fmt: str, kind: str) -> tuple[str, str]:
-    """SQL expressions (select list, malformed condition) turning `line` into fields."""
+_BLANK = "WHEN line IS NULL OR trim(line) = '' THEN 'malformed: blank line' "
+
+
+def _read_fields(con, path: Path, fmt: str, kind: str, skip: int, cfg: IngestConfig) -> tuple[int, list[str]]:
+    """Temp table `fields`(ln, line, bad, <role> VARCHAR..., fv VARCHAR[]): one row per input
+    row, `bad` = the malformed reason, a NULL role = a missing or empty value, `fv` = node
+    features. Returns (the file's line / row count, the feature column names)."""
+    roles = ("id",) if kind == "nodes" else ("source", "target", "relation", "weight", "timestamp")
+    val = lambda e: f"nullif(trim({e}), '')"  # noqa: E731  (empty = missing)
+    if fmt == "parquet":
+        src = f"read_parquet({_q(str(path))}, file_row_number=true)"
+        schema = con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()
+        names = [r[0] for r in schema if r[0] != "file_row_number"]
+        types = {r[0]: r[1] for r in schema}
+        cols = _resolve(path, names, kind, cfg)
+        got = {k: val(f"CAST(_r_.{_ident(names[i])} AS VARCHAR)") for k, i in cols.items()}
+        is_list = lambda n: types[n].endswith("[]")  # noqa: E731
+        fnames = _feature_names(names, cols, is_list) if kind == "nodes" else []
+        fv = _feature_list(fnames, lambda n: f"_r_.{_ident(n)}", is_list)
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE fields AS SELECT file_row_number + 1 AS ln,
+            CAST(to_json(_r_) AS VARCHAR) AS line, NULL::VARCHAR AS bad,
+            {', '.join(got.get(k, 'NULL::VARCHAR') + f' AS {k}' for k in roles)}, {fv} AS fv
+            FROM {src} _r_ WHERE file_row_number + 1 > {skip}""")
+        return int(con.execute(f"SELECT count(*) FROM read_parquet({_q(str(path))})").fetchone()[0]), fnames
+    lines = _raw_lines(con, path, skip)
     if fmt == "jsonl":
-        g = {k: f"json_extract_string(CASE WHEN json_valid(line) THEN line END, '$.{a}')" for k, a in
-             (("source", "subject" if kind == "triples" else "source"),
-              ("target", "object" if kind == "triples" else "target"),
-              ("relation", "relation"), ("weight", "weight"), ("timestamp", "timestamp"))}
-        return (", ".join(f"{v} AS {k}" for k, v in g.items()),
-                "CASE WHEN line IS NULL OR trim(line) = '' THEN 'malformed: blank line' "
-                "WHEN NOT json_valid(line) THEN 'malformed: invalid JSON' END")
-    delim = "\t" if fmt == "tsv" else ","
-    cols = _header(path, kind, delim)
-    sel = ", ".join(f"nullif(trim(f[{cols[k]}]), '') AS {k}" if k in cols else f"NULL AS {k}"
-                    for k in ("source", "target", "relation", "weight", "timestamp"))
-    w = cols["_width"]
-    _, bad_quotes = _split_sql(delim)
-    return (sel, f"CASE WHEN line IS NULL OR trim(line) = '' THEN 'malformed: blank line' "
-                 f"WHEN {bad_quotes} THEN 'malformed: unbalanced quotes' WHEN len(f) <> {w} THEN "
-                 f"'malformed: expected {w} fields, got ' || len(f) END")
+        names = _json_keys(path)
+        cols = _resolve(path, names, kind, cfg)
+        get = lambda n: f"json_extract_string(j, {_q('$.' + json.dumps(n))})"  # noqa: E731
+        is_list = lambda n: n.lower() == "features"  # noqa: E731
+        fnames = _feature_names(names, cols, is_list) if kind == "nodes" else []
+        fv = _feature_list(fnames, lambda n: f"json_extract(j, {_q('$.' + json.dumps(n))})", is_list, get)
+        bad = (f"CASE {_BLANK}WHEN NOT json_valid(line) THEN 'malformed: invalid JSON' "
+               f"WHEN json_type(line) <> 'OBJECT' THEN 'malformed: not a JSON object' END")
+        con.execute(f"""CREATE OR REPLACE TEMP TABLE fields AS SELECT ln, line, bad,
+            {', '.join((val(get(names[cols[k]])) if k in cols else 'NULL::VARCHAR') + f' AS {k}' for k in roles)},
+            CASE WHEN bad IS NULL THEN {fv} END AS fv
+            FROM (SELECT ln, line, {bad} AS bad, CASE WHEN json_valid(line) THEN line END AS j FROM raw)""")
+        return lines, fnames
+    names, delim = _csv_header(path, fmt, cfg)
+    cols = _resolve(path, names, kind, cfg)
+    split, bad_quotes = _split_sql(delim)
+    fnames = [n for i, n in enumerate(names) if i not in cols.values()] if kind == "nodes" else []
+    fv = "[" + ", ".join(val(f"f[{i + 1}]") for i, n in enumerate(names) if i not in cols.values()) + "]::VARCHAR[]"
+    w = len(names)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE fields AS SELECT ln, line, bad,
+        {', '.join((val(f'f[{cols[k] + 1}]') if k in cols else 'NULL::VARCHAR') + f' AS {k}' for k in roles)},
+        {fv if kind == 'nodes' else '[]::VARCHAR[]'} AS fv
+        FROM (SELECT ln, line, f, CASE {_BLANK}WHEN {bad_quotes} THEN 'malformed: unbalanced quotes'
+                                      WHEN len(f) <> {w} THEN 'malformed: expected {w} fields, got ' || len(f)
+                                      END AS bad
+              FROM (SELECT ln, line, {split} AS f FROM raw))""")
+    return lines, fnames
 
 
-def _ingest_edges(con, path: Path, fmt: str, kind: str, skip: int, cfg: IngestConfig) -> None:
-    sel, malformed = _edge_fields(path, fmt, kind)
-    delim = "\t" if fmt == "tsv" else ","
-    split = _split_sql(delim)[0] if fmt != "jsonl" else "[]::VARCHAR[]"
-    rng = ""
+def _feature_names(names: list[str], cols: dict[str, int], is_list) -> list[str]:
+    """Node feature columns: one list column (JSON `features`, a Parquet list) or every other column."""
+    rest = [n for i, n in enumerate(names) if i not in cols.values()]
+    lists = [n for n in rest if is_list(n)]
+    return lists[:1] if lists else rest
+
+
+def _feature_list(fnames: list[str], expr, is_list, scalar=None) -> str:
+    """SQL VARCHAR[] of a row's features."""
+    if not fnames:
+        return "[]::VARCHAR[]"
+    if len(fnames) == 1 and is_list(fnames[0]):
+        return f"TRY_CAST({expr(fnames[0])} AS VARCHAR[])"
+    scalar = scalar or (lambda n: f"CAST({expr(n)} AS VARCHAR)")
+    return "[" + ", ".join(f"nullif(trim({scalar(n)}), '')" for n in fnames) + "]::VARCHAR[]"
+
+
+def _first_broken(rules: list[tuple[str, str, str]]) -> tuple[str, str]:
+    """SQL (reason, value) of the first (condition, reason, value) rule a row breaks; NULL if none."""
+    return ("CASE " + " ".join(f"WHEN {c} THEN {r}" for c, r, _ in rules) + " END",
+            "CASE " + " ".join(f"WHEN {c} THEN {v}" for c, _, v in rules) + " END")
+
+
+def _id_ok(col: str, n: int) -> str:
+    return f"(regexp_full_match({col}, '[+-]?[0-9]+') AND try_cast({col} AS BIGINT) BETWEEN 0 AND {n - 1})"
+
+
+def _time_sql(cfg: IngestConfig) -> tuple[str, str]:
+    """SQL (epoch seconds or NULL, why a value failed) for the VARCHAR column `timestamp`."""
+    if cfg.time_format is not None:
+        return (f"epoch(try_strptime(timestamp, {_q(cfg.time_format)}))",
+                _q(f"bad_timestamp: does not match --time-format {cfg.time_format!r}"))
+    num = "try_cast(timestamp AS DOUBLE)"
+    if cfg.time_unit == "auto":
+        epoch = (f"CASE WHEN NOT isfinite({num}) OR abs({num}) >= {_EPOCH_MAX:.0f} THEN NULL "
+                 f"WHEN abs({num}) >= {_MS_FROM:.0f} THEN {num} / 1000 ELSE {num} END")
+    else:
+        epoch = f"CASE WHEN isfinite({num}) THEN {num}{' / 1000' if cfg.time_unit == 'ms' else ''} END"
+    iso = f"epoch(try_cast(upper(timestamp) AS TIMESTAMPTZ))"
+    t = f"CASE WHEN {num} IS NOT NULL THEN {epoch} WHEN regexp_full_match(timestamp, {_q(_ISO)}) THEN {iso} END"
+    why = (f"CASE WHEN {num} IS NOT NULL THEN 'bad_timestamp: epoch number out of range; pass --time-unit s or ms' "
+           f"ELSE 'bad_timestamp: not an ISO 8601 date/datetime or epoch number; pass --time-format' END")
+    return t, why
+
+
+def _judge_edges(con, cfg: IngestConfig) -> None:
+    """Temp table `judged`(ln, line, source, target, relation, w, t, reason, value) from `fields`."""
+    t, why_t = _time_sql(cfg)
+    rules = [("bad IS NOT NULL", "bad", "NULL")]
     if cfg.num_nodes is not None:
         n = int(cfg.num_nodes)
-        rng = (f"WHEN try_cast(source AS BIGINT) IS NULL OR try_cast(target AS BIGINT) IS NULL OR "
-               f"try_cast(source AS BIGINT) NOT BETWEEN 0 AND {n - 1} OR "
-               f"try_cast(target AS BIGINT) NOT BETWEEN 0 AND {n - 1} "
-               f"THEN 'node_id_out_of_range: ids must be integers in [0, {n})' ")
-    loop = "" if cfg.allow_self_loops else "WHEN source = target THEN 'self_loop' "
-    con.execute(f"""
-        CREATE OR REPLACE TEMP TABLE parsed AS
-        WITH s AS (SELECT ln, line, {split} AS f FROM raw),
-             p AS (SELECT ln, line, {malformed} AS bad, {sel} FROM s)
-        SELECT ln, line, source, target, coalesce(relation, '') AS relation,
-               try_cast(weight AS DOUBLE) AS w, try_cast(timestamp AS DOUBLE) AS t,
-               CASE WHEN bad IS NOT NULL THEN bad
-                    WHEN source IS NULL OR target IS NULL THEN 'missing_endpoint'
-                    WHEN weight IS NOT NULL AND try_cast(weight AS DOUBLE) IS NULL THEN 'bad_weight'
-                    WHEN timestamp IS NOT NULL AND try_cast(timestamp AS DOUBLE) IS NULL THEN 'bad_timestamp'
-                    {rng}{loop}
-                    ELSE NULL END AS reason
-        FROM p""")
-    # duplicates: a later row of the same (src, dst, rel) in this file, or one already kept earlier
-    con.execute("""
-        CREATE OR REPLACE TEMP TABLE judged AS
-        SELECT ln, line, source, target, relation, w, t,
-               CASE WHEN reason IS NOT NULL THEN reason
-                    WHEN row_number() OVER (PARTITION BY source, target, relation, reason IS NULL ORDER BY ln) > 1
-                         THEN 'duplicate'
-                    END AS reason
-        FROM parsed""")
-    con.execute("""UPDATE judged SET reason = 'duplicate' WHERE reason IS NULL AND EXISTS
-                   (SELECT 1 FROM edges e WHERE e.src = judged.source AND e.dst = judged.target
-                    AND e.rel = judged.relation)""")
-    f = _q(str(path))
-    con.execute(f"INSERT INTO edges SELECT source, target, relation, w, t, {f}, ln FROM judged WHERE reason IS NULL")
-    con.execute(f"INSERT INTO quarantine SELECT {f}, ln, reason, line FROM judged WHERE reason IS NOT NULL")
-
-
-def _ingest_nodes(con, path: Path, fmt: str, skip: int, cfg: IngestConfig, width: int | None) -> int:
-    """Returns the feature width used (from cfg, earlier files, or this file)."""
-    if fmt == "jsonl":
-        feats = "json_extract(j, '$.features')::VARCHAR[]"
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE p AS SELECT ln, line,
-            CASE WHEN line IS NULL OR trim(line) = '' THEN 'malformed: blank line'
-                 WHEN NOT json_valid(line) THEN 'malformed: invalid JSON'
-                 WHEN json_type(j, '$.features') IS DISTINCT FROM 'ARRAY' THEN 'malformed: no features list' END AS bad,
-            json_extract_string(j, '$.id') AS id,
-            CASE WHEN json_type(j, '$.features') = 'ARRAY' THEN {feats} END AS fv
-            FROM (SELECT ln, line, CASE WHEN json_valid(line) THEN line END AS j FROM raw)""")
-    else:
-        delim = "\t" if fmt == "tsv" else ","
-        cols = _header(path, "nodes", delim)
-        fidx = cols["_features"]  # type: ignore[assignment]
-        lst = "[" + ", ".join(f"nullif(trim(f[{i}]), '')" for i in fidx) + "]" if fidx else "[]::VARCHAR[]"
-        w = cols["_width"]
-        split, bad_quotes = _split_sql(delim)
-        con.execute(f"""CREATE OR REPLACE TEMP TABLE p AS
-            WITH s AS (SELECT ln, line, {split} AS f FROM raw)
-            SELECT ln, line, CASE WHEN line IS NULL OR trim(line) = '' THEN 'malformed: blank line'
-                                  WHEN {bad_quotes} THEN 'malformed: unbalanced quotes'
-                                  WHEN len(f) <> {w} THEN 'malformed: expected {w} fields, got ' || len(f) END AS bad,
-                   nullif(trim(f[{cols['id']}]), '') AS id, {lst} AS fv FROM s""")
-    if width is None:
-        width = cfg.num_features
-    if width is None:
-        row = con.execute("SELECT len(fv) FROM p WHERE bad IS NULL AND fv IS NOT NULL ORDER BY ln LIMIT 1").fetchone()
-        width = int(row[0]) if row else 0
-    rng = ""
-    if cfg.num_nodes is not None:
-        rng = (f"WHEN try_cast(id AS BIGINT) IS NULL OR try_cast(id AS BIGINT) NOT BETWEEN 0 AND {cfg.num_nodes - 1} "
-               f"THEN 'node_id_out_of_range: ids must be integers in [0, {cfg.num_nodes})' ")
+        for end in ("source", "target"):
+            rules.append((f"{end} IS NOT NULL AND NOT {_id_ok(end, n)}",
+                          _q(f"bad_id: {end} is not an integer in [0, {n})"), end))
+    rules += [("source IS NULL", "'missing_endpoint: no source'", "NULL"),
+              ("target IS NULL", "'missing_endpoint: no target'", "NULL"),
+              ("weight IS NOT NULL AND NOT coalesce(isfinite(w), false)", "'bad_weight: not a finite number'",
+               "weight"),
+              ("timestamp IS NOT NULL AND t IS NULL", why_t, "timestamp")]
+    if not cfg.allow_self_loops:
+        rules.append(("source = target", "'self_loop'", "source"))
+    reason, value = _first_broken(rules)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE parsed AS
+        SELECT ln, line, source, target, coalesce(relation, '') AS relation, w, t, {reason} AS reason,
+               {value} AS value
+        FROM (SELECT *, try_cast(weight AS DOUBLE) AS w, {t} AS t FROM fields)""")
+    # duplicates: a later row of the same (src, dst, rel) in this file, or one kept by an earlier file / run
+    key = "source || ' -> ' || target || CASE WHEN relation = '' THEN '' ELSE ' [' || relation || ']' END"
     con.execute(f"""CREATE OR REPLACE TEMP TABLE judged AS
-        SELECT ln, line, id, fv, CASE
-            WHEN bad IS NOT NULL THEN bad
-            WHEN id IS NULL THEN 'missing_id'
-            WHEN len(fv) <> {width} THEN 'wrong_width: expected {width} features, got ' || len(fv)
-            WHEN len(list_filter(fv, lambda v: v IS NOT NULL AND lower(v) NOT IN ('nan', 'null')
-                                      AND try_cast(v AS DOUBLE) IS NULL)) > 0 THEN 'non_numeric'
-            {rng}
-            ELSE NULL END AS reason FROM p""")
-    con.execute("""UPDATE judged SET reason = 'duplicate' WHERE reason IS NULL AND (EXISTS
-                   (SELECT 1 FROM node_rows r WHERE r.id = judged.id) OR ln > (SELECT min(ln) FROM judged j2
-                    WHERE j2.id = judged.id AND j2.reason IS NULL))""")
+        SELECT ln, line, source, target, relation, w, t,
+               CASE WHEN reason IS NOT NULL THEN reason WHEN ln > first THEN 'duplicate: of line ' || first
+               END AS reason,
+               CASE WHEN reason IS NOT NULL THEN value WHEN ln > first THEN {key} END AS value
+        FROM (SELECT *, min(ln) OVER (PARTITION BY source, target, relation, reason IS NULL) AS first FROM parsed)""")
+    con.execute(f"""UPDATE judged SET reason = 'duplicate: of ' || e.at, value = {key}
+                    FROM (SELECT src, dst, rel, any_value(file || ' line ' || line) AS at FROM edges GROUP BY ALL) e
+                    WHERE judged.reason IS NULL AND e.src = judged.source AND e.dst = judged.target
+                      AND e.rel = judged.relation""")
+
+
+def _judge_nodes(con, cfg: IngestConfig, width: int) -> None:
+    """Temp table `judged`(ln, line, id, fv, reason, value) from `fields`."""
+    rules = [("bad IS NOT NULL", "bad", "NULL"), ("fv IS NULL", "'malformed: no features list'", "NULL")]
+    if cfg.num_nodes is not None:
+        rules.append((f"id IS NOT NULL AND NOT {_id_ok('id', int(cfg.num_nodes))}",
+                      _q(f"bad_id: id is not an integer in [0, {cfg.num_nodes})"), "id"))
+    not_num = ("list_filter(fv, lambda v: v IS NOT NULL AND lower(v) NOT IN ('nan', 'null') "
+               "AND try_cast(v AS DOUBLE) IS NULL)")
+    rules += [("id IS NULL", "'missing_id'", "NULL"),
+              (f"len(fv) <> {width}", f"'wrong_width: expected {width} features, got ' || len(fv)", "len(fv)::VARCHAR"),
+              (f"len({not_num}) > 0", "'non_numeric'", f"{not_num}[1]")]
+    reason, value = _first_broken(rules)
+    con.execute(f"""CREATE OR REPLACE TEMP TABLE judged AS
+        SELECT ln, line, id, fv, CASE WHEN reason IS NOT NULL THEN reason WHEN ln > first
+                                      THEN 'duplicate: of line ' || first END AS reason,
+               CASE WHEN reason IS NOT NULL THEN value WHEN ln > first THEN id END AS value
+        FROM (SELECT *, min(ln) OVER (PARTITION BY id, reason IS NULL) AS first
+              FROM (SELECT ln, line, id, fv, {reason} AS reason, {value} AS value FROM fields))""")
+    con.execute("""UPDATE judged SET reason = 'duplicate: of ' || r.at, value = judged.id
+                   FROM (SELECT id, any_value(file || ' line ' || line) AS at FROM node_rows GROUP BY id) r
+                   WHERE judged.reason IS NULL AND r.id = judged.id""")
+
+
+def _store(con, path: Path, kind: str) -> None:
     f = _q(str(path))
-    con.execute(f"""INSERT INTO node_rows SELECT id, list_transform(fv, lambda v: coalesce(try_cast(v AS DOUBLE), 'nan'::DOUBLE)),
-                    {f}, ln FROM judged WHERE reason IS NULL""")
-    con.execute(f"INSERT INTO quarantine SELECT {f}, ln, reason, line FROM judged WHERE reason IS NOT NULL")
-    return width
+    if kind == "nodes":
+        con.execute(f"""INSERT INTO node_rows SELECT id, list_transform(fv, lambda v: coalesce(try_cast(v AS DOUBLE),
+                        'nan'::DOUBLE)), {f}, ln FROM judged WHERE reason IS NULL""")
+    else:
+        con.execute(f"INSERT INTO edges SELECT source, target, relation, w, t, {f}, ln FROM judged "
+                    f"WHERE reason IS NULL")
+    con.execute(f"INSERT INTO quarantine (file, line, reason, value, raw) SELECT {f}, ln, reason, value, line "
+                f"FROM judged WHERE reason IS NOT NULL")
 
 
 def _counts(con) -> dict[str, Any]:
-    """Rows in / kept / quarantined and per-rule counts of the file just judged."""
-    kept = con.execute("SELECT count(*) FROM judged WHERE reason IS NULL").fetchone()[0]
-    rules = dict(con.execute("SELECT split_part(reason, ':', 1) AS r, count(*) FROM judged WHERE reason IS NOT NULL "
-                             "GROUP BY r ORDER BY r").fetchall())
-    rows_in = con.execute("SELECT count(*) FROM judged").fetchone()[0]
-    return {"rows_in": int(rows_in), "kept": int(kept), "quarantined": int(sum(rules.values())),
-            "by_rule": {k: int(v) for k, v in rules.items()}}
+    """Rows in / kept / quarantined, per-rule counts and the first example of each rule, of the
+    file just judged."""
+    rows = con.execute("""SELECT split_part(reason, ':', 1) AS r, count(*), min(ln), arg_min(value, ln),
+                                 arg_min(reason, ln)
+                          FROM judged WHERE reason IS NOT NULL GROUP BY r ORDER BY r""").fetchall()
+    rows_in, kept = con.execute("SELECT count(*), count(*) FILTER (WHERE reason IS NULL) FROM judged").fetchone()
+    return {"rows_in": int(rows_in), "kept": int(kept), "quarantined": int(sum(r[1] for r in rows)),
+            "by_rule": {r[0]: int(r[1]) for r in rows},
+            "examples": {r[0]: {"line": int(r[2]), "reason": r[4], "value": r[3]} for r in rows}}
 
 
 def ingest_files(con, manifest: dict[str, Any], files: list[tuple[str, Path]], cfg: IngestConfig) -> list[dict]:
@@ -284,27 +441,34 @@ def ingest_files(con, manifest: dict[str, Any], files: list[tuple[str, Path]], c
             raise ValueError(f"unknown file kind {kind!r}; use edges, triples or nodes")
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist")
-        fmt = _fmt(path)
+        fmt = file_format(path)
         size, key = path.stat().st_size, str(path)
         prev = seen.get(key)
-        skip = 1 if fmt != "jsonl" else 0  # the header line
+        skip = 1 if fmt in ("csv", "tsv") else 0  # the header line
         if prev is not None:
             if prev["size"] == size and prev["sha256"] == _sha256(path):
                 reports.append({"file": key, "kind": kind, "skipped": "already ingested", "rows_in": 0, "kept": 0,
-                                "quarantined": 0, "by_rule": {}})
+                                "quarantined": 0, "by_rule": {}, "examples": {}})
                 continue
-            if size > prev["size"] and _sha256(path, prev["size"]) == prev["sha256"]:
+            if fmt != "parquet" and size > prev["size"] and _sha256(path, prev["size"]) == prev["sha256"]:
                 skip = prev["lines"]  # the file grew: only the appended lines are new
             else:
                 raise ValueError(f"{path} changed since it was ingested (not an append); rebuild with a fresh output "
-                                 f"folder (or --full) instead of an incremental sync")
-        lines = _raw_lines(con, path, skip, "raw")
+                                 f"folder instead of an incremental sync")
+        lines, fnames = _read_fields(con, path, fmt, kind, skip, cfg)
         if kind == "nodes":
-            width = _ingest_nodes(con, path, fmt, skip, cfg, width)
+            if width is None:
+                width = cfg.num_features
+            if width is None:  # the first well-formed row's width
+                row = con.execute("SELECT len(fv) FROM fields WHERE bad IS NULL AND fv IS NOT NULL "
+                                  "ORDER BY ln LIMIT 1").fetchone()
+                width = int(row[0]) if row else len(fnames)
+            _judge_nodes(con, cfg, width)
             manifest["num_features"] = width
         else:
-            _ingest_edges(con, path, fmt, kind, skip, cfg)
-        rep = {"file": key, "kind": kind, "first_line": skip + 1, **_counts(con)}
+            _judge_edges(con, cfg)
+        _store(con, path, kind)
+        rep = {"file": key, "kind": kind, "format": fmt, "first_line": skip + 1, **_counts(con)}
         if rep["rows_in"] != rep["kept"] + rep["quarantined"]:  # invariant; fail loudly if ever broken
             raise RuntimeError(f"row accounting broke for {path}: {rep}")
         reports.append(rep)

@@ -10,7 +10,17 @@ Output folder:
                         imputed, degree_z, feature_z, anomaly (+ recon_error, recon_z with
                         recon_anomaly=True)
     graph.json          shapes, relation names, thresholds
-    report.json         rows per rule per file, totals, rows/s (input rows = kept + quarantined)
+    report.json         rows per rule per file (with the first example of each), totals, rows/s
+                        (input rows = kept + quarantined)
+
+Reading (formats, column names, timestamps) and the rules, in the order a row is judged,
+are in `autoglm.data.graph_ingest`. Each run works on a copy of the folder in a temporary
+sibling that replaces it only when the run succeeds, so bad input, a guard rail
+(`CleaningRejected`: nothing kept, or more than `max_quarantine` of the rows quarantined,
+unless `allow_partial`) or a crash leaves the folder exactly as it was. `dry_run` reads,
+validates and reports without writing. `load_clean_graph` returns the PyG `Data`
+(`autoglm graph pretrain --data OUT` reads the same folder); `time_snapshots` cuts it into
+windows of `edge_time` (UTC epoch seconds) for `GraphEncoder.forward_sequence`.
 
 Missing features (nodes without a row, or NaN entries) are filled by feature propagation
 (Rossi et al. 2022): repeat x_i <- mean of i's neighbours, resetting known entries, so each
@@ -35,19 +45,24 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import shutil
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..atomic import atomic_dir
 from ..data.graph_ingest import IngestConfig, connect, ingest_files
 
-__all__ = ["clean_graph", "load_clean_graph", "propagate_features", "anomaly_scores"]
+__all__ = ["clean_graph", "load_clean_graph", "time_snapshots", "propagate_features", "anomaly_scores",
+           "CleaningRejected"]
 
 log = logging.getLogger(__name__)
 
@@ -104,62 +119,138 @@ def _node_index(con, num_nodes: int | None) -> None:
         FROM seen WHERE name NOT IN (SELECT name FROM node_index)""")
 
 
+class CleaningRejected(ValueError):
+    """A guard rail tripped (nothing kept, or too many rows quarantined): nothing was written.
+    `report` is the report the run would have written (rows per rule, examples)."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        super().__init__(message)
+        self.report = report
+
+
 def clean_graph(out_dir: str | Path, edges: Sequence[str | Path] = (), triples: Sequence[str | Path] = (),
                 nodes: Sequence[str | Path] = (), num_nodes: int | None = None, allow_self_loops: bool = False,
                 num_features: int | None = None, z_threshold: float = 3.0, propagation_steps: int = 40,
                 memory_limit: str = "4GB", threads: int | None = None, recon_anomaly: bool = False,
-                recon_epochs: int = 100) -> dict[str, Any]:
+                recon_epochs: int = 100, *, delimiter: str | None = None, columns: dict[str, str] | None = None,
+                time_unit: str = "auto", time_format: str | None = None, max_quarantine: float = 0.5,
+                allow_partial: bool = False, dry_run: bool = False) -> dict[str, Any]:
     """Ingest new rows of the given files into `out_dir` and rebuild the cleaned graph.
     Returns the report (also written to out_dir/report.json). `recon_anomaly` adds the
-    graph autoencoder's reconstruction error to the anomaly scores (needs node features)."""
+    graph autoencoder's reconstruction error to the anomaly scores (needs node features).
+
+    Reading: `delimiter`, `columns` (role -> column name), `time_unit`, `time_format`, see
+    `autoglm.data.graph_ingest`. Guard rails: when this run's rows include none kept, or a
+    quarantined share above `max_quarantine`, `CleaningRejected` is raised (unless
+    `allow_partial`). The run is built in a temporary folder next to `out_dir` that replaces
+    it only on success: a failed run leaves `out_dir` as it was. `dry_run`: read, validate
+    and return the report (graph: node and edge counts only); nothing is written."""
     if not (edges or triples or nodes):
         raise ValueError("no input files; pass edge lists, triple dumps and/or node attribute tables")
     if z_threshold <= 0:
         raise ValueError(f"z_threshold ({z_threshold}) must be > 0")
+    if not 0 <= max_quarantine <= 1:
+        raise ValueError(f"max_quarantine ({max_quarantine}) must be a fraction in [0, 1], e.g. 0.5 for 50%")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file; --out must be a folder (new, or one written by graph clean)")
     cfg = IngestConfig(num_nodes=num_nodes, allow_self_loops=allow_self_loops, num_features=num_features,
-                       memory_limit=memory_limit, threads=threads)
+                       memory_limit=memory_limit, threads=threads, delimiter=delimiter, columns=dict(columns or {}),
+                       time_unit=time_unit, time_format=time_format)
     mpath = out / "manifest.json"
     manifest = json.loads(mpath.read_text()) if mpath.is_file() else {}
     if manifest.get("num_nodes", num_nodes) != num_nodes:
         raise ValueError(f"{out} was built with num_nodes={manifest['num_nodes']}, now {num_nodes}; "
                          f"use the same value or a fresh output folder")
     manifest["num_nodes"] = num_nodes
+    files = ([("edges", Path(p)) for p in edges] + [("triples", Path(p)) for p in triples]
+             + [("nodes", Path(p)) for p in nodes])
     t0 = time.perf_counter()
-    con = connect(out / "graph.duckdb", cfg)
-    try:
-        con.execute("BEGIN TRANSACTION")  # a failed run leaves the database as it was
-        files = ([("edges", Path(p)) for p in edges] + [("triples", Path(p)) for p in triples]
-                 + [("nodes", Path(p)) for p in nodes])
-        reports = ingest_files(con, manifest, files, cfg)
-        t_ingest = time.perf_counter() - t0
-        _node_index(con, num_nodes)
-        con.execute(f"COPY (SELECT * FROM quarantine ORDER BY file, line) TO '{out / 'quarantine.csv'}' (HEADER)")
-        data_meta = _build(con, out, manifest.get("num_features"), z_threshold, propagation_steps,
-                           recon_epochs if recon_anomaly else 0)
-        con.execute(f"COPY (SELECT idx, name FROM node_index ORDER BY idx) TO '{out / 'nodes.csv'}' (HEADER)")
-        con.execute("COMMIT")
-    except BaseException:
-        con.execute("ROLLBACK")
-        raise
-    finally:
-        con.close()
-    totals: dict[str, Any] = {"rows_in": 0, "kept": 0, "quarantined": 0, "by_rule": {}}
+    with _staging(out, dry_run) as work:
+        con = connect(work / "graph.duckdb", cfg)
+        try:
+            reports = ingest_files(con, manifest, files, cfg)
+            t_ingest = time.perf_counter() - t0
+            _node_index(con, num_nodes)
+            totals = _totals(reports)
+            n, e = (int(con.execute(f"SELECT count(*) FROM {t}").fetchone()[0]) for t in ("node_index", "edges"))
+            report = {"run": len(manifest.get("runs", [])) + 1, "dry_run": dry_run, "files": reports,
+                      "totals": totals, "graph": {"num_nodes": n, "num_edges": e}}
+            _guard(report, max_quarantine, allow_partial, out)
+            if n == 0 and not dry_run:
+                raise CleaningRejected(f"the cleaned graph is empty: no row survived cleaning ({totals['by_rule']}); "
+                                       f"nothing was written to {out}", report)
+            if not dry_run:
+                con.execute(f"COPY (SELECT file, line, reason, value, raw FROM quarantine ORDER BY file, line) "
+                            f"TO '{work / 'quarantine.csv'}' (HEADER)")
+                report["graph"] = _build(con, work, manifest.get("num_features"), z_threshold, propagation_steps,
+                                         recon_epochs if recon_anomaly else 0)
+                con.execute(f"COPY (SELECT idx, name FROM node_index ORDER BY idx) TO '{work / 'nodes.csv'}' (HEADER)")
+        finally:
+            con.close()
+        shutil.rmtree(work / "duckdb_tmp", ignore_errors=True)
+        elapsed = time.perf_counter() - t0
+        report.update(seconds={"ingest": round(t_ingest, 3), "total": round(elapsed, 3)},
+                      rows_per_s=round(totals["rows_in"] / max(t_ingest, 1e-9), 1))
+        if not dry_run:
+            manifest.setdefault("runs", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "totals": totals})
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=1))
+            (work / "report.json").write_text(json.dumps(report, indent=1))
+    return report
+
+
+@contextlib.contextmanager
+def _staging(out: Path, dry_run: bool) -> Iterator[Path]:
+    """A working copy of `out`: for a real run a temporary sibling that replaces `out` when the
+    block succeeds (`atomic_dir`); for a dry run a scratch folder that is always removed."""
+    if dry_run:
+        with tempfile.TemporaryDirectory(prefix="autoglm-clean-dry-") as tmp:
+            if (out / "graph.duckdb").is_file():  # duplicates are judged against earlier runs too
+                shutil.copy2(out / "graph.duckdb", Path(tmp) / "graph.duckdb")
+            yield Path(tmp)
+        return
+    with atomic_dir(out) as tmp:
+        if out.is_dir():
+            shutil.copytree(out, tmp, symlinks=True, dirs_exist_ok=True)
+        yield tmp
+
+
+def _totals(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    totals: dict[str, Any] = {"rows_in": 0, "kept": 0, "quarantined": 0, "by_rule": {}, "examples": {}}
     for r in reports:
         for k in ("rows_in", "kept", "quarantined"):
             totals[k] += r[k]
         for k, v in r["by_rule"].items():
             totals["by_rule"][k] = totals["by_rule"].get(k, 0) + v
+        for k, ex in r.get("examples", {}).items():
+            totals["examples"].setdefault(k, {"file": r["file"], **ex})
     totals["by_rule"] = dict(sorted(totals["by_rule"].items()))
-    elapsed = time.perf_counter() - t0
-    report = {"run": len(manifest.get("runs", [])) + 1, "files": reports, "totals": totals, "graph": data_meta,
-              "seconds": {"ingest": round(t_ingest, 3), "total": round(elapsed, 3)},
-              "rows_per_s": round(totals["rows_in"] / max(t_ingest, 1e-9), 1)}
-    manifest.setdefault("runs", []).append({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), "totals": totals})
-    mpath.write_text(json.dumps(manifest, indent=1))
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    return report
+    totals["examples"] = dict(sorted(totals["examples"].items()))
+    return totals
+
+
+def _guard(report: dict[str, Any], max_quarantine: float, allow_partial: bool, out: Path) -> None:
+    """Raise CleaningRejected when this run kept nothing or quarantined more than allowed."""
+    t = report["totals"]
+    if allow_partial or t["rows_in"] == 0:
+        return
+    share = t["quarantined"] / t["rows_in"]
+    if t["kept"] > 0 and share <= max_quarantine:
+        return
+    first = next(iter(sorted(t["by_rule"].items(), key=lambda kv: -kv[1])), None)
+    why = ", ".join(f"{k} {v}" for k, v in sorted(t["by_rule"].items(), key=lambda kv: -kv[1]))
+    hint = ""
+    if first is not None:
+        ex = t["examples"][first[0]]
+        hint = (f"; e.g. {Path(ex['file']).name} line {ex['line']}: {ex['reason']}"
+                    + (f" ({ex['value']!r})" if ex["value"] is not None else ""))
+    head = (f"no row of {t['rows_in']} was kept" if t["kept"] == 0 else
+            f"{t['quarantined']} of {t['rows_in']} rows ({share:.0%}) were quarantined, above the limit of "
+            f"{max_quarantine:.0%} (--max-quarantine)")
+    keep = f", or pass --allow-partial to keep the {t['kept']} good rows" if t["kept"] else ""
+    raise CleaningRejected(f"{head} ({why}{hint}); fix the input or the reading options (--source-col, --time-col, "
+                           f"--time-unit, --time-format, --delimiter, ...){keep}. Nothing was written to {out}",
+                           report)
 
 
 def _build(con, out: Path, width: int | None, z_threshold: float, steps: int, recon_epochs: int = 0
@@ -167,8 +258,6 @@ def _build(con, out: Path, width: int | None, z_threshold: float, steps: int, re
     from safetensors.torch import save_file
 
     n = int(con.execute("SELECT count(*) FROM node_index").fetchone()[0])
-    if n == 0:
-        raise ValueError("the cleaned graph is empty: no row survived cleaning (see quarantine.csv for why)")
     rels = [r[0] for r in con.execute("SELECT DISTINCT rel FROM edges ORDER BY rel").fetchall()]
     e = con.execute("""SELECT s.idx AS s, d.idx AS d, coalesce(e.weight, 1.0) AS w, coalesce(e.ts, 'nan'::DOUBLE) AS t,
                               r.k AS r
@@ -232,3 +321,36 @@ def load_clean_graph(out_dir: str | Path) -> Any:
     meta = json.loads((out / "graph.json").read_text())
     t = load_file(str(out / "graph.safetensors"))
     return Data(num_nodes=meta["num_nodes"], relations=meta["relations"], **t)
+
+
+def time_snapshots(data: Any, num_snapshots: int, cumulative: bool = False
+                   ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Dynamic graph from a cleaned one: `num_snapshots` equal windows of `edge_time` (UTC
+    epoch seconds, as parsed by `graph clean`) between its earliest and latest value, as
+    [(x (N, F), edge_index_t (2, E_t))] for `GraphEncoder.forward_sequence`. Edges without a
+    time (NaN) are static: in every snapshot. `cumulative`: snapshot t holds every edge up to
+    the end of window t.
+
+    >>> from torch_geometric.data import Data
+    >>> g = Data(x=torch.zeros(3, 1), edge_index=torch.tensor([[0, 1, 2], [1, 2, 0]]),
+    ...          edge_time=torch.tensor([0.0, 86400.0, float("nan")], dtype=torch.float64))
+    >>> [ei.tolist() for _, ei in time_snapshots(g, 2)]
+    [[[0, 2], [1, 0]], [[1, 2], [2, 0]]]
+    """
+    if num_snapshots < 1:
+        raise ValueError(f"num_snapshots ({num_snapshots}) must be >= 1")
+    if getattr(data, "x", None) is None:
+        raise ValueError("time_snapshots needs node features (data.x); ingest a node table with --nodes")
+    t = data.edge_time.double()
+    timed = ~t.isnan()
+    if not bool(timed.any()):
+        raise ValueError("no edge has a time (edge_time is all NaN); pass --time-col when the column has "
+                         "another name")
+    lo, hi = t[timed].min(), t[timed].max()
+    width = (hi - lo) / num_snapshots if hi > lo else torch.ones((), dtype=torch.float64)
+    window = ((t - lo) / width).floor().clamp(0, num_snapshots - 1).nan_to_num(-1).long()  # (E,), -1 = static
+    out = []
+    for k in range(num_snapshots):
+        keep = ~timed | ((window <= k) if cumulative else (window == k))
+        out.append((data.x, data.edge_index[:, keep]))
+    return out
