@@ -18,7 +18,7 @@ def test_sampling_params_per_choice():
     (lp,) = sampling_params(ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}],
                                                   logprobs=True, top_logprobs=3, max_completion_tokens=5))
     assert (lp.logprobs, lp.max_tokens) == (3, 5)
-    for bad, param in [({"frequency_penalty": 0.5}, "frequency_penalty"), ({"max_tokens": 0}, "max_tokens"),
+    for bad, param in [({"frequency_penalty": 2.5}, "frequency_penalty"), ({"max_tokens": 0}, "max_tokens"),
                        ({"response_format": {"type": "json_object"}}, "response_format"),
                        ({"temperature": -1}, "temperature")]:
         with pytest.raises(APIError) as e:
@@ -31,7 +31,7 @@ def test_streamed_events(chat):
     req = (ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}], n=2, stream=True,
                                  stream_options={"include_usage": True}) if chat else
            CompletionRequest(model="m", prompt="x", n=2, stream=True, stream_options={"include_usage": True}))
-    b = ResponseBuilder(req, 3, tokenizer=None)
+    b = ResponseBuilder(req, [[7, 8, 9]], tokenizer=None)
     text = 'a "quoted"\nline é 漢 \\ \u2028'
     lp = TokenLogprob(5, -0.25, [])
 

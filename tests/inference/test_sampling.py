@@ -39,3 +39,75 @@ def test_seeded_sample_distribution():
     draws = [sample_token(logits, SamplingParams(temperature=1.0), [], g) for _ in range(3000)]
     freq = torch.bincount(torch.tensor(draws), minlength=3).float() / 3000
     torch.testing.assert_close(freq, logits.softmax(-1), atol=0.03, rtol=0)
+
+
+# ---------------------------------------------------------------- the options clients send
+def ref_adjust(logits, p: SamplingParams, prompt, output):
+    """Naive reference, token by token: logit_bias, CTRL repetition penalty over prompt + output,
+    then OpenAI's mu[j] - c[j] * frequency_penalty - (c[j] > 0) * presence_penalty over the output."""
+    x = [float(v) for v in logits]
+    for t, b in p.logit_bias.items():
+        x[t] += b
+    for t in set(prompt + output):
+        if p.repetition_penalty != 1.0:
+            x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(output):
+        c = output.count(t)
+        x[t] -= c * p.frequency_penalty + (1.0 if c > 0 else 0.0) * p.presence_penalty
+    return torch.tensor(x)
+
+
+CASES = [SamplingParams(temperature=0, logit_bias={3: 4.0, 7: -100.0}),
+         SamplingParams(temperature=0, presence_penalty=1.5),
+         SamplingParams(temperature=0, frequency_penalty=0.7, presence_penalty=-0.3),
+         SamplingParams(temperature=0, repetition_penalty=1.8, frequency_penalty=0.4, logit_bias={1: 2.0}),
+         SamplingParams(temperature=0)]
+
+
+def test_adjustments_match_the_naive_reference_row_by_row_in_one_batch():
+    from autoglm.inference.sampling import apply_penalties
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(CASES), 40, generator=g) * 3
+    prompt = [[1, 2, 3, 3], [5], [7, 8], [1, 9, 9, 2], [4]]
+    output = [[3, 3, 10], [2, 2, 2, 11], [8, 8, 12, 5], [9, 13], []]
+    got = apply_penalties(logits, CASES, [p + o for p, o in zip(prompt, output)], output)
+    for i, p in enumerate(CASES):
+        torch.testing.assert_close(got[i], ref_adjust(logits[i], p, prompt[i], output[i]), atol=1e-6, rtol=0)
+
+
+def test_min_p_naive_reference():
+    from autoglm.inference.sampling import min_p_filter
+
+    x = torch.randn(60)
+    probs = x.softmax(-1)
+    keep = [i for i in range(60) if probs[i] >= 0.2 * probs.max()]
+    assert sorted(torch.isfinite(min_p_filter(x, 0.2)).nonzero().flatten().tolist()) == keep
+    assert torch.equal(min_p_filter(x, 0.0), x)
+
+
+def test_batching_does_not_change_a_requests_token():
+    """Every row of a mixed batch (greedy with penalties, seeded draws with min_p / top-k / top-p,
+    plain greedy) picks what it picks alone."""
+    from autoglm.inference.sampling import sample_tokens
+
+    g = torch.Generator().manual_seed(1)
+    rows = CASES + [SamplingParams(temperature=0.8, min_p=0.1, seed=5), SamplingParams(temperature=1.3, top_k=5,
+                                                                                     top_p=0.9, seed=6)]
+    logits = torch.randn(len(rows), 50, generator=g) * 2
+    seen = [[1, 2, 3, 3]] * len(rows)
+    outs = [[3, 3]] * len(rows)
+    gens = lambda: [torch.Generator().manual_seed(p.seed) if p.seed is not None else None for p in rows]  # noqa: E731
+    batched = sample_tokens(logits, rows, seen, gens(), outs)
+    alone = [sample_tokens(logits[i:i + 1], [p], [seen[i]], [gen], [outs[i]])[0]
+             for i, (p, gen) in enumerate(zip(rows, gens()))]
+    assert batched == alone
+    for i, p in enumerate(CASES):  # greedy rows: the argmax of the reference adjustment
+        assert batched[i] == int(ref_adjust(logits[i], p, [1, 2, 3, 3], [3, 3]).argmax())
+
+
+def test_seeded_min_p_draws_only_from_the_kept_set():
+    logits = torch.tensor([0.0, 0.2, 3.0, 2.9, -5.0])
+    g = torch.Generator().manual_seed(0)
+    draws = {sample_token(logits, SamplingParams(temperature=1.0, min_p=0.5), [], g) for _ in range(200)}
+    assert draws == {2, 3}  # p >= 0.5 * p_max keeps tokens 2 and 3 only

@@ -131,24 +131,27 @@ class AsyncEngine:
             self._thread = None
 
     # ---------------------------------------------------------------- requests
-    async def submit(self, prompt_ids: list[int], params: SamplingParams | list[SamplingParams],
+    async def submit(self, prompt_ids: list[int] | list[list[int]], params: SamplingParams | list[SamplingParams],
                      lora: str | None = None) -> RequestStream:
         """Queue one request per SamplingParams (the choices of one API call) on the LoRA adapter
-        `lora` (None = base). Raises InvalidRequestError (a ValueError) for a bad request; then
-        none of the choices was queued."""
+        `lora` (None = base); `prompt_ids` a list of prompts (token-id lists) queues them for
+        each prompt, prompt by prompt (stream index = prompt * len(params) + choice). Raises
+        InvalidRequestError (a ValueError) for a bad request; then none of them was queued."""
         plist = params if isinstance(params, list) else [params]
+        prompts = prompt_ids if prompt_ids and isinstance(prompt_ids[0], list) else [prompt_ids]
+        work = [(ids, p) for ids in prompts for p in plist]
         base = uuid.uuid4().hex
-        ids = [f"{base}-{i}" for i in range(len(plist))]
+        ids = [f"{base}-{i}" for i in range(len(work))]
         stream = RequestStream(self, ids)
-        for i, (rid, p) in enumerate(zip(ids, plist)):  # tracked before the core can report on them
-            self._processor.add_request(rid, p, len(prompt_ids))
+        for i, (rid, (prompt, p)) in enumerate(zip(ids, work)):  # tracked before the core can report on them
+            self._processor.add_request(rid, p, len(prompt))
             self._streams[rid] = (stream, i)
 
         def add() -> None:
             added = []
             try:
-                for rid, p in zip(ids, plist):
-                    added.append(self._core.add_request(prompt_ids, p, rid, lora).request_id)
+                for rid, (prompt, p) in zip(ids, work):
+                    added.append(self._core.add_request(prompt, p, rid, lora).request_id)
             except BaseException:
                 for rid in added:
                     self._core.abort(rid)

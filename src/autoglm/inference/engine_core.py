@@ -12,9 +12,10 @@ text: detokenisation, stop strings and streaming are the output processor's
 (`output_processor.OutputProcessor`), which runs outside the core (in the caller's thread,
 or on the server's event loop) and finishes a request that hit a stop string with `finish`.
 
-`add_request` is the one place a request is checked (token ids in the vocabulary, prompt
-and max_tokens inside the context, the request able to fit the KV pool, the adapter
-loaded); it raises `InvalidRequestError` (a ValueError naming the input at fault).
+`add_request` is the one place a request is checked (token ids of the prompt and of
+`logit_bias` in the vocabulary, prompt and max_tokens inside the context, the request able
+to fit the KV pool, the adapter loaded); it raises `InvalidRequestError` (a ValueError
+naming the input at fault).
 """
 
 from __future__ import annotations
@@ -139,8 +140,12 @@ class EngineCore:
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidRequestError(f"prompt token ids must be in [0, {vocab}); got {min(ids)}..{max(ids)}",
                                       "prompt")
+        bad = [t for t in params.logit_bias if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequestError(f"logit_bias token ids must be in [0, {vocab}) (the vocabulary); got {bad[0]}",
+                                      "logit_bias")
         n, ctx = len(ids), self.max_model_len
-        if n >= ctx:
+        if n > ctx or (n == ctx and params.max_tokens != 0):  # a scoring request (max_tokens 0) may fill it
             raise InvalidRequestError(f"prompt has {n} tokens but the model's context is {ctx}; shorten the prompt",
                                       "prompt", "context_length_exceeded")
         if params.max_tokens is None:
@@ -218,7 +223,7 @@ class EngineCore:
         if all(s.num_new_tokens == 1 for s in so.scheduled):
             st.decode_steps += 1
             st.layers_run += runner_out.exit_layer
-        st.generated_tokens += len(outs)
+        st.generated_tokens += sum(len(o.new_token_ids) for o in outs)
         st.preemptions = self.scheduler.num_preemptions
         self._release_finished()
         return outs

@@ -156,5 +156,5 @@ class OutputProcessor:
                 del self._states[o.request_id]
             res.outputs.append(RequestOutput(o.request_id, o.new_token_ids, text, reason is not None, reason,
                                              stop_reason, st.num_prompt_tokens, st.num_output_tokens, o.queue_time,
-                                             o.logprobs))
+                                             o.logprobs, o.prompt_logprobs))
         return res

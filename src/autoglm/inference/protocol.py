@@ -2,12 +2,17 @@
 
 Requests in: `CompletionRequest` / `ChatCompletionRequest` (unknown or unsupported fields
 are refused with a 400 naming the field, never silently ignored), `sampling_params(req)`
--> one `SamplingParams` per choice, `encode_prompt` -> token ids, `chat_prompt` -> text.
-Responses out: `ResponseBuilder` turns the engine's `RequestOutput`s of one API call into
-the whole response (`text_completion` / `chat.completion`) or its SSE chunks, with
-logprobs in the completions shape `{tokens, token_logprobs, top_logprobs, text_offset}`
-or the chat shape `{content: [{token, logprob, bytes, top_logprobs}]}`. `APIError` is the
-OpenAI error body `{"error": {"message", "type", "param", "code"}}`.
+-> one `SamplingParams` per candidate of a prompt (`best_of`, default `n`),
+`encode_prompts` -> the token ids of each prompt (a completion's `prompt` is a string, a
+list of strings, a list of token ids or a list of such lists: a batch of prompts),
+`chat_prompt` -> text. Responses out: `ResponseBuilder` turns the engine's
+`RequestOutput`s of one API call into the whole response (`text_completion` /
+`chat.completion`) or its SSE chunks: prompt i's choices are indices i*n .. i*n+n-1 (of
+`best_of` candidates, the n with the highest cumulative log-probability), with logprobs in
+the completions shape `{tokens, token_logprobs, top_logprobs, text_offset}` (with `echo`,
+the prompt's tokens first, the very first scored `null`) or the chat shape `{content:
+[{token, logprob, bytes, top_logprobs}]}`. `APIError` is the OpenAI error body
+`{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .request import MAX_LOGPROBS, RequestOutput, SamplingParams
 
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "UNSUPPORTED",
-           "LoadLoRARequest", "UnloadLoRARequest", "APIError", "chat_prompt", "encode_prompt", "sampling_params",
-           "LogprobFormatter", "ResponseBuilder"]
+           "LoadLoRARequest", "UnloadLoRARequest", "APIError", "chat_prompt", "echo_texts", "encode_prompt", "encode_prompts",
+           "sampling_params", "LogprobFormatter", "ResponseBuilder"]
 
 
 class StreamOptions(BaseModel):
@@ -38,7 +43,11 @@ class _Common(BaseModel):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # extension (vLLM has it too)
-    repetition_penalty: float = 1.0  # extension
+    min_p: float = 0.0  # extension (vLLM)
+    repetition_penalty: float = 1.0  # extension (vLLM)
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None  # token id (as a string, OpenAI's shape) -> bias in [-100, 100]
     n: int = Field(default=1, ge=1, le=16)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -46,27 +55,24 @@ class _Common(BaseModel):
     seed: int | None = None
     user: str | None = None
     ignore_eos: bool = False  # extension
-    # accepted only at their neutral values (see UNSUPPORTED)
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
     logprobs: Union[bool, int, None] = None  # completions: int (top alternatives); chat: bool
     top_logprobs: int | None = None  # chat only: alternatives per token (needs logprobs: true)
-    logit_bias: dict | None = None
+    # accepted only at their neutral values (see UNSUPPORTED)
     response_format: dict | None = None
     tools: list | None = None
     tool_choice: Union[str, dict, None] = None
-    echo: bool = False
-    best_of: int | None = None
-    suffix: str | None = None
 
 
 # field -> value it must keep (anything else is a 400: the server does not implement it)
-UNSUPPORTED = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "logit_bias": (None, {}), "tools": (None, []),
-               "tool_choice": (None, "none"), "echo": False, "best_of": (None, 1), "suffix": (None, "")}
+UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "suffix": (None, "")}
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[int], list[str]]
+    # a text, a batch of texts, token ids, or a batch of token-id lists (one choice set per prompt)
+    prompt: Union[str, list[str], list[int], list[list[int]]]
+    echo: bool = False  # the prompt comes back before the completion (with its logprobs when asked)
+    best_of: int | None = Field(default=None, ge=1, le=16)  # candidates per prompt; the n likeliest are returned
+    suffix: str | None = None
 
 
 class TextPart(BaseModel):
@@ -125,22 +131,60 @@ def chat_prompt(messages) -> str:
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
-    """A completion's `prompt` (text, token ids, or a one-element list of text) as token ids."""
-    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-        return list(prompt)
+    """One prompt (text or token ids) as token ids."""
     if isinstance(prompt, list):
-        if len(prompt) != 1:
-            raise APIError(400, "several prompts in one request are not supported; send one prompt (use n "
-                                "for several completions)", "prompt")
-        prompt = prompt[0]
+        return list(prompt)
     return tokenizer(prompt).input_ids
 
 
+def encode_prompts(tokenizer, prompt, max_prompts: int | None = None) -> list[list[int]]:
+    """A completion's `prompt` in any of its four shapes as one token-id list per prompt.
+    Raises APIError (400, param 'prompt') for an empty prompt or a batch over `max_prompts`."""
+    if isinstance(prompt, str) or (prompt and all(isinstance(t, int) for t in prompt)):
+        batch = [prompt]
+    else:
+        batch = list(prompt)
+    if not batch:
+        raise APIError(400, "'prompt' is an empty list; send a text, a list of token ids or a list of prompts",
+                       "prompt")
+    if max_prompts is not None and len(batch) > max_prompts:
+        raise APIError(400, f"'prompt' holds a batch of {len(batch)} prompts but this server takes at most "
+                            f"{max_prompts} per request; split the batch", "prompt", "too_many_prompts")
+    out = []
+    for i, p in enumerate(batch):
+        ids = encode_prompt(tokenizer, p)
+        if not ids:
+            where = "'prompt'" if len(batch) == 1 else f"prompt {i} of the batch"
+            raise APIError(400, f"{where} is empty (no tokens); give at least one token", "prompt")
+        out.append(ids)
+    return out
+
+
+def echo_texts(tokenizer, prompt, prompts: list[list[int]]) -> list[str]:
+    """The text `echo` returns for each prompt: a text prompt as it was sent, token ids as they decode."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [tokenizer.decode(ids) for ids in prompts]
+
+
+def _logit_bias(req) -> dict[int, float]:
+    out = {}
+    for k, v in (req.logit_bias or {}).items():
+        try:
+            out[int(k)] = float(v)
+        except ValueError:
+            raise APIError(400, f"'logit_bias' keys are token ids; {k!r} is not an integer", "logit_bias") from None
+    return out
+
+
 def sampling_params(req: CompletionRequest | ChatCompletionRequest) -> list[SamplingParams]:
-    """One SamplingParams per choice (a seeded request's choice i gets seed + i). The engine
-    checks them against the prompt and the context when it adds the request."""
+    """One SamplingParams per candidate of a prompt (`best_of`, default n; a seeded request's
+    candidate i gets seed + i). The engine checks them against the prompt and the context
+    (and logit_bias against the vocabulary) when it adds the request."""
     for name, neutral in UNSUPPORTED.items():
-        if getattr(req, name) not in (neutral if isinstance(neutral, tuple) else (neutral,)):
+        if getattr(req, name, neutral[0]) not in neutral:
             raise APIError(400, f"'{name}' is not supported by this server; remove it from the request", name,
                            "unsupported_parameter")
     rf = req.response_format
@@ -153,13 +197,35 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest) -> list[Samp
         max_tokens = req.max_tokens if req.max_completion_tokens is None else req.max_completion_tokens
     else:
         max_tokens = 16 if req.max_tokens is None else req.max_tokens
+    echo = not chat and req.echo
+    best_of = (None if chat else req.best_of) or req.n
+    if best_of < req.n:
+        raise APIError(400, f"'best_of' ({best_of}) must be >= n ({req.n}): it is how many candidates the n "
+                            f"choices are picked from", "best_of")
+    if req.stream and echo:
+        raise APIError(400, "'echo' cannot be streamed (the prompt's logprobs come with the whole response); "
+                            "send stream: false", "echo")
+    if req.stream and best_of > req.n:
+        raise APIError(400, f"'best_of' ({best_of}) > n ({req.n}) cannot be streamed (the best candidates are "
+                            "known only at the end); send stream: false or best_of = n", "best_of")
+    if max_tokens == 0 and not echo:
+        raise APIError(400, "'max_tokens' 0 generates nothing; it scores the prompt only with echo: true "
+                            "(and logprobs)", "max_tokens")
+    logprobs = _logprobs_arg(req, chat)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    # best_of ranks candidates by their tokens' logprobs: computed even when not shown
+    sample_logprobs = 0 if logprobs is None and best_of > req.n else logprobs
+    prompt_logprobs = logprobs if echo else None
+    if max_tokens == 0 and prompt_logprobs is None:
+        prompt_logprobs = 0  # a scoring request still needs a result to wait for
     try:
         return [SamplingParams(max_tokens=max_tokens, temperature=req.temperature, top_k=req.top_k, top_p=req.top_p,
-                               repetition_penalty=req.repetition_penalty,
-                               seed=None if req.seed is None else req.seed + i, stop=stop,
-                               ignore_eos=req.ignore_eos, logprobs=_logprobs_arg(req, chat))
-                for i in range(req.n)]
+                               min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                               logit_bias=_logit_bias(req), seed=None if req.seed is None else req.seed + i,
+                               stop=stop, ignore_eos=req.ignore_eos, logprobs=sample_logprobs,
+                               prompt_logprobs=prompt_logprobs)
+                for i in range(best_of)]
     except ValueError as e:
         field = str(e).split(" ", 1)[0]
         raise APIError(400, str(e), field if field in type(req).model_fields else None) from None
@@ -226,6 +292,14 @@ class LogprobFormatter:
             self.offset += len(t)
         return out
 
+    def prompt_payload(self, prompt_ids: list[int], entries) -> dict:
+        """The echoed prompt's logprobs (completions shape): its first token has no context, so
+        its logprob and top alternatives are null; entry i of `entries` scores token i + 1."""
+        first = self._text(prompt_ids[0])
+        out = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [self.offset]}
+        self.offset += len(first)
+        return self.merge(out, self.payload(entries))
+
     @staticmethod
     def merge(a: dict | None, b: dict | None) -> dict | None:
         if a is None or b is None:
@@ -234,27 +308,39 @@ class LogprobFormatter:
 
 
 class ResponseBuilder:
-    """The response of one API call (n choices), whole or as SSE chunks."""
+    """The response of one API call, whole or as SSE chunks. The call ran `best_of` candidates
+    (default n) for each of its prompts, in order: candidate j of prompt i is slot
+    i * best_of + j of the engine's stream. The whole response returns, per prompt, the n
+    candidates with the highest cumulative log-probability (all of them, in order, when
+    best_of == n); streams need best_of == n, so a slot is its choice index."""
 
-    def __init__(self, req: CompletionRequest | ChatCompletionRequest, num_prompt_tokens: int, tokenizer) -> None:
+    def __init__(self, req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], tokenizer,
+                 prompt_texts: list[str] | None = None) -> None:
         self.chat = isinstance(req, ChatCompletionRequest)
-        self.model, self.n, self.num_prompt_tokens = req.model, req.n, num_prompt_tokens
+        self.model, self.n = req.model, req.n
+        self.best_of = (None if self.chat else req.best_of) or req.n
+        self.echo = not self.chat and req.echo
+        self.show_logprobs = req.logprobs is not None and req.logprobs is not False
+        self.prompts, self.prompt_texts = prompts, prompt_texts
+        self.num_slots = len(prompts) * self.best_of
         self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
         self.object = "chat.completion" if self.chat else "text_completion"
         self.include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        self.logprobs = [LogprobFormatter(tokenizer, self.chat) for _ in range(self.n)]
+        self.logprobs = [LogprobFormatter(tokenizer, self.chat) for _ in range(self.num_slots)]
         chunk_object = self.object + (".chunk" if self.chat else "")
         # every SSE event starts alike: serialise that part once
         self._event_head = "data: " + json.dumps({"id": self.id, "object": chunk_object, "created": self.created,
                                                   "model": self.model})[:-1] + ', "choices": '
         self._delta_key, self._delta_end = ('"delta": {"content"', "}") if self.chat else ('"text"', "")
-        self.texts, self.lps = [""] * self.n, [None] * self.n
-        self.finals: list[RequestOutput | None] = [None] * self.n
+        self.texts, self.lps = [""] * self.num_slots, [None] * self.num_slots
+        self.cum_logprob = [0.0] * self.num_slots
+        self._started = [False] * self.num_slots
+        self.finals: list[RequestOutput | None] = [None] * self.num_slots
 
     def usage(self) -> dict:
         c = sum(o.num_output_tokens for o in self.finals if o is not None)
-        p = self.num_prompt_tokens * self.n
+        p = sum(len(ids) for ids in self.prompts) * self.best_of
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def _choice(self, i: int, text: str, lp: dict | None, final: RequestOutput | None, whole: bool) -> dict:
@@ -269,14 +355,32 @@ class ResponseBuilder:
 
     # -------------------------------------------------------------- whole
     def add(self, batch: list[tuple[int, RequestOutput]]) -> None:
-        for i, o in batch:
-            self.texts[i] += o.new_text
-            self.lps[i] = LogprobFormatter.merge(self.lps[i], self.logprobs[i].payload(o.logprobs))
+        for k, o in batch:
+            f = self.logprobs[k]
+            if self.echo and not self._started[k]:
+                self._started[k] = True
+                p = k // self.best_of  # the slot's first output: the prompt comes first
+                self.texts[k] = self.prompt_texts[p] if self.prompt_texts is not None else ""
+                if o.prompt_logprobs is not None and self.show_logprobs:
+                    self.lps[k] = f.prompt_payload(self.prompts[p], o.prompt_logprobs)
+                else:
+                    f.offset = len(self.texts[k])
+            self.texts[k] += o.new_text
+            if o.logprobs:
+                self.cum_logprob[k] += sum(e.logprob for e in o.logprobs)
+                if self.show_logprobs:
+                    self.lps[k] = LogprobFormatter.merge(self.lps[k], f.payload(o.logprobs))
             if o.finished:
-                self.finals[i] = o
+                self.finals[k] = o
 
     def response(self) -> dict:
-        choices = [self._choice(i, self.texts[i], self.lps[i], self.finals[i], True) for i in range(self.n)]
+        choices = []
+        for p in range(len(self.prompts)):
+            slots = list(range(p * self.best_of, (p + 1) * self.best_of))
+            if self.best_of > self.n:  # the n likeliest candidates, best first
+                slots = sorted(slots, key=lambda k: -self.cum_logprob[k])[:self.n]
+            choices += [self._choice(p * self.n + j, self.texts[k], self.lps[k], self.finals[k], True)
+                        for j, k in enumerate(slots)]
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
                 "choices": choices, "usage": self.usage()}
 
@@ -290,7 +394,7 @@ class ResponseBuilder:
         if not self.chat:
             return ""
         return self._sse([{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                          for i in range(self.n)])
+                          for i in range(self.num_slots)])
 
     def chunk(self, batch: list[tuple[int, RequestOutput]]) -> str:
         """One SSE event for the outputs that arrived together; a choice that advanced several

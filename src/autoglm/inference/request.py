@@ -25,11 +25,17 @@ MAX_LOGPROBS = 20
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    temperature 0 means greedy (argmax); top_k 0 and top_p 1.0 disable those filters;
-    repetition_penalty > 1 discourages tokens already in the prompt or output (CTRL rule:
-    positive logits divided, negative multiplied). `seed` makes sampling reproducible per
-    request, whatever else is in the batch. max_tokens None: until the model's context is
-    full (the engine resolves it when the request is added).
+    temperature 0 means greedy (argmax); top_k 0, top_p 1.0 and min_p 0 disable those
+    filters. The logits are adjusted first, in this order (OpenAI's and vLLM's semantics):
+    `logit_bias` (token id -> value added), repetition_penalty > 1 (CTRL rule on tokens of
+    the prompt or output: positive logits divided, negative multiplied), then
+    `frequency_penalty` * count and `presence_penalty` * (count > 0) subtracted for tokens
+    already *generated*. `seed` makes sampling reproducible per request, whatever else is in
+    the batch. max_tokens None: until the model's context is full (the engine resolves it
+    when the request is added); 0: no token is generated, the request only scores its prompt
+    (needs `prompt_logprobs`). `prompt_logprobs`: report each prompt token's log-probability
+    under the model (all but the first) and this many top alternatives, computed in the
+    prefill the request runs anyway.
     """
 
     max_tokens: int | None = 16
@@ -37,25 +43,41 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    min_p: float = 0.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # report each new token's log-probability and this many top alternatives
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (all but the first)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-             f"max_tokens must be a positive integer, got {self.max_tokens!r}"),
+            (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0),
+             f"max_tokens must be an integer >= 0, got {self.max_tokens!r}"),
+            (self.max_tokens != 0 or self.prompt_logprobs is not None,
+             "max_tokens 0 generates nothing; it only makes sense with prompt_logprobs (scoring the prompt)"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2.0 <= self.frequency_penalty <= 2.0,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1] (0 = off), got {self.min_p}"),
+            (all(isinstance(k, int) and -100.0 <= v <= 100.0 for k, v in self.logit_bias.items()),
+             "logit_bias maps token ids (integers) to values in [-100, 100]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top alternatives per token), got {self.logprobs!r}"),
+            (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
+                                              and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+             f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -64,6 +86,12 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        """True when the logits are changed before the pick (bias or a penalty)."""
+        return bool(self.logit_bias) or self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 \
+            or self.frequency_penalty != 0.0
 
 
 class InvalidRequestError(ValueError):
@@ -111,6 +139,8 @@ class Request:
     first_token_time: float | None = None
     token_times: list[float] = field(default_factory=list)
     exit_layers: list[int] = field(default_factory=list)  # layer each output token left at (early exit)
+    # prompt_logprobs: entry i scores prompt token i + 1 (filled chunk by chunk during the prefill)
+    prompt_logprobs: list["TokenLogprob"] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.request_id:
@@ -156,6 +186,8 @@ class RequestOutput:
     num_output_tokens: int = 0
     queue_time: float | None = None  # seconds from arrival to first admission; set on the first output only
     logprobs: list[TokenLogprob] | None = None  # one per new token when SamplingParams.logprobs is set
+    # SamplingParams.prompt_logprobs: one per prompt token but the first, on the request's first output
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass
@@ -169,6 +201,7 @@ class EngineCoreOutput:
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
     queue_time: float | None = None  # set on the request's first output
+    prompt_logprobs: list[TokenLogprob] | None = None  # set on the request's first output when asked for
 
     @property
     def finished(self) -> bool:

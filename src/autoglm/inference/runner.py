@@ -11,7 +11,10 @@ LoRA hooks of the step's adapters (`MultiLoRA`), each seeded request's random ge
 the deferred rows of early exit and, when asked for, the CUDA-graph decoder
 (`cuda_graph.CUDAGraphDecoder`, built here from `DecodeGraphOptions`) that replays
 decode-only steps. `execute(scheduler_output)` returns a `ModelRunnerOutput`: the sampled
-token (and its logprobs) of every request that samples, in scheduled order.
+token (and its logprobs) of every request that samples, in scheduled order, and the prompt
+logprobs of the requests that asked for them (`SamplingParams.prompt_logprobs`): the LM head
+also runs on the rows of their prompt chunk, so scoring a prompt costs one prefill, chunked
+or not, and no second model.
 
 Early exit (decode steps): after each of `exit_layers`, the shared final norm + LM head
 give a distribution per row; when every row's top probability reaches the threshold the
@@ -26,7 +29,7 @@ cost no K/V work of their own. threshold >= 1.0 never exits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,7 +40,7 @@ from .layout import LayoutBuilder, Segment, StepLayout
 from .lora import MultiLoRA
 from .paged_attention import PagedAttention, PagedKVCache
 from .request import TokenLogprob
-from .sampling import sample_tokens, token_logprob
+from .sampling import prompt_logprobs, sample_tokens, token_logprob
 from .scheduler import SchedulerOutput
 
 __all__ = ["DeferredToken", "ModelRunner", "ModelRunnerOutput", "ForwardOutput"]
@@ -56,6 +59,17 @@ class DeferredToken:
 class ForwardOutput:
     logits: torch.Tensor  # (R, V) one row per request that samples, in scheduled order
     exit_layer: int  # number of layers run in full (num_layers when no early exit)
+    score_logits: torch.Tensor | None = None  # (S, V) the rows of `ScoreRows.rows` (prompt logprobs)
+
+
+@dataclass
+class ScoreRows:
+    """The prompt rows of a step whose next-token logprobs are asked for: packed row indices,
+    the prompt token each row predicts, and whose they are (request id, row count, top)."""
+
+    rows: list[int] = field(default_factory=list)
+    targets: list[int] = field(default_factory=list)
+    owners: list[tuple[str, int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -65,6 +79,7 @@ class ModelRunnerOutput:
     sampled_token_ids: list[int]
     logprobs: list[TokenLogprob | None]
     exit_layer: int
+    prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # request id -> this step's
 
 
 class ModelRunner:
@@ -105,24 +120,43 @@ class ModelRunner:
                         s.request.all_token_ids[s.request.num_computed_tokens:
                                                 s.request.num_computed_tokens + s.num_new_tokens], s.samples)
                 for s in so.scheduled]
+        score = self._score_rows(so)
         with self.lora.batch([(s.request.lora, s.num_new_tokens) for s in so.scheduled]):
-            out = self._forward_step(so, segs)
-        return self._sample(so, out)
+            out = self._forward_step(so, segs, score)
+        return self._sample(so, out, score)
 
-    def _forward_step(self, so: SchedulerOutput, segs: list[Segment]) -> ForwardOutput:
+    @staticmethod
+    def _score_rows(so: SchedulerOutput) -> ScoreRows:
+        """Rows of this step whose logits score a prompt token: position p of a request with
+        prompt_logprobs predicts prompt token p + 1 (positions already scored before a
+        preemption are not scored again)."""
+        sr, start = ScoreRows(), 0
+        for s in so.scheduled:
+            r, a = s.request, s.request.num_computed_tokens
+            top = r.params.prompt_logprobs
+            if top is not None:
+                lo, hi = max(a, len(r.prompt_logprobs)), min(a + s.num_new_tokens, len(r.prompt_ids) - 1)
+                if hi > lo:
+                    sr.rows += range(start + lo - a, start + hi - a)
+                    sr.targets += r.prompt_ids[lo + 1:hi + 1]
+                    sr.owners.append((r.request_id, hi - lo, top))
+            start += s.num_new_tokens
+        return sr
+
+    def _forward_step(self, so: SchedulerOutput, segs: list[Segment], score: ScoreRows) -> ForwardOutput:
         plain = self.exit_threshold >= 1.0 and not self.deferred
         # LoRA deltas come from Python hooks, which a replayed (or captured) CUDA graph would skip
         # or bake in: a step with adapter tokens runs the eager packed forward
-        if plain and self.graphs is not None and not self.lora.active:
+        if plain and self.graphs is not None and not self.lora.active and not score.rows:
             logits = self.graphs.run(segs)
             if logits is not None:
                 return ForwardOutput(logits, len(self.model.model.layers))
         lay = self.builder.build(segs)
         if plain:
-            return self.forward(lay)
-        return self._forward_early_exit(so, segs, lay)
+            return self.forward(lay, score_rows=score.rows)
+        return self._forward_early_exit(so, segs, lay, score.rows)
 
-    def _sample(self, so: SchedulerOutput, out: ForwardOutput) -> ModelRunnerOutput:
+    def _sample(self, so: SchedulerOutput, out: ForwardOutput, score: ScoreRows) -> ModelRunnerOutput:
         reqs = [s.request for s in so.scheduled if s.samples]
         gens = []
         for r in reqs:
@@ -131,22 +165,41 @@ class ModelRunner:
                 g = self.generators[r.request_id] = torch.Generator(device=self.device).manual_seed(r.params.seed)
             gens.append(g)
         seen = [r.all_token_ids if r.params.repetition_penalty != 1.0 else [] for r in reqs]
-        tokens = sample_tokens(out.logits, [r.params for r in reqs], seen, gens)
+        tokens = sample_tokens(out.logits, [r.params for r in reqs], seen, gens, [r.output_ids for r in reqs])
         logprobs = [token_logprob(out.logits[i], t, r.params.logprobs) if r.params.logprobs is not None else None
                     for i, (r, t) in enumerate(zip(reqs, tokens))]
-        return ModelRunnerOutput(tokens, logprobs, out.exit_layer)
+        scored: dict[str, list[TokenLogprob]] = {}
+        if score.rows:
+            top = max(t for _, _, t in score.owners)
+            lps, i = prompt_logprobs(out.score_logits, score.targets, top), 0
+            for rid, n, t in score.owners:
+                scored[rid] = [lp if t == top else TokenLogprob(lp.token_id, lp.logprob, lp.top[:t])
+                               for lp in lps[i:i + n]]
+                i += n
+        return ModelRunnerOutput(tokens, logprobs, out.exit_layer, scored)
 
     # ---------------------------------------------------------------- forward
-    def forward(self, lay: StepLayout, rows: torch.Tensor | None = None) -> ForwardOutput:
+    def forward(self, lay: StepLayout, rows: torch.Tensor | None = None,
+                score_rows: list[int] | None = None) -> ForwardOutput:
         """The packed forward over a layout, every layer; static shapes and no host sync (so a CUDA
-        graph can capture it)."""
+        graph can capture it). `score_rows`: packed rows whose logits are also wanted (prompt logprobs)."""
         bb = self.model.model
         x, meta, cache = self._start(lay)
         if rows is None:
             rows = torch.tensor(lay.sample_rows, dtype=torch.long, device=self.device)
         for layer in bb.layers:
             x, _ = layer(x, meta, cache)
-        return ForwardOutput(self.model.lm_head(bb.norm(x[0, rows])), len(bb.layers))
+        return self._head(x, rows, score_rows, len(bb.layers))
+
+    def _head(self, x: torch.Tensor, rows: torch.Tensor, score_rows: list[int] | None, depth: int) -> ForwardOutput:
+        """Final norm + LM head on the sampled rows and, apart, on the scored prompt rows."""
+        bb = self.model.model
+        logits = self.model.lm_head(bb.norm(x[0, rows]))
+        score = None
+        if score_rows:
+            idx = torch.tensor(score_rows, dtype=torch.long, device=self.device)
+            score = self.model.lm_head(bb.norm(x[0, idx]))
+        return ForwardOutput(logits, depth, score)
 
     def _start(self, lay: StepLayout):
         """Embedded tokens (1, N, d) and the attention metadata / paged cache of a layout."""
@@ -160,13 +213,14 @@ class ModelRunner:
         kernel = PagedAttention(self.k_cache, self.v_cache, lay)
         return AttentionMetadata(q_pos=lay.positions[None], kernel=kernel), PagedKVCache(self.k_cache, self.v_cache, lay)
 
-    def _forward_early_exit(self, so: SchedulerOutput, segs: list[Segment], lay: StepLayout) -> ForwardOutput:
+    def _forward_early_exit(self, so: SchedulerOutput, segs: list[Segment], lay: StepLayout,
+                            score_rows: list[int] | None = None) -> ForwardOutput:
         """The packed forward with exits (see the module docstring) and deferred rows joining;
         `segs` are the step's own segments, `lay` their layout."""
         bb = self.model.model
         n_layers = len(bb.layers)
         can_exit = self.exit_threshold < 1.0 and lay.decode_q is not None and not lay.prefills \
-            and len(lay.sample_rows) == len(so.scheduled)
+            and len(lay.sample_rows) == len(so.scheduled) and not score_rows
         segs, waiting = list(segs), []  # waiting: (request id, block table, DeferredToken) not yet joined
         for s, seg in zip(so.scheduled, segs):
             r = s.request
@@ -195,7 +249,7 @@ class ModelRunner:
                 if bool((logits.float().softmax(-1).amax(-1) >= self.exit_threshold).all()):
                     self._defer(so, x, lay, joined, waiting, i + 1)
                     return ForwardOutput(logits, i + 1)
-        return ForwardOutput(self.model.lm_head(bb.norm(x[0, rows])), n_layers)
+        return self._head(x, rows, score_rows, n_layers)
 
     def _defer(self, so: SchedulerOutput, x: torch.Tensor, lay: StepLayout,
                joined: list[tuple[str, DeferredToken]], waiting: list, depth: int) -> None:

@@ -39,9 +39,15 @@ class ScheduledRequest:
     num_new_tokens: int  # K/V to compute this step: positions [num_computed, num_computed + n)
 
     @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the request's tokens, so a new token is sampled."""
+    def reaches_end(self) -> bool:
+        """True when this step computes the last of the request's tokens."""
         return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the end of the request's tokens and a new token is sampled
+        (not for a prompt-scoring request, max_tokens 0: it ends with its prefill)."""
+        return self.reaches_end and self.request.params.max_tokens != 0
 
 
 @dataclass
@@ -128,13 +134,21 @@ class Scheduler:
     def update_from_output(self, so: SchedulerOutput, runner_output) -> list[EngineCoreOutput]:
         """Advance every scheduled request by the step the runner ran (`runner_output`: a
         `ModelRunnerOutput`, one sampled token per request that samples, in scheduled order);
-        finish those that hit a token-level stop. One output per request that sampled."""
+        finish those that hit a token-level stop. One output per request that sampled, and one
+        (without tokens) per prompt-scoring request that finished its prefill."""
         now = time.perf_counter()
         outs, row = [], 0
+        scored = runner_output.prompt_logprobs
         for s in so.scheduled:
-            req, samples = s.request, s.samples  # (read before the tokens count as computed)
+            req, samples, ends = s.request, s.samples, s.reaches_end  # (read before the tokens count as computed)
             req.num_computed_tokens += s.num_new_tokens
+            if req.request_id in scored:
+                req.prompt_logprobs += scored[req.request_id]
             if not samples:
+                if ends and req.params.max_tokens == 0:  # a prompt-scoring request: done after its prefill
+                    self.finish(req, FinishReason.LENGTH)
+                    outs.append(EngineCoreOutput(req.request_id, [], None, FinishReason.LENGTH, None,
+                                                 req.scheduled_time - req.arrival_time, req.prompt_logprobs))
                 continue
             tok, lp = runner_output.sampled_token_ids[row], runner_output.logprobs[row]
             row += 1
@@ -147,8 +161,9 @@ class Scheduler:
             reason, stop_reason = self._check_stop(req, tok)
             if reason is not None:
                 self.finish(req, reason, stop_reason)
+            prompt_lps = req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None
             outs.append(EngineCoreOutput(req.request_id, [tok], None if lp is None else [lp], reason, stop_reason,
-                                         req.scheduled_time - req.arrival_time if first else None))
+                                         req.scheduled_time - req.arrival_time if first else None, prompt_lps))
         return outs
 
     def _check_stop(self, req: Request, tok: int) -> tuple[FinishReason | None, int | None]:

@@ -12,7 +12,8 @@ Every bad request gets a 4xx with an OpenAI-style body `{"error": {"message", "t
 "param", "code"}}` and the server keeps serving: malformed JSON, invalid UTF-8 or nesting
 too deep to parse (400), schema errors and unsupported fields (400), unknown model (404),
 bad or missing API key (401), a request the engine refuses, e.g. prompt + max_tokens
-beyond the context (400, with the engine's `param` and `code`), more than
+beyond the context or a logit_bias token outside the vocabulary (400, with the engine's
+`param` and `code`), a batch of more than `max_prompts` prompts (400), more than
 `max_concurrent` requests in flight (429). A client that disconnects cancels its
 request, so its KV blocks go back to the pool.
 
@@ -36,7 +37,8 @@ from pydantic import ValidationError
 
 from .async_engine import AsyncEngine, RequestStream
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, LoadLoRARequest, ResponseBuilder,
-                       UnloadLoRARequest, chat_prompt, encode_prompt, sampling_params)
+                       UnloadLoRARequest, chat_prompt, echo_texts, encode_prompts,
+                       sampling_params)
 from .request import RequestOutput, SamplingParams
 
 __all__ = ["create_app", "ServerMetrics", "APIError", "chat_prompt"]
@@ -72,6 +74,7 @@ class _Server:
     model_name: str
     max_concurrent: int
     allow_lora_updates: bool
+    max_prompts: int = 64
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     in_flight: int = 0
 
@@ -82,16 +85,17 @@ class _Server:
             raise APIError(404, f"model {model!r} does not exist; this server serves {served} (see /v1/models)",
                            "model", "model_not_found")
 
-    async def submit(self, prompt_ids: list[int], params: list[SamplingParams], lora: str | None,
+    async def submit(self, prompts: list[list[int]], params: list[SamplingParams], lora: str | None,
                      chat: bool) -> "_Call":
-        n = len(params)
+        """Queue every prompt with every SamplingParams (one engine request each)."""
+        n = len(prompts) * len(params)
         if self.in_flight + n > self.max_concurrent:
             self.metrics.requests.labels("rejected").inc()
             raise APIError(429, f"too many concurrent requests ({self.max_concurrent} in flight); retry later",
                            code="rate_limit_exceeded", kind="rate_limit_error")
         self.in_flight += n  # reserved before any await, so concurrent handlers see it
         try:
-            stream = await self.engine.submit(prompt_ids, params, lora)
+            stream = await self.engine.submit(prompts, params, lora)
         except ValueError as e:  # the engine's one check of the request (InvalidRequestError)
             self.in_flight -= n
             param = getattr(e, "param", None)
@@ -100,7 +104,7 @@ class _Server:
         except BaseException:
             self.in_flight -= n
             raise
-        self.metrics.prompt_tokens.inc(len(prompt_ids) * n)
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts) * len(params))
         return _Call(self, stream, n)
 
 
@@ -169,8 +173,12 @@ class _APIKeyMiddleware:
 
 
 def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | None = None,
-               max_concurrent: int = 256, allow_lora_updates: bool = False) -> FastAPI:
+               max_concurrent: int = 256, allow_lora_updates: bool = False, max_prompts: int = 64) -> FastAPI:
     """The FastAPI app around an AsyncEngine (started on startup, shut down on shutdown).
+
+    max_prompts: the largest batch of prompts one completions request may carry (a list of
+    texts or of token-id lists, as lm-evaluation-harness sends); each prompt's n choices
+    also count against `max_concurrent`.
 
     allow_lora_updates: enable POST /v1/load_lora_adapter {"lora_name", "lora_path"} and
     /v1/unload_lora_adapter {"lora_name"} (vLLM's routes): adapters come and go without a
@@ -178,7 +186,9 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
     if model_name in engine.lora_adapters():
         raise ValueError(f"a LoRA adapter is named {model_name!r} like the base model; rename the adapter")
     app = FastAPI(title="Open-AutoGLM", lifespan=_lifespan)
-    app.state.server = _Server(engine, model_name, max_concurrent, allow_lora_updates)
+    if max_prompts < 1:
+        raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
+    app.state.server = _Server(engine, model_name, max_concurrent, allow_lora_updates, max_prompts)
     app.add_exception_handler(APIError, lambda _, e: JSONResponse(e.body(), status_code=e.status))
     if api_key is not None:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
@@ -244,9 +254,11 @@ async def _generate(request: Request, schema):
     srv.check_model(req.model)
     chat = schema is ChatCompletionRequest
     tok = srv.engine.tokenizer
-    prompt_ids = encode_prompt(tok, chat_prompt(req.messages) if chat else req.prompt)
-    call = await srv.submit(prompt_ids, sampling_params(req), None if req.model == srv.model_name else req.model, chat)
-    out = ResponseBuilder(req, len(prompt_ids), tok)
+    prompts = encode_prompts(tok, chat_prompt(req.messages) if chat else req.prompt, srv.max_prompts)
+    params = sampling_params(req)
+    texts = echo_texts(tok, req.prompt, prompts) if not chat and req.echo else None
+    call = await srv.submit(prompts, params, None if req.model == srv.model_name else req.model, chat)
+    out = ResponseBuilder(req, prompts, tok, texts)
     if req.stream:
         return StreamingResponse(_sse(call, out), media_type="text/event-stream")
     return await _whole(request, call, out)

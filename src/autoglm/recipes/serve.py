@@ -43,6 +43,8 @@ class ServeConfig:
     api_key: str | None = setting(None, "require 'Authorization: Bearer KEY' on /v1 routes; none = open")
     served_model_name: str | None = setting(None, "name clients pass as `model`; none = the run directory's name")
     max_concurrent: int = setting(256, "requests in flight before the server answers 429")
+    max_prompts: int = setting(64, "prompts one completions request may batch (a list of texts or token-id lists, "
+                                   "as lm-evaluation-harness sends); a larger batch is a 400")
     lora: list[str] = setting([], "NAME=ADAPTER_DIR: serve a PEFT LoRA adapter (from `autoglm finetune --lora`) "
                                   "unmerged as model NAME; repeatable")
     allow_lora_updates: bool = setting(False, "enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
@@ -54,6 +56,8 @@ class ServeConfig:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.max_concurrent < 1:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
+        if self.max_prompts < 1:
+            raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
 
 
 def parse_lora_specs(specs: list[str], base_name: str) -> list[tuple[str, Path]]:
@@ -97,5 +101,5 @@ def build_server(cfg: ServeConfig):
     for lora_name, path in adapters:
         engine.add_lora(lora_name, path)
     app = create_app(AsyncEngine(engine), model_name=name, api_key=cfg.api_key, max_concurrent=cfg.max_concurrent,
-                     allow_lora_updates=cfg.allow_lora_updates)
+                     allow_lora_updates=cfg.allow_lora_updates, max_prompts=cfg.max_prompts)
     return app, [name, *(n for n, _ in adapters)]
