@@ -4,6 +4,7 @@ config file under the command-line options, errors that name the field."""
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from autoglm.cli import app
@@ -120,3 +121,18 @@ def test_cli_clean_reads_an_export_guards_the_folder_and_feeds_pretrain(tmp_path
     r = _run("clean", "--out", tmp_path / "x", "--edges", e, "--source-col", "src_id")
     assert r.exit_code == 2 and "no column 'src_id' (given by --source-col); columns found: 'from', 'to', 'when'" \
         in " ".join(r.output.split())
+
+
+def test_cli_edge_only_export_pretrains_on_degree_profile_features(tmp_path):
+    """An export with edges and no node table: pretrain falls back to structural features."""
+    from autoglm.graph.datasets import load_graph, structural_features
+
+    (tmp_path / "e.csv").write_text("source,target\n0,1\n1,2\n2,0\n2,3\n")
+    assert _run("clean", "--out", tmp_path / "g", "--edges", tmp_path / "e.csv").exit_code == 0
+    data = load_graph(str(tmp_path / "g"))
+    assert data.x.shape == (4, 5)
+    deg = torch.tensor([2.0, 2.0, 3.0, 1.0])  # the undirected graph's degrees, counted by hand
+    assert torch.allclose(data.x[:, 0], torch.log1p(deg)) and torch.equal(data.x, structural_features(data))
+    r = _run("pretrain", "--data", tmp_path / "g", "--out", tmp_path / "m", "--epochs", 2, "--hidden-dim", 8)
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "m" / "embeddings.safetensors").is_file()

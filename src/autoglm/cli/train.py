@@ -63,9 +63,22 @@ def run_train(cfg: PretrainConfig) -> None:
 
 
 def run_eval(cfg: EvalConfig) -> None:
-    from ..recipes.generate import evaluate_run
+    from ..recipes.generate import evaluate_run, evaluate_tasks
 
-    console.print_json(json.dumps(evaluate_run(cfg)))
+    if not cfg.tasks:
+        console.print_json(json.dumps(evaluate_run(cfg)))
+        return
+    out = evaluate_tasks(cfg)
+    t = Table(title=f"lm-evaluation-harness {out['lm_eval_version']} on {cfg.run}")
+    for col in ("task", "metric", "value", "examples"):
+        t.add_column(col)
+    for task, metrics in out["results"].items():
+        n = (out.get("n-samples") or {}).get(task, {}).get("effective", "")
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and not key.startswith("sample_len") and "_stderr" not in key:
+                t.add_row(task, key.split(",")[0], f"{value:.4f}", str(n))
+    console.print(t)
+    console.print(f"results written to {out['output']}")
 
 
 def run_generate(cfg: GenerateConfig) -> None:
@@ -106,6 +119,7 @@ def register(app: typer.Typer) -> None:
                        help="Train several presets side by side for the same wall-clock (default: the sparse MoE "
                             "`small` against the dense `standard-small`); table, loss-vs-time plot, sample.")
     add_recipe_command(app, "eval", EvalConfig, run_eval,
-                       help="Validation loss, perplexity and next-token accuracy of a saved run.")
+                       help="Validation loss, perplexity and next-token accuracy of a saved run; with --tasks, "
+                            "lm-evaluation-harness tasks in process (--tasks builtin: the built-in local tasks).")
     add_recipe_command(app, "generate", GenerateConfig, run_generate,
                        help="Continue a prompt with the KV cache (greedy, or temperature / top-k / top-p sampling).")

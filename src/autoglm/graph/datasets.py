@@ -9,12 +9,16 @@ Example:
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch_geometric.data import Data
 
-__all__ = ["sbm_graph", "planetoid_split", "load_graph"]
+__all__ = ["sbm_graph", "planetoid_split", "structural_features", "load_graph"]
+
+log = logging.getLogger(__name__)
 
 
 def planetoid_split(y: torch.Tensor, per_class: int = 20, num_val: int = 500, num_test: int = 1000,
@@ -43,7 +47,6 @@ def sbm_graph(num_nodes: int = 1000, num_blocks: int = 5, num_features: int = 64
     0.02, plus `feature_signal` on its block's topic columns (Cora-like sparse features). Returns a PyG `Data` (x (N, F), edge_index (2, E)
     undirected, y (N,) block ids, Planetoid-style train/val/test masks with 10 per class)."""
     import networkx as nx
-    from torch_geometric.data import Data
 
     if num_blocks < 1 or num_nodes < num_blocks:
         raise ValueError(f"need num_nodes ({num_nodes}) >= num_blocks ({num_blocks}) >= 1")
@@ -62,6 +65,22 @@ def sbm_graph(num_nodes: int = 1000, num_blocks: int = 5, num_features: int = 64
     return Data(x=x, edge_index=edge_index, y=y, train_mask=train, val_mask=val, test_mask=test)
 
 
+def structural_features(data: Any) -> torch.Tensor:
+    """Features for a graph that has none: PyG's `LocalDegreeProfile` (a node's degree and the
+    min / max / mean / std of its neighbours' degrees) in the undirected graph, log1p-scaled.
+
+    >>> from torch_geometric.data import Data
+    >>> structural_features(Data(edge_index=torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]]), num_nodes=3)).shape
+    torch.Size([3, 5])
+    """
+    from torch_geometric.transforms import LocalDegreeProfile
+    from torch_geometric.utils import to_undirected
+
+    edge_index = to_undirected(data.edge_index, num_nodes=data.num_nodes)
+    profile = LocalDegreeProfile()(Data(edge_index=edge_index, num_nodes=data.num_nodes)).x
+    return torch.log1p(profile.float())
+
+
 def load_graph(source: str, root: str | Path | None = None, cache_dir: str | Path | None = None,
                normalize_features: bool = True) -> Any:
     """`source`: "sbm" (generated), a Planetoid name ("Cora", "CiteSeer", "PubMed"; needs
@@ -76,7 +95,10 @@ def load_graph(source: str, root: str | Path | None = None, cache_dir: str | Pat
     elif Path(source).is_dir() and (Path(source) / "graph.safetensors").is_file():
         data = load_clean_graph(source)
         if getattr(data, "x", None) is None:
-            raise ValueError(f"{source} has no node features; ingest a node attribute table with --nodes")
+            data.x = structural_features(data)
+            log.warning("%s has no node features (no --nodes table was cleaned); using each node's local degree "
+                        "profile (PyG's LocalDegreeProfile, log1p) as its 5 features", source)
+            normalize_features = False  # row-normalising would erase the degree scale
     elif source in ("Cora", "CiteSeer", "PubMed"):
         if root is None or cache_dir is None:
             raise ValueError(f"Planetoid {source} needs root= (folder with {source}/raw) and a writable cache_dir=")

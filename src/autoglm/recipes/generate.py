@@ -1,7 +1,11 @@
 """Sampling and evaluating a saved run: `autoglm generate` and `autoglm eval`.
 
 Generation goes through the inference engine (paged KV cache), the same path the server
-uses; evaluation is the Trainer's `evaluate` on the validation split of a corpus.
+uses. Evaluation is either the Trainer's `evaluate` on the validation split of a corpus
+(loss, perplexity, next-token accuracy), or, with `tasks`, lm-evaluation-harness run in
+process on the loaded model (`autoglm.evaluation.harness`: lm-eval's HF backend on our
+PreTrainedModel, the run's tokenizer, the built-in local tasks plus `include_path`); its
+results are written next to the run as JSON (`lm_eval.json`, atomically).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 from ..settings import setting
 from .common import DEFAULT_CACHE
 
-__all__ = ["GenerateConfig", "EvalConfig", "generate_text", "generate", "evaluate_run"]
+__all__ = ["GenerateConfig", "EvalConfig", "generate_text", "generate", "evaluate_run", "evaluate_tasks"]
 
 
 @dataclass
@@ -47,6 +51,23 @@ class EvalConfig:
     max_batches: int | None = setting(None, "score at most this many batches; none = the whole split")
     val_fraction: float = setting(0.1, "held-out share of the corpus (as in training)")
     cache_dir: Path = setting(DEFAULT_CACHE, "where tokenized corpora are cached")
+    tasks: tuple[str, ...] | None = setting(None, "lm-evaluation-harness tasks to run in process (`builtin` = the "
+                                                  "built-in local tasks autoglm_docstring_mc and autoglm_docstring_gen; "
+                                                  "needs the eval extra); none = loss, perplexity and accuracy on "
+                                                  "the validation split")
+    include_path: Path | None = setting(None, "a folder of your own lm-eval task YAML files (with --tasks)")
+    limit: int | None = setting(None, "with --tasks: at most this many examples per task; none = all")
+    num_fewshot: int | None = setting(None, "with --tasks: few-shot examples per prompt; none = each task's default")
+    log_samples: bool = setting(False, "with --tasks: keep every example's inputs and scores in the JSON")
+    output: Path | None = setting(None, "with --tasks: where the results JSON goes; none = RUN/lm_eval.json")
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 (examples per task), got {self.limit}")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError("tasks is empty; name lm-eval tasks (e.g. builtin) or leave it out")
 
 
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float = 0.8, top_k: int = 50,
@@ -86,3 +107,26 @@ def evaluate_run(cfg: EvalConfig) -> dict[str, Any]:
     data = prepare_corpus(data_path, cfg.cache_dir, tokenizer=tok, val_fraction=cfg.val_fraction)
     res = evaluate(model, iter_eval_batches(data.tokens.val, cfg.batch_size, cfg.seq_len, max_batches=cfg.max_batches))
     return {**res, "data": data.source}
+
+
+def evaluate_tasks(cfg: EvalConfig) -> dict[str, Any]:
+    """lm-evaluation-harness tasks on the run, in process; writes the results JSON (atomic) and
+    returns what it wrote plus {"output": path}."""
+    import json
+
+    from ..atomic import atomic_write_text
+    from ..evaluation.harness import run_harness, summarize
+    from ..rundir import RunDir
+
+    if not cfg.tasks:
+        raise ValueError("evaluate_tasks needs tasks (e.g. builtin)")
+    run = RunDir.open(cfg.run)
+    model, tok = run.load()
+    res = run_harness(model, tok, cfg.tasks, cfg.include_path, batch_size=cfg.batch_size, limit=cfg.limit,
+                      num_fewshot=cfg.num_fewshot, log_samples=cfg.log_samples)
+    out = summarize(res, samples=cfg.log_samples)
+    out["run"] = str(Path(cfg.run).resolve())
+    path = Path(cfg.output) if cfg.output is not None else Path(cfg.run) / "lm_eval.json"
+    atomic_write_text(path, json.dumps(out, indent=2))
+    out["output"] = str(path)
+    return out
