@@ -26,8 +26,19 @@ and the HTTP / engine ratio is the median over repeats of the two measured back 
 KV blocks still held afterwards). Pin threads (--threads, and OMP_NUM_THREADS for the
 server) so the systems compete on equal terms.
 
+Scoring workload (--scoring-prompts N, 0 = skip): what an evaluation harness sends, prompt
+log-probabilities only. N prompts of --scoring-len random token ids, each scored token by
+token (teacher-forced log-probabilities, no generation): the engine (`SamplingParams(
+max_tokens=0, prompt_logprobs=0)`, computed in its prefill), HTTP (`echo` + `logprobs` +
+`max_tokens: 0`, --scoring-batch prompts per request as a token-id batch, as
+lm-evaluation-harness's local-completions sends them, --load-in-flight requests at once)
+and HF (one forward per right-padded batch of --scoring-batch prompts and a log-softmax
+gather, what lm-eval's HF backend does). Reports prompt tokens scored per second and the
+largest difference of the engine's scores from HF's.
+
     python benchmarks/serving.py --threads 1
     python benchmarks/serving.py --threads 1 --concurrency 16,64 --systems engine,http --out /tmp/r
+    python benchmarks/serving.py --threads 1 --concurrency 1 --systems engine,http,hf --scoring-prompts 256 --out /tmp/r
 
 Writes docs/results/serving.json and serving.md (--out to change).
 """
@@ -36,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import json
 import os
 import socket
@@ -107,6 +119,76 @@ def run_engine(model, tokenizer, prompts, n_out, cfg):
                       if len(r.token_times) > 1]), [r.output_ids for r in reqs]
 
 
+# --------------------------------------------------------------------- scoring
+def score_engine(model, tokenizer, prompts, cfg):
+    eng = LLMEngine(model, tokenizer, cfg)
+    t0 = time.perf_counter()
+    reqs = eng.generate(prompts, SamplingParams(max_tokens=0, prompt_logprobs=0))
+    wall = time.perf_counter() - t0
+    assert eng.pool.num_free == eng.pool.num_blocks, "leaked KV blocks"
+    return wall, [[e.logprob for e in r.prompt_logprobs] for r in reqs]
+
+
+def score_hf(model, prompts, batch, pad_id):
+    out = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(0, len(prompts), batch):
+            chunk = prompts[i:i + batch]
+            P = max(map(len, chunk))
+            ids = torch.full((len(chunk), P), pad_id)
+            for j, p in enumerate(chunk):
+                ids[j, :len(p)] = torch.tensor(p)  # right padding: causal rows never see it
+            lp = model(ids).logits.float().log_softmax(-1)
+            nxt = lp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]
+            out += [nxt[j, :len(p) - 1].tolist() for j, p in enumerate(chunk)]
+    return time.perf_counter() - t0, out
+
+
+def score_http(url, prompts, batch, in_flight):
+    def post(chunk):
+        body = json.dumps({"model": "bench", "prompt": chunk, "max_tokens": 0, "echo": True, "logprobs": 0}).encode()
+        req = urllib.request.Request(url + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            choices = sorted(json.load(r)["choices"], key=lambda c: c["index"])
+        return [c["logprobs"]["token_logprobs"][1:] for c in choices]
+
+    chunks = [prompts[i:i + batch] for i in range(0, len(prompts), batch)]
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(in_flight) as pool:
+        results = list(pool.map(post, chunks))
+    return time.perf_counter() - t0, [lp for r in results for lp in r]
+
+
+def measure_scoring(a, systems, model, tokenizer, cfg, url):
+    """Prompt tokens scored per second by each system; best of --repeats, interleaved."""
+    g = torch.Generator().manual_seed(a.seed + 1)
+    prompts = [torch.randint(2, model.config.vocab_size, (a.scoring_len,), generator=g).tolist()
+               for _ in range(a.scoring_prompts)]
+    n_scored = sum(len(p) - 1 for p in prompts)
+    score_engine(model, tokenizer, prompts[:2], cfg)  # warm-up
+    best, scores = {}, {}
+    for rep in range(a.repeats):
+        for s in (systems if rep % 2 == 0 else systems[::-1]):
+            if s == "engine":
+                wall, out = score_engine(model, tokenizer, prompts, cfg)
+            elif s == "http":
+                wall, out = score_http(url, prompts, a.scoring_batch, a.load_in_flight)
+            elif s == "hf":
+                wall, out = score_hf(model, prompts, a.scoring_batch, model.config.pad_token_id)
+            else:
+                continue  # the Llama baseline has other weights: its scores are not comparable
+            scores[s] = out
+            best[s] = min(best.get(s, wall), wall)
+            print(f"scoring rep {rep} {s}: {n_scored / wall:.0f} prompt tok/s", flush=True)
+    diff = {s: max(abs(x - y) for a_, b_ in zip(scores[s], scores["hf"]) for x, y in zip(a_, b_))
+            for s in scores if s != "hf" and "hf" in scores}
+    return dict(prompts=a.scoring_prompts, prompt_len=a.scoring_len, batch=a.scoring_batch,
+                rows=[dict(system=s, wall_s=round(w, 3), prompt_tok_s=round(n_scored / w, 1),
+                           max_abs_diff_vs_hf=None if s not in diff else float(f"{diff[s]:.2e}"))
+                      for s, w in best.items()])
+
+
 # ------------------------------------------------------------------------ HTTP
 def free_port() -> int:
     with socket.socket() as s:
@@ -120,7 +202,7 @@ def start_server(run_dir, cfg: EngineConfig, threads: int, port: int) -> subproc
     cmd = [sys.executable, "-c", "from autoglm.cli import main; main()", "serve", str(run_dir), "--port", str(port),
            "--served-model-name", "bench", "--block-size", str(cfg.block_size), "--num-blocks", str(cfg.num_blocks),
            "--max-num-seqs", str(cfg.max_num_seqs), "--max-num-batched-tokens", str(cfg.max_num_batched_tokens),
-           "--max-concurrent", "100000"]
+           "--max-concurrent", "100000", "--max-prompts", "100000"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -251,6 +333,10 @@ def main():
     ap.add_argument("--load-in-flight", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads here and OMP_NUM_THREADS of the server "
                                                            "(0 = leave as is)")
+    ap.add_argument("--scoring-prompts", type=int, default=0, help="scoring workload: prompts scored (0 = skip)")
+    ap.add_argument("--scoring-len", type=int, default=128, help="scoring workload: tokens per prompt")
+    ap.add_argument("--scoring-batch", type=int, default=16, help="scoring workload: prompts per HTTP request / "
+                                                                  "HF forward")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="results folder (default: docs/results)")
     a = ap.parse_args()
@@ -263,8 +349,8 @@ def main():
     torch.manual_seed(a.seed)
     model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(a.preset, initializer_range=0.1)).eval()
     mc = model.config
-    max_len = a.prompt_max + a.out_tokens
-    C = max(conc)
+    max_len = max(a.prompt_max + a.out_tokens, a.scoring_len if a.scoring_prompts else 0)
+    C = max(conc + ([a.scoring_batch * a.load_in_flight] if a.scoring_prompts else []))
     cfg = EngineConfig(block_size=a.block_size, num_blocks=C * (-(-max_len // a.block_size) + 1), max_num_seqs=C,
                        max_num_batched_tokens=a.max_batched_tokens)
     g = torch.Generator().manual_seed(a.seed)
@@ -285,13 +371,15 @@ def main():
         from autoglm.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(tmp)
         server = url = None
-        if "http" in systems or a.load_requests:
+        if "http" in systems or a.load_requests:  # (--max-prompts: the scoring batches)
             port = free_port()
             server = start_server(tmp, cfg, a.threads, port)
             url = f"http://127.0.0.1:{port}"
             run_http(url, workloads[conc[0]][:1], 4)  # warm-up
         try:
             res = measure(a, systems, conc, workloads, model, llama, tokenizer, cfg, url)
+            if a.scoring_prompts:
+                res["scoring"] = measure_scoring(a, systems, model, tokenizer, cfg, url)
             if a.load_requests:
                 res["load_check"] = load_check(url, a.load_requests, a.load_in_flight)
                 print("load check", res["load_check"], flush=True)
@@ -373,6 +461,15 @@ def markdown(a, res, conc) -> str:
     if res["greedy_identical_requests_pct"]:
         md.append("\nrequests with greedy output identical to HF generate: " + ", ".join(
             f"{v}% at {c}" for c, v in res["greedy_identical_requests_pct"].items()))
+    if "scoring" in res:
+        sc = res["scoring"]
+        md += [f"\nScoring (prompt log-probabilities only, as an evaluation harness asks): {sc['prompts']} prompts of "
+               f"{sc['prompt_len']} random token ids, every token but the first scored; HTTP sends token-id batches "
+               f"of {sc['batch']} with echo + max_tokens 0, {a.load_in_flight} requests in flight; HF runs one "
+               f"forward per right-padded batch of {sc['batch']}.", "",
+               "| system | wall s | prompt tok/s | max abs diff vs HF |", "|---|---|---|---|"]
+        md += [f"| {r['system']} | {r['wall_s']} | {r['prompt_tok_s']} | "
+               f"{'' if r['max_abs_diff_vs_hf'] is None else r['max_abs_diff_vs_hf']} |" for r in sc["rows"]]
     if "load_check" in res:
         lc = res["load_check"]
         md.append(f"\nload check through the server: {lc['requests']} requests, {lc['in_flight']} in flight (official "
