@@ -1,12 +1,19 @@
 """A saved run (tiny random model + small BPE tokenizer) for the lm-eval tests. Nothing may be
 downloaded: the built-in tasks read local JSONL files; datasets is told it is offline."""
 
+import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "inference"))  # inference_helpers (BackgroundServer)
+# the inference tests' helpers (make_model, BackgroundServer), loaded by file: putting their folder on
+# sys.path would make its conftest.py clash with this one
+if "inference_helpers" not in sys.modules:
+    _spec = importlib.util.spec_from_file_location("inference_helpers",
+                                                   Path(__file__).parents[1] / "inference" / "inference_helpers.py")
+    sys.modules["inference_helpers"] = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(sys.modules["inference_helpers"])
 
 
 @pytest.fixture(autouse=True)
