@@ -36,8 +36,8 @@ def test_streamed_events(chat):
     lp = TokenLogprob(5, -0.25, [])
 
     class Tok:
-        def decode(self, ids):
-            return "t"
+        def batch_decode(self, ids):
+            return ["t" for _ in ids]
     b.logprobs[1].tok = Tok()
     batch = [(0, RequestOutput("a", [1], text, False)), (1, RequestOutput("b", [5], "x", False, logprobs=[lp])),
              (0, RequestOutput("a", [2], "!", True, FinishReason.STOP, "!", 3, 2))]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+import weakref
 from typing import Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -260,6 +261,15 @@ def _logprobs_arg(req, chat: bool) -> int | None:
 
 
 # ---------------------------------------------------------------- responses out
+_TOKEN_TEXTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _token_texts(tokenizer) -> dict[int, str]:
+    """The text of each single token id, decoded once per tokenizer and kept while it lives
+    (logprobs name every scored token and its alternatives; an echoed prompt has hundreds)."""
+    return _TOKEN_TEXTS.setdefault(tokenizer, {})
+
+
 class LogprobFormatter:
     """One choice's logprobs in the OpenAI shape (see module docstring); completions keep the
     running `text_offset` across calls."""
@@ -268,11 +278,19 @@ class LogprobFormatter:
         self.tok, self.chat, self.offset = tokenizer, chat, 0
 
     def _text(self, token_id: int) -> str:
-        return self.tok.decode([token_id])
+        return _token_texts(self.tok)[token_id]
+
+    def _decode_missing(self, ids) -> None:
+        """Decode, in one batch, the token ids not yet cached."""
+        texts = _token_texts(self.tok)
+        missing = sorted(set(ids) - texts.keys())
+        if missing:
+            texts.update(zip(missing, self.tok.batch_decode([[i] for i in missing])))
 
     def payload(self, entries) -> dict | None:
         if entries is None:
             return None
+        self._decode_missing([e.token_id for e in entries] + [i for e in entries for i, _ in e.top])
         if self.chat:
             def item(tid, lp):
                 t = self._text(tid)
@@ -295,6 +313,7 @@ class LogprobFormatter:
     def prompt_payload(self, prompt_ids: list[int], entries) -> dict:
         """The echoed prompt's logprobs (completions shape): its first token has no context, so
         its logprob and top alternatives are null; entry i of `entries` scores token i + 1."""
+        self._decode_missing(prompt_ids[:1])
         first = self._text(prompt_ids[0])
         out = {"tokens": [first], "token_logprobs": [None], "top_logprobs": [None], "text_offset": [self.offset]}
         self.offset += len(first)
