@@ -10,6 +10,8 @@ Writes docs/results/architecture.{json,md,png}.
 
     python benchmarks/architecture.py                       # CPU: small vs standard-small
     python benchmarks/architecture.py --device cuda --presets base --precision bf16
+    python benchmarks/architecture.py --config configs/demo.yaml --data builtin --minutes 2 --repeats 2 --name demo
+                                                            # `make demo`'s comparison -> docs/results/demo.*
 
 Targets: at 8192 tokens the Open-AutoGLM forward is >= 1.45x faster than the standard
 model, and its held-out accuracy after equal training time is not lower.
@@ -59,7 +61,7 @@ def run(args) -> dict:
                      "latency_repeats": args.repeats,
                      "out": args.work_dir or tempfile.mkdtemp(prefix="autoglm-arch-")}
         data = args.data if args.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
-        if data is not None:
+        if data is not None and str(data) != "builtin":
             overrides["data.path"] = data
         cmp = compare(load_config(CompareConfig, args.config, overrides), progress=False)
         for r in cmp["rows"]:
@@ -68,6 +70,9 @@ def run(args) -> dict:
                                      val={"loss": r["val_loss"], "accuracy": r["val_acc"]},
                                      curve=cmp["curves"][r["preset"]])
         rows[sparse]["data"] = rows[dense]["data"] = cmp["data"]
+        sample = {"model": cmp["best"], "text": cmp["sample"]} if cmp["sample"] else None
+    else:
+        sample = None
     s, d = rows[sparse], rows[dense]
     summary = {f"speedup@{T}": d["latency_ms"][T] / s["latency_ms"][T] for T in args.lengths}
     if "val" in s:
@@ -75,7 +80,7 @@ def run(args) -> dict:
         summary["loss_delta"] = s["val"]["loss"] - d["val"]["loss"]
     return {"device": args.device, "device_name": _device_name(args.device), "precision": args.precision,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows, "summary": summary,
-            "targets": {"speedup@8192": ">= 1.45", "accuracy_delta_pts": ">= 0"}}
+            "sample": sample, "targets": {"speedup@8192": ">= 1.45", "accuracy_delta_pts": ">= 0"}}
 
 
 def _device_name(device: str) -> str:
@@ -103,6 +108,9 @@ def markdown(res: dict) -> str:
     for k, v in res["summary"].items():
         target = res["targets"].get(k, "")
         lines.append(f"| {k} | {v:.3f} | {target} |")
+    if res.get("sample"):
+        lines += ["", f"Sample from the model with the lower validation loss (`{res['sample']['model']}`):", "",
+                  "> " + " ".join(res["sample"]["text"].split())]
     return "\n".join(lines) + "\n"
 
 
@@ -132,7 +140,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", default="small", help="sparse preset; its twin is standard-<preset>")
     p.add_argument("--config", type=Path, default=CONFIG, help="compare-recipe config for the training part")
-    p.add_argument("--data", type=Path, default=None, help=f"training text (default {SHAKESPEARE} when present)")
+    p.add_argument("--data", type=Path, default=None,
+                   help=f"training text (default {SHAKESPEARE} when present; 'builtin': the built-in corpus)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16"], help="default: bf16 on GPU, fp32 on CPU")
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
@@ -140,11 +149,12 @@ def main(argv=None) -> None:
     p.add_argument("--minutes", type=float, default=5.0, help="training budget per model (0 = latency only)")
     p.add_argument("--work-dir", type=Path, default=None, help="where the compare runs go (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
+    p.add_argument("--name", default=None, help="results file name (default: architecture[-PRESET])")
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     res = run(args)
-    name = "architecture" if args.presets == "small" else f"architecture-{args.presets}"
+    name = args.name or ("architecture" if args.presets == "small" else f"architecture-{args.presets}")
     path = save_results(args.out, name, res, markdown(res))
     plot(res, path.with_suffix(".png"))
 
