@@ -39,8 +39,10 @@ largest difference of the engine's scores from HF's.
     python benchmarks/serving.py --threads 1
     python benchmarks/serving.py --threads 1 --concurrency 16,64 --systems engine,http --out /tmp/r
     python benchmarks/serving.py --threads 1 --concurrency 1 --systems engine,http,hf --scoring-prompts 256 --out /tmp/r
+    python benchmarks/serving.py --threads 1 --concurrency 1 --systems engine,http,hf --repeats 1 --load-requests 0 \
+        --scoring-prompts 128 --name serving-scoring            # docs/results/serving-scoring.*
 
-Writes docs/results/serving.json and serving.md (--out to change).
+Writes docs/results/serving.json and serving.md (--out and --name to change).
 """
 
 from __future__ import annotations
@@ -339,6 +341,7 @@ def main():
                                                                   "HF forward")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="results folder (default: docs/results)")
+    ap.add_argument("--name", default="serving", help="results file name (serving-scoring for the scoring run)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -388,7 +391,7 @@ def main():
                 server.terminate()
                 server.wait(timeout=30)
     res.update(args=vars(a), params_total=params(model), llama_params_total=params(llama) if llama else None)
-    save_results(a.out, "serving", res, markdown(a, res, conc))
+    save_results(a.out, a.name, res, markdown(a, res, conc))
 
 
 def measure(a, systems, conc, workloads, model, llama, tokenizer, cfg, url):
