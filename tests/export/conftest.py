@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
+from export_helpers import train_briefly
 
 
 @pytest.fixture(scope="session")
@@ -29,18 +30,9 @@ def export_model_dir(tmp_path_factory, export_corpus_tokens):
     tok, ids = export_corpus_tokens
     torch.manual_seed(0)
     model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name("tiny"))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    train = ids[: int(0.9 * len(ids))]
-    rng = np.random.default_rng(0)
-    for _ in range(60):
-        starts = rng.integers(0, len(train) - 65, size=8)
-        x = torch.from_numpy(train[starts[:, None] + np.arange(64)])
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    train_briefly(model, ids[: int(0.9 * len(ids))], steps=60, lr=3e-3, seed=0)
     d = tmp_path_factory.mktemp("export_model")
-    model.eval().save_pretrained(d)
+    model.save_pretrained(d)
     tok.save_pretrained(d)
     return d
 

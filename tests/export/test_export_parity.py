@@ -10,6 +10,7 @@ from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
 from autoglm.export import ExportError, export_onnx
 from autoglm.export.onnx_export import DEFAULT_ATOL, DEFAULT_RTOL, parity_ok
 from autoglm.export.wrapper import ExportDecoder
+from export_helpers import train_briefly
 
 _WORDS = ("the king said that a man would ride to the river and the queen wept for her son who had gone "
           "north in winter with seven horses and a sword of iron").split()
@@ -31,16 +32,7 @@ def _trained(tmp_path, preset: str, text: str, seed: int, steps: int, lr: float 
     ids = np.asarray(tok(text).input_ids, dtype=np.int64)
     torch.manual_seed(seed)
     model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(preset, vocab_size=512, **overrides))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr)
-    rng = np.random.default_rng(seed)
-    for _ in range(steps):
-        starts = rng.integers(0, len(ids) - 65, size=8)
-        x = torch.from_numpy(ids[starts[:, None] + np.arange(64)])
-        loss = model(x, labels=x).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    model.eval().save_pretrained(tmp_path / "m")
+    train_briefly(model, ids, steps, lr, seed).save_pretrained(tmp_path / "m")
     return model
 
 

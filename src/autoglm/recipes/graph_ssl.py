@@ -47,7 +47,7 @@ class GraphData:
     def __post_init__(self) -> None:
         if self.source in PLANETOID and self.root is None:
             raise ValueError(f"source {self.source} needs root, the folder that holds {self.source}/raw "
-                             f"(e.g. --root ../shared/data/planetoid)")
+                             f"(e.g. --root data/planetoid)")
 
 
 @dataclass
