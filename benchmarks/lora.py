@@ -295,7 +295,6 @@ def run(args) -> dict:
     head, new_data = _split_new_domain(new_data, args.base_share, work)
     if args.reuse_base and (work / "base" / "config.json").is_file():  # the base an earlier run left in --work-dir
         from autoglm.data import build_token_cache, read_corpus
-        from autoglm.rundir import RunDir
         from autoglm.settings import to_dict
 
         run_dir = RunDir.open(work / "base")
