@@ -64,8 +64,9 @@ def run(args) -> dict:
         if data is not None and str(data) != "builtin":
             overrides["data.path"] = data
         cmp = compare(load_config(CompareConfig, args.config, overrides), progress=False)
-        for r in cmp["rows"]:
-            rows[r["preset"]].update(latency_ms=r["latency_ms"], train_steps=r["steps"], train_seconds=r["seconds"],
+        for r in cmp["rows"]:  # the trained models' counts (the config's vocabulary, not the preset's)
+            rows[r["preset"]].update(params={"total": r["params_total"], "active": r["params_active"]},
+                                     latency_ms=r["latency_ms"], train_steps=r["steps"], train_seconds=r["seconds"],
                                      train_tokens_per_s=r["tokens_per_s"],
                                      val={"loss": r["val_loss"], "accuracy": r["val_acc"]},
                                      curve=cmp["curves"][r["preset"]])
