@@ -158,11 +158,16 @@ def _ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def _roles(kind: str) -> tuple[str, ...]:
+    """The columns a file of this kind may have."""
+    return ("id",) if kind == "nodes" else ("source", "target", "relation", "weight", "timestamp")
+
+
 def _resolve(path: Path, names: list[str], kind: str, cfg: IngestConfig) -> dict[str, int]:
     """Role -> 0-based position in `names` (the file's columns), by `cfg.columns` or the aliases."""
     low = [n.strip().lower() for n in names]
     found = ", ".join(repr(n) for n in names) or "none"
-    roles = ("id",) if kind == "nodes" else ("source", "target", "relation", "weight", "timestamp")
+    roles = _roles(kind)
     need = {"nodes": ("id",), "triples": ("source", "target", "relation")}.get(kind, ("source", "target"))
     cols: dict[str, int] = {}
     for role in roles:
@@ -254,7 +259,7 @@ def _read_fields(con, path: Path, fmt: str, kind: str, skip: int, cfg: IngestCon
     """Temp table `fields`(ln, line, bad, <role> VARCHAR..., fv VARCHAR[]): one row per input
     row, `bad` = the malformed reason, a NULL role = a missing or empty value, `fv` = node
     features. Returns (the file's line / row count, the feature column names)."""
-    roles = ("id",) if kind == "nodes" else ("source", "target", "relation", "weight", "timestamp")
+    roles = _roles(kind)
     val = lambda e: f"nullif(trim({e}), '')"  # noqa: E731  (empty = missing)
     if fmt == "parquet":
         src = f"read_parquet({_q(str(path))}, file_row_number=true)"
@@ -289,12 +294,13 @@ def _read_fields(con, path: Path, fmt: str, kind: str, skip: int, cfg: IngestCon
     names, delim = _csv_header(path, fmt, cfg)
     cols = _resolve(path, names, kind, cfg)
     split, bad_quotes = _split_sql(delim)
-    fnames = [n for i, n in enumerate(names) if i not in cols.values()] if kind == "nodes" else []
-    fv = "[" + ", ".join(val(f"f[{i + 1}]") for i, n in enumerate(names) if i not in cols.values()) + "]::VARCHAR[]"
+    rest = [i for i in range(len(names)) if i not in cols.values()]  # by position: names may repeat
+    fnames = [names[i] for i in rest] if kind == "nodes" else []
+    fv = "[" + ", ".join(val(f"f[{i + 1}]") for i in rest) + "]::VARCHAR[]" if kind == "nodes" else "[]::VARCHAR[]"
     w = len(names)
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fields AS SELECT ln, line, bad,
         {', '.join((val(f'f[{cols[k] + 1}]') if k in cols else 'NULL::VARCHAR') + f' AS {k}' for k in roles)},
-        {fv if kind == 'nodes' else '[]::VARCHAR[]'} AS fv
+        {fv} AS fv
         FROM (SELECT ln, line, f, CASE {_BLANK}WHEN {bad_quotes} THEN 'malformed: unbalanced quotes'
                                       WHEN len(f) <> {w} THEN 'malformed: expected {w} fields, got ' || len(f)
                                       END AS bad

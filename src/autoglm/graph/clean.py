@@ -237,11 +237,11 @@ def _guard(report: dict[str, Any], max_quarantine: float, allow_partial: bool, o
     share = t["quarantined"] / t["rows_in"]
     if t["kept"] > 0 and share <= max_quarantine:
         return
-    first = next(iter(sorted(t["by_rule"].items(), key=lambda kv: -kv[1])), None)
-    why = ", ".join(f"{k} {v}" for k, v in sorted(t["by_rule"].items(), key=lambda kv: -kv[1]))
+    ranked = sorted(t["by_rule"].items(), key=lambda kv: -kv[1])  # the commonest rule first
+    why = ", ".join(f"{k} {v}" for k, v in ranked)
     hint = ""
-    if first is not None:
-        ex = t["examples"][first[0]]
+    if ranked:
+        ex = t["examples"][ranked[0][0]]
         hint = (f"; e.g. {Path(ex['file']).name} line {ex['line']}: {ex['reason']}"
                     + (f" ({ex['value']!r})" if ex["value"] is not None else ""))
     head = (f"no row of {t['rows_in']} was kept" if t["kept"] == 0 else
