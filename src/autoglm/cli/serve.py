@@ -19,13 +19,12 @@ app = typer.Typer(add_completion=False)
 
 
 def run_serve(cfg: ServeConfig) -> None:
-    import uvicorn
-
+    from ..inference.server import serve_app
     from ..recipes.serve import build_server
 
     server, served = build_server(cfg)
     err.print(f"serving [bold]{', '.join(served)}[/] on http://{cfg.host}:{cfg.port}/v1")
-    uvicorn.run(server, host=cfg.host, port=cfg.port, log_level="info")
+    serve_app(server, cfg.host, cfg.port)  # SIGTERM drains: in-flight requests finish, new ones get 503
 
 
 add_recipe_command(app, "serve", ServeConfig, run_serve,

@@ -17,6 +17,12 @@ beyond the context or a logit_bias token outside the vocabulary (400, with the e
 `max_concurrent` requests in flight (429). A client that disconnects cancels its
 request, so its KV blocks go back to the pool.
 
+Graceful shutdown (`serve_app`, what `autoglm serve` runs): on SIGTERM the server drains:
+/health and every new generation request answer 503, requests in flight run to the end,
+and the process exits once none is left (or after `drain_timeout` seconds); a second
+signal exits at once. Kubernetes removes the pod from its Service when the readiness
+probe sees the 503, so the terminationGracePeriodSeconds must cover the drain.
+
 LoRA adapters loaded on the engine are served as models of their own: a request's `model`
 names the base model or an adapter, `/v1/models` lists both (adapters with `parent` = the
 base), and requests on different adapters share each step.
@@ -26,10 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -41,7 +50,9 @@ from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, LoadL
                        sampling_params)
 from .request import RequestOutput, SamplingParams
 
-__all__ = ["create_app", "ServerMetrics", "APIError", "chat_prompt"]
+__all__ = ["create_app", "serve_app", "DrainingServer", "ServerMetrics", "APIError", "chat_prompt"]
+
+log = logging.getLogger(__name__)
 
 _LAT = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -77,6 +88,7 @@ class _Server:
     max_prompts: int = 64
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     in_flight: int = 0
+    draining: bool = False  # set on SIGTERM: new requests get 503, those in flight finish
 
     def check_model(self, model: str) -> None:
         loras = self.engine.lora_adapters()
@@ -89,6 +101,10 @@ class _Server:
                      chat: bool) -> "_Call":
         """Queue every prompt with every SamplingParams (one engine request each)."""
         n = len(prompts) * len(params)
+        if self.draining:
+            self.metrics.requests.labels("rejected").inc()
+            raise APIError(503, "the server is shutting down; send the request to another replica",
+                           code="server_shutting_down", kind="service_unavailable_error")
         if self.in_flight + n > self.max_concurrent:
             self.metrics.requests.labels("rejected").inc()
             raise APIError(429, f"too many concurrent requests ({self.max_concurrent} in flight); retry later",
@@ -343,7 +359,9 @@ async def models(request: Request):
     return {"object": "list", "data": data}
 
 
-async def health():
+async def health(request: Request):
+    if request.app.state.server.draining:  # readiness fails, so the pod leaves its Service
+        return JSONResponse({"status": "draining"}, status_code=503)
     return {"status": "ok"}
 
 
@@ -355,3 +373,46 @@ async def metrics(request: Request):
     m.kv_used.set(s["kv_blocks_used"])
     m.kv_total.set(s["kv_blocks_total"])
     return PlainTextResponse(generate_latest(m.registry).decode(), media_type="text/plain; version=0.0.4")
+
+
+# ------------------------------------------------------------- graceful shutdown
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server, draining on SIGTERM instead of closing its socket at once: the app
+    (`create_app`'s) keeps listening and answers 503 to new requests and to /health while
+    the requests in flight finish; it exits when none is left or after `drain_timeout`
+    seconds. SIGINT, or a second SIGTERM, keeps uvicorn's own (immediate) shutdown."""
+
+    def __init__(self, config: uvicorn.Config, drain_timeout: float = 30.0) -> None:
+        super().__init__(config)
+        if drain_timeout < 0:
+            raise ValueError(f"drain_timeout must be >= 0 seconds, got {drain_timeout}")
+        self.drain_timeout = drain_timeout
+        self.drain_since: float | None = None
+
+    def begin_drain(self) -> None:
+        srv: _Server = self.config.app.state.server
+        srv.draining = True
+        self.drain_since = time.monotonic()
+        log.info("draining: %d request(s) in flight, new requests get 503 (at most %.0f s)", srv.in_flight,
+                 self.drain_timeout)
+
+    def handle_exit(self, sig: int, frame) -> None:
+        if sig == signal.SIGTERM and self.drain_since is None:
+            self.begin_drain()
+        else:
+            super().handle_exit(sig, frame)
+
+    async def on_tick(self, counter: int) -> bool:
+        if self.drain_since is not None and not self.should_exit:
+            left = self.config.app.state.server.in_flight
+            if left == 0 or time.monotonic() - self.drain_since > self.drain_timeout:
+                if left:
+                    log.warning("drain timeout (%.0f s): %d request(s) still in flight are cut off",
+                                self.drain_timeout, left)
+                self.should_exit = True
+        return await super().on_tick(counter)
+
+
+def serve_app(app: FastAPI, host: str, port: int, drain_timeout: float = 30.0, log_level: str = "info") -> None:
+    """Run `create_app`'s app with uvicorn until SIGINT, or SIGTERM and a drain (`DrainingServer`)."""
+    DrainingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level), drain_timeout).run()
