@@ -48,10 +48,23 @@ def info(preset: str = typer.Argument(..., help="Preset name, e.g. tiny, small, 
 
 
 def run_train(cfg: PretrainConfig) -> None:
+    from ..distributed.runtime import launched_by_torchrun, torchrun_world_size
     from ..recipes.generate import generate_text
     from ..recipes.pretrain import pretrain
 
+    if cfg.dist.strategy != "single" and not launched_by_torchrun():  # start the ranks: torchrun runs this command
+        from ..distributed.launch import launch
+
+        code = launch(cfg, "train")
+        if code:
+            fail(RuntimeError(f"torchrun exited with code {code}: a rank failed (its error is printed above)"))
+        return
+    if cfg.dist.strategy == "single" and torchrun_world_size() > 1:
+        fail(ValueError(f"launched by torchrun on {torchrun_world_size()} processes but --strategy is single (each "
+                        f"would train alone into the same directory); pass --strategy ddp, fsdp or zero1"))
     out = pretrain(cfg, console=err)
+    if out.run is None:  # not the main rank: it printed nothing and saved nothing
+        return
     r, ev = out.result, out.result.final_eval
     console.print(f"[bold green]done[/]: {r.steps} steps in {r.elapsed:.0f}s ({r.tokens_per_s:,.0f} tokens/s); "
                   f"validation loss {ev['loss']:.3f}, perplexity {ev['perplexity']:.1f}, next-token accuracy "

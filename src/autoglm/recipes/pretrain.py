@@ -12,12 +12,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..distributed.config import DistributedSpec
 from ..settings import section, setting
 from ..training.config import TrainConfig
 from .common import ModelSpec, TextData, run_info
@@ -51,6 +53,7 @@ class PretrainConfig:
     data: TextData = section(TextData)
     train: TrainConfig = section(TrainConfig)
     early_exit: EarlyExitSpec = section(EarlyExitSpec)
+    dist: DistributedSpec = section(DistributedSpec, "processes and strategy (torchrun): ddp, fsdp, zero1, ...")
     init_from: Path | None = setting(None, "start from this run's weights and tokenizer instead of a fresh model "
                                            "(continued pre-training, e.g. a second phase with other settings)")
     resume: bool = setting(False, "continue from OUT/checkpoints/latest (same config; a longer --steps is fine)")
@@ -60,10 +63,10 @@ class PretrainConfig:
 
 @dataclass
 class PretrainOutput:
-    model: Any  # OpenAutoGLMForCausalLM, trained
+    model: Any  # OpenAutoGLMForCausalLM, trained (unsharded); None on ranks other than the main one
     tokenizer: Any
     result: Any  # training.TrainResult
-    run: Any  # RunDir
+    run: Any  # RunDir; None on ranks other than the main one
     source: str  # the corpus it trained on
 
 
@@ -74,10 +77,12 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
     (`data.prepare_corpus`), so several runs on one corpus read and tokenize it once."""
     import torch
 
-    from ..data import iter_eval_batches, prepare_corpus, sample_batch
+    from ..data import iter_eval_batches, prepare_corpus
+    from ..distributed import make_strategy
+    from ..distributed.data import rank_batch
     from ..rundir import RunDir
     from ..settings import to_yaml
-    from ..training import EarlyExitObjective, SingleDevice, Trainer
+    from ..training import EarlyExitObjective, Trainer
     from .common import build_model
 
     out = Path(cfg.out)
@@ -94,22 +99,42 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
     if ee.enabled and ee.layers is not None and max(ee.layers) >= model_cfg.num_hidden_layers:
         raise ValueError(f"early_exit.layers {list(ee.layers)} must be < the model's {model_cfg.num_hidden_layers} "
                          f"layers (the last layer is the full model)")
+    t = cfg.train
+    # a multi-process strategy joins torchrun's process group here; its checks run before any work
+    strategy = make_strategy(cfg.dist.strategy, device=cfg.device, **cfg.dist.strategy_options())
+    strategy.check(model_cfg, t)
     if cfg.resume and (out / "tokenizer.json").is_file():
         tokenizer = RunDir(out).load_tokenizer()
     elif init is not None:
         tokenizer = init.load_tokenizer()
-    data = prepared or prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.model.vocab_size or model_cfg.vocab_size,
-                                      tokenizer, cfg.data.val_fraction, cfg.data.extra_train)
-    t = cfg.train
+
+    def prepare() -> Any:
+        return prepared or prepare_corpus(cfg.data.path, cfg.data.cache_dir,
+                                          cfg.model.vocab_size or model_cfg.vocab_size, tokenizer,
+                                          cfg.data.val_fraction, cfg.data.extra_train)
+
+    if strategy.world_size > 1:  # the main process builds the token cache, the others then read it
+        data = prepare() if strategy.is_main else None
+        strategy.barrier()
+        data = data or prepare()
+    else:
+        data = prepare()
     torch.manual_seed(t.seed)
     model = init_model.train() if init_model is not None else build_model(cfg.model, len(data.tokenizer))
     objective = EarlyExitObjective(ee.weight, ee.layers) if ee.enabled else None
     train, val = data.tokens.train, data.tokens.val
-    trainer = Trainer(model, t, train_batch=lambda i: sample_batch(train, t.batch_size, t.seq_len, i, t.seed),
+    dp_rank, dp_size = strategy.data_parallel_rank, strategy.data_parallel_size
+    trainer = Trainer(model, t, train_batch=lambda i: rank_batch(train, t.batch_size, t.seq_len, i, t.seed, dp_rank,
+                                                                 dp_size),
                       eval_batches=lambda: iter_eval_batches(val, t.batch_size, t.seq_len, max_batches=t.eval_batches),
-                      out_dir=out, objective=objective, progress=progress, strategy=SingleDevice(cfg.device),
+                      out_dir=out, objective=objective, progress=progress, strategy=strategy,
                       console=console, callbacks=callbacks)
-    result = trainer.fit(resume=cfg.resume)
+    guard = getattr(strategy, "collective_errors", None)  # a dead rank: one clear error, not a hang
+    with guard() if guard is not None else contextlib.nullcontext():
+        result = trainer.fit(resume=cfg.resume)
+        model = strategy.export_model(trainer.model)  # sharded strategies gather the full weights here
+    if not strategy.is_main:
+        return PretrainOutput(None, data.tokenizer, result, None, data.source)
     extra: dict[str, Any] = {"data": data.source, "token_cache": str(data.tokens.path)}
     if ee.enabled:  # what `autoglm serve` reads to try exactly the trained exits
         layers = ee.layers if ee.layers is not None else range(1, model.config.num_hidden_layers)

@@ -10,6 +10,8 @@ Layout of one checkpoint, `ckpt_root/step-000123/`:
     trainer_state.json               step, tokens_seen, best val loss, train config, ...
 
 `ckpt_root/latest` is a one-line text file naming the newest complete checkpoint.
+Multi-process strategies write `torch.distributed.checkpoint` shards instead (see
+`autoglm.distributed.checkpoint`); `list_checkpoints` / `load_latest` see both kinds.
 
 Atomicity (`autoglm.atomic`): everything is written into a hidden temp directory inside
 `ckpt_root`, each file and the directory are fsync'ed, and the directory is renamed to
@@ -189,6 +191,8 @@ def _step_of(path: Path) -> int | None:
 
 
 def _is_complete(path: Path) -> bool:
+    if path.is_dir() and (path / _STATE).is_file() and (path / ".metadata").is_file():
+        return True  # torch.distributed.checkpoint shards (autoglm.distributed.checkpoint)
     return (path.is_dir() and (path / _STATE).is_file() and (path / _OPTIM).is_file()
             and ((path / _WEIGHTS).is_file() or (path / _WEIGHTS_INDEX).is_file() or (path / _ADAPTER).is_file()))
 

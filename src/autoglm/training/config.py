@@ -21,7 +21,7 @@ from ..settings import from_dict, setting
 
 __all__ = ["TrainConfig", "PRECISIONS"]
 
-PRECISIONS = ("auto", "bf16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp32", "fp16")
 
 
 @dataclass
@@ -46,8 +46,9 @@ class TrainConfig:
     save_every: int = setting(500, "checkpoint every N optimizer steps; 0 = only at the end")
     keep_checkpoints: int = setting(2, "newest checkpoints kept on disk; older ones are pruned")
     seed: int = setting(1337, "seeds torch's global RNG at the start of a fresh run (dropout, etc.)")
-    precision: Literal["auto", "bf16", "fp32"] = setting("auto", "auto = bf16 autocast on CUDA if supported, else "
-                                                                 "fp32")
+    precision: Literal["auto", "bf16", "fp32", "fp16"] = setting("auto", "auto = bf16 autocast on CUDA if supported, "
+                                                                         "else fp32; fp16 = fp16 autocast + grad "
+                                                                         "scaler (CUDA only)")
     grad_checkpointing: bool = setting(False, "recompute block activations in backward: less memory, ~30% "
                                               "slower")
     log_every: int = setting(10, "log a metrics row every N steps (each row forces a device sync)")

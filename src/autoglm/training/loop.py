@@ -31,11 +31,11 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 from torch import nn
 
-from .checkpoint import CheckpointError, list_checkpoints, load_checkpoint, load_latest, save_checkpoint
+from .checkpoint import CheckpointError, list_checkpoints, load_latest
 from .config import TrainConfig
 from .evaluate import evaluate
 from .objectives import CausalLMObjective, Objective
-from .optim import build_optimizer, build_scheduler
+from .optim import build_scheduler
 from .strategy import SingleDevice, Strategy, resolve_precision
 
 __all__ = ["Trainer", "TrainResult", "Callback", "enable_grad_checkpointing"]
@@ -130,11 +130,12 @@ class Trainer:
         self.progress = progress
         self.console = console  # share the CLI's console so log lines print above the bar
         self.precision = resolve_precision(cfg.precision, self.strategy.device)
+        self.strategy.configure(self.precision)
         model = self.strategy.setup(model)
         if cfg.grad_checkpointing:
             enable_grad_checkpointing(model)
         self.model = torch.compile(model) if cfg.compile else model
-        self.optimizer = build_optimizer(self.strategy.unwrap(self.model), cfg)
+        self.optimizer = self.strategy.build_optimizer(self.strategy.unwrap(self.model), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.step = 0  # optimizer steps done
         self.tokens_seen = 0
@@ -170,7 +171,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             batch = _to_device(self.train_batch(step * accum + micro), device)
-            self.tokens_seen += _count_tokens(batch) * self.strategy.world_size
+            self.tokens_seen += _count_tokens(batch) * self.strategy.data_parallel_size
             with self.strategy.no_sync(self.model, sync=micro == accum - 1):
                 with self.strategy.autocast(self.precision):
                     out = self.objective(self.model, batch)
@@ -190,7 +191,7 @@ class Trainer:
         metrics: dict[str, Any] = self.forward_backward(step)
         metrics["grad_norm"] = self.strategy.clip_grad_norm(self.model, self.cfg.grad_clip)
         metrics["lr"] = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
+        self.strategy.optimizer_step(self.optimizer)
         self.scheduler.step()
         return metrics
 
@@ -274,7 +275,7 @@ class Trainer:
         if path is None:
             raise CheckpointError(f"resume requested but {root} holds no checkpoint; start without resuming "
                                   f"(drop --resume) or choose the output directory of a run that saved one")
-        state = load_checkpoint(path, self.strategy.unwrap(self.model), self.optimizer, self.scheduler)
+        state = self.strategy.load_checkpoint(path, self.model, self.optimizer, self.scheduler)
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.best_val_loss = state.get("best_val_loss")
@@ -326,15 +327,13 @@ class Trainer:
         root = self.ckpt_root
         if root is None:
             return None
-        path = root / f"step-{self.step:06d}"
-        if self.strategy.is_main:
-            state = {"tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss,
-                     "elapsed": self.elapsed(), "train_config": dataclasses.asdict(self.cfg),
-                     "metrics_rows": self._metrics_rows, "precision": self.precision,
-                     "objective": repr(self.objective), "world_size": self.strategy.world_size}
-            path = save_checkpoint(root, self.step, self.strategy.unwrap(self.model), self.optimizer,
-                                   self.scheduler, state, keep=self.cfg.keep_checkpoints)
-        self.strategy.barrier()
+        state = {"tokens_seen": self.tokens_seen, "best_val_loss": self.best_val_loss,
+                 "elapsed": self.elapsed(), "train_config": dataclasses.asdict(self.cfg),
+                 "metrics_rows": self._metrics_rows, "precision": self.precision,
+                 "objective": repr(self.objective), "world_size": self.strategy.world_size}
+        # the strategy writes it (one process: safetensors; several: every rank its shards)
+        path = self.strategy.save_checkpoint(root, self.step, self.model, self.optimizer, self.scheduler, state,
+                                             keep=self.cfg.keep_checkpoints)
         self._last_checkpoint = (self.step, path)
         return path
 
