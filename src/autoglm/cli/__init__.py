@@ -7,6 +7,7 @@ the recipe, and prints.
     serve                                         cli/serve.py
     export onnx                                   cli/export.py
     graph clean | pretrain | probe                cli/graph.py
+    ops forecast | scrape                         cli/ops.py
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 
 import typer
 
-from . import export, finetune, graph, serve, train
+from . import export, finetune, graph, ops, serve, train
 
 __all__ = ["app", "main"]
 
@@ -28,6 +29,7 @@ app.add_typer(finetune.app)
 app.add_typer(serve.app)
 app.add_typer(export.app, name="export")
 app.add_typer(graph.app, name="graph")
+app.add_typer(ops.app, name="ops")
 
 
 def main() -> None:
