@@ -28,8 +28,8 @@ registered by importing its module. `make_strategy(name, **opts)` builds one;
 collective timeout).
 
 Example:
-    >>> sorted(STRATEGIES)[:4]
-    ['ddp', 'fsdp', 'single', 'zero1']
+    >>> strategy_names()
+    ['ddp', 'ep', 'fsdp', 'pp', 'single', 'tp', 'zero1']
     >>> make_strategy("single", device="cpu")
     SingleDevice(device='cpu', world_size=1)
 """

@@ -10,7 +10,7 @@ Example:
     >>> DistributedSpec(strategy="zero3")
     Traceback (most recent call last):
     ...
-    ValueError: unknown strategy 'zero3'; choose one of ddp, fsdp, single, zero1 (registered in autoglm.distributed.STRATEGIES)
+    ValueError: unknown strategy 'zero3'; choose one of ddp, ep, fsdp, pp, single, tp, zero1 (registered in autoglm.distributed.STRATEGIES)
 """
 
 from __future__ import annotations

@@ -1,0 +1,205 @@
+"""Two-process (gloo, CPU) runs of the model-parallel pieces, for tests/distributed/test_{tp,pp,ep}.py.
+
+`worker_results()` starts this file twice (ranks 0 and 1) once per pytest process: the
+workers run every check below on the same tiny models the tests rebuild, save what they
+computed (full tensors: DTensors gathered, pipeline stages' gradients per rank) to
+`rank{r}.pt`, and the tests compare those against a single-process run of the same model
+with the same weights. One launch serves the three test files (starting torch twice is
+most of the cost on a loaded machine).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+WORLD = 2
+SEQ = 16  # a multiple of WORLD (sequence parallelism) and of the attention chunk
+BATCH = 4  # two pipeline micro-batches of 2
+
+
+def tiny_config(**overrides):
+    from autoglm import OpenAutoGLMConfig
+
+    fields = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, window_size=6, num_global_tokens=2, attn_impl="chunked",
+                  attn_chunk_size=4, intermediate_size=48, num_experts=4, num_experts_per_tok=2,
+                  expert_intermediate_size=24, moe_every=2)
+    fields.update(overrides)
+    return OpenAutoGLMConfig(**fields)
+
+
+# variants the workers run and the tests rebuild: name -> (config overrides, sequence_parallel)
+TP_VARIANTS = {
+    "rope_sp": (dict(), True),  # dense FFN layer + MoE layer, rotary, sequence-parallel norms
+    "relative_nosp": (dict(position="relative", moe_every=1), False),  # head-sharded bias table, all MoE
+    "absolute_dense": (dict(attention="dense", position="absolute", num_experts=0), True),  # SP falls back off
+}
+PP_VARIANTS = {
+    "gpipe": (dict(num_hidden_layers=3, moe_every=1), "gpipe"),  # stages of 2 and 1 blocks
+    "1f1b": (dict(num_hidden_layers=3), "1f1b"),
+}
+EP_VARIANTS = ("random", "skewed")  # skewed: only rank 0's experts are ever chosen
+
+
+def build_model(config, seed: int = 0):
+    from autoglm import OpenAutoGLMForCausalLM
+
+    torch.manual_seed(seed)
+    return OpenAutoGLMForCausalLM(config).float()
+
+
+def batch(config, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=g)
+    labels = torch.randint(0, config.vocab_size, (BATCH, SEQ), generator=g)
+    return ids, labels
+
+
+def ep_layer(variant: str):
+    """The MoE layer of the EP checks (same weights in every process)."""
+    from autoglm.modules.moe import MoEFeedForward
+
+    torch.manual_seed(3)
+    moe = MoEFeedForward(dim=16, hidden=24, num_experts=4, top_k=2)
+    if variant == "skewed":
+        with torch.no_grad():
+            moe.router.weight[:2] = moe.router.weight[:2].abs() + 0.5
+            moe.router.weight[2:] = -moe.router.weight[2:].abs() - 0.5
+    return moe
+
+
+def ep_inputs(rank: int, variant: str):
+    g = torch.Generator().manual_seed(100 + rank)
+    x = torch.randn(3, 5, 16, generator=g)
+    if variant == "skewed":
+        x = x.abs()
+    w = torch.randn(3, 5, 16, generator=g)  # loss = (y * w).sum(): a non-uniform output gradient
+    return x, w
+
+
+# ------------------------------------------------------------------------------ worker side
+def _plain(t):
+    """A plain tensor (DTensor gathered, a pending collective's result waited for)."""
+    if hasattr(t, "full_tensor"):
+        t = t.full_tensor()
+    if hasattr(t, "wait"):
+        t = t.wait()
+    return torch.Tensor(t.detach()).clone() if type(t) is not torch.Tensor else t.detach().clone()
+
+
+def _tp_checks(rank: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from autoglm.distributed.tensor import apply_tensor_parallel, clip_grad_norm, full_state_dict
+    from autoglm.losses import lm_loss
+
+    mesh = init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",))
+    out = {}
+    for name, (overrides, sp) in TP_VARIANTS.items():
+        cfg = tiny_config(**overrides)
+        model = apply_tensor_parallel(build_model(cfg), mesh, sequence_parallel=sp)
+        ids, labels = batch(cfg)
+        res = model(ids)
+        loss = lm_loss(res.logits, labels) + (res.aux_loss if res.aux_loss is not None else 0.0)
+        loss.backward()
+        norm = clip_grad_norm(model, 0.0)
+        grads = {n: _plain(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+        local_shapes = {n: tuple(p.to_local().shape) for n, p in model.named_parameters() if hasattr(p, "to_local")}
+        out[name] = {"local_shapes": local_shapes, "logits": _plain(res.logits), "loss": _plain(loss), "grads": grads, "grad_norm": _plain(norm),
+                     "state": {k: _plain(v) for k, v in full_state_dict(model).items()},
+                     "sp": model._tensor_parallel["sequence_parallel"]}
+    return out
+
+
+def _pp_checks(rank: int) -> dict:
+    from autoglm.distributed.pipeline import PipelineRunner
+
+    out = {}
+    for name, (overrides, schedule) in PP_VARIANTS.items():
+        cfg = tiny_config(**overrides)
+        runner = PipelineRunner(build_model(cfg), n_microbatches=2, schedule=schedule)
+        ids, labels = batch(cfg)
+        metrics = runner.step(ids, labels)
+        grads = {n: p.grad.clone() for n, p in runner.model.named_parameters() if p.grad is not None}
+        logits = runner.forward(ids)
+        out[name] = {"metrics": {k: v.clone() for k, v in metrics.items()}, "grads": grads, "logits": logits,
+                     "params": sorted(n for n, _ in runner.model.named_parameters())}
+    return out
+
+
+def _ep_checks(rank: int) -> dict:
+    from autoglm.distributed.expert import ExpertParallelMoE
+
+    out = {}
+    for variant in EP_VARIANTS:
+        layer = ExpertParallelMoE(ep_layer(variant))
+        x, w = ep_inputs(rank, variant)
+        x.requires_grad_(True)
+        y, r = layer(x)
+        (y * w).sum().backward()
+        out[variant] = {"y": y.detach(), "x_grad": x.grad, "topk_idx": r.topk_idx,
+                        "grads": {n: p.grad for n, p in layer.named_parameters() if p.grad is not None},
+                        "experts": sorted(layer.experts)}
+    return out
+
+
+CHECKS = {"tp": _tp_checks, "pp": _pp_checks, "ep": _ep_checks}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, fn in CHECKS.items():
+            results[name] = fn(rank)
+            dist.barrier()
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------- test side
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@functools.lru_cache(maxsize=1)
+def worker_results(timeout: float = 240.0) -> tuple[dict, ...]:
+    """Run the checks on WORLD gloo processes (once per pytest process); one dict per rank."""
+    out_dir = tempfile.mkdtemp(prefix="autoglm-mp-")
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(port), out_dir], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(WORLD)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+    if any(p.returncode for p in procs):
+        raise RuntimeError("model-parallel workers failed:\n" + "\n".join(
+            f"--- rank {r} (exit {p.returncode})\n{log[-6000:]}" for r, (p, log) in enumerate(zip(procs, logs))))
+    return tuple(torch.load(Path(out_dir) / f"rank{r}.pt", weights_only=True) for r in range(WORLD))
+
+
+if __name__ == "__main__":
+    _worker(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])

@@ -1,0 +1,62 @@
+"""Expert parallelism (2 gloo ranks on CPU) against the local MoE layer.
+
+Each worker holds 2 of the 4 experts and its own tokens; tokens reach the experts'
+owners and come back with `all_to_all_single`. Here one process runs the unsplit layer
+on both ranks' tokens with the summed loss: every rank's output and input gradient, the
+experts' gradients (on the rank that owns them: the sum over both ranks' tokens) and the
+router gradient (per-rank parts summed, as the data-parallel all-reduce does) must agree
+to fp32 round-off. `skewed` routes every token to rank 0's experts, so rank 1 sends all
+its tokens away and receives none (empty splits).
+"""
+
+import pytest
+import torch
+from _mp_helpers_model_parallel import EP_VARIANTS, WORLD, ep_inputs, ep_layer, tiny_config, worker_results
+
+from autoglm.distributed.expert import check_expert_parallel
+
+pytestmark = pytest.mark.xdist_group("model_parallel")
+TOL = dict(rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", EP_VARIANTS)
+def test_expert_parallel_moe_equals_local_moe(variant):
+    layer = ep_layer(variant)
+    ys, xgrads, idx = [], [], []
+    for rank in range(WORLD):
+        x, w = ep_inputs(rank, variant)
+        x.requires_grad_(True)
+        y, r = layer(x)
+        (y * w).sum().backward()
+        ys.append(y.detach())
+        xgrads.append(x.grad)
+        idx.append(r.topk_idx)
+    grads = {n: p.grad for n, p in layer.named_parameters() if p.grad is not None}
+    results = [res["ep"][variant] for res in worker_results()]
+    router = torch.zeros_like(grads["router.weight"])
+    for rank, r in enumerate(results):
+        assert r["experts"] == [str(2 * rank), str(2 * rank + 1)]  # this rank's half of the experts only
+        assert torch.equal(r["topk_idx"], idx[rank])
+        torch.testing.assert_close(r["y"], ys[rank], **TOL, msg=f"rank {rank} output")
+        torch.testing.assert_close(r["x_grad"], xgrads[rank], **TOL, msg=f"rank {rank} input gradient")
+        for n, g in r["grads"].items():
+            if n.startswith("experts."):
+                torch.testing.assert_close(g, grads[n], **TOL, msg=f"gradient of {n}")
+        router += r["grads"]["router.weight"]
+    torch.testing.assert_close(router, grads["router.weight"], **TOL)
+    # an expert no token reached has no gradient on its rank; the local layer's (whichever
+    # dispatch it runs) is then None or zero
+    expert_grads = {n for r in results for n in r["grads"] if n.startswith("experts.")}
+    for n, g in grads.items():
+        if n.startswith("experts.") and n not in expert_grads:
+            assert not g.any(), f"{n} has a gradient in the local layer but none on its rank"
+    if variant == "skewed":
+        assert not any(n.startswith(("experts.2.", "experts.3.")) for n in expert_grads)
+
+
+def test_ep_ranks_that_do_not_divide_the_experts_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"3 ranks needs 3 to divide num_experts \(4\).*--nproc 2"):
+        check_expert_parallel(tiny_config(), 3)
+    with pytest.raises(ValueError, match="num_experts is 0"):
+        check_expert_parallel(tiny_config(num_experts=0), 2)
+    check_expert_parallel(tiny_config(), 2)
