@@ -22,7 +22,7 @@ __all__ = ["OpenAutoGLMConfig", "PRESETS", "preset_names"]
 
 _ATTENTION_KINDS = ("sparse", "dense")
 _ATTN_IMPLS = ("auto", "chunked", "flex", "dense")
-_MOE_DISPATCH = ("sorted", "dense", "gather")
+_MOE_DISPATCH = ("auto", "grouped", "sorted", "dense", "gather")
 
 
 class OpenAutoGLMConfig(PretrainedConfig):
@@ -49,7 +49,7 @@ class OpenAutoGLMConfig(PretrainedConfig):
         num_experts_per_tok: int = 2,  # experts each token is routed to
         expert_intermediate_size: int = 352,  # hidden width of one SwiGLU expert
         moe_every: int = 1,  # MoE on every Nth layer (layer i is MoE when (i + 1) % N == 0)
-        moe_dispatch: str = "sorted",  # "sorted" groups tokens per expert; "dense" is the static, exportable path; "gather" reads only the chosen experts (few-token decode, CUDA graphs)
+        moe_dispatch: str = "auto",  # "auto" picks per call: "gather" for a few tokens, "grouped" (grouped GEMMs, no host sync) otherwise; "sorted" loops over experts; "dense" is the static, exportable path; "gather" reads only the chosen experts (few-token decode, CUDA graphs)
         router_aux_loss_coef: float = 0.01,  # weight of the Switch load-balancing loss
         router_z_loss_coef: float = 0.001,  # weight of the router z-loss (keeps router logits small)
         rms_norm_eps: float = 1e-5,

@@ -298,10 +298,11 @@ class MultiLoRA:
         if not self._groups:
             return
         xf = args[0].reshape(-1, args[0].shape[-1])
-        if moe.dispatch not in ("sorted", "dense"):
-            raise RuntimeError(f"expert LoRA needs the 'sorted' or 'dense' MoE dispatch, not {moe.dispatch!r} "
+        dispatch = moe.choose(xf)  # 'auto' runs 'sorted' while the expert projections are hooked
+        if dispatch not in ("sorted", "dense"):
+            raise RuntimeError(f"expert LoRA needs the 'sorted' or 'dense' MoE dispatch, not {dispatch!r} "
                                f"(it never calls the experts' linear layers)")
-        if moe.dispatch == "dense":  # every expert runs on every token
+        if dispatch == "dense":  # every expert runs on every token
             for e in moe.experts:
                 self._expert_groups[id(e)] = self._groups
             return

@@ -1,11 +1,25 @@
 """Top-k Mixture-of-Experts FFN of gated (SwiGLU) experts.
 
 Routing follows Mixtral: router logits in float32, softmax over all experts, keep the
-top-k, renormalise their weights to sum to 1. Two dispatch paths give the same result:
+top-k, renormalise their weights to sum to 1. Every dispatch path gives the same result:
 
+* `auto`    - (the default) picks one of the paths below per call, from the shape: `gather`
+             for a few token copies (N * k <= 2 * E: batch decode reads only the chosen
+             experts), `grouped` otherwise (prefill, training); `sorted` where grouped GEMM
+             cannot run (expert projections wrapped by PEFT or hooked by multi-LoRA serving,
+             or a dtype/device without a grouped-GEMM kernel: stated once in the log). Under
+             `torch.compile` grouped GEMM traces in bfloat16 only (PyTorch's fake kernel), so
+             a compiled float32 model takes the static `dense` path instead.
+* `grouped` - token copies sorted by expert, every expert's SwiGLU as two grouped GEMMs
+             (`torch.nn.functional.grouped_mm`, `torch._grouped_mm` on older torch) over
+             the contiguous groups, group offsets computed on the device: no host sync, no
+             loop over experts, no capacity (no token is dropped), static shapes for
+             `torch.compile`; the backward is grouped GEMMs too. Needs an input dtype the
+             device has a kernel for (`grouped_mm_supported`).
 * `sorted` - token copies are sorted by expert id and each expert runs once on its
              contiguous group (a loop over experts, never over tokens); only experts that
-             are hit do work. Data-dependent shapes: fast in eager mode.
+             are hit do work. Data-dependent shapes and a host sync for the group sizes:
+             the reference for `grouped`, and the path that calls each expert module.
 * `dense`  - every expert runs on every token and a dense (N, E) combine matrix with
              zeros off the top-k selects; static shapes for ONNX export / full-graph
              compile. The experts run as three wide matmuls over their concatenated
@@ -37,13 +51,48 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .ffn import SwiGLU
 
-__all__ = ["MoEFeedForward", "RouterOutput", "moe_dispatch", "route", "sorted_groups"]
+__all__ = ["GROUPED_MM", "MoEFeedForward", "RouterOutput", "grouped_mm_supported", "moe_dispatch", "route",
+           "sorted_groups"]
+
+log = logging.getLogger(__name__)
+
+# the public grouped GEMM (torch >= 2.13) or the private op it wraps (older torch); results name which ran
+_grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+GROUPED_MM = ("torch.nn.functional.grouped_mm" if hasattr(F, "grouped_mm")
+              else "torch._grouped_mm" if _grouped_mm is not None else None)
+DISPATCHES = ("auto", "grouped", "sorted", "dense", "gather")
+
+
+def grouped_mm_supported(device: torch.device, dtype: torch.dtype, dims: tuple[int, ...] = ()) -> str | None:
+    """None when a grouped GEMM can run on `device` in `dtype` with these feature widths, else the
+    reason it cannot (CUDA: bfloat16 on compute capability >= 8.0; CPU: float32/bfloat16/float16;
+    every row stride a multiple of 16 bytes)."""
+    if _grouped_mm is None:
+        return f"this torch ({torch.__version__}) has no grouped GEMM (torch.nn.functional.grouped_mm, torch >= 2.8)"
+    if device.type == "cuda":
+        if dtype != torch.bfloat16:
+            return f"grouped GEMM on CUDA needs bfloat16 inputs, got {dtype} (train or run with bf16 autocast)"
+        if torch.cuda.get_device_capability(device) < (8, 0):
+            return f"grouped GEMM on CUDA needs compute capability >= 8.0, this GPU has " \
+                   f"{torch.cuda.get_device_capability(device)}"
+    elif device.type == "cpu":
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return f"grouped GEMM on CPU needs float32, bfloat16 or float16 inputs, got {dtype}"
+    else:
+        return f"no grouped GEMM kernel is known for device type {device.type!r}"
+    size = torch.empty((), dtype=dtype).element_size()
+    bad = [d for d in dims if (d * size) % 16]
+    if bad:
+        return f"grouped GEMM needs every feature width to be a multiple of {16 // size} for {dtype}; got {bad}"
+    return None
 
 
 class RouterOutput(NamedTuple):
@@ -70,26 +119,111 @@ def sorted_groups(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
     return order, order // topk_idx.shape[1], torch.bincount(flat, minlength=num_experts).tolist()
 
 
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of `x` runs in: the autocast dtype when autocast is on for its device."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 class MoEFeedForward(nn.Module):
-    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, dispatch: str = "sorted") -> None:
+    def __init__(self, dim: int, hidden: int, num_experts: int, top_k: int, dispatch: str = "auto") -> None:
         super().__init__()
+        if dispatch not in DISPATCHES:
+            raise ValueError(f"dispatch must be one of {DISPATCHES}, got {dispatch!r}")
         self.num_experts = num_experts
         self.top_k = top_k
+        self.dim, self.hidden = dim, hidden
         self.dispatch = dispatch
         self.router = nn.Linear(dim, num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(dim, hidden) for _ in range(num_experts))
+
+    def choose(self, xf: torch.Tensor) -> str:
+        """The dispatch this layer runs for input rows `xf` (N, d): the configured one, or under
+        `auto` the one that fits the shape (see the module docstring)."""
+        if self.dispatch != "auto":
+            return self.dispatch
+        if not self._plain_experts():
+            return "sorted"  # adapters live in the expert modules: call each one
+        if xf.shape[0] * self.top_k <= 2 * self.num_experts:
+            return "gather"
+        cdt = _compute_dtype(xf)
+        why = grouped_mm_supported(xf.device, cdt, (self.dim, self.hidden))
+        if why is None and torch.compiler.is_compiling() and cdt != torch.bfloat16:
+            return "dense"  # PyTorch traces grouped GEMM in bfloat16 only; dense is static too
+        if why is None:
+            return "grouped"
+        warned = self.__dict__.setdefault("_fallback_warned", set())
+        if (xf.device.type, _compute_dtype(xf)) not in warned and not torch.compiler.is_compiling():
+            warned.add((xf.device.type, _compute_dtype(xf)))
+            log.warning("MoE dispatch 'auto' runs the sorted loop over experts (a host sync per layer): %s", why)
+        return "sorted"
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         shape = x.shape
         xf = x.reshape(-1, shape[-1])  # (N, d)
         r = route(xf, self.router.weight, self.top_k)
-        if self.dispatch == "dense":
+        dispatch = self.choose(xf)
+        if dispatch == "grouped":
+            y = self._grouped(xf, r)
+        elif dispatch == "dense":
             y = self._dense(xf, r)
-        elif self.dispatch == "gather":
+        elif dispatch == "gather":
             y = self._gather(xf, r)
         else:
             y = self._sorted(xf, r)
-        return y.view(shape), r
+        return y.view(*shape[:-1], y.shape[-1]), r
+
+    def _grouped(self, xf: torch.Tensor, r: RouterOutput, align: int | None = None) -> torch.Tensor:
+        """Both SwiGLU halves as grouped GEMMs over the token copies sorted by expert.
+
+        Group offsets come from a scatter-add of the routing on the device (no `.tolist()`),
+        so the shapes are static: N * k rows (plus up to E * (align - 1) zero rows when each
+        group is padded to a multiple of `align` rows, as CUDA kernels prefer)."""
+        cdt = _compute_dtype(xf)
+        why = grouped_mm_supported(xf.device, cdt, (self.dim, self.hidden))
+        if why is not None:
+            raise ValueError(f"MoE dispatch 'grouped' cannot run here: {why}; use moe_dispatch='auto' "
+                             f"(falls back to 'sorted') or 'sorted'")
+        if align is None:
+            align = 8 if xf.device.type == "cuda" else 1
+        N, k = r.topk_idx.shape
+        E = self.num_experts
+        flat = r.topk_idx.reshape(-1)  # (N*k,) expert of each token copy
+        order = torch.argsort(flat, stable=True)  # token copies grouped by expert
+        counts = torch.zeros(E, dtype=torch.int64, device=xf.device).scatter_add_(0, flat, torch.ones_like(flat))
+        xs = xf[order // k].to(cdt)  # (N*k, d) token of each sorted copy
+        if align > 1:  # copy i of expert e goes to row i - start[e] + padded_start[e]
+            padded = (counts + align - 1) // align * align
+            ends = padded.cumsum(0)
+            shift = (ends - padded) - (counts.cumsum(0) - counts)  # (E,) padded start - start
+            rows = torch.arange(N * k, device=xf.device) + shift[flat[order]]
+            xs = xs.new_zeros(N * k + E * (align - 1), xs.shape[1]).index_copy(0, rows, xs)
+        else:
+            ends = counts.cumsum(0)
+        offs = ends.to(torch.int32)
+        gu, down = self._stacked_for(cdt)  # (E, 2h, d), (E, d, h)
+        h = _grouped_mm(xs, gu.transpose(1, 2), offs=offs)  # (M, 2h)
+        g, u = h.chunk(2, dim=-1)
+        ys = _grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)  # (M, d)
+        if align > 1:
+            ys = ys[rows]
+        # back to (token, copy) order, weighted, summed over the k copies: no scatter-add
+        inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=xf.device))
+        w = r.topk_weight.to(ys.dtype).reshape(N, k, 1)
+        return (ys[inv].view(N, k, -1) * w).sum(1)
+
+    def _stacked_for(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked expert weights in `dtype`: built in the graph while training (gradients reach
+        every expert), cached otherwise."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.experts.parameters()):
+            gu = torch.stack([torch.cat([e.gate_proj.weight, e.up_proj.weight]) for e in self.experts])
+            down = torch.stack([e.down_proj.weight for e in self.experts])
+            return gu.to(dtype), down.to(dtype)
+        gu, down = self.stacked_weights()
+        if gu.dtype == dtype:
+            return gu, down
+        return self._cached(f"stacked-{dtype}", lambda: tuple(t.to(dtype) for t in self.stacked_weights()))
 
     def _sorted(self, xf: torch.Tensor, r: RouterOutput) -> torch.Tensor:
         order, token_of, counts = sorted_groups(r.topk_idx, self.num_experts)
@@ -107,8 +241,8 @@ class MoEFeedForward(nn.Module):
         cache built before compiling is used as is (the version check is Python-side
         bookkeeping a traced graph cannot hold)."""
         cache = self.__dict__.setdefault("_weight_cache", {})
-        if torch.compiler.is_compiling() and kind in cache:
-            return cache[kind][1]
+        if torch.compiler.is_compiling():
+            return cache[kind][1] if kind in cache else build()
         params = [p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
         key = tuple((p.data_ptr(), p._version, p.dtype) for p in params)
         if kind not in cache or cache[kind][0] != key:
@@ -172,7 +306,7 @@ def moe_dispatch(model: nn.Module, dispatch: str | Callable[[MoEFeedForward], st
     try:
         for m in moes:
             m.dispatch = dispatch(m) if callable(dispatch) else dispatch
-            if m.dispatch == "gather":
+            if m.dispatch in ("gather", "grouped", "auto"):
                 m.stacked_weights()
             elif m.dispatch == "dense" and not torch.is_grad_enabled() and m._plain_experts():
                 m._wide()
