@@ -45,7 +45,7 @@ def test_errors_name_the_field_and_the_file(tmp_path):
         load_config(GraphProbeConfig, bad)
     for overrides, message in [
         ({"ssl.loss.contrastive_weight": 0, "ssl.loss.reconstruction_weight": 0, "ssl.loss.decorrelation_weight": 0},
-         "ssl.loss: contrastive_weight, reconstruction_weight and decorrelation_weight"),
+         "ssl.loss: contrastive_weight, reconstruction_weight, decorrelation_weight, edge_weight and degree_weight"),
         ({"ssl.encoder.attention": True, "ssl.encoder.hidden_dim": 6}, "ssl.encoder: hidden_dim (6) must be divisible"),
         ({"ssl.views.augmentations": "rotate"}, "ssl.views: augmentations: unknown ['rotate']"),
         ({"ssl.views.feature_p": "0.1,2"}, "ssl.views: feature_p (0.1, 2.0) must be two probabilities"),

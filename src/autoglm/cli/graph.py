@@ -16,7 +16,7 @@ from typing import Optional
 
 import typer
 
-from ..recipes.graph_ssl import GraphPretrainConfig, GraphProbeConfig
+from ..recipes.graph_ssl import GraphPretrainConfig, GraphProbeConfig, GraphTuneConfig
 from rich.markup import escape
 
 from .common import console, err, fail, setup_logging, user_errors
@@ -142,6 +142,31 @@ def _probe(cfg: GraphProbeConfig) -> None:
     console.print_json(json.dumps({k: v for k, v in out.items() if k != "recipe_config"}, default=str))
 
 
+def _tune(cfg: GraphTuneConfig) -> None:
+    from rich.table import Table
+
+    from ..recipes.graph_ssl import tune
+
+    res = tune(cfg)
+    table = Table("trial", "val (%)", "epochs", "stopped", "s", "setting", title=f"graph tune on {cfg.data.source} "
+                  f"(validation nodes only; {res['search_seconds']:.0f} s, ended by {res['stopped_by']})")
+    for r in res["trials"]:
+        table.add_row(str(r["trial"]), f"{r['val_acc']:.2f}", str(r["best_epoch"]), r["stopped"], f"{r['seconds']:.0f}",
+                      escape(", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "base"))
+    console.print(table)
+    for r in res["confirm"]:
+        console.print(f"confirm trial {r['trial']}: val {r['val_acc']:.2f}% on fresh seeds")
+    console.print(f"[bold]selected[/]: trial {res['selected']['trial']} {escape(str(res['selected']['overrides']))}")
+    for name, rep in res["report"].items():
+        console.print(f"{name}: test {rep['mean']:.2f} +/- {rep['std']:.2f} % (val {rep['val_mean']:.2f}) over "
+                      f"seeds {rep['seeds']}")
+    console.print(f"tuned config: {cfg.out / 'tuned.yaml'}; trials: {cfg.out / 'trials.jsonl'}")
+
+
+add_recipe_command(app, "tune", GraphTuneConfig, _tune,
+                   help="Search a small fixed space (objective weights, mask rates, width, epochs, view strengths) "
+                        "on the graph's validation nodes only, with early stopping and a budget in minutes; "
+                        "report the test accuracy of the base and the validation-best setting; write tuned.yaml.")
 add_recipe_command(app, "pretrain", GraphPretrainConfig, _pretrain,
                    help="Self-supervised pre-training (CCA-SSG term + InfoNCE + masked feature reconstruction, "
                         "weighted); saves the model and the embeddings to --out. Defaults: the best validation "

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["drop_nodes", "drop_edges", "perturb_edges", "mask_features"]
+__all__ = ["drop_nodes", "drop_edges", "perturb_edges", "mask_features", "mask_edges", "sample_non_edges"]
 
 
 def _check_p(p: float, name: str = "p") -> None:
@@ -119,3 +119,64 @@ def mask_features(x: torch.Tensor, p: float = 0.2, mode: str = "column", trainin
     mask = torch.rand(shapes[mode], generator=generator, device=x.device) < p
     full = {"column": mask.unsqueeze(0), "element": mask, "node": mask.unsqueeze(1)}[mode]
     return x.masked_fill(full, fill_value), mask
+
+
+def _pair_keys(edge_index: torch.Tensor, num_nodes: int) -> torch.Tensor:
+    """Direction-free key min(u, v) * N + max(u, v) of every edge. (E,) long."""
+    lo, hi = edge_index.min(0).values, edge_index.max(0).values
+    return lo * num_nodes + hi
+
+
+def mask_edges(edge_index: torch.Tensor, num_nodes: int, p: float = 0.15, training: bool = True,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each undirected edge with probability `p` (MaskGAE's edge masking).
+
+    Both directions of a masked pair leave the graph, so the encoder cannot read a masked edge
+    back through its reverse; self-loops are never masked. edge_index (2, E) -> (kept (2, E')
+    the remaining edges, masked (2, M) the masked pairs, once each as (min, max)).
+
+    >>> ei = torch.tensor([[0, 1, 1, 2], [1, 0, 2, 1]])
+    >>> kept, masked = mask_edges(ei, 3, p=0.5, generator=torch.Generator().manual_seed(1))
+    >>> kept.shape[1] + 2 * masked.shape[1]
+    4
+    """
+    _check_p(p)
+    _check_edge_index(edge_index)
+    if not training or p == 0.0 or edge_index.shape[1] == 0:
+        return edge_index, edge_index.new_empty((2, 0))
+    keys = _pair_keys(edge_index, num_nodes)
+    uniq, inverse = torch.unique(keys, return_inverse=True)  # one coin per undirected pair
+    hit = _rand(uniq.numel(), generator, edge_index.device) < p
+    hit &= (uniq // num_nodes) != (uniq % num_nodes)  # a self-loop is not an edge to predict
+    masked = torch.stack([uniq[hit] // num_nodes, uniq[hit] % num_nodes])
+    return edge_index[:, ~hit[inverse]], masked
+
+
+def sample_non_edges(edge_index: torch.Tensor, num_nodes: int, num: int, generator: torch.Generator | None = None,
+                     rounds: int = 10) -> torch.Tensor:
+    """`num` uniform random node pairs (u != v) that are not edges of `edge_index` in either
+    direction: the negatives edge reconstruction and link prediction score against.
+    (2, num) long; fewer only when the graph is so dense that `rounds` redraws cannot find them.
+
+    >>> ei = torch.tensor([[0, 1], [1, 2]])
+    >>> neg = sample_non_edges(ei, 4, 5, generator=torch.Generator().manual_seed(0))
+    >>> neg.shape, bool((neg[0] != neg[1]).all())
+    (torch.Size([2, 5]), True)
+    """
+    _check_edge_index(edge_index)
+    if num_nodes < 2 or num <= 0:
+        return edge_index.new_empty((2, 0))
+    existing = torch.unique(_pair_keys(edge_index, num_nodes)) if edge_index.numel() else edge_index.new_empty(0)
+    found, have = [], 0
+    dev = edge_index.device
+    for _ in range(rounds):
+        k = 2 * (num - have) + 8
+        src = torch.randint(0, num_nodes, (k,), generator=generator, device=dev)
+        dst = (src + torch.randint(1, num_nodes, (k,), generator=generator, device=dev)) % num_nodes
+        pairs = torch.stack([src, dst])
+        ok = ~torch.isin(_pair_keys(pairs, num_nodes), existing)
+        found.append(pairs[:, ok][:, :num - have])
+        have += found[-1].shape[1]
+        if have >= num:
+            break
+    return torch.cat(found, 1)

@@ -2,7 +2,7 @@
 
     encoder   the GNN that makes the node embeddings
     views     how the two augmented views of the graph are made
-    loss      the weighted objective (CCA-SSG term + InfoNCE + masked reconstruction)
+    loss      the weighted objective (CCA-SSG term + InfoNCE + masked feature and edge reconstruction)
     optim     the optimiser, the run length, the seed and the mini-batch (sampling) options
 
 The defaults are the best-validation configuration on Cora (configs/graph-cora.yaml pins the
@@ -131,13 +131,22 @@ class LossConfig:
                                            "graph is smaller)")
     l2: float = setting(0.0, "coupled L2 in the loss (l2/2 ||params||^2, torch Adam's weight_decay; "
                              "GraphMAE: 2e-4); optim.weight_decay is AdamW's decoupled one")
+    edge_weight: float = setting(0.0, "weight of masked edge reconstruction (MaskGAE): BCE of the masked edges "
+                                      "against sampled non-edges, scored from the graph without them; 0 = off")
+    edge_mask_rate: float = setting(0.15, "fraction of (undirected) edges masked for edge reconstruction")
+    degree_weight: float = setting(0.0, "weight of MaskGAE's degree reconstruction: MSE of each node's count of "
+                                        "masked edges predicted from its embedding; 0 = off")
 
     def __post_init__(self) -> None:
-        weights = (self.contrastive_weight, self.reconstruction_weight, self.decorrelation_weight)
+        weights = (self.contrastive_weight, self.reconstruction_weight, self.decorrelation_weight, self.edge_weight,
+                   self.degree_weight)
         if min(weights) < 0 or max(weights) == 0:
-            raise ValueError(f"contrastive_weight, reconstruction_weight and decorrelation_weight {weights} must "
-                             f"be >= 0 and not all 0")
-        _rate(self, "mask_rate", "replace_rate")
+            raise ValueError(f"contrastive_weight, reconstruction_weight, decorrelation_weight, edge_weight and "
+                             f"degree_weight {weights} must be >= 0 and not all 0")
+        _rate(self, "mask_rate", "replace_rate", "edge_mask_rate")
+        if (self.edge_weight > 0 or self.degree_weight > 0) and self.edge_mask_rate == 0:
+            raise ValueError("edge_weight / degree_weight score masked edges, so edge_mask_rate must be > 0 "
+                             "(MaskGAE: 0.15 to 0.7)")
         if self.sce_alpha < 1:
             raise ValueError(f"sce_alpha ({self.sce_alpha}) must be >= 1 (GraphMAE uses 1-3)")
         if self.tau <= 0:
@@ -161,9 +170,15 @@ class OptimConfig:
     batch_size: int | None = setting(None, "seed nodes per mini-batch step (neighbour-sampled subgraphs, for "
                                            "graphs that do not fit full-batch); none = full-batch")
     fanouts: tuple[int, ...] = setting((10, 10), "mini-batch: in-neighbours sampled per node at each hop")
+    sampled: bool = setting(False, "neighbour-sampled mini-batches (for graphs that do not fit full-batch); "
+                                   "batch_size defaults to 1024 seed nodes; setting batch_size turns it on")
 
     def __post_init__(self) -> None:
         self.fanouts = tuple(self.fanouts)
+        if self.batch_size is not None:
+            self.sampled = True
+        elif self.sampled:
+            self.batch_size = 1024
         if self.epochs < 1:
             raise ValueError(f"epochs ({self.epochs}) must be >= 1")
         if self.lr <= 0:

@@ -104,8 +104,9 @@ def _mean_curve(runs: list[dict[str, Any]]) -> list[dict[str, float]]:
 
 
 def pretrain(x: torch.Tensor, edge_index: torch.Tensor, cfg: GraphSSLConfig, **kw: Any) -> tuple[GraphSSLModel, Any]:
-    """`pretrain_graph` (full-batch), or `pretrain_graph_sampled` when `cfg.optim.batch_size` is set."""
-    train = pretrain_graph if cfg.optim.batch_size is None else pretrain_graph_sampled
+    """`pretrain_graph` (full-batch), or `pretrain_graph_sampled` when `cfg.optim.sampled` (CLI:
+    --sampled) or `cfg.optim.batch_size` is set."""
+    train = pretrain_graph_sampled if cfg.optim.sampled else pretrain_graph
     return train(x, edge_index, cfg, **kw)
 
 

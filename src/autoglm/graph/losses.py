@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["cca_ssg", "info_nce", "scaled_cosine_error"]
+__all__ = ["cca_ssg", "info_nce", "masked_edge_loss", "scaled_cosine_error"]
 
 
 def _one_way(a: torch.Tensor, b: torch.Tensor, tau: float) -> torch.Tensor:
@@ -82,3 +82,19 @@ def cca_ssg(z1: torch.Tensor, z2: torch.Tensor, lambd: float = 1e-3) -> torch.Te
     invariance = -(a * b).sum() / n  # = -trace(a^T b / N) without forming the D x D matrix
     decorrelation = (eye - a.t() @ a / n).pow(2).sum() + (eye - b.t() @ b / n).pow(2).sum()
     return invariance + lambd * decorrelation
+
+
+def masked_edge_loss(pos_logits: torch.Tensor, neg_logits: torch.Tensor) -> torch.Tensor:
+    """MaskGAE's edge reconstruction loss: binary cross-entropy of the masked edges' scores
+    (label 1) plus that of the sampled non-edges' scores (label 0), each averaged over its own
+    pairs: mean_i -log sigmoid(pos_i) + mean_j -log(1 - sigmoid(neg_j)).
+
+    pos_logits (M,), neg_logits (K,) raw scores -> scalar. An empty side contributes 0.
+    """
+    pos, neg = pos_logits.float(), neg_logits.float()
+    out = pos.sum() * 0.0 + neg.sum() * 0.0  # keeps both in the graph when a side is empty
+    if pos.numel():
+        out = out + F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos))
+    if neg.numel():
+        out = out + F.binary_cross_entropy_with_logits(neg, torch.zeros_like(neg))
+    return out

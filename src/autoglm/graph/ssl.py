@@ -4,9 +4,13 @@ feature reconstruction (GraphMAE: [MASK] token, re-masking, scaled cosine error)
     loss = contrastive_weight * info_nce(proj(enc(view1)), proj(enc(view2)), tau)
          + reconstruction_weight * sce(dec(remask(enc(x with masked rows = [MASK]))), x)[masked]
          + decorrelation_weight * cca_ssg(enc(view1), enc(view2), decorrelation_lambda)
+         + edge_weight * bce(edge_dec(h_u * h_v) for masked edges (1) and sampled non-edges (0)),
+                         h = enc(graph without the masked edges)                       (MaskGAE)
+         + degree_weight * mse(deg_dec(h), masked edges per node)
 
 (the weights and rates are `GraphSSLConfig.loss`, the views `.views`, the encoder `.encoder`).
-`GraphSSLModel` holds the parameters (encoder, [MASK] token, decoder, projector);
+`GraphSSLModel` holds the parameters (encoder, [MASK] token, decoder, projector, edge and
+degree decoders when their terms are on);
 `GraphSSLObjective` is a training objective `(model, batch) -> {"loss", ...}` for
 `autoglm.training.Trainer`, whose randomness is a pure function of (optim.seed, step) so a
 run is reproducible; `pretrain_graph` runs it full-batch for `optim.epochs` steps
@@ -33,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .augment import drop_edges, drop_nodes, mask_features, perturb_edges
+from .augment import drop_edges, drop_nodes, mask_edges, mask_features, perturb_edges, sample_non_edges
 from .config import AUGMENTATIONS, GraphSSLConfig
 from .encoder import EdgeAttention, GraphEncoder
-from .losses import cca_ssg, info_nce, scaled_cosine_error
+from .losses import cca_ssg, info_nce, masked_edge_loss, scaled_cosine_error
 
 __all__ = ["AUGMENTATIONS", "GraphSSLConfig", "GraphSSLModel", "GraphSSLObjective", "pretrain_graph",
            "ssl_train_config"]
@@ -61,10 +65,20 @@ class GraphSSLModel(nn.Module):
         self.decoder_attention = EdgeAttention(in_dim, 1, enc.attn_dropout) if enc.attention else None
         self.projector = nn.Sequential(nn.Linear(hidden, cfg.loss.proj_dim), nn.ELU(),
                                        nn.Linear(cfg.loss.proj_dim, hidden))
+        # MaskGAE's heads, built only when their term is on (so other configs keep their init and files)
+        self.edge_decoder = (nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+                             if cfg.loss.edge_weight > 0 else None)
+        self.degree_decoder = (nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+                               if cfg.loss.degree_weight > 0 else None)
 
     def forward(self, x: torch.Tensor, edge_index: torch.Tensor) -> torch.Tensor:
         """Embeddings for downstream use: x (N, F), edge_index (2, E) -> (N, hidden_dim)."""
         return self.encoder(x, edge_index)
+
+    def score_edges(self, h: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+        """Edge logits of node pairs from embeddings: h (N, D), pairs (2, M) -> (M,), the edge
+        decoder (an MLP) on h_u * h_v (MaskGAE)."""
+        return self.edge_decoder(h[pairs[0]] * h[pairs[1]]).squeeze(-1)
 
     def reconstruct(self, x: torch.Tensor, node_mask: torch.Tensor,
                     graph: tuple[torch.Tensor | None, torch.Tensor | None],
@@ -89,7 +103,9 @@ class GraphSSLModel(nn.Module):
 
 class GraphSSLObjective:
     """(model: GraphSSLModel, batch) -> {"loss", "contrastive_loss", "reconstruction_loss",
-    "decorrelation_loss"}.
+    "decorrelation_loss"}, plus "edge_loss" / "degree_loss" when those terms are on (masked
+    edge reconstruction: a share `loss.edge_mask_rate` of the undirected edges is removed, the
+    rest encoded, the masked edges scored against as many sampled non-edges, MaskGAE).
 
     batch = {"x": (N, F) float, "edge_index": (2, E) long, "step": int, optional "graph" (the
     encoder's prepared structure of edge_index)}; the step seeds this step's masks and views
@@ -145,11 +161,27 @@ class GraphSSLObjective:
                     idx = torch.randperm(n, generator=gen, device=x.device)[:lc.contrastive_nodes]
                     z1, z2 = z1[idx], z2[idx]
                 con = info_nce(z1, z2, lc.tau)
-        loss = lc.contrastive_weight * con + lc.reconstruction_weight * rec + lc.decorrelation_weight * dec
+        edge = deg = zero
+        if lc.edge_weight > 0 or lc.degree_weight > 0:  # drawn last: the other terms' masks stay as they were
+            kept, pos = mask_edges(edge_index, n, lc.edge_mask_rate, generator=gen)
+            h = model.encoder(x, kept)
+            if lc.edge_weight > 0:
+                neg = sample_non_edges(edge_index, n, pos.shape[1], generator=gen)
+                edge = masked_edge_loss(model.score_edges(h, pos), model.score_edges(h, neg))
+            if lc.degree_weight > 0:
+                target = torch.bincount(pos.reshape(-1), minlength=n).float()  # masked edges at each node
+                deg = nn.functional.mse_loss(model.degree_decoder(h).squeeze(-1).float(), target)
+        loss = (lc.contrastive_weight * con + lc.reconstruction_weight * rec + lc.decorrelation_weight * dec
+                + lc.edge_weight * edge + lc.degree_weight * deg)
         if lc.l2 > 0:
             loss = loss + 0.5 * lc.l2 * sum(p.pow(2).sum() for p in model.parameters() if p.requires_grad)
-        return {"loss": loss, "contrastive_loss": con.detach(), "reconstruction_loss": rec.detach(),
-                "decorrelation_loss": dec.detach()}
+        out = {"loss": loss, "contrastive_loss": con.detach(), "reconstruction_loss": rec.detach(),
+               "decorrelation_loss": dec.detach()}
+        if lc.edge_weight > 0:
+            out["edge_loss"] = edge.detach()
+        if lc.degree_weight > 0:
+            out["degree_loss"] = deg.detach()
+        return out
 
     def __repr__(self) -> str:
         return f"GraphSSLObjective({self.cfg})"

@@ -25,8 +25,9 @@ from typing import Any
 from ..graph.config import GraphSSLConfig
 from ..settings import section, setting, to_dict, to_yaml
 
-__all__ = ["GraphData", "ProbeSettings", "GraphPretrainConfig", "GraphProbeConfig", "GraphPretrainOutput",
-           "load_data", "pretrain", "probe", "seeds_of", "split_name"]
+__all__ = ["GraphData", "ProbeSettings", "TuneSettings", "GraphPretrainConfig", "GraphProbeConfig",
+           "GraphTuneConfig", "GraphPretrainOutput", "load_data", "pretrain", "probe", "tune", "seeds_of",
+           "split_name"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,43 @@ class ProbeSettings:
 
 
 @dataclass
+class TuneSettings:
+    minutes: float = setting(20.0, "time budget of the search and confirm stages (the final report is extra)")
+    max_trials: int = setting(24, "most settings tried; trial 0 is the base config (file + options)")
+    eval_every: int = setting(10, "probe the validation nodes every N epochs of a trial")
+    patience: int = setting(3, "stop a trial after this many validation probes without improvement")
+    search_seed: int = setting(0, "seeds the order in which settings are drawn from the space")
+    confirm_top: int = setting(2, "re-train the best N settings on fresh seeds and pick by their mean "
+                                  "validation accuracy (0 = pick on the search score)")
+    confirm_seeds: int = setting(1, "fresh seeds per confirmed setting")
+    report_seeds: int = setting(3, "seeds of the final test report of the base and the tuned config (0 = none)")
+    weight_decays: tuple[float, ...] = setting((1e-4, 1e-3, 1e-2, 5e-2), "the probe's weight decay grid (chosen "
+                                               "on validation)", flag="probe-weight-decays")
+    standardize: tuple[bool, ...] = setting((False, True), "z-score the embeddings before the probe: choices "
+                                            "tried on validation", flag="probe-standardize")
+
+    def __post_init__(self) -> None:
+        self.weight_decays, self.standardize = tuple(self.weight_decays), tuple(self.standardize)
+        if self.minutes <= 0:
+            raise ValueError(f"minutes ({self.minutes}) must be > 0")
+        for name in ("max_trials", "eval_every", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
+        for name in ("confirm_top", "confirm_seeds", "report_seeds", "search_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
+        if not self.weight_decays or not self.standardize:
+            raise ValueError("weight_decays and standardize must each hold at least one value")
+
+    def budget(self) -> Any:
+        from ..graph.tune import TuneBudget
+
+        return TuneBudget(minutes=self.minutes, max_trials=self.max_trials, eval_every=self.eval_every,
+                          patience=self.patience, search_seed=self.search_seed, confirm_top=self.confirm_top,
+                          confirm_seeds=self.confirm_seeds, report_seeds=self.report_seeds)
+
+
+@dataclass
 class GraphPretrainConfig:
     data: GraphData = section(GraphData, "the graph")
     ssl: GraphSSLConfig = section(GraphSSLConfig, "the self-supervised model, objective and optimiser")
@@ -89,6 +127,16 @@ class GraphProbeConfig:
     data: GraphData = section(GraphData, "the graph (needs labels and train/val/test masks)")
     ssl: GraphSSLConfig = section(GraphSSLConfig, "the self-supervised model, objective and optimiser")
     probe: ProbeSettings = section(ProbeSettings, "seeds and the linear probe")
+    device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
+
+
+@dataclass
+class GraphTuneConfig:
+    data: GraphData = section(GraphData, "the graph (needs labels and train/val masks; test only for the report)")
+    ssl: GraphSSLConfig = section(GraphSSLConfig, "the base config: trial 0, and every field the space leaves alone")
+    tune: TuneSettings = section(TuneSettings, "budget, early stopping and the report")
+    out: Path = setting(Path("runs/graph-tune"), "output folder: trials.jsonl, tuned.yaml (a probe/pretrain "
+                                                 "config), result.json")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
 
 
@@ -174,3 +222,35 @@ def probe(cfg: GraphProbeConfig, data: Any = None) -> dict[str, Any]:
     if p.json_out is not None:
         atomic_write_text(p.json_out, json.dumps(out, indent=1, default=str))
     return out
+
+
+def tune(cfg: GraphTuneConfig, data: Any = None) -> dict[str, Any]:
+    """`autoglm.graph.tune.tune_graph` on `data` (default: `load_data(cfg.data)`), selecting on its
+    validation nodes only. Writes to `cfg.out`, each file by atomic replace: trials.jsonl (every
+    search / confirm row as it ends, so an interrupted search keeps its trials), tuned.yaml (the
+    chosen setting as a `GraphProbeConfig` with this data section: `autoglm graph probe --config
+    OUT/tuned.yaml`) and result.json (everything, with the report's test accuracies)."""
+    from ..atomic import atomic_write_text
+    from ..graph.tune import check_validation_split, tune_graph
+
+    data = load_data(cfg.data) if data is None else data
+    check_validation_split(data, cfg.data.source)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    rows: list[str] = []
+
+    def keep(row: dict[str, Any]) -> None:
+        rows.append(json.dumps(row, default=str))
+        atomic_write_text(cfg.out / "trials.jsonl", "\n".join(rows) + "\n")
+
+    t = cfg.tune
+    res = tune_graph(data, cfg.ssl, t.budget(), probe_kw={"weight_decays": t.weight_decays,
+                                                          "standardize": t.standardize},
+                     device=cfg.device, on_trial=keep)
+    from ..settings import from_dict
+
+    tuned = GraphProbeConfig(data=cfg.data, ssl=from_dict(GraphSSLConfig, res["tuned_config"]))
+    atomic_write_text(cfg.out / "tuned.yaml", f"# chosen by `autoglm graph tune` on {cfg.data.source}'s validation "
+                      f"nodes (trial {res['selected']['trial']})\n" + to_yaml(tuned))
+    res.update(data=cfg.data.source, split_name=split_name(cfg.data), recipe_config=to_dict(cfg))
+    atomic_write_text(cfg.out / "result.json", json.dumps(res, indent=1, default=str))
+    return res

@@ -1,0 +1,257 @@
+"""Recipe search on a graph's own validation nodes: a small fixed space, early stopping, a
+time budget, then the test accuracy of the validation-best setting.
+
+    1. search   trial 0 is the base config (the default or the user's file), then settings
+                drawn from `SPACE` (objective weights, mask rates, width, epochs, view
+                strengths) in a seeded order; each pre-trains once and is probed on the
+                validation nodes every `eval_every` epochs; a trial stops after `patience`
+                probes without a better validation accuracy, or at the budget's end. Its score
+                is its best validation accuracy and its epochs are where that was reached.
+    2. confirm  the `confirm_top` best settings are re-trained from scratch with those epochs
+                on `confirm_seeds` fresh seeds; the highest mean validation accuracy wins (the
+                search score alone favours lucky single runs).
+    3. report   the base and the chosen config are pre-trained and probed on `report_seeds`
+                seeds each; only here is the test split read.
+
+The test nodes never take part in 1 and 2: the trials' probes get the validation mask in place
+of the test mask. Every trial is appended to the output as it ends, so an interrupted search
+keeps what it measured.
+
+Example:
+    >>> from autoglm.graph.datasets import sbm_graph
+    >>> from autoglm.settings import load_config
+    >>> base = load_config(GraphSSLConfig, overrides={"encoder.hidden_dim": 16, "optim.epochs": 4})
+    >>> res = tune_graph(sbm_graph(120, 3, 16), base, TuneBudget(minutes=1, max_trials=2, eval_every=2,
+    ...                  confirm_top=1, report_seeds=1, space={"loss.edge_weight": (0.0, 1.0)}),
+    ...                  probe_kw={"weight_decays": (1e-3,), "standardize": (False,)})
+    >>> len(res["trials"]), sorted(res["report"])
+    (2, ['base', 'tuned'])
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+from ..settings import ConfigError, from_dict, to_dict
+from .config import GraphSSLConfig
+from .experiment import ProbeCurve, pretrain, probe_model, ssl_probe, with_seed
+
+__all__ = ["SPACE", "TuneBudget", "candidates", "tune_graph", "check_validation_split", "EarlyStopping"]
+
+log = logging.getLogger(__name__)
+
+# The fixed search space: dotted path inside GraphSSLConfig -> the values tried.
+SPACE: dict[str, tuple[Any, ...]] = {
+    "loss.contrastive_weight": (0.0, 0.1, 0.3),
+    "loss.reconstruction_weight": (0.0, 1.0),
+    "loss.decorrelation_weight": (0.0, 1.0),
+    "loss.edge_weight": (0.0, 0.5, 1.0),
+    "loss.mask_rate": (0.5, 0.75),
+    "loss.edge_mask_rate": (0.15, 0.3, 0.5),
+    "encoder.hidden_dim": (256, 512),
+    "optim.epochs": (50, 100, 150),
+    "views.aug_p": ((0.3, 0.3), (0.4, 0.4), (0.5, 0.5)),
+    "views.feature_p": ((0.1, 0.1), (0.2, 0.2), (0.3, 0.3)),
+}
+
+
+@dataclass
+class TuneBudget:
+    """How long and how widely to search (see the module docstring for the stages)."""
+    minutes: float = 20.0
+    max_trials: int = 24
+    eval_every: int = 10
+    patience: int = 3
+    search_seed: int = 0
+    confirm_top: int = 2
+    confirm_seeds: int = 1
+    report_seeds: int = 3
+    space: Mapping[str, tuple[Any, ...]] = field(default_factory=lambda: dict(SPACE))
+
+    def __post_init__(self) -> None:
+        if self.minutes <= 0:
+            raise ValueError(f"minutes ({self.minutes}) must be > 0")
+        for name in ("max_trials", "eval_every", "patience"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
+        for name in ("confirm_top", "confirm_seeds", "report_seeds", "search_seed"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
+        bad = [k for k, v in self.space.items() if not v]
+        if bad:
+            raise ValueError(f"space entries {bad} list no values")
+
+
+def check_validation_split(data: Any, what: str = "the graph") -> None:
+    """ValueError unless `data` has labels and non-empty train and validation masks."""
+    missing = [k for k in ("y", "train_mask", "val_mask") if getattr(data, k, None) is None]
+    if missing:
+        raise ValueError(f"{what} has no {', '.join(missing)}: the tuner selects settings on validation nodes "
+                         f"only, so it needs labels and train/val masks (e.g. "
+                         f"autoglm.graph.datasets.planetoid_split(y) makes a Planetoid-style split)")
+    for k in ("train_mask", "val_mask"):
+        if not bool(getattr(data, k).any()):
+            raise ValueError(f"{what}'s {k} selects no node; the tuner needs labelled train and validation nodes")
+
+
+def _apply(base: GraphSSLConfig, overrides: Mapping[str, Any]) -> GraphSSLConfig:
+    """base with dotted `overrides`, validated by the config's own checks (ValueError)."""
+    d = to_dict(base)
+    for path, value in overrides.items():
+        sec, name = path.split(".")
+        d[sec][name] = list(value) if isinstance(value, tuple) else value
+    try:
+        return from_dict(GraphSSLConfig, d)
+    except ConfigError as e:
+        raise ValueError(str(e)) from None
+
+
+def candidates(base: GraphSSLConfig, space: Mapping[str, tuple[Any, ...]], n: int,
+               seed: int = 0) -> list[dict[str, Any]]:
+    """Up to `n` distinct override sets: {} (the base) first, then seeded random draws from the
+    grid `space` (each value uniform per dimension; invalid combinations, such as every loss
+    weight 0, and repeats are skipped)."""
+    keys = sorted(space)
+    grid_size = 1
+    for k in keys:
+        grid_size *= len(space[k])
+    rng = random.Random(seed)
+    out: list[dict[str, Any]] = [{}]
+    seen = {repr(base.to_dict())}
+    for _ in range(50 * n):
+        if len(out) >= n or len(seen) > grid_size:
+            break
+        over = {k: rng.choice(space[k]) for k in keys}
+        try:
+            key = repr(_apply(base, over).to_dict())
+        except ValueError:
+            continue
+        if key not in seen:
+            seen.add(key)
+            out.append(over)
+    return out
+
+
+class EarlyStopping(ProbeCurve):
+    """Trainer callback: probe the validation nodes every `every` steps (`ProbeCurve`, on data
+    whose test mask is the validation mask), keep the best (val_acc, epoch), and stop training
+    after `patience` probes without improvement or when `time.monotonic()` passes `deadline`."""
+
+    def __init__(self, data: Any, every: int, seed: int, probe_kw: dict[str, Any], patience: int,
+                 deadline: float) -> None:
+        super().__init__(data, every, seed, probe_kw)
+        self.patience, self.deadline = patience, deadline
+        self.best = {"val_acc": -1.0, "epoch": 0}
+        self.since, self.reason = 0, "finished"
+
+    def on_step(self, trainer: Any, row: dict[str, float]) -> None:
+        before = len(self.points)
+        super().on_step(trainer, row)
+        if len(self.points) == before:
+            return
+        p = self.points[-1]
+        if p["val_acc"] > self.best["val_acc"]:
+            self.best, self.since = {"val_acc": p["val_acc"], "epoch": int(p["epoch"])}, 0
+        else:
+            self.since += 1
+        if self.since >= self.patience:
+            trainer.should_stop, self.reason = True, "patience"
+        elif time.monotonic() > self.deadline:
+            trainer.should_stop, self.reason = True, "budget"
+
+
+def _val_only(data: Any) -> Any:
+    """The graph with the validation mask standing in for the test mask: a probe on it cannot
+    read a test label."""
+    return SimpleNamespace(x=data.x, edge_index=data.edge_index, y=data.y, train_mask=data.train_mask,
+                           val_mask=data.val_mask, test_mask=data.val_mask)
+
+
+def _steps_per_epoch(cfg: GraphSSLConfig, num_nodes: int) -> int:
+    return -(-num_nodes // cfg.optim.batch_size) if cfg.optim.sampled else 1
+
+
+def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Mapping[str, Any] | None = None,
+               device: str | None = None, on_trial: Callable[[dict[str, Any]], None] | None = None
+               ) -> dict[str, Any]:
+    """Search, confirm and report (module docstring). `data`: PyG-like with x, edge_index, y,
+    train/val/test masks. `on_trial(row)` sees every search and confirm row as it ends (the
+    recipe writes them to disk). Returns {"trials", "confirm", "selected" (overrides incl. the
+    chosen epochs), "tuned_config", "base_config", "search_seconds", "stopped_by", "report"
+    ({"base", "tuned"}: `ssl_probe` results on report_seeds seeds; {} when report_seeds is 0)}."""
+    check_validation_split(data)
+    probe_kw = dict(probe_kw or {})
+    start = time.monotonic()
+    # the search gets the budget less a fifth kept for the confirm stage (when there is one)
+    confirming = budget.confirm_top > 0 and budget.confirm_seeds > 0
+    deadline = start + 60 * budget.minutes * (0.8 if confirming else 1.0)
+    val_data = _val_only(data)
+    per_epoch = _steps_per_epoch(base, data.x.shape[0])
+    trials: list[dict[str, Any]] = []
+    stopped_by = "max_trials"
+    for i, over in enumerate(candidates(base, budget.space, budget.max_trials, budget.search_seed)):
+        if time.monotonic() > deadline:
+            stopped_by = "budget"
+            break
+        cfg = with_seed(_apply(base, over), base.optim.seed)
+        stop = EarlyStopping(val_data, budget.eval_every * per_epoch, cfg.optim.seed, probe_kw, budget.patience,
+                             deadline)
+        t = time.perf_counter()
+        pretrain(data.x, data.edge_index, cfg, device=device, callbacks=[stop],
+                 log_every=budget.eval_every * per_epoch)
+        epochs = max(1, round(stop.best["epoch"] / per_epoch))
+        row = {"stage": "search", "trial": i, "overrides": over, "val_acc": 100 * stop.best["val_acc"],
+               "best_epoch": epochs, "max_epochs": cfg.optim.epochs, "stopped": stop.reason,
+               "seconds": round(time.perf_counter() - t, 1),
+               "curve": [(int(p["epoch"]) // per_epoch, round(100 * p["val_acc"], 2)) for p in stop.points]}
+        trials.append(row)
+        log.info("trial %d: val %.2f%% at epoch %d (%s, %.0f s) %s", i, row["val_acc"], epochs, stop.reason,
+                 row["seconds"], over)
+        if on_trial:
+            on_trial(row)
+    if not trials:
+        raise ValueError(f"the budget ({budget.minutes} min) ended before the first trial; raise it")
+    search_seconds = time.monotonic() - start
+
+    # confirm: the best distinct settings, re-trained with their chosen epochs on fresh seeds
+    ranked = sorted(trials, key=lambda r: -r["val_acc"])[:max(1, budget.confirm_top)]
+    confirm: list[dict[str, Any]] = []
+    if confirming:
+        for r in ranked:
+            over = {**r["overrides"], "optim.epochs": r["best_epoch"]}
+            cfg = _apply(base, over)
+            vals = []
+            for k in range(budget.confirm_seeds):
+                seed = base.optim.seed + 1000 + k
+                model, _ = pretrain(data.x, data.edge_index, with_seed(cfg, seed), device=device)
+                vals.append(100 * probe_model(model, val_data, seed, **probe_kw)["val_acc"])
+            row = {"stage": "confirm", "trial": r["trial"], "overrides": over, "val_accs": vals,
+                   "val_acc": sum(vals) / len(vals)}
+            confirm.append(row)
+            log.info("confirm trial %d (%d epochs): val %.2f%%", r["trial"], r["best_epoch"], row["val_acc"])
+            if on_trial:
+                on_trial(row)
+        best = max(confirm, key=lambda r: r["val_acc"])
+    else:
+        best = {"trial": ranked[0]["trial"], "overrides": {**ranked[0]["overrides"],
+                                                           "optim.epochs": ranked[0]["best_epoch"]}}
+    tuned = _apply(base, best["overrides"])
+    out: dict[str, Any] = {"trials": trials, "confirm": confirm, "selected": {"trial": best["trial"],
+                                                                             "overrides": best["overrides"]},
+                           "tuned_config": tuned.to_dict(), "base_config": base.to_dict(),
+                           "search_seconds": round(search_seconds, 1),
+                           "tune_seconds": round(time.monotonic() - start, 1), "stopped_by": stopped_by,
+                           "budget_minutes": budget.minutes, "report": {}}
+    if budget.report_seeds:
+        seeds = list(range(base.optim.seed, base.optim.seed + budget.report_seeds))
+        kw = {"probe_weight_decays": probe_kw.get("weight_decays", (1e-4, 1e-3, 1e-2, 5e-2)),
+              "probe_standardize": probe_kw.get("standardize", (False, True))}
+        out["report"] = {name: ssl_probe(data, cfg, seeds=seeds, device=device, **kw)
+                         for name, cfg in (("base", base), ("tuned", tuned))}
+    return out
