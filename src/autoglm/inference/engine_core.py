@@ -53,6 +53,12 @@ class EngineConfig:
                                              "(a CPU check of the graph path)")
     compile_decode: bool = setting(False, "torch.compile the decode forward before capturing it (slow start, "
                                           "faster steps)")
+    speculative_layer: int | None = setting(None, "self-speculative decoding: draft from the exit after this many "
+                                                  "layers, verify with the rest (exact); none = no speculation "
+                                                  "(`autoglm serve`: the run's deepest trained exit layer when its "
+                                                  "run.json records early exits)")
+    speculative_tokens: int = setting(0, "tokens drafted per step for requests that do not set their own "
+                                         "`speculative_tokens`; 0 = speculate only when a request asks")
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -60,6 +66,15 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.early_exit_threshold:
             raise ValueError(f"early_exit_threshold must be > 0 (1.0 = never exit), got {self.early_exit_threshold}")
+        if self.speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be >= 0 (0 = off), got {self.speculative_tokens}")
+        if self.speculative_tokens and self.speculative_layer is None:
+            raise ValueError(f"speculative_tokens {self.speculative_tokens} needs a draft exit: set "
+                             f"speculative_layer (the exit layer a model was trained with, e.g. "
+                             f"`autoglm train --early-exit --exit-layers 2`)")
+        if self.speculative_layer is not None and self.early_exit_threshold < 1.0:
+            raise ValueError("speculative decoding (speculative_layer) and early exit (early_exit_threshold < 1) "
+                             "cannot be combined: choose exact speculation or approximate exits")
         if self.exit_layers is not None and (not self.exit_layers or min(self.exit_layers) < 1):
             raise ValueError(f"exit_layers must be layer counts >= 1 (e.g. 2,4), got {self.exit_layers}; "
                              f"none tries every layer")
@@ -75,6 +90,19 @@ class EngineStats:
     kv_slots_used: int = 0  # summed over steps: slots holding a token some future query may attend to
     layers_run: int = 0  # summed over decode steps
     decode_steps: int = 0
+    spec_steps: int = 0  # speculative steps, counted per request
+    spec_drafted: int = 0  # draft tokens proposed in them
+    spec_accepted: int = 0  # of those, accepted by the full model
+    spec_emitted: int = 0  # tokens the speculative steps produced (accepted + the full model's corrections)
+
+    @property
+    def tokens_per_spec_step(self) -> float:
+        """Tokens a request gets from one speculative step (1 .. k): the speed-up's upper bound."""
+        return self.spec_emitted / self.spec_steps if self.spec_steps else 0.0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.spec_accepted / self.spec_drafted if self.spec_drafted else 0.0
 
     @property
     def kv_waste(self) -> float:
@@ -103,7 +131,11 @@ class EngineCore:
         if cfg.cuda_graphs or (cfg.cuda_graphs is None and on_cuda):
             sizes = tuple(b for b in cfg.cuda_graph_batch_sizes if b <= cfg.max_num_seqs) or (1,)
             graphs = DecodeGraphOptions(sizes, capture=cfg.cuda_graph_capture, compile=cfg.compile_decode)
-        self.runner = ModelRunner(model, self.kv, cfg.early_exit_threshold, exit_layers, graphs)
+        if cfg.speculative_tokens >= self.max_model_len:
+            raise ValueError(f"speculative_tokens ({cfg.speculative_tokens}) must be smaller than the model's context "
+                             f"({self.max_model_len} tokens)")
+        self.runner = ModelRunner(model, self.kv, cfg.early_exit_threshold, exit_layers, graphs,
+                                  speculative_layer=cfg.speculative_layer)
         self.requests: dict[str, Request] = {}  # unfinished requests
         self.stats = EngineStats()
 
@@ -150,6 +182,7 @@ class EngineCore:
                                       "prompt", "context_length_exceeded")
         if params.max_tokens is None:
             params = replace(params, max_tokens=ctx - n)
+        params = self._check_speculation(params, lora)
         if n + params.max_tokens > ctx:
             raise InvalidRequestError(f"prompt ({n} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
                                       f"context of {ctx} tokens; shorten the prompt or lower max_tokens",
@@ -166,9 +199,29 @@ class EngineCore:
         self.stats.prompt_tokens += n
         return req
 
+    def _check_speculation(self, params: SamplingParams, lora: str | None) -> SamplingParams:
+        """Resolve a request's speculative_tokens (its own, else the engine's) and refuse what cannot run."""
+        k = self.config.speculative_tokens if params.speculative_tokens is None else params.speculative_tokens
+        if k and self.runner.speculator is None:
+            raise InvalidRequestError("speculative_tokens needs a draft exit, and this engine has none: serve a model "
+                                      "trained with early exit (`autoglm train --early-exit`) with "
+                                      "speculative_layer set, or drop speculative_tokens", "speculative_tokens")
+        if k >= self.max_model_len:
+            raise InvalidRequestError(f"speculative_tokens ({k}) must be smaller than the model's context "
+                                      f"({self.max_model_len} tokens)", "speculative_tokens")
+        if k > self.config.max_num_batched_tokens:
+            raise InvalidRequestError(f"speculative_tokens ({k}) exceeds the engine's step budget "
+                                      f"(max_num_batched_tokens {self.config.max_num_batched_tokens}); lower it",
+                                      "speculative_tokens")
+        if k and lora is not None:
+            raise InvalidRequestError("speculative decoding runs on the base model only (its exit was trained "
+                                      "there); drop speculative_tokens for LoRA requests", "speculative_tokens")
+        return params if k == params.speculative_tokens else replace(params, speculative_tokens=k)
+
     def _max_blocks_per_seq(self, total: int) -> int:
         if self.sparse:  # globals + window + one step's chunk, rounded out to blocks
             mc = self.model.config
+            # (speculative drafts are counted in the step's token budget)
             span = mc.num_global_tokens + mc.window_size + self.config.max_num_batched_tokens
             if self.config.early_exit_threshold < 1.0:  # deferred tokens keep their windows' keys
                 span += self.runner.max_deferred
@@ -224,6 +277,11 @@ class EngineCore:
             st.decode_steps += 1
             st.layers_run += runner_out.exit_layer
         st.generated_tokens += sum(len(o.new_token_ids) for o in outs)
+        for res in runner_out.speculated.values():
+            st.spec_steps += 1
+            st.spec_drafted += res.num_drafted
+            st.spec_accepted += res.num_accepted
+            st.spec_emitted += len(res.token_ids)
         st.preemptions = self.scheduler.num_preemptions
         self._release_finished()
         return outs

@@ -53,6 +53,10 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # report each new token's log-probability and this many top alternatives
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (all but the first)
+    # self-speculative decoding: tokens drafted from the engine's exit layer per step, verified by
+    # the full model (greedy output unchanged, sampled output distributed as the full model's);
+    # None = the engine's default (EngineConfig.speculative_tokens), 0 = off
+    speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -78,6 +82,10 @@ class SamplingParams:
             (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
                                               and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
              f"prompt_logprobs must be an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}"),
+            (self.speculative_tokens is None or (isinstance(self.speculative_tokens, int)
+                                                 and not isinstance(self.speculative_tokens, bool)
+                                                 and self.speculative_tokens >= 0),
+             f"speculative_tokens must be an integer >= 0 (0 = off), got {self.speculative_tokens!r}"),
         ]
         for ok, msg in checks:
             if not ok:

@@ -42,6 +42,7 @@ from .paged_attention import PagedAttention, PagedKVCache
 from .request import TokenLogprob
 from .sampling import prompt_logprobs, sample_tokens, token_logprob
 from .scheduler import SchedulerOutput
+from .speculative import SelfSpeculator, SpeculationResult
 
 __all__ = ["DeferredToken", "ModelRunner", "ModelRunnerOutput", "ForwardOutput"]
 
@@ -80,12 +81,14 @@ class ModelRunnerOutput:
     logprobs: list[TokenLogprob | None]
     exit_layer: int
     prompt_logprobs: dict[str, list[TokenLogprob]] = field(default_factory=dict)  # request id -> this step's
+    # request id -> its speculative step (the tokens it emits replace its entry in sampled_token_ids)
+    speculated: dict[str, SpeculationResult] = field(default_factory=dict)
 
 
 class ModelRunner:
     def __init__(self, model, kv: KVCacheManager, exit_threshold: float = 1.0,
                  exit_layers: tuple[int, ...] = (), graphs: DecodeGraphOptions | None = None,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | None = None, speculative_layer: int | None = None) -> None:
         cfg = model.config
         self.model, self.kv, self.config = model, kv, cfg
         self.block_size = kv.block_size
@@ -106,6 +109,8 @@ class ModelRunner:
         self.deferred: dict[str, list[DeferredToken]] = {}
         self.max_deferred = kv.block_size  # longest run of exits before a step must go to full depth
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own random streams
+        # self-speculative decoding: drafts from the exit after `speculative_layer` layers
+        self.speculator = SelfSpeculator(self, speculative_layer) if speculative_layer is not None else None
 
     def forget(self, request_id: str) -> None:
         """Drop what the runner holds for a finished request."""
@@ -115,7 +120,41 @@ class ModelRunner:
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        """Run the step and sample a token for every request that reaches its end."""
+        """Run the step and sample a token for every request that reaches its end (1 .. k tokens
+        for a speculating one: `speculative.SelfSpeculator`, after the other requests' forward)."""
+        spec = [s for s in so.scheduled if s.num_draft]
+        if not spec:
+            return self._execute_plain(so)
+        if self.speculator is None:
+            raise RuntimeError("a request was scheduled to speculate but the runner has no speculative_layer")
+        rest = SchedulerOutput([s for s in so.scheduled if not s.num_draft], so.preempted)
+        out = self._execute_plain(rest) if rest.scheduled else \
+            ModelRunnerOutput([], [], len(self.model.model.layers))
+        results = self.speculator.run(spec, [self._generator(s.request) for s in spec])
+        tokens, logprobs, i = [], [], 0
+        it = iter(zip(spec, results))
+        for s in so.scheduled:  # back into scheduled order
+            if not s.samples:
+                continue
+            if s.num_draft:
+                sr, res = next(it)
+                out.speculated[sr.request.request_id] = res
+                tokens.append(res.token_ids[0])
+                logprobs.append(res.logprobs[0])
+            else:
+                tokens.append(out.sampled_token_ids[i])
+                logprobs.append(out.logprobs[i])
+                i += 1
+        out.sampled_token_ids, out.logprobs = tokens, logprobs
+        return out
+
+    def _generator(self, r) -> torch.Generator | None:
+        g = self.generators.get(r.request_id)
+        if g is None and r.params.seed is not None:
+            g = self.generators[r.request_id] = torch.Generator(device=self.device).manual_seed(r.params.seed)
+        return g
+
+    def _execute_plain(self, so: SchedulerOutput) -> ModelRunnerOutput:
         segs = [Segment(self.kv.get(s.request.request_id).block_ids, s.request.num_computed_tokens,
                         s.request.all_token_ids[s.request.num_computed_tokens:
                                                 s.request.num_computed_tokens + s.num_new_tokens], s.samples)
@@ -158,12 +197,7 @@ class ModelRunner:
 
     def _sample(self, so: SchedulerOutput, out: ForwardOutput, score: ScoreRows) -> ModelRunnerOutput:
         reqs = [s.request for s in so.scheduled if s.samples]
-        gens = []
-        for r in reqs:
-            g = self.generators.get(r.request_id)
-            if g is None and r.params.seed is not None:
-                g = self.generators[r.request_id] = torch.Generator(device=self.device).manual_seed(r.params.seed)
-            gens.append(g)
+        gens = [self._generator(r) for r in reqs]
         seen = [r.all_token_ids if r.params.repetition_penalty != 1.0 else [] for r in reqs]
         tokens = sample_tokens(out.logits, [r.params for r in reqs], seen, gens, [r.output_ids for r in reqs])
         logprobs = [token_logprob(out.logits[i], t, r.params.logprobs) if r.params.logprobs is not None else None

@@ -29,7 +29,7 @@ import torch
 from .request import SamplingParams, TokenLogprob
 
 __all__ = ["apply_repetition_penalty", "apply_penalties", "top_k_filter", "top_p_filter", "min_p_filter",
-           "sample_token", "sample_tokens", "token_logprob", "prompt_logprobs"]
+           "sample_token", "sample_tokens", "target_probs", "token_logprob", "prompt_logprobs"]
 
 
 def _rows_tensor(values, like: torch.Tensor) -> torch.Tensor:
@@ -150,13 +150,33 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams], seen: list
             out[rest[k]] = t
     drawn = [k for k, p in enumerate(ps) if not p.greedy]
     if drawn:
-        dp = [ps[k] for k in drawn]
-        y = x[drawn] / _rows_tensor([p.temperature for p in dp], x)
-        y = _top_p_rows(_top_k_rows(_min_p_rows(y, [p.min_p for p in dp]), [p.top_k for p in dp]),
-                        [p.top_p for p in dp])
-        probs = y.softmax(-1)
+        probs = _filtered_probs(x[drawn], [ps[k] for k in drawn])
         for j, k in enumerate(drawn):
             out[rest[k]] = int(torch.multinomial(probs[j], 1, generator=generators[rest[k]]))
+    return out
+
+
+def _filtered_probs(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
+    """Step 3 of the module docstring up to the draw: temperature, min-p, top-k, top-p, softmax."""
+    y = x / _rows_tensor([p.temperature for p in ps], x)
+    y = _top_p_rows(_top_k_rows(_min_p_rows(y, [p.min_p for p in ps]), [p.top_k for p in ps]), [p.top_p for p in ps])
+    return y.softmax(-1)
+
+
+def target_probs(logits: torch.Tensor, params: list[SamplingParams], seen: list[list[int]],
+                 outputs: list[list[int]]) -> torch.Tensor:
+    """The distribution (R, V) (float32) that `sample_tokens` draws row i from: penalties,
+    then temperature and the filters; a greedy row is one-hot at its adjusted argmax. What
+    speculative sampling compares the draft's and the full model's rows with."""
+    x = apply_penalties(logits.float(), params, seen, outputs)
+    out = torch.zeros_like(x)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        g = torch.tensor(greedy, dtype=torch.long, device=x.device)
+        out[g, x[g].argmax(-1)] = 1.0
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn:
+        out[drawn] = _filtered_probs(x[drawn], [params[i] for i in drawn])
     return out
 
 

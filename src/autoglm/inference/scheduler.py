@@ -37,6 +37,7 @@ __all__ = ["Scheduler", "SchedulerOutput", "ScheduledRequest"]
 class ScheduledRequest:
     request: Request
     num_new_tokens: int  # K/V to compute this step: positions [num_computed, num_computed + n)
+    num_draft: int = 0  # self-speculative decoding: tokens drafted and verified this step (0 = a plain step)
 
     @property
     def reaches_end(self) -> bool:
@@ -103,6 +104,10 @@ class Scheduler:
             frontier = req.num_computed_tokens if req.deferred_from is None else req.deferred_from
             self.kv.free_out_of_window(req.request_id, frontier)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
+            draft = self._num_draft(req, budget) if n == 1 else 0
+            # a speculating request's drafts need k slots ahead; short of blocks it decodes plainly
+            if draft and self.kv.allocate_slots(req.request_id, req.num_computed_tokens + draft) is None:
+                draft = 0
             while self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
                 victim = self.running.pop()  # latest admitted; never one already scheduled (index < i)
                 self._preempt(victim)
@@ -111,8 +116,8 @@ class Scheduler:
                     break
             if req.status == RequestStatus.PREEMPTED:
                 break
-            out.scheduled.append(ScheduledRequest(req, n))
-            budget -= n
+            out.scheduled.append(ScheduledRequest(req, n, draft))
+            budget -= max(n, draft)
             i += 1
         if out.preempted:  # memory is short: do not admit anyone new this step
             return out
@@ -129,6 +134,18 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return out
+
+    def _num_draft(self, req: Request, budget: int) -> int:
+        """Tokens a decoding request drafts this step: its `speculative_tokens`, clipped so that
+        every emitted token fits its max_tokens, the model's context and the step's budget; 0
+        (a plain step) when fewer than 2 are left, where speculation cannot win."""
+        k = req.params.speculative_tokens or 0
+        if k < 2:
+            return 0
+        k = min(k, req.params.max_tokens - len(req.output_ids), budget)
+        if self.max_model_len:
+            k = min(k, self.max_model_len - req.num_tokens)
+        return k if k >= 2 else 0
 
     # -------------------------------------------------------------- updates
     def update_from_output(self, so: SchedulerOutput, runner_output) -> list[EngineCoreOutput]:
@@ -150,20 +167,31 @@ class Scheduler:
                     outs.append(EngineCoreOutput(req.request_id, [], None, FinishReason.LENGTH, None,
                                                  req.scheduled_time - req.arrival_time, req.prompt_logprobs))
                 continue
-            tok, lp = runner_output.sampled_token_ids[row], runner_output.logprobs[row]
+            spec = runner_output.speculated.get(req.request_id)
+            if spec is None:
+                toks, lps = [runner_output.sampled_token_ids[row]], [runner_output.logprobs[row]]
+            else:  # a speculative step: 1 .. k tokens, the first one's K/V is computed like a plain step's
+                toks, lps = spec.token_ids, spec.logprobs
             row += 1
-            req.output_ids.append(tok)
-            req.exit_layers.append(runner_output.exit_layer)
-            req.token_times.append(now)
             first = req.first_token_time is None
             if first:
                 req.first_token_time = now
-            reason, stop_reason = self._check_stop(req, tok)
-            if reason is not None:
-                self.finish(req, reason, stop_reason)
+            reason = stop_reason = None
+            for k, tok in enumerate(toks):
+                if k:  # the previous token's K/V (every layer) came from the verify pass
+                    req.num_computed_tokens += 1
+                req.output_ids.append(tok)
+                req.exit_layers.append(runner_output.exit_layer)
+                req.token_times.append(now)
+                reason, stop_reason = self._check_stop(req, tok)
+                if reason is not None:
+                    toks, lps = toks[:k + 1], lps[:k + 1]
+                    self.finish(req, reason, stop_reason)
+                    break
             prompt_lps = req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None
-            outs.append(EngineCoreOutput(req.request_id, [tok], None if lp is None else [lp], reason, stop_reason,
-                                         req.scheduled_time - req.arrival_time if first else None, prompt_lps))
+            outs.append(EngineCoreOutput(req.request_id, list(toks), None if lps[0] is None else list(lps), reason,
+                                         stop_reason, req.scheduled_time - req.arrival_time if first else None,
+                                         prompt_lps))
         return outs
 
     def _check_stop(self, req: Request, tok: int) -> tuple[FinishReason | None, int | None]:

@@ -1,0 +1,177 @@
+"""Exact self-speculative decoding with the early-exit head (LayerSkip's self-speculation).
+
+A request that speculates with k draft tokens (`SamplingParams.speculative_tokens`) runs,
+in one engine step:
+
+1. draft: k passes through the first E layers (E = `EngineConfig.speculative_layer`),
+   one row per speculating request each, starting from its last token; the shared final
+   norm + LM head on layer E's output (`model.exit_logits`) give the draft distribution
+   q_j, from which draft token d_j is picked by the request's own sampling rule. These
+   passes write the K/V of layers < E for positions n-1 .. n+k-2: exactly the entries the
+   full model would write there, since a layer's K/V depend on the layers below only;
+2. verify: one pass through layers E .. L-1 over k rows per request (its last token and
+   d_1 .. d_{k-1}), starting from the hidden states the draft left at layer E, so the
+   shared layers are not run again; row j attends to the keys of rows <= j (written in the
+   same layer just before) as an ordinary decode row. Its logits give the full model's
+   distribution p_j at every drafted position;
+3. accept: greedy requests keep the longest prefix of drafts equal to the full model's
+   argmax and then take the full model's token at the first disagreement, so the output is
+   token for token the full model's; sampling requests accept d_j with probability
+   min(1, p_j(d_j) / q_j(d_j)) and on the first rejection draw from normalise(max(0,
+   p_j - q_j)) (speculative sampling, Leviathan et al. / Chen et al.), so every emitted
+   token is distributed as the full model's next token. p and q are the distributions the
+   request's `SamplingParams` sample from (penalties, temperature, top-k/p, min-p,
+   `sampling.target_probs`), with the drafts so far counted in the history.
+
+A step emits 1 .. k tokens: the accepted drafts and, unless all k were accepted, the full
+model's token where the first draft was rejected. Positions past the last emitted token
+keep stale K/V that no query reads (a decode row reads keys up to its own position) and
+that a later step overwrites. The scheduler gives a speculating request k slots ahead
+(`ScheduledRequest.num_draft`) and clips k at its max_tokens and the model's context; it
+counts k tokens against the step's budget.
+
+Sampled output is exact in distribution, not draw for draw: a seeded speculating request
+is reproducible, but draws other tokens than the same seed without speculation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .layout import Segment
+from .request import TokenLogprob
+from .sampling import target_probs, token_logprob
+
+__all__ = ["SelfSpeculator", "SpeculationResult"]
+
+
+@dataclass
+class SpeculationResult:
+    """One request's speculative step: the tokens it emits (1 .. k) and how many drafts were kept."""
+
+    token_ids: list[int]
+    logprobs: list[TokenLogprob | None] = field(default_factory=list)
+    num_drafted: int = 0
+    num_accepted: int = 0
+
+
+class SelfSpeculator:
+    """Drafts from the exit after `draft_layer` layers and verifies with the rest (module docstring).
+
+    `runner` is the `ModelRunner` whose KV store, layout builder and embedding this uses."""
+
+    def __init__(self, runner, draft_layer: int) -> None:
+        n_layers = len(runner.model.model.layers)
+        if not 1 <= draft_layer < n_layers:
+            raise ValueError(f"speculative_layer ({draft_layer}) must be in [1, {n_layers - 1}]: the drafts exit after "
+                             f"one of the model's {n_layers} layers except the last")
+        if not hasattr(runner.model, "exit_logits"):
+            raise ValueError(f"{type(runner.model).__name__} has no exit head (exit_logits); self-speculative decoding "
+                             f"needs a model whose intermediate layers can be read out (OpenAutoGLMForCausalLM)")
+        self.runner, self.draft_layer = runner, draft_layer
+
+    @torch.inference_mode()
+    def run(self, scheduled: list, generators: list[torch.Generator | None]) -> list[SpeculationResult]:
+        """One speculative step for each `ScheduledRequest` (decoding, `num_draft` >= 2)."""
+        rn = self.runner
+        layers = rn.model.model.layers
+        E = self.draft_layer
+        reqs = [s.request for s in scheduled]
+        ks = [s.num_draft for s in scheduled]
+        tables = [rn.kv.get(r.request_id).block_ids for r in reqs]
+        starts = [r.num_tokens - 1 for r in reqs]
+        params = [r.params for r in reqs]
+        # tokens[i][j]: the input of draft pass j for request i (its last token, then the drafts)
+        tokens = [[r.all_token_ids[-1]] for r in reqs]
+        hidden: list[list[torch.Tensor]] = [[] for _ in reqs]  # layer-E output of each of those rows
+        q_probs: list[list[torch.Tensor | None]] = [[] for _ in reqs]
+        for j in range(max(ks)):
+            active = [i for i, k in enumerate(ks) if k > j]
+            lay = rn.builder.build([Segment(tables[i], starts[i] + j, [tokens[i][j]], True) for i in active])
+            x, meta, cache = rn._start(lay)
+            for layer in layers[:E]:
+                x, _ = layer(x, meta, cache)
+            for a, i in enumerate(active):
+                hidden[i].append(x[0, a])
+            probs = target_probs(rn.model.exit_logits(x[0]), [params[i] for i in active],
+                                 *self._histories(reqs, tokens, active, j))
+            drafts = self._draw(probs, [params[i] for i in active], [generators[i] for i in active])
+            for a, (i, d) in enumerate(zip(active, drafts)):
+                tokens[i].append(d)
+                q_probs[i].append(None if params[i].greedy else probs[a])
+
+        # verify: k rows per request from layer E up, request-major
+        rows = [(i, j) for i, k in enumerate(ks) for j in range(k)]
+        lay = rn.builder.build([Segment(tables[i], starts[i] + j, [tokens[i][j]], True) for i, j in rows])
+        meta, cache = rn._attention(lay)
+        x = torch.stack([hidden[i][j] for i, j in rows])[None]  # (1, R, d)
+        for layer in layers[E:]:
+            x, _ = layer(x, meta, cache)
+        bb = rn.model.model
+        logits = rn.model.lm_head(bb.norm(x[0]))  # (R, V): the full model's, at every drafted position
+        seen, outs = self._verify_histories(reqs, tokens, ks)
+        p_all = target_probs(logits, [params[i] for i, _ in rows], seen, outs)
+
+        results, base = [], 0
+        for i, r in enumerate(reqs):
+            k, g = ks[i], generators[i]
+            emitted: list[int] = []
+            n_acc = 0
+            for j in range(k):
+                p, d = p_all[base + j], tokens[i][j + 1]
+                if params[i].greedy:
+                    ok = bool(p[d] > 0)  # p is one-hot at the full model's (adjusted) argmax
+                else:
+                    q = q_probs[i][j]
+                    u = torch.rand((), generator=g, device=p.device)
+                    ok = bool(u * q[d] < p[d])
+                if ok:
+                    emitted.append(d)
+                    n_acc += 1
+                    continue
+                if params[i].greedy:
+                    emitted.append(int(p.argmax()))
+                else:
+                    resid = (p - q_probs[i][j]).clamp_min(0)
+                    total = resid.sum()
+                    dist = resid / total if total > 0 else p
+                    emitted.append(int(torch.multinomial(dist, 1, generator=g)))
+                break
+            lps = [token_logprob(logits[base + j], t, params[i].logprobs) if params[i].logprobs is not None else None
+                   for j, t in enumerate(emitted)]
+            results.append(SpeculationResult(emitted, lps, k, n_acc))
+            base += k
+        return results
+
+    # ------------------------------------------------------------- internals
+    @staticmethod
+    def _draw(probs: torch.Tensor, params, generators) -> list[int]:
+        """A draft token per row of the draft distribution (argmax of a greedy row's one-hot)."""
+        out = probs.argmax(-1).tolist()
+        for a, (p, g) in enumerate(zip(params, generators)):
+            if not p.greedy:
+                out[a] = int(torch.multinomial(probs[a], 1, generator=g))
+        return out
+
+    @staticmethod
+    def _histories(reqs, tokens, active, j):
+        """(seen, outputs) of the rows of draft pass j: each request's tokens plus its drafts so far."""
+        seen, outs = [], []
+        for i in active:
+            r, p = reqs[i], reqs[i].params
+            drafts = tokens[i][1:j + 1]
+            seen.append(r.all_token_ids + drafts if p.repetition_penalty != 1.0 else [])
+            outs.append(r.output_ids + drafts if (p.frequency_penalty or p.presence_penalty) else [])
+        return seen, outs
+
+    @staticmethod
+    def _verify_histories(reqs, tokens, ks):
+        seen, outs = [], []
+        for i, k in enumerate(ks):
+            for j in range(k):
+                s, o = SelfSpeculator._histories(reqs, tokens, [i], j)
+                seen += s
+                outs += o
+        return seen, outs

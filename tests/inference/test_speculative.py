@@ -1,0 +1,175 @@
+"""Self-speculative decoding: greedy output == HF generate (token for token) under continuous
+batching, sampled output distributed as the full model's (chi-square against the exact joint
+distribution of two tokens on a 8-token vocabulary), stops, logprobs, penalties, bad input."""
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from autoglm.inference import EngineConfig, InvalidRequestError, LLMEngine, SamplingParams
+
+from inference_helpers import make_model, prompts
+
+
+def drafting_model(preset="tiny", damp=0.2, **overrides):
+    """A 4-layer model whose upper two layers write little to the residual stream, so the exit
+    after layer 2 agrees with the full model often but not always (both accept and reject paths run)."""
+    model = make_model(preset, num_hidden_layers=4, **overrides)
+    with torch.no_grad():
+        for layer in model.model.layers[2:]:
+            for name, p in layer.named_parameters():
+                if name.endswith("o_proj.weight") or "down_proj" in name:
+                    p.mul_(damp)
+    return model
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=1)
+    return out[0, len(ids):].tolist()
+
+
+def spec_engine(model, k=3, **kw):
+    kw = dict(block_size=4, num_blocks=600, speculative_layer=2, speculative_tokens=k) | kw
+    return LLMEngine(model, config=EngineConfig(**kw))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "standard-tiny"])
+def test_greedy_matches_hf_generate_with_continuous_batching(preset):
+    model = drafting_model(preset)
+    ps = prompts(8, 3, 60, seed=3)
+    n_out = [int(x) for x in torch.randint(5, 35, (8,), generator=torch.Generator().manual_seed(4))]
+    # a small token budget: prefill chunks share steps with speculating and plain (k 0) decodes
+    eng = spec_engine(model, max_num_batched_tokens=40)
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, speculative_tokens=[3, 5, 0][i % 3])
+              for i, n in enumerate(n_out)]
+    reqs = eng.generate(ps, params)
+    for p, n, r in zip(ps, n_out, reqs):
+        assert r.output_ids == hf_greedy(model, p, n)
+    st = eng.stats
+    assert 0.2 < st.acceptance_rate < 0.9  # drafts both kept and rejected
+    assert st.tokens_per_spec_step > 1.3
+    assert eng.pool.num_free == eng.pool.num_blocks
+
+
+@pytest.mark.parametrize("preset,blocks", [("tiny", 600), ("standard-tiny", 30)])
+def test_greedy_exact_with_sliding_window_and_preemption(preset, blocks):
+    """tiny: an 8-token window, so blocks are freed behind speculating requests; standard-tiny
+    (dense) with a pool too small for all six at once: requests are preempted mid-speculation."""
+    model = drafting_model(preset, **({"window_size": 8, "num_global_tokens": 2} if preset == "tiny" else {}))
+    ps = prompts(5, 5, 30, seed=5)
+    eng = spec_engine(model, k=4, num_blocks=blocks)
+    reqs = eng.generate(ps, SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    assert (eng.stats.preemptions > 0) == (preset == "standard-tiny")
+    for p, r in zip(ps, reqs):
+        assert r.output_ids == hf_greedy(model, p, 40)
+    assert eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_stops_max_tokens_penalties_and_logprobs_equal_plain_decoding():
+    model = drafting_model()
+    ps = prompts(8, 4, 30, seed=6)
+    plain = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=600))
+    eng = spec_engine(model, k=4)
+    ref = plain.generate(ps, SamplingParams(max_tokens=25, temperature=0, ignore_eos=True))
+    stop = ref[0].output_ids[9]  # a token some outputs hit part-way through an accepted run
+    cases = [SamplingParams(max_tokens=23, temperature=0, stop_token_ids=[stop], logprobs=2),
+             SamplingParams(max_tokens=17, temperature=0, ignore_eos=True, repetition_penalty=1.5,
+                            frequency_penalty=0.5, logit_bias={5: 2.0})]
+    for sp in cases:
+        want, got = plain.generate(ps, sp), eng.generate(ps, sp)
+        for w, g in zip(want, got):
+            assert g.output_ids == w.output_ids and g.finish_reason == w.finish_reason
+    want, got = plain.generate(ps[:3], cases[0]), []
+    for p in ps[:3]:  # logprobs as streamed
+        rid = eng.add_request(p, cases[0])
+        lps = []
+        while eng.has_unfinished():
+            lps += [lp for o in eng.step() if o.request_id == rid for lp in o.logprobs]
+        got.append(lps)
+    for w, lps in zip(want, got):
+        assert len(lps) == len(w.output_ids)
+        assert [lp.token_id for lp in lps] == w.output_ids
+        assert max(abs(lp.logprob - x) for lp, x in zip(lps, plain_logprobs(model, w))) < 1e-4
+    assert eng.stats.spec_accepted > 0
+
+
+def plain_logprobs(model, req):
+    ids = torch.tensor([req.prompt_ids + req.output_ids])
+    with torch.no_grad():
+        lp = model(ids).logits[0].float().log_softmax(-1)
+    P = len(req.prompt_ids)
+    return [float(lp[P - 1 + i, t]) for i, t in enumerate(req.output_ids)]
+
+
+def test_sampled_tokens_follow_the_full_models_distribution():
+    """Tokens 2 and 3 of 2000 seeded requests from a fixed prompt (token 1 comes from the prefill,
+    tokens 2-3 from one speculative step with k = 2): their joint frequencies match the full
+    model's exact joint distribution (temperature 1, top-k 6 over 8 tokens, marginal over token
+    1), and not the one of drafting without the rejection rule, which the test can tell apart."""
+    model = drafting_model(vocab_size=8, damp=0.6)
+    prompt = [3, 5, 2, 7, 4]
+    sp = dict(max_tokens=3, temperature=1.0, top_k=6, ignore_eos=True, speculative_tokens=2)
+    n = 2000
+    eng = spec_engine(model, max_num_seqs=512, max_num_batched_tokens=2048, num_blocks=3000)
+    reqs = eng.generate([prompt] * n, [SamplingParams(seed=i, **sp) for i in range(n)])
+    assert eng.stats.spec_steps == n and 0 < eng.stats.acceptance_rate < 1
+    counts = torch.zeros(8, 8)
+    for r in reqs:
+        counts[r.output_ids[1], r.output_ids[2]] += 1
+
+    def top6(x):
+        return x.masked_fill(x < x.topk(6, dim=-1).values[..., -1:], float("-inf")).softmax(-1)
+
+    seqs = torch.tensor([prompt + [a, b] for a in range(8) for b in range(8)])  # (64, P + 2)
+    with torch.no_grad():
+        out = model(seqs, output_hidden_states=True)
+        full, draft = top6(out.logits.float()), top6(model.exit_logits(out.hidden_states[2]).float())
+    P = len(prompt)
+
+    def joint(p3, q2):  # P(t2 = b, t3 = c) = sum_a P(a) q2(b | a) p3(c | a, b)
+        p1 = full[0, P - 1]  # token 1 is always the full model's (prefill)
+        q2 = q2.view(8, 8, -1, 8)[:, 0, P]  # (a, b): next-token distribution after a
+        p3 = p3.view(8, 8, -1, 8)[:, :, P + 1]  # (a, b, c)
+        return (p1[:, None, None] * q2[:, :, None] * p3).sum(0)
+
+    want = joint(full, full)
+    naive = joint(draft, draft)  # drafts taken as they are
+    assert 0.5 * (want - naive).abs().sum() > 0.1
+    keep = want.flatten() * n >= 5
+    f_obs = counts.flatten()[keep].numpy()
+    for dist, ok in ((want, True), (naive, False)):
+        f_exp = dist.flatten()[keep] * n
+        p = chisquare(f_obs, (f_exp * f_obs.sum() / f_exp.sum()).numpy()).pvalue
+        assert (p > 1e-3) if ok else (p < 1e-6)
+
+
+def test_seeded_speculation_is_reproducible():
+    model = drafting_model()
+    ps = prompts(3, 5, 20, seed=7)
+    sp = SamplingParams(max_tokens=20, temperature=0.8, seed=11, speculative_tokens=3)
+    a = spec_engine(model).generate(ps, sp)
+    b = spec_engine(model).generate(ps[::-1], sp)
+    assert [r.output_ids for r in a] == [r.output_ids for r in b[::-1]]
+
+
+def test_bad_speculation_requests_are_refused():
+    model = drafting_model()
+    plain = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=64))
+    with pytest.raises(InvalidRequestError, match="draft exit") as e:
+        plain.add_request([3, 4], SamplingParams(max_tokens=4, speculative_tokens=3))
+    assert e.value.param == "speculative_tokens"
+    eng = spec_engine(model)
+    ctx = model.config.max_position_embeddings
+    with pytest.raises(InvalidRequestError, match="context"):
+        eng.add_request([3, 4], SamplingParams(max_tokens=4, speculative_tokens=ctx))
+    with pytest.raises(ValueError, match="speculative_layer"):
+        EngineConfig(speculative_tokens=4)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        EngineConfig(speculative_layer=2, early_exit_threshold=0.5)
+    with pytest.raises(ValueError, match=r"speculative_layer \(4\) must be in \[1, 3\]"):
+        LLMEngine(model, config=EngineConfig(speculative_layer=4))
+    with pytest.raises(ValueError, match="speculative_tokens must be"):
+        SamplingParams(speculative_tokens=-1)
+    # near the end of the context or of max_tokens the drafts are clipped, never past them
+    (r,) = eng.generate([list(range(2, ctx - 6))], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert len(r.output_ids) == 5 and r.output_ids == hf_greedy(model, list(range(2, ctx - 6)), 5)
