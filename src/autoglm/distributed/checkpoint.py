@@ -67,8 +67,13 @@ def _is_zero(optimizer: Any) -> bool:
     return isinstance(optimizer, ZeroRedundancyOptimizer)
 
 
+def _plain(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def _names(model: nn.Module) -> dict[nn.Parameter, str]:
-    return {p: n for n, p in model.named_parameters()}
+    return {p: n for n, p in _plain(model).named_parameters()}
 
 
 def _zero_optim_state(model: nn.Module, optimizer: Any) -> dict[str, Any]:
@@ -94,7 +99,7 @@ def _zero_template(model: nn.Module, optimizer: Any) -> dict[str, Any]:
 
 
 def _zero_load(model: nn.Module, optimizer: Any, loaded: dict[str, Any]) -> None:
-    by_name = {n: p for n, p in model.named_parameters()}
+    by_name = {n: p for n, p in _plain(model).named_parameters()}
     for name, s in loaded["state"].items():
         optimizer.optim.state[by_name[name]] = {k: (v.to(by_name[name].device) if k != "step" else v)
                                                 for k, v in s.items()}
@@ -126,9 +131,9 @@ def save_distributed_checkpoint(strategy: Any, root: str | Path, step: int, mode
         for stale in root.glob(".step-*.*-*"):  # left by a run killed mid-save
             shutil.rmtree(stale, ignore_errors=True)
         tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root)
-    tmp = strategy.broadcast_object(tmp) if _distributed() else tmp
     model = getattr(model, "_orig_mod", model)
     try:
+        tmp = strategy.broadcast_object(tmp) if _distributed() else tmp
         dcp.save(_state_dict(model, optimizer), checkpoint_id=tmp)
         if strategy.is_main:
             tmp_path = Path(tmp)
@@ -197,6 +202,9 @@ def load_distributed_checkpoint(strategy: Any, path: str | Path, model: nn.Modul
         sched = _torch_load(path / _SCHEDULER).get("scheduler")
         if sched is not None:
             scheduler.load_state_dict(sched)
+            if optimizer is not None and _is_zero(optimizer):  # its groups' lr came from no checkpoint
+                for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+                    group["lr"] = lr
     if restore_rng and (path / _RNG).exists():
         restore_rng_state(_torch_load(path / _RNG))  # every rank seeded alike, so rank 0's state fits all
     return state

@@ -1,0 +1,50 @@
+"""ddp, fsdp and zero1 on 2 gloo processes against one process: same losses and parameters,
+FSDP checkpoints resumed in one process and in two (also under another strategy), a killed
+rank failing the run with a clear error, and a crash mid-save leaving the last complete
+checkpoint as latest."""
+
+import pytest
+import torch
+
+from dp_workers import equivalence_worker, killed_rank_worker, single_run, spawn
+
+# fp32 on CPU; the only differences come from the order of float additions (gradients summed
+# over two halves of the batch, then all-reduced), amplified a little by 4 AdamW steps
+LOSS_RTOL = 1e-5
+PARAM_ATOL = 2e-5
+
+
+def _close_params(got: dict, ref: dict) -> float:
+    assert set(got) == set(ref)
+    return max((got[k].float() - ref[k].float()).abs().max().item() for k in ref)
+
+
+def test_ddp_fsdp_zero1_match_one_process_and_fsdp_checkpoints_resume(tmp_path):
+    ref_losses, ref_params = single_run()
+    codes, _ = spawn(equivalence_worker, 2, str(tmp_path))
+    assert codes == [0, 0], f"a worker failed (exit codes {codes}); see its traceback above"
+    res = torch.load(tmp_path / "results.pt", weights_only=True)
+    for name in ("ddp", "fsdp", "zero1"):
+        assert res[name]["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL), name
+        assert _close_params(res[name]["params"], ref_params) < PARAM_ATOL, name
+    # the FSDP checkpoint at step 2 resumed on 2 ranks (fsdp, and zero1) reproduces steps 3-4
+    for name in ("resume-fsdp", "resume-zero1"):
+        assert res[name]["losses"] == pytest.approx(ref_losses[2:], rel=LOSS_RTOL), name
+        assert _close_params(res[name]["params"], ref_params) < PARAM_ATOL, name
+    # ... and in one process, without a process group
+    assert (tmp_path / "fsdp-ckpt" / "checkpoints" / "step-000002" / ".metadata").is_file()
+    one_losses, one_params = single_run(tmp_path / "fsdp-ckpt", resume=True)
+    assert one_losses == pytest.approx(ref_losses[2:], rel=LOSS_RTOL)
+    assert _close_params(one_params, ref_params) < PARAM_ATOL
+
+
+def test_killed_rank_fails_the_run_and_keeps_the_last_complete_checkpoint(tmp_path):
+    codes, _ = spawn(killed_rank_worker, 2, str(tmp_path), timeout=90)
+    assert codes == [7, 3], f"exit codes {codes}: rank 0 should fail with an error (7), not hang (None)"
+    msg = (tmp_path / "error.txt").read_text()
+    assert "another rank probably crashed" in msg and "--resume" in msg
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-000002"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002"]  # no partial step-4, no temp dir
+    # rank 0 noticed within its 5 s collective timeout (plus slack for a loaded machine)
+    assert float((tmp_path / "failed_at").read_text()) - float((tmp_path / "died_at").read_text()) < 30
