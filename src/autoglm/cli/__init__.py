@@ -7,6 +7,7 @@ the recipe, and prints.
     serve                                         cli/serve.py
     export onnx                                   cli/export.py
     graph clean | pretrain | probe                cli/graph.py
+    align [train] | eval | projector              cli/align.py
     ops forecast | scrape                         cli/ops.py
 """
 
@@ -16,7 +17,7 @@ import sys
 
 import typer
 
-from . import export, finetune, graph, ops, serve, train
+from . import align, export, finetune, graph, ops, serve, train
 
 __all__ = ["app", "main"]
 
@@ -29,6 +30,7 @@ app.add_typer(finetune.app)
 app.add_typer(serve.app)
 app.add_typer(export.app, name="export")
 app.add_typer(graph.app, name="graph")
+app.add_typer(align.app, name="align")
 app.add_typer(ops.app, name="ops")
 
 

@@ -1,0 +1,325 @@
+"""The multimodal alignment recipe: image-text pairs -> image encoder + Open-AutoGLM text
+backbone aligned in one embedding space (CLIP loss, momentum encoders, negative queues) ->
+aligned model directory + evaluation (zero-shot, recall@K, linear probe).
+
+`autoglm align` is `align(AlignConfig)`, `autoglm align eval DIR` is `evaluate(AlignEvalConfig)`,
+`autoglm align projector` trains the language model's image prefix (`ProjectorConfig`,
+see `autoglm.multimodal.projector`); benchmarks/alignment.py calls the same functions.
+Without a file the built-in digits run (no download); configs/align-digits.yaml is the
+config behind the documented result.
+
+Example:
+    >>> from autoglm.settings import load_config
+    >>> cfg = load_config(AlignConfig, overrides={"train.max_steps": 20, "loss.queue_size": 128})
+    >>> cfg.data.source, cfg.text.model, cfg.loss.momentum, cfg.loss.queue_size, cfg.train.batch_size
+    ('digits', 'tiny', 0.995, 128, 64)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from ..multimodal.encoders import ImageEncoderConfig
+from ..multimodal.model import LossConfig
+from ..settings import section, setting
+from ..training.config import TrainConfig
+
+__all__ = ["AlignData", "TextTower", "AlignConfig", "AlignEvalConfig", "ProjectorConfig", "AlignOutput",
+           "load_split", "align", "evaluate", "evaluate_model", "train_projector"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AlignData:
+    source: str = setting("digits", "'digits' (scikit-learn's bundled 8x8 digits, captions from templates), a "
+                                    "CSV/TSV/JSONL of image paths and captions, or a COCO captions JSON", flag="data")
+    image_root: Path | None = setting(None, "folder the image paths are relative to; none = the caption file's")
+    image_col: str = setting("image", "column (CSV) or field (JSONL) holding the image path")
+    caption_col: str = setting("caption", "column or field holding the caption")
+    sep: str | None = setting(None, "CSV separator; none = tab for .tsv, else ','")
+    val_fraction: float = setting(0.15, "share of the images held out for validation (settings are chosen here)")
+    test_fraction: float = setting(0.2, "share of the images held out for the reported test numbers")
+    split_seed: int = setting(0, "seed of the (stratified, where there are labels) split")
+    class_names: Path | None = setting(None, "text file, one class name per line, for zero-shot; none = the "
+                                             "source's own (digits: zero .. nine)")
+    templates: Path | None = setting(None, "text file, one zero-shot prompt template per line with {name} (and "
+                                           "{digit} = class index); none = the built-in ensemble")
+    crop_scale: tuple[float, float] = setting((0.6, 1.0), "random resized crop: area share range")
+    hflip: float = setting(0.0, "probability of a left-right flip (0 for digits: a mirrored 2 is no 2)")
+    word_mask: float = setting(0.1, "probability of dropping each caption word")
+    max_caption_tokens: int = setting(32, "captions are cut to this many tokens (end-of-text included)")
+
+    def __post_init__(self) -> None:
+        self.crop_scale = tuple(self.crop_scale)
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(f"val_fraction ({self.val_fraction}) and test_fraction ({self.test_fraction}) must be "
+                             f">= 0 with a sum below 1")
+        if self.max_caption_tokens < 2:
+            raise ValueError(f"max_caption_tokens must be >= 2, got {self.max_caption_tokens}")
+
+
+@dataclass
+class TextTower:
+    model: str = setting("tiny", "text backbone: a model preset (fresh weights, a tokenizer trained on the "
+                                 "captions) or a run directory of `autoglm train` (its weights and tokenizer)",
+                         flag="text_model")
+    vocab_size: int = setting(512, "tokenizer vocabulary trained on the captions (preset only)")
+    pooling: Literal["last", "mean"] = setting("last", "caption summary: the end-of-text token's state, or the mean")
+
+
+@dataclass
+class AlignConfig:
+    out: Path = setting(Path("runs/align"), "output directory: aligned model, tokenizer, metrics, checkpoints")
+    data: AlignData = section(AlignData, "image-text pairs and augmentations")
+    image: ImageEncoderConfig = section(ImageEncoderConfig, "the ViT-style image encoder")
+    text: TextTower = section(TextTower, "the text backbone")
+    loss: LossConfig = section(LossConfig, "shared space, temperature, momentum encoders and queues")
+    train: TrainConfig = section(TrainConfig, "optimiser and loop", batch_size=64, max_steps=600, lr=1e-3,
+                                 weight_decay=0.05, betas=(0.9, 0.98), eval_every=100, save_every=300,
+                                 log_every=10, seq_len=32)
+    resume: bool = setting(False, "continue from OUT/checkpoints/latest")
+    device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
+
+
+@dataclass
+class AlignEvalConfig:
+    model_dir: Path | None = setting(None, "an aligned model directory (`autoglm align --out`)", argument=True,
+                                     required=True)
+    data: AlignData = section(AlignData, "the pairs and split to evaluate on (the training run's by default)")
+    split: Literal["val", "test"] = setting("test", "which held-out split to report")
+    probe: bool = setting(True, "also fit the supervised linear probe on the training split's image embeddings")
+    json_out: Path | None = setting(None, "also write the result as JSON here")
+
+
+@dataclass
+class ProjectorConfig:
+    align_dir: Path | None = setting(None, "aligned model directory whose image encoder is used", required=True)
+    lm: Path | None = setting(None, "language model run directory (`autoglm train`); the projector is saved "
+                                    "under LM/adapters/NAME", required=True)
+    name: str = setting("image", "adapter name under LM/adapters/")
+    prefix_tokens: int = setting(4, "image embeddings enter the model as this many prefix tokens")
+    hidden: int = setting(256, "hidden width of the projector MLP")
+    data: AlignData = section(AlignData, "image-caption pairs (the split of the aligned run)", word_mask=0.0)
+    train: TrainConfig = section(TrainConfig, "optimiser and loop (the backbone stays frozen)", batch_size=64,
+                                 max_steps=300, lr=2e-3, weight_decay=0.0, eval_every=0, save_every=0,
+                                 log_every=10, seq_len=32)
+    eval_samples: int = setting(200, "held-out test images captioned greedily to score caption accuracy")
+    device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
+
+
+@dataclass
+class AlignOutput:
+    model: Any  # AlignModel (with momentum towers while training), eval mode
+    tokenizer: Any
+    result: Any  # training.TrainResult
+    out: Path
+    eval: dict[str, Any]  # evaluate_model on val and test
+    curve: list[dict[str, float]]  # zero-shot val accuracy during training
+    seconds_per_epoch: float
+
+
+# ------------------------------------------------------------------ data
+def _read_lines(path: Path, what: str) -> tuple[str, ...]:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} file {path} does not exist; give a text file with one entry per line")
+    lines = tuple(x.strip() for x in Path(path).read_text(encoding="utf-8").splitlines() if x.strip())
+    if not lines:
+        raise ValueError(f"{what} file {path} is empty")
+    return lines
+
+
+def load_split(d: AlignData, channels: int = 1, size: int = 16) -> dict[str, Any]:
+    """{"data": PairData, "train"/"val"/"test": PairData subsets, "class_names", "templates"}."""
+    from ..multimodal.data import ZERO_SHOT_TEMPLATES, load_pairs, split_indices
+
+    pairs = load_pairs(d.source, d.image_root, d.image_col, d.caption_col, d.sep, channels, size)
+    if pairs.images.shape[1] != channels:  # digits are grey; an RGB encoder gets three equal channels
+        pairs.images = pairs.images.expand(-1, channels, -1, -1).contiguous() if channels == 3 else \
+            pairs.images.mean(1, keepdim=True)
+    tr, va, te = split_indices(len(pairs), d.val_fraction, d.test_fraction, d.split_seed, pairs.labels)
+    names = _read_lines(d.class_names, "class names") if d.class_names is not None else pairs.class_names
+    templates = _read_lines(d.templates, "templates") if d.templates is not None else ZERO_SHOT_TEMPLATES
+    for t in templates:
+        if "{name}" not in t and "{digit}" not in t:
+            raise ValueError(f"template {t!r} names no class; put {{name}} where the class name goes")
+    return {"data": pairs, "train": pairs.subset(tr), "val": pairs.subset(va), "test": pairs.subset(te),
+            "class_names": tuple(names), "templates": tuple(templates)}
+
+
+def _batch_fn(train: Any, tokenizer: Any, d: AlignData, image_size: int, batch_size: int, seed: int):
+    """Micro-batch i as a pure function of (seed, i): images sampled without replacement,
+    one of each image's captions, random resized crop (+ flip), word masking."""
+    import numpy as np
+    import torch
+
+    from ..multimodal.augment import mask_words, random_hflip, random_resized_crop
+    from ..multimodal.evaluate import encode_captions
+
+    n = len(train)
+    B = min(batch_size, n)
+
+    def batch(i: int) -> dict[str, Any]:
+        rng = np.random.default_rng([seed, i])
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        idx = rng.choice(n, B, replace=False)
+        caps = [train.captions[j][int(rng.integers(len(train.captions[j])))] for j in idx]
+        caps = [mask_words(c, d.word_mask, g) for c in caps]
+        images = random_resized_crop(train.images[torch.from_numpy(idx)], image_size, d.crop_scale, generator=g)
+        images = random_hflip(images, d.hflip, g)
+        ids, mask = encode_captions(tokenizer, caps, d.max_caption_tokens)
+        return {"images": images, "input_ids": ids, "attention_mask": mask}
+
+    return batch
+
+
+def _text_backbone(t: TextTower, captions: list[str], out: Path, resume: bool) -> tuple[Any, Any, str]:
+    """(backbone, tokenizer, description) from a preset (a tokenizer trained on `captions`, saved
+    into `out` at once so that a resumed run tokenizes the same; a resume reads it back) or a run."""
+    from ..config import PRESETS
+    from ..tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
+
+    if t.model in PRESETS:
+        from ..config import OpenAutoGLMConfig
+        from ..hf import OpenAutoGLMForCausalLM
+
+        if not (resume and (out / "tokenizer.json").is_file()):
+            save_tokenizer(train_tokenizer(captions, vocab_size=t.vocab_size), out)
+        tok = load_tokenizer(out)
+        lm = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(t.model, vocab_size=len(tok)))
+        return lm.model, tok, f"preset {t.model}"
+    from ..rundir import RunDir
+
+    lm, tok = RunDir.open(t.model, role="text model").load()
+    return lm.model.train(), tok, f"run {t.model}"
+
+
+# ------------------------------------------------------------------- eval
+def evaluate_model(model: Any, tokenizer: Any, split: dict[str, Any], which: str = "test", probe: bool = True,
+                   max_len: int = 32) -> dict[str, Any]:
+    """Zero-shot accuracy (where the data has labels), recall@1/5 both ways, and the linear
+    probe (train-split embeddings; C chosen on val; `which` reported), all in percent."""
+    from ..multimodal.evaluate import class_embeddings, embed_images, linear_probe, retrieval, zero_shot_accuracy
+
+    part = split[which]
+    out: dict[str, Any] = {"split": which, "images": len(part), "captions": sum(len(c) for c in part.captions)}
+    img = embed_images(model, part.images)
+    if part.labels is not None and split["class_names"]:
+        cls = class_embeddings(model, tokenizer, split["class_names"], split["templates"], max_len)
+        out["zero_shot_acc"] = zero_shot_accuracy(img, cls, part.labels)
+    out.update(retrieval(model, tokenizer, part.images, part.captions, max_len=max_len))
+    if probe and part.labels is not None:
+        tr, va = split["train"], split["val"]
+        res = linear_probe(embed_images(model, tr.images), tr.labels, embed_images(model, va.images), va.labels,
+                           img, part.labels)
+        out["probe_acc"] = res["test_acc"]
+        out["probe_C"] = res["C"]
+    return out
+
+
+class ZeroShotCurve:
+    """Trainer callback: zero-shot accuracy on the validation split every `every` steps."""
+
+    def __init__(self, split: dict[str, Any], tokenizer: Any, every: int, steps_per_epoch: float, max_len: int) -> None:
+        self.split, self.tok, self.every, self.spe, self.max_len = split, tokenizer, every, steps_per_epoch, max_len
+        self.points: list[dict[str, float]] = []
+        self.seconds = 0.0
+        self._next = every
+
+    def on_step(self, trainer: Any, row: dict[str, float]) -> None:
+        from ..multimodal.evaluate import class_embeddings, embed_images, zero_shot_accuracy
+
+        step = int(row["step"])
+        if not self.every or step < self._next or self.split["val"].labels is None or not len(self.split["val"]):
+            return
+        self._next = (step // self.every + 1) * self.every
+        t = time.perf_counter()
+        model = trainer.strategy.unwrap(trainer.model)
+        import torch
+
+        with torch.random.fork_rng(devices=[]):
+            cls = class_embeddings(model, self.tok, self.split["class_names"], self.split["templates"], self.max_len)
+            acc = zero_shot_accuracy(embed_images(model, self.split["val"].images), cls, self.split["val"].labels)
+        self.points.append({"step": step, "epoch": round(step / self.spe, 2), "val_zero_shot_acc": acc})
+        log.info("step %d (epoch %.1f): zero-shot val accuracy %.2f%%", step, step / self.spe, acc)
+        self.seconds += time.perf_counter() - t
+
+
+# ------------------------------------------------------------------ train
+def align(cfg: AlignConfig, progress: bool = True, console: Any = None, split: dict[str, Any] | None = None,
+          evaluate_at_end: bool = True, callbacks: Sequence[Any] = ()) -> AlignOutput:
+    """Train the aligned model on `cfg.data` (or a `load_split` result) and save `cfg.out`;
+    evaluate it on the val and test splits. `callbacks`: more Trainer callbacks."""
+    import torch
+
+    from ..multimodal.model import AlignModel, AlignObjective
+    from ..multimodal.store import save_aligned
+    from ..settings import to_yaml
+    from ..training import SingleDevice, Trainer
+    from .common import run_info
+
+    out = Path(cfg.out)
+    if cfg.resume and not (out / "checkpoints").is_dir():
+        raise FileNotFoundError(f"resume requested but {out / 'checkpoints'} does not exist; drop --resume to "
+                                f"start a new run, or point --out at an earlier run")
+    split = split or load_split(cfg.data, cfg.image.channels, cfg.image.image_size)
+    train = split["train"]
+    for s in split["data"].skipped[:20]:
+        log.warning("skipped %s: %s", s["item"], s["reason"])
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    backbone, tok, text_desc = _text_backbone(cfg.text, [c for cs in train.captions for c in cs], out, cfg.resume)
+    model = AlignModel(cfg.image, backbone, cfg.loss, cfg.text.pooling)
+    spe = len(train) / min(t.batch_size, len(train))
+    curve = ZeroShotCurve(split, tok, t.eval_every, spe, cfg.data.max_caption_tokens)
+    trainer = Trainer(model, t, train_batch=_batch_fn(train, tok, cfg.data, cfg.image.image_size, t.batch_size, t.seed),
+                      out_dir=out, objective=AlignObjective(cfg.loss), strategy=SingleDevice(cfg.device),
+                      progress=progress, console=console, callbacks=[curve, *callbacks])
+    result = trainer.fit(resume=cfg.resume)
+    model.eval()
+    train_s = result.elapsed - curve.seconds
+    sec_epoch = train_s / max(result.steps_run / spe, 1e-9)
+    ev: dict[str, Any] = {}
+    if evaluate_at_end:
+        ev = {w: evaluate_model(model, tok, split, w, max_len=cfg.data.max_caption_tokens) for w in ("val", "test")}
+    last = next((r for r in reversed(result.history) if "loss" in r), {})
+    info = run_info("align", cfg, result, data=split["data"].source, text_model=text_desc,
+                    skipped=split["data"].skipped, split={k: len(split[k]) for k in ("train", "val", "test")},
+                    seconds_per_epoch=round(sec_epoch, 3), final_loss=last.get("loss"),
+                    logit_scale=last.get("logit_scale"), curve=curve.points, eval=ev)
+    meta = {"max_len": cfg.data.max_caption_tokens, "class_names": list(split["class_names"]),
+            "templates": list(split["templates"])}
+    save_aligned(model, tok, out, meta, info, to_yaml(cfg))
+    return AlignOutput(model, tok, result, out, ev, curve.points, sec_epoch)
+
+
+def evaluate(cfg: AlignEvalConfig) -> dict[str, Any]:
+    """Load `cfg.model_dir` and evaluate it on `cfg.data`'s `cfg.split`; the zero-shot class
+    names and templates are the data's (or the files given), else the saved run's."""
+    from ..atomic import atomic_write_text
+    from ..multimodal.store import load_aligned
+
+    model, tok, meta = load_aligned(cfg.model_dir)
+    split = load_split(cfg.data, model.image_cfg.channels, model.image_cfg.image_size)
+    if cfg.data.class_names is None and not split["class_names"] and meta.get("class_names"):
+        split["class_names"] = tuple(meta["class_names"])
+    if cfg.data.templates is None and meta.get("templates"):
+        split["templates"] = tuple(meta["templates"])
+    res = evaluate_model(model, tok, split, cfg.split, cfg.probe, meta.get("max_len", 32))
+    res.update(model_dir=str(cfg.model_dir), data=split["data"].source, skipped=len(split["data"].skipped))
+    if cfg.json_out is not None:
+        atomic_write_text(cfg.json_out, json.dumps(res, indent=1))
+    return res
+
+
+def train_projector(cfg: ProjectorConfig, progress: bool = True, console: Any = None) -> dict[str, Any]:
+    """Train the image-prefix projector on the frozen LM (see `autoglm.multimodal.projector`)."""
+    from ..multimodal.projector import train_image_projector
+
+    return train_image_projector(cfg, progress=progress, console=console)

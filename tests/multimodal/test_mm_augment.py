@@ -1,0 +1,54 @@
+"""Augmentations: the crop against a direct bilinear resample, flips, word masking."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from autoglm.multimodal.augment import crop_boxes, mask_words, random_hflip, random_resized_crop
+
+
+def test_full_crop_is_a_plain_resize():
+    img = torch.rand(3, 1, 8, 8)
+    out = random_resized_crop(img, 16, scale=(1.0, 1.0), ratio=(1.0, 1.0), generator=torch.Generator().manual_seed(0))
+    ref = F.interpolate(img, size=(16, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_crop_takes_the_box_it_draws():
+    # a 4x4 crop of a 16x16 image at an integer place equals slicing, when resized to 4x4 at pixel centres
+    g = torch.Generator().manual_seed(3)
+    img = torch.arange(256.0).view(1, 1, 16, 16)
+    box = crop_boxes(1, (1 / 16, 1 / 16), (1.0, 1.0), torch.Generator().manual_seed(3))[0]
+    out = random_resized_crop(img, 4, scale=(1 / 16, 1 / 16), ratio=(1.0, 1.0), generator=g)
+    cx, cy, w, h = box.tolist()
+    assert w == pytest.approx(0.25) and h == pytest.approx(0.25)
+    x0, y0 = (cx - w / 2) * 16, (cy - h / 2) * 16  # left/top edge in pixels
+    # the output pixel centres sit at x0 + 0.5 .. x0 + 3.5: bilinear between the input pixel centres
+    xs = x0 + torch.arange(4) + 0.5 - 0.5
+    ys = y0 + torch.arange(4) + 0.5 - 0.5
+    ref = (ys[:, None].clamp(0, 15) * 16 + xs[None, :].clamp(0, 15))  # value = 16 * y + x is linear
+    assert torch.allclose(out[0, 0], ref, atol=1e-3)
+
+
+def test_crop_boxes_stay_inside_and_respect_area():
+    b = crop_boxes(500, (0.3, 0.9), (0.75, 4 / 3), torch.Generator().manual_seed(0))
+    cx, cy, w, h = b.unbind(1)
+    assert bool(((cx - w / 2) >= -1e-6).all() and ((cx + w / 2) <= 1 + 1e-6).all())
+    assert bool(((cy - h / 2) >= -1e-6).all() and ((cy + h / 2) <= 1 + 1e-6).all())
+    assert float((w * h).min()) >= 0.3 * 0.75 - 1e-6 and float((w * h).max()) <= 0.9 + 1e-6
+    with pytest.raises(ValueError, match="scale"):
+        crop_boxes(1, (0.0, 1.0), (1.0, 1.0))
+
+
+def test_flip_and_word_mask():
+    img = torch.rand(4, 1, 5, 5)
+    assert torch.equal(random_hflip(img, 1.0), img.flip(-1))
+    assert torch.equal(random_hflip(img, 0.0), img)
+    with pytest.raises(ValueError, match="probability"):
+        random_hflip(img, 1.5)
+    g = torch.Generator().manual_seed(0)
+    assert mask_words("a photo of seven", 0.0, g) == "a photo of seven"
+    one = mask_words("a photo of seven", 1.0, g)
+    assert len(one.split()) == 1 and one in "a photo of seven".split()
+    kept = [len(mask_words("w " * 100, 0.3, g).split()) for _ in range(20)]
+    assert 60 < sum(kept) / len(kept) < 80
