@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_state_dict, set_model_state_dict,
                                                      set_state_dict)
 
@@ -185,12 +186,13 @@ def load_distributed_checkpoint(strategy: Any, path: str | Path, model: nn.Modul
     no_dist = not _distributed()
     try:
         dcp.load(sd, checkpoint_id=str(path), no_dist=no_dist)
-    except Exception as e:  # DCP raises CheckpointException listing each rank's failure
-        text = str(e)
-        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer ({type(e).__name__}: "
-                              f"{text[:400]}); it was written by strategy {state.get('strategy')!r} on "
-                              f"{state.get('world_size')} rank(s) for another model config? Resume with the model "
-                              f"config the run started with, or {_advice()}") from e
+    except (Exception, CheckpointException) as e:  # DCP's CheckpointException (a BaseException) lists each rank's failure
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = lines[-1] if lines else type(e).__name__  # DCP's last line is the first failure's message
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer ({cause}); it was written by "
+                              f"strategy {state.get('strategy')!r} on {state.get('world_size')} rank(s), probably "
+                              f"for another model config. Resume with the model config the run started with, or "
+                              f"{_advice()}") from e
     if optimizer is not None and _is_zero(optimizer):
         set_model_state_dict(model, sd["model"])
         _zero_load(model, optimizer, sd["optim"])
