@@ -149,6 +149,9 @@ class Request:
     exit_layers: list[int] = field(default_factory=list)  # layer each output token left at (early exit)
     # prompt_logprobs: entry i scores prompt token i + 1 (filled chunk by chunk during the prefill)
     prompt_logprobs: list["TokenLogprob"] = field(default_factory=list)
+    # image-conditioned generation: (P, d) embeddings that replace the embedded prompt tokens at
+    # positions 0..P-1 (placeholders) during the prefill; see autoglm.multimodal.projector
+    prefix_embeds: "torch.Tensor | None" = None  # noqa: F821 (annotation only)
 
     def __post_init__(self) -> None:
         if not self.request_id:

@@ -111,6 +111,7 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own random streams
         # self-speculative decoding: drafts from the exit after `speculative_layer` layers
         self.speculator = SelfSpeculator(self, speculative_layer) if speculative_layer is not None else None
+        self._prefix_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's image-prefix rows
 
     def forget(self, request_id: str) -> None:
         """Drop what the runner holds for a finished request."""
@@ -160,9 +161,30 @@ class ModelRunner:
                                                 s.request.num_computed_tokens + s.num_new_tokens], s.samples)
                 for s in so.scheduled]
         score = self._score_rows(so)
-        with self.lora.batch([(s.request.lora, s.num_new_tokens) for s in so.scheduled]):
-            out = self._forward_step(so, segs, score)
+        self._prefix_rows = self._prefix_overrides(so)
+        try:
+            with self.lora.batch([(s.request.lora, s.num_new_tokens) for s in so.scheduled]):
+                out = self._forward_step(so, segs, score)
+        finally:
+            self._prefix_rows = None
         return self._sample(so, out, score)
+
+    def _prefix_overrides(self, so: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Image prefixes (`Request.prefix_embeds`, (P, d)): the packed rows of this step that hold
+        prompt positions < P and the embeddings that replace theirs in `_start`. A step's own rows
+        come first, in scheduled order (deferred early-exit rows join after them)."""
+        rows, embs, start = [], [], 0
+        for s in so.scheduled:
+            r, a = s.request, s.request.num_computed_tokens
+            pe = r.prefix_embeds
+            if pe is not None and a < len(pe):
+                hi = min(len(pe), a + s.num_new_tokens)
+                rows += range(start, start + hi - a)
+                embs.append(pe[a:hi])
+            start += s.num_new_tokens
+        if not rows:
+            return None
+        return torch.tensor(rows, dtype=torch.long, device=self.device), torch.cat(embs).to(self.device)
 
     @staticmethod
     def _score_rows(so: SchedulerOutput) -> ScoreRows:
@@ -186,7 +208,7 @@ class ModelRunner:
         plain = self.exit_threshold >= 1.0 and not self.deferred
         # LoRA deltas come from Python hooks, which a replayed (or captured) CUDA graph would skip
         # or bake in: a step with adapter tokens runs the eager packed forward
-        if plain and self.graphs is not None and not self.lora.active and not score.rows:
+        if plain and self.graphs is not None and not self.lora.active and not score.rows and self._prefix_rows is None:
             logits = self.graphs.run(segs)
             if logits is not None:
                 return ForwardOutput(logits, len(self.model.model.layers))
@@ -239,6 +261,9 @@ class ModelRunner:
         """Embedded tokens (1, N, d) and the attention metadata / paged cache of a layout."""
         bb = self.model.model
         x = bb.embed_tokens(lay.input_ids[None])
+        if self._prefix_rows is not None:  # image prefix rows of a prefill (see _prefix_overrides)
+            rows, embs = self._prefix_rows
+            x = x.index_copy(1, rows, embs[None].to(x.dtype))
         if bb.embed_positions is not None:  # positions are < the context length: the engine checks
             x = x + bb.embed_positions.lookup(lay.positions[None])
         return (x, *self._attention(lay))

@@ -31,7 +31,7 @@ from ..settings import section, setting
 from ..training.config import TrainConfig
 
 __all__ = ["AlignData", "TextTower", "AlignConfig", "AlignEvalConfig", "ProjectorConfig", "AlignOutput",
-           "load_split", "align", "evaluate", "evaluate_model", "train_projector"]
+           "load_split", "align", "train_supervised", "evaluate", "evaluate_model", "train_projector"]
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,10 @@ def _batch_fn(train: Any, tokenizer: Any, d: AlignData, image_size: int, batch_s
         images = random_resized_crop(train.images[torch.from_numpy(idx)], image_size, d.crop_scale, generator=g)
         images = random_hflip(images, d.hflip, g)
         ids, mask = encode_captions(tokenizer, caps, d.max_caption_tokens)
-        return {"images": images, "input_ids": ids, "attention_mask": mask}
+        out = {"images": images, "input_ids": ids, "attention_mask": mask}
+        if train.labels is not None:  # read by the supervised reference only
+            out["labels"] = train.labels[torch.from_numpy(idx)]
+        return out
 
     return batch
 
@@ -297,6 +300,39 @@ def align(cfg: AlignConfig, progress: bool = True, console: Any = None, split: d
             "templates": list(split["templates"])}
     save_aligned(model, tok, out, meta, info, to_yaml(cfg))
     return AlignOutput(model, tok, result, out, ev, curve.points, sec_epoch)
+
+
+def train_supervised(cfg: AlignConfig, split: dict[str, Any] | None = None, progress: bool = False,
+                     console: Any = None) -> dict[str, Any]:
+    """The supervised reference: `cfg.image`'s encoder + a linear head trained with cross-entropy
+    on the labels, with the aligned run's batches (augmentations included), optimiser and steps.
+    Nothing is saved. -> {"val_acc", "test_acc" (percent), "seconds_per_epoch", "steps"}."""
+    import torch
+
+    from ..multimodal.supervised import SupervisedImageClassifier, SupervisedObjective, accuracy
+    from ..training import SingleDevice, Trainer
+
+    split = split or load_split(cfg.data, cfg.image.channels, cfg.image.image_size)
+    train = split["train"]
+    if train.labels is None:
+        raise ValueError(f"{split['data'].source} has no class labels; the supervised reference needs them "
+                         f"(use the digits)")
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = SupervisedImageClassifier(cfg.image, int(split["data"].labels.max()) + 1)
+    captions = [c for cs in train.captions for c in cs]
+    from ..tokenizer import _wrap, train_tokenizer  # noqa: PLC2701 (batches carry captions; unused here)
+
+    tok = _wrap(train_tokenizer(captions, vocab_size=cfg.text.vocab_size))
+    trainer = Trainer(model, t, train_batch=_batch_fn(train, tok, cfg.data, cfg.image.image_size, t.batch_size,
+                                                      t.seed),
+                      objective=SupervisedObjective(), strategy=SingleDevice(cfg.device), progress=progress,
+                      console=console)
+    res = trainer.fit()
+    spe = len(train) / min(t.batch_size, len(train))
+    return {"val_acc": accuracy(model, split["val"].images, split["val"].labels),
+            "test_acc": accuracy(model, split["test"].images, split["test"].labels),
+            "seconds_per_epoch": res.elapsed / max(res.steps_run / spe, 1e-9), "steps": res.steps}
 
 
 def evaluate(cfg: AlignEvalConfig) -> dict[str, Any]:
