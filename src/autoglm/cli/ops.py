@@ -1,7 +1,7 @@
-"""`autoglm ops forecast | scrape` (registered in cli/__init__.py).
+"""`autoglm ops forecast | canary | scrape` (registered in cli/__init__.py).
 
 `forecast` is the load-forecasting recipe (`autoglm.recipes.ops`): its options come from
-`ForecastConfig`. `scrape` polls a server's `/metrics` into the JSON lines `forecast` reads
+`ForecastConfig`; `canary` is the promotion step (`CanaryConfig`). `scrape` polls a server's `/metrics` into the JSON lines `forecast` reads
 (a plain command: a URL, an output file, an interval and a count).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import typer
 
-from ..recipes.ops import ForecastConfig
+from ..recipes.ops import CanaryConfig, ForecastConfig
 from .common import console, err, fail
 from .options import add_recipe_command
 
@@ -52,6 +52,25 @@ add_recipe_command(app, "forecast", ForecastConfig, _forecast,
                    help="Forecast the load (Holt-Winters, season detected or given) and recommend replicas with "
                         "hysteresis from the per-replica capacity. Advice only: nothing is scaled.",
                    quiet_loggers=("autoglm.ops.forecast",))
+
+
+def _canary(cfg: CanaryConfig) -> None:
+    from ..recipes.ops import canary_step
+
+    out = canary_step(cfg)
+    for name in ("stable", "canary"):
+        s = out[name]
+        console.print(f"{name}: {s['requests']:.0f} requests, error rate {s['error_rate']:.2%}, p99 {s['p99_s']:.3g} s")
+    colour = {"promote": "green", "hold": "yellow", "rollback": "red"}[out["action"]]
+    console.print(f"[bold {colour}]{out['action']}[/]: canary weight {out['canary_weight']}% (stable "
+                  f"{out['stable_weight']}%): {out['reason']}", highlight=False)
+    if cfg.weights_file is not None:
+        console.print(f"weights written to {cfg.weights_file}; apply with kubectl apply -k deploy/k8s/overlays/canary")
+
+
+add_recipe_command(app, "canary", CanaryConfig, _canary,
+                   help="One canary step from both versions' /metrics scrapes: promote to the next weight, hold, or "
+                        "roll back (error rate and latency p99 against the stable version).")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""The load-forecasting recipe: `autoglm ops forecast INPUT`.
+"""The operations recipes: `autoglm ops forecast INPUT` and `autoglm ops canary`.
 
 Reads a load series (a Prometheus `/api/v1/query_range` export, or `autoglm ops scrape`'s
 JSON lines of the server's own `/metrics`), puts it on its step grid (short gaps
@@ -6,6 +6,10 @@ interpolated with a warning, long ones refused), fits Holt-Winters with the seas
 given or detected, forecasts `horizon_minutes` ahead and recommends a replica count from the
 per-replica capacity (given, or the serving benchmark's tokens/s at a TPOT target) with
 hysteresis. It only advises (a shadow mode): nothing is scaled.
+
+`canary_step` compares the stable and the canary version's /metrics over one window (error
+rate, latency p99) and promotes the canary to the next traffic weight, holds, or rolls it
+back to 0, optionally writing the canary overlay's weights.yaml (`autoglm.ops.canary`).
 
 Example:
     >>> from autoglm.settings import load_config
@@ -26,7 +30,8 @@ from typing import Any, Literal
 
 from ..settings import section, setting
 
-__all__ = ["ForecastConfig", "PolicyConfig", "load_series", "resolve_capacity", "forecast_load"]
+__all__ = ["ForecastConfig", "PolicyConfig", "load_series", "resolve_capacity", "forecast_load", "CanaryConfig",
+           "canary_step"]
 
 log = logging.getLogger(__name__)
 
@@ -184,4 +189,55 @@ def forecast_load(cfg: ForecastConfig) -> dict[str, Any]:
         from ..settings import to_dict
 
         atomic_write_text(cfg.out, json.dumps({**out, "config": to_dict(cfg)}, indent=2, default=str) + "\n")
+    return out
+
+
+@dataclass
+class CanaryConfig:
+    stable: Path | None = setting(None, "scrapes of the stable version's /metrics over the window (autoglm ops "
+                                        "scrape; JSON lines)", required=True)
+    canary: Path | None = setting(None, "scrapes of the canary's /metrics over the same window", required=True)
+    canary_weight: int = setting(10, "the canary's share of the traffic now (percent)")
+    steps: tuple[int, ...] = setting((10, 25, 50, 100), "the promotion steps (percent), ending at 100")
+    max_error_increase: float = setting(0.01, "roll back when the canary's error rate exceeds the stable one by this")
+    max_p99_ratio: float = setting(1.2, "roll back when the canary's p99 latency exceeds the stable one times this")
+    min_requests: int = setting(100, "hold until the canary has served this many requests in the window")
+    weights_file: Path | None = setting(None, "write the decided weights here (the canary overlay's weights.yaml)")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.canary_weight <= 100:
+            raise ValueError(f"canary_weight is a percentage, got {self.canary_weight}")
+        if not self.max_p99_ratio >= 1:
+            raise ValueError(f"max_p99_ratio must be >= 1, got {self.max_p99_ratio}")
+
+
+WEIGHTS_YAML = """\
+# The traffic split (percent; the two must add up to 100). Promotion steps: {steps}.
+# Written by `autoglm ops canary`: {reason}
+- op: replace
+  path: /spec/http/0/route/0/weight
+  value: {stable}   # stable
+- op: replace
+  path: /spec/http/0/route/1/weight
+  value: {canary}   # canary
+"""
+
+
+def canary_step(cfg: CanaryConfig) -> dict[str, Any]:
+    """Compare the two versions' windows; promote, hold or roll back (and write the weights)."""
+    from ..atomic import atomic_write_text
+    from ..ops.canary import decide, window_stats
+    from ..ops.series import read_scrapes
+
+    stable, canary = window_stats(read_scrapes(cfg.stable)), window_stats(read_scrapes(cfg.canary))
+    d = decide(stable, canary, cfg.canary_weight, cfg.steps, cfg.max_error_increase, cfg.max_p99_ratio,
+               cfg.min_requests)
+    out = {"action": d.action, "canary_weight": d.canary_weight, "stable_weight": 100 - d.canary_weight,
+           "reason": d.reason,
+           "stable": {"requests": stable.requests, "error_rate": stable.error_rate, "p99_s": stable.p99_s},
+           "canary": {"requests": canary.requests, "error_rate": canary.error_rate, "p99_s": canary.p99_s}}
+    if cfg.weights_file is not None:
+        atomic_write_text(cfg.weights_file, WEIGHTS_YAML.format(
+            steps=", ".join(map(str, cfg.steps)), reason=f"{d.action} ({d.reason})", stable=100 - d.canary_weight,
+            canary=d.canary_weight))
     return out
