@@ -188,3 +188,24 @@ def test_unsupported_dtype_is_an_error_or_a_stated_fallback(caplog):
 
 def test_grouped_mm_name_is_reported():
     assert GROUPED_MM in ("torch.nn.functional.grouped_mm", "torch._grouped_mm")
+
+
+@pytest.mark.parametrize("dispatch", ["grouped", "gather", "auto"])
+def test_no_grad_forward_after_a_fused_adamw_step_sees_the_new_weights(dispatch):
+    """The fused AdamW kernel does not move parameters' version counters: a no-grad evaluation
+    between training steps must not read stacked weights cached before the step."""
+    torch.manual_seed(0)
+    moe = MoEFeedForward(8, 16, 4, 2, dispatch)
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        moe(x)
+    opt = torch.optim.AdamW(moe.parameters(), lr=0.1, fused=True)
+    moe(torch.randn(16, 8))[0].square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        y, _ = moe(x)
+        torch.testing.assert_close(y, naive_moe(moe, x), atol=1e-5, rtol=1e-5)
+    with torch.inference_mode():  # a frozen or served model keeps its cache
+        moe.requires_grad_(False)
+        moe(x)
+        assert moe._weight_cache

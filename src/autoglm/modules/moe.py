@@ -236,11 +236,13 @@ class MoEFeedForward(nn.Module):
         return torch.zeros_like(xf).index_add_(0, token_of, ys)
 
     def _cached(self, kind: str, build: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
-        """Weights derived from the experts' (stacked or concatenated), cached per `kind` and
-        rebuilt when a parameter changes (its version counter moves). Under torch.compile the
+        """Weights derived from the experts' (stacked or concatenated), cached per `kind` (see
+        `_cache_usable`) and rebuilt when a parameter changes (its version counter moves). Under torch.compile the
         cache built before compiling is used as is (the version check is Python-side
         bookkeeping a traced graph cannot hold)."""
         cache = self.__dict__.setdefault("_weight_cache", {})
+        if not self._cache_usable():
+            return build()
         if torch.compiler.is_compiling():
             return cache[kind][1] if kind in cache else build()
         params = [p for e in self.experts for p in (e.gate_proj.weight, e.up_proj.weight, e.down_proj.weight)]
@@ -249,6 +251,12 @@ class MoEFeedForward(nn.Module):
             with torch.no_grad():
                 cache[kind] = (key, build())
         return cache[kind][1]
+
+    def _cache_usable(self) -> bool:
+        """Derived weights may be cached for a frozen model or under inference mode. A model
+        still in training builds them per call: the fused AdamW kernel updates parameters in
+        place without moving their version counters, so a cache could silently go stale."""
+        return torch.is_inference_mode_enabled() or not any(p.requires_grad for p in self.experts.parameters())
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(E, 2 * hidden, d) gate|up and (E, d, hidden) down weights of all experts, cached."""
