@@ -37,6 +37,7 @@ from .evaluate import evaluate
 from .objectives import CausalLMObjective, Objective
 from .optim import build_scheduler
 from .strategy import SingleDevice, Strategy, resolve_precision
+from .throughput import mfu, model_flops_per_token, peak_flops
 
 __all__ = ["Trainer", "TrainResult", "Callback", "enable_grad_checkpointing"]
 
@@ -147,6 +148,8 @@ class Trainer:
         self._fit_start = time.perf_counter()
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._last_checkpoint: tuple[int, Path] | None = None
+        self._flops_per_token = self._model_flops(model)  # None when the model's size is unknown
+        self._peak: tuple[float, str] | None = None  # peak FLOP/s of the device, looked up at the first row
 
     # ------------------------------------------------------------------ paths
     @property
@@ -214,7 +217,8 @@ class Trainer:
         window_tokens = 0
         stop_reason = "max_steps"
         with self._progress_bar() as bar:
-            task = bar.add_task("train", total=cfg.max_steps, completed=self.step, loss=float("nan"), tps=0.0)
+            task = bar.add_task("train", total=cfg.max_steps, completed=self.step, loss=float("nan"), tps=0.0,
+                                mfu=0.0)
             while self.step < cfg.max_steps:
                 if self.should_stop:
                     stop_reason = "callback"
@@ -234,7 +238,7 @@ class Trainer:
                 if log_now:
                     row = self._train_row(metrics, window_tokens / max(window_seconds, 1e-9))
                     window_seconds, window_tokens = 0.0, 0
-                    bar.update(task, loss=row["loss"], tps=row["tokens_per_s"])
+                    bar.update(task, loss=row["loss"], tps=row["tokens_per_s"], mfu=100 * row.get("mfu", 0.0))
                     self._emit(row, "on_step")
                 bar.update(task, completed=self.step)
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -346,6 +350,13 @@ class Trainer:
                 v = v.item()  # device sync, once per logged row
             row[k] = float(v)
         row.update(tokens_per_s=tokens_per_s, tokens_seen=self.tokens_seen, elapsed=self.elapsed())
+        if self._flops_per_token is not None:  # model-FLOPs utilisation (autoglm.training.throughput)
+            if self._peak is None:
+                self._peak = peak_flops(self.strategy.device, "bf16" if self.precision == "bf16" else "fp32")
+                log.info("MFU counts %.1f MFLOPs per training token against a peak of %.1f TFLOP/s (%s)",
+                         self._flops_per_token / 1e6, self._peak[0] / 1e12, self._peak[1])
+            row["mfu"] = mfu(tokens_per_s / self.strategy.data_parallel_size, self._flops_per_token,
+                             self._peak[0])
         if torch.cuda.is_available() and self.strategy.device.type == "cuda":
             row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
         if not math.isfinite(row["loss"]):
@@ -355,9 +366,19 @@ class Trainer:
                 f"warmup_steps ({self.cfg.warmup_steps}), keep grad_clip > 0, or use precision='fp32' "
                 f"(last checkpoint: {last})")
         level = logging.DEBUG if self.progress else logging.INFO  # the bar already shows it
-        log.log(level, "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s", self.step,
-                self.cfg.max_steps, row["loss"], row["lr"], row["grad_norm"], tokens_per_s)
+        log.log(level, "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | MFU %.1f%%", self.step,
+                self.cfg.max_steps, row["loss"], row["lr"], row["grad_norm"], tokens_per_s,
+                100 * row.get("mfu", 0.0))
         return row
+
+    def _model_flops(self, model: nn.Module) -> float | None:
+        """Training FLOPs per token of a language model with a transformers-style config (active
+        parameters and attention at cfg.seq_len), or None for other models."""
+        config = getattr(self.strategy.unwrap(model), "config", None)
+        try:
+            return model_flops_per_token(config, self.cfg.seq_len)["train"]
+        except (AttributeError, TypeError):
+            return None
 
     def _emit(self, row: dict[str, float], hook: str) -> None:
         self.history.append(row)
@@ -376,5 +397,6 @@ class Trainer:
             return _NoProgress()
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                        TextColumn("MFU {task.fields[mfu]:.1f}%"),
                         TimeElapsedColumn(), TimeRemainingColumn(),
                         console=self.console or Console(stderr=True))
