@@ -132,8 +132,9 @@ def held_bytes(trainer: Any) -> dict[str, int]:
 class Probe:
     """Callback: step times, held bytes after step `steps - 1`, activation bytes of step `steps`."""
 
-    def __init__(self, steps: int) -> None:
+    def __init__(self, steps: int, measure: bool = True) -> None:
         self.steps = steps
+        self.measure = measure  # False: step times only
         self.times: list[float] = []
         self.held: dict[str, int] = {}
         self.activations = 0
@@ -145,7 +146,7 @@ class Probe:
         if trainer.strategy.device.type == "cuda":
             torch.cuda.synchronize()
         self.times.append(time.perf_counter())
-        if trainer.step == self.steps - 1:
+        if trainer.step == self.steps - 1 and self.measure:
             self.held = held_bytes(trainer)
             self._wrap(trainer)
         elif trainer.step == self.steps and self._objective is not None:
