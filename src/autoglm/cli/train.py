@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import typer
@@ -48,7 +49,7 @@ def info(preset: str = typer.Argument(..., help="Preset name, e.g. tiny, small, 
 
 
 def run_train(cfg: PretrainConfig) -> None:
-    from ..distributed.runtime import launched_by_torchrun, torchrun_world_size
+    from ..distributed.runtime import launched_by_torchrun, torchrun_rank, torchrun_world_size
     from ..recipes.generate import generate_text
     from ..recipes.pretrain import pretrain
 
@@ -62,6 +63,8 @@ def run_train(cfg: PretrainConfig) -> None:
     if cfg.dist.strategy == "single" and torchrun_world_size() > 1:
         fail(ValueError(f"launched by torchrun on {torchrun_world_size()} processes but --strategy is single (each "
                         f"would train alone into the same directory); pass --strategy ddp, fsdp or zero1"))
+    if torchrun_rank() > 0:  # the main rank reports; the others only warn
+        logging.getLogger("autoglm").setLevel(logging.WARNING)
     out = pretrain(cfg, console=err)
     if out.run is None:  # not the main rank: it printed nothing and saved nothing
         return

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "launched_by_torchrun", "torchrun_world_size", "read_env", "pick_backend", "init_distributed", "BACKENDS"]
+__all__ = ["DistEnv", "launched_by_torchrun", "torchrun_world_size", "torchrun_rank", "read_env", "pick_backend",
+           "init_distributed", "BACKENDS"]
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,12 @@ def torchrun_world_size(env: Mapping[str, str] | None = None) -> int:
     """WORLD_SIZE torchrun set (1 outside torchrun)."""
     env = os.environ if env is None else env
     return int(env.get("WORLD_SIZE", "1"))
+
+
+def torchrun_rank(env: Mapping[str, str] | None = None) -> int:
+    """RANK torchrun set (0 outside torchrun)."""
+    env = os.environ if env is None else env
+    return int(env.get("RANK", "0"))
 
 
 def read_env(env: Mapping[str, str] | None = None) -> DistEnv:
