@@ -1,33 +1,48 @@
-"""Batch-1 decode speed, forward latency, MFU and memory: HF `generate()` vs the engine.
+"""Decode speed at batch 1 and 32: the engine vs HF `generate()` at its best setting and vs
+transformers' own Llama and Mixtral of the same size; and self-speculative decoding.
 
-Side by side in one run on the same weights (random init; EOS ignored so every system
-makes exactly the requested tokens), for each preset given:
+Side by side in one run (random init; EOS ignored so every system makes exactly the
+requested tokens), for each preset given, at each batch of `--batches` (the same prompt in
+every row: a uniform batch, no padding):
 
-* decode tokens/s at batch 1: HF `generate()` (DynamicCache, eager), the engine eager,
-  the engine with CUDA-graph decode (GPU only). Decode time per token is
-  (time for 1 + N new tokens - time for 1 new token) / N, so prefill is excluded for all;
-* greedy agreement of the engine's tokens with HF's;
-* engine throughput at a larger batch (`--batch`), CUDA graphs on;
-* forward (prefill) latency at `--forward-lens` tokens, and its MFU against `--peak-tflops`;
-* peak GPU memory of each part.
+* HF `generate()` on the same model (DynamicCache, eager); static cache + torch.compile is
+  tried too (our model does not take HF's StaticCache: the row says so);
+* transformers' `LlamaForCausalLM` and `MixtralForCausalLM` built at the preset's width,
+  depth, heads, vocabulary and expert sizes, with `generate()` eager and at HF's best
+  setting, static cache + `torch.compile` of the forward ("reduce-overhead" on a GPU);
+* the engine eager, and with CUDA-graph decode (+ torch.compile with `--systems`) on a GPU.
+
+Decode tokens/s = batch x N / (time for 1 + N new tokens - time for 1 new token), so prefill
+is excluded for all; greedy agreement of our systems with HF's tokens; forward (prefill)
+latency at `--forward-lens` tokens with its MFU against `--peak-tflops`; peak GPU memory.
+
+`--speculative-run RUN` measures self-speculative decoding of a trained early-exit run
+instead (docs/results/speculative.*): the exit layer and k are chosen on validation prompts
+from the run's held-out text, then plain and speculative engines run the test prompts
+interleaved, reporting the speed-up, tokens per step, acceptance and whether the greedy
+tokens are identical.
 
     python benchmarks/decode.py --device cuda --dtype bf16 --presets base,standard-base
-    python benchmarks/decode.py --presets tiny --new-tokens 32      # CPU smoke run
+    python benchmarks/decode.py --threads 1 --presets small --forward-lens '' --name decode-cpu
+    python benchmarks/decode.py --threads 1 --speculative-run runs/spec-ee2 --prompt-len 64 --new-tokens 64
 
-Writes benchmarks/results/decode.json and decode.md.
+Writes docs/results/decode.json and decode.md (--name, --out to change).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
 from autoglm import OpenAutoGLMConfig
 from autoglm.hf import OpenAutoGLMForCausalLM
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
+from baselines import hf_generate
 from results_io import save_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -49,11 +64,6 @@ def timed(fn, device, repeat=1):
     return statistics.median(ts), out
 
 
-def hf_generate(model, ids, n):
-    return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
-                          pad_token_id=model.config.pad_token_id)
-
-
 def make_engine(model, max_tokens, graphs, block_size, batch=1, compile_decode=False):
     cfg = EngineConfig(block_size=block_size, num_blocks=batch * (-(-(max_tokens + 1) // block_size) + 2),
                        max_num_seqs=batch, max_num_batched_tokens=max(512, max_tokens * batch), cuda_graphs=graphs,
@@ -65,11 +75,11 @@ def engine_generate(eng, prompt, n, batch=1):
     return eng.generate([prompt] * batch, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
 
 
-def decode_rate(run, device, n):
-    """(tokens/s, outputs) from timing 1 + n new tokens against 1 new token."""
+def decode_rate(run, device, n, batch=1):
+    """(tokens/s, outputs) from timing 1 + n new tokens against 1 new token, `batch` sequences."""
     t1, _ = timed(lambda: run(1), device, repeat=3)
     tn, out = timed(lambda: run(1 + n), device, repeat=3)
-    return n / max(tn - t1, 1e-9), out
+    return batch * n / max(tn - t1, 1e-9), out
 
 
 def active_params(model) -> int:
@@ -92,6 +102,56 @@ def forward_flops(model, T: int) -> float:
     return 2 * active_params(model) * T + attn
 
 
+SYSTEM_LABELS = {
+    "hf": "HF generate, same model (dynamic cache)",
+    "hf-static-compile": "HF generate, same model, static cache + torch.compile",
+    "llama": "transformers Llama, generate (dynamic cache)",
+    "llama-static-compile": "transformers Llama, static cache + torch.compile",
+    "mixtral": "transformers Mixtral, generate (dynamic cache)",
+    "mixtral-static-compile": "transformers Mixtral, static cache + torch.compile",
+    "engine": "engine (eager)",
+    "engine-graphs": "engine, CUDA graphs",
+    "engine-graphs-compile": "engine, CUDA graphs + torch.compile",
+}
+HF_SYSTEMS = ("hf", "hf-static-compile", "llama", "llama-static-compile", "mixtral", "mixtral-static-compile")
+
+
+def build_systems(model, names, device, block_size, max_tokens, batches):
+    """name -> callable(batch, n) returning the (batch, n) new token ids, or an error string."""
+    from baselines import compiled_copy, llama_like, mixtral_like, num_params
+
+    mc = model.config
+    out, sizes = {}, {"hf": num_params(model)}
+    others = {}
+    for base, make in (("llama", llama_like), ("mixtral", mixtral_like)):
+        if base in names or f"{base}-static-compile" in names:
+            torch.manual_seed(0)
+            others[base] = make(mc).to(device=device, dtype=next(model.parameters()).dtype)
+            sizes[base] = num_params(others[base])
+    def hf_runner(m, static):
+        def run(prompt, b, n):
+            ids = torch.tensor([prompt] * b, device=device)
+            return hf_generate(m, ids, n, static=static)[:, len(prompt):].tolist()
+        return run
+
+    for name in names:
+        base = name.replace("-static-compile", "")
+        if name.startswith("engine"):
+            if name != "engine" and device.type != "cuda":
+                continue
+            graphs, comp = name != "engine", name == "engine-graphs-compile"
+            engines = {b: make_engine(model, max_tokens, graphs, block_size, batch=b, compile_decode=comp)
+                       for b in batches}
+            out[name] = (lambda engines: lambda prompt, b, n: [r.output_ids for r in
+                                                                engine_generate(engines[b], prompt, n, batch=b)])(engines)
+        elif base in ("hf", "llama", "mixtral"):
+            m = model if base == "hf" else others[base]
+            if name.endswith("static-compile"):
+                m = compiled_copy(m, device)
+            out[name] = hf_runner(m, name.endswith("static-compile"))
+    return out, sizes
+
+
 def bench_preset(name, a, device, dtype):
     torch.manual_seed(0)
     cfg = OpenAutoGLMConfig.from_name(name, max_position_embeddings=max(a.forward_lens + [2048]))
@@ -100,59 +160,56 @@ def bench_preset(name, a, device, dtype):
     model = model.to(dtype).eval()
     V = cfg.vocab_size
     prompt = torch.randint(2, V, (a.prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
-    ids = torch.tensor([prompt], device=device)
     res = dict(preset=name, params_total=sum(p.numel() for n, p in model.named_parameters() if "adapters" not in n),
-               params_active=active_params(model))
+               params_active=active_params(model), decode={})
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-
-    with torch.inference_mode():
-        hf_generate(model, ids, 4)  # warm-up
-        hf_rate, hf_out = decode_rate(lambda k: hf_generate(model, ids, k), device, a.hf_tokens)
-    hf_tokens = hf_out[0, len(prompt):].tolist()
-    res["hf_tok_s"] = hf_rate
-    print(f"[{name}] HF generate batch 1: {hf_rate:.1f} tok/s", flush=True)
-
-    modes = [("engine eager", False, False)]
-    if device.type == "cuda":
-        modes.append(("engine CUDA graphs", True, False))
-        if a.compile:
-            modes.append(("engine CUDA graphs + torch.compile", True, True))
-    for label, graphs, comp in modes:
-        eng = make_engine(model, len(prompt) + a.new_tokens + 1, graphs, a.block_size, compile_decode=comp)
+    names = [s for s in a.systems.split(",") if s]
+    systems, sizes = build_systems(model, names, device, a.block_size, len(prompt) + a.new_tokens + 1, a.batches)
+    res["baseline_params_total"] = sizes
+    rates: dict[tuple[str, int], float] = {}
+    outputs: dict[tuple[str, int], list] = {}
+    errors: dict[str, str] = {}
+    warm: dict[str, float] = {}
+    for sysname, run in systems.items():  # warm-up: graph capture, torch.compile (both shapes), first calls
         t0 = time.perf_counter()
         try:
-            engine_generate(eng, prompt, 4)  # warm-up (and graph capture / compile)
-        except Exception as e:  # noqa: BLE001 - reported
-            print(f"[{name}] {label}: failed: {e!r}"[:500], flush=True)
+            for b in a.batches:
+                run(prompt, b, 2)
+                run(prompt, b, 1 + a.new_tokens)
+        except Exception as e:  # noqa: BLE001 - reported as the row's result
+            errors[sysname] = f"{type(e).__name__}: {e}"[:300]
+            print(f"[{name}] {SYSTEM_LABELS[sysname]}: failed: {errors[sysname]}", flush=True)
             continue
-        print(f"[{name}] {label}: warm-up {time.perf_counter() - t0:.1f} s", flush=True)
-        rate, reqs = decode_rate(lambda k: engine_generate(eng, prompt, k), device, a.new_tokens)
-        out = reqs[0].output_ids
-        n = min(len(out), len(hf_tokens))
-        agree = next((i for i in range(n) if out[i] != hf_tokens[i]), n)
-        key = "compiled" if comp else "graph" if graphs else "eager"
-        if graphs:
-            same = sum(x == y for x, y in zip(out, res["eager_tokens"])) / len(out)
-            res["graph_tokens_equal_to_eager_pct"] = 100 * same
-            print(f"[{name}] CUDA-graph tokens equal to eager engine tokens: {100 * same:.1f}%", flush=True)
-        else:
-            res["eager_tokens"] = out
-        res[f"{key}_tok_s"] = rate
-        res[f"{key}_greedy_prefix_equal_to_hf"] = f"{agree}/{n}"
-        print(f"[{name}] {label} batch 1: {rate:.1f} tok/s ({rate / hf_rate:.1f}x HF); greedy tokens equal to HF "
-              f"before the first difference: {agree}/{n}", flush=True)
-    best = max(res.get(k, 0.0) for k in ("eager_tok_s", "graph_tok_s", "compiled_tok_s"))
-    res["decode_speedup_vs_hf"] = best / hf_rate
-    res["decode_mfu_pct"] = 100 * 2 * res["params_active"] * best / (a.peak_tflops * 1e12)
-
-    if a.batch > 1:
-        eng = make_engine(model, len(prompt) + a.new_tokens + 1, None, a.block_size, batch=a.batch)
-        engine_generate(eng, prompt, 4, batch=a.batch)  # warm-up (and graph capture)
-        t, _ = timed(lambda: engine_generate(eng, prompt, a.new_tokens, batch=a.batch), device)
-        res[f"engine_batch{a.batch}_tok_s"] = a.batch * a.new_tokens / t
-        print(f"[{name}] engine batch {a.batch}: {res[f'engine_batch{a.batch}_tok_s']:.0f} tok/s (prefill included)",
-              flush=True)
+        warm[sysname] = time.perf_counter() - t0
+        print(f"[{name}] {SYSTEM_LABELS[sysname]}: warm-up {warm[sysname]:.1f} s", flush=True)
+    live = [s for s in systems if s not in errors]
+    for rep in range(a.repeats):  # interleaved, the order reversed every other repeat; the best run counts
+        for sysname in (live if rep % 2 == 0 else live[::-1]):
+            for b in a.batches:
+                rate, out = decode_rate(lambda k: systems[sysname](prompt, b, k), device, a.new_tokens, b)
+                if rate > rates.get((sysname, b), 0.0):
+                    rates[sysname, b], outputs[sysname, b] = rate, out
+    for b in a.batches:
+        hf = rates.get(("hf", b))
+        ref = outputs.get(("hf", b))
+        for sysname in systems:
+            row = dict(system=sysname, label=SYSTEM_LABELS[sysname], batch=b)
+            if sysname in errors:
+                row["error"] = errors[sysname]
+            else:
+                row["tok_s"] = rates[sysname, b]
+                row["warmup_s"] = warm[sysname]
+                if hf:
+                    row["vs_hf"] = rates[sysname, b] / hf
+                if ref is not None and sysname.startswith(("engine", "hf")):
+                    row["greedy_equal_to_hf"] = outputs[sysname, b] == ref
+            res["decode"].setdefault(str(b), []).append(row)
+            if "tok_s" in row:
+                print(f"[{name}] batch {b} {SYSTEM_LABELS[sysname]}: {row['tok_s']:.1f} tok/s"
+                      + (f" ({row['vs_hf']:.2f}x HF)" if "vs_hf" in row else ""), flush=True)
+    best_engine = max((rates[s, 1] for s in systems if s.startswith("engine") and (s, 1) in rates), default=0.0)
+    res["decode_mfu_pct"] = 100 * 2 * res["params_active"] * best_engine / (a.peak_tflops * 1e12)
 
     res["forward_ms"], res["forward_mfu_pct"] = {}, {}
     with torch.inference_mode():
@@ -170,10 +227,113 @@ def bench_preset(name, a, device, dtype):
             print(f"[{name}] forward {T}: {1e3 * ms:.2f} ms, MFU {res['forward_mfu_pct'][T]:.1f}%", flush=True)
     if device.type == "cuda":
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    del model
+    del model, systems
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return res
+
+
+def speculative(a, device):
+    """Self-speculative decoding of a trained early-exit run at batch 1 (and `--spec-batch`):
+    (exit layer, k) chosen on validation prompts (the first half of the run's held-out text),
+    then plain vs speculative engine on test prompts (the second half), interleaved."""
+    from autoglm.data import prepare_corpus
+    from autoglm.rundir import RunDir
+
+    run = RunDir.open(a.speculative_run)
+    model, tok = run.load()
+    model = model.to(device).eval()
+    trained = (run.info.get("early_exit") or {}).get("layers")
+    if not trained:
+        raise SystemExit(f"{a.speculative_run} records no trained early exit (run.json early_exit); train one with "
+                         f"`autoglm train --config configs/speculative.yaml` first")
+    layers = [int(x) for x in a.spec_layers.split(",")] if a.spec_layers else list(trained)
+    held = prepare_corpus(run.data_source, Path(run.info["config"]["data"]["cache_dir"]), tokenizer=tok,
+                          val_fraction=run.info["config"]["data"]["val_fraction"]).tokens.val
+    half = len(held) // 2
+
+    def take(lo, hi, n):
+        step = (hi - lo - a.prompt_len) // n
+        return [held[lo + i * step: lo + i * step + a.prompt_len].tolist() for i in range(n)]
+
+    val, test = take(0, half, a.spec_val_prompts), take(half, len(held), a.spec_test_prompts)
+    sp = SamplingParams(max_tokens=a.new_tokens, temperature=0, ignore_eos=True)
+
+    def engine(E=None, k=0, batch=1):
+        cfg = EngineConfig(block_size=a.block_size, num_blocks=batch * (-(-(a.prompt_len + a.new_tokens + 8)
+                                                                         // a.block_size) + 2),
+                           max_num_seqs=batch, max_num_batched_tokens=max(512, batch * (a.prompt_len + 8)),
+                           speculative_layer=E, speculative_tokens=k)
+        return LLMEngine(model, config=cfg)
+
+    def timed_run(eng, prompts, batch=1):
+        """(seconds, outputs) for the prompts, `batch` at a time (prefill included for both systems)."""
+        eng.generate([prompts[0]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+        t0, outs = time.perf_counter(), []
+        for i in range(0, len(prompts), batch):
+            outs += [r.output_ids for r in eng.generate(prompts[i:i + batch], sp)]
+        return time.perf_counter() - t0, outs
+
+    def compare(prompts, E, k, batch=1, repeats=1):
+        plain_t, spec_t, same, stats = [], [], True, None
+        for rep in range(repeats):
+            order = [("plain", None, 0), ("spec", E, k)]
+            for label, e, kk in (order if rep % 2 == 0 else order[::-1]):
+                eng = engine(e, kk, batch)
+                t, outs = timed_run(eng, prompts, batch)
+                if label == "plain":
+                    plain_t.append(t)
+                    ref = outs
+                else:
+                    spec_t.append(t)
+                    got, stats = outs, eng.stats
+            same = same and got == ref
+        n_tok = len(prompts) * a.new_tokens
+        return dict(layer=E, k=k, batch=batch, plain_tok_s=n_tok / min(plain_t), spec_tok_s=n_tok / min(spec_t),
+                    speedup=min(plain_t) / min(spec_t), identical_greedy_tokens=same,
+                    tokens_per_step=stats.tokens_per_spec_step, acceptance_rate=stats.acceptance_rate,
+                    spec_steps=stats.spec_steps)
+
+    load0 = os.getloadavg()
+    grid = []
+    for E in layers:
+        for k in [int(x) for x in a.spec_k.split(",")]:
+            r = compare(val, E, k)
+            grid.append(r)
+            print(f"[validation] exit {E} k {k}: {r['speedup']:.2f}x plain, {r['tokens_per_step']:.2f} tokens/step, "
+                  f"acceptance {r['acceptance_rate']:.2f}, identical {r['identical_greedy_tokens']}", flush=True)
+    best = max(grid, key=lambda r: r["speedup"])
+    E, k = best["layer"], best["k"]
+    test_rows = [compare(test, E, k, repeats=a.repeats)]
+    for b in [x for x in a.spec_batches if x > 1]:
+        test_rows.append(compare((test * -(-b // len(test)))[:b], E, k, batch=b, repeats=a.repeats))
+    for r in test_rows:
+        print(f"[test] batch {r['batch']}, exit {E} k {k}: plain {r['plain_tok_s']:.1f} tok/s, speculative "
+              f"{r['spec_tok_s']:.1f} tok/s ({r['speedup']:.2f}x), {r['tokens_per_step']:.2f} tokens/step, "
+              f"identical greedy tokens {r['identical_greedy_tokens']}", flush=True)
+    load1 = os.getloadavg()
+    L = model.config.num_hidden_layers
+    md = [f"Self-speculative decoding of `{a.speculative_run}` ({model.config.num_hidden_layers} layers, trained exits "
+          f"after layers {trained}); greedy, {a.prompt_len}-token prompts from the run's held-out text, "
+          f"{a.new_tokens} new tokens each (EOS ignored), one request at a time unless a batch is given; "
+          f"times include the prefill. Exit layer and k chosen on {len(val)} validation prompts (first half of the "
+          f"held-out text), reported on {len(test)} test prompts (second half); best of {a.repeats} interleaved runs.",
+          "", "Validation grid:", "",
+          "| exit layer | k | speculative / plain | tokens per step | draft acceptance | identical tokens |",
+          "|---|---|---|---|---|---|"]
+    md += [f"| {r['layer']} / {L} | {r['k']} | {r['speedup']:.2f}x | {r['tokens_per_step']:.2f} | "
+           f"{r['acceptance_rate']:.2f} | {r['identical_greedy_tokens']} |" for r in grid]
+    md += ["", f"Test (exit after layer {E}, k {k}):", "",
+           "| batch | plain engine tok/s | speculative tok/s | **speculative / plain** | tokens per step | "
+           "draft acceptance | greedy tokens identical to plain |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['batch']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | **{r['speedup']:.2f}x** | "
+           f"{r['tokens_per_step']:.2f} | {r['acceptance_rate']:.2f} | {r['identical_greedy_tokens']} |"
+           for r in test_rows]
+    md += ["", f"Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in load0)}, at end "
+               f"{tuple(round(x, 2) for x in load1)}: the machine is shared, compare ratios within this run."]
+    save_results(a.out, a.name or "speculative", dict(run=str(a.speculative_run), trained_exits=trained, grid=grid,
+                                                      chosen=dict(layer=E, k=k), test=test_rows, load_start=load0,
+                                                      load_end=load1, args=vars(a)), "\n".join(md))
 
 
 def main():
@@ -181,36 +341,67 @@ def main():
     ap.add_argument("--presets", default="base,standard-base")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: bf16 on GPU, fp32 on CPU")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--new-tokens", type=int, default=128, help="decode tokens timed for the engine")
-    ap.add_argument("--hf-tokens", type=int, default=64, help="decode tokens timed for HF generate")
-    ap.add_argument("--batch", type=int, default=32, help="also time the engine at this batch (0 = skip)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="decode tokens timed per sequence")
+    ap.add_argument("--batches", default="1,32", help="batch sizes timed (same prompt repeated: a uniform batch)")
+    ap.add_argument("--systems", default=",".join(SYSTEM_LABELS), help=f"any of {','.join(SYSTEM_LABELS)}")
+    ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per system; the best counts")
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--compile", action="store_true", help="also time CUDA graphs of a torch.compile'd decode step")
     ap.add_argument("--forward-lens", default="512,2048,8192")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H100/H200 SXM: 989)")
+    ap.add_argument("--speculative-run", default=None, help="measure self-speculative decoding of this trained "
+                                                           "early-exit run instead (writes speculative.*)")
+    ap.add_argument("--spec-layers", default=None, help="exit layers tried for drafting (default: the run's trained)")
+    ap.add_argument("--spec-k", default="2,3,4", help="draft tokens per step tried on the validation prompts")
+    ap.add_argument("--spec-val-prompts", type=int, default=4)
+    ap.add_argument("--spec-test-prompts", type=int, default=8)
+    ap.add_argument("--spec-batches", default="1", help="batches the chosen setting is also reported at")
+    ap.add_argument("--name", default=None, help="results file name (default: decode, or speculative)")
     ap.add_argument("--out", default=None, help="results folder (default: docs/results)")
     a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     a.forward_lens = [int(x) for x in a.forward_lens.split(",") if x]
+    a.batches = [int(x) for x in a.batches.split(",") if x]
+    a.spec_batches = [int(x) for x in a.spec_batches.split(",") if x]
     device = torch.device(a.device)
+    if a.speculative_run:
+        return speculative(a, device)
     dtype = DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     print(f"device {dev_name}, dtype {dtype}, torch {torch.__version__}", flush=True)
+    load0 = os.getloadavg()
     rows = [bench_preset(p, a, device, dtype) for p in a.presets.split(",")]
+    load1 = os.getloadavg()
     lens = a.forward_lens
-    md = [f"Device: {dev_name}, {dtype}, torch {torch.__version__}; prompt {a.prompt_len} tokens, batch 1 decode", "",
-          "| preset | params total | params active | HF generate tok/s | engine eager tok/s | engine CUDA graphs tok/s "
-          "| + torch.compile tok/s | best / HF | decode MFU % | " + " | ".join(f"fwd {T} ms (MFU %)" for T in lens) + " | peak GiB |",
-          "|---|---|---|---|---|---|---|---|---|" + "---|" * len(lens) + "---|"]
+    md = [f"Device: {dev_name}, {dtype}, torch {torch.__version__}; prompt {a.prompt_len} tokens (the same prompt in "
+          f"every row of a batch), {a.new_tokens} new tokens per sequence, greedy, EOS ignored; decode tokens/s = "
+          f"batch x new tokens / (time for 1 + n tokens - time for 1 token), so prefill is excluded for every "
+          f"system; best of {a.repeats} interleaved runs. transformers' Llama and Mixtral are built at the preset's "
+          f"width, depth, heads, vocabulary and expert sizes (random weights).", ""]
     for r in rows:
-        fw = " | ".join(f"{r['forward_ms'][T]:.2f} ({r['forward_mfu_pct'][T]:.1f})" if T in r["forward_ms"] else "-"
-                        for T in lens)
-        md.append(f"| {r['preset']} | {r['params_total'] / 1e6:.1f}M | {r['params_active'] / 1e6:.1f}M | "
-                  f"{r['hf_tok_s']:.1f} | {r['eager_tok_s']:.1f} | {r.get('graph_tok_s', float('nan')):.1f} | "
-                  f"{r.get('compiled_tok_s', float('nan')):.1f} | "
-                  f"**{r['decode_speedup_vs_hf']:.1f}x** | {r['decode_mfu_pct']:.2f} | {fw} | "
-                  f"{r.get('peak_mem_gib', float('nan')):.2f} |")
-    save_results(a.out, "decode", dict(device=dev_name, dtype=str(dtype), args=vars(a), rows=rows), "\n".join(md))
+        md += [f"**{r['preset']}** ({r['params_total'] / 1e6:.1f}M parameters, {r['params_active'] / 1e6:.1f}M active; "
+               + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in r["baseline_params_total"].items() if k != "hf") + ")",
+               "", "| system | batch | decode tok/s | vs HF generate | greedy tokens = HF | warm-up s |",
+               "|---|---|---|---|---|---|"]
+        for b, brows in r["decode"].items():
+            for x in brows:
+                if "error" in x:
+                    md.append(f"| {x['label']} | {b} | not run: {x['error'][:120]} | | | |")
+                    continue
+                eq = {True: "yes", False: "no"}.get(x.get("greedy_equal_to_hf"), "")
+                md.append(f"| {x['label']} | {b} | {x['tok_s']:.1f} | {x.get('vs_hf', float('nan')):.2f}x | {eq} | "
+                          f"{x['warmup_s']:.1f} |")
+        if lens and r["forward_ms"]:
+            md += ["", "| forward tokens | ms | MFU % |", "|---|---|---|"]
+            md += [f"| {T} | {r['forward_ms'][T]:.2f} | {r['forward_mfu_pct'][T]:.1f} |" for T in lens
+                   if T in r["forward_ms"]]
+        md.append("")
+    md.append(f"Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in load0)}, at end "
+              f"{tuple(round(x, 2) for x in load1)}.")
+    save_results(a.out, a.name or "decode", dict(device=dev_name, dtype=str(dtype), args=vars(a), rows=rows,
+                                                 load_start=load0, load_end=load1), "\n".join(md))
 
 
 if __name__ == "__main__":
