@@ -23,6 +23,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -70,9 +71,10 @@ def load_digits_pairs(templates: tuple[str, ...] = CAPTION_TEMPLATES) -> PairDat
     return PairData(images, caps, labels, DIGIT_NAMES, "digits")
 
 
-def decode_image(path: Path, channels: int, size: int, min_size: int = 4) -> torch.Tensor:
-    """One image file -> (channels, size, size) in [0, 1]. Grey <-> RGB is converted when
-    `convert`; ValueError (the reason) for an unreadable file or one smaller than `min_size`."""
+def decode_image(path: Path | BinaryIO, channels: int, size: int, min_size: int = 4) -> torch.Tensor:
+    """One image file (a path or a binary stream) -> (channels, size, size) in [0, 1]; grey and
+    colour are converted to `channels`. ValueError (the reason) for an unreadable or corrupt
+    file or one smaller than `min_size` pixels on a side."""
     from PIL import Image, UnidentifiedImageError
 
     try:

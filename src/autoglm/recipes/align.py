@@ -233,12 +233,14 @@ class ZeroShotCurve:
         self.split, self.tok, self.every, self.spe, self.max_len = split, tokenizer, every, steps_per_epoch, max_len
         self.points: list[dict[str, float]] = []
         self.seconds = 0.0
-        self._next = every
+        self._next: int | None = None  # set at the first row (a resumed run starts past step 1)
 
     def on_step(self, trainer: Any, row: dict[str, float]) -> None:
         from ..multimodal.evaluate import class_embeddings, embed_images, zero_shot_accuracy
 
         step = int(row["step"])
+        if self.every and self._next is None:
+            self._next = ((step - 1) // self.every + 1) * self.every
         if not self.every or step < self._next or self.split["val"].labels is None or not len(self.split["val"]):
             return
         self._next = (step // self.every + 1) * self.every
