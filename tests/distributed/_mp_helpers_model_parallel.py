@@ -130,9 +130,35 @@ def _pp_checks(rank: int) -> dict:
         metrics = runner.step(ids, labels)
         grads = {n: p.grad.clone() for n, p in runner.model.named_parameters() if p.grad is not None}
         logits = runner.forward(ids)
-        out[name] = {"metrics": {k: v.clone() for k, v in metrics.items()}, "grads": grads, "logits": logits,
+        out[name] = {"metrics": {k: v.clone() for k, v in metrics.items()}, "grads": grads, "logits": logits[0],
                      "params": sorted(n for n, _ in runner.model.named_parameters())}
+    out["loop"] = _pp_loop_check(rank)
     return out
+
+
+def _pp_loop_check(rank: int) -> dict:
+    """The `pp` strategy inside the training loop's contract: per micro-batch the objective
+    computes the loss from the logits every rank gets, the strategy's backward sends its
+    gradients through the stages; 2 accumulated micro-batches, each cut into 2 pipeline
+    micro-batches."""
+    from autoglm.distributed.pipeline import PipelineParallelStrategy
+    from autoglm.training import CausalLMObjective
+    from autoglm.training.config import TrainConfig
+
+    cfg = tiny_config(**PP_VARIANTS["1f1b"][0])
+    strategy = PipelineParallelStrategy(device="cpu")
+    strategy.check(cfg, TrainConfig(batch_size=BATCH // 2, seq_len=SEQ, grad_accum=2))
+    model = strategy.setup(build_model(cfg))
+    model.train()
+    ids, labels = batch(cfg)
+    metrics = []
+    for mb_ids, mb_labels in zip(ids.chunk(2), labels.chunk(2)):
+        out = CausalLMObjective()(model, (mb_ids, mb_labels))
+        strategy.backward(out["loss"] / 2)
+        metrics.append({k: v.detach().clone() for k, v in out.items()})
+    norm = strategy.clip_grad_norm(model, 0.0)
+    grads = {n: p.grad.clone() for n, p in strategy.unwrap(model).named_parameters() if p.grad is not None}
+    return {"metrics": metrics, "grads": grads, "grad_norm": norm}
 
 
 def _ep_checks(rank: int) -> dict:

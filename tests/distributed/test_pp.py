@@ -55,6 +55,33 @@ def test_pp_loss_and_gradients_equal_single_process_accumulation(name):
         torch.testing.assert_close(merged.get(n, torch.zeros_like(g)), g, **TOL, msg=f"gradient of {n}")
 
 
+def test_pp_strategy_in_the_training_loop_equals_single_process():
+    """The `pp` strategy under the loop's per-micro-batch contract (objective on the logits,
+    strategy.backward): 2 accumulated micro-batches of 2 rows, each cut into 2 pipeline
+    micro-batches of 1 row, so the MoE aux loss is the mean over single rows."""
+    cfg = tiny_config(**PP_VARIANTS["1f1b"][0])
+    model = build_model(cfg)
+    ids, labels = batch(cfg)
+    losses = []
+    for mb_ids, mb_labels in zip(ids.chunk(2), labels.chunk(2)):
+        lm = lm_loss(model(mb_ids).logits, mb_labels)
+        aux = torch.stack([model(row).aux_loss for row in mb_ids.split(1)]).mean()
+        ((lm + aux) / 2).backward()
+        losses.append(lm + aux)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    merged = {}
+    for rank, res in enumerate(worker_results()):
+        r = res["pp"]["loop"]
+        for m, loss in zip(r["metrics"], losses):
+            torch.testing.assert_close(m["loss"], loss.detach(), **TOL, msg=f"rank {rank} micro-batch loss")
+        torch.testing.assert_close(r["grad_norm"], norm, **TOL)
+        for n, g in r["grads"].items():
+            merged["model.embed_tokens.weight" if n == "lm_head.weight" else n] = g
+    for n, g in grads.items():
+        torch.testing.assert_close(merged.get(n, torch.zeros_like(g)), g, **TOL, msg=f"gradient of {n}")
+
+
 def test_pp_stages_hold_disjoint_blocks():
     r0, r1 = (res["pp"]["gpipe"]["params"] for res in worker_results())
     blocks = lambda names: {n.split(".")[2] for n in names if n.startswith("model.layers.")}  # noqa: E731

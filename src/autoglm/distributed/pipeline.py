@@ -114,6 +114,7 @@ class PipelineStageModule(nn.Module):
         cfg = model.config
         self.moe_layers_total = sum(cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers))
         self.aux_values: list[torch.Tensor] = []  # this stage's aux loss per micro-batch (detached)
+        self.aux_scale = 1.0  # d(step loss) / d(aux) per micro-batch, when the schedule's loss is not the LM loss
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         backbone = self.model.model
@@ -138,7 +139,7 @@ class PipelineStageModule(nn.Module):
             aux = aux * (len(routing) / self.moe_layers_total)  # this stage's share of the model's mean
             self.aux_values.append(aux.detach())
             if torch.is_grad_enabled():
-                x = _AttachAux.apply(x, aux)
+                x = _AttachAux.apply(x, aux * self.aux_scale)
         if self.is_last:
             return self.model.lm_head(backbone.norm(x))
         return x
@@ -146,6 +147,11 @@ class PipelineStageModule(nn.Module):
 
 def _lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return lm_loss(logits, labels)
+
+
+def _dot_loss(logits: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """A surrogate whose gradient w.r.t. the logits is `grad` (backward from given logit gradients)."""
+    return (logits.float() * grad.float()).sum()
 
 
 class PipelineRunner:
@@ -189,8 +195,10 @@ class PipelineRunner:
         return self.model.model.embed_tokens.weight if self.is_first else (
             self.model.lm_head.weight if self.is_last else None)
 
-    def _schedule(self, shape: tuple[int, int], n_mb: int, training: bool):
-        key = (shape, n_mb, training)
+    def _schedule(self, shape: tuple[int, int], n_mb: int, mode: str):
+        """mode: "lm" (train on the LM loss) or "grad" (backward from given logit gradients)."""
+        training = True
+        key = (shape, n_mb, mode)
         if key not in self._schedules:
             B, T = shape
             if B % n_mb:
@@ -207,7 +215,9 @@ class PipelineRunner:
             stage = PipelineStage(self.module, self.stage_index, self.pp, self.device, input_args=(inp,),
                                   output_args=out, group=self.group)
             cls = SCHEDULES[self.schedule_name]
-            self._schedules[key] = (stage, cls(stage, n_mb, loss_fn=_lm_loss if training else None))
+            loss_fn = {"lm": _lm_loss, "grad": _dot_loss}[mode]
+            # "grad": the given gradients already sum over micro-batches; no 1/n scaling
+            self._schedules[key] = (stage, cls(stage, n_mb, loss_fn=loss_fn, scale_grads=mode != "grad"))
         return self._schedules[key][1]
 
     def sync_tied_grads(self) -> None:
@@ -219,22 +229,49 @@ class PipelineRunner:
         dist.all_reduce(g, group=self._tied_group)
         w.grad = g
 
-    def step(self, input_ids: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _run(self, sched, input_ids: torch.Tensor, target: torch.Tensor | None, losses: list | None):
+        args = (input_ids,) if self.is_first else ()
+        kwargs = {"target": target, "losses": losses} if self.is_last and target is not None else {}
+        # a schedule step rescales (scale_grads) whatever .grad holds: run it on empty
+        # gradients and add the ones accumulated before (gradient accumulation over steps)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        before = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            return sched.step(*args, **kwargs)
+        finally:
+            for p, g in zip(params, before):
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad.add_(g)
+
+    def step(self, input_ids: torch.Tensor, labels: torch.Tensor, sync_tied: bool = True) -> dict[str, torch.Tensor]:
         """Forward + backward of one batch (gradients accumulate into .grad, averaged over the
-        micro-batches); returns {"loss", "lm_loss", "aux_loss"} averaged over micro-batches."""
-        sched = self._schedule(tuple(input_ids.shape), self.n_microbatches, training=True)
+        micro-batches); returns {"loss", "lm_loss", "aux_loss"} averaged over micro-batches.
+        `sync_tied`: sum the tied embedding gradient of the first and last stage afterwards
+        (pass False when accumulating several calls, and call `sync_tied_grads` once)."""
+        sched = self._schedule(tuple(input_ids.shape), self.n_microbatches, "lm")
         self.module.aux_values = []
         losses: list[torch.Tensor] = []
-        if self.is_first and self.is_last:
-            sched.step(input_ids, target=labels, losses=losses)
-        elif self.is_first:
-            sched.step(input_ids)
-        elif self.is_last:
-            sched.step(target=labels, losses=losses)
-        else:
-            sched.step()
-        self.sync_tied_grads()
+        self._run(sched, input_ids, labels, losses)
+        if sync_tied:
+            self.sync_tied_grads()
         return self._metrics(losses)
+
+    def backward_from_logits(self, input_ids: torch.Tensor, grad_logits: torch.Tensor, aux_grad: float) -> None:
+        """Accumulate into .grad the parameter gradients of a loss whose gradient w.r.t. the
+        logits of `input_ids` is `grad_logits` (B, T, V) and w.r.t. the mean aux loss
+        `aux_grad`: the schedule recomputes the forward of every micro-batch and runs the
+        backward from these gradients. The tied embedding is not synchronised here."""
+        B = input_ids.shape[0]
+        n_mb = self.n_microbatches if B % self.n_microbatches == 0 else 1
+        sched = self._schedule(tuple(input_ids.shape), n_mb, "grad")
+        self.module.aux_values = []
+        self.module.aux_scale = aux_grad / n_mb  # the reported aux is the mean over micro-batches
+        try:
+            self._run(sched, input_ids, grad_logits if self.is_last else None, [])
+        finally:
+            self.module.aux_scale = 1.0
 
     def _metrics(self, losses: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         n = self.n_microbatches
@@ -247,43 +284,73 @@ class PipelineRunner:
         return {"loss": both[0] + both[1], "lm_loss": both[0], "aux_loss": both[1]}
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, V) of a batch through the whole pipeline (no backward), on every rank."""
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits (B, T, V) of a batch through the whole pipeline (no backward) and the MoE aux
+        loss (mean over the micro-batches), both on every rank.
+
+        Forward-only passes send the activations stage to stage with plain point-to-point
+        calls, micro-batch after micro-batch, instead of a second schedule: an evaluation
+        schedule run between two training steps of the same stage broke the next step's
+        gradients (torch 2.13, gloo), and nothing here needs overlap."""
         B, T = input_ids.shape
         n_mb = self.n_microbatches if B % self.n_microbatches == 0 else 1
-        sched = self._schedule((B, T), n_mb, training=False)
+        cfg = self.model.config
         self.module.aux_values = []
-        out = sched.eval(input_ids) if self.is_first else sched.eval()
-        logits = out if self.is_last else torch.empty(B, T, self.model.config.vocab_size, device=self.device)
+        outs = []
+        for chunk in input_ids.chunk(n_mb):
+            x = chunk
+            if not self.is_first:
+                x = torch.empty(chunk.shape[0], T, cfg.hidden_size, device=self.device)
+                dist.recv(x, src=self.ranks[self.stage_index - 1], group=self.group)
+            y = self.module(x)
+            if not self.is_last:
+                dist.send(y.contiguous(), dst=self.ranks[self.stage_index + 1], group=self.group)
+            outs.append(y)
+        logits = torch.cat(outs) if self.is_last else torch.empty(B, T, cfg.vocab_size, device=self.device)
         dist.broadcast(logits, src=self.ranks[-1], group=self.group)
-        return logits
+        aux = torch.stack(self.module.aux_values).float().sum() / n_mb if self.module.aux_values else \
+            torch.zeros((), device=self.device)
+        dist.all_reduce(aux, group=self.group)
+        return logits, aux
 
 
 class _Logits:
-    """What `evaluate()` reads from a model call: `.logits`."""
+    """What an objective reads from a model call: `.logits` and `.aux_loss`."""
 
-    def __init__(self, logits: torch.Tensor) -> None:
+    def __init__(self, logits: torch.Tensor, aux_loss: torch.Tensor | None) -> None:
         self.logits = logits
-        self.aux_loss = None
+        self.aux_loss = aux_loss
 
 
 class PipelineModel(nn.Module):
     """The module the training loop holds under `pp`: this rank's pruned model (`module`,
-    what the optimizer steps and checkpoints save) and a forward-only call that runs the
-    whole pipeline and gives every rank the logits (evaluation). Training steps go through
-    `PipelineParallelStrategy.forward_backward`, which runs the schedule."""
+    what the optimizer steps and checkpoints save) and a call that gives every rank the
+    logits of the whole pipeline.
+
+    In training (gradients on), the call returns logits and aux loss as leaf tensors that
+    require grad: the loop's objective computes its loss from them on every rank, and
+    `PipelineParallelStrategy.backward` then sends the loss's gradients w.r.t. them back
+    through the schedule (`PipelineRunner.backward_from_logits`). So any objective that
+    reads `.logits` / `.aux_loss` trains under `pp`, at the price of a second forward per
+    micro-batch (the schedule recomputes it, as activation checkpointing does)."""
 
     def __init__(self, runner: PipelineRunner) -> None:
         super().__init__()
         self.module = runner.model
         self.runner = runner
+        self.pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> _Logits:
-        if torch.is_grad_enabled() and self.training:
-            raise RuntimeError("under pipeline parallelism a training step runs the whole schedule (forward and "
-                               "backward of all micro-batches) through PipelineParallelStrategy.forward_backward; "
-                               "a model call only evaluates (call it under torch.no_grad() or in eval mode)")
-        return _Logits(self.runner.forward(input_ids))
+        unsupported = sorted(k for k, v in kwargs.items() if v not in (None, False))
+        if unsupported:
+            raise ValueError(f"under pipeline parallelism the model takes input_ids only (got {unsupported}); "
+                             f"hidden states stay on their stages: train with the plain causal-LM objective")
+        logits, aux = self.runner.forward(input_ids)
+        if not (torch.is_grad_enabled() and self.training):
+            return _Logits(logits, aux)
+        logits, aux = logits.requires_grad_(True), aux.requires_grad_(True)
+        self.pending.append((input_ids, logits, aux))
+        return _Logits(logits, aux)
 
 
 class PipelineParallelStrategy(ProcessGroupStrategy):
@@ -297,13 +364,19 @@ class PipelineParallelStrategy(ProcessGroupStrategy):
 
     name = "pp"
 
-    def __init__(self, device=None, backend: str = "auto", timeout_s: float = 600.0, schedule: str = "1f1b") -> None:
+    def __init__(self, device=None, backend: str = "auto", timeout_s: float = 600.0, schedule: str = "1f1b",
+                 microbatches: int | None = None) -> None:
         if schedule not in SCHEDULES:
             raise ValueError(f"pipeline schedule must be one of {sorted(SCHEDULES)}, got {schedule!r}")
+        if microbatches is not None and microbatches < 1:
+            raise ValueError(f"microbatches must be >= 1, got {microbatches}")
         super().__init__(device, backend, timeout_s)
         self.schedule = schedule
+        self.microbatches = microbatches
         self.n_microbatches = 1
         self.runner: PipelineRunner | None = None
+        self._model: PipelineModel | None = None
+        self._tied_pending = False
 
     @property
     def data_parallel_rank(self) -> int:
@@ -316,16 +389,34 @@ class PipelineParallelStrategy(ProcessGroupStrategy):
     def check(self, model_config, train_cfg: TrainConfig) -> None:
         super().check(model_config, train_cfg)
         check_pipeline(model_config, self.world_size, train_cfg.grad_accum)
-        self.n_microbatches = train_cfg.grad_accum
+        # whole-step hook: the step's grad_accum micro-batches; in-loop: each micro-batch cut
+        # into `microbatches` (default: as many as stages, so every stage has work)
+        self.n_microbatches = self.microbatches or self.world_size
+        if train_cfg.batch_size % self.n_microbatches:
+            raise ValueError(f"batch_size ({train_cfg.batch_size}) must be a multiple of the {self.n_microbatches} "
+                             f"pipeline micro-batches; use --batch-size {self.n_microbatches * max(1, train_cfg.batch_size // self.n_microbatches)} "
+                             f"or set dist.options.microbatches")
 
     def setup(self, model: nn.Module) -> nn.Module:
-        self.runner = PipelineRunner(model, n_microbatches=self.n_microbatches, schedule=self.schedule,
-                                     device=self.device)
-        return PipelineModel(self.runner)
+        self.runner = PipelineRunner(model, n_microbatches=self.microbatches or self.n_microbatches,
+                                     schedule=self.schedule, device=self.device)
+        self._model = PipelineModel(self.runner)
+        return self._model
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         model = getattr(model, "_orig_mod", model)
         return model.module if isinstance(model, PipelineModel) else model
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of the objective's loss to the pipeline's logits, then through the stages."""
+        loss.backward()
+        model = self._model
+        pending, model.pending = model.pending, []
+        for input_ids, logits, aux in pending:
+            g = logits.grad if logits.grad is not None else torch.zeros_like(logits)
+            a = float(aux.grad) if aux.grad is not None else 0.0
+            self.runner.backward_from_logits(input_ids, g, a)
+        self._tied_pending = True
 
     def forward_backward(self, batches: list) -> dict[str, torch.Tensor]:
         """Forward + backward of one optimizer step: `batches` are its micro-batches
@@ -335,10 +426,15 @@ class PipelineParallelStrategy(ProcessGroupStrategy):
             self.runner.n_microbatches = len(batches)
         ids = torch.cat([b[0] for b in batches]).to(self.device)
         labels = torch.cat([b[1] for b in batches]).to(self.device)
-        return self.runner.step(ids, labels)
+        self._tied_pending = True
+        return self.runner.step(ids, labels, sync_tied=False)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        """Global norm over the stages (the tied embedding / LM head counted once)."""
+        """Global norm over the stages (the tied embedding / LM head counted once). Sums the
+        tied table's gradient over its two stages first (once per optimizer step)."""
+        if self._tied_pending:
+            self.runner.sync_tied_grads()
+            self._tied_pending = False
         tied = self.runner.tied_weight() if self.runner is not None else None
         sq = torch.zeros((), device=self.device)
         grads = []
