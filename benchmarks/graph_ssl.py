@@ -4,7 +4,7 @@ neighbour-sampled; cleaning a generated large edge file).
 
 Every section runs the shipped code: the probe and the augmentation table call the graph SSL
 recipe (`autoglm.recipes.graph_ssl.probe`, what `autoglm graph probe` runs) on the config
-file, the scale section calls `pretrain_graph` / `pretrain_graph_sampled`, the clean section
+file, the scale section calls the shipped trainer (`autoglm.graph.experiment.pretrain`), the clean section
 `clean_graph`. The config is the same file the CLI reads, changed with `--set key=value`
 (dotted paths, as in the file):
 
@@ -15,6 +15,16 @@ file, the scale section calls `pretrain_graph` / `pretrain_graph_sampled`, the c
     python benchmarks/graph_ssl.py --sections scale --scale-nodes 1000000 --scale-edges 10000000 \\
         --scale-mode sampled --scale-steps 5
     python benchmarks/graph_ssl.py --sections clean --clean-edges 10000000
+    python benchmarks/graph_ssl.py --sections tune --tune-minutes 25 --seeds 10     # tuner, then default vs tuned
+    python benchmarks/graph_ssl.py --sections edge --aug-seeds 2                   # masked edge reconstruction ablation
+    python benchmarks/graph_ssl.py --sections generalise --tuned-config runs/graph-tune/tuned.yaml
+    python benchmarks/graph_ssl.py --sections dynamic                              # dynamic vs static encoder
+
+`tune` runs `autoglm graph tune`'s recipe (selection on the validation nodes only; --tune-run
+reuses a finished run's result.json), then probes the default and the tuned config on --seeds
+seeds. `generalise` probes the default and the tuned config on generated stochastic block
+models and on random Planetoid-style splits of the config's graph. `dynamic` runs `autoglm
+graph pretrain --dynamic`'s recipe on the generated evolving graph (or --dynamic-data).
 
 Probe protocol: pre-train per seed on the whole graph (no labels), freeze, logistic
 regression on the public split's train nodes with weight decay and standardisation chosen on
@@ -26,7 +36,9 @@ Writes docs/results/graph_ssl.{json,md} (and graph_ssl_curve.png with probe.prob
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import resource
 import shutil
 import tempfile
@@ -37,9 +49,9 @@ import torch
 
 from autoglm.graph.experiment import curve_rows
 from autoglm.graph.probe import linear_probe
-from autoglm.graph.sampling import build_csr, pretrain_graph_sampled, sampled_steps
-from autoglm.graph.ssl import pretrain_graph
-from autoglm.recipes.graph_ssl import GraphProbeConfig, load_data, probe
+from autoglm.graph.experiment import pretrain as pretrain_shipped
+from autoglm.graph.sampling import build_csr, sampled_steps
+from autoglm.recipes.graph_ssl import GraphPretrainConfig, GraphProbeConfig, GraphTuneConfig, load_data, probe
 from autoglm.settings import load_config, parse_assignments, to_dict
 from results_io import pyplot, save_results
 
@@ -90,8 +102,9 @@ def augmentation_section(args: argparse.Namespace, data) -> list:
 
 def scale_section(args: argparse.Namespace) -> dict:
     """One pre-training epoch of the config's objective at width --scale-hidden on a uniform random
-    graph, through the shipped `pretrain_graph` (full) or `pretrain_graph_sampled` (every node a
-    seed once, fanouts 10,5; --scale-steps measures only the first steps and projects the epoch)."""
+    graph, through the shipped trainer the recipe and the CLI use (`autoglm.graph.experiment.pretrain`:
+    full-batch, or with ssl.optim.sampled the neighbour-sampled one, every node a seed once,
+    fanouts 10,5; --scale-steps measures only the first steps and projects the epoch)."""
     n, e, f = args.scale_nodes, args.scale_edges, args.scale_features
     gen = torch.Generator().manual_seed(0)
     x = (torch.rand(n, f, generator=gen) < 0.05).float()
@@ -99,22 +112,23 @@ def scale_section(args: argparse.Namespace) -> dict:
     sampled = args.scale_mode == "sampled"
     over = {"ssl.encoder.hidden_dim": args.scale_hidden, "ssl.loss.proj_dim": args.scale_hidden,
             "ssl.loss.contrastive_nodes": 2048, "ssl.optim.epochs": 1}
-    if sampled:
-        over.update({"ssl.optim.batch_size": args.scale_batch_size, "ssl.optim.fanouts": "10,5"})
+    if sampled:  # what `autoglm graph pretrain --sampled --batch-size B --fanouts 10,5` runs
+        over.update({"ssl.optim.sampled": True, "ssl.optim.batch_size": args.scale_batch_size,
+                     "ssl.optim.fanouts": "10,5"})
     cfg = config(args, **over).ssl
     rss0 = peak_rss_mb()
     row = {"nodes": n, "edges": e, "features": f, "hidden": args.scale_hidden, "rss_before_mb": round(rss0, 1),
            "ssl_config": to_dict(cfg)}
     t = time.perf_counter()
     if not sampled:
-        _, res = pretrain_graph(x, edge_index, cfg, device=args.device)
+        _, res = pretrain_shipped(x, edge_index, cfg, device=args.device)
         return {**row, "mode": "full-batch", "epoch_s": round(time.perf_counter() - t, 2),
                 "peak_rss_mb": round(peak_rss_mb(), 1), "loss": res.history[-1].get("loss")}
     build_csr(edge_index, n)  # timed alone: the part of the call that does not scale with the steps
     csr_s = time.perf_counter() - t
     total = sampled_steps(n, args.scale_batch_size, 1)
     t = time.perf_counter()
-    _, res = pretrain_graph_sampled(x, edge_index, cfg, max_steps=args.scale_steps or None, device=args.device)
+    _, res = pretrain_shipped(x, edge_index, cfg, max_steps=args.scale_steps or None, device=args.device)
     dt = time.perf_counter() - t
     full = res.steps == total
     return {**row, "mode": f"sampled (batch {args.scale_batch_size}, fanouts 10,5)"
@@ -123,6 +137,126 @@ def scale_section(args: argparse.Namespace) -> dict:
             "epoch_s": round(dt, 2) if full else None,
             "projected_epoch_s": round(csr_s + (dt - csr_s) * total / res.steps, 1),
             "peak_rss_mb": round(peak_rss_mb(), 1), "loss": res.history[-1].get("loss")}
+
+
+def _probe_row(cfg: GraphProbeConfig, data, name: str) -> dict:
+    res = probe(cfg, data)
+    return {"name": name, "mean": res["mean"], "std": res["std"], "val_mean": res["val_mean"], "seeds": res["seeds"],
+            "per_seed": [round(100 * r["test_acc"], 2) for r in res["runs"]],
+            "epoch_ms": 1000 * res["seconds_per_epoch"]}
+
+
+def tune_section(args: argparse.Namespace, data) -> dict:
+    """The tuner on the config's graph (validation nodes only), then the default and the tuned
+    config probed on the same --seeds seeds, interleaved per seed."""
+    from autoglm.recipes.graph_ssl import tune
+
+    run = args.tune_run or Path(tempfile.mkdtemp(prefix="autoglm-tune-"))
+    if (run / "result.json").is_file():
+        res = json.loads((run / "result.json").read_text())
+        log.info("tune: reusing %s", run / "result.json")
+    else:
+        over = {("tune." + k[6:] if k in ("probe.weight_decays", "probe.standardize") else k): v
+                for k, v in parse_assignments(args.set).items() if not k.startswith("probe.")
+                or k in ("probe.weight_decays", "probe.standardize")}  # the probe grid is the tuner's too
+        tcfg = load_config(GraphTuneConfig, args.config, {**over, "out": str(run),
+                                                         "tune.minutes": args.tune_minutes, "tune.report_seeds": 0})
+        res = tune(tcfg, data)
+    rows = {"default": [], "tuned": []}
+    seeds = config(args).probe.seeds
+    for k in range(seeds):  # interleaved: both configs see the same machine load
+        for name in rows:
+            over = {"probe.seeds": 1, "ssl.optim.seed": k}
+            if name == "tuned":
+                over.update(_flat(res["tuned_config"], "ssl"))
+            rows[name].append(_probe_row(config(args, **over), data, name))
+    report = {}
+    for name, rs in rows.items():
+        accs = [r["per_seed"][0] for r in rs]
+        mean = sum(accs) / len(accs)
+        report[name] = {"mean": mean, "std": (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5,
+                        "val_mean": sum(r["val_mean"] for r in rs) / len(rs), "per_seed": accs,
+                        "seeds": list(range(seeds))}
+    return {"trials": res["trials"], "confirm": res["confirm"], "selected": res["selected"],
+            "search_seconds": res["search_seconds"], "tune_seconds": res.get("tune_seconds"),
+            "stopped_by": res["stopped_by"], "budget_minutes": res["budget_minutes"], "tuned_config": res["tuned_config"],
+            "report": report}
+
+
+def _flat(d: dict, prefix: str) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}.{k}"))
+        else:
+            out[f"{prefix}.{k}"] = v
+    return out
+
+
+EDGE_ROWS = [("default (InfoNCE 0.1 + features 1 + CCA 1)", {}),
+             ("default + masked edges 1 (rate 0.15)", {"ssl.loss.edge_weight": 1.0}),
+             ("default + masked edges 1 + degree 0.1", {"ssl.loss.edge_weight": 1.0, "ssl.loss.degree_weight": 0.1}),
+             ("CCA 1 + masked edges 1", {"ssl.loss.edge_weight": 1.0, "ssl.loss.contrastive_weight": 0.0,
+                                         "ssl.loss.reconstruction_weight": 0.0}),
+             ("masked edges alone (MaskGAE-style)", {"ssl.loss.edge_weight": 1.0, "ssl.loss.contrastive_weight": 0.0,
+                                                     "ssl.loss.reconstruction_weight": 0.0,
+                                                     "ssl.loss.decorrelation_weight": 0.0})]
+
+
+def edge_section(args: argparse.Namespace, data) -> list:
+    """Masked edge reconstruction in the objective: each row the config with the changes shown."""
+    rows = []
+    for name, over in EDGE_ROWS:
+        cfg = config(args, **over, **{"probe.seeds": args.aug_seeds, "ssl.optim.epochs": args.aug_epochs,
+                                      "probe.probe_every": 0, "probe.json_out": None})
+        rows.append(_probe_row(cfg, data, name))
+        log.info("edge %s: %.2f +/- %.2f", name, rows[-1]["mean"], rows[-1]["std"])
+    return rows
+
+
+def generalise_section(args: argparse.Namespace, data, tuned: dict | None) -> list:
+    """The default (and the tuned config, when given) on graphs neither was chosen on: generated
+    SBMs with class-dependent features, and random Planetoid-style splits of the config's graph."""
+    from autoglm.graph.datasets import planetoid_split, sbm_graph
+
+    graphs = []
+    for k, (blocks, p_in, signal) in enumerate([(5, 0.02, 0.1), (7, 0.015, 0.06), (4, 0.03, 0.04)][:args.sbm_graphs]):
+        g = sbm_graph(num_nodes=2000, num_blocks=blocks, num_features=128, p_in=p_in, p_out=0.002,
+                      feature_signal=signal, seed=100 + k)
+        graphs.append((f"SBM {k}: 2000 nodes, {blocks} blocks, p_in {p_in}, feature signal {signal}", g, False))
+    for k in range(args.split_seeds):
+        tr, va, te = planetoid_split(data.y, 20, 500, 1000, seed=1000 + k)
+        g = data.clone()
+        g.train_mask, g.val_mask, g.test_mask = tr, va, te
+        graphs.append((f"{config(args).data.source} random split {1000 + k} (20/class, 500, 1000)", g, True))
+    variants = [("default", {})] + ([("tuned", _flat(tuned, "ssl"))] if tuned else [])
+    rows = []
+    for name_g, g, _ in graphs:
+        for name, over in variants:
+            cfg = config(args, **over, **{"probe.seeds": args.general_seeds, "probe.probe_every": 0,
+                                          "probe.json_out": None})
+            r = _probe_row(cfg, g, name)
+            rows.append({"graph": name_g, **r})
+            log.info("generalise %s / %s: %.2f +/- %.2f (val %.2f)", name_g, name, r["mean"], r["std"], r["val_mean"])
+    return rows
+
+
+def dynamic_section(args: argparse.Namespace) -> dict:
+    """`autoglm graph pretrain --dynamic`'s recipe: the state-carrying encoder and the static one
+    trained by temporal link prediction on the same snapshots, side by side, AUC / AP."""
+    from autoglm.recipes.graph_ssl import pretrain_dynamic
+
+    work = Path(tempfile.mkdtemp(prefix="autoglm-dynamic-"))
+    over = {**parse_assignments(args.dynamic_set), "out": str(work), "dynamic.enabled": True,
+            "data.source": args.dynamic_data, "dynamic.seeds": args.dynamic_seeds,
+            "ssl.optim.seed": args.dynamic_seed}
+    cfg = load_config(GraphPretrainConfig, None, over)
+    try:
+        res = pretrain_dynamic(cfg)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    res["config"] = to_dict(cfg)
+    return res
 
 
 def clean_section(num_edges: int, num_nodes: int, workdir: Path, memory_limit: str) -> dict:
@@ -203,6 +337,42 @@ def markdown(res: dict) -> str:
         out += [f"| {r['augmentations']} | {r['epoch_ms']:.0f} | {r['val_mean']:.2f} | "
                 f"{r['mean']:.2f} +/- {r['std']:.2f} | {r['gain']:+.2f} |" for r in res["augmentations"]]
         out.append("")
+    if "tune" in res:
+        t = res["tune"]
+        out += ["## Recipe search on the validation nodes (`autoglm graph tune`)", "",
+                f"{len(t['trials'])} settings tried in {t['search_seconds']:.0f} s (budget {t['budget_minutes']} min, "
+                f"ended by {t['stopped_by']}), selected on validation accuracy only: trial {t['selected']['trial']} "
+                f"`{t['selected']['overrides']}`.", "",
+                "| trial | val (%) | epochs | stopped | setting |", "|---|---|---|---|---|"]
+        out += [f"| {r['trial']} | {r['val_acc']:.2f} | {r['best_epoch']} | {r['stopped']} | "
+                f"{', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or 'default'} |" for r in t["trials"]]
+        out += ["", "| config | val (%) | test accuracy (%) | per seed |", "|---|---|---|---|"]
+        out += [f"| {name} | {r['val_mean']:.2f} | **{r['mean']:.2f} +/- {r['std']:.2f}** | "
+                f"{', '.join(f'{a:.1f}' for a in r['per_seed'])} |" for name, r in t["report"].items()]
+        out.append("")
+    if "edge" in res:
+        out += ["## Masked edge reconstruction in the objective (ablation)", "",
+                "| objective | cost / epoch (ms) | val (%) | probe test accuracy (%) |", "|---|---|---|---|"]
+        out += [f"| {r['name']} | {r['epoch_ms']:.0f} | {r['val_mean']:.2f} | {r['mean']:.2f} +/- {r['std']:.2f} |"
+                for r in res["edge"]]
+        out.append("")
+    if "generalise" in res:
+        out += ["## Graphs the default was not chosen on", "", "| graph | config | val (%) | test accuracy (%) |",
+                "|---|---|---|---|"]
+        out += [f"| {r['graph']} | {r['name']} | {r['val_mean']:.2f} | {r['mean']:.2f} +/- {r['std']:.2f} |"
+                for r in res["generalise"]]
+        out.append("")
+    if "dynamic" in res:
+        d = res["dynamic"]
+        out += [f"## Dynamic graph: temporal link prediction on {d['data']['source']}", "",
+                f"{len(d['snapshots'])} snapshots (edges per snapshot {d['snapshots']}), the last {d['test_snapshots']} "
+                f"transitions held out; seeds {d['seeds']}.", "",
+                "| encoder | AUC | AP | train s |", "|---|---|---|---|"]
+        for name, what in (("dynamic", "carries node states (autoregressive)"), ("static", "each snapshot alone")):
+            if name in d:
+                secs = sum(r["seconds"] for r in d[name]["runs"])
+                out.append(f"| {name}: {what} | {d[name]['auc']:.4f} | {d[name]['ap']:.4f} | {secs:.0f} |")
+        out.append("")
     if "scale" in res:
         s = res["scale"]
         epoch = s["epoch_s"] if s["epoch_s"] is not None else f"projected {s['projected_epoch_s']}"
@@ -215,6 +385,9 @@ def markdown(res: dict) -> str:
                 "peak RSS (MB) | rules |", "|---|---|---|---|---|---|",
                 f"| {c['edges_in']:,} | {c['file_mb']} | {c['ingest_s']} | {c['rows_per_s']:,.0f} | "
                 f"{c['peak_rss_mb']} | {c['by_rule']} |", ""]
+    if res.get("load"):
+        out += [f"Load average (1 min) at start / end: {res['load']['start']} / {res['load']['end']} "
+                f"(the 2-core machine is shared; times are distorted by it).", ""]
     return "\n".join(out)
 
 
@@ -240,9 +413,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale-batch-size", type=int, default=8192)
     ap.add_argument("--scale-steps", type=int, default=0, help="sampled mode: run only this many mini-batches of "
                                                                 "the epoch (0 = all) and project the epoch time")
+    ap.add_argument("--tune-minutes", type=float, default=25.0, help="tune: the search + confirm budget")
+    ap.add_argument("--tune-run", type=Path, default=None, help="tune: folder of the run (reused if it holds "
+                                                                 "result.json)")
+    ap.add_argument("--tuned-config", type=Path, default=None, help="generalise: a tuned.yaml to compare with the "
+                                                                     "default (else the tune section's result)")
+    ap.add_argument("--sbm-graphs", type=int, default=3, help="generalise: generated SBMs (up to 3)")
+    ap.add_argument("--split-seeds", type=int, default=2, help="generalise: random splits of the config's graph")
+    ap.add_argument("--general-seeds", type=int, default=2, help="generalise: pre-training seeds per graph")
+    ap.add_argument("--dynamic-data", default="sbm", help="dynamic: 'sbm' = the generated evolving graph, or a "
+                                                          "timestamped edge file / cleaned folder")
+    ap.add_argument("--dynamic-seed", type=int, default=1, help="dynamic: graph and first training seed")
+    ap.add_argument("--dynamic-seeds", type=int, default=2)
+    ap.add_argument("--dynamic-set", action="append", default=[], metavar="KEY=VALUE",
+                    help="dynamic: override the pretrain config, e.g. dynamic.window=86400")
     ap.add_argument("--clean-edges", type=int, default=10_000_000)
     ap.add_argument("--clean-memory-limit", default="8GB")
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
+    ap.add_argument("--name", default="graph_ssl", help="results file name (docs/results/NAME.json / .md)")
     for action in ap._actions:  # every option shows its default in --help
         if action.help is None:
             action.help = "(default: %(default)s)"
@@ -256,8 +444,9 @@ def main(argv: list[str] | None = None) -> None:
         config_file = str(args.config.resolve().relative_to(ROOT))
     except ValueError:
         config_file = str(args.config)
-    res: dict = {"config_file": config_file, "set": args.set}  # the probe's result holds the resolved config
-    if sections & {"probe", "augmentations"}:
+    res: dict = {"config_file": config_file, "set": args.set,  # the probe's result holds the resolved config
+                 "load": {"start": round(os.getloadavg()[0], 2)}}
+    if sections & {"probe", "augmentations", "tune", "edge", "generalise"}:
         data = load_data(cfg.data)
         if "probe" in sections:
             res["probe"] = probe_section(cfg, data)
@@ -268,6 +457,19 @@ def main(argv: list[str] | None = None) -> None:
                            f"({cfg.probe.seeds} seeds)", out / "graph_ssl_curve.png")
         if "augmentations" in sections:
             res["augmentations"] = augmentation_section(args, data)
+        if "tune" in sections:
+            res["tune"] = tune_section(args, data)
+        if "edge" in sections:
+            res["edge"] = edge_section(args, data)
+        if "generalise" in sections:
+            tuned = res.get("tune", {}).get("tuned_config")
+            if args.tuned_config is not None:
+                tuned = load_config(GraphProbeConfig, args.tuned_config).ssl.to_dict()
+            res["generalise"] = generalise_section(args, data, tuned)
+    if "dynamic" in sections:
+        res["dynamic"] = dynamic_section(args)
+        log.info("dynamic: AUC %.4f vs static %.4f", res["dynamic"]["dynamic"]["auc"],
+                 res["dynamic"].get("static", {}).get("auc", float("nan")))
     if "scale" in sections:
         res["scale"] = scale_section(args)
         log.info("scale: %s", {k: v for k, v in res["scale"].items() if k != "ssl_config"})
@@ -279,7 +481,8 @@ def main(argv: list[str] | None = None) -> None:
         finally:
             shutil.rmtree(work, ignore_errors=True)
         log.info("clean: %s", res["clean"])
-    save_results(args.out, "graph_ssl", res, markdown(res))
+    res["load"]["end"] = round(os.getloadavg()[0], 2)
+    save_results(args.out, args.name, res, markdown(res))
 
 
 if __name__ == "__main__":

@@ -136,3 +136,15 @@ def test_cli_edge_only_export_pretrains_on_degree_profile_features(tmp_path):
     r = _run("pretrain", "--data", tmp_path / "g", "--out", tmp_path / "m", "--epochs", 2, "--hidden-dim", 8)
     assert r.exit_code == 0, r.output
     assert (tmp_path / "m" / "embeddings.safetensors").is_file()
+
+
+def test_cli_sampled_pretrain_runs_the_neighbour_sampled_trainer(tmp_path):
+    """--sampled: mini-batches of 1024 seed nodes by default (sbm has 1000 nodes: one step per
+    epoch); --batch-size sets it (and implies --sampled); the saved config records both."""
+    r = _run("pretrain", "--out", tmp_path / "m", "--epochs", 2, "--hidden-dim", 8, "--sampled", "--fanouts", "3,3")
+    assert r.exit_code == 0, r.output and "2 steps" in r.output
+    assert "2 steps" in r.output
+    r = _run("pretrain", "--out", tmp_path / "b", "--epochs", 2, "--hidden-dim", 8, "--batch-size", 250)
+    assert r.exit_code == 0 and "8 steps" in r.output, r.output  # 4 mini-batches per epoch
+    cfg = json.loads((tmp_path / "b" / "graph_ssl_config.json").read_text())
+    assert cfg["optim"]["sampled"] is True and cfg["optim"]["batch_size"] == 250

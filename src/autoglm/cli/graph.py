@@ -118,6 +118,22 @@ def summary_table(report: dict):
 def _pretrain(cfg: GraphPretrainConfig) -> None:
     from ..recipes.graph_ssl import pretrain
 
+    if cfg.dynamic.enabled:
+        from rich.table import Table
+
+        res = pretrain(cfg)
+        table = Table("encoder", "AUC", "AP", title=f"temporal link prediction on {res['data']['source']} "
+                      f"({len(res['snapshots'])} snapshots, last {res['test_snapshots']} held out)")
+        for name in ("dynamic", "static"):
+            if name in res:
+                table.add_row(name + (" (carries node states)" if name == "dynamic" else " (each snapshot alone)"),
+                              f"{res[name]['auc']:.4f}", f"{res[name]['ap']:.4f}")
+        console.print(table)
+        if res["skipped_windows"]:
+            console.print(f"dropped {len(res['skipped_windows'])} empty snapshot window(s): "
+                          f"{[s['window'] for s in res['skipped_windows']]}")
+        console.print(f"saved to {cfg.out} (dynamic.json, model.safetensors, states.safetensors)")
+        return
     res = pretrain(cfg, progress=True, console=err).result
     last = next((r for r in reversed(res.history) if "loss" in r), {})
     console.print(f"[bold green]done[/]: {res.steps} steps in {res.elapsed:.0f}s, final loss "

@@ -247,10 +247,12 @@ class GraphEncoder(nn.Module):
         return h
 
     def forward_sequence(self, snapshots: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                         state: torch.Tensor | None = None) -> list[torch.Tensor]:
+                         state: torch.Tensor | None = None, normalize_state: bool = False) -> list[torch.Tensor]:
         """Dynamic graph: snapshots [(x_t (N, F), edge_index_t (2, E_t))] over a fixed node set.
         Snapshot t starts from the final states of snapshot t-1 (or `state`); returns the
-        states after every snapshot, each (N, hidden_dim)."""
+        states after every snapshot, each (N, hidden_dim). `normalize_state` layer-normalises
+        (no learned scale) each state before it is carried, so its size cannot grow with the
+        number of snapshots."""
         if not snapshots:
             raise ValueError("forward_sequence needs at least one (x, edge_index) snapshot")
         out = []
@@ -258,6 +260,8 @@ class GraphEncoder(nn.Module):
             if state is not None and x.shape[0] != state.shape[0]:
                 raise ValueError(f"snapshot {t} has {x.shape[0]} nodes but the carried state has "
                                  f"{state.shape[0]}; snapshots must share one node set (pad absent nodes)")
+            if state is not None and normalize_state:
+                state = nn.functional.layer_norm(state, state.shape[-1:])
             state = self(x, ei, state=state)
             out.append(state)
         return out

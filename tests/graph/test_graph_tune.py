@@ -1,0 +1,86 @@
+"""`autoglm graph tune`: the search never reads a test label, trial 0 is the base config, the
+budget and early stopping end trials, bad input names the problem, the CLI writes its files."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from autoglm.cli import app
+from autoglm.graph.config import GraphSSLConfig
+from autoglm.graph.datasets import sbm_graph
+from autoglm.graph.tune import SPACE, TuneBudget, candidates, check_validation_split, tune_graph
+from autoglm.settings import load_config
+
+ONE_PROBE = {"weight_decays": (1e-3,), "standardize": (False,)}
+BASE = load_config(GraphSSLConfig, overrides={"encoder.hidden_dim": 16, "optim.epochs": 6, "loss.proj_dim": 8})
+SMALL = {"loss.edge_weight": (0.0, 1.0), "optim.epochs": (4, 6)}
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return sbm_graph(num_nodes=150, num_blocks=3, num_features=24, p_in=0.08, p_out=0.005, seed=3)
+
+
+def test_candidates_start_with_the_base_and_are_distinct_valid_settings():
+    c = candidates(GraphSSLConfig(), SPACE, 12, seed=0)
+    assert c[0] == {} and len(c) == 12
+    assert len({repr(sorted(o.items())) for o in c}) == 12
+    assert candidates(GraphSSLConfig(), SPACE, 12, seed=0) == c  # seeded: the same order every run
+    # a space with one point besides the base cannot give more
+    assert len(candidates(GraphSSLConfig(), {"loss.edge_weight": (1.0,)}, 5)) == 2
+
+
+def test_search_and_confirm_never_read_test_labels(graph):
+    budget = TuneBudget(minutes=5, max_trials=3, eval_every=2, patience=2, confirm_top=2, report_seeds=0,
+                        space=SMALL)
+    a = tune_graph(graph, BASE, budget, probe_kw=ONE_PROBE)
+    scrambled = graph.clone()
+    g = torch.Generator().manual_seed(0)
+    scrambled.y = torch.where(graph.test_mask & ~graph.val_mask & ~graph.train_mask,
+                              torch.randint(0, 3, graph.y.shape, generator=g), graph.y)
+    assert not torch.equal(scrambled.y, graph.y)
+    b = tune_graph(scrambled, BASE, budget, probe_kw=ONE_PROBE)
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(a["trials"]) == strip(b["trials"]) and a["confirm"] == b["confirm"]
+    assert a["selected"] == b["selected"] and a["trials"][0]["overrides"] == {}
+    best = max(a["confirm"], key=lambda r: r["val_acc"])
+    assert a["selected"]["overrides"] == best["overrides"]  # the confirm stage's best validation mean
+
+
+def test_early_stopping_and_budget_end_trials(graph):
+    flat = load_config(GraphSSLConfig, overrides={"encoder.hidden_dim": 16, "optim.epochs": 40, "optim.lr": 1e-9})
+    res = tune_graph(graph, flat, TuneBudget(minutes=5, max_trials=1, eval_every=2, patience=2, confirm_top=0,
+                                             report_seeds=0, space=SMALL), probe_kw=ONE_PROBE)
+    trial = res["trials"][0]
+    assert trial["stopped"] == "patience" and len(trial["curve"]) < 20  # lr ~0: no progress, stopped early
+    res = tune_graph(graph, BASE, TuneBudget(minutes=1e-6, max_trials=5, eval_every=2, confirm_top=0,
+                                             report_seeds=1, space=SMALL), probe_kw=ONE_PROBE)
+    assert len(res["trials"]) == 1 and res["stopped_by"] == "budget"  # the first trial always runs
+    assert set(res["report"]) == {"base", "tuned"}
+
+
+def test_missing_validation_split_is_a_clear_error(graph):
+    no_val = graph.clone()
+    del no_val.val_mask
+    with pytest.raises(ValueError, match="no val_mask: the tuner selects settings on validation nodes only"):
+        check_validation_split(no_val)
+    empty = graph.clone()
+    empty.val_mask = torch.zeros_like(graph.val_mask)
+    with pytest.raises(ValueError, match="val_mask selects no node"):
+        tune_graph(empty, BASE, TuneBudget(minutes=1), probe_kw=ONE_PROBE)
+
+
+def test_cli_tune_writes_trials_and_a_reusable_config(tmp_path):
+    r = CliRunner().invoke(app, ["graph", "tune", "--out", str(tmp_path / "t"), "--hidden-dim", "8", "--epochs", "4",
+                                 "--max-trials", "2", "--eval-every", "2", "--confirm-top", "1", "--report-seeds", "1",
+                                 "--probe-weight-decays", "1e-3", "--probe-standardize", "false"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (tmp_path / "t" / "trials.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in rows] == ["search", "search", "confirm"]
+    tuned = load_config(__import__("autoglm.recipes.graph_ssl", fromlist=["x"]).GraphProbeConfig,
+                        tmp_path / "t" / "tuned.yaml")
+    res = json.loads((tmp_path / "t" / "result.json").read_text())
+    assert tuned.ssl.to_dict() == res["tuned_config"] and set(res["report"]) == {"base", "tuned"}
+    assert "selected" in r.output and "tuned config" in r.output
