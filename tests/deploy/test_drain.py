@@ -176,3 +176,54 @@ def test_sigterm_drains_in_flight_and_refuses_new_requests(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_drain_timeout_ends_the_wait(tmp_path):
+    """A request that would stay in flight forever does not hold the exit past drain_timeout."""
+    import threading
+
+    import uvicorn
+
+    from autoglm.inference import LLMEngine
+    from autoglm.inference.async_engine import AsyncEngine
+    from autoglm.inference.engine_core import EngineConfig
+    from autoglm.inference.server import DrainingServer, create_app
+    from autoglm.rundir import RunDir
+
+    model, tok = RunDir.open(save_run(tmp_path, "tiny")).load()
+    engine = AsyncEngine(LLMEngine(model, tok, EngineConfig(num_blocks=64)))
+    app = create_app(engine, model_name="m")
+    server = DrainingServer(uvicorn.Config(app, host="127.0.0.1", port=_free_port(), log_level="warning",
+                                           timeout_graceful_shutdown=1), drain_timeout=1.0)
+    held, at_exit = [], {}
+    core, step = engine._core, engine._core.step
+
+    def stuck_step():  # after the first step, nothing more until the server gives up waiting
+        if held:
+            while not server.should_exit:
+                time.sleep(0.02)
+            at_exit.setdefault("in_flight", app.state.server.in_flight)
+        held.append(1)
+        return step()
+
+    core.step = stuck_step
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        conn = http.client.HTTPConnection("127.0.0.1", server.config.port, timeout=60.0)
+        conn.request("POST", "/v1/completions", json.dumps(BODY), {"Content-Type": "application/json"})
+        first_event(conn.getresponse())
+        t0 = time.monotonic()
+        server.handle_exit(signal.SIGTERM, None)
+        while not server.should_exit and time.monotonic() - t0 < 30:
+            time.sleep(0.02)
+        waited = time.monotonic() - t0
+        assert 1.0 <= waited < 10, waited  # drain_timeout, measured on a loaded machine
+        thread.join(timeout=30)
+        assert not thread.is_alive() and at_exit == {"in_flight": 1}  # it gave up with the request in flight
+        conn.close()
+    finally:
+        server.should_exit = server.force_exit = True
+        thread.join(timeout=10)
