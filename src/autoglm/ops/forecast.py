@@ -124,7 +124,7 @@ def fit(values, period: int | None, damped: bool = True) -> tuple[Model, list[st
     if not all(np.isfinite(v) for v in params.values()):
         raise ValueError(f"the {kind} fit did not converge (parameters {params}); check the series for outliers")
     for w in warns:
-        log.warning(w)
+        log.debug(w)  # returned to the caller, who shows it
     return Model(kind, period if kind == "holt-winters" else None, params, damped), warns
 
 

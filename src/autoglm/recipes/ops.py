@@ -114,9 +114,7 @@ def load_series(cfg: ForecastConfig):
     grid, warnings = regular_grid(series, cfg.step_s, cfg.max_gap)
     if (grid.values < 0).any():
         raise MetricsError(f"{grid.name}: negative load values; export a rate (e.g. rate(...[1m])), not a delta")
-    for w in warnings:
-        log.warning(w)
-    return grid, warnings
+    return grid, warnings  # the caller shows them (the CLI prints each as "warning: ...")
 
 
 def resolve_capacity(cfg: ForecastConfig) -> tuple[float, str]:
