@@ -11,8 +11,9 @@ the test day (day 10, 11:00, x2.5). The trace is written as a Prometheus
 /api/v1/query_range export and read back through the recipe's own loader
 (`autoglm.recipes.ops.load_series`), as `autoglm ops forecast` reads one.
 
-Protocol: Holt-Winters parameters are estimated on days 1-8; the seasonal period (detected,
-or given as one day) is chosen by the forecast's MAPE at +15 min on the validation day; the
+Protocol: Holt-Winters parameters are estimated on days 1-8; the settings (seasonal period
+detected or given as one day; damped trend or not) are chosen by the forecast's MAPE at
++15 min on the validation day; the
 chosen model is reported on the test day, running every 5 minutes with its parameters kept
 (states re-run over the last 3 days). Baselines: the last value (naive) and the value one day
 before the target (seasonal naive). Replicas: one replica's capacity is the serving
@@ -203,7 +204,8 @@ def main() -> None:
     md = [f"Generated trace: 10 days of output tokens/s at {step_min}-minute steps (daily curve, weekends at 70%, "
           f"drifting amplitude, AR(1) noise), a promotion campaign daily at 18:00 from day 5 (x2.4-3.2, 20-min ramp) "
           f"and one unannounced burst on the validation day (14:00, x2) and on the test day (11:00, x2.5). "
-          f"Holt-Winters (statsmodels) fitted on days 1-8; the period chosen on the validation day's MAPE at "
+          f"Holt-Winters (statsmodels) fitted on days 1-8; settings (period detected or given, damped trend or not) "
+          f"chosen on the validation day's MAPE at "
           f"+{args.horizon_min:g} min; reported on the test day. Detected period: {detected} steps; chosen: "
           f"{best['model']} ({best['period_source']}).",
           "", f"| forecast +{args.horizon_min:g} min | test-day MAPE % | MAPE % in the 2 h after each burst starts |",
