@@ -177,7 +177,35 @@ def _ep_checks(rank: int) -> dict:
     return out
 
 
-CHECKS = {"tp": _tp_checks, "pp": _pp_checks, "ep": _ep_checks}
+def _ep_strategy_checks(rank: int) -> dict:
+    """The `ep` strategy on a whole model: experts split, the dense part under DDP or FSDP2;
+    each rank trains on its half of the batch."""
+    import torch.distributed as dist
+
+    from autoglm.distributed.expert import ExpertParallelStrategy
+    from autoglm.training import CausalLMObjective
+
+    cfg = tiny_config(moe_every=1)
+    ids, labels = batch(cfg)
+    rows = slice(rank * BATCH // WORLD, (rank + 1) * BATCH // WORLD)
+    out = {}
+    for dense in ("ddp", "fsdp"):
+        strategy = ExpertParallelStrategy(device="cpu", dense=dense)
+        model = strategy.setup(build_model(cfg))
+        with strategy.no_sync(model, sync=True):
+            res = CausalLMObjective()(model, (ids[rows], labels[rows]))
+            strategy.backward(res["loss"])
+        norm = strategy.clip_grad_norm(model, 0.0)
+        inner = strategy.unwrap(model)
+        grads = {n: _plain(p.grad) for n, p in inner.named_parameters() if p.grad is not None}
+        exported = strategy.export_model(model)
+        out[dense] = {"loss": strategy.reduce_mean(res["loss"].detach()), "grads": grads, "grad_norm": _plain(norm),
+                      "exported": None if exported is None else {k: v.clone() for k, v in exported.state_dict().items()}}
+        dist.barrier()
+    return out
+
+
+CHECKS = {"tp": _tp_checks, "pp": _pp_checks, "ep": _ep_checks, "ep_strategy": _ep_strategy_checks}
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:

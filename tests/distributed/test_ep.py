@@ -11,9 +11,11 @@ its tokens away and receives none (empty splits).
 
 import pytest
 import torch
-from _mp_helpers_model_parallel import EP_VARIANTS, WORLD, ep_inputs, ep_layer, tiny_config, worker_results
+from _mp_helpers_model_parallel import (BATCH, EP_VARIANTS, WORLD, batch, build_model, ep_inputs, ep_layer, tiny_config,
+                                        worker_results)
 
 from autoglm.distributed.expert import check_expert_parallel
+from autoglm.losses import lm_loss
 
 pytestmark = pytest.mark.xdist_group("model_parallel")
 TOL = dict(rtol=1e-4, atol=1e-6)
@@ -52,6 +54,44 @@ def test_expert_parallel_moe_equals_local_moe(variant):
             assert not g.any(), f"{n} has a gradient in the local layer but none on its rank"
     if variant == "skewed":
         assert not any(n.startswith(("experts.2.", "experts.3.")) for n in expert_grads)
+
+
+@pytest.mark.parametrize("dense", ["ddp", "fsdp"])
+def test_ep_strategy_with_data_parallel_dense_part_equals_single_process(dense):
+    """Each rank trains on its half of the batch; the single-process reference is the mean
+    of the two halves' losses (what data parallelism computes; the aux loss is per half).
+    Dense gradients are averaged by DDP / FSDP, expert gradients arrive via all-to-all and
+    are scaled to the same mean; the exported model is the unsplit one."""
+    cfg = tiny_config(moe_every=1)
+    model = build_model(cfg)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, labels = batch(cfg)
+    total = 0.0
+    for half_ids, half_labels in zip(ids.chunk(WORLD), labels.chunk(WORLD)):
+        out = model(half_ids)
+        loss = (lm_loss(out.logits, half_labels) + out.aux_loss) / WORLD
+        loss.backward()
+        total += loss.detach()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), float("inf"))
+    results = [res["ep_strategy"][dense] for res in worker_results()]
+    experts_seen = set()
+    for rank, r in enumerate(results):
+        torch.testing.assert_close(r["loss"], total, **TOL)
+        torch.testing.assert_close(r["grad_norm"], norm, rtol=1e-4, atol=1e-5)
+        for n, g in r["grads"].items():
+            if dense == "fsdp" and ".experts." not in n:
+                continue  # FSDP keeps gradient shards; their norm is checked above
+            torch.testing.assert_close(g, grads[n], rtol=1e-4, atol=1e-5, msg=f"rank {rank} gradient of {n}")
+            experts_seen |= {n} if ".experts." in n else set()
+        if dense == "ddp":
+            assert {n for n in grads if ".experts." not in n} <= set(r["grads"])
+    assert experts_seen == {n for n in grads if ".experts." in n and grads[n].any()}
+    exported = results[0]["exported"]
+    assert results[1]["exported"] is None
+    assert set(exported) == set(initial)
+    for k, v in initial.items():  # no optimizer step was taken: the gathered model is the initial one
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=0)
 
 
 def test_ep_ranks_that_do_not_divide_the_experts_are_refused_with_the_fix():
