@@ -413,6 +413,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--scale-batch-size", type=int, default=8192)
     ap.add_argument("--scale-steps", type=int, default=0, help="sampled mode: run only this many mini-batches of "
                                                                 "the epoch (0 = all) and project the epoch time")
+    ap.add_argument("--tune", action="store_true", help="run the tune section too (same as adding it to --sections)")
     ap.add_argument("--tune-minutes", type=float, default=25.0, help="tune: the search + confirm budget")
     ap.add_argument("--tune-run", type=Path, default=None, help="tune: folder of the run (reused if it holds "
                                                                  "result.json)")
@@ -438,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
     if any("=" not in kv for kv in args.set):
         ap.error("--set takes KEY=VALUE, e.g. --set ssl.optim.epochs=50")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    sections = set(args.sections.split(","))
+    sections = set(args.sections.split(",")) | ({"tune"} if args.tune else set())
     cfg = config(args)  # checked before any section runs
     try:
         config_file = str(args.config.resolve().relative_to(ROOT))

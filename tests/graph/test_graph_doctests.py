@@ -6,7 +6,7 @@ import importlib
 import pytest
 
 MODULES = ["config", "augment", "encoder", "losses", "probe", "ssl", "clean", "datasets", "experiment", "sampling",
-           "anomaly"]
+           "anomaly", "tune", "dynamic"]
 
 
 @pytest.mark.parametrize("name", [f"autoglm.graph.{m}" for m in MODULES] + ["autoglm.recipes.graph_ssl"])

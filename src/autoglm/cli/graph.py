@@ -1,6 +1,6 @@
-"""`autoglm graph clean | pretrain | probe` (registered in cli/__init__.py).
+"""`autoglm graph clean | pretrain | probe | tune` (registered in cli/__init__.py).
 
-`pretrain` and `probe` are the graph SSL recipe (`autoglm.recipes.graph_ssl`): their options
+`pretrain` (also `--dynamic` and `--sampled`), `probe` and `tune` are the graph SSL recipe (`autoglm.recipes.graph_ssl`): their options
 are generated from its config (`--config configs/graph-cora.yaml` for the Cora recipe,
 `--print-config` to see the resolved one). `clean` stays a plain command: its options are
 the files of one ingest and how to read them (delimiter, column names, time unit/format)
@@ -25,7 +25,8 @@ from .options import add_recipe_command
 __all__ = ["app"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Graph branch: clean raw graph files, self-supervised pre-training, linear probe.")
+                  help="Graph branch: clean raw graph files, self-supervised pre-training (static or "
+                       "dynamic), linear probe, recipe search.")
 
 
 @app.command()

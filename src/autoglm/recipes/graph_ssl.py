@@ -1,8 +1,11 @@
 """The graph SSL recipe: graph source -> self-supervised pre-training -> saved model, and
 graph source -> pre-train per seed -> linear probe (mean +/- std over seeds).
 
-`autoglm graph pretrain` is `pretrain(GraphPretrainConfig)`, `autoglm graph probe` is
-`probe(GraphProbeConfig)`, and benchmarks/graph_ssl.py calls the same two. Both configs
+`autoglm graph pretrain` is `pretrain(GraphPretrainConfig)` (with `--dynamic`,
+`pretrain_dynamic`: snapshots, state-carrying encoder, temporal link prediction vs a static
+encoder), `autoglm graph probe` is `probe(GraphProbeConfig)`, `autoglm graph tune` is
+`tune(GraphTuneConfig)` (a validation-only recipe search), and benchmarks/graph_ssl.py calls
+the same ones. Both configs
 share the `data` and `ssl` sections, so one file serves both commands:
 configs/graph-cora.yaml is the Cora recipe (data + the SSL config behind the documented
 result). Without a file the built-in generated graph ('sbm') runs with the same SSL defaults.
