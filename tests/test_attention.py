@@ -106,3 +106,21 @@ def test_relative_bias_table_in_every_kernel(T, W, G, C, offset):
     kp = torch.arange(offset + T)[None]
     padded = AttentionMetadata(q_offset=offset, q_pos=qp, k_pos=kp, k_valid=torch.ones_like(kp, dtype=torch.bool))
     torch.testing.assert_close(attend(q, k, v, padded, W, G, "auto", C, table), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["auto", "chunked"])
+@pytest.mark.parametrize("offset,Tq", [(200, 1), (57, 1), (150, 3)])
+def test_decode_reads_only_window_and_global_keys(impl, offset, Tq):
+    """A decode step (queries after a cache) must touch only the global keys and the window:
+    every other cached key/value is NaN here, and the output still equals the reference."""
+    W, G, H, D = 16, 3, 4, 8
+    Tk = offset + Tq
+    q, k, v = torch.randn(1, H, Tq, D), torch.randn(1, 2, Tk, D), torch.randn(1, 2, Tk, D)
+    ref = reference(q, k, v, W, G, q_offset=offset)
+    pos = torch.arange(Tk)
+    seen = (pos < G) | (pos > offset - W)  # keys some query in [offset, offset + Tq) may attend to
+    k_bad, v_bad = k.clone(), v.clone()
+    k_bad[:, :, ~seen] = float("nan")
+    v_bad[:, :, ~seen] = float("nan")
+    out = attend(q, k_bad, v_bad, AttentionMetadata(q_offset=offset), W, G, impl, W)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)

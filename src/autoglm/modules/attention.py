@@ -136,8 +136,10 @@ def _chunk_layout(T: int, C: int, W: int, G: int, device: torch.device):
     valid = valid | ~valid.any(-1, keepdim=True)  # padded query rows beyond T
     k_abs = torch.cat([g_pos.expand(n_chunks, G), idx], dim=1)  # (nC, G + L)
     code = bias_code(q_abs[:, :, None], k_abs[:, None, :], W, G).clamp_max(W + max(G, 1) - 1)
-    interior = ((starts - W + 1 >= G) & (starts + C <= T)).nonzero().flatten()
-    lo, hi = (int(interior[0]), int(interior[-1]) + 1) if len(interior) else (0, 0)
+    # interior chunks c: c * C - W + 1 >= G and (c + 1) * C <= T; plain integers, so a traced
+    # (torch.compile) forward needs no data-dependent shape
+    lo, hi = -(-(G + W - 1) // C), T // C
+    lo, hi = (lo, hi) if lo < hi else (0, 0)
     return idx.clamp(0, T - 1).to(device), valid.to(device), code.to(device), lo, hi
 
 
@@ -149,7 +151,8 @@ def attend_chunked(q, k, v, window, num_global, q_offset, chunk_size, table=None
         return _attend_chunked_loop(q, k, v, window, num_global, q_offset, chunk_size, table)
     C = min(chunk_size, Tq)
     G = min(num_global, Tk)
-    idx, valid, code, lo, hi = _chunk_layout(Tq, C, window, G, q.device)
+    layout = _chunk_layout.__wrapped__ if torch.compiler.is_compiling() else _chunk_layout  # traced: no cache
+    idx, valid, code, lo, hi = layout(Tq, C, window, G, q.device)
     n_chunks = idx.shape[0]
     pad = n_chunks * C - Tq
     qc = F.pad(q, (0, 0, 0, pad)).view(B, H, n_chunks, C, D).transpose(1, 2)  # (B, nC, H, C, D)
@@ -244,8 +247,12 @@ def attend_flex(q, k, v, window, num_global, q_offset, table=None):
             col = torch.where(kv_idx < num_global, W + kv_idx, (qp - kv_idx).clamp(0, W - 1))
             return score + table[h, col.clamp(max=table.shape[1] - 1)]
 
-    block_mask = _block_mask(q.shape[2], k.shape[2], q_offset, W, num_global, q.device)
-    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    if torch.compiler.is_compiling():  # inside a compiled model: the mask is built in the graph
+        block_mask = _block_mask.__wrapped__(q.shape[2], k.shape[2], q_offset, W, num_global, q.device)
+        fn = flex_attention
+    else:
+        block_mask = _block_mask(q.shape[2], k.shape[2], q_offset, W, num_global, q.device)
+        fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
     return fn(q, k, v, score_mod=score_mod, block_mask=block_mask, enable_gqa=q.shape[1] != k.shape[1])
 
 

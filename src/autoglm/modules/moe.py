@@ -256,7 +256,10 @@ class MoEFeedForward(nn.Module):
         """Derived weights may be cached for a frozen model or under inference mode. A model
         still in training builds them per call: the fused AdamW kernel updates parameters in
         place without moving their version counters, so a cache could silently go stale."""
-        return torch.is_inference_mode_enabled() or not any(p.requires_grad for p in self.experts.parameters())
+        frozen = not any(p.requires_grad for p in self.experts.parameters())
+        if torch.compiler.is_compiling():  # inference mode cannot be queried in a trace
+            return frozen
+        return frozen or torch.is_inference_mode_enabled()
 
     def stacked_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(E, 2 * hidden, d) gate|up and (E, d, hidden) down weights of all experts, cached."""
