@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from .request import MAX_LOGPROBS, RequestOutput, SamplingParams
 
 __all__ = ["CompletionRequest", "ChatCompletionRequest", "ChatMessage", "StreamOptions", "UNSUPPORTED",
-           "LoadLoRARequest", "UnloadLoRARequest", "APIError", "chat_prompt", "echo_texts", "encode_prompt", "encode_prompts",
+           "LoadLoRARequest", "UnloadLoRARequest", "APIError", "ImagePart", "decode_image_url",
+           "chat_prompt", "echo_texts", "encode_prompt", "encode_prompts",
            "sampling_params", "LogprobFormatter", "ResponseBuilder"]
 
 
@@ -77,22 +78,60 @@ class CompletionRequest(_Common):
 
 
 class TextPart(BaseModel):
-    """One part of a chat message's content (OpenAI's list form); only text parts are served."""
+    """One text part of a chat message's content (OpenAI's list form)."""
 
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
     text: str
 
 
+class ImageURL(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    """An image part (OpenAI's `image_url`); served as a data URL (`data:image/png;base64,...`)
+    when the model has an image projector (see `autoglm.multimodal.projector`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "user", "assistant", "developer"]
-    content: Union[str, list[TextPart]]
+    content: Union[str, list[Union[TextPart, ImagePart]]]
     name: str | None = None
 
     @property
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content if isinstance(p, TextPart))
+
+    @property
+    def image_urls(self) -> list[str]:
+        return [] if isinstance(self.content, str) else [p.image_url.url for p in self.content
+                                                         if isinstance(p, ImagePart)]
+
+
+def decode_image_url(url: str) -> bytes:
+    """The bytes of a base64 image data URL; APIError 400 for anything else (the server fetches
+    no remote URL)."""
+    import base64
+    import binascii
+
+    head, sep, data = url.partition(",")
+    if not (sep and head.startswith("data:image/") and head.endswith(";base64")):
+        raise APIError(400, "image_url must be a base64 data URL (data:image/png;base64,...); the server does not "
+                            "fetch remote images", "messages")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise APIError(400, "image_url's data is not valid base64", "messages") from None
 
 
 class ChatCompletionRequest(_Common):

@@ -13,6 +13,7 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = ["SamplingParams", "Request", "RequestStatus", "RequestOutput", "FinishReason", "TokenLogprob",
            "EngineCoreOutput", "InvalidRequestError", "MAX_LOGPROBS"]
@@ -57,6 +58,9 @@ class SamplingParams:
     # the full model (greedy output unchanged, sampled output distributed as the full model's);
     # None = the engine's default (EngineConfig.speculative_tokens), 0 = off
     speculative_tokens: int | None = None
+    # image-conditioned generation: (P, d) embeddings that take the place of the prompt's first P
+    # token embeddings in the prefill (copied to `Request.prefix_embeds`); not compared or shown
+    prefix_embeds: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -156,6 +160,8 @@ class Request:
     def __post_init__(self) -> None:
         if not self.request_id:
             self.request_id = f"req-{next(_ids)}"
+        if self.prefix_embeds is None:
+            self.prefix_embeds = self.params.prefix_embeds
         if not self.prompt_ids:
             raise ValueError("prompt is empty; give at least one token")
 

@@ -36,7 +36,8 @@ import logging
 import signal
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
@@ -46,7 +47,7 @@ from pydantic import ValidationError
 
 from .async_engine import AsyncEngine, RequestStream
 from .protocol import (APIError, ChatCompletionRequest, CompletionRequest, LoadLoRARequest, ResponseBuilder,
-                       UnloadLoRARequest, chat_prompt, echo_texts, encode_prompts,
+                       UnloadLoRARequest, chat_prompt, decode_image_url, echo_texts, encode_prompts,
                        sampling_params)
 from .request import RequestOutput, SamplingParams
 
@@ -89,6 +90,7 @@ class _Server:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     in_flight: int = 0
     draining: bool = False  # set on SIGTERM: new requests get 503, those in flight finish
+    image_projector: Any = None  # chat image_url parts become prefix embeddings (autoglm.multimodal.projector)
 
     def check_model(self, model: str) -> None:
         loras = self.engine.lora_adapters()
@@ -96,6 +98,27 @@ class _Server:
             served = ", ".join(repr(m) for m in [self.model_name, *loras])
             raise APIError(404, f"model {model!r} does not exist; this server serves {served} (see /v1/models)",
                            "model", "model_not_found")
+
+    def image_prefix(self, urls: list[str]):
+        """The (P, d) prefix embeddings of a chat request's one image (a base64 data URL); 400 when
+        the model has no image projector or the image is not one."""
+        if self.image_projector is None:
+            raise APIError(400, f"model {self.model_name!r} has no image projector, so it cannot take image_url "
+                                f"parts; train one with `autoglm align projector --lm RUN` and restart the server, "
+                                f"or send text only", "messages", "image_input_not_supported")
+        if len(urls) > 1:
+            raise APIError(400, f"one image per request is supported, got {len(urls)} image_url parts", "messages")
+        import torch
+
+        from ..multimodal.projector import image_tensor
+
+        try:
+            x = image_tensor(decode_image_url(urls[0]), self.image_projector)
+        except ValueError as e:  # unreadable, corrupt or too small
+            raise APIError(400, f"image_url: {e}", "messages") from None
+        dev = next(self.image_projector.parameters()).device
+        with torch.no_grad():
+            return self.image_projector(x.to(dev))[0]
 
     async def submit(self, prompts: list[list[int]], params: list[SamplingParams], lora: str | None,
                      chat: bool) -> "_Call":
@@ -189,7 +212,8 @@ class _APIKeyMiddleware:
 
 
 def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | None = None,
-               max_concurrent: int = 256, allow_lora_updates: bool = False, max_prompts: int = 64) -> FastAPI:
+               max_concurrent: int = 256, allow_lora_updates: bool = False, max_prompts: int = 64,
+               image_projector: Any = None) -> FastAPI:
     """The FastAPI app around an AsyncEngine (started on startup, shut down on shutdown).
 
     max_prompts: the largest batch of prompts one completions request may carry (a list of
@@ -198,13 +222,17 @@ def create_app(engine: AsyncEngine, model_name: str = "autoglm", api_key: str | 
 
     allow_lora_updates: enable POST /v1/load_lora_adapter {"lora_name", "lora_path"} and
     /v1/unload_lora_adapter {"lora_name"} (vLLM's routes): adapters come and go without a
-    restart. Off by default, since it lets a client make the server read a local path."""
+    restart. Off by default, since it lets a client make the server read a local path.
+
+    image_projector: an `ImagePrefixProjector`; chat messages may then carry one `image_url`
+    part (a base64 data URL); without one such a request gets a 400 that says so."""
     if model_name in engine.lora_adapters():
         raise ValueError(f"a LoRA adapter is named {model_name!r} like the base model; rename the adapter")
     app = FastAPI(title="Open-AutoGLM", lifespan=_lifespan)
     if max_prompts < 1:
         raise ValueError(f"max_prompts must be >= 1, got {max_prompts}")
-    app.state.server = _Server(engine, model_name, max_concurrent, allow_lora_updates, max_prompts)
+    app.state.server = _Server(engine, model_name, max_concurrent, allow_lora_updates, max_prompts,
+                               image_projector=image_projector)
     app.add_exception_handler(APIError, lambda _, e: JSONResponse(e.body(), status_code=e.status))
     if api_key is not None:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
@@ -272,6 +300,11 @@ async def _generate(request: Request, schema):
     tok = srv.engine.tokenizer
     prompts = encode_prompts(tok, chat_prompt(req.messages) if chat else req.prompt, srv.max_prompts)
     params = sampling_params(req)
+    if chat and (urls := [u for m in req.messages for u in m.image_urls]):  # image: prefix placeholders
+        prefix = srv.image_prefix(urls)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 1
+        prompts = [[pad] * len(prefix) + p for p in prompts]
+        params = [replace(p, prefix_embeds=prefix) for p in params]
     texts = echo_texts(tok, req.prompt, prompts) if not chat and req.echo else None
     call = await srv.submit(prompts, params, None if req.model == srv.model_name else req.model, chat)
     out = ResponseBuilder(req, prompts, tok, texts)

@@ -42,7 +42,7 @@ from .data import DIGIT_NAMES
 from .encoders import ImageEncoder, ImageEncoderConfig
 
 __all__ = ["ImagePrefixProjector", "image_prefix", "load_image_projector", "names_digit", "train_image_projector",
-           "caption_images", "PROJECTOR_HELP"]
+           "caption_images", "generate_with_image", "image_tensor", "PROJECTOR_HELP"]
 
 log = logging.getLogger(__name__)
 PROJECTOR_HELP = "train one with `autoglm align projector --align-dir ALIGNED --lm {lm}`"
@@ -133,6 +133,48 @@ class PrefixCaptionObjective:
 
     def __repr__(self) -> str:
         return "PrefixCaptionObjective(frozen LM)"
+
+
+def image_tensor(source: str | Path | bytes, projector: ImagePrefixProjector) -> torch.Tensor:
+    """An image file (or its bytes) as the (1, C, S, S) input of `projector`'s encoder; ValueError
+    naming the problem for an unreadable or corrupt image."""
+    import io
+
+    from .data import decode_image
+
+    cfg = projector.image_cfg
+    return decode_image(io.BytesIO(source) if isinstance(source, bytes) else Path(source), cfg.channels,
+                        cfg.image_size)[None]
+
+
+@torch.no_grad()
+def generate_with_image(lm: nn.Module, tok: Any, run_dir: str | Path, image: str | Path, prompt: str = "",
+                        max_new_tokens: int = 20, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                        seed: int = 0, name: str = "image") -> str:
+    """`autoglm generate RUN --image FILE`: the continuation of (image prefix, prompt), decoded."""
+    from ..inference import EngineConfig, LLMEngine, SamplingParams
+
+    projector = load_image_projector(run_dir, name)
+    if not Path(image).is_file():
+        raise FileNotFoundError(f"image {image} does not exist")
+    try:
+        x = image_tensor(image, projector)
+    except ValueError as e:
+        raise ValueError(f"image {image}: {e}") from None
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 1
+    ids = [pad] * projector.prefix_tokens + (tok(prompt, add_special_tokens=False).input_ids if prompt else [])
+    limit = lm.config.max_position_embeddings
+    if len(ids) + max_new_tokens > limit:
+        raise ValueError(f"image prefix + prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
+    engine = LLMEngine(lm, tok, EngineConfig(block_size=16, num_blocks=-(-limit // 16) + 1))
+    rid = engine.add_request(ids, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                                                 top_p=top_p, seed=seed))
+    req = engine.core.requests[rid]
+    req.prefix_embeds = projector(x)[0]  # set before the first step: the prefill reads it
+    while engine.has_unfinished():
+        engine.step()
+    return (prompt + tok.decode(req.output_ids, skip_special_tokens=True)).strip()
 
 
 @torch.no_grad()

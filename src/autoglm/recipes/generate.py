@@ -31,6 +31,8 @@ class GenerateConfig:
     top_p: float = setting(0.95, "nucleus sampling: the smallest set of tokens with this much probability")
     greedy: bool = setting(False, "greedy decoding instead of sampling")
     seed: int = setting(0, "sampling seed (the same seed gives the same text)")
+    image: Path | None = setting(None, "an image file: its embedding enters as prefix tokens through the run's "
+                                       "image projector (RUN/adapters/image, `autoglm align projector`)")
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -91,6 +93,11 @@ def generate(cfg: GenerateConfig) -> str:
     from ..rundir import RunDir
 
     model, tok = RunDir.open(cfg.run).load()
+    if cfg.image is not None:  # image-conditioned: the projector's prefix, then the prompt
+        from ..multimodal.projector import generate_with_image
+
+        return generate_with_image(model, tok, cfg.run, cfg.image, cfg.prompt, cfg.max_new_tokens,
+                                   0.0 if cfg.greedy else cfg.temperature, cfg.top_k, cfg.top_p, cfg.seed)
     return generate_text(model, tok, cfg.prompt, cfg.max_new_tokens, 0.0 if cfg.greedy else cfg.temperature,
                          cfg.top_k, cfg.top_p, cfg.seed)
 

@@ -100,6 +100,12 @@ def build_server(cfg: ServeConfig):
     engine = LLMEngine(model, tok, engine_cfg)
     for lora_name, path in adapters:
         engine.add_lora(lora_name, path)
+    projector = None  # RUN/adapters/image (autoglm align projector): chat requests may carry an image
+    if (Path(cfg.run) / "adapters" / "image" / "adapter_config.json").is_file():
+        from ..multimodal.projector import load_image_projector
+
+        projector = load_image_projector(cfg.run).to(next(model.parameters()).device)
     app = create_app(AsyncEngine(engine), model_name=name, api_key=cfg.api_key, max_concurrent=cfg.max_concurrent,
-                     allow_lora_updates=cfg.allow_lora_updates, max_prompts=cfg.max_prompts)
+                     allow_lora_updates=cfg.allow_lora_updates, max_prompts=cfg.max_prompts,
+                     image_projector=projector)
     return app, [name, *(n for n, _ in adapters)]
