@@ -15,12 +15,29 @@ Writes docs/results/architecture.{json,md,png}.
 
 Targets: at 8192 tokens the Open-AutoGLM forward is >= 1.45x faster than the standard
 model, and its held-out accuracy after equal training time is not lower.
+
+`--speed` (no quality training): the speed side of the table, four models side by side on the
+same tokens with random weights: the preset, its `standard-` twin, and transformers' own
+`LlamaForCausalLM` and `MixtralForCausalLM` built at the same total size (same width, depth,
+heads and vocabulary; Llama's FFN as wide as all experts together, Mixtral with the same
+experts). Forward latency at each length (batch 1, interleaved rounds), training tokens/s and
+model-FLOPs utilisation (autoglm.training.throughput: active parameters and attention
+counted), peak memory (CUDA), and which grouped GEMM / MoE dispatch ran. Writes
+docs/results/architecture-speed[-PRESET][-cuda].{json,md}.
+
+    python benchmarks/architecture.py --speed                             # CPU, fp32: small
+    python benchmarks/architecture.py --speed --presets base --device cuda  # bf16 on a GPU
+
+Speed targets (GPU, bf16): `base` forward at 2048 and 8192 <= 0.6x `standard-base` and below
+Mixtral's, at 512 not slower than `standard-base`; training tokens/s >= 1.3x `standard-base`.
+CPU: the small / standard-small forward ratio at 512 >= 1.3x.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -82,6 +99,185 @@ def run(args) -> dict:
     return {"device": args.device, "device_name": _device_name(args.device), "precision": args.precision,
             "threads": torch.get_num_threads(), "torch": torch.__version__, "rows": rows, "summary": summary,
             "sample": sample, "targets": {"speedup@8192": ">= 1.45", "accuracy_delta_pts": ">= 0"}}
+
+
+# ------------------------------------------------------------------ speed: four models side by side
+def hf_twins(preset: str, max_len: int) -> dict:
+    """transformers' Llama and Mixtral at the preset's total size (random weights)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+
+    c = OpenAutoGLMConfig.from_name(preset)
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                  num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                  max_position_embeddings=max(max_len, c.max_position_embeddings), tie_word_embeddings=True,
+                  rms_norm_eps=c.rms_norm_eps)
+    llama = LlamaConfig(intermediate_size=c.num_experts * c.expert_intermediate_size, **common)
+    mixtral = MixtralConfig(intermediate_size=c.expert_intermediate_size, num_local_experts=c.num_experts,
+                            num_experts_per_tok=c.num_experts_per_tok, sliding_window=None,
+                            router_aux_loss_coef=c.router_aux_loss_coef, output_router_logits=True, **common)
+    return {"hf-llama": (LlamaForCausalLM, llama), "hf-mixtral": (MixtralForCausalLM, mixtral)}
+
+
+class HFObjective:
+    """Next-token loss of a transformers causal LM, plus Mixtral's weighted load-balancing loss
+    (as the Open-AutoGLM objective adds its own aux loss)."""
+
+    def __init__(self, aux_coef: float = 0.0) -> None:
+        self.aux_coef = aux_coef
+
+    def __call__(self, model, batch):
+        from autoglm.losses import lm_loss
+
+        x, y = batch
+        out = model(input_ids=x, use_cache=False)
+        loss = lm_loss(out.logits, y)
+        aux = getattr(out, "aux_loss", None)
+        if aux is not None and self.aux_coef:
+            loss = loss + self.aux_coef * aux
+        return {"loss": loss}
+
+
+def _counts(model) -> dict:
+    if hasattr(model, "num_parameters_summary"):
+        return model.num_parameters_summary()
+    total = sum(p.numel() for p in model.parameters())
+    c = model.config
+    E = getattr(c, "num_local_experts", 0)
+    if not E:
+        return {"total": total, "active": total}
+    per_expert = 3 * c.hidden_size * c.intermediate_size
+    return {"total": total, "active": total - c.num_hidden_layers * (E - c.num_experts_per_tok) * per_expert}
+
+
+def _dispatch_report(model, T: int, device: str, precision: str) -> dict:
+    """Which MoE dispatch each Open-AutoGLM MoE layer picks for T tokens in this precision."""
+    from autoglm.modules.moe import GROUPED_MM, MoEFeedForward
+    from autoglm.training import autocast_context
+
+    moes = [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+    if not moes:
+        return {}
+    dev = torch.device(device)
+    x = torch.zeros(T, moes[0].dim, device=dev)
+    with torch.no_grad(), autocast_context(precision, dev):
+        x = torch.nn.functional.linear(x, torch.zeros(moes[0].dim, moes[0].dim, device=dev))  # autocast dtype
+        chosen = sorted({m.choose(x) for m in moes})
+    return {"dispatch": chosen, "grouped_mm": GROUPED_MM}
+
+
+def run_speed(args) -> dict:
+    from autoglm.recipes.compare import interleaved_latencies, training_step
+    from autoglm.training import CausalLMObjective, TrainConfig
+    from autoglm.training.throughput import mfu, model_flops_per_token, peak_flops
+
+    load_start = os.getloadavg()
+    sparse, dense = args.presets, f"standard-{args.presets}"
+    builders = {p: (OpenAutoGLMForCausalLM, OpenAutoGLMConfig.from_name(p)) for p in (sparse, dense)}
+    if args.hf:
+        builders.update(hf_twins(sparse, max(args.lengths)))
+    models, objectives = {}, {}
+    for name, (cls, cfg) in builders.items():
+        torch.manual_seed(0)
+        m = cls(cfg).to(args.device)
+        if name in (sparse, dense):
+            m.extend_context(max(max(args.lengths), cfg.max_position_embeddings))
+            objectives[name] = CausalLMObjective()
+        else:
+            objectives[name] = HFObjective(cfg.router_aux_loss_coef if name == "hf-mixtral" else 0.0)
+        models[name] = torch.compile(m) if args.compile else m
+    raw = {n: getattr(m, "_orig_mod", m) for n, m in models.items()}
+    rows = {n: {"model": n, "params": _counts(raw[n]), "class": type(raw[n]).__name__} for n in models}
+    for n in models:
+        rows[n].update(_dispatch_report(raw[n], args.train_seq * args.train_batch, args.device, args.precision))
+        impl = getattr(raw[n].config, "_experts_implementation", None)
+        if impl is not None and n == "hf-mixtral":
+            rows[n]["experts_implementation"] = impl
+        if hasattr(raw[n].config, "_attn_implementation") and n.startswith("hf-"):
+            rows[n]["attn_implementation"] = raw[n].config._attn_implementation
+
+    # ---- forward latency, interleaved
+    lat = interleaved_latencies(models, args.lengths, args.repeats, args.precision)
+    for n in models:
+        rows[n]["latency_ms"] = lat[n]
+
+    # ---- training tokens/s and MFU, interleaved steps on the same batches
+    t = TrainConfig(batch_size=args.train_batch, seq_len=args.train_seq, max_steps=10, precision=args.precision)
+    vocab = min(c.vocab_size for _, c in builders.values())
+    tokens = torch.randint(2, vocab, (args.train_batch * args.train_seq * 64,)).numpy()
+    steps = {n: training_step(models[n], t, tokens, objectives[n]) for n in models}
+    secs = {n: [] for n in models}
+    peak_mem = {}
+    for n in models:  # warm-up (and, on CUDA, the peak memory of one step)
+        if args.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        steps[n](0)
+        if args.device.startswith("cuda"):
+            peak_mem[n] = torch.cuda.max_memory_allocated() / 2**30
+    for i in range(1, args.train_steps + 1):
+        for n in models:
+            secs[n].append(steps[n](i))
+    peak, peak_source = peak_flops(args.device, args.precision)
+    for n in models:
+        s = sorted(secs[n])[len(secs[n]) // 2]
+        tps = t.tokens_per_step / s
+        f = model_flops_per_token(raw[n].config, args.train_seq)
+        rows[n]["train"] = {"tokens_per_s": tps, "step_s": s, "flops_per_token": f["train"],
+                            "mfu": mfu(tps, f["train"], peak)}
+        if n in peak_mem:
+            rows[n]["peak_mem_gb_train"] = peak_mem[n]
+    if args.device.startswith("cuda"):
+        for n in models:  # peak memory of the longest forward, alone
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            interleaved_latencies({n: models[n]}, [max(args.lengths)], 0, args.precision)
+            rows[n][f"peak_mem_gb_fwd@{max(args.lengths)}"] = torch.cuda.max_memory_allocated() / 2**30
+
+    s, d = rows[sparse], rows[dense]
+    summary = {f"{sparse}/{dense} fwd@{T}": s["latency_ms"][T] / d["latency_ms"][T] for T in args.lengths}
+    if "hf-mixtral" in rows:
+        summary.update({f"{sparse}/hf-mixtral fwd@{T}": s["latency_ms"][T] / rows["hf-mixtral"]["latency_ms"][T]
+                        for T in args.lengths})
+    summary[f"train tok/s {sparse}/{dense}"] = s["train"]["tokens_per_s"] / d["train"]["tokens_per_s"]
+    targets = ({f"{sparse}/{dense} fwd@512": "<= 1.0", f"{sparse}/{dense} fwd@2048": "<= 0.6",
+                f"{sparse}/{dense} fwd@8192": "<= 0.6", f"{sparse}/hf-mixtral fwd@2048": "< 1.0",
+                f"{sparse}/hf-mixtral fwd@8192": "< 1.0", f"train tok/s {sparse}/{dense}": ">= 1.3"}
+               if args.device.startswith("cuda") else {f"{sparse}/{dense} fwd@512": "<= 1/1.3 = 0.77"})
+    return {"device": args.device, "device_name": _device_name(args.device), "precision": args.precision,
+            "compiled": args.compile, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "rows": rows, "summary": summary, "targets": targets,
+            "train_setup": {"batch_size": args.train_batch, "seq_len": args.train_seq, "timed_steps": args.train_steps,
+                            "optimizer": "AdamW (autoglm.training.build_optimizer)"},
+            "peak_flops": {"value": peak, "source": peak_source},
+            "loadavg": {"start": load_start, "end": os.getloadavg()}}
+
+
+def speed_markdown(res: dict) -> str:
+    rows = res["rows"]
+    lengths = list(next(iter(rows.values()))["latency_ms"])
+    head = (["model", "params total", "active"] + [f"fwd {T} (ms)" for T in lengths]
+            + ["train tok/s", "MFU", "peak mem (GB)", "MoE path"])
+    lines = [f"Device: {res['device_name']}, {res['precision']}, torch {res['torch']}"
+             f"{', torch.compile' if res['compiled'] else ', eager'}; training: batch {res['train_setup']['batch_size']}"
+             f" x {res['train_setup']['seq_len']} tokens, median of {res['train_setup']['timed_steps']} AdamW steps; "
+             f"MFU against {res['peak_flops']['value'] / 1e12:.2f} TFLOP/s ({res['peak_flops']['source']})", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in rows.items():
+        mem = r.get("peak_mem_gb_train")
+        path = ", ".join(r.get("dispatch", [])) + (f" ({r['grouped_mm']})" if "grouped" in r.get("dispatch", []) else "")
+        path = path or r.get("experts_implementation", "")
+        cells = [name, f"{r['params']['total'] / 1e6:.1f}M", f"{r['params']['active'] / 1e6:.1f}M"]
+        cells += [f"{r['latency_ms'][T]:.1f}" for T in lengths]
+        cells += [f"{r['train']['tokens_per_s']:,.0f}", f"{100 * r['train']['mfu']:.1f}%",
+                  f"{mem:.2f}" if mem is not None else "n/a (CPU)", path or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    for k, v in res["summary"].items():
+        lines.append(f"| {k} | {v:.3f} | {res['targets'].get(k, '')} |")
+    la = res["loadavg"]
+    lines += ["", f"Load average (1/5/15 min) at start {la['start'][0]:.1f}/{la['start'][1]:.1f}/{la['start'][2]:.1f}, "
+                  f"at end {la['end'][0]:.1f}/{la['end'][1]:.1f}/{la['end'][2]:.1f}: latencies are interleaved "
+                  f"rounds, so the ratios hold under load better than the absolute times."]
+    return "\n".join(lines) + "\n"
 
 
 def _device_name(device: str) -> str:
@@ -151,9 +347,26 @@ def main(argv=None) -> None:
     p.add_argument("--work-dir", type=Path, default=None, help="where the compare runs go (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
     p.add_argument("--name", default=None, help="results file name (default: architecture[-PRESET])")
+    p.add_argument("--speed", action="store_true", help="the four-model speed comparison (no quality training)")
+    p.add_argument("--no-hf", dest="hf", action="store_false", help="--speed without transformers' Llama/Mixtral")
+    p.add_argument("--train-batch", type=int, default=None, help="--speed: sequences per training step "
+                                                                 "(default 8 on GPU, 2 on CPU)")
+    p.add_argument("--train-seq", type=int, default=None, help="--speed: tokens per sequence (default 2048 GPU, "
+                                                               "512 CPU)")
+    p.add_argument("--train-steps", type=int, default=3, help="--speed: timed training steps per model")
+    p.add_argument("--compile", action="store_true", help="--speed: torch.compile every model")
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.speed:
+        gpu = args.device.startswith("cuda")
+        args.train_batch = args.train_batch or (8 if gpu else 2)
+        args.train_seq = args.train_seq or (2048 if gpu else 512)
+        res = run_speed(args)
+        name = args.name or "-".join(["architecture-speed"] + ([args.presets] if args.presets != "small" else [])
+                                     + (["cuda"] if gpu else []) + (["compiled"] if args.compile else []))
+        save_results(args.out, name, res, speed_markdown(res))
+        return
     res = run(args)
     name = args.name or ("architecture" if args.presets == "small" else f"architecture-{args.presets}")
     path = save_results(args.out, name, res, markdown(res))

@@ -32,7 +32,8 @@ from ..settings import section, setting
 from ..training.config import TrainConfig
 from .common import ModelSpec, TextData
 
-__all__ = ["CompareConfig", "compare", "seconds_per_step", "steps_for_budget", "forward_latency_ms"]
+__all__ = ["CompareConfig", "compare", "seconds_per_step", "steps_for_budget", "forward_latency_ms",
+           "interleaved_latencies", "training_step"]
 
 log = logging.getLogger(__name__)
 
@@ -69,18 +70,33 @@ def seconds_per_step(spec: ModelSpec, vocab: int, t: TrainConfig, tokens, device
                      steps: int = 3) -> float:
     """Median wall-clock seconds of one optimizer step (forward, backward, AdamW) of a fresh
     `spec` model on real batches, after one warm-up step."""
-    import torch
-
-    from ..data import sample_batch
-    from ..training import CausalLMObjective, SingleDevice, build_optimizer
+    from ..training import CausalLMObjective, SingleDevice
     from .common import build_model
 
     strategy = SingleDevice(device)
     model = strategy.setup(build_model(spec, vocab))
+    step = training_step(model, t, tokens, CausalLMObjective(), strategy)
+    step(0)  # warm-up
+    return sorted(step(i) for i in range(1, steps + 1))[steps // 2]
+
+
+def training_step(model, t: TrainConfig, tokens, objective, strategy=None):
+    """A function i -> wall-clock seconds of optimizer step i (forward, backward, AdamW) of
+    `model` (already on the strategy's device) on real batches of `tokens`; several models'
+    steps can be interleaved to time them side by side. `objective(model, (x, y))` gives the
+    loss (any causal LM: see `CausalLMObjective`)."""
+    import torch
+
+    from ..data import sample_batch
+    from ..training import SingleDevice, build_optimizer
+
+    strategy = strategy or SingleDevice(str(next(model.parameters()).device))
     opt = build_optimizer(model, t)
-    objective = CausalLMObjective()
-    times = []
-    for i in range(steps + 1):
+    model.train()
+
+    def step(i: int) -> float:
+        if strategy.device.type == "cuda":
+            torch.cuda.synchronize(strategy.device)
         t0 = time.perf_counter()
         for m in range(t.grad_accum):
             x, y = (b.to(strategy.device) for b in sample_batch(tokens, t.batch_size, t.seq_len, i * 7 + m, t.seed))
@@ -91,9 +107,9 @@ def seconds_per_step(spec: ModelSpec, vocab: int, t: TrainConfig, tokens, device
         opt.zero_grad(set_to_none=True)
         if strategy.device.type == "cuda":
             torch.cuda.synchronize(strategy.device)
-        if i:
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        return time.perf_counter() - t0
+
+    return step
 
 
 def forward_latency_ms(model, seq_len: int, repeats: int = 3, precision: str = "fp32") -> float:
@@ -118,6 +134,37 @@ def forward_latency_ms(model, seq_len: int, repeats: int = 3, precision: str = "
             if i:  # the first call is the warm-up
                 times.append(time.perf_counter() - t0)
     return 1000 * sorted(times)[len(times) // 2]
+
+
+def interleaved_latencies(models: dict, lengths, repeats: int, precision: str = "fp32") -> dict[str, dict[int, float]]:
+    """Median batch-1 forward ms of every model at every length, timed side by side: one
+    warm-up per (model, length), then `repeats` rounds that each time every model once, so a
+    machine whose load drifts slows all of them alike. Contexts must cover the lengths."""
+    import torch
+
+    from ..training import autocast_context
+
+    times: dict[str, dict[int, list[float]]] = {n: {T: [] for T in lengths} for n in models}
+    inputs = {}
+    for name, m in models.items():
+        device = next(m.parameters()).device
+        for T in lengths:
+            inputs[name, T] = torch.randint(2, min(m.config.vocab_size, 30000), (1, T), device=device)
+    with torch.inference_mode():
+        for r in range(repeats + 1):
+            for T in lengths:
+                for name, m in models.items():
+                    device = next(m.parameters()).device
+                    with autocast_context(precision, device):
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                        t0 = time.perf_counter()
+                        m(inputs[name, T], use_cache=False, logits_to_keep=1)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)
+                    if r:  # round 0 is the warm-up
+                        times[name][T].append(1000 * (time.perf_counter() - t0))
+    return {n: {T: sorted(v)[len(v) // 2] for T, v in d.items()} for n, d in times.items()}
 
 
 def latencies(model, lengths, repeats: int, precision: str = "fp32") -> dict[int, float]:
