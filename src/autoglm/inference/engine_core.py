@@ -59,6 +59,8 @@ class EngineConfig:
                                                   "run.json records early exits)")
     speculative_tokens: int = setting(0, "tokens drafted per step for requests that do not set their own "
                                          "`speculative_tokens`; 0 = speculate only when a request asks")
+    speculative_min_prob: float = setting(0.0, "stop drafting a step at a draft whose exit top probability is "
+                                               "below this (0 = always draft k); the output stays exact")
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -135,7 +137,8 @@ class EngineCore:
             raise ValueError(f"speculative_tokens ({cfg.speculative_tokens}) must be smaller than the model's context "
                              f"({self.max_model_len} tokens)")
         self.runner = ModelRunner(model, self.kv, cfg.early_exit_threshold, exit_layers, graphs,
-                                  speculative_layer=cfg.speculative_layer)
+                                  speculative_layer=cfg.speculative_layer,
+                                  speculative_min_prob=cfg.speculative_min_prob)
         self.requests: dict[str, Request] = {}  # unfinished requests
         self.stats = EngineStats()
 

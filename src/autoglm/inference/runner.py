@@ -88,7 +88,8 @@ class ModelRunnerOutput:
 class ModelRunner:
     def __init__(self, model, kv: KVCacheManager, exit_threshold: float = 1.0,
                  exit_layers: tuple[int, ...] = (), graphs: DecodeGraphOptions | None = None,
-                 dtype: torch.dtype | None = None, speculative_layer: int | None = None) -> None:
+                 dtype: torch.dtype | None = None, speculative_layer: int | None = None,
+                 speculative_min_prob: float = 0.0) -> None:
         cfg = model.config
         self.model, self.kv, self.config = model, kv, cfg
         self.block_size = kv.block_size
@@ -110,7 +111,8 @@ class ModelRunner:
         self.max_deferred = kv.block_size  # longest run of exits before a step must go to full depth
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own random streams
         # self-speculative decoding: drafts from the exit after `speculative_layer` layers
-        self.speculator = SelfSpeculator(self, speculative_layer) if speculative_layer is not None else None
+        self.speculator = SelfSpeculator(self, speculative_layer, speculative_min_prob) \
+            if speculative_layer is not None else None
         self._prefix_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's image-prefix rows
 
     def forget(self, request_id: str) -> None:

@@ -23,6 +23,11 @@ in one engine step:
    request's `SamplingParams` sample from (penalties, temperature, top-k/p, min-p,
    `sampling.target_probs`), with the drafts so far counted in the history.
 
+Drafting stops early for a request whose exit is unsure (top probability below
+`min_prob`, `EngineConfig.speculative_min_prob`): that draft is its last of the step, so
+the step verifies fewer, likelier drafts. The rule looks at the draft only, so the output
+stays exact.
+
 A step emits 1 .. k tokens: the accepted drafts and, unless all k were accepted, the full
 model's token where the first draft was rejected. Positions past the last emitted token
 keep stale K/V that no query reads (a decode row reads keys up to its own position) and
@@ -62,7 +67,7 @@ class SelfSpeculator:
 
     `runner` is the `ModelRunner` whose KV store, layout builder and embedding this uses."""
 
-    def __init__(self, runner, draft_layer: int) -> None:
+    def __init__(self, runner, draft_layer: int, min_prob: float = 0.0) -> None:
         n_layers = len(runner.model.model.layers)
         if not 1 <= draft_layer < n_layers:
             raise ValueError(f"speculative_layer ({draft_layer}) must be in [1, {n_layers - 1}]: the drafts exit after "
@@ -70,7 +75,9 @@ class SelfSpeculator:
         if not hasattr(runner.model, "exit_logits"):
             raise ValueError(f"{type(runner.model).__name__} has no exit head (exit_logits); self-speculative decoding "
                              f"needs a model whose intermediate layers can be read out (OpenAutoGLMForCausalLM)")
-        self.runner, self.draft_layer = runner, draft_layer
+        if not 0.0 <= min_prob < 1.0:
+            raise ValueError(f"speculative_min_prob must be in [0, 1) (0 = always draft k tokens), got {min_prob}")
+        self.runner, self.draft_layer, self.min_prob = runner, draft_layer, min_prob
 
     @torch.inference_mode()
     def run(self, scheduled: list, generators: list[torch.Generator | None]) -> list[SpeculationResult]:
@@ -79,7 +86,7 @@ class SelfSpeculator:
         layers = rn.model.model.layers
         E = self.draft_layer
         reqs = [s.request for s in scheduled]
-        ks = [s.num_draft for s in scheduled]
+        ks = [s.num_draft for s in scheduled]  # lowered when a draft is unsure (min_prob)
         tables = [rn.kv.get(r.request_id).block_ids for r in reqs]
         starts = [r.num_tokens - 1 for r in reqs]
         params = [r.params for r in reqs]
@@ -89,18 +96,23 @@ class SelfSpeculator:
         q_probs: list[list[torch.Tensor | None]] = [[] for _ in reqs]
         for j in range(max(ks)):
             active = [i for i, k in enumerate(ks) if k > j]
+            if not active:  # every request stopped drafting early
+                break
             lay = rn.builder.build([Segment(tables[i], starts[i] + j, [tokens[i][j]], True) for i in active])
             x, meta, cache = rn._start(lay)
             for layer in layers[:E]:
                 x, _ = layer(x, meta, cache)
             for a, i in enumerate(active):
                 hidden[i].append(x[0, a])
-            probs = target_probs(rn.model.exit_logits(x[0]), [params[i] for i in active],
-                                 *self._histories(reqs, tokens, active, j))
+            exit_logits = rn.model.exit_logits(x[0])
+            probs = target_probs(exit_logits, [params[i] for i in active], *self._histories(reqs, tokens, active, j))
             drafts = self._draw(probs, [params[i] for i in active], [generators[i] for i in active])
+            sure = (exit_logits.float().softmax(-1).amax(-1) >= self.min_prob).tolist() if self.min_prob else None
             for a, (i, d) in enumerate(zip(active, drafts)):
                 tokens[i].append(d)
                 q_probs[i].append(None if params[i].greedy else probs[a])
+                if sure is not None and not sure[a]:  # an unsure draft is the last one of this step
+                    ks[i] = j + 1
 
         # verify: k rows per request from layer E up, request-major
         rows = [(i, j) for i, k in enumerate(ks) for j in range(k)]
