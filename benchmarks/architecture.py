@@ -77,6 +77,10 @@ def run(args) -> dict:
                      "train.precision": args.precision, "latency_lengths": args.lengths,
                      "latency_repeats": args.repeats,
                      "out": args.work_dir or tempfile.mkdtemp(prefix="autoglm-arch-")}
+        if args.lrs:
+            overrides["lrs"] = args.lrs
+        if args.seq_len:
+            overrides["train.seq_len"] = args.seq_len
         data = args.data if args.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
         if data is not None and str(data) != "builtin":
             overrides["data.path"] = data
@@ -87,12 +91,17 @@ def run(args) -> dict:
                                      train_tokens_per_s=r["tokens_per_s"],
                                      val={"loss": r["val_loss"], "accuracy": r["val_acc"]},
                                      curve=cmp["curves"][r["preset"]])
+            if "grid" in r:
+                rows[r["preset"]].update(lr=r["lr"], grid=r["grid"],
+                                         test={"loss": r["test_loss"], "bits_per_byte": r["test_bpb"]})
         rows[sparse]["data"] = rows[dense]["data"] = cmp["data"]
         sample = {"model": cmp["best"], "text": cmp["sample"]} if cmp["sample"] else None
     else:
         sample = None
     s, d = rows[sparse], rows[dense]
     summary = {f"speedup@{T}": d["latency_ms"][T] / s["latency_ms"][T] for T in args.lengths}
+    if "test" in s:
+        summary["test_bpb_delta"] = s["test"]["bits_per_byte"] - d["test"]["bits_per_byte"]
     if "val" in s:
         summary["accuracy_delta_pts"] = (s["val"]["accuracy"] - d["val"]["accuracy"]) * 100
         summary["loss_delta"] = s["val"]["loss"] - d["val"]["loss"]
@@ -293,6 +302,8 @@ def markdown(res: dict) -> str:
     has_val = all("val" in r for r in res["rows"].values())
     if has_val:
         head += ["train steps", "val loss", "val acc"]
+    if all("test" in r for r in res["rows"].values()):
+        head += ["chosen lr", "test loss", "test bits/byte"]
     lines = [f"Device: {res['device_name']}, precision {res['precision']}, torch {res['torch']}", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in res["rows"].items():
@@ -300,6 +311,8 @@ def markdown(res: dict) -> str:
         cells += [f"{r['latency_ms'][T]:.1f}" for T in lengths]
         if has_val:
             cells += [str(r["train_steps"]), f"{r['val']['loss']:.3f}", f"{r['val']['accuracy'] * 100:.2f}%"]
+        if "test" in r:
+            cells += [f"{r['lr']:g}", f"{r['test']['loss']:.3f}", f"{r['test']['bits_per_byte']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "| ratio (standard / Open-AutoGLM) | value | target |", "|---|---|---|"]
     for k, v in res["summary"].items():
@@ -347,6 +360,10 @@ def main(argv=None) -> None:
     p.add_argument("--work-dir", type=Path, default=None, help="where the compare runs go (default: a temp dir)")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
     p.add_argument("--name", default=None, help="results file name (default: architecture[-PRESET])")
+    p.add_argument("--lrs", type=float, nargs="+", default=None,
+                   help="learning-rate grid per model, chosen on the first validation half, reported (test loss, "
+                        "bits per byte) on the second")
+    p.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: the config's)")
     p.add_argument("--speed", action="store_true", help="the four-model speed comparison (no quality training)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="--speed without transformers' Llama/Mixtral")
     p.add_argument("--train-batch", type=int, default=None, help="--speed: sequences per training step "

@@ -46,3 +46,37 @@ def test_compare_trains_each_preset_for_the_same_budget(tmp_path):
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["best"] == res["best"] and (tmp_path / "cmp" / "val_loss.png").stat().st_size > 1000
     assert "lower validation loss" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_lr_grid_selects_on_the_first_validation_half_and_reports_the_second(tmp_path):
+    import math
+
+    from autoglm.data import prepare_corpus
+    from autoglm.recipes.compare import _eval_loss, bits_per_byte
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"the {w} returns the {o} of the call." for w in ("value", "name", "size", "path")
+                               for o in ("file", "object", "list")) * 40)
+    cfg = load_config(CompareConfig, overrides={
+        "presets": "tiny", "minutes": 0.03, "vocab_size": 300, "out": tmp_path / "cmp", "lrs": "1e-5,3e-3",
+        "data.path": corpus, "data.cache_dir": tmp_path / "cache", "train.batch_size": 4, "train.seq_len": 32,
+        "train.eval_batches": 2, "sample_prompt": "", "latency_lengths": ""})
+    res = compare(cfg, progress=False)
+    (row,) = res["rows"]
+    assert [g["lr"] for g in row["grid"]] == [1e-5, 3e-3]
+    assert row["lr"] == min(row["grid"], key=lambda g: g["select_loss"])["lr"] == 3e-3  # 1e-5 barely moves
+    for g in row["grid"]:
+        assert (tmp_path / "cmp" / "tiny" / f"lr-{g['lr']:g}" / "model.safetensors").is_file()
+    # the reported numbers are the chosen run's on the held-out second half, recomputed here
+    from autoglm import OpenAutoGLMForCausalLM
+
+    data = prepare_corpus(corpus, tmp_path / "cache", 300, val_fraction=cfg.data.val_fraction)
+    test = data.tokens.val[len(data.tokens.val) // 2:]
+    model = OpenAutoGLMForCausalLM.from_pretrained(tmp_path / "cmp" / "tiny" / "lr-0.003")
+    ev = _eval_loss(model, test, cfg.train)
+    assert math.isclose(row["test_loss"], ev["loss"], rel_tol=1e-4)
+    text = data.tokenizer.decode([int(t) for t in test[1:1 + int(ev["tokens"])]])
+    assert math.isclose(row["test_bpb"], ev["loss"] * ev["tokens"] / (math.log(2) * len(text.encode())), rel_tol=1e-4)
+    assert math.isclose(bits_per_byte(math.log(2), 3, [0, 1, 2, 3], data.tokenizer) * len(
+        data.tokenizer.decode([1, 2, 3]).encode()), 3.0, rel_tol=1e-9)
+    assert "chosen lr" in (tmp_path / "cmp" / "compare.md").read_text()

@@ -56,6 +56,10 @@ class CompareConfig:
                                                                   "batch-1 forward is timed; empty = none")
     latency_repeats: int = setting(3, "timed forwards per length (the median counts, after a warm-up)")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
+    lrs: tuple[float, ...] = setting((), "learning-rate grid: every preset trains once per rate (each for "
+                                         "`minutes`); the validation split is halved, the rate with the lowest "
+                                         "loss on the first half is kept and its loss and bits per byte on the "
+                                         "second (test) half reported; empty = train.lr alone, no test half")
 
     def __post_init__(self) -> None:
         if len(self.presets) < 1:
@@ -64,6 +68,9 @@ class CompareConfig:
             ModelSpec(p)  # an unknown preset fails here, before any training
         if self.minutes <= 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
+        self.lrs = tuple(float(x) for x in self.lrs)
+        if any(x <= 0 for x in self.lrs):
+            raise ValueError(f"lrs must all be positive, got {list(self.lrs)}")
 
 
 def seconds_per_step(spec: ModelSpec, vocab: int, t: TrainConfig, tokens, device: str | None = None,
@@ -199,16 +206,29 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
                           extra_train=cfg.data.extra_train)
     budget = cfg.minutes * 60
     rows, curves, runs = [], {}, {}
+    val = data.tokens.val
+    select, test = val[: len(val) // 2], val[len(val) // 2:]  # halves used only with a grid
     for preset in cfg.presets:
         spec = ModelSpec(preset, cfg.vocab_size)
         step_s = seconds_per_step(spec, len(data.tokenizer), cfg.train, data.tokens.train, cfg.device)
         steps = steps_for_budget(budget, step_s, cfg.train)
-        train = replace(cfg.train, max_steps=steps, max_seconds=budget, warmup_steps=None,
-                        eval_every=max(1, min(cfg.train.eval_every, steps // 4)))
         log.info("%s: %.2f s/step -> %d steps in %.0f s", preset, step_s, steps, budget)
-        run_cfg = PretrainConfig(out=out / preset, model=spec, data=cfg.data, train=train, device=cfg.device,
-                                 sample_prompt="")
-        res = pretrain(run_cfg, progress=progress, console=console, prepared=data)
+        grid, res = [], None
+        for lr in cfg.lrs or (cfg.train.lr,):
+            train = replace(cfg.train, lr=lr, max_steps=steps, max_seconds=budget, warmup_steps=None,
+                            eval_every=max(1, min(cfg.train.eval_every, steps // 4)))
+            run_cfg = PretrainConfig(out=out / preset / f"lr-{lr:g}" if cfg.lrs else out / preset, model=spec,
+                                     data=cfg.data, train=train, device=cfg.device, sample_prompt="")
+            r = pretrain(run_cfg, progress=progress, console=console, prepared=data)
+            if not cfg.lrs:
+                res = r
+                break
+            entry = {"lr": lr, "steps": r.result.steps,
+                     "select_loss": _eval_loss(r.model, select, cfg.train)["loss"]}
+            log.info("%s lr %g: loss %.4f on the selection half", preset, lr, entry["select_loss"])
+            grid.append(entry)
+            if res is None or entry["select_loss"] < min(g["select_loss"] for g in grid[:-1]):
+                res = r
         runs[preset] = res
         counts = res.model.num_parameters_summary()
         curve = [(r["elapsed"], r["val_loss"]) for r in res.result.history if "val_loss" in r]
@@ -221,6 +241,11 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
                      "stop_reason": res.result.stop_reason, "seconds": round(res.result.elapsed, 1),
                      "tokens_per_s": round(res.result.tokens_per_s), "val_loss": ev["loss"],
                      "val_ppl": ev["perplexity"], "val_acc": ev["accuracy"], "latency_ms": lat})
+        if grid:
+            best_lr = min(grid, key=lambda g: g["select_loss"])
+            te = _eval_loss(res.model, test, cfg.train)
+            rows[-1].update(lr=best_lr["lr"], select_loss=best_lr["select_loss"], test_loss=te["loss"],
+                            test_bpb=bits_per_byte(te["loss"], te["tokens"], test, data.tokenizer), grid=grid)
     best = min(rows, key=lambda r: r["val_loss"])["preset"]
     sample = ""
     if cfg.sample_prompt:
@@ -236,6 +261,27 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
     return result
 
 
+def _eval_loss(model, tokens, t: TrainConfig) -> dict[str, float]:
+    """Mean next-token loss of `model` over `tokens` (every window, capped at 4 x eval_batches)."""
+    from ..data import iter_eval_batches
+    from ..training import evaluate
+
+    batches = iter_eval_batches(tokens, t.batch_size, t.seq_len, max_batches=4 * t.eval_batches)
+    device = next(model.parameters()).device
+    return evaluate(model, ((x.to(device), y.to(device)) for x, y in batches),
+                    precision=t.precision if t.precision != "auto" else "fp32")
+
+
+def bits_per_byte(loss: float, n_tokens: int, tokens, tokenizer) -> float:
+    """Bits per UTF-8 byte of the `n_tokens` predicted tokens (tokens[1 : 1 + n_tokens], as
+    `iter_eval_batches` lays them out) at a mean loss of `loss` nats per token: comparable
+    across tokenizers."""
+    import math
+
+    text = tokenizer.decode([int(x) for x in tokens[1:1 + n_tokens]])
+    return loss * n_tokens / (math.log(2) * max(1, len(text.encode("utf-8"))))
+
+
 def markdown(result: dict[str, Any]) -> str:
     lengths = list(result["rows"][0]["latency_ms"])
     lines = ["| model | params (total / active) | steps | tokens/s | val loss | perplexity | next-token acc | "
@@ -245,6 +291,12 @@ def markdown(result: dict[str, Any]) -> str:
         lines.append(f"| {r['preset']} | {r['params_total'] / 1e6:.1f}M / {r['params_active'] / 1e6:.1f}M | "
                      f"{r['steps']} | {r['tokens_per_s']:,} | {r['val_loss']:.3f} | {r['val_ppl']:.1f} | "
                      f"{r['val_acc'] * 100:.1f}% | " + "".join(f"{r['latency_ms'][T]:.0f} | " for T in lengths))
+    if any("grid" in r for r in result["rows"]):
+        lines += ["", "| model | lr grid (loss on the selection half) | chosen lr | test loss | test bits/byte |",
+                  "|---|---|---|---|---|"]
+        for r in result["rows"]:
+            grid = ", ".join(f"{g['lr']:g}: {g['select_loss']:.3f}" for g in r["grid"])
+            lines.append(f"| {r['preset']} | {grid} | {r['lr']:g} | {r['test_loss']:.3f} | {r['test_bpb']:.3f} |")
     lines.append("")
     lines.append(f"Same wall-clock per model ({result['config']['minutes']:g} min), same corpus, tokenizer, batches "
                  f"and schedule; lower validation loss: **{result['best']}**. Forward latency: batch 1, the trained "
