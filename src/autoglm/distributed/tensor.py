@@ -12,10 +12,11 @@ see the same batch:
   groups. A relative-position bias table (H, W + G) is sharded by heads too.
 * dense FFN (SwiGLU): `gate_proj`/`up_proj` column-wise, `down_proj` row-wise.
 * MoE: every expert's projections are split the same way (the hidden width of each expert
-  is sharded); the router stays replicated, so every rank makes the same routing decision
-  and calls the same experts. The MoE layer is wrapped from outside (`TensorParallelMoE`:
-  the same `router`/`experts` attributes and parameter names, `route()` from
-  `autoglm.modules.moe`, experts called as modules so their parallel styles apply).
+  is sharded: gate/up Shard(0), down Shard(1)); the router stays replicated, so every rank
+  makes the same routing decision and runs the same experts on its slice. The MoE layer is
+  wrapped from outside (`TensorParallelMoE`: the same `router`/`experts` attributes and
+  parameter names, `route()` from `autoglm.modules.moe`), which combines the experts'
+  partial outputs locally and sums them over the ranks with one collective per layer.
 * embedding (vocabulary-sharded, row-wise) and LM head (column-wise), which keep their
   weight tying: both shard the (V, d) table along the vocabulary.
 * sequence parallelism (optional, `sequence_parallel=True`): the residual stream between
@@ -43,9 +44,10 @@ import math
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
@@ -111,10 +113,15 @@ class TensorParallelMoE(nn.Module):
     """An MoE layer whose experts are split column-/row-wise over a tensor-parallel mesh.
 
     Keeps the wrapped layer's `router` and `experts` (so parameter names do not change).
-    The router is replicated: every rank routes every token the same way and runs the
-    same experts on its slice of their hidden width; each expert's row-wise `down_proj`
-    all-reduces its output. Under sequence parallelism the input arrives sharded along
-    the sequence and is all-gathered first; the output is cut back to this rank's shard.
+    Every expert's `gate_proj`/`up_proj` weights are sharded along their rows (Shard(0),
+    column-wise) and `down_proj` along its columns (Shard(1), row-wise), so each rank holds
+    a slice of every expert's hidden width. The router is replicated: every rank routes
+    every token the same way and runs every chosen expert on its slice; the experts'
+    partial outputs are combined with the routing weights locally and summed over the ranks
+    with one all-reduce per layer (one reduce-scatter under sequence parallelism), instead
+    of one per expert. In backward, the gradients that reach the input and the routing
+    weights through the experts are partial on each rank and are summed over the ranks (the
+    DTensor `Partial` gradient placement), while the router's own path stays replicated.
     """
 
     def __init__(self, moe: MoEFeedForward, mesh: DeviceMesh, sequence_parallel: bool) -> None:
@@ -127,8 +134,13 @@ class TensorParallelMoE(nn.Module):
         self.mesh = mesh
         self.sequence_parallel = sequence_parallel
         for expert in self.experts:
-            parallelize_module(expert, mesh, {"gate_proj": ColwiseParallel(), "up_proj": ColwiseParallel(),
-                                              "down_proj": RowwiseParallel()})
+            for name, placement in (("gate_proj", Shard(0)), ("up_proj", Shard(0)), ("down_proj", Shard(1))):
+                lin = getattr(expert, name)
+                lin.weight = nn.Parameter(distribute_tensor(lin.weight.detach(), mesh, [placement]))
+
+    def _sum_grads(self, t: torch.Tensor) -> torch.Tensor:
+        """Identity forward; backward sums the gradient over the ranks (it is partial on each)."""
+        return DTensor.from_local(t, self.mesh, [Replicate()]).to_local(grad_placements=[Partial()])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RouterOutput]:
         if self.sequence_parallel:  # (B, T / tp, d) shard -> (B, T, d)
@@ -136,15 +148,20 @@ class TensorParallelMoE(nn.Module):
                 x = DTensor.from_local(x, self.mesh, [Shard(1)])
             x = x.redistribute(self.mesh, [Replicate()]).to_local()
         shape = x.shape
-        xf = x.reshape(-1, shape[-1])  # (N, d)
-        r = route(xf, self.router.weight, self.top_k)
+        xf = x.reshape(-1, shape[-1])  # (N, d), the same on every rank
+        r = route(xf, self.router.weight, self.top_k)  # replicated computation, replicated gradients
         order, token_of, counts = sorted_groups(r.topk_idx, self.num_experts)
-        xs = xf[token_of]  # (N*k, d), copies grouped by expert
-        outs = [self.experts[e](chunk) for e, chunk in enumerate(xs.split(counts)) if counts[e]]
-        ys = torch.cat(outs) * r.topk_weight.reshape(-1)[order, None].to(xf.dtype)
-        y = torch.zeros_like(xf).index_add_(0, token_of, ys).view(shape)
-        if self.sequence_parallel:  # back to this rank's sequence shard (no communication)
-            y = DTensor.from_local(y, self.mesh, [Replicate()]).redistribute(self.mesh, [Shard(1)]).to_local()
+        xs = self._sum_grads(xf)[token_of]  # (N*k, d), copies grouped by expert
+        outs = []
+        for e, chunk in enumerate(xs.split(counts)):
+            if counts[e]:
+                ex = self.experts[e]
+                h = F.silu(F.linear(chunk, ex.gate_proj.weight.to_local())) * F.linear(chunk, ex.up_proj.weight.to_local())
+                outs.append(F.linear(h, ex.down_proj.weight.to_local()))  # this rank's partial sum
+        w = self._sum_grads(r.topk_weight).reshape(-1)[order, None].to(xf.dtype)
+        y = torch.zeros_like(xf).index_add_(0, token_of, torch.cat(outs) * w).view(shape)
+        out = [Shard(1)] if self.sequence_parallel else [Replicate()]  # reduce-scatter / all-reduce
+        y = DTensor.from_local(y, self.mesh, [Partial()]).redistribute(self.mesh, out).to_local()
         return y, r
 
 
