@@ -65,3 +65,26 @@ def test_eval_and_cli(tmp_path, split):
     assert 0 <= res["zero_shot_acc"] <= 100 and set(res) >= {"i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5"}
     r = CliRunner().invoke(app, ["align", "eval", str(tmp_path / "nothing")])
     assert r.exit_code == 2 and "not an aligned model directory" in r.output
+
+
+def test_caption_table_with_bad_items_trains_on_the_valid_pairs(tmp_path):
+    from PIL import Image
+
+    rows = ["image,caption"]
+    for i in range(12):
+        Image.new("L", (8, 8), 20 * i).save(tmp_path / f"img{i}.png")
+        rows.append(f"img{i}.png,a square of shade {i}")
+    (tmp_path / "broken.png").write_bytes(b"garbage")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(tmp_path / "rgb.png")  # another channel count: converted
+    rows += ["missing.png,nothing here", "broken.png,corrupt", "img0.png,", "rgb.png,a red square"]
+    (tmp_path / "caps.csv").write_text("\n".join(rows) + "\n")
+    cfg = load_config(AlignConfig, overrides={**SMALL, "out": str(tmp_path / "run"), "train.max_steps": 2,
+                                              "train.batch_size": 4, "data.source": str(tmp_path / "caps.csv"),
+                                              "data.val_fraction": 0.2, "data.test_fraction": 0.2})
+    out = align(cfg, progress=False)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    reasons = " | ".join(s["reason"] for s in info["skipped"])
+    assert len(info["skipped"]) == 3 and "does not exist" in reasons and "not a readable image" in reasons
+    assert "empty caption" in reasons
+    assert sum(info["split"].values()) == 13 and "zero_shot_acc" not in out.eval["test"]  # no labels, no zero-shot
+    assert set(out.eval["test"]) >= {"i2t_r1", "t2i_r5"}
