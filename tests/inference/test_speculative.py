@@ -162,8 +162,8 @@ def test_bad_speculation_requests_are_refused():
     ctx = model.config.max_position_embeddings
     with pytest.raises(InvalidRequestError, match="context"):
         eng.add_request([3, 4], SamplingParams(max_tokens=4, speculative_tokens=ctx))
-    with pytest.raises(ValueError, match="speculative_layer"):
-        EngineConfig(speculative_tokens=4)
+    with pytest.raises(ValueError, match="needs a draft exit"):  # a model without an exit asked to speculate
+        LLMEngine(model, config=EngineConfig(speculative_tokens=4))
     with pytest.raises(ValueError, match="cannot be combined"):
         EngineConfig(speculative_layer=2, early_exit_threshold=0.5)
     with pytest.raises(ValueError, match=r"speculative_layer \(4\) must be in \[1, 3\]"):
@@ -173,3 +173,24 @@ def test_bad_speculation_requests_are_refused():
     # near the end of the context or of max_tokens the drafts are clipped, never past them
     (r,) = eng.generate([list(range(2, ctx - 6))], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert len(r.output_ids) == 5 and r.output_ids == hf_greedy(model, list(range(2, ctx - 6)), 5)
+
+
+def test_server_takes_speculative_tokens_per_request(tiny_tokenizer):
+    import httpx2 as httpx
+
+    from autoglm.inference.async_engine import AsyncEngine
+    from autoglm.inference.server import create_app
+
+    from inference_helpers import BackgroundServer
+
+    model = drafting_model()
+    engine = LLMEngine(model, tiny_tokenizer, EngineConfig(block_size=4, num_blocks=256, speculative_layer=2))
+    body = dict(model="m", prompt="Return the value", max_tokens=20, temperature=0, ignore_eos=True)
+    with BackgroundServer(create_app(AsyncEngine(engine), model_name="m")) as url:
+        plain = httpx.post(url + "/v1/completions", json=body, timeout=60).json()
+        spec = httpx.post(url + "/v1/completions", json=body | {"speculative_tokens": 4}, timeout=60).json()
+        bad = httpx.post(url + "/v1/completions", json=body | {"speculative_tokens": 10_000}, timeout=60)
+    assert spec["choices"][0]["text"] == plain["choices"][0]["text"]
+    assert spec["usage"] == plain["usage"]
+    assert engine.stats.spec_steps > 0
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative_tokens"

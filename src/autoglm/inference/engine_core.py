@@ -70,10 +70,6 @@ class EngineConfig:
             raise ValueError(f"early_exit_threshold must be > 0 (1.0 = never exit), got {self.early_exit_threshold}")
         if self.speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0 (0 = off), got {self.speculative_tokens}")
-        if self.speculative_tokens and self.speculative_layer is None:
-            raise ValueError(f"speculative_tokens {self.speculative_tokens} needs a draft exit: set "
-                             f"speculative_layer (the exit layer a model was trained with, e.g. "
-                             f"`autoglm train --early-exit --exit-layers 2`)")
         if self.speculative_layer is not None and self.early_exit_threshold < 1.0:
             raise ValueError("speculative decoding (speculative_layer) and early exit (early_exit_threshold < 1) "
                              "cannot be combined: choose exact speculation or approximate exits")
@@ -133,6 +129,10 @@ class EngineCore:
         if cfg.cuda_graphs or (cfg.cuda_graphs is None and on_cuda):
             sizes = tuple(b for b in cfg.cuda_graph_batch_sizes if b <= cfg.max_num_seqs) or (1,)
             graphs = DecodeGraphOptions(sizes, capture=cfg.cuda_graph_capture, compile=cfg.compile_decode)
+        if cfg.speculative_tokens and cfg.speculative_layer is None:
+            raise ValueError(f"speculative_tokens {cfg.speculative_tokens} needs a draft exit and the engine has none: "
+                             f"set speculative_layer to a layer the model's exit was trained at (`autoglm train "
+                             f"--early-exit --exit-layers 2`; `autoglm serve` takes it from the run's run.json)")
         if cfg.speculative_tokens >= self.max_model_len:
             raise ValueError(f"speculative_tokens ({cfg.speculative_tokens}) must be smaller than the model's context "
                              f"({self.max_model_len} tokens)")

@@ -57,6 +57,9 @@ class _Common(BaseModel):
     seed: int | None = None
     user: str | None = None
     ignore_eos: bool = False  # extension
+    # extension: self-speculative decoding, tokens drafted per step from the exit layer (0 = off; none = the
+    # server's default). The output is unchanged (greedy) or identically distributed (sampling)
+    speculative_tokens: int | None = Field(default=None, ge=0)
     logprobs: Union[bool, int, None] = None  # completions: int (top alternatives); chat: bool
     top_logprobs: int | None = None  # chat only: alternatives per token (needs logprobs: true)
     # accepted only at their neutral values (see UNSUPPORTED)
@@ -264,7 +267,7 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest) -> list[Samp
                                presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                logit_bias=_logit_bias(req), seed=None if req.seed is None else req.seed + i,
                                stop=stop, ignore_eos=req.ignore_eos, logprobs=sample_logprobs,
-                               prompt_logprobs=prompt_logprobs)
+                               prompt_logprobs=prompt_logprobs, speculative_tokens=req.speculative_tokens)
                 for i in range(best_of)]
     except ValueError as e:
         field = str(e).split(" ", 1)[0]

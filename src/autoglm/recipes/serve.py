@@ -9,6 +9,11 @@ tried; left at none, they are the run's trained exit layers when its run.json re
 (`"early_exit": {"layers": [...]}`), else every layer. Exits only happen with
 `--early-exit-threshold` below 1.0.
 
+Self-speculative decoding: `engine.speculative_layer` left at none is the run's first trained
+exit layer when run.json records exits (and early exit is off), so a request may ask for
+`speculative_tokens` (an extra body field) or `--speculative-tokens` sets a default for all;
+a run without trained exits refuses `--speculative-tokens` at start.
+
 Example:
     >>> from autoglm.settings import load_config
     >>> cfg = load_config(ServeConfig, overrides={"run": "runs/a", "lora": "sql=runs/a-sql",
@@ -96,6 +101,15 @@ def build_server(cfg: ServeConfig):
     if engine_cfg.exit_layers is None and (trained := trained_exit_layers(run.info)):
         engine_cfg = replace(engine_cfg, exit_layers=trained)
         log.info("early exit may be tried after layers %s (trained exits, from run.json)", list(trained))
+    if engine_cfg.speculative_layer is None and engine_cfg.early_exit_threshold >= 1.0 \
+            and (trained := trained_exit_layers(run.info)):
+        engine_cfg = replace(engine_cfg, speculative_layer=min(trained))
+        log.info("requests may speculate with drafts from the exit after layer %d (the run's first trained exit)",
+                 min(trained))
+    elif engine_cfg.speculative_tokens and engine_cfg.speculative_layer is None:
+        raise ValueError(f"--speculative-tokens {engine_cfg.speculative_tokens}: the run {cfg.run} has no trained "
+                         f"early exit to draft from (run.json records none); train one with `autoglm train "
+                         f"--early-exit` or set --speculative-layer")
     model, tok = run.load()
     engine = LLMEngine(model, tok, engine_cfg)
     for lora_name, path in adapters:
