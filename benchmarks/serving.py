@@ -16,7 +16,15 @@ same number of tokens. Systems:
 * HF generate: `model.generate` on the same model, one left-padded batch of c;
 * Llama generate: `model.generate` on `transformers.LlamaForCausalLM` built from a
   `LlamaConfig` with the same width, depth, heads, vocabulary and total parameter count
-  (random weights: no download), one batch of c.
+  (random weights: no download), one batch of c;
+* Mixtral generate: the same with `transformers.MixtralForCausalLM` at our expert count,
+  width and top-k (benchmarks/baselines.py builds both).
+
+Mixed workload (--mixed N, instead of the above): N requests at once, prompts uniform in
+[prompt-min, prompt-max], outputs uniform in --mixed-out; the engine serves them with
+continuous batching, HF generate (same model, Llama, Mixtral) in arrival-order left-padded
+batches of each size in --hf-batches, each batch run for its longest request; useful output
+tokens/s (only the tokens asked for) and the engine over each baseline at its best batch.
 
 Every system runs --repeats times, interleaved (the order reversed every other repeat);
 the table shows each system's best run (noise on a shared machine only slows things down)
@@ -39,6 +47,8 @@ largest difference of the engine's scores from HF's.
     python benchmarks/serving.py --threads 1
     python benchmarks/serving.py --threads 1 --concurrency 16,64 --systems engine,http --out /tmp/r
     python benchmarks/serving.py --threads 1 --concurrency 1 --systems engine,http,hf --scoring-prompts 256 --out /tmp/r
+    python benchmarks/serving.py --threads 1 --mixed 32 --prompt-min 16 --prompt-max 256 --systems engine,hf,llama,mixtral \
+        --load-requests 0 --name serving-mixed                  # docs/results/serving-mixed.*
     python benchmarks/serving.py --threads 1 --concurrency 1 --systems engine,http,hf --repeats 1 --load-requests 0 \
         --scoring-prompts 128 --name serving-scoring            # docs/results/serving-scoring.*
 
@@ -66,9 +76,10 @@ from transformers import LogitsProcessor, LogitsProcessorList
 from autoglm import OpenAutoGLMConfig
 from autoglm.hf import OpenAutoGLMForCausalLM
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
+from baselines import llama_like, mixtral_like
 from results_io import save_results
 
-SYSTEMS = ("engine", "http", "hf", "llama")
+SYSTEMS = ("engine", "http", "hf", "llama", "mixtral")
 
 
 def pct(xs, q):
@@ -191,6 +202,94 @@ def measure_scoring(a, systems, model, tokenizer, cfg, url):
                       for s, w in best.items()])
 
 
+# ----------------------------------------------------------------- mixed workload
+def run_hf_mixed(model, prompts, n_outs, batch, pad_id):
+    """HF generate over requests of different output lengths: batches of `batch` in arrival order,
+    each left-padded and run for its longest request's tokens; the wanted tokens count."""
+    t0, outs = time.perf_counter(), []
+    for i in range(0, len(prompts), batch):
+        ns = n_outs[i:i + batch]
+        _, out = run_hf(model, prompts[i:i + batch], max(ns), pad_id)
+        outs += [o[:n] for o, n in zip(out, ns)]
+    return time.perf_counter() - t0, outs
+
+
+def measure_mixed(a, systems, model, llama, mixtral, g):
+    """--mixed N requests at once: prompts uniform in [prompt-min, prompt-max], outputs uniform in
+    --mixed-out; the engine serves them with continuous batching, HF generate (same model, Llama,
+    Mixtral) in arrival-order batches of each of --hf-batches (its best batch counts)."""
+    mc = model.config
+    lo, hi = (int(x) for x in a.mixed_out.split(","))
+    n = a.mixed
+    prompts = [torch.randint(2, mc.vocab_size, (int(k),), generator=g).tolist()
+               for k in torch.randint(a.prompt_min, a.prompt_max + 1, (n,), generator=g)]
+    n_outs = [int(k) for k in torch.randint(lo, hi + 1, (n,), generator=g)]
+    useful = sum(n_outs)
+    cfg = EngineConfig(block_size=a.block_size, num_blocks=n * (-(-(a.prompt_max + hi) // a.block_size) + 1),
+                       max_num_seqs=n, max_num_batched_tokens=a.max_batched_tokens)
+
+    def engine():
+        eng = LLMEngine(model, config=cfg)
+        t0 = time.perf_counter()
+        reqs = eng.generate(prompts, [SamplingParams(max_tokens=k, temperature=0, ignore_eos=True) for k in n_outs])
+        return time.perf_counter() - t0, [r.output_ids for r in reqs]
+
+    hf_models = {"hf": (model, mc.pad_token_id), "llama": (llama, 0), "mixtral": (mixtral, 0)}
+    runs = {"engine": engine} if "engine" in systems else {}
+    for s in systems:
+        if s in hf_models:
+            for b in [int(x) for x in a.hf_batches.split(",")]:
+                runs[f"{s}@{b}"] = (lambda m, pad, b: lambda: run_hf_mixed(m, prompts, n_outs, b, pad))(*hf_models[s], b)
+    load0 = os.getloadavg()
+    LLMEngine(model, config=cfg).generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
+    best, outs = {}, {}
+    for rep in range(a.repeats):
+        for key in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
+            wall, out = runs[key]()
+            print(f"mixed rep {rep} {key}: {useful / wall:.1f} tok/s", flush=True)
+            if wall < best.get(key, float("inf")):
+                best[key], outs[key] = wall, out
+    load1 = os.getloadavg()
+    rows = [dict(system=k, batch=int(k.split("@")[1]) if "@" in k else None, wall_s=round(w, 3),
+                 out_tok_s=round(useful / w, 1)) for k, w in best.items()]
+    eng = useful / best["engine"] if "engine" in best else None
+    best_of = {}
+    for s in ("hf", "llama", "mixtral"):
+        cand = [r for r in rows if r["system"].startswith(s + "@")]
+        if cand:
+            best_of[s] = max(cand, key=lambda r: r["out_tok_s"])
+    same = None
+    if "engine" in outs and "hf" in best_of:
+        ref = outs[best_of["hf"]["system"]]
+        same = round(100 * sum(x == y for x, y in zip(outs["engine"], ref)) / n, 1)
+    return dict(mixed=dict(requests=n, useful_tokens=useful, rows=rows,
+                           engine_over_best={s: round(eng / r["out_tok_s"], 3) for s, r in best_of.items()}
+                           if eng else {}, best_batch={s: r["batch"] for s, r in best_of.items()},
+                           greedy_identical_to_hf_pct=same, load_start=load0, load_end=load1))
+
+
+def markdown_mixed(a, res) -> str:
+    m = res["mixed"]
+    md = [f"Mixed workload: {m['requests']} requests arrive together, prompts of {a.prompt_min}-{a.prompt_max} random "
+          f"token ids, outputs of {a.mixed_out.replace(',', '-')} tokens (uniform per request; {m['useful_tokens']} in "
+          f"all; greedy, EOS ignored); model: the `{a.preset}` preset, random weights "
+          f"({res['params_total'] / 1e6:.1f}M parameters); transformers' Llama "
+          f"({(res['llama_params_total'] or 0) / 1e6:.1f}M) and Mixtral ({(res['mixtral_params_total'] or 0) / 1e6:.1f}M) "
+          f"at the same width, depth, heads, vocabulary and expert sizes. The engine serves all requests with "
+          f"continuous batching; HF generate runs them in arrival-order batches of {a.hf_batches} (left-padded, each "
+          f"batch for its longest request; only the tokens asked for count). Best of {a.repeats} interleaved runs; "
+          f"torch threads {a.threads}. Load average at start {tuple(round(x, 2) for x in m['load_start'])}, at end "
+          f"{tuple(round(x, 2) for x in m['load_end'])}: the machine is shared, compare ratios within the run.", "",
+          "| system | HF batch | wall s | useful output tok/s |", "|---|---|---|---|"]
+    md += [f"| {r['system'].split('@')[0]} | {r['batch'] or ''} | {r['wall_s']} | {r['out_tok_s']} |" for r in m["rows"]]
+    if m["engine_over_best"]:
+        md.append("\nengine / each baseline at its best batch: " + ", ".join(
+            f"**{v:.2f}x** {s} (batch {m['best_batch'][s]})" for s, v in m["engine_over_best"].items()))
+    if m["greedy_identical_to_hf_pct"] is not None:
+        md.append(f"\nrequests with greedy output identical to HF generate: {m['greedy_identical_to_hf_pct']}%")
+    return "\n".join(md)
+
+
 # ------------------------------------------------------------------------ HTTP
 def free_port() -> int:
     with socket.socket() as s:
@@ -303,19 +402,6 @@ def summary(name, c, r, engine_tok_s=None):
     return row
 
 
-def llama_like(mc, max_len):
-    """transformers' Llama with our model's width, depth, heads and vocabulary; the dense MLP as wide
-    as all our experts together (the same total parameters)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    inter = mc.num_experts * mc.expert_intermediate_size if mc.num_experts else mc.intermediate_size
-    cfg = LlamaConfig(vocab_size=mc.vocab_size, hidden_size=mc.hidden_size, num_hidden_layers=mc.num_hidden_layers,
-                      num_attention_heads=mc.num_attention_heads, num_key_value_heads=mc.num_key_value_heads,
-                      intermediate_size=inter, max_position_embeddings=max_len, tie_word_embeddings=True,
-                      initializer_range=0.1)
-    return LlamaForCausalLM(cfg).eval()
-
-
 def params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -339,6 +425,11 @@ def main():
     ap.add_argument("--scoring-len", type=int, default=128, help="scoring workload: tokens per prompt")
     ap.add_argument("--scoring-batch", type=int, default=16, help="scoring workload: prompts per HTTP request / "
                                                                   "HF forward")
+    ap.add_argument("--mixed", type=int, default=0, help="mixed workload instead: this many requests at once, prompts "
+                                                          "of --prompt-min..max tokens, outputs of --mixed-out tokens")
+    ap.add_argument("--mixed-out", default="16,128", help="mixed workload: output lengths (uniform, inclusive)")
+    ap.add_argument("--hf-batches", default="8,16,32", help="mixed workload: batch sizes tried for HF generate "
+                                                            "(requests in arrival order); the best counts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="results folder (default: docs/results)")
     ap.add_argument("--name", default="serving", help="results file name (serving-scoring for the scoring run)")
@@ -360,6 +451,13 @@ def main():
     workloads = {c: [torch.randint(2, mc.vocab_size, (int(n),), generator=g).tolist()
                      for n in torch.randint(a.prompt_min, a.prompt_max + 1, (c,), generator=g)] for c in conc}
     llama = llama_like(mc, mc.max_position_embeddings) if "llama" in systems else None
+    mixtral = mixtral_like(mc, mc.max_position_embeddings) if "mixtral" in systems else None
+    if a.mixed:
+        res = measure_mixed(a, systems, model, llama, mixtral, g)
+        res.update(args=vars(a), params_total=params(model), llama_params_total=params(llama) if llama else None,
+                   mixtral_params_total=params(mixtral) if mixtral else None)
+        save_results(a.out, a.name, res, markdown_mixed(a, res))
+        return
     print(f"preset {a.preset}: {params(model) / 1e6:.1f}M params; Llama baseline "
           f"{params(llama) / 1e6 if llama else 0:.1f}M; torch threads {torch.get_num_threads()}; "
           f"concurrency {conc}; {a.out_tokens} tokens each", flush=True)
@@ -380,7 +478,7 @@ def main():
             url = f"http://127.0.0.1:{port}"
             run_http(url, workloads[conc[0]][:1], 4)  # warm-up
         try:
-            res = measure(a, systems, conc, workloads, model, llama, tokenizer, cfg, url)
+            res = measure(a, systems, conc, workloads, model, llama, mixtral, tokenizer, cfg, url)
             if a.scoring_prompts:
                 res["scoring"] = measure_scoring(a, systems, model, tokenizer, cfg, url)
             if a.load_requests:
@@ -394,7 +492,7 @@ def main():
     save_results(a.out, a.name, res, markdown(a, res, conc))
 
 
-def measure(a, systems, conc, workloads, model, llama, tokenizer, cfg, url):
+def measure(a, systems, conc, workloads, model, llama, mixtral, tokenizer, cfg, url):
     run_engine(model, tokenizer, workloads[conc[0]][:1], 4, cfg)  # warm-up
     best: dict[tuple[str, int], dict] = {}
     outputs, rep_ratios = {}, {}
@@ -410,7 +508,7 @@ def measure(a, systems, conc, workloads, model, llama, tokenizer, cfg, url):
                 elif s == "hf":
                     r, out = run_hf(model, prompts, a.out_tokens, model.config.pad_token_id)
                 else:
-                    r, out = run_hf(llama, prompts, a.out_tokens, 0)
+                    r, out = run_hf(llama if s == "llama" else mixtral, prompts, a.out_tokens, 0)
                 tok_s = tok_s_of[s] = r["tokens"] / r["wall"]
                 print(f"c={c} rep {rep} {s}: {tok_s:.1f} tok/s", flush=True)
                 if (s, c) not in best or tok_s > best[(s, c)]["tokens"] / best[(s, c)]["wall"]:
@@ -420,7 +518,8 @@ def measure(a, systems, conc, workloads, model, llama, tokenizer, cfg, url):
             if "engine" in tok_s_of and "http" in tok_s_of:
                 rep_ratios.setdefault(c, []).append(tok_s_of["http"] / tok_s_of["engine"])
     names = {"engine": "engine (LLMEngine.generate)", "http": "HTTP (autoglm serve, streaming)",
-             "hf": "HF generate, same model", "llama": "HF generate, transformers Llama"}
+             "hf": "HF generate, same model", "llama": "HF generate, transformers Llama",
+             "mixtral": "HF generate, transformers Mixtral"}
     rows, ratios, agree = [], {}, {}
     for c in conc:
         eng = best.get(("engine", c))
@@ -457,7 +556,8 @@ def markdown(a, res, conc) -> str:
                               for c, v in res["http_over_engine"].items()))
     vs = {(r["system"].split(",")[-1].strip(), r["concurrency"]): r["out_tok_s"] for r in res["rows"]}
     lines = [f"{vs[('engine (LLMEngine.generate)', c)] / vs[(k, c)]:.2f}x {label} at {c}"
-             for c in conc for k, label in (("same model", "HF generate"), ("transformers Llama", "Llama generate"))
+             for c in conc for k, label in (("same model", "HF generate"), ("transformers Llama", "Llama generate"),
+                                            ("transformers Mixtral", "Mixtral generate"))
              if ("engine (LLMEngine.generate)", c) in vs and (k, c) in vs]
     if lines:
         md.append("\nengine throughput / baseline: " + ", ".join(lines))
