@@ -12,6 +12,12 @@
 #              Llama and Mixtral at the same size; forward latency at 512/2048/8192, training
 #              tokens/s and MFU, peak memory, which grouped GEMM ran (eager, bf16).
 #   compile  - the same for base and standard-base with torch.compile on every model.
+#   decode   - benchmarks/decode.py on `base`, batch 1 and 32: HF generate on the same model, transformers'
+#              Llama and Mixtral of the same size (eager and static cache + torch.compile, HF's best),
+#              the engine eager, with CUDA graphs, and with CUDA graphs + torch.compile (bf16).
+#   spec     - self-speculative decoding of a trained early-exit run (SPEC_RUN, default runs/spec-ee,
+#              carried to the machine; skipped when absent): speed-up over plain decoding at batch 1,
+#              tokens per step, identical greedy tokens (fp32, the dtype it was trained in).
 # Further stages are appended below by the benchmarks that own them.
 #
 # Every result file records the torch version, GPU and commit (benchmarks/results_io.py).
@@ -19,7 +25,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT_DIR=${OUT:-docs/results}
-STAGES=${STAGES:-check arch compile}
+STAGES=${STAGES:-check arch compile decode spec}
 export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -85,4 +91,24 @@ if has compile; then
   timeout 420 $PY benchmarks/architecture.py --speed --presets base --device cuda --precision bf16 --no-hf \
     --compile --lengths 512 2048 8192 --repeats 5 --train-batch 8 --train-seq 2048 --train-steps 5 \
     --out "$OUT_DIR" || echo "compile stage failed or timed out (see above)"
+fi
+
+if has decode; then
+  echo "== decode: engine vs HF generate / Llama / Mixtral at batch 1 and 32 (bf16)"
+  timeout 480 $PY benchmarks/decode.py --device cuda --dtype bf16 --presets base --forward-lens '' \
+    --batches 1,32 --prompt-len 128 --new-tokens 64 --repeats 1 \
+    --systems hf,llama,llama-static-compile,mixtral,mixtral-static-compile,engine,engine-graphs,engine-graphs-compile \
+    --name decode-gpu --out "$OUT_DIR" || echo "decode stage failed or timed out (see above)"
+fi
+
+if has spec; then
+  SPEC_RUN=${SPEC_RUN:-runs/spec-ee}
+  if [[ -f "$SPEC_RUN/run.json" ]]; then
+    echo "== spec: self-speculative decoding of $SPEC_RUN (batch 1 and 32)"
+    timeout 300 $PY benchmarks/decode.py --device cuda --speculative-run "$SPEC_RUN" --prompt-len 64 \
+      --new-tokens 64 --spec-k 2,3,4 --spec-min-prob 0,0.3 --spec-batches 1,32 --repeats 2 \
+      --name speculative-gpu --out "$OUT_DIR" || echo "spec stage failed or timed out (see above)"
+  else
+    echo "== spec: skipped, no trained early-exit run at $SPEC_RUN (autoglm train --config configs/speculative.yaml)"
+  fi
 fi
