@@ -10,9 +10,20 @@ is the full model's (as torchtitan does it). `PipelineStageModule` is the stage'
 (ids or hidden states in, hidden states or logits out) that `PipelineStage` runs.
 
 `PipelineRunner` drives a `ScheduleGPipe` or `Schedule1F1B` over `n_microbatches`
-micro-batches of one batch (the micro-batches of gradient accumulation), with the
-next-token loss computed on the last stage; `scale_grads` averages the gradients over
-micro-batches, as the single-process loop's `loss / grad_accum` does.
+micro-batches of one batch. Two ways to train with it:
+
+* `step(input_ids, labels)`: the schedule computes the next-token loss on the last stage
+  and averages the gradients over the micro-batches (`scale_grads`), as the
+  single-process loop's `loss / grad_accum` does; `PipelineParallelStrategy.forward_backward`
+  feeds it a whole optimizer step (the micro-batches of gradient accumulation);
+* inside the unchanged training loop (`--strategy pp`): `PipelineModel` gives every rank
+  the logits and aux loss of a micro-batch (a forward-only pass), the loop's objective
+  computes its loss from them, and the strategy's `backward` sends the loss's gradients
+  w.r.t. the logits back through the schedule (`backward_from_logits`: a surrogate loss
+  `<logits, grad>` whose parameter gradients are exactly the objective's). Each loop
+  micro-batch is cut into `microbatches` pipeline micro-batches (default: one per stage);
+  the forward runs twice (once to give the objective its logits, once inside the
+  schedule), the price of keeping the loop and the objectives unchanged.
 
 Two things do not travel between stages as activations and are handled here:
 
