@@ -182,20 +182,23 @@ def run_speed(args) -> dict:
     load_start = os.getloadavg()
     sparse, dense = args.presets, f"standard-{args.presets}"
     builders = {p: (OpenAutoGLMForCausalLM, OpenAutoGLMConfig.from_name(p)) for p in (sparse, dense)}
+    for d in args.also_dispatch:  # the same sparse model with another MoE dispatch (e.g. the old default)
+        builders[f"{sparse}[{d}]"] = (OpenAutoGLMForCausalLM, OpenAutoGLMConfig.from_name(sparse, moe_dispatch=d))
     if args.hf:
         builders.update(hf_twins(sparse, max(args.lengths)))
-    models, objectives = {}, {}
+    models, objectives, counts = {}, {}, {}
     for name, (cls, cfg) in builders.items():
         torch.manual_seed(0)
         m = cls(cfg).to(args.device)
-        if name in (sparse, dense):
+        counts[name] = _counts(m)  # before extend_context grows an absolute position table
+        if not name.startswith("hf-"):
             m.extend_context(max(max(args.lengths), cfg.max_position_embeddings))
             objectives[name] = CausalLMObjective()
         else:
             objectives[name] = HFObjective(cfg.router_aux_loss_coef if name == "hf-mixtral" else 0.0)
         models[name] = torch.compile(m) if args.compile else m
     raw = {n: getattr(m, "_orig_mod", m) for n, m in models.items()}
-    rows = {n: {"model": n, "params": _counts(raw[n]), "class": type(raw[n]).__name__} for n in models}
+    rows = {n: {"model": n, "params": counts[n], "class": type(raw[n]).__name__} for n in models}
     for n in models:
         rows[n].update(_dispatch_report(raw[n], args.train_seq * args.train_batch, args.device, args.precision))
         impl = getattr(raw[n].config, "_experts_implementation", None)
@@ -247,6 +250,11 @@ def run_speed(args) -> dict:
         summary.update({f"{sparse}/hf-mixtral fwd@{T}": s["latency_ms"][T] / rows["hf-mixtral"]["latency_ms"][T]
                         for T in args.lengths})
     summary[f"train tok/s {sparse}/{dense}"] = s["train"]["tokens_per_s"] / d["train"]["tokens_per_s"]
+    for disp in args.also_dispatch:
+        o = rows[f"{sparse}[{disp}]"]
+        summary.update({f"{sparse}/{sparse}[{disp}] fwd@{T}": s["latency_ms"][T] / o["latency_ms"][T]
+                        for T in args.lengths})
+        summary[f"train tok/s {sparse}/{sparse}[{disp}]"] = s["train"]["tokens_per_s"] / o["train"]["tokens_per_s"]
     targets = ({f"{sparse}/{dense} fwd@512": "<= 1.0", f"{sparse}/{dense} fwd@2048": "<= 0.6",
                 f"{sparse}/{dense} fwd@8192": "<= 0.6", f"{sparse}/hf-mixtral fwd@2048": "< 1.0",
                 f"{sparse}/hf-mixtral fwd@8192": "< 1.0", f"train tok/s {sparse}/{dense}": ">= 1.3"}
@@ -372,6 +380,9 @@ def main(argv=None) -> None:
                                                                "512 CPU)")
     p.add_argument("--train-steps", type=int, default=3, help="--speed: timed training steps per model")
     p.add_argument("--compile", action="store_true", help="--speed: torch.compile every model")
+    p.add_argument("--also-dispatch", nargs="*", default=[], choices=["sorted", "dense", "gather", "grouped"],
+                   help="--speed: also time the sparse preset with these MoE dispatches (e.g. sorted, the "
+                        "pre-grouped-GEMM default), as rows PRESET[dispatch]")
     args = p.parse_args(argv)
     args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
