@@ -353,7 +353,7 @@ class Trainer:
         if self._flops_per_token is not None:  # model-FLOPs utilisation (autoglm.training.throughput)
             if self._peak is None:
                 self._peak = peak_flops(self.strategy.device, "bf16" if self.precision == "bf16" else "fp32")
-                log.info("MFU counts %.1f MFLOPs per training token against a peak of %.1f TFLOP/s (%s)",
+                log.info("MFU counts %.1f MFLOPs per training token against a peak of %.3g TFLOP/s (%s)",
                          self._flops_per_token / 1e6, self._peak[0] / 1e12, self._peak[1])
             row["mfu"] = mfu(tokens_per_s / self.strategy.data_parallel_size, self._flops_per_token,
                              self._peak[0])
