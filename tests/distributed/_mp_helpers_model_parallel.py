@@ -224,6 +224,40 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 # ------------------------------------------------------------------------------- test side
+def train_cli(out: Path, strategy: str | None = None, steps: int = 4) -> list[dict]:
+    """`autoglm train` on the tiny preset (built-in corpus), `--nproc 2 --strategy S` when
+    given, else one process; returns the metrics.jsonl rows."""
+    import json
+
+    cmd = [sys.executable, "-c", "from autoglm.cli import main; main()", "train", "--preset", "tiny", "--out", str(out), "--steps", str(steps),
+           "--batch-size", "4", "--seq-len", "64", "--eval-every", "0", "--eval-batches", "2"]
+    if strategy is not None:
+        cmd += ["--strategy", strategy, "--nproc", str(WORLD)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def single_process_rows() -> tuple[dict, ...]:
+    return tuple(train_cli(Path(tempfile.mkdtemp(prefix="autoglm-single-")) / "run"))
+
+
+def assert_cli_matches_single(strategy: str, tmp_path: Path, lm_tol: float, aux_tol: float) -> None:
+    """The strategy's 4 training steps through `autoglm train --nproc 2` track one process:
+    step 1 (same initial weights, same global batch) and the last step's losses, and the
+    exported model loads."""
+    from autoglm import OpenAutoGLMForCausalLM
+
+    rows = [r for r in train_cli(tmp_path / "run", strategy) if "loss" in r]
+    ref = [r for r in single_process_rows() if "loss" in r]
+    for got, want in ((rows[0], ref[0]), (rows[-1], ref[-1])):
+        assert got["step"] == want["step"]
+        assert abs(got["lm_loss"] - want["lm_loss"]) <= lm_tol, (strategy, got, want)
+        assert abs(got["aux_loss"] - want["aux_loss"]) <= aux_tol, (strategy, got, want)
+    OpenAutoGLMForCausalLM.from_pretrained(tmp_path / "run")
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

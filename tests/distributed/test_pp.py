@@ -99,3 +99,14 @@ def test_more_stages_than_blocks_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"3 stages needs at least 3 blocks, but the model has 2.*--nproc 2"):
         check_pipeline(tiny_config(), 3)
     check_pipeline(tiny_config(), 2)
+
+
+@pytest.mark.slow
+def test_pp_through_autoglm_train_tracks_one_process(tmp_path):
+    """`autoglm train --nproc 2 --strategy pp` (torchrun, gloo) for 4 steps on the tiny preset.
+    The MoE aux loss is computed on each pipeline micro-batch (its load-balancing term is not
+    linear in the batch), so after the first step the run drifts slightly from one process
+    (measured: 6e-5 in LM loss, 3e-5 in aux loss at step 4)."""
+    from _mp_helpers_model_parallel import assert_cli_matches_single
+
+    assert_cli_matches_single("pp", tmp_path, lm_tol=3e-4, aux_tol=1e-4)

@@ -75,3 +75,11 @@ def test_tp_degree_that_does_not_fit_the_heads_is_refused_with_the_fix():
     with pytest.raises(ValueError, match=r"expert_intermediate_size \(25\)"):
         check_tensor_parallel(tiny_config(expert_intermediate_size=25), 2)
     check_tensor_parallel(tiny_config(), 2)  # the tested split passes
+
+
+@pytest.mark.slow
+def test_tp_through_autoglm_train_tracks_one_process(tmp_path):
+    """`autoglm train --nproc 2 --strategy tp` (torchrun, gloo) for 4 steps on the tiny preset."""
+    from _mp_helpers_model_parallel import assert_cli_matches_single
+
+    assert_cli_matches_single("tp", tmp_path, lm_tol=2e-5, aux_tol=2e-5)
