@@ -20,7 +20,7 @@ def test_config_roundtrips_through_json():
 
 @pytest.mark.parametrize("kwargs,needle", [
     ({"warmup_steps": 200, "max_steps": 100}, "warmup_steps (200) must be <= max_steps (100)"),
-    ({"precision": "fp16"}, "precision must be one of"),
+    ({"precision": "fp8"}, "precision must be one of"),
     ({"batch_size": 0}, "batch_size must be a positive integer"),
     ({"min_lr_ratio": 1.5}, "min_lr_ratio"),
     ({"max_seconds": 0}, "max_seconds"),
