@@ -35,6 +35,11 @@ replicated gradients alike.
 
 `check_tensor_parallel(config, tp)` raises a ValueError naming the fix when the model
 cannot be split `tp` ways (heads, key/value heads, FFN and expert widths, vocabulary).
+
+`TensorParallelStrategy` (`autoglm train --nproc N --strategy tp`, or
+`make_strategy("tp", sequence_parallel=...)` under torchrun, as benchmarks/memory.py uses
+it) makes all ranks one tensor-parallel group reading the same batch; its checkpoints are
+DCP shards of the DTensors, and `export_model` gathers the unsplit model.
 """
 
 from __future__ import annotations
