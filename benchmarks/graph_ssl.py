@@ -179,8 +179,8 @@ def tune_section(args: argparse.Namespace, data) -> dict:
                         "seeds": list(range(seeds))}
     return {"trials": res["trials"], "confirm": res["confirm"], "selected": res["selected"],
             "search_seconds": res["search_seconds"], "tune_seconds": res.get("tune_seconds"),
-            "stopped_by": res["stopped_by"], "budget_minutes": res["budget_minutes"], "tuned_config": res["tuned_config"],
-            "report": report}
+            "stopped_by": res["stopped_by"], "budget_minutes": res["budget_minutes"],
+            "tuned_config": res["tuned_config"], "report": report}
 
 
 def _flat(d: dict, prefix: str) -> dict:
@@ -195,9 +195,9 @@ def _flat(d: dict, prefix: str) -> dict:
 
 EDGE_ROWS = [("default (InfoNCE 0.1 + features 1 + CCA 1)", {}),
              ("default + masked edges 1 (rate 0.15)", {"ssl.loss.edge_weight": 1.0}),
-             ("default + masked edges 1 + degree 0.1", {"ssl.loss.edge_weight": 1.0, "ssl.loss.degree_weight": 0.1}),
-             ("CCA 1 + masked edges 1", {"ssl.loss.edge_weight": 1.0, "ssl.loss.contrastive_weight": 0.0,
-                                         "ssl.loss.reconstruction_weight": 0.0}),
+             ("default + masked edges 10", {"ssl.loss.edge_weight": 10.0}),
+             ("CCA 1 + masked edges 10", {"ssl.loss.edge_weight": 10.0, "ssl.loss.contrastive_weight": 0.0,
+                                          "ssl.loss.reconstruction_weight": 0.0}),
              ("masked edges alone (MaskGAE-style)", {"ssl.loss.edge_weight": 1.0, "ssl.loss.contrastive_weight": 0.0,
                                                      "ssl.loss.reconstruction_weight": 0.0,
                                                      "ssl.loss.decorrelation_weight": 0.0})]

@@ -106,9 +106,10 @@ def test_cli_pretrain_dynamic_on_a_csv_with_bad_timestamps(tmp_path):
         rows.append(f"n{a},n{b},{int(t)}")
     rows += ["n1,n2,not-a-time", "n3,n4,"]  # one unparsable (quarantined), one missing (an error by default)
     (tmp_path / "e.csv").write_text("\n".join(rows) + "\n")
-    run = lambda *a: CliRunner().invoke(app, ["graph", "pretrain", "--dynamic", "--data", str(tmp_path / "e.csv"),  # noqa: E731
-                                             "--hidden-dim", "8", "--dynamic-epochs", "3", "--num-snapshots", "6",
-                                             *map(str, a)])
+    def run(*a):
+        return CliRunner().invoke(app, ["graph", "pretrain", "--dynamic", "--data", str(tmp_path / "e.csv"),
+                                        "--dynamic-hidden-dim", "8", "--dynamic-epochs", "3", "--num-snapshots", "6",
+                                        *map(str, a)])
     r = run("--out", tmp_path / "bad")
     assert r.exit_code == 2 and "have no time" in r.output and "--untimed static" in r.output
     r = run("--out", tmp_path / "m", "--untimed", "static")
@@ -122,7 +123,7 @@ def test_cli_pretrain_dynamic_on_a_csv_with_bad_timestamps(tmp_path):
     assert "not-a-time" in (tmp_path / "m" / "clean" / "quarantine.csv").read_text()
     assert {"auc", "ap"} <= set(res["dynamic"]) and {"auc", "ap"} <= set(res["static"])
     assert len(res["snapshots"]) == 6 and "temporal link prediction" in r.output
-    r = CliRunner().invoke(app, ["graph", "pretrain", "--dynamic", "--out", str(tmp_path / "g"), "--hidden-dim", "8",
-                                 "--dynamic-epochs", "2", "--no-compare-static"])
+    r = CliRunner().invoke(app, ["graph", "pretrain", "--dynamic", "--out", str(tmp_path / "g"),
+                                 "--dynamic-hidden-dim", "8", "--dynamic-epochs", "2", "--no-compare-static"])
     assert r.exit_code == 0, r.output
     assert "static" not in json.loads((tmp_path / "g" / "dynamic.json").read_text())

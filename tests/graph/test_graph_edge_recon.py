@@ -65,6 +65,7 @@ def test_objective_edge_and_degree_terms_by_hand(graph):
     kept, pos = mask_edges(graph.edge_index, 200, 0.2, generator=gen)
     neg = sample_non_edges(graph.edge_index, 200, pos.shape[1], generator=gen)
     h = model.encoder(x=graph.x, edge_index=kept)
+    h = (h - h.mean(-1, keepdim=True)) / (h.var(-1, unbiased=False, keepdim=True) + 1e-5).sqrt()  # layer norm
     lp = model.edge_decoder(h[pos[0]] * h[pos[1]]).squeeze(-1)
     ln = model.edge_decoder(h[neg[0]] * h[neg[1]]).squeeze(-1)
     edge = (-torch.log(torch.sigmoid(lp))).mean() + (-torch.log(1 - torch.sigmoid(ln))).mean()

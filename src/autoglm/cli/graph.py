@@ -1,8 +1,9 @@
 """`autoglm graph clean | pretrain | probe | tune` (registered in cli/__init__.py).
 
-`pretrain` (also `--dynamic` and `--sampled`), `probe` and `tune` are the graph SSL recipe (`autoglm.recipes.graph_ssl`): their options
-are generated from its config (`--config configs/graph-cora.yaml` for the Cora recipe,
-`--print-config` to see the resolved one). `clean` stays a plain command: its options are
+`pretrain` (also `--dynamic` and `--sampled`), `probe` and `tune` are the graph SSL
+recipe (`autoglm.recipes.graph_ssl`): their options are generated from its config
+(`--config configs/graph-cora.yaml` for the Cora recipe, `--print-config` to see the
+resolved one). `clean` stays a plain command: its options are
 the files of one ingest and how to read them (delimiter, column names, time unit/format)
 plus a few switches, used by no other command or benchmark, so a config file would add a
 layer and save nothing.

@@ -1,6 +1,7 @@
 """Graph branch: augmentations (pure functions), the graph encoder, the contrastive +
 masked feature / edge reconstruction + CCA-SSG objective, the linear probe, neighbour
-sampling, the validation-only recipe search, dynamic graphs and data cleaning. The workflow that assembles them is `autoglm.recipes.graph_ssl`.
+sampling, the validation-only recipe search, dynamic graphs and data cleaning. The workflow
+that assembles them is `autoglm.recipes.graph_ssl`.
 
 Names are imported on first use, so `autoglm.graph.config` (the typed config the CLI reads
 at start-up) loads without torch_geometric."""

@@ -51,7 +51,7 @@ SPACE: dict[str, tuple[Any, ...]] = {
     "loss.contrastive_weight": (0.0, 0.1, 0.3),
     "loss.reconstruction_weight": (0.0, 1.0),
     "loss.decorrelation_weight": (0.0, 1.0),
-    "loss.edge_weight": (0.0, 0.5, 1.0),
+    "loss.edge_weight": (0.0, 1.0, 10.0),  # the CCA term is a sum over D dimensions, the edge BCE ~1.4
     "loss.mask_rate": (0.5, 0.75),
     "loss.edge_mask_rate": (0.15, 0.3, 0.5),
     "encoder.hidden_dim": (256, 512),

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -28,9 +29,9 @@ from typing import Any, Literal
 from ..graph.config import GraphSSLConfig
 from ..settings import section, setting, to_dict, to_yaml
 
-__all__ = ["GraphData", "ProbeSettings", "TuneSettings", "DynamicSettings", "pretrain_dynamic", "load_timed_data", "GraphPretrainConfig", "GraphProbeConfig",
-           "GraphTuneConfig", "GraphPretrainOutput", "load_data", "pretrain", "probe", "tune", "seeds_of",
-           "split_name"]
+__all__ = ["GraphData", "ProbeSettings", "TuneSettings", "DynamicSettings", "pretrain_dynamic", "load_timed_data",
+           "GraphPretrainConfig", "GraphProbeConfig", "GraphTuneConfig", "GraphPretrainOutput", "load_data",
+           "pretrain", "probe", "tune", "seeds_of", "split_name"]
 
 log = logging.getLogger(__name__)
 
@@ -132,11 +133,16 @@ class DynamicSettings:
     lr: float = setting(3e-3, "AdamW learning rate of the temporal model", flag="dynamic-lr")
     normalize_state: bool = setting(True, "layer-normalise the carried state so it cannot grow with the "
                                           "number of snapshots")
+    hidden_dim: int | None = setting(64, "width of the temporal encoder (the ssl.encoder section otherwise); none = "
+                                         "ssl.encoder.hidden_dim (512 wide collapsed to AUC 0.50 at lr 3e-3)",
+                                     flag="dynamic-hidden-dim")
     compare_static: bool = setting(True, "also train the static encoder (each snapshot alone) the same way")
     seeds: int = setting(1, "training seeds (ssl.optim.seed onward); AUC / AP are averaged",
                        flag="dynamic-seeds")
 
     def __post_init__(self) -> None:
+        if self.hidden_dim is not None and self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim ({self.hidden_dim}) must be >= 1, or none for ssl.encoder.hidden_dim")
         for name in ("num_snapshots", "test_snapshots", "epochs", "seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
@@ -347,13 +353,16 @@ def pretrain_dynamic(cfg: GraphPretrainConfig, data: Any = None) -> dict[str, An
     for s in skipped:
         log.warning("snapshot window %d (from %.0f s) dropped: %s", s["window"], s["start"], s["reason"])
     seeds = list(range(cfg.ssl.optim.seed, cfg.ssl.optim.seed + d.seeds))
+    enc = cfg.ssl.encoder if d.hidden_dim is None else dataclasses.replace(cfg.ssl.encoder, hidden_dim=d.hidden_dim)
+    if enc.attention and enc.hidden_dim % enc.heads:
+        raise ValueError(f"dynamic.hidden_dim ({enc.hidden_dim}) must be divisible by ssl.encoder.heads ({enc.heads})")
     kw = {"epochs": d.epochs, "lr": d.lr, "test_snapshots": d.test_snapshots, "device": cfg.device,
           "normalize_state": d.normalize_state}
     if d.compare_static:
-        res = compare_temporal(data.x, snaps, cfg.ssl.encoder, seeds=seeds, **kw)
+        res = compare_temporal(data.x, snaps, enc, seeds=seeds, **kw)
         last = res.pop("last_dynamic")
     else:
-        runs = [train_temporal(data.x, snaps, cfg.ssl.encoder, True, seed=s, **kw) for s in seeds]
+        runs = [train_temporal(data.x, snaps, enc, True, seed=s, **kw) for s in seeds]
         last = runs[-1]
         res = {"dynamic": {"runs": [{"seed": s, **r["test"], "train_loss": r["train_loss"], "seconds": r["seconds"]}
                                     for s, r in zip(seeds, runs)]}}
