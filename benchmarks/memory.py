@@ -317,8 +317,8 @@ def summarize(raw: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, 
             "holds after an optimizer step (a DTensor by its local shard); activations are the distinct storages "
             "saved for backward in one step's forward (saved_tensors_hooks; parameters excluded; under "
             "checkpointing plus the block inputs checkpoint keeps); step time is the median over steps and "
-            "rounds, the rows interleaved. DDP's gradient buckets (a second copy of the gradients inside the "
-            "reducer) are not counted.\n\n" + "\n".join(t_lines)
+            "rounds, the rows interleaved. DDP keeps the gradients as views into its all-reduce buckets "
+            "(gradient_as_bucket_view), so they are all of its gradient memory.\n\n" + "\n".join(t_lines)
           + f"\n\nLoad average at start / end: {raw['load'][0]} / {raw['load'][1]}.\n")
     return {"rows": rows, "targets": targets, "world_size": world, "load_start": raw["load"][0],
             "load_end": raw["load"][1], "settings": vars(args)}, md

@@ -145,7 +145,8 @@ class DDPStrategy(ProcessGroupStrategy):
     def setup(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids)
+        # gradients live in the all-reduce buckets themselves: no second gradient-sized copy
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
