@@ -194,3 +194,29 @@ def test_server_takes_speculative_tokens_per_request(tiny_tokenizer):
     assert spec["usage"] == plain["usage"]
     assert engine.stats.spec_steps > 0
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "speculative_tokens"
+
+
+def test_serve_recipe_drafts_from_the_runs_trained_exit(tmp_path, tiny_tokenizer_dir):
+    import json
+    import shutil
+
+    from autoglm.recipes.serve import ServeConfig, build_server
+    from autoglm.settings import load_config
+
+    plain = tmp_path / "plain"
+    make_model("tiny", num_hidden_layers=4).save_pretrained(plain)
+    for f in tiny_tokenizer_dir.iterdir():
+        shutil.copy2(f, plain / f.name)
+    trained = tmp_path / "trained"
+    shutil.copytree(plain, trained)
+    (trained / "run.json").write_text(json.dumps({"early_exit": {"layers": [3, 2]}}))
+
+    def speculator(run, **over):
+        cfg = load_config(ServeConfig, overrides={"run": str(run), "engine.num_blocks": "64", **over})
+        return build_server(cfg)[0].state.server.engine._core.runner.speculator
+
+    assert speculator(trained).draft_layer == 2  # the run's first trained exit
+    assert speculator(trained, **{"engine.speculative_layer": "3"}).draft_layer == 3
+    assert speculator(plain) is None  # no trained exit: requests asking to speculate get a 400
+    with pytest.raises(ValueError, match="no trained early exit"):  # ... and a default k is refused at start
+        speculator(plain, **{"engine.speculative_tokens": "3"})
