@@ -205,7 +205,51 @@ def _ep_strategy_checks(rank: int) -> dict:
     return out
 
 
-CHECKS = {"tp": _tp_checks, "pp": _pp_checks, "ep": _ep_checks, "ep_strategy": _ep_strategy_checks}
+def _resume_checks(rank: int) -> dict:
+    """pp and ep: one optimizer step, a DCP checkpoint, then a fresh model (other seed) and
+    optimizer loaded from it on every rank (each rank holds different parameters)."""
+    from autoglm.distributed.expert import ExpertParallelStrategy
+    from autoglm.distributed.pipeline import PipelineParallelStrategy
+    from autoglm.training import CausalLMObjective
+    from autoglm.training.config import TrainConfig
+    from autoglm.training.optim import build_scheduler
+
+    cfg = tiny_config(num_hidden_layers=3)
+    tc = TrainConfig(batch_size=2, seq_len=SEQ, grad_accum=1, warmup_steps=2)
+    ids, labels = batch(cfg)
+    root = Path(os.environ["AUTOGLM_MP_OUT"]) / "ckpt"
+    out = {}
+    for name, cls in (("pp", PipelineParallelStrategy), ("ep", ExpertParallelStrategy)):
+        runs = []
+        for seed in (0, 5):
+            s = cls(device="cpu")
+            s.check(cfg, tc)
+            m = s.setup(build_model(cfg, seed=seed))
+            opt = s.build_optimizer(s.unwrap(m), tc)
+            sched = build_scheduler(opt, tc)
+            runs.append((s, m, opt, sched))
+        s, m, opt, sched = runs[0]
+        with s.no_sync(m, sync=True):
+            s.backward(CausalLMObjective()(m, (ids[:2], labels[:2]))["loss"])
+        s.clip_grad_norm(m, 1.0)
+        opt.step()
+        sched.step()
+        path = s.save_checkpoint(root / name, 1, m, opt, sched, {"note": "test"})
+        s2, m2, opt2, sched2 = runs[1]
+        s2.load_checkpoint(path, m2, opt2, sched2)
+        a, b = s.unwrap(m), s2.unwrap(m2)
+        out[name] = {
+            "weights_equal": all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())),
+            "moments_equal": all(torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
+                                 for p, q in zip(a.parameters(), b.parameters()) if p in opt.state),
+            "groups": [(g["lr"], g["weight_decay"], len(g["params"])) for g in opt2.param_groups],
+            "groups_saved": [(g["lr"], g["weight_decay"], len(g["params"])) for g in opt.param_groups],
+        }
+    return out
+
+
+CHECKS = {"tp": _tp_checks, "pp": _pp_checks, "ep": _ep_checks, "ep_strategy": _ep_strategy_checks,
+          "resume": _resume_checks}
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -269,7 +313,7 @@ def worker_results(timeout: float = 240.0) -> tuple[dict, ...]:
     """Run the checks on WORLD gloo processes (once per pytest process); one dict per rank."""
     out_dir = tempfile.mkdtemp(prefix="autoglm-mp-")
     port = _free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "AUTOGLM_MP_OUT": out_dir}
     src = str(Path(__file__).resolve().parents[2] / "src")
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     procs = [subprocess.Popen([sys.executable, __file__, str(r), str(WORLD), str(port), out_dir], env=env,

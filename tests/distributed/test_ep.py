@@ -102,6 +102,18 @@ def test_ep_ranks_that_do_not_divide_the_experts_are_refused_with_the_fix():
     check_expert_parallel(tiny_config(), 2)
 
 
+
+def test_ep_checkpoint_resumes_weights_optimizer_state_and_groups():
+    """A DCP checkpoint of the `ep` strategy (every rank holds different parameters) loads
+    into a fresh model and optimizer: same weights, same AdamW moments, and each rank keeps
+    its own parameter groups with the schedule's learning rate (DCP keys the groups by
+    index, which alone hands a rank another rank's group members)."""
+    for rank, res in enumerate(worker_results()):
+        r = res["resume"]["ep"]
+        assert r["weights_equal"] and r["moments_equal"], rank
+        assert r["groups"] == r["groups_saved"], rank
+
+
 @pytest.mark.slow
 def test_ep_through_autoglm_train_tracks_one_process(tmp_path):
     """`autoglm train --nproc 2 --strategy ep` (torchrun, gloo) for 4 steps on the tiny preset.

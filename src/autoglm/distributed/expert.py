@@ -223,6 +223,12 @@ class ExpertParallelStrategy(ProcessGroupStrategy):
                 g.detach().mul_(coef.to(g.dtype))
         return norm
 
+    def load_checkpoint(self, path, model, optimizer, scheduler):
+        from .pipeline import keep_param_groups  # ranks hold different experts: keep our own groups
+
+        with keep_param_groups(optimizer, scheduler):
+            return super().load_checkpoint(path, model, optimizer, scheduler)
+
     def export_model(self, model: nn.Module) -> nn.Module | None:
         """The unsplit model on the main process: dense weights from this rank (FSDP: gathered),
         experts gathered from the ranks that hold them."""

@@ -42,6 +42,9 @@ stages than blocks.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -54,7 +57,7 @@ from ..training.config import TrainConfig
 from . import register_strategy
 from .data_parallel import ProcessGroupStrategy
 
-__all__ = ["SCHEDULES", "PipelineModel", "PipelineParallelStrategy", "PipelineRunner", "PipelineStageModule",
+__all__ = ["SCHEDULES", "keep_param_groups", "PipelineModel", "PipelineParallelStrategy", "PipelineRunner", "PipelineStageModule",
            "check_pipeline", "prune_to_stage", "split_layers"]
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
@@ -325,6 +328,28 @@ class PipelineRunner:
         return logits, aux
 
 
+@contextlib.contextmanager
+def keep_param_groups(optimizer: torch.optim.Optimizer | None, scheduler=None) -> Iterator[None]:
+    """Load a checkpoint into `optimizer` keeping its own parameter groups.
+
+    A DCP checkpoint keys the optimizer's parameter groups by their index; when the ranks
+    hold different parameters (pipeline stages, expert shards), one rank's group can come
+    back with another rank's member list, so its own parameters lose their hyperparameters
+    (AdamW then fails on a missing 'lr'). The groups are configuration (membership, betas,
+    weight decay), not training state: this puts back the ones the optimizer was built
+    with, keeps the loaded per-parameter state (moments, step), and takes the learning
+    rate from the restored schedule."""
+    if optimizer is None:
+        yield
+        return
+    groups = [dict(g) for g in optimizer.param_groups]
+    yield
+    optimizer.param_groups[:] = groups
+    if scheduler is not None and hasattr(scheduler, "get_last_lr"):
+        for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+            g["lr"] = lr
+
+
 class _Logits:
     """What an objective reads from a model call: `.logits` and `.aux_loss`."""
 
@@ -467,7 +492,8 @@ class PipelineParallelStrategy(ProcessGroupStrategy):
         return super().save_checkpoint(root, step, self.unwrap(model), optimizer, scheduler, state, keep=keep)
 
     def load_checkpoint(self, path, model, optimizer, scheduler):
-        return super().load_checkpoint(path, self.unwrap(model), optimizer, scheduler)
+        with keep_param_groups(optimizer, scheduler):
+            return super().load_checkpoint(path, self.unwrap(model), optimizer, scheduler)
 
     def export_model(self, model: nn.Module) -> nn.Module | None:
         """The unsplit model on the main process, from every stage's weights."""
