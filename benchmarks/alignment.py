@@ -105,6 +105,7 @@ def caption_section(args: argparse.Namespace, best_dir: str, work: Path, split: 
     lm_s = time.perf_counter() - t
     pc = load_config(ProjectorConfig, overrides={"align_dir": best_dir, "lm": str(work / "lm"),
                                                  "train.max_steps": args.projector_steps,
+                                                 "train.lr": args.projector_lr,
                                                  "eval_samples": args.caption_samples})
     res = train_projector(pc, progress=False)
     res.update(lm_steps=args.lm_steps, lm_seconds=round(lm_s, 1), lm_final_eval=lm.result.final_eval,
@@ -175,6 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sections", default="ablation,supervised,caption")
     ap.add_argument("--lm-steps", type=int, default=300)
     ap.add_argument("--projector-steps", type=int, default=300)
+    ap.add_argument("--projector-lr", type=float, default=2e-3, help="chosen on validation captions "
+                                                                     "(autoglm align projector --eval-split val)")
     ap.add_argument("--caption-samples", type=int, default=200)
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
     args = ap.parse_args(argv)

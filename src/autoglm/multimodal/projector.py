@@ -106,10 +106,10 @@ def names_digit(text: str, digit: int) -> bool:
     return found == {digit}
 
 
-def _caption_batch(tok: Any, captions: list[str], prefix: int, pad: int, eos: int):
-    """(input_ids, labels) (B, P + L): placeholders, caption, end-of-text; labels predict the
+def _caption_batch(tok: Any, captions: list[str], prefix: int, pad: int, end: list[int]):
+    """(input_ids, labels) (B, P + L): placeholders, caption, the `end` tokens; labels predict the
     caption and the end (HF convention: the model shifts them), -100 on the placeholders and padding."""
-    enc = [ids + [eos] for ids in tok(captions, add_special_tokens=False).input_ids]
+    enc = [ids + end for ids in tok(captions, add_special_tokens=False).input_ids]
     L = max(map(len, enc))
     x = torch.full((len(enc), prefix + L), pad, dtype=torch.long)
     y = torch.full_like(x, -100)
@@ -179,16 +179,17 @@ def generate_with_image(lm: nn.Module, tok: Any, run_dir: str | Path, image: str
 
 @torch.no_grad()
 def caption_images(lm: nn.Module, tok: Any, projector: ImagePrefixProjector | None, images: torch.Tensor,
-                   max_new_tokens: int = 12, prompt: str = "") -> list[str]:
-    """Greedy captions through the inference engine (`Request.prefix_embeds`); projector None:
-    the same prompt with the placeholders' own embeddings (no image)."""
+                   max_new_tokens: int = 12, prompt: str = "", stop: str = "") -> list[str]:
+    """Greedy captions through the inference engine (`Request.prefix_embeds`), each ended at `stop`
+    (when given) or the end-of-text token; projector None: the same prompt with the placeholders'
+    own embeddings (no image)."""
     from ..inference import EngineConfig, LLMEngine, SamplingParams
 
     P = projector.prefix_tokens if projector is not None else 4
     pad = tok.pad_token_id if tok.pad_token_id is not None else 1
     ids = [pad] * P + (tok(prompt, add_special_tokens=False).input_ids if prompt else [])
     engine = LLMEngine(lm, tok, EngineConfig(block_size=16, num_blocks=max(64, len(images) * 2 + 8)))
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0, stop=[stop] if stop else [])
     dev = next(lm.parameters()).device
     prefixes = projector.to(dev)(images.to(dev)) if projector is not None else None
     rids = []
@@ -228,6 +229,9 @@ def train_image_projector(cfg: Any, progress: bool = True, console: Any = None) 
     split = load_split(cfg.data, aligned.image_cfg.channels, aligned.image_cfg.image_size)
     train, t, d = split["train"], cfg.train, cfg.data
     pad, eos = (tok.pad_token_id if tok.pad_token_id is not None else 1), tok.eos_token_id or 0
+    # a caption ends the way the language model's text ends a line (a newline for a model trained on
+    # one caption per line), or with the end-of-text token when caption_end is ''
+    end = tok(cfg.caption_end, add_special_tokens=False).input_ids if cfg.caption_end else [eos]
     n, B = len(train), min(cfg.train.batch_size, len(train))
 
     def batch(i: int) -> dict[str, torch.Tensor]:
@@ -235,7 +239,7 @@ def train_image_projector(cfg: Any, progress: bool = True, console: Any = None) 
         g = torch.Generator().manual_seed(int(rng.integers(2**62)))
         idx = rng.choice(n, B, replace=False)
         caps = [train.captions[j][int(rng.integers(len(train.captions[j])))] for j in idx]
-        x, y = _caption_batch(tok, caps, cfg.prefix_tokens, pad, eos)
+        x, y = _caption_batch(tok, caps, cfg.prefix_tokens, pad, end)
         imgs = random_resized_crop(train.images[torch.from_numpy(idx)], aligned.image_cfg.image_size, d.crop_scale,
                                    generator=g)
         return {"images": imgs, "input_ids": x, "labels": y}
@@ -247,14 +251,14 @@ def train_image_projector(cfg: Any, progress: bool = True, console: Any = None) 
     res = trainer.fit()
     proj.eval()
     out_dir = save_adapter(proj, Path(cfg.lm) / "adapters" / cfg.name)
-    test = split["test"]
+    test = split[cfg.eval_split]
     k = min(cfg.eval_samples, len(test))
     result: dict[str, Any] = {"adapter_dir": str(out_dir), "steps": res.steps, "seconds": round(res.elapsed, 1),
                               "final_loss": next((r["loss"] for r in reversed(res.history) if "loss" in r), None),
-                              "eval_images": k}
+                              "eval_images": k, "eval_split": cfg.eval_split}
     if test.labels is not None and k:
-        with_img = caption_images(lm, tok, proj, test.images[:k])
-        without = caption_images(lm, tok, None, test.images[:k])
+        with_img = caption_images(lm, tok, proj, test.images[:k], stop=cfg.caption_end)
+        without = caption_images(lm, tok, None, test.images[:k], stop=cfg.caption_end)
         ys = test.labels[:k].tolist()
         result["caption_acc"] = 100.0 * float(np.mean([names_digit(c, y) for c, y in zip(with_img, ys)]))
         result["caption_acc_no_image"] = 100.0 * float(np.mean([names_digit(c, y) for c, y in zip(without, ys)]))

@@ -110,7 +110,10 @@ class ProjectorConfig:
     train: TrainConfig = section(TrainConfig, "optimiser and loop (the backbone stays frozen)", batch_size=64,
                                  max_steps=300, lr=2e-3, weight_decay=0.0, eval_every=0, save_every=0,
                                  log_every=10, seq_len=32)
-    eval_samples: int = setting(200, "held-out test images captioned greedily to score caption accuracy")
+    caption_end: str = setting("\n", "text that ends a caption in training and stops a generated one (the "
+                                     "language model's line end); '' = its end-of-text token")
+    eval_samples: int = setting(200, "held-out images captioned greedily to score caption accuracy")
+    eval_split: Literal["val", "test"] = setting("test", "the held-out split they come from (choose settings on val)")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
 
 
