@@ -25,6 +25,11 @@ goes deeper runs them through the missing layers as extra rows of the same packe
 each joining at the layer after its depth. So every K/V entry a later token reads is the
 full model's, and a token that does not exit gets exactly the full model's logits; exits
 cost no K/V work of their own. threshold >= 1.0 never exits.
+
+Self-speculative decoding (exact, unlike early exit): requests scheduled with drafts run
+through `speculative.SelfSpeculator` after the step's other rows (draft passes through the
+exit layer, one verify pass through the rest); their 1 .. k tokens come back in
+`ModelRunnerOutput.speculated`.
 """
 
 from __future__ import annotations

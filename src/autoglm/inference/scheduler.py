@@ -10,12 +10,15 @@ Every step, under a token budget (`max_num_batched_tokens`) and a cap on running
    to 0, put back at the head of the queue to be recomputed later);
 3. then waiting requests are admitted while budget, sequence slots and blocks last.
 
-Prefill chunks and decode tokens therefore share one batch. The scheduler talks to the
+Prefill chunks and decode tokens therefore share one batch. A decoding request that
+speculates (`SamplingParams.speculative_tokens`) gets k slots ahead and counts k tokens
+against the budget (`ScheduledRequest.num_draft`; see `speculative`), k clipped at its
+max_tokens, the model's context and the budget left; short of blocks it decodes plainly. The scheduler talks to the
 KV-cache manager only through `allocate_slots` / `free_out_of_window` / `free`.
 
 After the runner executed a step, `update_from_output(scheduler_output, runner_output)` is
 the one place request state moves on: computed tokens advance, sampled tokens are
-appended, and the token-level stop rules (EOS, stop token ids, max_tokens, the model's
+appended (1 .. k of them after a speculative step), and the token-level stop rules (EOS, stop token ids, max_tokens, the model's
 context) finish requests and free their blocks. It returns one `EngineCoreOutput` per
 request that sampled. Stop *strings* need text, so they are the output processor's; it
 finishes such a request through the engine core (`finish`).
