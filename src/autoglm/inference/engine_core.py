@@ -219,7 +219,9 @@ class EngineCore:
         if k and lora is not None:
             raise InvalidRequestError("speculative decoding runs on the base model only (its exit was trained "
                                       "there); drop speculative_tokens for LoRA requests", "speculative_tokens")
-        return params if k == params.speculative_tokens else replace(params, speculative_tokens=k)
+        if params.speculative_tokens is None and k:  # the engine's default applies
+            return replace(params, speculative_tokens=k)
+        return params  # (unchanged: None and 0 both mean no speculation)
 
     def _max_blocks_per_seq(self, total: int) -> int:
         if self.sparse:  # globals + window + one step's chunk, rounded out to blocks
