@@ -159,31 +159,37 @@ def test_grouped_bf16_close_to_fp32_reference():
     torch.testing.assert_close(y.float(), ref, atol=3e-2, rtol=3e-2)
 
 
-def test_auto_picks_gather_for_few_tokens_and_grouped_for_many():
+def test_auto_picks_gather_for_few_tokens_and_grouped_for_many(monkeypatch):
     moe = MoEFeedForward(8, 16, 4, 2, "auto")
     assert moe.choose(torch.randn(4, 8)) == "gather"  # 4 tokens x 2 copies <= 2 x 4 experts
-    assert moe.choose(torch.randn(5, 8)) == "grouped"
+    assert moe.choose(torch.randn(5, 8)) == "sorted"  # eager CPU: the loop over experts (no host sync to save)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as inside torch.compile
+    assert moe.choose(torch.randn(5, 8).bfloat16()) == "grouped"
+    assert moe.choose(torch.randn(5, 8)) == "dense"  # grouped GEMM traces in bf16 only
     moe.experts[0].up_proj.register_forward_hook(lambda mod, inp, out: out)
-    assert moe.choose(torch.randn(64, 8)) == "sorted"  # hooked experts must be called as modules
+    assert moe.choose(torch.randn(64, 8).bfloat16()) == "sorted"  # hooked experts must be called as modules
 
 
 def test_unsupported_dtype_is_an_error_or_a_stated_fallback(caplog):
-    """float64 has no grouped-GEMM kernel: 'grouped' says so and how to fix it; 'auto' falls back
-    to the sorted loop and says so in the log (never silently)."""
+    """float64 has no grouped-GEMM kernel: 'grouped' says so and how to fix it. Where 'auto' would
+    take grouped GEMMs (a GPU; here a device without a kernel stands in) it falls back to the
+    sorted loop and says so in the log, once (never silently)."""
     assert grouped_mm_supported(torch.device("cpu"), torch.float64) is not None
     assert grouped_mm_supported(torch.device("cpu"), torch.float32, (16, 24)) is None
     assert "multiple of 8" in grouped_mm_supported(torch.device("cpu"), torch.bfloat16, (16, 20))
+    assert "needs bfloat16" in grouped_mm_supported(torch.device("cuda"), torch.float32)  # no GPU needed to ask
     x = torch.randn(3, 9, 8, dtype=torch.float64)
     moe = MoEFeedForward(8, 16, 4, 2, "grouped").double()
     with pytest.raises(ValueError, match="float64.*moe_dispatch='auto'"):
         moe(x)
     moe.dispatch = "auto"
-    with caplog.at_level(logging.WARNING, logger="autoglm.modules.moe"):
-        y, _ = moe(x)
-        moe(x)
-    assert [r.getMessage() for r in caplog.records].count(caplog.records[0].getMessage()) == 1
-    assert "sorted loop" in caplog.records[0].getMessage() and "float64" in caplog.records[0].getMessage()
+    y, _ = moe(x)  # eager CPU: the sorted loop, correct in float64 too
     torch.testing.assert_close(y, naive_moe(moe, x))
+    with caplog.at_level(logging.WARNING, logger="autoglm.modules.moe"):
+        assert moe.choose(torch.empty(64, 8, device="meta")) == "sorted"
+        assert moe.choose(torch.empty(64, 8, device="meta")) == "sorted"
+    assert len(caplog.records) == 1
+    assert "sorted loop" in caplog.records[0].getMessage() and "'meta'" in caplog.records[0].getMessage()
 
 
 def test_grouped_mm_name_is_reported():

@@ -5,7 +5,10 @@ top-k, renormalise their weights to sum to 1. Every dispatch path gives the same
 
 * `auto`    - (the default) picks one of the paths below per call, from the shape: `gather`
              for a few token copies (N * k <= 2 * E: batch decode reads only the chosen
-             experts), `grouped` otherwise (prefill, training); `sorted` where grouped GEMM
+             experts), `grouped` otherwise (prefill, training) on a GPU or in a compiled model;
+             `sorted` in eager mode on CPU, where there is no host sync to save and the loop
+             over experts measured as fast as the CPU grouped GEMM (docs/results/
+             architecture-speed.md, row small[sorted]); `sorted` also where grouped GEMM
              cannot run (expert projections wrapped by PEFT or hooked by multi-LoRA serving,
              or a dtype/device without a grouped-GEMM kernel: stated once in the log). Under
              `torch.compile` grouped GEMM traces in bfloat16 only (PyTorch's fake kernel), so
@@ -121,7 +124,7 @@ def sorted_groups(topk_idx: torch.Tensor, num_experts: int) -> tuple[torch.Tenso
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a matmul of `x` runs in: the autocast dtype when autocast is on for its device."""
-    if torch.is_autocast_enabled(x.device.type):
+    if x.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 
@@ -148,8 +151,11 @@ class MoEFeedForward(nn.Module):
         if xf.shape[0] * self.top_k <= 2 * self.num_experts:
             return "gather"
         cdt = _compute_dtype(xf)
+        compiling = torch.compiler.is_compiling()
+        if xf.device.type == "cpu" and not compiling:
+            return "sorted"  # eager CPU: no host sync to save, and the per-expert loop measured as fast
         why = grouped_mm_supported(xf.device, cdt, (self.dim, self.hidden))
-        if why is None and torch.compiler.is_compiling() and cdt != torch.bfloat16:
+        if why is None and compiling and cdt != torch.bfloat16:
             return "dense"  # PyTorch traces grouped GEMM in bfloat16 only; dense is static too
         if why is None:
             return "grouped"
