@@ -8,7 +8,7 @@ top-k, renormalise their weights to sum to 1. Every dispatch path gives the same
              experts), `grouped` otherwise (prefill, training) on a GPU or in a compiled model;
              `sorted` in eager mode on CPU, where there is no host sync to save and the loop
              over experts measured as fast as the CPU grouped GEMM (docs/results/
-             architecture-speed.md, row small[sorted]); `sorted` also where grouped GEMM
+             architecture-speed-cpu-before-auto-sorted.md); `sorted` also where grouped GEMM
              cannot run (expert projections wrapped by PEFT or hooked by multi-LoRA serving,
              or a dtype/device without a grouped-GEMM kernel: stated once in the log). Under
              `torch.compile` grouped GEMM traces in bfloat16 only (PyTorch's fake kernel), so
