@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=4, help="chunks each variant's training is interleaved in")
     ap.add_argument("--sections", default="ablation,supervised,caption")
     ap.add_argument("--lm-steps", type=int, default=300)
-    ap.add_argument("--projector-steps", type=int, default=300)
-    ap.add_argument("--projector-lr", type=float, default=2e-3, help="chosen on validation captions "
+    ap.add_argument("--projector-steps", type=int, default=1000)
+    ap.add_argument("--projector-lr", type=float, default=1e-2, help="chosen on validation captions "
                                                                      "(autoglm align projector --eval-split val)")
     ap.add_argument("--caption-samples", type=int, default=200)
     ap.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")

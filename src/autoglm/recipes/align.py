@@ -107,8 +107,9 @@ class ProjectorConfig:
     prefix_tokens: int = setting(4, "image embeddings enter the model as this many prefix tokens")
     hidden: int = setting(256, "hidden width of the projector MLP")
     data: AlignData = section(AlignData, "image-caption pairs (the split of the aligned run)", word_mask=0.0)
-    train: TrainConfig = section(TrainConfig, "optimiser and loop (the backbone stays frozen)", batch_size=64,
-                                 max_steps=300, lr=2e-3, weight_decay=0.0, eval_every=0, save_every=0,
+    train: TrainConfig = section(TrainConfig, "optimiser and loop (the backbone stays frozen); lr and steps "
+                                 "chosen on validation captions of digits", batch_size=64,
+                                 max_steps=1000, lr=1e-2, weight_decay=0.0, eval_every=0, save_every=0,
                                  log_every=10, seq_len=32)
     caption_end: str = setting("\n", "text that ends a caption in training and stops a generated one (the "
                                      "language model's line end); '' = its end-of-text token")
