@@ -73,14 +73,16 @@ def test_missing_validation_split_is_a_clear_error(graph):
 
 
 def test_cli_tune_writes_trials_and_a_reusable_config(tmp_path):
+    # a budget of under a second: the base trial runs (it always does), no drawn setting starts
     r = CliRunner().invoke(app, ["graph", "tune", "--out", str(tmp_path / "t"), "--hidden-dim", "8", "--epochs", "4",
-                                 "--max-trials", "2", "--eval-every", "2", "--confirm-top", "1", "--report-seeds", "1",
-                                 "--probe-weight-decays", "1e-3", "--probe-standardize", "false"])
+                                 "--minutes", "0.01", "--max-trials", "3", "--eval-every", "2", "--confirm-top", "1",
+                                 "--report-seeds", "1", "--probe-weight-decays", "1e-3", "--probe-standardize", "false"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (tmp_path / "t" / "trials.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["search", "search", "confirm"]
+    assert [r["stage"] for r in rows] == ["search", "confirm"] and rows[0]["overrides"] == {}
     tuned = load_config(__import__("autoglm.recipes.graph_ssl", fromlist=["x"]).GraphProbeConfig,
                         tmp_path / "t" / "tuned.yaml")
     res = json.loads((tmp_path / "t" / "result.json").read_text())
     assert tuned.ssl.to_dict() == res["tuned_config"] and set(res["report"]) == {"base", "tuned"}
+    assert res["stopped_by"] == "budget"
     assert "selected" in r.output and "tuned config" in r.output
