@@ -30,9 +30,11 @@ mask, position or expert) is orders of magnitude larger.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +78,20 @@ def copy_side_files(src: str | Path, dst: str | Path) -> None:
             shutil.copy2(Path(src) / name, Path(dst) / name)
 
 
+@contextlib.contextmanager
+def _frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Parameters with requires_grad off for the duration (restored afterwards): a frozen MoE
+    layer may cache its derived expert weights (`MoEFeedForward._cache_usable`)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def _export_graph(wrapper: ExportDecoder, with_past: bool, opset: int) -> onnx.ModelProto:
     from torch.export import Dim
 
@@ -93,7 +109,9 @@ def _export_graph(wrapper: ExportDecoder, with_past: bool, opset: int) -> onnx.M
     names_in = ["input_ids", "attention_mask"] + (past_names(L) if with_past else [])
     names_out = ["logits"] + present_names(L)
     try:
-        with torch.no_grad(), moe_dispatch(wrapper.model, "dense"):  # no_grad first: wide weights prebuilt
+        # frozen + no_grad first: the MoE layers prebuild their wide expert weights once, and the
+        # exported graph reads them as initializers (which INT8 quantizes) instead of a Concat
+        with _frozen(wrapper.model), torch.no_grad(), moe_dispatch(wrapper.model, "dense"):
             prog = torch.onnx.export(wrapper, (ids, mask, *past), input_names=names_in, output_names=names_out,
                                      dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False)
     except Exception as e:  # the exporter raises many types; report them as one
