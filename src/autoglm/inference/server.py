@@ -90,7 +90,7 @@ class _Server:
     metrics: ServerMetrics = field(default_factory=ServerMetrics)
     in_flight: int = 0
     draining: bool = False  # set on SIGTERM: new requests get 503, those in flight finish
-    image_projector: Any = None  # chat image_url parts become prefix embeddings (autoglm.multimodal.projector)
+    image_projector: Any = None  # chat image_url parts become prefix embeddings via its prefix_for(image)
 
     def check_model(self, model: str) -> None:
         loras = self.engine.lora_adapters()
@@ -108,17 +108,10 @@ class _Server:
                                 f"or send text only", "messages", "image_input_not_supported")
         if len(urls) > 1:
             raise APIError(400, f"one image per request is supported, got {len(urls)} image_url parts", "messages")
-        import torch
-
-        from ..multimodal.projector import image_tensor
-
         try:
-            x = image_tensor(decode_image_url(urls[0]), self.image_projector)
+            return self.image_projector.prefix_for(decode_image_url(urls[0]))
         except ValueError as e:  # unreadable, corrupt or too small
             raise APIError(400, f"image_url: {e}", "messages") from None
-        dev = next(self.image_projector.parameters()).device
-        with torch.no_grad():
-            return self.image_projector(x.to(dev))[0]
 
     async def submit(self, prompts: list[list[int]], params: list[SamplingParams], lora: str | None,
                      chat: bool) -> "_Call":

@@ -70,6 +70,14 @@ class ImagePrefixProjector(nn.Module):
             e = F.normalize(self.image_proj(self.image_encoder(images)), dim=-1)
         return self.mlp(e).view(len(images), self.prefix_tokens, self.lm_hidden)
 
+    @torch.no_grad()
+    def prefix_for(self, source: str | Path | bytes) -> torch.Tensor:
+        """The (prefix_tokens, lm_hidden) prefix of one image file (or its bytes), on the
+        projector's device; ValueError naming the problem for an unreadable or corrupt image.
+        The server calls this, so it needs nothing from this package but the object."""
+        x = image_tensor(source, self).to(next(self.parameters()).device)
+        return self(x)[0]
+
 
 @contextlib.contextmanager
 def image_prefix(lm: nn.Module, prefix: torch.Tensor) -> Iterator[None]:
@@ -158,7 +166,7 @@ def generate_with_image(lm: nn.Module, tok: Any, run_dir: str | Path, image: str
     if not Path(image).is_file():
         raise FileNotFoundError(f"image {image} does not exist")
     try:
-        x = image_tensor(image, projector)
+        prefix = projector.prefix_for(image)
     except ValueError as e:
         raise ValueError(f"image {image}: {e}") from None
     pad = tok.pad_token_id if tok.pad_token_id is not None else 1
@@ -169,9 +177,8 @@ def generate_with_image(lm: nn.Module, tok: Any, run_dir: str | Path, image: str
                          f"the model's context of {limit} tokens; shorten the prompt or lower --max-new-tokens")
     engine = LLMEngine(lm, tok, EngineConfig(block_size=16, num_blocks=-(-limit // 16) + 1))
     rid = engine.add_request(ids, SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                                                 top_p=top_p, seed=seed))
+                                                 top_p=top_p, seed=seed, prefix_embeds=prefix))
     req = engine.core.requests[rid]
-    req.prefix_embeds = projector(x)[0]  # set before the first step: the prefill reads it
     while engine.has_unfinished():
         engine.step()
     return (prompt + tok.decode(req.output_ids, skip_special_tokens=True)).strip()
