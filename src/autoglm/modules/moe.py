@@ -5,10 +5,9 @@ top-k, renormalise their weights to sum to 1. Every dispatch path gives the same
 
 * `auto`    - (the default) picks one of the paths below per call, from the shape: `gather`
              for a few token copies (N * k <= 2 * E: batch decode reads only the chosen
-             experts), `grouped` otherwise (prefill, training) on a GPU or in a compiled model;
-             `sorted` in eager mode on CPU, where there is no host sync to save and the loop
-             over experts measured as fast as the CPU grouped GEMM (docs/results/
-             architecture-speed-cpu-before-auto-sorted.md); `sorted` also where grouped GEMM
+             experts), `grouped` otherwise (prefill, training; on CPU two interleaved runs
+             found it within +-12% of the loop over experts, in both directions:
+             docs/results/architecture-speed*.md); `sorted` where grouped GEMM
              cannot run (expert projections wrapped by PEFT or hooked by multi-LoRA serving,
              or a dtype/device without a grouped-GEMM kernel: stated once in the log). Under
              `torch.compile` grouped GEMM traces in bfloat16 only (PyTorch's fake kernel), so
@@ -152,8 +151,6 @@ class MoEFeedForward(nn.Module):
             return "gather"
         cdt = _compute_dtype(xf)
         compiling = torch.compiler.is_compiling()
-        if xf.device.type == "cpu" and not compiling:
-            return "sorted"  # eager CPU: no host sync to save, and the per-expert loop measured as fast
         why = grouped_mm_supported(xf.device, cdt, (self.dim, self.hidden))
         if why is None and compiling and cdt != torch.bfloat16:
             return "dense"  # PyTorch traces grouped GEMM in bfloat16 only; dense is static too
