@@ -40,7 +40,6 @@ def test_training_forward_and_loss_have_no_graph_break(precision, overrides):
     assert breaks == 0 and graphs == 1, reasons
 
 
-@pytest.mark.slow
 def test_flex_attention_forward_has_no_graph_break():
     """FlexAttention's block mask (and the relative bias as score_mod) inside the compiled
     model; forward only: FlexAttention has no backward on CPU."""
@@ -55,7 +54,6 @@ def test_flex_attention_forward_has_no_graph_break():
     assert breaks == 0 and graphs == 1, reasons
 
 
-@pytest.mark.slow
 def test_compiled_training_step_matches_eager():
     """forward + backward through AOTAutograd (the grouped GEMM's backward included, bf16)
     against the same step in eager mode."""
