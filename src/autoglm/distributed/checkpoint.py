@@ -41,7 +41,8 @@ from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_s
                                                      set_state_dict)
 
 from ..atomic import atomic_write_text, fsync_dir, fsync_tree
-from ..training.checkpoint import FORMAT_VERSION, CheckpointError, capture_rng_state, list_checkpoints, restore_rng_state
+from ..training.checkpoint import (FORMAT_VERSION, CheckpointError, _advice, _torch_load, capture_rng_state,
+                                   list_checkpoints, restore_rng_state)
 
 __all__ = ["is_distributed_checkpoint", "save_distributed_checkpoint", "load_distributed_checkpoint"]
 
@@ -55,10 +56,6 @@ _RNG = "rng.pt"
 
 def is_distributed_checkpoint(path: str | Path) -> bool:
     return (Path(path) / _METADATA).is_file()
-
-
-def _advice() -> str:
-    return "start without resuming (drop --resume) or choose another output directory"
 
 
 # ------------------------------------------------------------ ZeRO-1 optimizer
@@ -210,12 +207,3 @@ def load_distributed_checkpoint(strategy: Any, path: str | Path, model: nn.Modul
     if restore_rng and (path / _RNG).exists():
         restore_rng_state(_torch_load(path / _RNG))  # every rank seeded alike, so rank 0's state fits all
     return state
-
-
-def _torch_load(file: Path) -> Any:
-    if not file.exists():
-        raise CheckpointError(f"checkpoint file {file} is missing; the checkpoint is incomplete: {_advice()}")
-    try:
-        return torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {file} ({type(e).__name__}: {e}); {_advice()}") from e
