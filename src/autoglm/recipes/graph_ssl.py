@@ -98,14 +98,7 @@ class TuneSettings:
 
     def __post_init__(self) -> None:
         self.weight_decays, self.standardize = tuple(self.weight_decays), tuple(self.standardize)
-        if self.minutes <= 0:
-            raise ValueError(f"minutes ({self.minutes}) must be > 0")
-        for name in ("max_trials", "eval_every", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
-        for name in ("confirm_top", "confirm_seeds", "report_seeds", "search_seed"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} ({getattr(self, name)}) must be >= 0")
+        self.budget()  # TuneBudget checks the search settings
         if not self.weight_decays or not self.standardize:
             raise ValueError("weight_decays and standardize must each hold at least one value")
 
