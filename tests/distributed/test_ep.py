@@ -11,7 +11,7 @@ its tokens away and receives none (empty splits).
 
 import pytest
 import torch
-from _mp_helpers_model_parallel import (BATCH, EP_VARIANTS, WORLD, batch, build_model, ep_inputs, ep_layer, tiny_config,
+from _mp_helpers_model_parallel import (EP_VARIANTS, WORLD, batch, build_model, ep_inputs, ep_layer, tiny_config,
                                         worker_results)
 
 from autoglm.distributed.expert import check_expert_parallel

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from autoglm.multimodal.data import load_caption_table, load_coco, load_digits_pairs, load_pairs, split_indices
+from autoglm.multimodal.data import load_caption_table, load_digits_pairs, load_pairs, split_indices
 
 
 def _png(path, size=(10, 10), mode="L", value=128):
