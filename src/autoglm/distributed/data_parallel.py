@@ -137,6 +137,19 @@ class ProcessGroupStrategy(Strategy):
                               f"with --init-from RUN")
 
 
+class OneReplica:
+    """Mixin for strategies whose ranks all hold parts of one model replica (tensor, pipeline
+    parallel): every rank reads the whole global batch."""
+
+    @property
+    def data_parallel_rank(self) -> int:
+        return 0
+
+    @property
+    def data_parallel_size(self) -> int:
+        return 1
+
+
 class DDPStrategy(ProcessGroupStrategy):
     """DistributedDataParallel: a full replica per rank, gradients all-reduced in buckets."""
 

@@ -55,7 +55,7 @@ from ..losses import lm_loss, moe_aux_loss
 from ..modules.attention import AttentionMetadata
 from ..training.config import TrainConfig
 from . import register_strategy
-from .data_parallel import ProcessGroupStrategy
+from .data_parallel import OneReplica, ProcessGroupStrategy
 
 __all__ = ["SCHEDULES", "keep_param_groups", "PipelineModel", "PipelineParallelStrategy", "PipelineRunner", "PipelineStageModule",
            "check_pipeline", "prune_to_stage", "split_layers"]
@@ -389,7 +389,7 @@ class PipelineModel(nn.Module):
         return _Logits(logits, aux)
 
 
-class PipelineParallelStrategy(ProcessGroupStrategy):
+class PipelineParallelStrategy(OneReplica, ProcessGroupStrategy):
     """`--strategy pp`: one pipeline stage per rank (blocks cut evenly at block boundaries),
     a GPipe or 1F1B schedule over the step's `grad_accum` micro-batches; every rank reads
     the same batch (no data parallelism).
@@ -413,14 +413,6 @@ class PipelineParallelStrategy(ProcessGroupStrategy):
         self.runner: PipelineRunner | None = None
         self._model: PipelineModel | None = None
         self._tied_pending = False
-
-    @property
-    def data_parallel_rank(self) -> int:
-        return 0
-
-    @property
-    def data_parallel_size(self) -> int:
-        return 1
 
     def check(self, model_config, train_cfg: TrainConfig) -> None:
         super().check(model_config, train_cfg)

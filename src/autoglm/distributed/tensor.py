@@ -61,7 +61,7 @@ from ..modules.position import RelativePositionBias
 from ..training.config import TrainConfig
 from ..training.optim import param_groups
 from . import register_strategy
-from .data_parallel import ProcessGroupStrategy
+from .data_parallel import OneReplica, ProcessGroupStrategy
 
 __all__ = ["apply_tensor_parallel", "check_tensor_parallel", "TensorParallelMoE", "finalize_grads",
            "clip_grad_norm", "full_state_dict", "TensorParallelStrategy"]
@@ -287,7 +287,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------- strategy
-class TensorParallelStrategy(ProcessGroupStrategy):
+class TensorParallelStrategy(OneReplica, ProcessGroupStrategy):
     """`--strategy tp`: every rank holds 1/tp of each attention and FFN/expert layer and
     reads the same batch (tp = the world size; no data parallelism)."""
 
@@ -298,14 +298,6 @@ class TensorParallelStrategy(ProcessGroupStrategy):
         super().__init__(device, backend, timeout_s)
         self.sequence_parallel = sequence_parallel
         self.mesh = init_device_mesh(self.device.type, (self.world_size,), mesh_dim_names=("tp",))
-
-    @property
-    def data_parallel_rank(self) -> int:
-        return 0
-
-    @property
-    def data_parallel_size(self) -> int:
-        return 1
 
     def check(self, model_config, train_cfg: TrainConfig) -> None:
         super().check(model_config, train_cfg)
