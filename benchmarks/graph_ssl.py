@@ -162,7 +162,9 @@ def tune_section(args: argparse.Namespace, data) -> dict:
         tcfg = load_config(GraphTuneConfig, args.config, {**over, "out": str(run),
                                                          "tune.minutes": args.tune_minutes, "tune.report_seeds": 0})
         res = tune(tcfg, data)
-    rows = {"default": [], "tuned": []}
+    same = not _flat(res["tuned_config"], "ssl") or all(
+        _get(config(args), k) == v for k, v in _flat(res["tuned_config"], "ssl").items())
+    rows = {"default": [], "tuned": []} if not same else {"default": []}
     seeds = config(args).probe.seeds
     for k in range(seeds):  # interleaved: both configs see the same machine load
         for name in rows:
@@ -170,6 +172,9 @@ def tune_section(args: argparse.Namespace, data) -> dict:
             if name == "tuned":
                 over.update(_flat(res["tuned_config"], "ssl"))
             rows[name].append(_probe_row(config(args, **over), data, name))
+    if same:  # the search kept the default: its runs are the tuned config's
+        log.info("tune: the validation-best setting is the default; its rows are reported for both")
+        rows["tuned"] = rows["default"]
     report = {}
     for name, rs in rows.items():
         accs = [r["per_seed"][0] for r in rs]
@@ -181,6 +186,13 @@ def tune_section(args: argparse.Namespace, data) -> dict:
             "search_seconds": res["search_seconds"], "tune_seconds": res.get("tune_seconds"),
             "stopped_by": res["stopped_by"], "budget_minutes": res["budget_minutes"],
             "tuned_config": res["tuned_config"], "report": report}
+
+
+def _get(cfg, dotted: str):
+    """The value at a dotted path ("ssl.loss.mask_rate") of a nested config dataclass."""
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return list(cfg) if isinstance(cfg, tuple) else cfg
 
 
 def _flat(d: dict, prefix: str) -> dict:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from autoglm.graph.encoder import GraphEncoder, normalized_adjacency
+from autoglm.graph.encoder import GraphEncoder, input_linear, normalized_adjacency
 
 
 def _graph(n=12, e=40, seed=0):
@@ -156,3 +156,60 @@ def test_bad_inputs():
         enc.forward_sequence([(x, ei), (x[:5], ei[:, :0])])
     with pytest.raises(ValueError, match="needs input_projection=True"):
         GraphEncoder(5, 8, propagate_input=True, input_projection=False)
+
+
+# --- sparse first projection (input_linear): the dense product is the reference ----------------
+def _bag_of_words(n=300, f=400, density=0.02, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(n, f, generator=g) < density).float() * torch.rand(n, f, generator=g)
+
+
+@pytest.mark.parametrize("input_projection", [False, True])
+def test_sparse_input_matches_dense(monkeypatch, input_projection):
+    """Bag-of-words features through the sparse matmul give the dense encoder's output and
+    parameter gradients; masked rows read through `replace` equal the materialised copy."""
+    import autoglm.graph.encoder as encm
+
+    x = _bag_of_words()
+    ei = torch.randint(0, 300, (2, 1200), generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(300, generator=torch.Generator().manual_seed(2)) < 0.5
+    token = torch.nn.Parameter(torch.randn(1, 400) * 0.1)
+    torch.manual_seed(0)
+    enc = GraphEncoder(400, 32, num_layers=2, residual=False, input_projection=input_projection)
+
+    def run(dense: bool):
+        monkeypatch.setattr(encm, "SPARSE_INPUT_DENSITY", -1.0 if dense else 0.1)
+        enc.zero_grad()
+        token.grad = None
+        if dense:  # the reference: the masked copy of x, built in full
+            out = enc(torch.where(mask[:, None], token.expand_as(x), x), ei)
+        else:
+            out = enc(x, ei, replace=(mask, token))
+        (out.pow(2).sum()).backward()
+        return out.detach(), [p.grad.clone() for p in enc.parameters() if p.grad is not None], token.grad.clone()
+
+    calls = []
+    real = torch.sparse.mm
+    monkeypatch.setattr(torch.sparse, "mm", lambda *a: calls.append(1) or real(*a))
+    ref, ref_grads, ref_tok = run(dense=True)
+    assert not calls
+    out, grads, tok = run(dense=False)
+    assert calls, "the sparse path did not run"
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tok, ref_tok, rtol=1e-4, atol=1e-5)
+    assert len(grads) == len(ref_grads)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dense_input_stays_dense(monkeypatch):
+    """Features that are not mostly zeros, or that need a gradient, take the dense product."""
+    calls = []
+    real = torch.sparse.mm
+    monkeypatch.setattr(torch.sparse, "mm", lambda *a: calls.append(1) or real(*a))
+    lin = torch.nn.Linear(400, 8)
+    x = torch.randn(300, 400)
+    torch.testing.assert_close(input_linear(x, lin), lin(x))
+    xs = _bag_of_words().requires_grad_()
+    torch.testing.assert_close(input_linear(xs, lin), lin(xs))
+    assert not calls

@@ -96,11 +96,12 @@ class GraphSSLModel(nn.Module):
         `replace_from` (N,) long, optional: masked node i whose entry is >= 0 gets the
         features of node replace_from[i] instead of the [MASK] token (GraphMAE's random
         replacement); it is still re-masked and scored like every masked node."""
-        x_in = torch.where(node_mask.unsqueeze(1), self.mask_token.expand_as(x), x)
+        tokens = node_mask
         if replace_from is not None:
             swap = node_mask & (replace_from >= 0)
-            x_in = torch.where(swap.unsqueeze(1), x[replace_from.clamp_min(0)], x_in)
-        h = self.encoder(x_in, graph=graph)
+            x = torch.where(swap.unsqueeze(1), x[replace_from.clamp_min(0)], x)
+            tokens = node_mask & ~swap
+        h = self.encoder(x, graph=graph, replace=(tokens, self.mask_token))
         rep = self.encoder_to_decoder(self.decoder_act(h)).masked_fill(node_mask.unsqueeze(1), 0.0)  # re-mask
         adj, ei = graph
         out = self.decoder(rep)
