@@ -340,3 +340,22 @@ def test_bf16_autocast_close_to_fp32(name):
     assert torch.isfinite(low).all()
     err = (low.float() - ref).abs().max()
     assert err < 0.05 * ref.abs().max() + 1e-2, (float(err), float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "standard-tiny"])
+def test_generate_with_a_static_cache_matches_the_dynamic_cache(preset):
+    """HF's static cache (`cache_implementation="static"`, the setting HF's compiled generation
+    uses) returns all its slots and a length tensor that moves in place: greedy tokens equal the
+    dynamic cache's, for an unpadded and a left-padded batch."""
+    torch.manual_seed(0)
+    model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(preset)).eval()
+    ids = torch.randint(2, 500, (2, 20), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # row 1 is left-padded
+    for m in (torch.ones_like(ids), mask):
+        kw = dict(attention_mask=m, max_new_tokens=8, min_new_tokens=8, do_sample=False, eos_token_id=None,
+                  pad_token_id=0)
+        with torch.inference_mode():
+            ref = model.generate(ids, **kw)
+            out = model.generate(ids, cache_implementation="static", **kw)
+        assert torch.equal(out, ref)

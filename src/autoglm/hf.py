@@ -30,6 +30,15 @@ from .modules.position import LearnableRotary, RelativePositionBias
 __all__ = ["OpenAutoGLMForCausalLM", "OpenAutoGLMPreTrainedModel", "AutoGLMCausalLMOutput"]
 
 
+def _mask_2d(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """HF's 4D attention mask (B, 1, Tq, Tk), boolean (True: may attend) or additive (0: may
+    attend), as the 2D key mask (B, length) this model reads: a key is real when the last
+    query may attend to it (padding keys are hidden from every query; causality is the
+    model's own)."""
+    last = mask[:, 0, -1, :length]
+    return last if last.dtype == torch.bool else last == 0
+
+
 @dataclass
 class AutoGLMCausalLMOutput(CausalLMOutputWithPast):
     aux_loss: torch.Tensor | None = None  # weighted MoE load-balancing + z-loss
@@ -98,7 +107,13 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
         cache = kwargs.pop("past_key_values", cache)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
-        past_len = cache.get_seq_length() if cache is not None else 0
+        # a Python int: a static cache's length is a tensor that its update() then moves in place
+        past_len = int(cache.get_seq_length()) if cache is not None else 0
+        static_len = cache.get_max_length() if cache is not None and cache.is_compileable else -1
+        if static_len > 0 and kwargs.get("cache_position") is not None:  # a static cache: HF says where it writes
+            past_len = int(kwargs["cache_position"][0])
+        if attention_mask is not None and attention_mask.dim() == 4:
+            attention_mask = _mask_2d(attention_mask, past_len + input_ids.shape[1])
         total = past_len + input_ids.shape[1]
         if total > self.config.max_position_embeddings:
             raise ValueError(
@@ -109,6 +124,10 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
         pos, meta = build_metadata(input_ids, attention_mask, past_len)
         if position_ids is not None and meta.contiguous:
             pos = position_ids
+        if static_len > total and not meta.contiguous:  # a static cache returns all its slots: the rest is invalid
+            pad = static_len - total
+            meta.k_pos = nn.functional.pad(meta.k_pos, (0, pad), value=0)
+            meta.k_valid = nn.functional.pad(meta.k_valid, (0, pad), value=False)
         out = self.model(input_ids, pos, meta, cache if use_cache is not False else None,
                          output_hidden_states=bool(output_hidden_states))
         hidden = out.last_hidden_state

@@ -3,9 +3,10 @@
 Routing follows Mixtral: router logits in float32, softmax over all experts, keep the
 top-k, renormalise their weights to sum to 1. Every dispatch path gives the same result:
 
-* `auto`    - (the default) picks one of the paths below per call, from the shape: `gather`
-             for a few token copies (N * k <= 2 * E: batch decode reads only the chosen
-             experts), `grouped` otherwise (prefill, training; on CPU two interleaved runs
+* `auto`    - (the default) picks one of the paths below per call, from the shape: for a few
+             token copies (N * k <= 2 * E, small-batch decode) `gather` on a GPU (reads only
+             the chosen experts) and `sorted` on CPU (the gather's weight copies cost 2-10x the
+             loop there, and a host sync is free), `grouped` otherwise (prefill, training; on CPU two interleaved runs
              found it within +-12% of the loop over experts, in both directions:
              docs/results/architecture-speed*.md); `sorted` where grouped GEMM
              cannot run (expert projections wrapped by PEFT or hooked by multi-LoRA serving,
@@ -147,10 +148,13 @@ class MoEFeedForward(nn.Module):
             return self.dispatch
         if not self._plain_experts():
             return "sorted"  # adapters live in the expert modules: call each one
-        if xf.shape[0] * self.top_k <= 2 * self.num_experts:
-            return "gather"
-        cdt = _compute_dtype(xf)
         compiling = torch.compiler.is_compiling()
+        if xf.shape[0] * self.top_k <= 2 * self.num_experts:
+            # a few token copies: on a GPU read only the chosen experts' weights, with static shapes;
+            # on CPU that gather copies whole weight matrices (2-10x slower than the loop over the
+            # hit experts, whose host sync costs nothing there), so eager CPU runs the loop
+            return "sorted" if xf.device.type == "cpu" and not compiling else "gather"
+        cdt = _compute_dtype(xf)
         why = grouped_mm_supported(xf.device, cdt, (self.dim, self.hidden))
         if why is None and compiling and cdt != torch.bfloat16:
             return "dense"  # PyTorch traces grouped GEMM in bfloat16 only; dense is static too
