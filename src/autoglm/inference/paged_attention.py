@@ -6,16 +6,16 @@ its own `layer_idx`, so nothing is carried from one call to the next:
 
 * `PagedKVCache.update` writes each new token's K/V into its slot of that layer;
 * `PagedAttention` gathers each request's keys of that layer through the step's layout
-  (`layout.StepLayout`) and applies the sparse rule (window + global) by absolute position:
-  all decode rows as one padded (Bd, H, 1, Tk) batch through the single-query kernel
-  (`attend_decode`), each prefill chunk alone through the dense-with-mask kernel.
+  (`layout.StepLayout`) and runs the dense-with-mask kernel, so the sparse rule (window +
+  global) is applied by absolute position: all decode rows as one padded (Bd, H, 1, Tk)
+  batch, each prefill chunk alone.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..modules.attention import attend_decode, attend_dense
+from ..modules.attention import attend_dense
 from .layout import StepLayout
 
 __all__ = ["PagedKVCache", "PagedAttention"]
@@ -53,7 +53,7 @@ class PagedAttention:
             kd = kc.index_select(0, flat).view(Bd, Tk, *kc.shape[1:]).transpose(1, 2).to(q.dtype)  # (Bd, Hkv, Tk, D)
             vd = vc.index_select(0, flat).view(Bd, Tk, *vc.shape[1:]).transpose(1, 2).to(q.dtype)
             qpos = L.positions[L.decode_q][:, None]
-            o = attend_decode(qd, kd, vd, window, num_global, qpos, L.decode_kpos, L.decode_valid, table)
+            o = attend_dense(qd, kd, vd, window, num_global, qpos, L.decode_kpos, L.decode_valid, table)
             out[0, :, L.decode_q] = o[:, :, 0].transpose(0, 1)
         for a, b, slots, kpos in L.prefills:
             kp = kc.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)  # (1, Hkv, Tk, D)

@@ -44,7 +44,6 @@ __all__ = [
     "bias_code",
     "attend",
     "attend_dense",
-    "attend_decode",
     "attend_chunked",
     "attend_flex",
 ]
@@ -112,27 +111,6 @@ def attend_dense(q, k, v, window, num_global, q_pos, k_pos, k_valid=None, table=
     if table is None:
         return _sdpa(q, k, v, allowed[:, None])
     return _sdpa(q, k, v, _float_mask(allowed, table, bias_code(qp, kp, window, num_global)))
-
-
-def attend_decode(q, k, v, window, num_global, q_pos, k_pos, k_valid=None, table=None):
-    """`attend_dense` for one query per row, as two batched matmuls and a softmax: q (B, H, 1, D),
-    k/v (B, Hkv, Tk, D), q_pos (B, 1), k_pos/k_valid (B, Tk). The query heads of a key/value
-    head are one (G, D) matrix against its keys (grouped-query attention without repeating
-    K/V). On CPU this is ~1.5x faster than SDPA with a (B, H, 1, Tk) float mask at decode
-    shapes (SDPA's flash kernel is tiled for long query blocks)."""
-    B, H, _, D = q.shape
-    Hkv, Tk = k.shape[1], k.shape[2]
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    allowed = sparse_mask(qp, kp, window, num_global)  # (B, 1, Tk)
-    if k_valid is not None:
-        allowed = allowed & k_valid[:, None, :]
-    allowed = allowed | ~allowed.any(-1, keepdim=True)  # a padding row sees everything, as in attend_dense
-    scores = torch.matmul(q.reshape(B, Hkv, H // Hkv, D), k.transpose(-1, -2)) * D ** -0.5  # (B, Hkv, G, Tk)
-    if table is not None:
-        bias = table[:, bias_code(qp, kp, window, num_global)[:, 0]]  # (H, B, Tk)
-        scores = scores + bias.transpose(0, 1).reshape(B, Hkv, H // Hkv, Tk).to(scores.dtype)
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    return torch.matmul(scores.softmax(-1), v).reshape(B, H, 1, D)
 
 
 @lru_cache(maxsize=32)
