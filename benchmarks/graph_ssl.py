@@ -169,8 +169,8 @@ def tune_section(args: argparse.Namespace, data) -> dict:
     for k in range(seeds):  # interleaved: both configs see the same machine load
         for name in rows:
             over = {"probe.seeds": 1, "ssl.optim.seed": k}
-            if name == "tuned":
-                over.update(_flat(res["tuned_config"], "ssl"))
+            if name == "tuned":  # the tuned values, but this seed (the tuned config names the search's)
+                over = {**_flat(res["tuned_config"], "ssl"), **over}
             rows[name].append(_probe_row(config(args, **over), data, name))
     if same:  # the search kept the default: its runs are the tuned config's
         log.info("tune: the validation-best setting is the default; its rows are reported for both")
