@@ -33,7 +33,7 @@ from typing import Any
 
 from autoglm.recipes.align import AlignConfig, ProjectorConfig, align, load_split, train_projector, train_supervised
 from autoglm.settings import load_config, parse_assignments, to_dict
-from results_io import pyplot, save_results
+from results_io import pyplot, save_figure, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("alignment")
@@ -126,10 +126,7 @@ def plot(rows: dict[str, Any], sup: dict[str, Any] | None, path: Path) -> None:
     ax.set(xlabel="epoch", ylabel="zero-shot accuracy, validation (%)", title="digits: zero-shot accuracy vs epoch")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def markdown(res: dict[str, Any]) -> str:

@@ -46,7 +46,7 @@ import torch
 from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
 from autoglm.recipes.compare import CompareConfig, compare, latencies
 from autoglm.settings import load_config
-from results_io import pyplot, save_results
+from results_io import pyplot, save_figure, save_results
 
 ROOT = Path(__file__).resolve().parent
 SHAKESPEARE = ROOT.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -349,9 +349,7 @@ def plot(res: dict, path: Path) -> None:
     for ax in axes:
         ax.legend()
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> None:

@@ -49,7 +49,7 @@ from autoglm.ops.replicas import ReplicaPolicy, plan_replicas
 from autoglm.ops.trace import Burst, diurnal_trace, to_prometheus
 from autoglm.recipes.ops import ForecastConfig, load_series, resolve_capacity
 from autoglm.settings import load_config
-from results_io import pyplot, save_results
+from results_io import pyplot, save_figure, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("forecast")
@@ -196,9 +196,7 @@ def main() -> None:
         lines2 = ax2.get_legend_handles_labels()
         ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="upper left", fontsize=8)
         ax.set_title("Test day: load, forecast and recommended replicas")
-        fig.tight_layout()
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        fig.savefig(Path(out_dir) / "forecast.png", dpi=110)
+        save_figure(fig, Path(out_dir) / "forecast.png", dpi=110)
         res["plot"] = "forecast.png"
 
     md = [f"Generated trace: 10 days of output tokens/s at {step_min}-minute steps (daily curve, weekends at 70%, "

@@ -53,7 +53,7 @@ from autoglm.graph.experiment import pretrain as pretrain_shipped
 from autoglm.graph.sampling import build_csr, sampled_steps
 from autoglm.recipes.graph_ssl import GraphPretrainConfig, GraphProbeConfig, GraphTuneConfig, load_data, probe
 from autoglm.settings import load_config, parse_assignments, to_dict
-from results_io import pyplot, save_results
+from results_io import pyplot, save_figure, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger("graph_ssl")
@@ -162,8 +162,7 @@ def tune_section(args: argparse.Namespace, data) -> dict:
         tcfg = load_config(GraphTuneConfig, args.config, {**over, "out": str(run),
                                                          "tune.minutes": args.tune_minutes, "tune.report_seeds": 0})
         res = tune(tcfg, data)
-    same = not _flat(res["tuned_config"], "ssl") or all(
-        _get(config(args), k) == v for k, v in _flat(res["tuned_config"], "ssl").items())
+    same = res["tuned_config"] == res["base_config"]
     rows = {"default": [], "tuned": []} if not same else {"default": []}
     seeds = config(args).probe.seeds
     for k in range(seeds):  # interleaved: both configs see the same machine load
@@ -186,13 +185,6 @@ def tune_section(args: argparse.Namespace, data) -> dict:
             "search_seconds": res["search_seconds"], "tune_seconds": res.get("tune_seconds"),
             "stopped_by": res["stopped_by"], "budget_minutes": res["budget_minutes"],
             "tuned_config": res["tuned_config"], "report": report}
-
-
-def _get(cfg, dotted: str):
-    """The value at a dotted path ("ssl.loss.mask_rate") of a nested config dataclass."""
-    for part in dotted.split("."):
-        cfg = getattr(cfg, part)
-    return list(cfg) if isinstance(cfg, tuple) else cfg
 
 
 def _flat(d: dict, prefix: str) -> dict:
@@ -315,10 +307,7 @@ def plot_curve(curve: list[dict], title: str, path: Path) -> None:
     ax.set(xlabel="pre-training epoch", ylabel="linear-probe accuracy (%)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     log.info("wrote %s", path)
 
 

@@ -95,3 +95,15 @@ def pyplot() -> Any:
         logging.warning("matplotlib not installed; skipping the plot")
         return None
     return plt
+
+
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Lay out `fig`, write it to `path` (folders made as needed) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -110,8 +110,6 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
         # a Python int: a static cache's length is a tensor that its update() then moves in place
         past_len = int(cache.get_seq_length()) if cache is not None else 0
         static_len = cache.get_max_length() if cache is not None and cache.is_compileable else -1
-        if static_len > 0 and kwargs.get("cache_position") is not None:  # a static cache: HF says where it writes
-            past_len = int(kwargs["cache_position"][0])
         if attention_mask is not None and attention_mask.dim() == 4:
             attention_mask = _mask_2d(attention_mask, past_len + input_ids.shape[1])
         total = past_len + input_ids.shape[1]

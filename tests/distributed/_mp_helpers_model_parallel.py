@@ -289,6 +289,14 @@ def single_process_rows() -> tuple[dict, ...]:
     return tuple(train_cli(Path(tempfile.mkdtemp(prefix="autoglm-single-")) / "run"))
 
 
+def assert_resumed(strategy: str) -> None:
+    """Every rank's DCP round trip of `strategy` restored weights, AdamW moments and its own groups."""
+    for rank, res in enumerate(worker_results()):
+        r = res["resume"][strategy]
+        assert r["weights_equal"] and r["moments_equal"], rank
+        assert r["groups"] == r["groups_saved"], rank
+
+
 def assert_cli_matches_single(strategy: str, tmp_path: Path, lm_tol: float, aux_tol: float) -> None:
     """The strategy's 4 training steps through `autoglm train --nproc 2` track one process:
     step 1 (same initial weights, same global batch) and the last step's losses, and the

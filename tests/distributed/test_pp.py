@@ -11,7 +11,7 @@ forward-only logits must agree to fp32 round-off.
 
 import pytest
 import torch
-from _mp_helpers_model_parallel import PP_VARIANTS, batch, build_model, tiny_config, worker_results
+from _mp_helpers_model_parallel import PP_VARIANTS, assert_resumed, batch, build_model, tiny_config, worker_results
 
 from autoglm.distributed.pipeline import check_pipeline, split_layers
 from autoglm.losses import lm_loss
@@ -107,10 +107,7 @@ def test_pp_checkpoint_resumes_weights_optimizer_state_and_groups():
     into a fresh model and optimizer: same weights, same AdamW moments, and each rank keeps
     its own parameter groups with the schedule's learning rate (DCP keys the groups by
     index, which alone hands a rank another rank's group members)."""
-    for rank, res in enumerate(worker_results()):
-        r = res["resume"]["pp"]
-        assert r["weights_equal"] and r["moments_equal"], rank
-        assert r["groups"] == r["groups_saved"], rank
+    assert_resumed("pp")
 
 
 @pytest.mark.slow

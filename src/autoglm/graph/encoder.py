@@ -243,13 +243,13 @@ class GraphEncoder(nn.Module):
             return None, _with_self_loops(edge_index, num_nodes, None)[0]
         return normalized_adjacency(edge_index, num_nodes, edge_weight), None
 
-    def _project(self, x: torch.Tensor, lin: nn.Linear, dropout: nn.Dropout,
+    def _project(self, x: torch.Tensor, lin: nn.Linear, dropout_p: float,
                  replace: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
         """lin(dropout(x')) of the first projection, where x' is x with the rows of `replace`'s
         mask read from its (1, F) token, computed row-wise (a linear map of a row is the map of
         that row: where(m, lin(token), lin(x))) so x itself can take the sparse matmul
         (`input_linear`). None when a dropout is active: the caller then materialises x'."""
-        if self.training and (self.input_dropout.p > 0 or dropout.p > 0):
+        if self.training and (self.input_dropout.p > 0 or dropout_p > 0):
             return None
         hw = input_linear(x, lin)
         if replace is not None:
@@ -273,8 +273,7 @@ class GraphEncoder(nn.Module):
         adj, ei = graph
         layers = list(self.layers)
         first = layers[0] if self.input is None else None  # the first layer reads x directly
-        hw = self._project(x, first.lin if first else self.input, first.dropout if first else nn.Dropout(0.0),
-                           replace)
+        hw = self._project(x, first.lin if first else self.input, first.dropout.p if first else 0.0, replace)
         if hw is None:  # dropout on x: materialise the masked copy and run the plain layers
             if replace is not None:
                 x = torch.where(replace[0].unsqueeze(1), replace[1].expand_as(x), x)
