@@ -95,7 +95,7 @@ class EngineStats:
 
     @property
     def tokens_per_spec_step(self) -> float:
-        """Tokens a request gets from one speculative step (1 .. k): the speed-up's upper bound."""
+        """Tokens a request gets from one speculative step (1 .. k + 1): the speed-up's upper bound."""
         return self.spec_emitted / self.spec_steps if self.spec_steps else 0.0
 
     @property
@@ -212,8 +212,8 @@ class EngineCore:
         if k >= self.max_model_len:
             raise InvalidRequestError(f"speculative_tokens ({k}) must be smaller than the model's context "
                                       f"({self.max_model_len} tokens)", "speculative_tokens")
-        if k > self.config.max_num_batched_tokens:
-            raise InvalidRequestError(f"speculative_tokens ({k}) exceeds the engine's step budget "
+        if k >= self.config.max_num_batched_tokens:
+            raise InvalidRequestError(f"speculative_tokens ({k}) + 1 verify rows exceed the engine's step budget "
                                       f"(max_num_batched_tokens {self.config.max_num_batched_tokens}); lower it",
                                       "speculative_tokens")
         if k and lora is not None:

@@ -11,14 +11,15 @@ Every step, under a token budget (`max_num_batched_tokens`) and a cap on running
 3. then waiting requests are admitted while budget, sequence slots and blocks last.
 
 Prefill chunks and decode tokens therefore share one batch. A decoding request that
-speculates (`SamplingParams.speculative_tokens`) gets k slots ahead and counts k tokens
-against the budget (`ScheduledRequest.num_draft`; see `speculative`), k clipped at its
-max_tokens, the model's context and the budget left; short of blocks it decodes plainly. The scheduler talks to the
+speculates (`SamplingParams.speculative_tokens`) gets k + 1 slots ahead (k drafts and the
+bonus row) and counts k + 1 tokens against the budget (`ScheduledRequest.num_draft` = k;
+see `speculative`), k clipped so that k + 1 tokens fit its max_tokens, the model's context
+and the budget left; short of blocks it decodes plainly. The scheduler talks to the
 KV-cache manager only through `allocate_slots` / `free_out_of_window` / `free`.
 
 After the runner executed a step, `update_from_output(scheduler_output, runner_output)` is
 the one place request state moves on: computed tokens advance, sampled tokens are
-appended (1 .. k of them after a speculative step), and the token-level stop rules (EOS, stop token ids, max_tokens, the model's
+appended (1 .. k + 1 of them after a speculative step), and the token-level stop rules (EOS, stop token ids, max_tokens, the model's
 context) finish requests and free their blocks. It returns one `EngineCoreOutput` per
 request that sampled. Stop *strings* need text, so they are the output processor's; it
 finishes such a request through the engine core (`finish`).
@@ -108,8 +109,8 @@ class Scheduler:
             self.kv.free_out_of_window(req.request_id, frontier)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             draft = self._num_draft(req, budget) if n == 1 else 0
-            # a speculating request's drafts need k slots ahead; short of blocks it decodes plainly
-            if draft and self.kv.allocate_slots(req.request_id, req.num_computed_tokens + draft) is None:
+            # k drafts + the bonus row need k + 1 slots ahead; short of blocks it decodes plainly
+            if draft and self.kv.allocate_slots(req.request_id, req.num_computed_tokens + draft + 1) is None:
                 draft = 0
             while self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
                 victim = self.running.pop()  # latest admitted; never one already scheduled (index < i)
@@ -120,7 +121,7 @@ class Scheduler:
             if req.status == RequestStatus.PREEMPTED:
                 break
             out.scheduled.append(ScheduledRequest(req, n, draft))
-            budget -= max(n, draft)
+            budget -= n + draft
             i += 1
         if out.preempted:  # memory is short: do not admit anyone new this step
             return out
@@ -140,15 +141,13 @@ class Scheduler:
 
     def _num_draft(self, req: Request, budget: int) -> int:
         """Tokens a decoding request drafts this step: its `speculative_tokens`, clipped so that
-        every emitted token fits its max_tokens, the model's context and the step's budget; 0
-        (a plain step) when fewer than 2 are left, where speculation cannot win."""
+        every token the step may emit (k + 1 with the bonus) fits its max_tokens, the model's
+        context and the step's budget; 0 (a plain step) when only one token is left."""
         k = req.params.speculative_tokens or 0
-        if k < 2:
-            return 0
-        k = min(k, req.params.max_tokens - len(req.output_ids), budget)
+        k = min(k, req.params.max_tokens - len(req.output_ids) - 1, budget - 1)
         if self.max_model_len:
-            k = min(k, self.max_model_len - req.num_tokens)
-        return k if k >= 2 else 0
+            k = min(k, self.max_model_len - req.num_tokens - 1)
+        return max(k, 0)
 
     # -------------------------------------------------------------- updates
     def update_from_output(self, so: SchedulerOutput, runner_output) -> list[EngineCoreOutput]:

@@ -3,17 +3,18 @@
 A request that speculates with k draft tokens (`SamplingParams.speculative_tokens`) runs,
 in one engine step:
 
-1. draft: k passes through the first E layers (E = `EngineConfig.speculative_layer`),
-   one row per speculating request each, starting from its last token; the shared final
-   norm + LM head on layer E's output (`model.exit_logits`) give the draft distribution
-   q_j, from which draft token d_j is picked by the request's own sampling rule. These
-   passes write the K/V of layers < E for positions n-1 .. n+k-2: exactly the entries the
-   full model would write there, since a layer's K/V depend on the layers below only;
-2. verify: one pass through layers E .. L-1 over k rows per request (its last token and
-   d_1 .. d_{k-1}), starting from the hidden states the draft left at layer E, so the
+1. draft: k + 1 passes through the first E layers (E = `EngineConfig.speculative_layer`),
+   one row per speculating request each, over its last token and then each new draft; the
+   shared final norm + LM head on layer E's output (`model.exit_logits`) of passes 0 .. k-1
+   give the draft distribution q_j, from which draft token d_j is picked by the request's
+   own sampling rule (pass k, fed d_k, has no exit head: it is there for the bonus row).
+   These passes write the K/V of layers < E for positions n-1 .. n+k-1: exactly the entries
+   the full model would write there, since a layer's K/V depend on the layers below only;
+2. verify: one pass through layers E .. L-1 over k + 1 rows per request (its last token
+   and d_1 .. d_k), starting from the hidden states the draft left at layer E, so the
    shared layers are not run again; row j attends to the keys of rows <= j (written in the
    same layer just before) as an ordinary decode row. Its logits give the full model's
-   distribution p_j at every drafted position;
+   distribution p_j at every drafted position, and after d_k;
 3. accept: greedy requests keep the longest prefix of drafts equal to the full model's
    argmax and then take the full model's token at the first disagreement, so the output is
    token for token the full model's; sampling requests accept d_j with probability
@@ -21,19 +22,22 @@ in one engine step:
    p_j - q_j)) (speculative sampling, Leviathan et al. / Chen et al.), so every emitted
    token is distributed as the full model's next token. p and q are the distributions the
    request's `SamplingParams` sample from (penalties, temperature, top-k/p, min-p,
-   `sampling.target_probs`), with the drafts so far counted in the history.
+   `sampling.target_probs`), with the drafts so far counted in the history. When all k
+   drafts are kept, the last row's p_k gives one more token (the bonus: greedy argmax, or a
+   draw from p_k), as in vLLM's and LayerSkip's verification.
 
 Drafting stops early for a request whose exit is unsure (top probability below
-`min_prob`, `EngineConfig.speculative_min_prob`): that draft is its last of the step, so
-the step verifies fewer, likelier drafts. The rule looks at the draft only, so the output
-stays exact.
+`min_prob`, `EngineConfig.speculative_min_prob`): that draft is dropped and the step
+verifies the j drafts before it, with the row after the last of them as its bonus row
+(already fed by the pass that made the unsure draft, so no pass is wasted on a draft that
+would likely be rejected). The rule looks at the draft only, so the output stays exact.
 
-A step emits 1 .. k tokens: the accepted drafts and, unless all k were accepted, the full
-model's token where the first draft was rejected. Positions past the last emitted token
-keep stale K/V that no query reads (a decode row reads keys up to its own position) and
-that a later step overwrites. The scheduler gives a speculating request k slots ahead
-(`ScheduledRequest.num_draft`) and clips k at its max_tokens and the model's context; it
-counts k tokens against the step's budget.
+A step emits 1 .. k + 1 tokens: the accepted drafts, then the full model's token where the
+first draft was rejected, or the bonus token when none was. Positions past the last emitted
+token keep stale K/V that no query reads (a decode row reads keys up to its own position)
+and that a later step overwrites. The scheduler gives a speculating request k + 1 slots
+ahead (`ScheduledRequest.num_draft` = k) and clips k so that k + 1 tokens fit its
+max_tokens and the model's context; it counts k + 1 rows against the step's budget.
 
 Sampled output is exact in distribution, not draw for draw: a seeded speculating request
 is reproducible, but draws other tokens than the same seed without speculation.
@@ -54,7 +58,7 @@ __all__ = ["SelfSpeculator", "SpeculationResult"]
 
 @dataclass
 class SpeculationResult:
-    """One request's speculative step: the tokens it emits (1 .. k) and how many drafts were kept."""
+    """One request's speculative step: the tokens it emits (1 .. k + 1) and how many drafts were kept."""
 
     token_ids: list[int]
     logprobs: list[TokenLogprob | None] = field(default_factory=list)
@@ -81,12 +85,12 @@ class SelfSpeculator:
 
     @torch.inference_mode()
     def run(self, scheduled: list, generators: list[torch.Generator | None]) -> list[SpeculationResult]:
-        """One speculative step for each `ScheduledRequest` (decoding, `num_draft` >= 2)."""
+        """One speculative step for each `ScheduledRequest` (decoding, `num_draft` >= 1)."""
         rn = self.runner
         layers = rn.model.model.layers
         E = self.draft_layer
         reqs = [s.request for s in scheduled]
-        ks = [s.num_draft for s in scheduled]  # lowered when a draft is unsure (min_prob)
+        ks = [s.num_draft for s in scheduled]  # drafts per request, lowered when one is unsure (min_prob)
         tables = [rn.kv.get(r.request_id).block_ids for r in reqs]
         starts = [r.num_tokens - 1 for r in reqs]
         params = [r.params for r in reqs]
@@ -94,8 +98,11 @@ class SelfSpeculator:
         tokens = [[r.all_token_ids[-1]] for r in reqs]
         hidden: list[list[torch.Tensor]] = [[] for _ in reqs]  # layer-E output of each of those rows
         q_probs: list[list[torch.Tensor | None]] = [[] for _ in reqs]
-        for j in range(max(ks)):
-            active = [i for i, k in enumerate(ks) if k > j]
+        # pass j feeds tokens[i][j] through layers < E for every request with j <= ks[i]: passes
+        # 0 .. k-1 also draft d_{j+1} from the exit, pass k (no exit head) is there so the
+        # verify pass can score the position after d_k too (the bonus row)
+        for j in range(max(ks) + 1):
+            active = [i for i, k in enumerate(ks) if j <= k]
             if not active:  # every request stopped drafting early
                 break
             lay = rn.builder.build([Segment(tables[i], starts[i] + j, [tokens[i][j]], True) for i in active])
@@ -104,18 +111,25 @@ class SelfSpeculator:
                 x, _ = layer(x, meta, cache)
             for a, i in enumerate(active):
                 hidden[i].append(x[0, a])
-            exit_logits = rn.model.exit_logits(x[0])
-            probs = target_probs(exit_logits, [params[i] for i in active], *self._histories(reqs, tokens, active, j))
-            drafts = self._draw(probs, [params[i] for i in active], [generators[i] for i in active])
+            rows = [a for a, i in enumerate(active) if j < ks[i]]  # those that draft d_{j+1}
+            if not rows:
+                continue
+            drafting = [active[a] for a in rows]
+            exit_logits = rn.model.exit_logits(x[0, rows] if len(rows) < len(active) else x[0])
+            probs = target_probs(exit_logits, [params[i] for i in drafting],
+                                 *self._histories(reqs, tokens, drafting, j))
+            drafts = self._draw(probs, [params[i] for i in drafting], [generators[i] for i in drafting])
             sure = (exit_logits.float().softmax(-1).amax(-1) >= self.min_prob).tolist() if self.min_prob else None
-            for a, (i, d) in enumerate(zip(active, drafts)):
+            for a, (i, d) in enumerate(zip(drafting, drafts)):
+                if sure is not None and not sure[a]:  # an unsure draft is dropped: j drafts this step
+                    ks[i] = j
+                    continue
                 tokens[i].append(d)
                 q_probs[i].append(None if params[i].greedy else probs[a])
-                if sure is not None and not sure[a]:  # an unsure draft is the last one of this step
-                    ks[i] = j + 1
 
-        # verify: k rows per request from layer E up, request-major
-        rows = [(i, j) for i, k in enumerate(ks) for j in range(k)]
+        # verify: k + 1 rows per request from layer E up, request-major
+        nrows = [k + 1 for k in ks]
+        rows = [(i, j) for i, n in enumerate(nrows) for j in range(n)]
         lay = rn.builder.build([Segment(tables[i], starts[i] + j, [tokens[i][j]], True) for i, j in rows])
         meta, cache = rn._attention(lay)
         x = torch.stack([hidden[i][j] for i, j in rows])[None]  # (1, R, d)
@@ -123,7 +137,7 @@ class SelfSpeculator:
             x, _ = layer(x, meta, cache)
         bb = rn.model.model
         logits = rn.model.lm_head(bb.norm(x[0]))  # (R, V): the full model's, at every drafted position
-        seen, outs = self._verify_histories(reqs, tokens, ks)
+        seen, outs = self._verify_histories(reqs, tokens, nrows)
         p_all = target_probs(logits, [params[i] for i, _ in rows], seen, outs)
 
         results, base = [], 0
@@ -151,10 +165,13 @@ class SelfSpeculator:
                     dist = resid / total if total > 0 else p
                     emitted.append(int(torch.multinomial(dist, 1, generator=g)))
                 break
+            else:  # every draft kept (or none made): the last row gives the full model's next token
+                p = p_all[base + k]
+                emitted.append(int(p.argmax()) if params[i].greedy else int(torch.multinomial(p, 1, generator=g)))
             lps = [token_logprob(logits[base + j], t, params[i].logprobs) if params[i].logprobs is not None else None
                    for j, t in enumerate(emitted)]
             results.append(SpeculationResult(emitted, lps, k, n_acc))
-            base += k
+            base += nrows[i]
         return results
 
     # ------------------------------------------------------------- internals
