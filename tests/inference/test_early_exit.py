@@ -122,6 +122,33 @@ def test_objective_exit_layers_restricts_the_intermediate_losses():
         raise AssertionError(f"exit_layers={bad} was accepted")
 
 
+def test_objective_self_distillation_targets_the_full_models_distribution():
+    """target="model": the exit loss is -sum_v p_full(v) log q_exit(v), averaged over labelled
+    positions (hand-computed), and no gradient reaches the full model's logits through p."""
+    model = make_model("tiny", num_hidden_layers=4)
+    x = torch.randint(2, 512, (2, 12))
+    labels = x.clone()
+    labels[0, :5] = -100  # ignored positions take no part
+    out = model(x, output_hidden_states=True)
+    p = out.logits.float().softmax(-1)
+    logq = model.lm_head(model.model.norm(out.hidden_states[3])).float().log_softmax(-1)
+    keep = labels != -100
+    want = -(p * logq).sum(-1)[keep].mean() * (3 / 4)
+    got = EarlyExitObjective(exit_layers=(3,), target="model")(model, (x, labels))
+    torch.testing.assert_close(got["exit_loss"], want)
+    upper = [q for layer in model.model.layers[2:] for q in layer.parameters()]  # above the exit at 2
+
+    def upper_grads(weight):
+        model.zero_grad()
+        EarlyExitObjective(weight, exit_layers=(2,), target="model")(model, (x, labels))["loss"].backward()
+        return [q.grad.clone() for q in upper]
+
+    for a, b in zip(upper_grads(0.0), upper_grads(5.0)):  # the target is detached: only the LM loss reaches them
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="exit target"):
+        EarlyExitObjective(target="teacher")
+
+
 def assert_tokens_from_full_model_states(model, prompt, out_ids, exits):
     """Each generated token is the argmax of the exit (or last) layer on the *full* model's hidden
     states of its prefix: the K/V every token read was the full model's, deferred rows included."""

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from ..distributed.config import DistributedSpec
 from ..settings import section, setting
@@ -38,6 +38,10 @@ class EarlyExitSpec:
     weight: float = setting(1.0, "weight of the exit losses against the last layer's", flag="exit_weight")
     layers: tuple[int, ...] | None = setting(None, "layers after which exits are trained (and tried when serving); "
                                                    "none = every intermediate layer", flag="exit_layers")
+    target: Literal["labels", "model"] = setting(
+        "labels", "what the exits learn: labels (the next token of the text, LayerSkip) or model (the last layer's "
+                  "own distribution, self-distillation: the exit then drafts what the full model would say, for "
+                  "self-speculative decoding)", flag="exit_target")
 
     def __post_init__(self) -> None:
         if self.weight < 0:
@@ -121,7 +125,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
         data = prepare()
     torch.manual_seed(t.seed)
     model = init_model.train() if init_model is not None else build_model(cfg.model, len(data.tokenizer))
-    objective = EarlyExitObjective(ee.weight, ee.layers) if ee.enabled else None
+    objective = EarlyExitObjective(ee.weight, ee.layers, ee.target) if ee.enabled else None
     train, val = data.tokens.train, data.tokens.val
     dp_rank, dp_size = strategy.data_parallel_rank, strategy.data_parallel_size
     trainer = Trainer(model, t, train_batch=lambda i: rank_batch(train, t.batch_size, t.seq_len, i, t.seed, dp_rank,
@@ -138,7 +142,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
     extra: dict[str, Any] = {"data": data.source, "token_cache": str(data.tokens.path)}
     if ee.enabled:  # what `autoglm serve` reads to try exactly the trained exits
         layers = ee.layers if ee.layers is not None else range(1, model.config.num_hidden_layers)
-        extra["early_exit"] = {"layers": list(layers), "weight": ee.weight}
+        extra["early_exit"] = {"layers": list(layers), "weight": ee.weight, "target": ee.target}
     info = run_info("pretrain", cfg, result, **extra)
     run = RunDir.save(out, model, data.tokenizer, info, config_yaml=to_yaml(cfg))
     return PretrainOutput(model, data.tokenizer, result, run, data.source)

@@ -10,7 +10,11 @@ LoRA, graph and multimodal objectives plug in without touching the loop.
 every intermediate layer's output goes through the *shared* final norm and LM head
 (`model.exit_logits`) and gets its own next-token loss, weighted `exit_weight * (l / L)`
 (deeper exits count more). The engine's runner can then stop a decode step at the first
-layer whose top probability reaches a threshold (`autoglm.inference.runner`).
+layer whose top probability reaches a threshold (`autoglm.inference.runner`). With
+`target="model"` the exits learn the last layer's own (detached) next-token distribution
+instead of the labels (self-distillation, a soft-target cross-entropy): what an exit that
+drafts for self-speculative decoding should predict is the full model's token, not the
+text's, since only drafts equal to the full model's are kept.
 
 Example:
     >>> import torch
@@ -31,9 +35,13 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from ..losses import lm_loss
+import torch.nn.functional as F
 
-__all__ = ["Objective", "CausalLMObjective", "EarlyExitObjective"]
+from ..losses import IGNORE_INDEX, lm_loss
+
+__all__ = ["Objective", "CausalLMObjective", "EarlyExitObjective", "EXIT_TARGETS"]
+
+EXIT_TARGETS = ("labels", "model")
 
 
 @runtime_checkable
@@ -73,7 +81,11 @@ class EarlyExitObjective:
     None trains every intermediate layer. Fewer exits also mean fewer LM-head passes per step.
     """
 
-    def __init__(self, exit_weight: float = 1.0, exit_layers: tuple[int, ...] | None = None) -> None:
+    def __init__(self, exit_weight: float = 1.0, exit_layers: tuple[int, ...] | None = None,
+                 target: str = "labels") -> None:
+        if target not in EXIT_TARGETS:
+            raise ValueError(f"exit target must be one of {EXIT_TARGETS}, got {target!r}")
+        self.target = target
         if exit_weight < 0:
             raise ValueError(f"exit_weight must be >= 0, got {exit_weight}")
         if exit_layers is not None and (not exit_layers or min(exit_layers) < 1):
@@ -93,10 +105,17 @@ class EarlyExitObjective:
             raise ValueError(f"exit_layers {self.exit_layers} must be < num_hidden_layers ({L}); "
                              f"the last layer is the full model, trained by the LM loss already")
         layers = self.exit_layers if self.exit_layers is not None else range(1, L)
-        exits = [(l / L) * lm_loss(model.exit_logits(hs[l]), labels) for l in layers]
+        if self.target == "model":  # the full model's distribution at the labelled positions
+            keep = labels.reshape(-1) != IGNORE_INDEX
+            soft = out.logits.detach().float().reshape(-1, out.logits.shape[-1])[keep].softmax(-1)
+            exit_loss = lambda lg: F.cross_entropy(lg.float().reshape(-1, lg.shape[-1])[keep], soft)  # noqa: E731
+        else:
+            exit_loss = lambda lg: lm_loss(lg, labels)  # noqa: E731
+        exits = [(l / L) * exit_loss(model.exit_logits(hs[l])) for l in layers]
         ex = torch.stack(exits).mean() if exits else torch.zeros((), device=lm.device)
         return {"loss": lm + aux + self.exit_weight * ex, "lm_loss": lm.detach(), "aux_loss": aux.detach(),
                 "exit_loss": ex.detach()}
 
     def __repr__(self) -> str:
-        return f"EarlyExitObjective(exit_weight={self.exit_weight}, exit_layers={self.exit_layers})"
+        return (f"EarlyExitObjective(exit_weight={self.exit_weight}, exit_layers={self.exit_layers}, "
+                f"target={self.target!r})")
