@@ -15,7 +15,7 @@
 #   decode   - benchmarks/decode.py on `base`, batch 1 and 32: HF generate on the same model, transformers'
 #              Llama and Mixtral of the same size (eager and static cache + torch.compile, HF's best),
 #              the engine eager, with CUDA graphs, and with CUDA graphs + torch.compile (bf16).
-#   spec     - self-speculative decoding of a trained early-exit run (SPEC_RUN, default runs/spec-ee,
+#   spec     - self-speculative decoding of a trained early-exit run (SPEC_RUN, default runs/spec-ee2,
 #              carried to the machine; skipped when absent): speed-up over plain decoding at batch 1,
 #              tokens per step, identical greedy tokens (fp32, the dtype it was trained in).
 # Further stages are appended below by the benchmarks that own them.
@@ -102,11 +102,11 @@ if has decode; then
 fi
 
 if has spec; then
-  SPEC_RUN=${SPEC_RUN:-runs/spec-ee}
+  SPEC_RUN=${SPEC_RUN:-runs/spec-ee2}
   if [[ -f "$SPEC_RUN/run.json" ]]; then
     echo "== spec: self-speculative decoding of $SPEC_RUN (batch 1 and 32)"
     timeout 300 $PY benchmarks/decode.py --device cuda --speculative-run "$SPEC_RUN" --prompt-len 64 \
-      --new-tokens 64 --spec-k 2,3,4 --spec-min-prob 0,0.3 --spec-batches 1,32 --repeats 2 \
+      --new-tokens 64 --spec-k 1,2,3 --spec-min-prob 0,0.3 --spec-batches 1,32 --repeats 2 \
       --name speculative-gpu --out "$OUT_DIR" || echo "spec stage failed or timed out (see above)"
   else
     echo "== spec: skipped, no trained early-exit run at $SPEC_RUN (autoglm train --config configs/speculative.yaml)"
