@@ -233,11 +233,26 @@ def bench_preset(name, a, device, dtype):
     return res
 
 
+def held_out_prompts(run, tok, length: int, n_val: int, n_test: int) -> tuple[list, list]:
+    """`n_val` prompts of `length` tokens spread over the first half of a run's held-out text
+    (validation: settings are chosen there) and `n_test` over the second half (reported)."""
+    from autoglm.data import prepare_corpus
+
+    held = prepare_corpus(run.data_source, Path(run.info["config"]["data"]["cache_dir"]), tokenizer=tok,
+                          val_fraction=run.info["config"]["data"]["val_fraction"]).tokens.val
+    half = len(held) // 2
+
+    def take(lo, hi, n):
+        step = (hi - lo - length) // max(n, 1)
+        return [held[lo + i * step: lo + i * step + length].tolist() for i in range(n)]
+
+    return take(0, half, n_val), take(half, len(held), n_test)
+
+
 def speculative(a, device):
     """Self-speculative decoding of a trained early-exit run at batch 1 (and `--spec-batch`):
     (exit layer, k) chosen on validation prompts (the first half of the run's held-out text),
     then plain vs speculative engine on test prompts (the second half), interleaved."""
-    from autoglm.data import prepare_corpus
     from autoglm.rundir import RunDir
 
     run = RunDir.open(a.speculative_run)
@@ -248,15 +263,7 @@ def speculative(a, device):
         raise SystemExit(f"{a.speculative_run} records no trained early exit (run.json early_exit); train one with "
                          f"`autoglm train --config configs/speculative.yaml` first")
     layers = [int(x) for x in a.spec_layers.split(",")] if a.spec_layers else list(trained)
-    held = prepare_corpus(run.data_source, Path(run.info["config"]["data"]["cache_dir"]), tokenizer=tok,
-                          val_fraction=run.info["config"]["data"]["val_fraction"]).tokens.val
-    half = len(held) // 2
-
-    def take(lo, hi, n):
-        step = (hi - lo - a.prompt_len) // n
-        return [held[lo + i * step: lo + i * step + a.prompt_len].tolist() for i in range(n)]
-
-    val, test = take(0, half, a.spec_val_prompts), take(half, len(held), a.spec_test_prompts)
+    val, test = held_out_prompts(run, tok, a.prompt_len, a.spec_val_prompts, a.spec_test_prompts)
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=0, ignore_eos=True)
 
     def engine(E=None, k=0, batch=1, min_prob=0.0):
