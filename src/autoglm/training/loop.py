@@ -366,9 +366,11 @@ class Trainer:
                 f"warmup_steps ({self.cfg.warmup_steps}), keep grad_clip > 0, or use precision='fp32' "
                 f"(last checkpoint: {last})")
         level = logging.DEBUG if self.progress else logging.INFO  # the bar already shows it
-        log.log(level, "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f | %.0f tok/s | MFU %.1f%%", self.step,
-                self.cfg.max_steps, row["loss"], row["lr"], row["grad_norm"], tokens_per_s,
-                100 * row.get("mfu", 0.0))
+        speed = f" | {tokens_per_s:.0f} tok/s" if tokens_per_s else ""  # batches without tokens (graphs): none
+        if "mfu" in row:
+            speed += f" | MFU {100 * row['mfu']:.1f}%"
+        log.log(level, "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f%s", self.step, self.cfg.max_steps,
+                row["loss"], row["lr"], row["grad_norm"], speed)
         return row
 
     def _model_flops(self, model: nn.Module) -> float | None:
