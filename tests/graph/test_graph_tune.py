@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from autoglm.cli import app
 from autoglm.graph.config import GraphSSLConfig
 from autoglm.graph.datasets import sbm_graph
-from autoglm.graph.tune import SPACE, TuneBudget, candidates, check_validation_split, tune_graph
+from autoglm.graph.tune import SPACE, TuneBudget, _apply, candidates, check_validation_split, tune_graph
 from autoglm.settings import load_config
 
 ONE_PROBE = {"weight_decays": (1e-3,), "standardize": (False,)}
@@ -59,6 +59,24 @@ def test_early_stopping_and_budget_end_trials(graph):
                                              report_seeds=1, space=SMALL), probe_kw=ONE_PROBE)
     assert len(res["trials"]) == 1 and res["stopped_by"] == "budget"  # the first trial always runs
     assert set(res["report"]) == {"base", "tuned"}
+
+
+def test_successive_halving_trains_many_settings_briefly_and_the_best_at_full_length(graph):
+    space = {"loss.edge_weight": (0.0, 1.0), "loss.contrastive_weight": (0.0, 0.1, 0.3), "optim.epochs": (4, 8)}
+    budget = TuneBudget(minutes=5, max_trials=6, eval_every=2, patience=9, confirm_top=2, report_seeds=0,
+                        space=space, halving=2, rungs=2)
+    res = tune_graph(graph, BASE, budget, probe_kw=ONE_PROBE)
+    first = [r for r in res["trials"] if r["rung"] == 0]
+    second = [r for r in res["trials"] if r["rung"] == 1]
+    assert [r["trial"] for r in first] == list(range(6))
+    full = {r["trial"]: _apply(BASE, r["overrides"]).optim.epochs for r in first}
+    for r in first:  # a whole schedule of half the setting's epochs (at least one probe's worth)
+        assert r["max_epochs"] == max(2, round(full[r["trial"]] / 2))
+    ranked = sorted(first, key=lambda r: -r["val_acc"])[:3]
+    assert {r["trial"] for r in second} == {r["trial"] for r in ranked} | {0}  # the best half, and the base
+    assert all(r["max_epochs"] == full[r["trial"]] for r in second)
+    # only the full-length rung is confirmed
+    assert {r["trial"] for r in res["confirm"]} <= {r["trial"] for r in second} and len(res["confirm"]) == 2
 
 
 def test_missing_validation_split_is_a_clear_error(graph):

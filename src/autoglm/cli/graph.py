@@ -166,10 +166,12 @@ def _tune(cfg: GraphTuneConfig) -> None:
     from ..recipes.graph_ssl import tune
 
     res = tune(cfg)
-    table = Table("trial", "val (%)", "epochs", "stopped", "s", "setting", title=f"graph tune on {cfg.data.source} "
-                  f"(validation nodes only; {res['search_seconds']:.0f} s, ended by {res['stopped_by']})")
+    table = Table("trial", "rung", "val (%)", "best epoch / of", "stopped", "s", "setting",
+                  title=f"graph tune on {cfg.data.source} (validation nodes only; {res['search_seconds']:.0f} s, "
+                        f"ended by {res['stopped_by']})")
     for r in res["trials"]:
-        table.add_row(str(r["trial"]), f"{r['val_acc']:.2f}", str(r["best_epoch"]), r["stopped"], f"{r['seconds']:.0f}",
+        table.add_row(str(r["trial"]), str(r["rung"]), f"{r['val_acc']:.2f}", f"{r['best_epoch']} / {r['max_epochs']}",
+                      r["stopped"], f"{r['seconds']:.0f}",
                       escape(", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "base"))
     console.print(table)
     for r in res["confirm"]:

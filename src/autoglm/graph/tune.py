@@ -7,6 +7,12 @@ time budget, then the test accuracy of the validation-best setting.
                 validation nodes every `eval_every` epochs; a trial stops after `patience`
                 probes without a better validation accuracy, or at the budget's end. Its score
                 is its best validation accuracy and its epochs are where that was reached.
+                With `halving` = eta > 1 the search is successive halving over `rungs` rungs:
+                rung r trains every setting still in the race on a schedule of 1 / eta^(R-1-r)
+                of its epochs (a whole, shorter cosine schedule, not a cut-off long one), and
+                the best 1 / eta of them (by validation accuracy; the base always) go on to the
+                next rung; each rung may use its share of the search time. Many settings are
+                tried briefly, few at full length, in the same budget.
     2. confirm  the `confirm_top` best settings are re-trained from scratch with those epochs
                 on `confirm_seeds` fresh seeds; the highest mean validation accuracy wins (the
                 search score alone favours lucky single runs).
@@ -72,12 +78,14 @@ class TuneBudget:
     confirm_top: int = 2
     confirm_seeds: int = 1
     report_seeds: int = 3
+    halving: int = 1  # successive halving's eta (1 = off: every trial trains its full schedule)
+    rungs: int = 3
     space: Mapping[str, tuple[Any, ...]] = field(default_factory=lambda: dict(SPACE))
 
     def __post_init__(self) -> None:
         if self.minutes <= 0:
             raise ValueError(f"minutes ({self.minutes}) must be > 0")
-        for name in ("max_trials", "eval_every", "patience"):
+        for name in ("max_trials", "eval_every", "patience", "halving", "rungs"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} ({getattr(self, name)}) must be >= 1")
         for name in ("confirm_top", "confirm_seeds", "report_seeds", "search_seed"):
@@ -177,6 +185,24 @@ def _steps_per_epoch(cfg: GraphSSLConfig, num_nodes: int) -> int:
     return -(-num_nodes // cfg.optim.batch_size) if cfg.optim.sampled else 1
 
 
+def _trial(data: Any, val_data: Any, cfg: GraphSSLConfig, i: int, over: Mapping[str, Any], rung: int,
+           budget: TuneBudget, probe_kw: dict[str, Any], per_epoch: int, deadline: float,
+           device: str | None) -> dict[str, Any]:
+    """Pre-train `cfg` with validation probes and early stopping; the search row of trial `i`."""
+    stop = EarlyStopping(val_data, budget.eval_every * per_epoch, cfg.optim.seed, probe_kw, budget.patience,
+                         deadline)
+    t = time.perf_counter()
+    pretrain(data.x, data.edge_index, cfg, device=device, callbacks=[stop], log_every=budget.eval_every * per_epoch)
+    epochs = max(1, round(stop.best["epoch"] / per_epoch))
+    row = {"stage": "search", "trial": i, "rung": rung, "overrides": dict(over), "val_acc": 100 * stop.best["val_acc"],
+           "best_epoch": epochs, "max_epochs": cfg.optim.epochs, "stopped": stop.reason,
+           "seconds": round(time.perf_counter() - t, 1),
+           "curve": [(int(p["epoch"]) // per_epoch, round(100 * p["val_acc"], 2)) for p in stop.points]}
+    log.info("trial %d (rung %d, %d epochs): val %.2f%% at epoch %d (%s, %.0f s) %s", i, rung, cfg.optim.epochs,
+             row["val_acc"], epochs, stop.reason, row["seconds"], over)
+    return row
+
+
 def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Mapping[str, Any] | None = None,
                device: str | None = None, on_trial: Callable[[dict[str, Any]], None] | None = None
                ) -> dict[str, Any]:
@@ -190,35 +216,39 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
     start = time.monotonic()
     # the search gets the budget less a fifth kept for the confirm stage (when there is one)
     confirming = budget.confirm_top > 0 and budget.confirm_seeds > 0
-    deadline = start + 60 * budget.minutes * (0.8 if confirming else 1.0)
+    search_end = start + 60 * budget.minutes * (0.8 if confirming else 1.0)
     val_data = _val_only(data)
     per_epoch = _steps_per_epoch(base, data.x.shape[0])
+    R = budget.rungs if budget.halving > 1 else 1
     trials: list[dict[str, Any]] = []
     stopped_by = "max_trials"
-    for i, over in enumerate(candidates(base, budget.space, budget.max_trials, budget.search_seed)):
-        if i and time.monotonic() > deadline:  # the base (trial 0) always runs, so there is a result
-            stopped_by = "budget"
+    pool = list(enumerate(candidates(base, budget.space, budget.max_trials, budget.search_seed)))
+    for rung in range(R):
+        # each rung may run until its share of the search time is spent
+        deadline = start + (search_end - start) * (rung + 1) / R
+        share = budget.halving ** -(R - 1 - rung)
+        rows: list[dict[str, Any]] = []
+        for i, over in pool:
+            if (rung or i) and time.monotonic() > deadline:  # the base's first trial always runs
+                stopped_by = "budget"
+                break
+            cfg = _apply(base, over)
+            if share < 1:  # a whole schedule of `share` of the setting's epochs, at least one probe's worth
+                cfg = _apply(base, {**over, "optim.epochs": max(budget.eval_every, round(cfg.optim.epochs * share))})
+            rows.append(_trial(data, val_data, with_seed(cfg, base.optim.seed), i, over, rung, budget, probe_kw,
+                               per_epoch, deadline, device))
+            if on_trial:
+                on_trial(rows[-1])
+        trials += rows
+        if rung == R - 1 or not rows:
             break
-        cfg = with_seed(_apply(base, over), base.optim.seed)
-        stop = EarlyStopping(val_data, budget.eval_every * per_epoch, cfg.optim.seed, probe_kw, budget.patience,
-                             deadline)
-        t = time.perf_counter()
-        pretrain(data.x, data.edge_index, cfg, device=device, callbacks=[stop],
-                 log_every=budget.eval_every * per_epoch)
-        epochs = max(1, round(stop.best["epoch"] / per_epoch))
-        row = {"stage": "search", "trial": i, "overrides": over, "val_acc": 100 * stop.best["val_acc"],
-               "best_epoch": epochs, "max_epochs": cfg.optim.epochs, "stopped": stop.reason,
-               "seconds": round(time.perf_counter() - t, 1),
-               "curve": [(int(p["epoch"]) // per_epoch, round(100 * p["val_acc"], 2)) for p in stop.points]}
-        trials.append(row)
-        log.info("trial %d: val %.2f%% at epoch %d (%s, %.0f s) %s", i, row["val_acc"], epochs, stop.reason,
-                 row["seconds"], over)
-        if on_trial:
-            on_trial(row)
+        keep = {r["trial"] for r in sorted(rows, key=lambda r: -r["val_acc"])[:-(-len(rows) // budget.halving)]}
+        pool = [(i, over) for i, over in pool if i in keep or i == 0]  # the base always goes on
     search_seconds = time.monotonic() - start
+    last = max(r["rung"] for r in trials)  # settings compared at the longest schedule any reached
 
     # confirm: the best distinct settings, re-trained with their chosen epochs on fresh seeds
-    ranked = sorted(trials, key=lambda r: -r["val_acc"])[:max(1, budget.confirm_top)]
+    ranked = sorted((r for r in trials if r["rung"] == last), key=lambda r: -r["val_acc"])[:max(1, budget.confirm_top)]
     confirm: list[dict[str, Any]] = []
     if confirming:
         for r in ranked:

@@ -91,6 +91,10 @@ class TuneSettings:
                                   "validation accuracy (0 = pick on the search score)")
     confirm_seeds: int = setting(1, "fresh seeds per confirmed setting")
     report_seeds: int = setting(3, "seeds of the final test report of the base and the tuned config (0 = none)")
+    halving: int = setting(1, "successive halving: each rung trains the settings still in the race on 1/halving "
+                              "of the next rung's epochs and keeps the best 1/halving of them (the base always); "
+                              "1 = off, every setting trains its full schedule")
+    rungs: int = setting(3, "rungs of successive halving (with halving > 1); the last trains full schedules")
     weight_decays: tuple[float, ...] = setting((1e-4, 1e-3, 1e-2, 5e-2), "the probe's weight decay grid (chosen "
                                                "on validation)", flag="probe-weight-decays")
     standardize: tuple[bool, ...] = setting((False, True), "z-score the embeddings before the probe: choices "
@@ -107,7 +111,8 @@ class TuneSettings:
 
         return TuneBudget(minutes=self.minutes, max_trials=self.max_trials, eval_every=self.eval_every,
                           patience=self.patience, search_seed=self.search_seed, confirm_top=self.confirm_top,
-                          confirm_seeds=self.confirm_seeds, report_seeds=self.report_seeds)
+                          confirm_seeds=self.confirm_seeds, report_seeds=self.report_seeds,
+                          halving=self.halving, rungs=self.rungs)
 
 
 @dataclass
