@@ -159,12 +159,14 @@ def tune_section(args: argparse.Namespace, data) -> dict:
         over = {("tune." + k[6:] if k in ("probe.weight_decays", "probe.standardize") else k): v
                 for k, v in parse_assignments(args.set).items() if not k.startswith("probe.")
                 or k in ("probe.weight_decays", "probe.standardize")}  # the probe grid is the tuner's too
-        tcfg = load_config(GraphTuneConfig, args.config, {**over, "out": str(run),
+        search = {f"tune.{k}": v for k, v in (("halving", args.tune_halving), ("rungs", args.tune_rungs),
+                                              ("max_trials", args.tune_max_trials)) if v is not None}
+        tcfg = load_config(GraphTuneConfig, args.config, {**over, **search, "out": str(run),
                                                          "tune.minutes": args.tune_minutes, "tune.report_seeds": 0})
         res = tune(tcfg, data)
     same = res["tuned_config"] == res["base_config"]
     rows = {"default": [], "tuned": []} if not same else {"default": []}
-    seeds = config(args).probe.seeds
+    seeds = config(args).probe.seeds if args.tune_report_seeds is None else args.tune_report_seeds
     for k in range(seeds):  # interleaved: both configs see the same machine load
         for name in rows:
             over = {"probe.seeds": 1, "ssl.optim.seed": k}
@@ -176,6 +178,8 @@ def tune_section(args: argparse.Namespace, data) -> dict:
         rows["tuned"] = rows["default"]
     report = {}
     for name, rs in rows.items():
+        if not rs:  # --tune-report-seeds 0: the search alone
+            continue
         accs = [r["per_seed"][0] for r in rs]
         mean = sum(accs) / len(accs)
         report[name] = {"mean": mean, "std": (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5,
@@ -341,13 +345,18 @@ def markdown(res: dict) -> str:
     if "tune" in res:
         t = res["tune"]
         out += ["## Recipe search on the validation nodes (`autoglm graph tune`)", "",
-                f"{len(t['trials'])} settings tried in {t['search_seconds']:.0f} s (budget {t['budget_minutes']} min, "
-                f"ended by {t['stopped_by']}), selected on validation accuracy only: trial {t['selected']['trial']} "
+                f"{len({r['trial'] for r in t['trials']})} settings tried in {t['search_seconds']:.0f} s of search, "
+                f"{t.get('tune_seconds') or t['search_seconds']:.0f} s with the confirm stage (budget "
+                f"{t['budget_minutes']} min, ended by {t['stopped_by']}); confirm stage (fresh seed): "
+                + ", ".join(f"trial {c['trial']} val {c['val_acc']:.2f}" for c in t["confirm"])
+                + f". Selected on validation accuracy only: trial {t['selected']['trial']} "
                 f"`{t['selected']['overrides']}`.", "",
-                "| trial | val (%) | epochs | stopped | setting |", "|---|---|---|---|---|"]
-        out += [f"| {r['trial']} | {r['val_acc']:.2f} | {r['best_epoch']} | {r['stopped']} | "
-                f"{', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or 'default'} |" for r in t["trials"]]
-        out += ["", "| config | val (%) | test accuracy (%) | per seed |", "|---|---|---|---|"]
+                "| trial | rung | val (%) | best epoch / of | stopped | setting |", "|---|---|---|---|---|---|"]
+        out += [f"| {r['trial']} | {r.get('rung', 0)} | {r['val_acc']:.2f} | {r['best_epoch']} / {r['max_epochs']} | "
+                f"{r['stopped']} | {', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or 'default'} |"
+                for r in t["trials"]]
+        if t["report"]:
+            out += ["", "| config | val (%) | test accuracy (%) | per seed |", "|---|---|---|---|"]
         out += [f"| {name} | {r['val_mean']:.2f} | **{r['mean']:.2f} +/- {r['std']:.2f}** | "
                 f"{', '.join(f'{a:.1f}' for a in r['per_seed'])} |" for name, r in t["report"].items()]
         out.append("")
@@ -416,6 +425,11 @@ def main(argv: list[str] | None = None) -> None:
                                                                 "the epoch (0 = all) and project the epoch time")
     ap.add_argument("--tune", action="store_true", help="run the tune section too (same as adding it to --sections)")
     ap.add_argument("--tune-minutes", type=float, default=25.0, help="tune: the search + confirm budget")
+    ap.add_argument("--tune-halving", type=int, default=None, help="tune: successive halving's eta (tune.halving)")
+    ap.add_argument("--tune-rungs", type=int, default=None, help="tune: rungs of successive halving (tune.rungs)")
+    ap.add_argument("--tune-max-trials", type=int, default=None, help="tune: settings drawn (tune.max_trials)")
+    ap.add_argument("--tune-report-seeds", type=int, default=None, help="tune: seeds of the default vs tuned test "
+                    "report (default: --seeds; 0 = the search alone)")
     ap.add_argument("--tune-run", type=Path, default=None, help="tune: folder of the run (reused if it holds "
                                                                  "result.json)")
     ap.add_argument("--tuned-config", type=Path, default=None, help="generalise: a tuned.yaml to compare with the "
