@@ -81,6 +81,8 @@ def run(args) -> dict:
             overrides["lrs"] = args.lrs
         if args.seq_len:
             overrides["train.seq_len"] = args.seq_len
+        if args.batch_size:
+            overrides["train.batch_size"] = args.batch_size
         data = args.data if args.data is not None else (SHAKESPEARE if SHAKESPEARE.is_file() else None)
         if data is not None and str(data) != "builtin":
             overrides["data.path"] = data
@@ -370,6 +372,7 @@ def main(argv=None) -> None:
                    help="learning-rate grid per model, chosen on the first validation half, reported (test loss, "
                         "bits per byte) on the second")
     p.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: the config's)")
+    p.add_argument("--batch-size", type=int, default=None, help="training sequences per step (default: the config's)")
     p.add_argument("--speed", action="store_true", help="the four-model speed comparison (no quality training)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="--speed without transformers' Llama/Mixtral")
     p.add_argument("--train-batch", type=int, default=None, help="--speed: sequences per training step "
