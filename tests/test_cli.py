@@ -124,7 +124,7 @@ def test_train_with_early_exit_from_a_config_file(trained, tmp_path):
     code, output = run("train", "--config", cfg, "--steps", "3", "--init-from", out, "--out", tmp_path / "ee")
     assert code == 0, output
     info = json.loads((tmp_path / "ee" / "run.json").read_text())
-    assert info["early_exit"] == {"layers": [1], "weight": 2.0}
+    assert info["early_exit"] == {"layers": [1], "weight": 2.0, "target": "labels"}
     assert info["config"]["train"]["max_steps"] == 3 and info["config"]["init_from"] == str(out)
     rows = [json.loads(line) for line in (tmp_path / "ee" / "metrics.jsonl").read_text().splitlines()]
     assert any("exit_loss" in r for r in rows)
