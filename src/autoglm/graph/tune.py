@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -234,7 +235,8 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
                 break
             cfg = _apply(base, over)
             if share < 1:  # a whole schedule of `share` of the setting's epochs, at least one probe's worth
-                cfg = _apply(base, {**over, "optim.epochs": max(budget.eval_every, round(cfg.optim.epochs * share))})
+                epochs = max(budget.eval_every, round(cfg.optim.epochs * share))
+                cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, epochs=epochs))
             rows.append(_trial(data, val_data, with_seed(cfg, base.optim.seed), i, over, rung, budget, probe_kw,
                                per_epoch, deadline, device))
             if on_trial:
