@@ -16,6 +16,13 @@ Writes docs/results/architecture.{json,md,png}.
 Targets: at 8192 tokens the Open-AutoGLM forward is >= 1.45x faster than the standard
 model, and its held-out accuracy after equal training time is not lower.
 
+`--lrs` trains each model once per rate and reports the rate chosen on the first held-out half
+on the second (test loss, bits per byte); `--baselines` adds transformers' own Llama and
+Mixtral of the same size as compare rows (`hf-llama`, `hf-mixtral`: autoglm.baselines),
+trained by the same Trainer on the same batches for the same time:
+
+    python benchmarks/architecture.py --data builtin --seq-len 256 --lrs 1e-3 3e-3 1e-2 --baselines
+
 `--speed` (no quality training): the speed side of the table, four models side by side on the
 same tokens with random weights: the preset, its `standard-` twin, and transformers' own
 `LlamaForCausalLM` and `MixtralForCausalLM` built at the same total size (same width, depth,
@@ -44,6 +51,7 @@ from pathlib import Path
 import torch
 
 from autoglm import OpenAutoGLMConfig, OpenAutoGLMForCausalLM
+from autoglm.baselines import TRANSFORMERS_BASELINES, baseline_objective, parameter_counts, transformers_twins
 from autoglm.recipes.compare import CompareConfig, compare, latencies
 from autoglm.settings import load_config
 from results_io import pyplot, save_figure, save_results
@@ -63,6 +71,9 @@ def run(args) -> dict:
     rows = {}
     for preset in (sparse, dense):
         rows[preset] = {"preset": preset, "params": param_counts(preset), "latency_ms": {}}
+    baselines = list(TRANSFORMERS_BASELINES) if args.minutes > 0 and args.baselines else []
+    for name in baselines:  # trained by the compare recipe beside the presets; counts come from its rows
+        rows[name] = {"preset": name, "latency_ms": {}}
 
     # ---- latency only (no training): fresh random weights
     if args.minutes <= 0:
@@ -73,7 +84,7 @@ def run(args) -> dict:
 
     # ---- quality after equal training wall-clock: the compare recipe
     if args.minutes > 0:
-        overrides = {"presets": [sparse, dense], "minutes": args.minutes, "device": args.device,
+        overrides = {"presets": [sparse, dense] + baselines, "minutes": args.minutes, "device": args.device,
                      "train.precision": args.precision, "latency_lengths": args.lengths,
                      "latency_repeats": args.repeats,
                      "out": args.work_dir or tempfile.mkdtemp(prefix="autoglm-arch-")}
@@ -97,13 +108,17 @@ def run(args) -> dict:
                 rows[r["preset"]].update(lr=r["lr"], grid=r["grid"],
                                          test={"loss": r["test_loss"], "bits_per_byte": r["test_bpb"]})
         rows[sparse]["data"] = rows[dense]["data"] = cmp["data"]
-        sample = {"model": cmp["best"], "text": cmp["sample"]} if cmp["sample"] else None
+        for name in baselines:
+            rows[name]["data"] = cmp["data"]
+        sample = {"model": cmp["sample_from"], "text": cmp["sample"]} if cmp["sample"] else None
     else:
         sample = None
     s, d = rows[sparse], rows[dense]
     summary = {f"speedup@{T}": d["latency_ms"][T] / s["latency_ms"][T] for T in args.lengths}
     if "test" in s:
         summary["test_bpb_delta"] = s["test"]["bits_per_byte"] - d["test"]["bits_per_byte"]
+        for name in baselines:
+            summary[f"test_bpb_delta vs {name}"] = s["test"]["bits_per_byte"] - rows[name]["test"]["bits_per_byte"]
     if "val" in s:
         summary["accuracy_delta_pts"] = (s["val"]["accuracy"] - d["val"]["accuracy"]) * 100
         summary["loss_delta"] = s["val"]["loss"] - d["val"]["loss"]
@@ -113,53 +128,6 @@ def run(args) -> dict:
 
 
 # ------------------------------------------------------------------ speed: four models side by side
-def hf_twins(preset: str, max_len: int) -> dict:
-    """transformers' Llama and Mixtral at the preset's total size (random weights)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
-
-    c = OpenAutoGLMConfig.from_name(preset)
-    common = dict(vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
-                  num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
-                  max_position_embeddings=max(max_len, c.max_position_embeddings), tie_word_embeddings=True,
-                  rms_norm_eps=c.rms_norm_eps)
-    llama = LlamaConfig(intermediate_size=c.num_experts * c.expert_intermediate_size, **common)
-    mixtral = MixtralConfig(intermediate_size=c.expert_intermediate_size, num_local_experts=c.num_experts,
-                            num_experts_per_tok=c.num_experts_per_tok, sliding_window=None,
-                            router_aux_loss_coef=c.router_aux_loss_coef, output_router_logits=True, **common)
-    return {"hf-llama": (LlamaForCausalLM, llama), "hf-mixtral": (MixtralForCausalLM, mixtral)}
-
-
-class HFObjective:
-    """Next-token loss of a transformers causal LM, plus Mixtral's weighted load-balancing loss
-    (as the Open-AutoGLM objective adds its own aux loss)."""
-
-    def __init__(self, aux_coef: float = 0.0) -> None:
-        self.aux_coef = aux_coef
-
-    def __call__(self, model, batch):
-        from autoglm.losses import lm_loss
-
-        x, y = batch
-        out = model(input_ids=x, use_cache=False)
-        loss = lm_loss(out.logits, y)
-        aux = getattr(out, "aux_loss", None)
-        if aux is not None and self.aux_coef:
-            loss = loss + self.aux_coef * aux
-        return {"loss": loss}
-
-
-def _counts(model) -> dict:
-    if hasattr(model, "num_parameters_summary"):
-        return model.num_parameters_summary()
-    total = sum(p.numel() for p in model.parameters())
-    c = model.config
-    E = getattr(c, "num_local_experts", 0)
-    if not E:
-        return {"total": total, "active": total}
-    per_expert = 3 * c.hidden_size * c.intermediate_size
-    return {"total": total, "active": total - c.num_hidden_layers * (E - c.num_experts_per_tok) * per_expert}
-
-
 def _dispatch_report(model, T: int, device: str, precision: str) -> dict:
     """Which MoE dispatch each Open-AutoGLM MoE layer picks for T tokens in this precision."""
     from autoglm.modules.moe import GROUPED_MM, MoEFeedForward
@@ -178,7 +146,7 @@ def _dispatch_report(model, T: int, device: str, precision: str) -> dict:
 
 def run_speed(args) -> dict:
     from autoglm.recipes.compare import interleaved_latencies, training_step
-    from autoglm.training import CausalLMObjective, TrainConfig
+    from autoglm.training import TrainConfig
     from autoglm.training.throughput import mfu, model_flops_per_token, peak_flops
 
     load_start = os.getloadavg()
@@ -187,17 +155,15 @@ def run_speed(args) -> dict:
     for d in args.also_dispatch:  # the same sparse model with another MoE dispatch (e.g. the old default)
         builders[f"{sparse}[{d}]"] = (OpenAutoGLMForCausalLM, OpenAutoGLMConfig.from_name(sparse, moe_dispatch=d))
     if args.hf:
-        builders.update(hf_twins(sparse, max(args.lengths)))
+        builders.update(transformers_twins(OpenAutoGLMConfig.from_name(sparse), max(args.lengths)))
     models, objectives, counts = {}, {}, {}
     for name, (cls, cfg) in builders.items():
         torch.manual_seed(0)
         m = cls(cfg).to(args.device)
-        counts[name] = _counts(m)  # before extend_context grows an absolute position table
+        counts[name] = parameter_counts(m)  # before extend_context grows an absolute position table
         if not name.startswith("hf-"):
             m.extend_context(max(max(args.lengths), cfg.max_position_embeddings))
-            objectives[name] = CausalLMObjective()
-        else:
-            objectives[name] = HFObjective(cfg.router_aux_loss_coef if name == "hf-mixtral" else 0.0)
+        objectives[name] = baseline_objective(m)
         models[name] = torch.compile(m) if args.compile else m
     raw = {n: getattr(m, "_orig_mod", m) for n, m in models.items()}
     rows = {n: {"model": n, "params": counts[n], "class": type(raw[n]).__name__} for n in models}
@@ -329,7 +295,8 @@ def markdown(res: dict) -> str:
         target = res["targets"].get(k, "")
         lines.append(f"| {k} | {v:.3f} | {target} |")
     if res.get("sample"):
-        lines += ["", f"Sample from the model with the lower validation loss (`{res['sample']['model']}`):", "",
+        lines += ["", "Sample from the Open-AutoGLM model with the lower validation loss "
+                  f"(`{res['sample']['model']}`):", "",
                   "> " + " ".join(res["sample"]["text"].split())]
     return "\n".join(lines) + "\n"
 
@@ -373,6 +340,8 @@ def main(argv=None) -> None:
                         "bits per byte) on the second")
     p.add_argument("--seq-len", type=int, default=None, help="training sequence length (default: the config's)")
     p.add_argument("--batch-size", type=int, default=None, help="training sequences per step (default: the config's)")
+    p.add_argument("--baselines", action="store_true", help="quality: also train transformers' Llama and Mixtral "
+                                                                "of the same size (compare rows hf-llama, hf-mixtral)")
     p.add_argument("--speed", action="store_true", help="the four-model speed comparison (no quality training)")
     p.add_argument("--no-hf", dest="hf", action="store_false", help="--speed without transformers' Llama/Mixtral")
     p.add_argument("--train-batch", type=int, default=None, help="--speed: sequences per training step "

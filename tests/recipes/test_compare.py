@@ -80,3 +80,45 @@ def test_lr_grid_selects_on_the_first_validation_half_and_reports_the_second(tmp
     assert math.isclose(bits_per_byte(math.log(2), 3, [0, 1, 2, 3], data.tokenizer) * len(
         data.tokenizer.decode([1, 2, 3]).encode()), 3.0, rel_tol=1e-9)
     assert "chosen lr" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_transformers_twins_train_beside_the_presets_on_the_same_budget(tmp_path):
+    from autoglm import OpenAutoGLMConfig
+    from autoglm.baselines import baseline_objective, build_baseline, parameter_counts
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(" ".join(f"the {w} returns the {o} of the call." for w in ("value", "name", "size", "path")
+                               for o in ("file", "object", "list")) * 40)
+    cfg = load_config(CompareConfig, overrides={
+        "presets": "tiny,hf-llama,hf-mixtral", "minutes": 0.03, "vocab_size": 300, "out": tmp_path / "cmp",
+        "data.path": corpus, "data.cache_dir": tmp_path / "cache", "train.batch_size": 4, "train.seq_len": 32,
+        "train.eval_batches": 2, "sample_tokens": 4, "latency_lengths": "64", "latency_repeats": 1})
+    res = compare(cfg, progress=False)
+    rows = {r["preset"]: r for r in res["rows"]}
+    assert list(rows) == ["tiny", "hf-llama", "hf-mixtral"]
+    # the same total size as the preset they are built at (vocabulary, width, depth, heads, experts)
+    tiny = rows["tiny"]["params_total"]
+    for name in ("hf-llama", "hf-mixtral"):
+        r = rows[name]
+        assert abs(r["params_total"] - tiny) / tiny < 0.05, (name, r["params_total"], tiny)
+        assert r["steps"] >= 1 and r["val_loss"] > 0 and r["latency_ms"][64] > 0
+    assert rows["hf-llama"]["params_active"] == rows["hf-llama"]["params_total"]
+    assert rows["hf-mixtral"]["params_active"] < rows["hf-mixtral"]["params_total"]
+    assert res["sample_from"] == "tiny" and res["sample"].startswith(cfg.sample_prompt)  # the engine serves ours
+    # Mixtral's load-balancing loss enters with its own coefficient (transformers returns it unweighted)
+    import torch
+
+    size = OpenAutoGLMConfig.from_name("tiny", vocab_size=300)
+    torch.manual_seed(0)
+    mix = build_baseline("hf-mixtral", size)
+    x = torch.randint(2, 300, (2, 16))
+    out = baseline_objective(mix)(mix, (x[:, :-1], x[:, 1:]))
+    ref = mix(x[:, :-1])
+    assert torch.allclose(out["aux_loss"], size.router_aux_loss_coef * ref.aux_loss)
+    assert torch.allclose(out["loss"], out["lm_loss"] + out["aux_loss"])
+    assert parameter_counts(build_baseline("hf-llama", size))["total"] == rows["hf-llama"]["params_total"]
+
+
+def test_twins_need_a_mixture_of_experts_preset_to_size_them():
+    with pytest.raises(ConfigError, match="first Mixture-of-Experts preset"):
+        load_config(CompareConfig, overrides={"presets": "standard-tiny,hf-llama"})

@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class CompareConfig:
     out: Path = setting(Path("runs/compare"), "folder for the runs (one per preset), the table and the plot")
-    presets: tuple[str, ...] = setting(("small", "standard-small"), "presets to train side by side")
+    presets: tuple[str, ...] = setting(("small", "standard-small"), "presets to train side by side; hf-llama and "
+                                       "hf-mixtral add transformers' own Llama / Mixtral at the size of the "
+                                       "first Mixture-of-Experts preset listed (autoglm.baselines)")
     minutes: float = setting(2.0, "wall-clock budget per model (training and its evaluations)")
     vocab_size: int = setting(2048, "BPE vocabulary trained once on the corpus and shared by every model")
     data: TextData = section(TextData)
@@ -64,25 +66,49 @@ class CompareConfig:
     def __post_init__(self) -> None:
         if len(self.presets) < 1:
             raise ValueError("presets is empty; name at least one, e.g. small,standard-small")
+        from ..baselines import TRANSFORMERS_BASELINES
+
         for p in self.presets:
-            ModelSpec(p)  # an unknown preset fails here, before any training
+            if p not in TRANSFORMERS_BASELINES:
+                ModelSpec(p)  # an unknown preset fails here, before any training
+        if set(self.presets) & set(TRANSFORMERS_BASELINES) and self.size_preset() is None:
+            raise ValueError(f"presets {list(self.presets)}: {'/'.join(TRANSFORMERS_BASELINES)} are built at the size "
+                             f"of the first Mixture-of-Experts preset listed, and there is none; add one, e.g. "
+                             f"small,standard-small,hf-llama,hf-mixtral")
         if self.minutes <= 0:
             raise ValueError(f"minutes must be > 0, got {self.minutes}")
         self.lrs = tuple(float(x) for x in self.lrs)
         if any(x <= 0 for x in self.lrs):
             raise ValueError(f"lrs must all be positive, got {list(self.lrs)}")
 
+    def size_preset(self) -> str | None:
+        """The first Open-AutoGLM preset with experts: the size transformers' twins are built at."""
+        from ..baselines import TRANSFORMERS_BASELINES
 
-def seconds_per_step(spec: ModelSpec, vocab: int, t: TrainConfig, tokens, device: str | None = None,
-                     steps: int = 3) -> float:
+        return next((p for p in self.presets if p not in TRANSFORMERS_BASELINES
+                     and ModelSpec(p).config().num_experts), None)
+
+    def builder(self, name: str, vocab: int):
+        """() -> a freshly initialised model of row `name` for a tokenizer of `vocab` tokens."""
+        from ..baselines import TRANSFORMERS_BASELINES, build_baseline
+        from .common import build_model
+
+        if name in TRANSFORMERS_BASELINES:
+            size = ModelSpec(self.size_preset(), vocab).config(vocab)
+            return lambda: build_baseline(name, size, self.train.seq_len)
+        spec = ModelSpec(name, self.vocab_size)
+        return lambda: build_model(spec, vocab)
+
+
+def seconds_per_step(build, t: TrainConfig, tokens, device: str | None = None, steps: int = 3) -> float:
     """Median wall-clock seconds of one optimizer step (forward, backward, AdamW) of a fresh
-    `spec` model on real batches, after one warm-up step."""
-    from ..training import CausalLMObjective, SingleDevice
-    from .common import build_model
+    model from `build()` on real batches, after one warm-up step."""
+    from ..baselines import baseline_objective
+    from ..training import SingleDevice
 
     strategy = SingleDevice(device)
-    model = strategy.setup(build_model(spec, vocab))
-    step = training_step(model, t, tokens, CausalLMObjective(), strategy)
+    model = strategy.setup(build())
+    step = training_step(model, t, tokens, baseline_objective(model), strategy)
     step(0)  # warm-up
     return sorted(step(i) for i in range(1, steps + 1))[steps // 2]
 
@@ -182,7 +208,8 @@ def latencies(model, lengths, repeats: int, precision: str = "fp32") -> dict[int
     if not lengths:
         return {}
     m = copy.deepcopy(model).eval()
-    m.extend_context(max(max(lengths), m.config.max_position_embeddings))
+    if hasattr(m, "extend_context"):  # transformers' twins use RoPE: any length
+        m.extend_context(max(max(lengths), m.config.max_position_embeddings))
     return {T: forward_latency_ms(m, T, repeats, precision) for T in lengths}
 
 
@@ -196,6 +223,7 @@ def steps_for_budget(budget_s: float, step_s: float, t: TrainConfig) -> int:
 def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> dict[str, Any]:
     """Train every preset for `cfg.minutes` and write the table, the plot and the sample."""
     from ..atomic import atomic_write_text
+    from ..baselines import TRANSFORMERS_BASELINES, parameter_counts
     from ..data import prepare_corpus
     from ..settings import to_dict
     from .generate import generate_text
@@ -209,17 +237,21 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
     val = data.tokens.val
     select, test = val[: len(val) // 2], val[len(val) // 2:]  # halves used only with a grid
     for preset in cfg.presets:
-        spec = ModelSpec(preset, cfg.vocab_size)
-        step_s = seconds_per_step(spec, len(data.tokenizer), cfg.train, data.tokens.train, cfg.device)
+        build = cfg.builder(preset, len(data.tokenizer))
+        step_s = seconds_per_step(build, cfg.train, data.tokens.train, cfg.device)
         steps = steps_for_budget(budget, step_s, cfg.train)
         log.info("%s: %.2f s/step -> %d steps in %.0f s", preset, step_s, steps, budget)
         grid, res = [], None
         for lr in cfg.lrs or (cfg.train.lr,):
             train = replace(cfg.train, lr=lr, max_steps=steps, max_seconds=budget, warmup_steps=None,
                             eval_every=max(1, min(cfg.train.eval_every, steps // 4)))
-            run_cfg = PretrainConfig(out=out / preset / f"lr-{lr:g}" if cfg.lrs else out / preset, model=spec,
-                                     data=cfg.data, train=train, device=cfg.device, sample_prompt="")
-            r = pretrain(run_cfg, progress=progress, console=console, prepared=data)
+            run_out = out / preset / f"lr-{lr:g}" if cfg.lrs else out / preset
+            if preset in TRANSFORMERS_BASELINES:
+                r = _train_baseline(build, run_out, train, data, cfg.device, progress, console)
+            else:
+                run_cfg = PretrainConfig(out=run_out, model=ModelSpec(preset, cfg.vocab_size), data=cfg.data,
+                                         train=train, device=cfg.device, sample_prompt="")
+                r = pretrain(run_cfg, progress=progress, console=console, prepared=data)
             if not cfg.lrs:
                 res = r
                 break
@@ -230,7 +262,7 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
             if res is None or entry["select_loss"] < min(g["select_loss"] for g in grid[:-1]):
                 res = r
         runs[preset] = res
-        counts = res.model.num_parameters_summary()
+        counts = parameter_counts(res.model)
         curve = [(r["elapsed"], r["val_loss"]) for r in res.result.history if "val_loss" in r]
         curves[preset] = curve
         ev = res.result.final_eval
@@ -247,18 +279,44 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
             rows[-1].update(lr=best_lr["lr"], select_loss=best_lr["select_loss"], test_loss=te["loss"],
                             test_bpb=bits_per_byte(te["loss"], te["tokens"], test, data.tokenizer), grid=grid)
     best = min(rows, key=lambda r: r["val_loss"])["preset"]
+    ours = [r for r in rows if r["preset"] not in TRANSFORMERS_BASELINES]
+    sample_from = min(ours, key=lambda r: r["val_loss"])["preset"] if ours else None
     sample = ""
-    if cfg.sample_prompt:
-        model = runs[best].model.eval()
+    if cfg.sample_prompt and sample_from is not None:  # the engine serves Open-AutoGLM models
+        model = runs[sample_from].model.eval()
         sample = generate_text(model, data.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                                temperature=cfg.sample_temperature, top_k=40, top_p=0.95, seed=cfg.train.seed)
-    result = {"rows": rows, "best": best, "sample": sample, "curves": curves, "config": to_dict(cfg),
+    result = {"rows": rows, "best": best, "sample": sample, "sample_from": sample_from, "curves": curves,
+              "config": to_dict(cfg),
               "data": data.source}
     atomic_write_text(out / "compare.json", json.dumps(result, indent=2))
     atomic_write_text(out / "compare.md", markdown(result))
     plot = _plot(rows, curves, out / "val_loss.png", cfg.minutes)
     result["plot"] = str(plot) if plot else None
     return result
+
+
+def _train_baseline(build, out: Path, t: TrainConfig, data, device: str | None, progress: bool, console: Any):
+    """Train transformers' twin from `build()` as `pretrain` trains a preset: the same seed,
+    batches, schedule and Trainer; metrics (no run directory: the engine does not serve it)
+    under `out`. -> an object with .model and .result, as `pretrain`'s output."""
+    import torch
+    from types import SimpleNamespace
+
+    from ..baselines import baseline_objective
+    from ..data import iter_eval_batches
+    from ..distributed.data import rank_batch
+    from ..training import SingleDevice, Trainer
+
+    torch.manual_seed(t.seed)
+    model = build()
+    train, val = data.tokens.train, data.tokens.val
+    trainer = Trainer(model, t, train_batch=lambda i: rank_batch(train, t.batch_size, t.seq_len, i, t.seed, 0, 1),
+                      eval_batches=lambda: iter_eval_batches(val, t.batch_size, t.seq_len, max_batches=t.eval_batches),
+                      out_dir=out, objective=baseline_objective(model), progress=progress,
+                      strategy=SingleDevice(device), console=console)
+    result = trainer.fit()
+    return SimpleNamespace(model=trainer.model, result=result)
 
 
 def _eval_loss(model, tokens, t: TrainConfig) -> dict[str, float]:
@@ -302,7 +360,7 @@ def markdown(result: dict[str, Any]) -> str:
                  f"and schedule; lower validation loss: **{result['best']}**. Forward latency: batch 1, the trained "
                  f"weights, median of {result['config']['latency_repeats']}.")
     if result["sample"]:
-        lines += ["", f"Sample from {result['best']}:", "", "> " + result["sample"].replace("\n", "\n> ")]
+        lines += ["", f"Sample from {result['sample_from']}:", "", "> " + result["sample"].replace("\n", "\n> ")]
     return "\n".join(lines) + "\n"
 
 

@@ -52,24 +52,29 @@ class Objective(Protocol):
 
 
 class CausalLMObjective:
-    """Next-token cross-entropy plus the model's (already weighted) MoE auxiliary loss.
+    """Next-token cross-entropy plus the model's MoE auxiliary loss times `aux_weight`.
 
     batch = (input_ids, labels), both (B, T) int64, labels aligned with inputs (label t is
     the token after input t; -100 ignored). Reports "lm_loss" and "aux_loss" (0 for a
-    dense model) besides "loss" = lm_loss + aux_loss.
+    dense model, or one whose output has no `aux_loss`) besides "loss" = lm_loss + aux_loss.
+    Open-AutoGLM's aux loss is already weighted (aux_weight 1); transformers' Mixtral returns
+    its load-balancing loss unweighted (aux_weight = its router_aux_loss_coef,
+    `autoglm.baselines.baseline_objective`).
     """
+
+    def __init__(self, aux_weight: float = 1.0) -> None:
+        self.aux_weight = aux_weight
 
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         input_ids, labels = batch
         out = model(input_ids)  # labels are not passed: the HF wrapper would shift them again
         lm = lm_loss(out.logits, labels)
-        aux = out.aux_loss
-        if aux is None:
-            aux = torch.zeros((), device=lm.device)
+        aux = getattr(out, "aux_loss", None)
+        aux = torch.zeros((), device=lm.device) if aux is None else aux * self.aux_weight
         return {"loss": lm + aux, "lm_loss": lm.detach(), "aux_loss": aux.detach()}
 
     def __repr__(self) -> str:
-        return "CausalLMObjective()"
+        return f"CausalLMObjective(aux_weight={self.aux_weight:g})" if self.aux_weight != 1.0 else "CausalLMObjective()"
 
 
 class EarlyExitObjective:
