@@ -9,8 +9,13 @@ batch-1 forward latency at long inputs, where sparse attention pays off), a plot
 validation loss against wall-clock time and of latency against input length, and a
 sample from the model with the lower validation loss.
 
+`hf-llama` and `hf-mixtral` in `presets` add transformers' own Llama and Mixtral built at the
+size of the first Mixture-of-Experts preset (`autoglm.baselines`), trained by the same Trainer
+on the same batches, schedule and budget.
+
 Files under `out`: one run directory per preset (`out/<preset>/`, loadable like any
-`autoglm train` run), `compare.json`, `compare.md` and `val_loss.png`.
+`autoglm train` run; transformers' twins keep their metrics only), `compare.json`,
+`compare.md` and `val_loss.png`.
 
 Example:
     >>> from autoglm.settings import load_config
@@ -287,8 +292,7 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
         sample = generate_text(model, data.tokenizer, cfg.sample_prompt, cfg.sample_tokens,
                                temperature=cfg.sample_temperature, top_k=40, top_p=0.95, seed=cfg.train.seed)
     result = {"rows": rows, "best": best, "sample": sample, "sample_from": sample_from, "curves": curves,
-              "config": to_dict(cfg),
-              "data": data.source}
+              "config": to_dict(cfg), "data": data.source}
     atomic_write_text(out / "compare.json", json.dumps(result, indent=2))
     atomic_write_text(out / "compare.md", markdown(result))
     plot = _plot(rows, curves, out / "val_loss.png", cfg.minutes)
