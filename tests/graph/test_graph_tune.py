@@ -104,3 +104,18 @@ def test_cli_tune_writes_trials_and_a_reusable_config(tmp_path):
     assert tuned.ssl.to_dict() == res["tuned_config"] and set(res["report"]) == {"base", "tuned"}
     assert res["stopped_by"] == "budget"
     assert "selected" in r.output and "tuned config" in r.output
+
+
+def test_planetoid_split_inside_a_pool_never_touches_nodes_outside_it():
+    from autoglm.graph.datasets import planetoid_split
+
+    y = torch.arange(300) % 3
+    held = torch.zeros(300, dtype=torch.bool)
+    held[::4] = True  # e.g. a public test set that must stay unseen
+    tr, va, te = planetoid_split(y, per_class=10, num_val=50, num_test=100, seed=3, pool=~held)
+    assert not ((tr | va | te) & held).any()
+    assert int(tr.sum()) == 30 and all(int((y[tr] == c).sum()) == 10 for c in range(3))
+    assert int(va.sum()) == 50 and int(te.sum()) == 100 and not (tr & va).any() and not (va & te).any()
+    assert torch.equal(planetoid_split(y, 10, 50, 100, seed=3, pool=~held)[1], va)  # seeded
+    with pytest.raises(ValueError, match="bool mask"):
+        planetoid_split(y, pool=torch.ones(5, dtype=torch.bool))

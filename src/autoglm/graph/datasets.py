@@ -22,12 +22,19 @@ log = logging.getLogger(__name__)
 
 
 def planetoid_split(y: torch.Tensor, per_class: int = 20, num_val: int = 500, num_test: int = 1000,
-                    seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    seed: int = 0, pool: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Planetoid-style split: `per_class` train nodes per class, then `num_val` and
-    `num_test` nodes (capped at what is left) from a seeded permutation. -> 3 bool masks (N,)."""
+    `num_test` nodes (capped at what is left) from a seeded permutation. -> 3 bool masks (N,).
+    `pool` (bool (N,)) restricts all three to those nodes, e.g. everything outside a test set
+    that must stay unseen."""
     n = y.shape[0]
     gen = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=gen)
+    if pool is not None:
+        if pool.shape != (n,) or pool.dtype != torch.bool:
+            raise ValueError(f"pool must be a bool mask of shape ({n},), got {tuple(pool.shape)} {pool.dtype}")
+        perm = perm[pool[perm]]
     train = torch.zeros(n, dtype=torch.bool)
     for c in range(int(y.max()) + 1):
         train[perm[y[perm] == c][:per_class]] = True
