@@ -9,6 +9,14 @@ from autoglm.settings import ConfigError, load_config
 from autoglm.training import TrainConfig
 
 
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text(" ".join(f"the {w} returns the {o} of the call." for w in ("value", "name", "size", "path")
+                             for o in ("file", "object", "list")) * 40)
+    return path
+
+
 def test_steps_for_budget_counts_evaluations():
     t = TrainConfig(eval_every=10, eval_batches=6, max_steps=1)
     # each 10 steps add 6 forward-only batches ~ 2 steps: 60 s at 0.5 s/step -> 120 / 1.2 = 100 steps
@@ -24,10 +32,7 @@ def test_bad_presets_are_refused_before_training():
         load_config(CompareConfig, overrides={"minutes": 0})
 
 
-def test_compare_trains_each_preset_for_the_same_budget(tmp_path):
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(" ".join(f"the {w} returns the {o} of the call." for w in ("value", "name", "size", "path")
-                               for o in ("file", "object", "list")) * 40)
+def test_compare_trains_each_preset_for_the_same_budget(tmp_path, corpus):
     cfg = load_config(CompareConfig, overrides={
         "presets": "tiny,standard-tiny", "minutes": 0.05, "vocab_size": 300, "out": tmp_path / "cmp",
         "data.path": corpus, "data.cache_dir": tmp_path / "cache", "train.batch_size": 4, "train.seq_len": 32,
@@ -48,15 +53,12 @@ def test_compare_trains_each_preset_for_the_same_budget(tmp_path):
     assert "lower validation loss" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
-def test_lr_grid_selects_on_the_first_validation_half_and_reports_the_second(tmp_path):
+def test_lr_grid_selects_on_the_first_validation_half_and_reports_the_second(tmp_path, corpus):
     import math
 
     from autoglm.data import prepare_corpus
     from autoglm.recipes.compare import _eval_loss, bits_per_byte
 
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(" ".join(f"the {w} returns the {o} of the call." for w in ("value", "name", "size", "path")
-                               for o in ("file", "object", "list")) * 40)
     cfg = load_config(CompareConfig, overrides={
         "presets": "tiny", "minutes": 0.03, "vocab_size": 300, "out": tmp_path / "cmp", "lrs": "1e-5,3e-3",
         "data.path": corpus, "data.cache_dir": tmp_path / "cache", "train.batch_size": 4, "train.seq_len": 32,
@@ -82,13 +84,10 @@ def test_lr_grid_selects_on_the_first_validation_half_and_reports_the_second(tmp
     assert "chosen lr" in (tmp_path / "cmp" / "compare.md").read_text()
 
 
-def test_transformers_twins_train_beside_the_presets_on_the_same_budget(tmp_path):
+def test_transformers_twins_train_beside_the_presets_on_the_same_budget(tmp_path, corpus):
     from autoglm import OpenAutoGLMConfig
     from autoglm.baselines import baseline_objective, build_baseline, parameter_counts
 
-    corpus = tmp_path / "c.txt"
-    corpus.write_text(" ".join(f"the {w} returns the {o} of the call." for w in ("value", "name", "size", "path")
-                               for o in ("file", "object", "list")) * 40)
     cfg = load_config(CompareConfig, overrides={
         "presets": "tiny,hf-llama,hf-mixtral", "minutes": 0.03, "vocab_size": 300, "out": tmp_path / "cmp",
         "data.path": corpus, "data.cache_dir": tmp_path / "cache", "train.batch_size": 4, "train.seq_len": 32,
