@@ -262,7 +262,8 @@ def generalise_section(args: argparse.Namespace, data, tuned: dict | None) -> di
                       feature_signal=signal, seed=100 + k)
         graphs.append((f"SBM {k}: 2000 nodes, {blocks} blocks, p_in {p_in}, feature signal {signal}", g,
                        [("own split", (g.train_mask, g.val_mask, g.test_mask), True)]))
-    source = config(args).data.source
+    base = config(args)
+    source = base.data.source
     splits = [("public split", (data.train_mask, data.val_mask, data.test_mask), False)]
     for k in range(args.split_seeds):
         splits.append((f"random split {1000 + k}", planetoid_split(data.y, 20, 500, 1000, seed=1000 + k,
@@ -273,7 +274,7 @@ def generalise_section(args: argparse.Namespace, data, tuned: dict | None) -> di
     if unknown:
         raise SystemExit(f"--candidates: unknown {unknown}; choose from {list(GENERAL_CANDIDATES)}")
     variants = [(n, GENERAL_CANDIDATES[n]) for n in names] + ([("tuned", _flat(tuned, "ssl"))] if tuned else [])
-    probe_kw = {"weight_decays": config(args).probe.weight_decays, "standardize": config(args).probe.standardize}
+    probe_kw = {"weight_decays": base.probe.weight_decays, "standardize": base.probe.standardize}
     rows = []
     for name, over in variants:
         cfg = config(args, **over).ssl
