@@ -111,7 +111,7 @@ def run_compare(cfg: CompareConfig) -> None:
 
     res = compare(cfg, console=err)
     lengths = list(res["rows"][0]["latency_ms"])
-    t = Table(title=f"same wall-clock: {cfg.minutes:g} min per model")
+    t = Table(title=f"same training time: {cfg.minutes:g} min per model")
     for col in ("model", "params total / active", "steps", "val loss", "next-token acc",
                 *(f"fwd {n} tok" for n in lengths)):
         t.add_column(col)
@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
                        help="Pre-train a model on a text corpus (AdamW, warmup + cosine, clipping, checkpoints, "
                             "validation); default: `small` on the built-in corpus.")
     add_recipe_command(app, "compare", CompareConfig, run_compare,
-                       help="Train several presets side by side for the same wall-clock (default: the sparse MoE "
+                       help="Train several presets side by side for the same training time (default: the sparse MoE "
                             "`small` against the dense `standard-small`); table, loss-vs-time plot, sample.")
     add_recipe_command(app, "eval", EvalConfig, run_eval,
                        help="Validation loss, perplexity and next-token accuracy of a saved run; with --tasks, "

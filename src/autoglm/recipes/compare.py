@@ -1,10 +1,12 @@
-"""The comparison recipe: several presets trained side by side for the same wall-clock.
+"""The comparison recipe: several presets trained side by side for the same training time.
 
 This is what `make demo` runs: the sparse-attention MoE model (`small`) and the dense
 Transformer of equal total size (`standard-small`) each get `minutes` of wall-clock on the
-same corpus, tokenizer, batches and schedule. Each run's step count is set from a short
-timing of its own training step, so both finish their warmup + cosine schedule inside the
-budget (the budget is also a hard stop). The result is a table (with each trained model's
+same corpus, tokenizer, batches and schedule. Before any training, every model's optimizer step
+is timed side by side (a few rounds, one step of each model in turn), and each run gets the
+steps that fit `minutes` at its own step time; evaluations are not counted. So a machine that
+slows down while one model trains (a shared VM) changes how long that run takes, not how much
+it trains; a run that takes more than twice its budget is stopped. The result is a table (with each trained model's
 batch-1 forward latency at long inputs, where sparse attention pays off), a plot of
 validation loss against wall-clock time and of latency against input length, and a
 sample from the model with the lower validation loss.
@@ -37,7 +39,7 @@ from ..settings import section, setting
 from ..training.config import TrainConfig
 from .common import ModelSpec, TextData
 
-__all__ = ["CompareConfig", "compare", "seconds_per_step", "steps_for_budget", "forward_latency_ms",
+__all__ = ["CompareConfig", "compare", "seconds_per_step", "side_by_side_seconds_per_step", "steps_for_budget", "forward_latency_ms",
            "interleaved_latencies", "training_step"]
 
 log = logging.getLogger(__name__)
@@ -49,7 +51,8 @@ class CompareConfig:
     presets: tuple[str, ...] = setting(("small", "standard-small"), "presets to train side by side; hf-llama and "
                                        "hf-mixtral add transformers' own Llama / Mixtral at the size of the "
                                        "first Mixture-of-Experts preset listed (autoglm.baselines)")
-    minutes: float = setting(2.0, "wall-clock budget per model (training and its evaluations)")
+    minutes: float = setting(2.0, "training time per model, at its step time measured side by side with the "
+                                  "others before training (evaluations not counted)")
     vocab_size: int = setting(2048, "BPE vocabulary trained once on the corpus and shared by every model")
     data: TextData = section(TextData)
     # many small steps learn the most in a short budget: on 2 CPU cores 8 x 64 tokens per step
@@ -116,6 +119,28 @@ def seconds_per_step(build, t: TrainConfig, tokens, device: str | None = None, s
     step = training_step(model, t, tokens, baseline_objective(model), strategy)
     step(0)  # warm-up
     return sorted(step(i) for i in range(1, steps + 1))[steps // 2]
+
+
+def side_by_side_seconds_per_step(builds: dict, t: TrainConfig, tokens, device: str | None = None,
+                                  rounds: int = 3) -> dict[str, float]:
+    """{name: median seconds of one optimizer step} of fresh models from `builds` ({name: build}),
+    timed side by side: a warm-up step each, then `rounds` rounds of one step of every model in
+    turn (the order reversed every other round), so a change in the machine's speed touches
+    every model alike instead of whichever was being timed."""
+    from ..baselines import baseline_objective
+    from ..training import SingleDevice
+
+    strategy = SingleDevice(device)
+    steps = {}
+    for name, build in builds.items():
+        model = strategy.setup(build())
+        steps[name] = training_step(model, t, tokens, baseline_objective(model), strategy)
+        steps[name](0)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in builds}
+    for r in range(rounds):
+        for name in (list(builds) if r % 2 == 0 else list(builds)[::-1]):
+            times[name].append(steps[name](r + 1))
+    return {name: sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 def training_step(model, t: TrainConfig, tokens, objective, strategy=None):
@@ -218,11 +243,9 @@ def latencies(model, lengths, repeats: int, precision: str = "fp32") -> dict[int
     return {T: forward_latency_ms(m, T, repeats, precision) for T in lengths}
 
 
-def steps_for_budget(budget_s: float, step_s: float, t: TrainConfig) -> int:
-    """Optimizer steps that fit `budget_s` at `step_s` per step, counting evaluations (an eval
-    batch costs about a third of a training step: forward only)."""
-    eval_share = (t.eval_batches / 3.0) / t.eval_every if t.eval_every else 0.0
-    return max(10, int(budget_s / (step_s * (1.0 + eval_share))))
+def steps_for_budget(budget_s: float, step_s: float) -> int:
+    """Optimizer steps that fit `budget_s` of training at `step_s` per step (at least 10)."""
+    return max(10, int(budget_s / step_s))
 
 
 def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> dict[str, Any]:
@@ -241,14 +264,16 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
     rows, curves, runs = [], {}, {}
     val = data.tokens.val
     select, test = val[: len(val) // 2], val[len(val) // 2:]  # halves used only with a grid
-    for preset in cfg.presets:
-        build = cfg.builder(preset, len(data.tokenizer))
-        step_s = seconds_per_step(build, cfg.train, data.tokens.train, cfg.device)
-        steps = steps_for_budget(budget, step_s, cfg.train)
-        log.info("%s: %.2f s/step -> %d steps in %.0f s", preset, step_s, steps, budget)
+    builds = {preset: cfg.builder(preset, len(data.tokenizer)) for preset in cfg.presets}
+    step_times = side_by_side_seconds_per_step(builds, cfg.train, data.tokens.train, cfg.device)
+    for preset, build in builds.items():
+        step_s = step_times[preset]
+        steps = steps_for_budget(budget, step_s)
+        log.info("%s: %.2f s/step (timed side by side) -> %d steps in %.0f s", preset, step_s, steps, budget)
         grid, res = [], None
         for lr in cfg.lrs or (cfg.train.lr,):
-            train = replace(cfg.train, lr=lr, max_steps=steps, max_seconds=budget, warmup_steps=None,
+            # the steps are the budget; the time cap only stops a run on a machine gone much slower
+            train = replace(cfg.train, lr=lr, max_steps=steps, max_seconds=2 * budget, warmup_steps=None,
                             eval_every=max(1, min(cfg.train.eval_every, steps // 4)))
             run_out = out / preset / f"lr-{lr:g}" if cfg.lrs else out / preset
             if preset in TRANSFORMERS_BASELINES:
