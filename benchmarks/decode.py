@@ -10,7 +10,9 @@ every row: a uniform batch, no padding):
 * transformers' `LlamaForCausalLM` and `MixtralForCausalLM` built at the preset's width,
   depth, heads, vocabulary and expert sizes, with `generate()` eager and at HF's best
   setting, static cache + `torch.compile` of the forward ("reduce-overhead" on a GPU);
-* the engine eager, and with CUDA-graph decode (+ torch.compile with `--systems`) on a GPU.
+* the engine eager, and with CUDA-graph decode (+ torch.compile with `--systems`) on a GPU;
+  on CPU the same two systems run the fixed-shape decode buckets without capture
+  (`cuda_graph_capture=False`), eager and compiled: the CPU check of what compiling buys.
 
 Decode tokens/s = batch x N / (time for 1 + N new tokens - time for 1 new token), so prefill
 is excluded for all; greedy agreement of our systems with HF's tokens; forward (prefill)
@@ -65,9 +67,10 @@ def timed(fn, device, repeat=1):
 
 
 def make_engine(model, max_tokens, graphs, block_size, batch=1, compile_decode=False):
+    on_cuda = next(model.parameters()).device.type == "cuda"
     cfg = EngineConfig(block_size=block_size, num_blocks=batch * (-(-(max_tokens + 1) // block_size) + 2),
                        max_num_seqs=batch, max_num_batched_tokens=max(512, max_tokens * batch), cuda_graphs=graphs,
-                       compile_decode=compile_decode)
+                       cuda_graph_capture=on_cuda, compile_decode=compile_decode)
     return LLMEngine(model, config=cfg)
 
 
@@ -110,8 +113,8 @@ SYSTEM_LABELS = {
     "mixtral": "transformers Mixtral, generate (dynamic cache)",
     "mixtral-static-compile": "transformers Mixtral, static cache + torch.compile",
     "engine": "engine (eager)",
-    "engine-graphs": "engine, CUDA graphs",
-    "engine-graphs-compile": "engine, CUDA graphs + torch.compile",
+    "engine-graphs": "engine, fixed-shape decode (CUDA graphs on a GPU)",
+    "engine-graphs-compile": "engine, fixed-shape decode + torch.compile (CUDA graphs on a GPU)",
 }
 HF_SYSTEMS = ("hf", "hf-static-compile", "llama", "llama-static-compile", "mixtral", "mixtral-static-compile")
 
@@ -137,8 +140,6 @@ def build_systems(model, names, device, block_size, max_tokens, batches):
     for name in names:
         base = name.replace("-static-compile", "")
         if name.startswith("engine"):
-            if name != "engine" and device.type != "cuda":
-                continue
             graphs, comp = name != "engine", name == "engine-graphs-compile"
             engines = {b: make_engine(model, max_tokens, graphs, block_size, batch=b, compile_decode=comp)
                        for b in batches}
@@ -390,8 +391,9 @@ def main():
           f"system; best of {a.repeats} interleaved runs. transformers' Llama and Mixtral are built at the preset's "
           f"width, depth, heads, vocabulary and expert sizes (random weights).", ""]
     for r in rows:
-        md += [f"**{r['preset']}** ({r['params_total'] / 1e6:.1f}M parameters, {r['params_active'] / 1e6:.1f}M active; "
-               + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in r["baseline_params_total"].items() if k != "hf") + ")",
+        others = "".join(f"; {k} {v / 1e6:.1f}M" for k, v in r["baseline_params_total"].items() if k != "hf")
+        md += [f"**{r['preset']}** ({r['params_total'] / 1e6:.1f}M parameters, {r['params_active'] / 1e6:.1f}M "
+               f"active{others})",
                "", "| system | batch | decode tok/s | vs HF generate | greedy tokens = HF | warm-up s |",
                "|---|---|---|---|---|---|"]
         for b, brows in r["decode"].items():
