@@ -15,6 +15,8 @@
 #   decode   - benchmarks/decode.py on `base`, batch 1 and 32: HF generate on the same model, transformers'
 #              Llama and Mixtral of the same size (eager and static cache + torch.compile, HF's best),
 #              the engine eager, with CUDA graphs, and with CUDA graphs + torch.compile (bf16).
+#   moe      - benchmarks/moe_dispatch.py on `base`'s MoE layer (bf16): sorted loop, grouped GEMM, weight
+#              gather and dense, from 1 to 4096 tokens: which dispatch `auto` should pick per size.
 #   spec     - self-speculative decoding of a trained early-exit run (SPEC_RUN, default runs/spec-ee2,
 #              carried to the machine; skipped when absent): speed-up over plain decoding at batch 1,
 #              tokens per step, identical greedy tokens (fp32, the dtype it was trained in).
@@ -25,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 OUT_DIR=${OUT:-docs/results}
-STAGES=${STAGES:-check arch compile decode spec}
+STAGES=${STAGES:-check arch compile decode moe spec}
 export PYTHONPATH="$PWD/src:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT_DIR"
 has() { [[ " $STAGES " == *" $1 "* ]]; }
@@ -99,6 +101,12 @@ if has decode; then
     --batches 1,32 --prompt-len 128 --new-tokens 64 --repeats 1 \
     --systems hf,llama,llama-static-compile,mixtral,mixtral-static-compile,engine,engine-graphs,engine-graphs-compile \
     --name decode-gpu --out "$OUT_DIR" || echo "decode stage failed or timed out (see above)"
+fi
+
+if has moe; then
+  echo "== moe: one MoE layer of base per dispatch, 1-4096 tokens (bf16)"
+  timeout 120 $PY benchmarks/moe_dispatch.py --preset base --device cuda --dtype bf16 --repeats 20 \
+    --name moe-dispatch-gpu --out "$OUT_DIR" || echo "moe stage failed or timed out (see above)"
 fi
 
 if has spec; then

@@ -48,6 +48,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--gather-max-tokens", type=int, default=256,
+                    help="time `gather` only up to this many tokens (it copies every token copy's expert weights: "
+                         "gigabytes for a long prefill of `base`)")
     ap.add_argument("--repeats", type=int, default=30, help="timed calls per cell (the median counts)")
     ap.add_argument("--out", default=None, help="results folder (default: docs/results)")
     ap.add_argument("--name", default="moe-dispatch")
@@ -69,6 +72,9 @@ def main() -> None:
             x = torch.randn(n, d, device=device, dtype=dtype)
             row = {"tokens": n, "top_k_mflop": 2 * 3 * d * h * n * k / 1e6}
             for name in dispatches:
+                if name == "gather" and n > a.gather_max_tokens:
+                    row[name], row[f"{name}_error"] = None, f"not timed above {a.gather_max_tokens} tokens"
+                    continue
                 layer.dispatch = name
                 try:
                     row[name] = timed_ms(lambda: layer(x), device, a.repeats)
@@ -86,7 +92,8 @@ def main() -> None:
     for r in rows:
         ok = {name: r[name] for name in dispatches if r[name] is not None}
         md.append(f"| {r['tokens']} | {r['top_k_mflop']:.1f} | "
-                  + " | ".join("failed" if r[name] is None else f"{r[name]:.3f}" for name in dispatches)
+                  + " | ".join(("-" if "not timed" in r.get(f"{name}_error", "") else "failed")
+                               if r[name] is None else f"{r[name]:.3f}" for name in dispatches)
                   + f" | {min(ok, key=ok.get) if ok else '-'} |")
     save_results(a.out, a.name, res, "\n".join(md))
 
