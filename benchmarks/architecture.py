@@ -3,8 +3,9 @@
 Reproduces the reference table's columns in one run:
   params (total / active per token), forward latency at 512 / 2048 / 8192 tokens (median
   of repeats, batch 1), and held-out next-token accuracy / loss after the *same training
-  wall-clock* on the same data (Tiny Shakespeare when ../shared/data is present), trained
-  by the `compare` recipe (`autoglm compare`) with the config in configs/compare-shakespeare.yaml.
+  time* on the same data (Tiny Shakespeare when ../shared/data is present), trained by the
+  `compare` recipe (`autoglm compare`: steps from each model's step time, timed side by side
+  before training) with the config in configs/compare-shakespeare.yaml.
 
 Writes docs/results/architecture.{json,md,png}.
 
@@ -82,7 +83,7 @@ def run(args) -> dict:
             model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(preset)).to(args.device)
             rows[preset]["latency_ms"] = latencies(model, args.lengths, args.repeats, args.precision)
 
-    # ---- quality after equal training wall-clock: the compare recipe
+    # ---- quality after equal training time: the compare recipe
     if args.minutes > 0:
         overrides = {"presets": [sparse, dense] + baselines, "minutes": args.minutes, "device": args.device,
                      "train.precision": args.precision, "latency_lengths": args.lengths,

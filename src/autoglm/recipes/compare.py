@@ -1,14 +1,14 @@
 """The comparison recipe: several presets trained side by side for the same training time.
 
 This is what `make demo` runs: the sparse-attention MoE model (`small`) and the dense
-Transformer of equal total size (`standard-small`) each get `minutes` of wall-clock on the
-same corpus, tokenizer, batches and schedule. Before any training, every model's optimizer step
-is timed side by side (a few rounds, one step of each model in turn), and each run gets the
-steps that fit `minutes` at its own step time; evaluations are not counted. So a machine that
-slows down while one model trains (a shared VM) changes how long that run takes, not how much
-it trains; a run that takes more than twice its budget is stopped. The result is a table (with each trained model's
-batch-1 forward latency at long inputs, where sparse attention pays off), a plot of
-validation loss against wall-clock time and of latency against input length, and a
+Transformer of equal total size (`standard-small`) each get `minutes` of training on the same
+corpus, tokenizer, batches and schedule. Before any training, every model's optimizer step is
+timed side by side (a few rounds, one step of each model in turn), and each run gets the steps
+that fit `minutes` at its own step time; evaluations are not counted. So a machine that slows
+down while one model trains (a shared VM) changes how long that run takes, not how much it
+trains; a run that takes more than twice its budget is stopped. The result is a table (with
+each trained model's batch-1 forward latency at long inputs, where sparse attention pays off),
+a plot of validation loss against wall-clock time and of latency against input length, and a
 sample from the model with the lower validation loss.
 
 `hf-llama` and `hf-mixtral` in `presets` add transformers' own Llama and Mixtral built at the
@@ -39,7 +39,7 @@ from ..settings import section, setting
 from ..training.config import TrainConfig
 from .common import ModelSpec, TextData
 
-__all__ = ["CompareConfig", "compare", "seconds_per_step", "side_by_side_seconds_per_step", "steps_for_budget", "forward_latency_ms",
+__all__ = ["CompareConfig", "compare", "side_by_side_seconds_per_step", "steps_for_budget", "forward_latency_ms",
            "interleaved_latencies", "training_step"]
 
 log = logging.getLogger(__name__)
@@ -106,19 +106,6 @@ class CompareConfig:
             return lambda: build_baseline(name, size, self.train.seq_len)
         spec = ModelSpec(name, self.vocab_size)
         return lambda: build_model(spec, vocab)
-
-
-def seconds_per_step(build, t: TrainConfig, tokens, device: str | None = None, steps: int = 3) -> float:
-    """Median wall-clock seconds of one optimizer step (forward, backward, AdamW) of a fresh
-    model from `build()` on real batches, after one warm-up step."""
-    from ..baselines import baseline_objective
-    from ..training import SingleDevice
-
-    strategy = SingleDevice(device)
-    model = strategy.setup(build())
-    step = training_step(model, t, tokens, baseline_objective(model), strategy)
-    step(0)  # warm-up
-    return sorted(step(i) for i in range(1, steps + 1))[steps // 2]
 
 
 def side_by_side_seconds_per_step(builds: dict, t: TrainConfig, tokens, device: str | None = None,
