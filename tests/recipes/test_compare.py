@@ -39,12 +39,13 @@ def test_step_times_are_taken_side_by_side():
         return make
 
     def fake_step(model, t, tokens, objective, strategy):
-        return lambda i: calls.append((model.name, i)) or 0.1
+        base = {"a": 0.1, "b": 0.2}[model.name]
+        return lambda i: calls.append((model.name, i)) or base * (1 + i)  # rounds 1-3 time 2-4 x base
 
     with mock.patch.object(compare_mod, "training_step", fake_step):
         times = compare_mod.side_by_side_seconds_per_step({"a": build("a"), "b": build("b")},
                                                           TrainConfig(max_steps=1), None, "cpu", rounds=3)
-    assert times == {"a": 0.1, "b": 0.1}
+    assert times == pytest.approx({"a": 0.3, "b": 0.6})  # the median round; the warm-up step is not counted
     assert calls == [("a", 0), ("b", 0), ("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 3), ("b", 3)]
 
 
