@@ -16,28 +16,13 @@ Writes docs/results/moe-dispatch.{json,md} (--name, --out to change).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from decode import DTYPES, timed
 from results_io import save_results
 
 from autoglm import OpenAutoGLMConfig
 from autoglm.modules.moe import MoEFeedForward
-
-
-def timed_ms(fn, device: torch.device, repeats: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        ts.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(ts)
 
 
 def main() -> None:
@@ -46,7 +31,7 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,2,8,16,32,64,256,1024,4096", help="input token counts")
     ap.add_argument("--dispatch", default="sorted,grouped,gather,dense", help="dispatches to time")
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--gather-max-tokens", type=int, default=256,
                     help="time `gather` only up to this many tokens (it copies every token copy's expert weights: "
@@ -57,7 +42,7 @@ def main() -> None:
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    device, dtype = torch.device(a.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[a.dtype]
+    device, dtype = torch.device(a.device), DTYPES[a.dtype]
     cfg = OpenAutoGLMConfig.from_name(a.preset)
     if not cfg.num_experts:
         raise SystemExit(f"preset {a.preset!r} has no experts; give a sparse preset, e.g. small or base")
@@ -77,7 +62,8 @@ def main() -> None:
                     continue
                 layer.dispatch = name
                 try:
-                    row[name] = timed_ms(lambda: layer(x), device, a.repeats)
+                    layer(x)  # warm-up
+                    row[name] = 1e3 * timed(lambda: layer(x), device, a.repeats)[0]
                 except (RuntimeError, ValueError) as e:  # e.g. no grouped-GEMM kernel for this dtype/device
                     row[name] = None
                     row[f"{name}_error"] = str(e)[:200]
