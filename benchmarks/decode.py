@@ -267,11 +267,12 @@ def speculative(a, device):
     val, test = held_out_prompts(run, tok, a.prompt_len, a.spec_val_prompts, a.spec_test_prompts)
     sp = SamplingParams(max_tokens=a.new_tokens, temperature=0, ignore_eos=True)
 
-    def engine(E=None, k=0, batch=1, min_prob=0.0):
+    def engine(E=None, k=0, batch=1, min_prob=0.0, draft_vocab=0):
         cfg = EngineConfig(block_size=a.block_size, num_blocks=batch * (-(-(a.prompt_len + a.new_tokens + 8)
                                                                          // a.block_size) + 2),
                            max_num_seqs=batch, max_num_batched_tokens=max(512, batch * (a.prompt_len + 8)),
-                           speculative_layer=E, speculative_tokens=k, speculative_min_prob=min_prob)
+                           speculative_layer=E, speculative_tokens=k, speculative_min_prob=min_prob,
+                           speculative_draft_vocab=draft_vocab)
         return LLMEngine(model, config=cfg)
 
     def timed_run(eng, prompts, batch=1):
@@ -282,12 +283,12 @@ def speculative(a, device):
             outs += [r.output_ids for r in eng.generate(prompts[i:i + batch], sp)]
         return time.perf_counter() - t0, outs
 
-    def compare(prompts, E, k, mp, batch=1, repeats=1):
+    def compare(prompts, E, k, mp, dv=0, batch=1, repeats=1):
         plain_t, spec_t, same, stats = [], [], True, None
         for rep in range(repeats):
             order = [("plain", None, 0), ("spec", E, k)]
             for label, e, kk in (order if rep % 2 == 0 else order[::-1]):
-                eng = engine(e, kk, batch, mp if e else 0.0)
+                eng = engine(e, kk, batch, mp if e else 0.0, dv if e else 0)
                 t, outs = timed_run(eng, prompts, batch)
                 if label == "plain":
                     plain_t.append(t)
@@ -297,25 +298,25 @@ def speculative(a, device):
                     got, stats = outs, eng.stats
             same = same and got == ref
         n_tok = len(prompts) * a.new_tokens
-        return dict(layer=E, k=k, min_prob=mp, batch=batch, plain_tok_s=n_tok / min(plain_t), spec_tok_s=n_tok / min(spec_t),
+        return dict(layer=E, k=k, min_prob=mp, draft_vocab=dv, batch=batch, plain_tok_s=n_tok / min(plain_t), spec_tok_s=n_tok / min(spec_t),
                     speedup=min(plain_t) / min(spec_t), identical_greedy_tokens=same,
                     tokens_per_step=stats.tokens_per_spec_step, acceptance_rate=stats.acceptance_rate,
                     spec_steps=stats.spec_steps)
 
     load0 = os.getloadavg()
     grid = []
-    for E, k, mp in [(E, int(k), float(mp)) for E in layers for k in a.spec_k.split(",")
-                     for mp in a.spec_min_prob.split(",")]:
-        r = compare(val, E, k, mp)
+    for E, k, mp, dv in [(E, int(k), float(mp), int(dv)) for E in layers for k in a.spec_k.split(",")
+                         for mp in a.spec_min_prob.split(",") for dv in a.spec_draft_vocab.split(",")]:
+        r = compare(val, E, k, mp, dv)
         grid.append(r)
-        print(f"[validation] exit {E} k {k} min_prob {mp}: {r['speedup']:.2f}x plain, "
+        print(f"[validation] exit {E} k {k} min_prob {mp} draft vocab {dv or 'all'}: {r['speedup']:.2f}x plain, "
               f"{r['tokens_per_step']:.2f} tokens/step, acceptance {r['acceptance_rate']:.2f}, "
               f"identical {r['identical_greedy_tokens']}", flush=True)
     best = max(grid, key=lambda r: r["speedup"])
-    E, k, mp = best["layer"], best["k"], best["min_prob"]
-    test_rows = [compare(test, E, k, mp, repeats=a.repeats)]
+    E, k, mp, dv = best["layer"], best["k"], best["min_prob"], best["draft_vocab"]
+    test_rows = [compare(test, E, k, mp, dv, repeats=a.repeats)]
     for b in [x for x in a.spec_batches if x > 1]:
-        test_rows.append(compare((test * -(-b // len(test)))[:b], E, k, mp, batch=b, repeats=a.repeats))
+        test_rows.append(compare((test * -(-b // len(test)))[:b], E, k, mp, dv, batch=b, repeats=a.repeats))
     for r in test_rows:
         print(f"[test] batch {r['batch']}, exit {E} k {k}: plain {r['plain_tok_s']:.1f} tok/s, speculative "
               f"{r['spec_tok_s']:.1f} tok/s ({r['speedup']:.2f}x), {r['tokens_per_step']:.2f} tokens/step, "
@@ -328,11 +329,11 @@ def speculative(a, device):
           f"times include the prefill. Exit layer and k chosen on {len(val)} validation prompts (first half of the "
           f"held-out text), reported on {len(test)} test prompts (second half); best of {a.repeats} interleaved runs.",
           "", "Validation grid:", "",
-          "| exit layer | k | min_prob | speculative / plain | tokens per step | draft acceptance | identical tokens |",
-          "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['layer']} / {L} | {r['k']} | {r['min_prob']} | {r['speedup']:.2f}x | {r['tokens_per_step']:.2f} | "
+          "| exit layer | k | min_prob | draft vocabulary | speculative / plain | tokens per step | draft acceptance "
+          "| identical tokens |", "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['layer']} / {L} | {r['k']} | {r['min_prob']} | {r['draft_vocab'] or 'all'} | {r['speedup']:.2f}x | {r['tokens_per_step']:.2f} | "
            f"{r['acceptance_rate']:.2f} | {r['identical_greedy_tokens']} |" for r in grid]
-    md += ["", f"Test (exit after layer {E}, k {k}, min_prob {mp}):", "",
+    md += ["", f"Test (exit after layer {E}, k {k}, min_prob {mp}, draft vocabulary {dv or 'all'}):", "",
            "| batch | plain engine tok/s | speculative tok/s | **speculative / plain** | tokens per step | "
            "draft acceptance | greedy tokens identical to plain |", "|---|---|---|---|---|---|---|"]
     md += [f"| {r['batch']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | **{r['speedup']:.2f}x** | "
@@ -341,7 +342,8 @@ def speculative(a, device):
     md += ["", f"Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in load0)}, at end "
                f"{tuple(round(x, 2) for x in load1)}: the machine is shared, compare ratios within this run."]
     save_results(a.out, a.name or "speculative", dict(run=str(a.speculative_run), trained_exits=trained, grid=grid,
-                                                      chosen=dict(layer=E, k=k, min_prob=mp), test=test_rows, load_start=load0,
+                                                      chosen=dict(layer=E, k=k, min_prob=mp, draft_vocab=dv),
+                                                      test=test_rows, load_start=load0,
                                                       load_end=load1, args=vars(a)), "\n".join(md))
 
 
@@ -364,6 +366,8 @@ def main():
     ap.add_argument("--spec-layers", default=None, help="exit layers tried for drafting (default: the run's trained)")
     ap.add_argument("--spec-k", default="2,3,4", help="draft tokens per step tried on the validation prompts")
     ap.add_argument("--spec-min-prob", default="0,0.3", help="draft confidence floors tried (speculative_min_prob)")
+    ap.add_argument("--spec-draft-vocab", default="0", help="draft vocabularies tried (speculative_draft_vocab: "
+                                                            "the N lowest token ids; 0 = all)")
     ap.add_argument("--spec-val-prompts", type=int, default=4)
     ap.add_argument("--spec-test-prompts", type=int, default=8)
     ap.add_argument("--spec-batches", default="1", help="batches the chosen setting is also reported at")

@@ -2,6 +2,7 @@
 batching, sampled output distributed as the full model's (chi-square against the exact joint
 distribution of two tokens on a 8-token vocabulary), stops, logprobs, penalties, bad input."""
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import chisquare
@@ -49,6 +50,28 @@ def test_greedy_matches_hf_generate_with_continuous_batching(preset):
     assert 0.2 < st.acceptance_rate < 0.9  # drafts both kept and rejected
     assert st.tokens_per_spec_step > 1.3
     assert eng.pool.num_free == eng.pool.num_blocks
+
+
+def test_a_draft_vocabulary_keeps_greedy_output_exact():
+    """Drafting from the 192 lowest ids of 512: drafts the full model would not pick outside them
+    are rejected, so acceptance falls, and the tokens stay HF's (greedy with and without a
+    repetition penalty, which goes through the full-vocabulary path)."""
+    model = drafting_model()
+    assert model.config.vocab_size == 512
+    ps = prompts(6, 3, 40, seed=5)
+    plain = spec_engine(model).generate(ps, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    eng = spec_engine(model, speculative_draft_vocab=192)
+    reqs = eng.generate(ps, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    for p, r in zip(ps, reqs):
+        assert r.output_ids == hf_greedy(model, p, 24)
+    assert 0 < eng.stats.acceptance_rate < 1
+    outside = sum(t >= 192 for r in reqs for t in r.output_ids)
+    assert outside > 0  # the full model's tokens outside the draft vocabulary are still emitted
+    sp = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=1.3)
+    want = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=600)).generate(ps, sp)
+    got = spec_engine(model, speculative_draft_vocab=192).generate(ps, sp)
+    assert [r.output_ids for r in got] == [r.output_ids for r in want]
+    assert [r.output_ids for r in plain] == [r.output_ids for r in reqs]
 
 
 def test_a_step_whose_drafts_are_all_kept_emits_k_plus_one_tokens():
@@ -116,16 +139,20 @@ def plain_logprobs(model, req):
     return [float(lp[P - 1 + i, t]) for i, t in enumerate(req.output_ids)]
 
 
-def test_sampled_tokens_follow_the_full_models_distribution():
+@pytest.mark.parametrize("draft_vocab", [0, 5])
+def test_sampled_tokens_follow_the_full_models_distribution(draft_vocab):
     """Tokens 2 and 3 of 2000 seeded requests from a fixed prompt (token 1 comes from the prefill,
     tokens 2-3 from one speculative step with k = 2): their joint frequencies match the full
     model's exact joint distribution (temperature 1, top-k 6 over 8 tokens, marginal over token
-    1), and not the one of drafting without the rejection rule, which the test can tell apart."""
+    1), and not the one of drafting without the rejection rule, which the test can tell apart.
+    With a draft vocabulary of 5 of the 8 tokens, the drafts never propose 5-7 and the rejection
+    rule's residual still gives them their full-model probability."""
     model = drafting_model(vocab_size=8, damp=0.6)
     prompt = [3, 5, 2, 7, 4]
     sp = dict(max_tokens=3, temperature=1.0, top_k=6, ignore_eos=True, speculative_tokens=2)
     n = 2000
-    eng = spec_engine(model, max_num_seqs=512, max_num_batched_tokens=2048, num_blocks=3000)
+    eng = spec_engine(model, max_num_seqs=512, max_num_batched_tokens=2048, num_blocks=3000,
+                      speculative_draft_vocab=draft_vocab)
     reqs = eng.generate([prompt] * n, [SamplingParams(seed=i, **sp) for i in range(n)])
     assert eng.stats.spec_steps == n and 0 < eng.stats.acceptance_rate < 1
     counts = torch.zeros(8, 8)
@@ -138,7 +165,10 @@ def test_sampled_tokens_follow_the_full_models_distribution():
     seqs = torch.tensor([prompt + [a, b] for a in range(8) for b in range(8)])  # (64, P + 2)
     with torch.no_grad():
         out = model(seqs, output_hidden_states=True)
-        full, draft = top6(out.logits.float()), top6(model.exit_logits(out.hidden_states[2]).float())
+        draft_logits = model.exit_logits(out.hidden_states[2]).float()
+        if draft_vocab:
+            draft_logits[..., draft_vocab:] = float("-inf")
+        full, draft = top6(out.logits.float()), top6(draft_logits)
     P = len(prompt)
 
     def joint(p3, q2):  # P(t2 = b, t3 = c) = sum_a P(a) q2(b | a) p3(c | a, b)
@@ -154,7 +184,8 @@ def test_sampled_tokens_follow_the_full_models_distribution():
     f_obs = counts.flatten()[keep].numpy()
     for dist, ok in ((want, True), (naive, False)):
         f_exp = dist.flatten()[keep] * n
-        p = chisquare(f_obs, (f_exp * f_obs.sum() / f_exp.sum()).numpy()).pvalue
+        with np.errstate(divide="ignore"):  # the draft-only joint is 0 where drafts cannot go: p = 0 there
+            p = chisquare(f_obs, (f_exp * f_obs.sum() / f_exp.sum()).numpy()).pvalue
         assert (p > 1e-3) if ok else (p < 1e-6)
 
 
@@ -185,6 +216,12 @@ def test_bad_speculation_requests_are_refused():
         LLMEngine(model, config=EngineConfig(speculative_layer=4))
     with pytest.raises(ValueError, match="speculative_tokens must be"):
         SamplingParams(speculative_tokens=-1)
+    with pytest.raises(ValueError, match=r"speculative_draft_vocab \(600\) must be in \[0, 512\]"):
+        spec_engine(model, speculative_draft_vocab=600)
+    with pytest.raises(ValueError, match="speculative_draft_vocab must be >= 0"):
+        EngineConfig(speculative_draft_vocab=-1)
+    with pytest.raises(ValueError, match="no draft exit: set speculative_layer"):
+        LLMEngine(model, config=EngineConfig(speculative_draft_vocab=64))
     # near the end of the context or of max_tokens the drafts are clipped, never past them
     (r,) = eng.generate([list(range(2, ctx - 6))], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert len(r.output_ids) == 5 and r.output_ids == hf_greedy(model, list(range(2, ctx - 6)), 5)

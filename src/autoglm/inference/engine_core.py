@@ -61,6 +61,9 @@ class EngineConfig:
                                          "`speculative_tokens`; 0 = speculate only when a request asks")
     speculative_min_prob: float = setting(0.0, "stop drafting a step at a draft whose exit top probability is "
                                                "below this (0 = always draft k); the output stays exact")
+    speculative_draft_vocab: int = setting(0, "draft from the N lowest token ids only (a byte-level BPE's most "
+                                              "frequent tokens): a draft head N/V as costly; 0 = the whole "
+                                              "vocabulary; the output stays exact")
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_blocks", "max_num_seqs", "max_num_batched_tokens"):
@@ -73,6 +76,9 @@ class EngineConfig:
         if self.speculative_layer is not None and self.early_exit_threshold < 1.0:
             raise ValueError("speculative decoding (speculative_layer) and early exit (early_exit_threshold < 1) "
                              "cannot be combined: choose exact speculation or approximate exits")
+        if self.speculative_draft_vocab < 0:
+            raise ValueError(f"speculative_draft_vocab must be >= 0 (0 = the whole vocabulary), "
+                             f"got {self.speculative_draft_vocab}")
         if self.exit_layers is not None and (not self.exit_layers or min(self.exit_layers) < 1):
             raise ValueError(f"exit_layers must be layer counts >= 1 (e.g. 2,4), got {self.exit_layers}; "
                              f"none tries every layer")
@@ -133,12 +139,16 @@ class EngineCore:
             raise ValueError(f"speculative_tokens {cfg.speculative_tokens} needs a draft exit and the engine has none: "
                              f"set speculative_layer to a layer the model's exit was trained at (`autoglm train "
                              f"--early-exit --exit-layers 2`; `autoglm serve` takes it from the run's run.json)")
+        if cfg.speculative_draft_vocab and cfg.speculative_layer is None:
+            raise ValueError(f"speculative_draft_vocab {cfg.speculative_draft_vocab} sets the draft head of "
+                             f"self-speculative decoding, and the engine has no draft exit: set speculative_layer")
         if cfg.speculative_tokens >= self.max_model_len:
             raise ValueError(f"speculative_tokens ({cfg.speculative_tokens}) must be smaller than the model's context "
                              f"({self.max_model_len} tokens)")
         self.runner = ModelRunner(model, self.kv, cfg.early_exit_threshold, exit_layers, graphs,
                                   speculative_layer=cfg.speculative_layer,
-                                  speculative_min_prob=cfg.speculative_min_prob)
+                                  speculative_min_prob=cfg.speculative_min_prob,
+                                  speculative_draft_vocab=cfg.speculative_draft_vocab)
         self.requests: dict[str, Request] = {}  # unfinished requests
         self.stats = EngineStats()
 

@@ -94,7 +94,7 @@ class ModelRunner:
     def __init__(self, model, kv: KVCacheManager, exit_threshold: float = 1.0,
                  exit_layers: tuple[int, ...] = (), graphs: DecodeGraphOptions | None = None,
                  dtype: torch.dtype | None = None, speculative_layer: int | None = None,
-                 speculative_min_prob: float = 0.0) -> None:
+                 speculative_min_prob: float = 0.0, speculative_draft_vocab: int = 0) -> None:
         cfg = model.config
         self.model, self.kv, self.config = model, kv, cfg
         self.block_size = kv.block_size
@@ -116,7 +116,7 @@ class ModelRunner:
         self.max_deferred = kv.block_size  # longest run of exits before a step must go to full depth
         self.generators: dict[str, torch.Generator] = {}  # seeded requests' own random streams
         # self-speculative decoding: drafts from the exit after `speculative_layer` layers
-        self.speculator = SelfSpeculator(self, speculative_layer, speculative_min_prob) \
+        self.speculator = SelfSpeculator(self, speculative_layer, speculative_min_prob, speculative_draft_vocab) \
             if speculative_layer is not None else None
         self._prefix_rows: tuple[torch.Tensor, torch.Tensor] | None = None  # this step's image-prefix rows
 

@@ -39,6 +39,14 @@ and that a later step overwrites. The scheduler gives a speculating request k + 
 ahead (`ScheduledRequest.num_draft` = k) and clips k so that k + 1 tokens fit its
 max_tokens and the model's context; it counts k + 1 rows against the step's budget.
 
+A draft vocabulary (`draft_vocab` = N, `EngineConfig.speculative_draft_vocab`) makes the
+draft head score only the N lowest token ids (a byte-level BPE numbers its tokens in merge
+order, so these are the most frequent ones), as FR-Spec drafts from a frequency-ranked subset:
+the exit's LM head then reads N rows of the weight instead of V. The draft distribution q is
+zero outside the subset; greedy verification and the rejection rule (whose residual
+max(0, p - q) covers the tokens the draft cannot propose) keep the output exact. Greedy
+requests without penalties or logit bias take the draft's argmax directly.
+
 Sampled output is exact in distribution, not draw for draw: a seeded speculating request
 is reproducible, but draws other tokens than the same seed without speculation.
 """
@@ -71,7 +79,7 @@ class SelfSpeculator:
 
     `runner` is the `ModelRunner` whose KV store, layout builder and embedding this uses."""
 
-    def __init__(self, runner, draft_layer: int, min_prob: float = 0.0) -> None:
+    def __init__(self, runner, draft_layer: int, min_prob: float = 0.0, draft_vocab: int = 0) -> None:
         n_layers = len(runner.model.model.layers)
         if not 1 <= draft_layer < n_layers:
             raise ValueError(f"speculative_layer ({draft_layer}) must be in [1, {n_layers - 1}]: the drafts exit after "
@@ -82,6 +90,17 @@ class SelfSpeculator:
         if not 0.0 <= min_prob < 1.0:
             raise ValueError(f"speculative_min_prob must be in [0, 1) (0 = always draft k tokens), got {min_prob}")
         self.runner, self.draft_layer, self.min_prob = runner, draft_layer, min_prob
+        head = runner.model.lm_head
+        vocab = head.weight.shape[0]
+        if not 0 <= draft_vocab <= vocab:
+            raise ValueError(f"speculative_draft_vocab ({draft_vocab}) must be in [0, {vocab}]: the draft head scores "
+                             f"the N lowest token ids of the model's {vocab} (0 = all of them)")
+        self.vocab = vocab
+        # the draft head over the N lowest ids: N rows of the LM head's weight (None = the whole head)
+        self.draft_weight = self.draft_bias = None
+        if 0 < draft_vocab < vocab:
+            self.draft_weight = head.weight.detach()[:draft_vocab].contiguous()
+            self.draft_bias = None if head.bias is None else head.bias.detach()[:draft_vocab].contiguous()
 
     @torch.inference_mode()
     def run(self, scheduled: list, generators: list[torch.Generator | None]) -> list[SpeculationResult]:
@@ -115,10 +134,13 @@ class SelfSpeculator:
             if not rows:
                 continue
             drafting = [active[a] for a in rows]
-            exit_logits = rn.model.exit_logits(x[0, rows] if len(rows) < len(active) else x[0])
-            probs = target_probs(exit_logits, [params[i] for i in drafting],
-                                 *self._histories(reqs, tokens, drafting, j))
-            drafts = self._draw(probs, [params[i] for i in drafting], [generators[i] for i in drafting])
+            exit_logits = self._draft_logits(x[0, rows] if len(rows) < len(active) else x[0])
+            if all(params[i].greedy and not params[i].adjusts_logits for i in drafting):
+                probs, drafts = None, exit_logits.argmax(-1).tolist()  # the pick without the (R, V) one-hots
+            else:
+                probs = target_probs(self._full_vocab(exit_logits), [params[i] for i in drafting],
+                                     *self._histories(reqs, tokens, drafting, j))
+                drafts = self._draw(probs, [params[i] for i in drafting], [generators[i] for i in drafting])
             sure = (exit_logits.float().softmax(-1).amax(-1) >= self.min_prob).tolist() if self.min_prob else None
             for a, (i, d) in enumerate(zip(drafting, drafts)):
                 if sure is not None and not sure[a]:  # an unsure draft is dropped: j drafts this step
@@ -175,6 +197,21 @@ class SelfSpeculator:
         return results
 
     # ------------------------------------------------------------- internals
+    def _draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The exit's logits (R, V), or (R, N) over the draft vocabulary's N lowest ids."""
+        model = self.runner.model
+        if self.draft_weight is None:
+            return model.exit_logits(hidden)
+        return torch.nn.functional.linear(model.model.norm(hidden), self.draft_weight, self.draft_bias)
+
+    def _full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits (R, N) placed in (R, V), -inf outside: probability 0 there."""
+        if logits.shape[-1] == self.vocab:
+            return logits
+        full = logits.new_full((logits.shape[0], self.vocab), float("-inf"))
+        full[:, :logits.shape[-1]] = logits
+        return full
+
     @staticmethod
     def _draw(probs: torch.Tensor, params, generators) -> list[int]:
         """A draft token per row of the draft distribution (argmax of a greedy row's one-hot)."""
