@@ -44,8 +44,9 @@ draft head score only the N lowest token ids (a byte-level BPE numbers its token
 order, so these are the most frequent ones), as FR-Spec drafts from a frequency-ranked subset:
 the exit's LM head then reads N rows of the weight instead of V. The draft distribution q is
 zero outside the subset; greedy verification and the rejection rule (whose residual
-max(0, p - q) covers the tokens the draft cannot propose) keep the output exact. Greedy
-requests without penalties or logit bias take the draft's argmax directly.
+max(0, p - q) covers the tokens the draft cannot propose) keep the output exact; `min_prob`
+then reads the top probability within the subset. Greedy requests without penalties or
+logit bias take the draft's argmax directly.
 
 Sampled output is exact in distribution, not draw for draw: a seeded speculating request
 is reproducible, but draws other tokens than the same seed without speculation.
