@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from autoglm.inference.layout import LayoutBuilder, Segment
-from autoglm.inference.paged_attention import PagedAttention, PagedKVCache
+from autoglm.inference.paged_attention import PagedAttention, PagedKVCache, Workspace
 from autoglm.modules.attention import attend_dense
 
 H, HKV, D, BS, NBLOCKS = 4, 2, 8, 4, 64
@@ -18,8 +18,8 @@ def scattered(lens, new, freed=()):
     ones written into random blocks of layer 1 (layer 0 holds noise). `freed`: logical blocks
     of request 0 dropped from its table (a sparse window moving on)."""
     torch.manual_seed(0)
-    k_cache = torch.randn(2, SCRATCH + BS, HKV, D)  # layer 0: noise the kernel must not read
-    v_cache = torch.randn(2, SCRATCH + BS, HKV, D)
+    k_cache = torch.randn(2, HKV, SCRATCH + BS, D)  # layer 0: noise the kernel must not read
+    v_cache = torch.randn(2, HKV, SCRATCH + BS, D)
     perm = torch.randperm(NBLOCKS).tolist()
     reqs = []
     for r, (L, n) in enumerate(zip(lens, new)):
@@ -27,15 +27,15 @@ def scattered(lens, new, freed=()):
         k, v = torch.randn(1, HKV, T, D), torch.randn(1, HKV, T, D)
         table = [perm.pop() for _ in range(-(-T // BS))]
         slots = [table[p // BS] * BS + p % BS for p in range(T)]
-        k_cache[1, slots[:L]] = k[0, :, :L].transpose(0, 1)
-        v_cache[1, slots[:L]] = v[0, :, :L].transpose(0, 1)
+        k_cache[1][:, slots[:L]] = k[0, :, :L]
+        v_cache[1][:, slots[:L]] = v[0, :, :L]
         if r == 0:
             table = [None if j in freed else b for j, b in enumerate(table)]
         reqs.append((k, v, table, torch.randn(1, H, n, D)))
     return k_cache, v_cache, reqs
 
 
-def run(k_cache, v_cache, reqs, lens, new, window, num_global, table=None, rows=None, keys=None):
+def run(k_cache, v_cache, reqs, lens, new, window, num_global, table=None, rows=None, keys=None, workspace=None):
     segs = [Segment(t, L, [0] * n, True) for (_, _, t, _), L, n in zip(reqs, lens, new)]
     lay = LayoutBuilder(BS, SCRATCH, "cpu").build(segs, rows=rows, keys=keys)
     R = len(lay.input_ids)
@@ -44,7 +44,8 @@ def run(k_cache, v_cache, reqs, lens, new, window, num_global, table=None, rows=
     new_v = torch.cat([v[:, :, L:] for (_, v, _, _), L in zip(reqs, lens)] + [torch.zeros(1, HKV, pad, D)], dim=2)
     q = torch.cat([q for *_, q in reqs] + [torch.randn(1, H, pad, D)], dim=2)
     PagedKVCache(k_cache, v_cache, lay).update(new_k, new_v, 1)
-    return PagedAttention(k_cache, v_cache, lay)(q, None, None, window, num_global, table, layer_idx=1), lay
+    kernel = PagedAttention(k_cache, v_cache, lay, workspace)
+    return kernel(q, None, None, window, num_global, table, layer_idx=1), lay
 
 
 def reference(reqs, lens, new, window, num_global, table=None, visible=None):
@@ -56,13 +57,25 @@ def reference(reqs, lens, new, window, num_global, table=None, visible=None):
     return torch.cat(outs, dim=2)
 
 
+@pytest.mark.parametrize("workspace", [False, True])
 @pytest.mark.parametrize("window,num_global,with_bias", [(None, 0, False), (6, 2, False), (6, 2, True)])
-def test_paged_attention_equals_contiguous(window, num_global, with_bias):
+def test_paged_attention_equals_contiguous(window, num_global, with_bias, workspace):
     lens, new = [13, 7, 21], [1, 1, 5]  # two decode rows and a prefill chunk of 5 in one packed step
     k_cache, v_cache, reqs = scattered(lens, new)
     table = torch.randn(H, (window or 1) + max(num_global, 1)) if with_bias and window else None
-    out, _ = run(k_cache, v_cache, reqs, lens, new, window, num_global, table)
+    out, _ = run(k_cache, v_cache, reqs, lens, new, window, num_global, table,
+                 workspace=Workspace() if workspace else None)
     torch.testing.assert_close(out, reference(reqs, lens, new, window, num_global, table), atol=1e-5, rtol=1e-5)
+
+
+def test_workspace_is_reused_across_steps_of_other_shapes():
+    """One workspace serves a large step, then a smaller one, then a larger one again (a view of
+    the grown buffer each time): every step equals the reference."""
+    ws = Workspace()
+    for lens, new in (([13, 7, 21], [1, 1, 1]), ([3], [1]), ([30, 2, 9, 17], [1, 1, 1, 1])):
+        k_cache, v_cache, reqs = scattered(lens, new)
+        out, _ = run(k_cache, v_cache, reqs, lens, new, 6, 2, workspace=ws)
+        torch.testing.assert_close(out, reference(reqs, lens, new, 6, 2), atol=1e-5, rtol=1e-5)
 
 
 def test_freed_blocks_are_skipped():
@@ -87,5 +100,5 @@ def test_fixed_shape_layout_pads_with_the_scratch_slot():
     real = torch.ones(SCRATCH + BS, dtype=torch.bool)
     real[lay.write_slots[:3]] = False  # the real rows' own slots are written; the padding row only the scratch
     real[SCRATCH:] = False
-    assert torch.equal(k_cache[1, real], before[1, real])
+    assert torch.equal(k_cache[1][:, real], before[1][:, real])
     assert not LayoutBuilder(BS, SCRATCH, "cpu").fits([Segment(reqs[0][2], 13, [0], True)], 1, 8)  # 16 keys > 8

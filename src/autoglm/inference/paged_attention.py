@@ -1,24 +1,47 @@
 """Attention over the paged KV store: the engine's kernel (`AttentionMetadata.kernel`).
 
-The store is two tensors, (layers, num_slots, Hkv, D): slot s = block * block_size + offset.
-Every attention layer calls the cache's `update(k, v, layer_idx)` and then the kernel with
-its own `layer_idx`, so nothing is carried from one call to the next:
+The store is two tensors, (layers, Hkv, num_slots, D), head-major: slot s = block * block_size
++ offset, and a row's keys gathered from it are (Hkv, Tk, D) matrices that SDPA reads in
+place (no transpose copy). Every attention layer calls the cache's `update(k, v, layer_idx)`
+and then the kernel with its own `layer_idx`:
 
 * `PagedKVCache.update` writes each new token's K/V into its slot of that layer;
 * `PagedAttention` gathers each request's keys of that layer through the step's layout
   (`layout.StepLayout`) and runs the dense-with-mask kernel, so the sparse rule (window +
   global) is applied by absolute position: all decode rows as one padded (Bd, H, 1, Tk)
-  batch, each prefill chunk alone.
+  batch, each prefill chunk alone. The decode rows' mask depends only on the step, so it is
+  built once per step and shared by the layers.
+
+On a CPU the decode gather goes into a `Workspace` the runner keeps across steps: a fresh
+multi-megabyte tensor per layer and step costs its page faults every time (the allocator
+returns large blocks to the system), which on a 2-core machine was as much as the gather.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..modules.attention import attend_dense
+from ..modules.attention import _sdpa, attend_dense, dense_allowed
 from .layout import StepLayout
 
-__all__ = ["PagedKVCache", "PagedAttention"]
+__all__ = ["PagedKVCache", "PagedAttention", "Workspace"]
+
+
+class Workspace:
+    """Reusable flat buffers by name, grown to the largest size asked for (never shrunk)."""
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        """A contiguous tensor of `shape` with `like`'s dtype and device; its contents are stale."""
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._bufs[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf[:n].view(shape)
 
 
 class PagedKVCache:
@@ -30,34 +53,64 @@ class PagedKVCache:
     def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int):
         """k, v (1, Hkv, N, D) for the packed new tokens; written to their slots of `layer_idx`."""
         slots = self.layout.write_slots
-        self.k_cache[layer_idx, slots] = k[0].transpose(0, 1).to(self.k_cache.dtype)
-        self.v_cache[layer_idx, slots] = v[0].transpose(0, 1).to(self.v_cache.dtype)
+        self.k_cache[layer_idx].index_copy_(1, slots, k[0].to(self.k_cache.dtype))
+        self.v_cache[layer_idx].index_copy_(1, slots, v[0].to(self.v_cache.dtype))
         return k, v
 
 
 class PagedAttention:
-    """Attention that reads K/V of layer `layer_idx` through block tables (see module docstring)."""
+    """Attention that reads K/V of layer `layer_idx` through block tables (see module docstring).
+    One instance serves one step: it keeps the decode rows' mask per (window, num_global)."""
 
-    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: StepLayout) -> None:
-        self.k_cache, self.v_cache, self.layout = k_cache, v_cache, layout
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: StepLayout,
+                 workspace: Workspace | None = None) -> None:
+        self.k_cache, self.v_cache, self.layout, self.workspace = k_cache, v_cache, layout, workspace
+        self._decode: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def _decode_mask(self, window, num_global, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query positions (Bd, 1), allowed (Bd, 1, Tk), its additive form (Bd, 1, 1, Tk) in
+        `dtype`: what SDPA turns a boolean mask into on every call) of the step's decode rows."""
+        key = (window, num_global, dtype)
+        if key not in self._decode:
+            L = self.layout
+            qpos = L.positions[L.decode_q][:, None]
+            allowed = dense_allowed(qpos, L.decode_kpos, L.decode_valid, window, num_global)
+            additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+            self._decode[key] = qpos, allowed, additive[:, None]
+        return self._decode[key]
+
+    def _gather(self, store: torch.Tensor, slots: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
+        """store (Hkv, S, D) rows `slots` -> (Hkv, n, D), into the workspace when there is one."""
+        if self.workspace is None or store.dtype != dtype:
+            return store.index_select(1, slots).to(dtype)
+        out = self.workspace.get(name, (store.shape[0], slots.numel(), store.shape[2]), store)
+        return torch.index_select(store, 1, slots, out=out)
 
     def __call__(self, q, k, v, window, num_global, table, layer_idx: int):
         """q (1, H, N, D) packed -> (1, H, N, D); k/v (the new tokens') are already in the store."""
         L = self.layout
-        kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
-        out = torch.empty_like(q)
+        kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]  # (Hkv, S, D)
         if L.decode_q is not None:
-            qd = q[0, :, L.decode_q].transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
             Bd, Tk = L.decode_slots.shape
+            only_decode = not L.prefills and Bd == q.shape[2]  # then decode row i is packed row i
+            qd = (q[0] if only_decode else q[0, :, L.decode_q]).transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
             flat = L.decode_slots.view(-1)
-            kd = kc.index_select(0, flat).view(Bd, Tk, *kc.shape[1:]).transpose(1, 2).to(q.dtype)  # (Bd, Hkv, Tk, D)
-            vd = vc.index_select(0, flat).view(Bd, Tk, *vc.shape[1:]).transpose(1, 2).to(q.dtype)
-            qpos = L.positions[L.decode_q][:, None]
-            o = attend_dense(qd, kd, vd, window, num_global, qpos, L.decode_kpos, L.decode_valid, table)
+            kd = self._gather(kc, flat, "k", q.dtype).view(-1, Bd, Tk, kc.shape[-1]).transpose(0, 1)  # (Bd, Hkv, Tk, D)
+            vd = self._gather(vc, flat, "v", q.dtype).view(-1, Bd, Tk, vc.shape[-1]).transpose(0, 1)
+            qpos, allowed, additive = self._decode_mask(window, num_global, q.dtype)
+            if table is None:
+                o = _sdpa(qd, kd, vd, additive)
+            else:
+                o = attend_dense(qd, kd, vd, window, num_global, qpos, L.decode_kpos, table=table, allowed=allowed)
+            if only_decode:
+                return o[:, :, 0].transpose(0, 1)[None]
+            out = torch.empty_like(q)
             out[0, :, L.decode_q] = o[:, :, 0].transpose(0, 1)
+        else:
+            out = torch.empty_like(q)
         for a, b, slots, kpos in L.prefills:
-            kp = kc.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)  # (1, Hkv, Tk, D)
-            vp = vc.index_select(0, slots).transpose(0, 1)[None].to(q.dtype)
+            kp = kc.index_select(1, slots)[None].to(q.dtype)  # (1, Hkv, Tk, D)
+            vp = vc.index_select(1, slots)[None].to(q.dtype)
             out[:, :, a:b] = attend_dense(q[:, :, a:b], kp, vp, window, num_global,
                                           L.positions[a:b][None], kpos[None], None, table)
         return out

@@ -44,6 +44,7 @@ __all__ = [
     "bias_code",
     "attend",
     "attend_dense",
+    "dense_allowed",
     "attend_chunked",
     "attend_flex",
 ]
@@ -100,17 +101,25 @@ def _sdpa(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
-def attend_dense(q, k, v, window, num_global, q_pos, k_pos, k_valid=None, table=None):
-    """Reference kernel. q (B,H,Tq,D), k/v (B,Hkv,Tk,D); q_pos (B|1,Tq), k_pos (B|1,Tk)."""
-    qp, kp = q_pos[:, :, None], k_pos[:, None, :]
-    allowed = sparse_mask(qp, kp, window, num_global)  # (B, Tq, Tk)
+def dense_allowed(q_pos, k_pos, k_valid, window, num_global) -> torch.Tensor:
+    """The (B, Tq, Tk) "may attend" of `attend_dense`: the sparse rule by position and key
+    validity; a row with nothing visible (a padding query) sees everything instead of NaN."""
+    allowed = sparse_mask(q_pos[:, :, None], k_pos[:, None, :], window, num_global)
     if k_valid is not None:
         allowed = allowed & k_valid[:, None, :]
-    # rows with nothing visible (padding queries) would give NaN; let them see everything
-    allowed = allowed | ~allowed.any(-1, keepdim=True)
+    return allowed | ~allowed.any(-1, keepdim=True)
+
+
+def attend_dense(q, k, v, window, num_global, q_pos, k_pos, k_valid=None, table=None, allowed=None):
+    """Reference kernel. q (B,H,Tq,D), k/v (B,Hkv,Tk,D); q_pos (B|1,Tq), k_pos (B|1,Tk).
+    `allowed`: `dense_allowed(...)` of these positions when the caller already has it (an
+    engine step shares it between its layers)."""
+    if allowed is None:
+        allowed = dense_allowed(q_pos, k_pos, k_valid, window, num_global)
     if table is None:
         return _sdpa(q, k, v, allowed[:, None])
-    return _sdpa(q, k, v, _float_mask(allowed, table, bias_code(qp, kp, window, num_global)))
+    code = bias_code(q_pos[:, :, None], k_pos[:, None, :], window, num_global)
+    return _sdpa(q, k, v, _float_mask(allowed, table, code))
 
 
 @lru_cache(maxsize=32)
