@@ -1,6 +1,6 @@
 """Model runner: one forward pass over a scheduler step, then one sampled token per request.
 
-The KV store is two tensors per model, (layers, num_blocks * block_size + scratch, Hkv, D).
+The KV store is two tensors per model, (layers, Hkv, num_blocks * block_size + scratch, D).
 A step's tokens from every scheduled request are packed into one (1, N) row (no padding:
 prefill chunks and decode tokens side by side), so the projections and FFNs run once on N
 tokens; attention reads the store through block tables (`paged_attention`), with every
@@ -43,13 +43,13 @@ from .cuda_graph import CUDAGraphDecoder, DecodeGraphOptions
 from .kv_cache_manager import KVCacheManager
 from .layout import LayoutBuilder, Segment, StepLayout
 from .lora import MultiLoRA
-from .paged_attention import PagedAttention, PagedKVCache
+from .paged_attention import PagedAttention, PagedKVCache, Workspace
 from .request import TokenLogprob
 from .sampling import prompt_logprobs, sample_tokens, token_logprob
 from .scheduler import SchedulerOutput
 from .speculative import SelfSpeculator, SpeculationResult
 
-__all__ = ["DeferredToken", "ModelRunner", "ModelRunnerOutput", "ForwardOutput"]
+__all__ = ["DeferredToken", "LMHead", "ModelRunner", "ModelRunnerOutput", "ForwardOutput"]
 
 
 @dataclass
@@ -90,6 +90,31 @@ class ModelRunnerOutput:
     speculated: dict[str, SpeculationResult] = field(default_factory=dict)
 
 
+class LMHead:
+    """The model's LM head as the runner calls it. On a CPU a plain `nn.Linear` head runs as
+    `h @ W^T` with W^T kept contiguous (d, V): the CPU GEMM streams a large head's weight 2-3x
+    faster that way at 1-3 rows (1.2 -> 0.5 ms for 8192 x 256 at one row; 7.3 -> 5.8 ms at 32
+    rows), at the cost of a second copy of the weight. The copy is rebuilt when the weight
+    changes (its version counter moves); a wrapped or hooked head (LoRA) is called as is."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+        self._key: tuple | None = None
+        self._wt: torch.Tensor | None = None
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        """h (R, d), already normed -> logits (R, V)."""
+        lin = self.model.lm_head
+        if h.device.type != "cpu" or h.dim() != 2 or type(lin) is not torch.nn.Linear or lin._forward_hooks \
+                or lin._forward_pre_hooks or h.dtype != lin.weight.dtype:
+            return lin(h)
+        w = lin.weight
+        key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+        if key != self._key:
+            self._wt, self._key = w.detach().t().contiguous(), key
+        return torch.matmul(h, self._wt) if lin.bias is None else torch.addmm(lin.bias, h, self._wt)
+
+
 class ModelRunner:
     def __init__(self, model, kv: KVCacheManager, exit_threshold: float = 1.0,
                  exit_layers: tuple[int, ...] = (), graphs: DecodeGraphOptions | None = None,
@@ -105,11 +130,14 @@ class ModelRunner:
         # rows and padding keys of a layout write and read
         self.scratch_slot = kv.pool.num_blocks * kv.block_size
         slots = self.scratch_slot + kv.block_size
-        shape = (cfg.num_hidden_layers, slots, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (cfg.num_hidden_layers, cfg.num_key_value_heads, slots, cfg.head_dim)  # head-major
         self.k_cache = torch.zeros(shape, dtype=dtype or param.dtype, device=self.device)
         self.v_cache = torch.zeros(shape, dtype=dtype or param.dtype, device=self.device)
         self.builder = LayoutBuilder(kv.block_size, self.scratch_slot, self.device)
+        # reused gather buffers of the decode attention (CPU: see paged_attention's docstring)
+        self.workspace = Workspace() if self.device.type == "cpu" else None
         self.lora = MultiLoRA(model)
+        self.head = LMHead(model)
         self.graphs = CUDAGraphDecoder(self.forward, model, self.builder, graphs) if graphs is not None else None
         # request id -> its exited tokens still missing their upper layers, by position
         self.deferred: dict[str, list[DeferredToken]] = {}
@@ -257,11 +285,11 @@ class ModelRunner:
     def _head(self, x: torch.Tensor, rows: torch.Tensor, score_rows: list[int] | None, depth: int) -> ForwardOutput:
         """Final norm + LM head on the sampled rows and, apart, on the scored prompt rows."""
         bb = self.model.model
-        logits = self.model.lm_head(bb.norm(x[0, rows]))
+        logits = self.head(bb.norm(x[0, rows]))
         score = None
         if score_rows:
             idx = torch.tensor(score_rows, dtype=torch.long, device=self.device)
-            score = self.model.lm_head(bb.norm(x[0, idx]))
+            score = self.head(bb.norm(x[0, idx]))
         return ForwardOutput(logits, depth, score)
 
     def _start(self, lay: StepLayout):
@@ -276,7 +304,7 @@ class ModelRunner:
         return (x, *self._attention(lay))
 
     def _attention(self, lay: StepLayout):
-        kernel = PagedAttention(self.k_cache, self.v_cache, lay)
+        kernel = PagedAttention(self.k_cache, self.v_cache, lay, self.workspace)
         return AttentionMetadata(q_pos=lay.positions[None], kernel=kernel), PagedKVCache(self.k_cache, self.v_cache, lay)
 
     def _forward_early_exit(self, so: SchedulerOutput, segs: list[Segment], lay: StepLayout,
@@ -311,7 +339,7 @@ class ModelRunner:
                 meta, cache = self._attention(self.builder.build(segs))
             x, _ = layer(x, meta, cache)
             if can_exit and i + 1 in self.exit_layers and i + 1 < n_layers:
-                logits = self.model.lm_head(bb.norm(x[0, rows]))
+                logits = self.head(bb.norm(x[0, rows]))
                 if bool((logits.float().softmax(-1).amax(-1) >= self.exit_threshold).all()):
                     self._defer(so, x, lay, joined, waiting, i + 1)
                     return ForwardOutput(logits, i + 1)

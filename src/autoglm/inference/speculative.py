@@ -159,9 +159,12 @@ class SelfSpeculator:
         for layer in layers[E:]:
             x, _ = layer(x, meta, cache)
         bb = rn.model.model
-        logits = rn.model.lm_head(bb.norm(x[0]))  # (R, V): the full model's, at every drafted position
-        seen, outs = self._verify_histories(reqs, tokens, nrows)
-        p_all = target_probs(logits, [params[i] for i, _ in rows], seen, outs)
+        logits = rn.head(bb.norm(x[0]))  # (R, V): the full model's, at every drafted position
+        if all(p.greedy and not p.adjusts_logits for p in params):  # the full model's picks, no (R, V) one-hots
+            p_all, picks = None, logits.argmax(-1).tolist()
+        else:
+            seen, outs = self._verify_histories(reqs, tokens, nrows)
+            p_all, picks = target_probs(logits, [params[i] for i, _ in rows], seen, outs), None
 
         results, base = [], 0
         for i, r in enumerate(reqs):
@@ -169,8 +172,11 @@ class SelfSpeculator:
             emitted: list[int] = []
             n_acc = 0
             for j in range(k):
-                p, d = p_all[base + j], tokens[i][j + 1]
-                if params[i].greedy:
+                d = tokens[i][j + 1]
+                p = p_all[base + j] if picks is None else None
+                if picks is not None:
+                    ok = d == picks[base + j]
+                elif params[i].greedy:
                     ok = bool(p[d] > 0)  # p is one-hot at the full model's (adjusted) argmax
                 else:
                     q = q_probs[i][j]
@@ -180,7 +186,9 @@ class SelfSpeculator:
                     emitted.append(d)
                     n_acc += 1
                     continue
-                if params[i].greedy:
+                if picks is not None:
+                    emitted.append(picks[base + j])
+                elif params[i].greedy:
                     emitted.append(int(p.argmax()))
                 else:
                     resid = (p - q_probs[i][j]).clamp_min(0)
@@ -189,8 +197,11 @@ class SelfSpeculator:
                     emitted.append(int(torch.multinomial(dist, 1, generator=g)))
                 break
             else:  # every draft kept (or none made): the last row gives the full model's next token
-                p = p_all[base + k]
-                emitted.append(int(p.argmax()) if params[i].greedy else int(torch.multinomial(p, 1, generator=g)))
+                if picks is not None:
+                    emitted.append(picks[base + k])
+                else:
+                    p = p_all[base + k]
+                    emitted.append(int(p.argmax()) if params[i].greedy else int(torch.multinomial(p, 1, generator=g)))
             lps = [token_logprob(logits[base + j], t, params[i].logprobs) if params[i].logprobs is not None else None
                    for j, t in enumerate(emitted)]
             results.append(SpeculationResult(emitted, lps, k, n_acc))
@@ -201,8 +212,8 @@ class SelfSpeculator:
     def _draft_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The exit's logits (R, V), or (R, N) over the draft vocabulary's N lowest ids."""
         model = self.runner.model
-        if self.draft_weight is None:
-            return model.exit_logits(hidden)
+        if self.draft_weight is None:  # the exit: the shared final norm + LM head
+            return self.runner.head(model.model.norm(hidden))
         return torch.nn.functional.linear(model.model.norm(hidden), self.draft_weight, self.draft_bias)
 
     def _full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
