@@ -9,8 +9,8 @@ and then the kernel with its own `layer_idx`:
 * `PagedAttention` gathers each request's keys of that layer through the step's layout
   (`layout.StepLayout`) and runs the dense-with-mask kernel, so the sparse rule (window +
   global) is applied by absolute position: all decode rows as one padded (Bd, H, 1, Tk)
-  batch, each prefill chunk alone. The decode rows' mask depends only on the step, so it is
-  built once per step and shared by the layers.
+  batch, each prefill chunk alone. The masks depend only on the step's positions, so they
+  are built once per step, in the additive form SDPA takes, and shared by the layers.
 
 On a CPU the decode gather goes into a `Workspace` the runner keeps across steps: a fresh
 multi-megabyte tensor per layer and step costs its page faults every time (the allocator
@@ -60,24 +60,36 @@ class PagedKVCache:
 
 class PagedAttention:
     """Attention that reads K/V of layer `layer_idx` through block tables (see module docstring).
-    One instance serves one step: it keeps the decode rows' mask per (window, num_global)."""
+    One instance serves one step: it keeps the masks of its decode rows and prefill chunks."""
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, layout: StepLayout,
                  workspace: Workspace | None = None) -> None:
         self.k_cache, self.v_cache, self.layout, self.workspace = k_cache, v_cache, layout, workspace
-        self._decode: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        self._masks: dict[tuple, tuple[torch.Tensor, ...]] = {}
 
-    def _decode_mask(self, window, num_global, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(query positions (Bd, 1), allowed (Bd, 1, Tk), its additive form (Bd, 1, 1, Tk) in
-        `dtype`: what SDPA turns a boolean mask into on every call) of the step's decode rows."""
-        key = (window, num_global, dtype)
-        if key not in self._decode:
+    def _mask(self, part, window, num_global, dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query positions (B, Tq), key positions (B, Tk), allowed (B, Tq, Tk), its additive form
+        (B, 1, Tq, Tk) in `dtype`: what SDPA turns a boolean mask into on every call) of the step's
+        decode rows (`part` None, B = Bd, Tq = 1) or of prefill chunk `part` (B = 1); built once
+        per step and shared by the layers."""
+        key = (part, window, num_global, dtype)
+        if key not in self._masks:
             L = self.layout
-            qpos = L.positions[L.decode_q][:, None]
-            allowed = dense_allowed(qpos, L.decode_kpos, L.decode_valid, window, num_global)
+            if part is None:
+                qpos, kpos, valid = L.positions[L.decode_q][:, None], L.decode_kpos, L.decode_valid
+            else:
+                a, b, _, kp = L.prefills[part]
+                qpos, kpos, valid = L.positions[a:b][None], kp[None], None
+            allowed = dense_allowed(qpos, kpos, valid, window, num_global)
             additive = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-            self._decode[key] = qpos, allowed, additive[:, None]
-        return self._decode[key]
+            self._masks[key] = qpos, kpos, allowed, additive[:, None]
+        return self._masks[key]
+
+    def _attend(self, part, q, k, v, window, num_global, table):
+        qpos, kpos, allowed, additive = self._mask(part, window, num_global, q.dtype)
+        if table is None:
+            return _sdpa(q, k, v, additive)
+        return attend_dense(q, k, v, window, num_global, qpos, kpos, table=table, allowed=allowed)
 
     def _gather(self, store: torch.Tensor, slots: torch.Tensor, name: str, dtype: torch.dtype) -> torch.Tensor:
         """store (Hkv, S, D) rows `slots` -> (Hkv, n, D), into the workspace when there is one."""
@@ -97,20 +109,15 @@ class PagedAttention:
             flat = L.decode_slots.view(-1)
             kd = self._gather(kc, flat, "k", q.dtype).view(-1, Bd, Tk, kc.shape[-1]).transpose(0, 1)  # (Bd, Hkv, Tk, D)
             vd = self._gather(vc, flat, "v", q.dtype).view(-1, Bd, Tk, vc.shape[-1]).transpose(0, 1)
-            qpos, allowed, additive = self._decode_mask(window, num_global, q.dtype)
-            if table is None:
-                o = _sdpa(qd, kd, vd, additive)
-            else:
-                o = attend_dense(qd, kd, vd, window, num_global, qpos, L.decode_kpos, table=table, allowed=allowed)
+            o = self._attend(None, qd, kd, vd, window, num_global, table)
             if only_decode:
                 return o[:, :, 0].transpose(0, 1)[None]
             out = torch.empty_like(q)
             out[0, :, L.decode_q] = o[:, :, 0].transpose(0, 1)
         else:
             out = torch.empty_like(q)
-        for a, b, slots, kpos in L.prefills:
+        for i, (a, b, slots, _) in enumerate(L.prefills):
             kp = kc.index_select(1, slots)[None].to(q.dtype)  # (1, Hkv, Tk, D)
             vp = vc.index_select(1, slots)[None].to(q.dtype)
-            out[:, :, a:b] = attend_dense(q[:, :, a:b], kp, vp, window, num_global,
-                                          L.positions[a:b][None], kpos[None], None, table)
+            out[:, :, a:b] = self._attend(i, q[:, :, a:b], kp, vp, window, num_global, table)
         return out
