@@ -19,6 +19,8 @@ returns large blocks to the system), which on a 2-core machine was as much as th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..modules.attention import _sdpa, attend_dense, dense_allowed
@@ -35,9 +37,7 @@ class Workspace:
 
     def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A contiguous tensor of `shape` with `like`'s dtype and device; its contents are stale."""
-        n = 1
-        for s in shape:
-            n *= s
+        n = math.prod(shape)
         buf = self._bufs.get(name)
         if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
             buf = self._bufs[name] = torch.empty(n, dtype=like.dtype, device=like.device)

@@ -160,11 +160,13 @@ class SelfSpeculator:
             x, _ = layer(x, meta, cache)
         bb = rn.model.model
         logits = rn.head(bb.norm(x[0]))  # (R, V): the full model's, at every drafted position
-        if all(p.greedy and not p.adjusts_logits for p in params):  # the full model's picks, no (R, V) one-hots
+        # picks: the full model's greedy token per row (a greedy row's target is one-hot there)
+        if all(p.greedy and not p.adjusts_logits for p in params):  # no (R, V) targets needed
             p_all, picks = None, logits.argmax(-1).tolist()
         else:
             seen, outs = self._verify_histories(reqs, tokens, nrows)
-            p_all, picks = target_probs(logits, [params[i] for i, _ in rows], seen, outs), None
+            p_all = target_probs(logits, [params[i] for i, _ in rows], seen, outs)
+            picks = p_all.argmax(-1).tolist()
 
         results, base = [], 0
         for i, r in enumerate(reqs):
@@ -173,35 +175,27 @@ class SelfSpeculator:
             n_acc = 0
             for j in range(k):
                 d = tokens[i][j + 1]
-                p = p_all[base + j] if picks is None else None
-                if picks is not None:
+                if params[i].greedy:
                     ok = d == picks[base + j]
-                elif params[i].greedy:
-                    ok = bool(p[d] > 0)  # p is one-hot at the full model's (adjusted) argmax
                 else:
-                    q = q_probs[i][j]
+                    p, q = p_all[base + j], q_probs[i][j]
                     u = torch.rand((), generator=g, device=p.device)
                     ok = bool(u * q[d] < p[d])
                 if ok:
                     emitted.append(d)
                     n_acc += 1
                     continue
-                if picks is not None:
+                if params[i].greedy:
                     emitted.append(picks[base + j])
-                elif params[i].greedy:
-                    emitted.append(int(p.argmax()))
                 else:
-                    resid = (p - q_probs[i][j]).clamp_min(0)
+                    resid = (p - q).clamp_min(0)
                     total = resid.sum()
                     dist = resid / total if total > 0 else p
                     emitted.append(int(torch.multinomial(dist, 1, generator=g)))
                 break
             else:  # every draft kept (or none made): the last row gives the full model's next token
-                if picks is not None:
-                    emitted.append(picks[base + k])
-                else:
-                    p = p_all[base + k]
-                    emitted.append(int(p.argmax()) if params[i].greedy else int(torch.multinomial(p, 1, generator=g)))
+                emitted.append(picks[base + k] if params[i].greedy
+                               else int(torch.multinomial(p_all[base + k], 1, generator=g)))
             lps = [token_logprob(logits[base + j], t, params[i].logprobs) if params[i].logprobs is not None else None
                    for j, t in enumerate(emitted)]
             results.append(SpeculationResult(emitted, lps, k, n_acc))
