@@ -3,6 +3,7 @@
 import torch
 
 from autoglm.inference import SamplingParams, apply_repetition_penalty, sample_token, top_k_filter, top_p_filter
+from autoglm.inference.sampling import greedy_ids
 
 
 def test_top_k_keeps_k_largest():
@@ -111,3 +112,13 @@ def test_seeded_min_p_draws_only_from_the_kept_set():
     g = torch.Generator().manual_seed(0)
     draws = {sample_token(logits, SamplingParams(temperature=1.0, min_p=0.5), [], g) for _ in range(200)}
     assert draws == {2, 3}  # p >= 0.5 * p_max keeps tokens 2 and 3 only
+
+
+def test_greedy_ids_is_argmax_with_first_index_on_ties():
+    torch.manual_seed(0)
+    x = torch.randn(5, 300)
+    x[1, 7] = x[1, 200] = x[1].max() + 1  # a tie: the first index wins, as with argmax
+    x[3] = 0.0  # a row of ties
+    got = greedy_ids(x)
+    assert torch.equal(got, x.argmax(-1))
+    assert got[1].item() == 7 and got[3].item() == 0

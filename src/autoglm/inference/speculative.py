@@ -60,7 +60,7 @@ import torch
 
 from .layout import Segment
 from .request import TokenLogprob
-from .sampling import target_probs, token_logprob
+from .sampling import greedy_ids, target_probs, token_logprob
 
 __all__ = ["SelfSpeculator", "SpeculationResult"]
 
@@ -137,7 +137,7 @@ class SelfSpeculator:
             drafting = [active[a] for a in rows]
             exit_logits = self._draft_logits(x[0, rows] if len(rows) < len(active) else x[0])
             if all(params[i].greedy and not params[i].adjusts_logits for i in drafting):
-                probs, drafts = None, exit_logits.argmax(-1).tolist()  # the pick without the (R, V) one-hots
+                probs, drafts = None, greedy_ids(exit_logits).tolist()  # the pick without the (R, V) one-hots
             else:
                 probs = target_probs(self._full_vocab(exit_logits), [params[i] for i in drafting],
                                      *self._histories(reqs, tokens, drafting, j))
@@ -162,11 +162,11 @@ class SelfSpeculator:
         logits = rn.head(bb.norm(x[0]))  # (R, V): the full model's, at every drafted position
         # picks: the full model's greedy token per row (a greedy row's target is one-hot there)
         if all(p.greedy and not p.adjusts_logits for p in params):  # no (R, V) targets needed
-            p_all, picks = None, logits.argmax(-1).tolist()
+            p_all, picks = None, greedy_ids(logits).tolist()
         else:
             seen, outs = self._verify_histories(reqs, tokens, nrows)
             p_all = target_probs(logits, [params[i] for i, _ in rows], seen, outs)
-            picks = p_all.argmax(-1).tolist()
+            picks = greedy_ids(p_all).tolist()
 
         results, base = [], 0
         for i, r in enumerate(reqs):
@@ -221,7 +221,7 @@ class SelfSpeculator:
     @staticmethod
     def _draw(probs: torch.Tensor, params, generators) -> list[int]:
         """A draft token per row of the draft distribution (argmax of a greedy row's one-hot)."""
-        out = probs.argmax(-1).tolist()
+        out = greedy_ids(probs).tolist()
         for a, (p, g) in enumerate(zip(params, generators)):
             if not p.greedy:
                 out[a] = int(torch.multinomial(probs[a], 1, generator=g))
