@@ -1,5 +1,6 @@
-"""The runner's CPU LM head (h @ W^T with a contiguous transposed copy) equals the module's
-output, follows weight updates, and leaves wrapped or hooked heads to the module."""
+"""The runner's CPU LM head (h @ W^T with a contiguous transposed copy, or the module, whichever
+was timed faster per row count) equals the module's output, follows weight updates, and leaves
+wrapped or hooked heads to the module."""
 
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ class Tiny(nn.Module):
 def test_equals_the_linear_and_follows_weight_updates():
     for bias in (False, True):
         m = Tiny(bias)
-        head = LMHead(m)
+        head = LMHead(m, transposed=True)
         h = torch.randn(3, 16)
         torch.testing.assert_close(head(h), m.lm_head(h), atol=1e-5, rtol=1e-5)
         with torch.no_grad():
@@ -30,8 +31,25 @@ def test_equals_the_linear_and_follows_weight_updates():
 
 def test_a_hooked_head_is_called_as_a_module():
     m = Tiny()
-    head = LMHead(m)
+    head = LMHead(m, transposed=True)
     h = torch.randn(2, 16)
     m.lm_head.register_forward_hook(lambda mod, inp, out: out + 1.0)  # e.g. a LoRA delta
     torch.testing.assert_close(head(h), m.lm_head(h))
     torch.testing.assert_close(head(h), nn.functional.linear(h, m.lm_head.weight) + 1.0)
+
+
+def test_the_form_is_timed_once_per_row_bucket_and_kept():
+    m = Tiny()
+    head = LMHead(m)
+    for n in (1, 3, 5, 7, 8, 3):
+        h = torch.randn(n, 16)
+        torch.testing.assert_close(head(h), m.lm_head(h), atol=1e-5, rtol=1e-5)
+    assert set(head.choice) == {1, 3, 8}  # 1-4 exactly, then powers of two (5, 7 and 8 share one)
+    head.choice[8] = not head.choice[8]  # a kept decision is not timed again
+    flipped = head.choice[8]
+    head(torch.randn(6, 16))
+    assert head.choice[8] == flipped
+    plain = LMHead(m, transposed=False)
+    h = torch.randn(4, 16)
+    torch.testing.assert_close(plain(h), m.lm_head(h))
+    assert plain.choice == {} and plain._wt is None  # the module form only: no copy, nothing timed

@@ -34,6 +34,7 @@ exit layer, one verify pass through the rest); their 1 .. k tokens come back in
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -91,28 +92,58 @@ class ModelRunnerOutput:
 
 
 class LMHead:
-    """The model's LM head as the runner calls it. On a CPU a plain `nn.Linear` head runs as
-    `h @ W^T` with W^T kept contiguous (d, V): the CPU GEMM streams a large head's weight 2-3x
-    faster that way at 1-3 rows (1.2 -> 0.5 ms for 8192 x 256 at one row; 7.3 -> 5.8 ms at 32
-    rows), at the cost of a second copy of the weight. The copy is rebuilt when the weight
-    changes (its version counter moves); a wrapped or hooked head (LoRA) is called as is."""
+    """The model's LM head as the runner calls it. On a CPU a plain `nn.Linear` head can also run
+    as `h @ W^T` with W^T kept contiguous (d, V), a second copy of the weight. Which form streams
+    the weight faster depends on the CPU's GEMM kernels and the row count: 2.5x faster at one
+    row of 8192 x 256 on an AMD EPYC, but on an Intel Xeon equal at one row and 0.64x at three
+    rows of 32000 x 1024 (`benchmarks/decode_ops.py`, docs/results/decode-ops.md). So each
+    row-count bucket (1-4 exactly, then powers of two) times both forms on its first call
+    (`trials` interleaved calls each, the faster minimum wins) and keeps that form: one
+    engine's head never switches kernel for a bucket, and the two forms agree to float
+    rounding. `transposed` True/False fixes the form instead. The copy is rebuilt when the
+    weight changes (its version counter moves); a wrapped or hooked head (LoRA) is called as is."""
 
-    def __init__(self, model) -> None:
-        self.model = model
+    def __init__(self, model, transposed: bool | None = None, trials: int = 3) -> None:
+        self.model, self.transposed, self.trials = model, transposed, trials
         self._key: tuple | None = None
         self._wt: torch.Tensor | None = None
+        self.choice: dict[int, bool] = {}  # row-count bucket -> the transposed form is faster (timed)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         """h (R, d), already normed -> logits (R, V)."""
         lin = self.model.lm_head
-        if h.device.type != "cpu" or h.dim() != 2 or type(lin) is not torch.nn.Linear or lin._forward_hooks \
-                or lin._forward_pre_hooks or h.dtype != lin.weight.dtype:
+        if self.transposed is False or h.device.type != "cpu" or h.dim() != 2 or type(lin) is not torch.nn.Linear \
+                or lin._forward_hooks or lin._forward_pre_hooks or h.dtype != lin.weight.dtype:
             return lin(h)
         w = lin.weight
         key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
         if key != self._key:
             self._wt, self._key = w.detach().t().contiguous(), key
+        use = self.transposed
+        if use is None:
+            n = h.shape[0]
+            bucket = n if n <= 4 else 1 << (n - 1).bit_length()
+            use = self.choice.get(bucket)
+            if use is None:
+                use = self.choice[bucket] = self._time(lin, h)
+        return self._product(lin, h) if use else lin(h)
+
+    def _product(self, lin: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
         return torch.matmul(h, self._wt) if lin.bias is None else torch.addmm(lin.bias, h, self._wt)
+
+    def _time(self, lin: torch.nn.Linear, h: torch.Tensor) -> bool:
+        """True when `h @ W^T` beat the module on `trials` interleaved calls each (best of each)."""
+        best = {False: float("inf"), True: float("inf")}
+        for i in range(self.trials + 1):
+            for form in (False, True):
+                t = time.perf_counter()
+                if form:
+                    self._product(lin, h)
+                else:
+                    lin(h)
+                if i:  # round 0 warms both up
+                    best[form] = min(best[form], time.perf_counter() - t)
+        return best[True] < best[False]
 
 
 class ModelRunner:
