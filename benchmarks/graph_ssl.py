@@ -163,7 +163,8 @@ def tune_section(args: argparse.Namespace, data) -> dict:
                 for k, v in parse_assignments(args.set).items() if not k.startswith("probe.")
                 or k in ("probe.weight_decays", "probe.standardize")}  # the probe grid is the tuner's too
         search = {f"tune.{k}": v for k, v in (("halving", args.tune_halving), ("rungs", args.tune_rungs),
-                                              ("max_trials", args.tune_max_trials)) if v is not None}
+                                              ("max_trials", args.tune_max_trials),
+                                              ("strategy", args.tune_strategy)) if v is not None}
         tcfg = load_config(GraphTuneConfig, args.config, {**over, **search, "out": str(run),
                                                          "tune.minutes": args.tune_minutes, "tune.report_seeds": 0})
         res = tune(tcfg, data)
@@ -501,6 +502,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tune-minutes", type=float, default=25.0, help="tune: the search + confirm budget")
     ap.add_argument("--tune-halving", type=int, default=None, help="tune: successive halving's eta (tune.halving)")
     ap.add_argument("--tune-rungs", type=int, default=None, help="tune: rungs of successive halving (tune.rungs)")
+    ap.add_argument("--tune-strategy", choices=("random", "local"), default=None,
+                    help="tune: order of the settings tried (tune.strategy)")
     ap.add_argument("--tune-max-trials", type=int, default=None, help="tune: settings drawn (tune.max_trials)")
     ap.add_argument("--tune-report-seeds", type=int, default=None, help="tune: seeds of the default vs tuned test "
                     "report (default: --seeds; 0 = the search alone)")

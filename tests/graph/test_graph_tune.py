@@ -32,6 +32,22 @@ def test_candidates_start_with_the_base_and_are_distinct_valid_settings():
     assert len(candidates(GraphSSLConfig(), {"loss.edge_weight": (1.0,)}, 5)) == 2
 
 
+def test_local_strategy_lists_every_one_dimension_neighbour_of_the_base_first():
+    base = GraphSSLConfig()
+    c = candidates(base, SPACE, 100, seed=1, strategy="local")
+    base_d = base.to_dict()
+    # every (dimension, value) that differs from the base, once, as a single change
+    expected = {(k, repr(list(v) if isinstance(v, tuple) else v)) for k, vals in SPACE.items() for v in vals
+                if base_d[k.split(".")[0]][k.split(".")[1]] != (list(v) if isinstance(v, tuple) else v)}
+    n = len(expected)
+    assert c[0] == {} and all(len(o) == 1 for o in c[1:n + 1])
+    assert {(k, repr(list(v) if isinstance(v, tuple) else v)) for o in c[1:n + 1] for k, v in o.items()} == expected
+    assert all(len(o) > 1 for o in c[n + 1:])  # then random draws fill the rest
+    assert candidates(base, SPACE, 100, seed=1, strategy="local") == c
+    with pytest.raises(ValueError, match="strategy"):
+        TuneBudget(strategy="grid")
+
+
 def test_search_and_confirm_never_read_test_labels(graph):
     budget = TuneBudget(minutes=5, max_trials=3, eval_every=2, patience=2, confirm_top=2, report_seeds=0,
                         space=SMALL)
@@ -91,9 +107,9 @@ def test_missing_validation_split_is_a_clear_error(graph):
 
 
 def test_cli_tune_writes_trials_and_a_reusable_config(tmp_path):
-    # a budget of under a second: the base trial runs (it always does), no drawn setting starts
+    # a budget of a few milliseconds: the base trial runs (it always does), no drawn setting starts
     r = CliRunner().invoke(app, ["graph", "tune", "--out", str(tmp_path / "t"), "--hidden-dim", "8", "--epochs", "4",
-                                 "--minutes", "0.01", "--max-trials", "3", "--eval-every", "2", "--confirm-top", "1",
+                                 "--minutes", "0.0001", "--max-trials", "3", "--eval-every", "2", "--confirm-top", "1",
                                  "--report-seeds", "1", "--probe-weight-decays", "1e-3", "--probe-standardize", "false"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (tmp_path / "t" / "trials.jsonl").read_text().splitlines()]

@@ -2,8 +2,10 @@
 time budget, then the test accuracy of the validation-best setting.
 
     1. search   trial 0 is the base config (the default or the user's file), then settings
-                drawn from `SPACE` (objective weights, mask rates, width, epochs, view
-                strengths) in a seeded order; each pre-trains once and is probed on the
+                from `SPACE` (objective weights, mask rates, width, epochs, view strengths) in
+                a seeded order: `strategy` "random" draws every dimension at once, "local"
+                first tries the base's neighbours (one dimension changed, all of them, in
+                seeded order), which is where a good base is improved, then random draws; each pre-trains once and is probed on the
                 validation nodes every `eval_every` epochs; a trial stops after `patience`
                 probes without a better validation accuracy, or at the budget's end. Its score
                 is its best validation accuracy and its epochs are where that was reached.
@@ -68,6 +70,9 @@ SPACE: dict[str, tuple[Any, ...]] = {
 }
 
 
+STRATEGIES = ("random", "local")
+
+
 @dataclass
 class TuneBudget:
     """How long and how widely to search (see the module docstring for the stages)."""
@@ -81,6 +86,7 @@ class TuneBudget:
     report_seeds: int = 3
     halving: int = 1  # successive halving's eta (1 = off: every trial trains its full schedule)
     rungs: int = 3
+    strategy: str = "random"  # "random" draws, or "local": the base's one-dimension neighbours first
     space: Mapping[str, tuple[Any, ...]] = field(default_factory=lambda: dict(SPACE))
 
     def __post_init__(self) -> None:
@@ -95,6 +101,8 @@ class TuneBudget:
         bad = [k for k, v in self.space.items() if not v]
         if bad:
             raise ValueError(f"space entries {bad} list no values")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
 
 
 def check_validation_split(data: Any, what: str = "the graph") -> None:
@@ -122,10 +130,11 @@ def _apply(base: GraphSSLConfig, overrides: Mapping[str, Any]) -> GraphSSLConfig
 
 
 def candidates(base: GraphSSLConfig, space: Mapping[str, tuple[Any, ...]], n: int,
-               seed: int = 0) -> list[dict[str, Any]]:
-    """Up to `n` distinct override sets: {} (the base) first, then seeded random draws from the
-    grid `space` (each value uniform per dimension; invalid combinations, such as every loss
-    weight 0, and repeats are skipped)."""
+               seed: int = 0, strategy: str = "random") -> list[dict[str, Any]]:
+    """Up to `n` distinct override sets: {} (the base) first; with `strategy` "local" then every
+    one-dimension change of the base within `space` (seeded order); then seeded random draws
+    from the grid (each value uniform per dimension). Invalid combinations, such as every loss
+    weight 0, and settings equal to one already listed are skipped."""
     keys = sorted(space)
     grid_size = 1
     for k in keys:
@@ -133,6 +142,19 @@ def candidates(base: GraphSSLConfig, space: Mapping[str, tuple[Any, ...]], n: in
     rng = random.Random(seed)
     out: list[dict[str, Any]] = [{}]
     seen = {repr(base.to_dict())}
+    if strategy == "local":
+        moves = [{k: v} for k in keys for v in space[k]]
+        rng.shuffle(moves)
+        for over in moves:
+            if len(out) >= n:
+                break
+            try:
+                key = repr(_apply(base, over).to_dict())
+            except ValueError:
+                continue
+            if key not in seen:
+                seen.add(key)
+                out.append(over)
     for _ in range(50 * n):
         if len(out) >= n or len(seen) > grid_size:
             break
@@ -223,7 +245,7 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
     R = budget.rungs if budget.halving > 1 else 1
     trials: list[dict[str, Any]] = []
     stopped_by = "max_trials"
-    pool = list(enumerate(candidates(base, budget.space, budget.max_trials, budget.search_seed)))
+    pool = list(enumerate(candidates(base, budget.space, budget.max_trials, budget.search_seed, budget.strategy)))
     for rung in range(R):
         # each rung may run until its share of the search time is spent
         deadline = start + (search_end - start) * (rung + 1) / R

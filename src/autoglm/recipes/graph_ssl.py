@@ -95,6 +95,9 @@ class TuneSettings:
                               "of the next rung's epochs and keeps the best 1/halving of them (the base always); "
                               "1 = off, every setting trains its full schedule")
     rungs: int = setting(3, "rungs of successive halving (with halving > 1); the last trains full schedules")
+    strategy: str = setting("random", "order of the settings tried: 'random' draws every dimension at once; 'local' "
+                                      "first tries each one-dimension change of the base (where a good base is "
+                                      "improved), then random draws")
     weight_decays: tuple[float, ...] = setting((1e-4, 1e-3, 1e-2, 5e-2), "the probe's weight decay grid (chosen "
                                                "on validation)", flag="probe-weight-decays")
     standardize: tuple[bool, ...] = setting((False, True), "z-score the embeddings before the probe: choices "
@@ -112,7 +115,7 @@ class TuneSettings:
         return TuneBudget(minutes=self.minutes, max_trials=self.max_trials, eval_every=self.eval_every,
                           patience=self.patience, search_seed=self.search_seed, confirm_top=self.confirm_top,
                           confirm_seeds=self.confirm_seeds, report_seeds=self.report_seeds,
-                          halving=self.halving, rungs=self.rungs)
+                          halving=self.halving, rungs=self.rungs, strategy=self.strategy)
 
 
 @dataclass
