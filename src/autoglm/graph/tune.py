@@ -142,23 +142,18 @@ def candidates(base: GraphSSLConfig, space: Mapping[str, tuple[Any, ...]], n: in
     rng = random.Random(seed)
     out: list[dict[str, Any]] = [{}]
     seen = {repr(base.to_dict())}
-    if strategy == "local":
-        moves = [{k: v} for k in keys for v in space[k]]
-        rng.shuffle(moves)
-        for over in moves:
-            if len(out) >= n:
-                break
-            try:
-                key = repr(_apply(base, over).to_dict())
-            except ValueError:
-                continue
-            if key not in seen:
-                seen.add(key)
-                out.append(over)
-    for _ in range(50 * n):
+
+    def proposals():
+        if strategy == "local":
+            moves = [{k: v} for k in keys for v in space[k]]
+            rng.shuffle(moves)
+            yield from moves
+        for _ in range(50 * n):
+            yield {k: rng.choice(space[k]) for k in keys}
+
+    for over in proposals():
         if len(out) >= n or len(seen) > grid_size:
             break
-        over = {k: rng.choice(space[k]) for k in keys}
         try:
             key = repr(_apply(base, over).to_dict())
         except ValueError:
