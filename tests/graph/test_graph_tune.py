@@ -48,6 +48,17 @@ def test_local_strategy_lists_every_one_dimension_neighbour_of_the_base_first():
         TuneBudget(strategy="grid")
 
 
+def test_confirm_takes_distinct_settings_after_their_epochs_are_set():
+    from autoglm.graph.tune import _finalists
+
+    rows = [{"trial": 11, "overrides": {"optim.epochs": 150}, "val_acc": 82.6, "best_epoch": 60},
+            {"trial": 0, "overrides": {}, "val_acc": 82.0, "best_epoch": 60},  # the same setting: epochs 60
+            {"trial": 7, "overrides": {"loss.contrastive_weight": 0.3}, "val_acc": 81.8, "best_epoch": 70}]
+    got = _finalists(GraphSSLConfig(), rows, 2)
+    assert [(r["trial"], over) for r, over in got] == [
+        (11, {"optim.epochs": 60}), (7, {"loss.contrastive_weight": 0.3, "optim.epochs": 70})]
+
+
 def test_search_and_confirm_never_read_test_labels(graph):
     budget = TuneBudget(minutes=5, max_trials=3, eval_every=2, patience=2, confirm_top=2, report_seeds=0,
                         space=SMALL)

@@ -164,6 +164,22 @@ def candidates(base: GraphSSLConfig, space: Mapping[str, tuple[Any, ...]], n: in
     return out
 
 
+def _finalists(base: GraphSSLConfig, rows: list[dict[str, Any]], n: int) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The n best trials by validation accuracy, each with its overrides at the epochs where it
+    peaked, skipping one whose resulting setting equals a better one's (two schedules that
+    peaked at the same epoch: 150 epochs peaking at 60 and the base at 60 are one setting)."""
+    out, seen = [], set()
+    for r in sorted(rows, key=lambda r: -r["val_acc"]):
+        over = {**r["overrides"], "optim.epochs": r["best_epoch"]}
+        key = repr(_apply(base, over).to_dict())
+        if key not in seen:
+            seen.add(key)
+            out.append((r, over))
+        if len(out) == n:
+            break
+    return out
+
+
 class EarlyStopping(ProbeCurve):
     """Trainer callback: probe the validation nodes every `every` steps (`ProbeCurve`, on data
     whose test mask is the validation mask), keep the best (val_acc, epoch), and stop training
@@ -267,11 +283,10 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
     last = max(r["rung"] for r in trials)  # settings compared at the longest schedule any reached
 
     # confirm: the best distinct settings, re-trained with their chosen epochs on fresh seeds
-    ranked = sorted((r for r in trials if r["rung"] == last), key=lambda r: -r["val_acc"])[:max(1, budget.confirm_top)]
+    ranked = _finalists(base, [r for r in trials if r["rung"] == last], max(1, budget.confirm_top))
     confirm: list[dict[str, Any]] = []
     if confirming:
-        for r in ranked:
-            over = {**r["overrides"], "optim.epochs": r["best_epoch"]}
+        for r, over in ranked:
             cfg = _apply(base, over)
             vals = []
             for k in range(budget.confirm_seeds):
@@ -286,8 +301,7 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
                 on_trial(row)
         best = max(confirm, key=lambda r: r["val_acc"])
     else:
-        best = {"trial": ranked[0]["trial"], "overrides": {**ranked[0]["overrides"],
-                                                           "optim.epochs": ranked[0]["best_epoch"]}}
+        best = {"trial": ranked[0][0]["trial"], "overrides": ranked[0][1]}
     tuned = _apply(base, best["overrides"])
     out: dict[str, Any] = {"trials": trials, "confirm": confirm, "selected": {"trial": best["trial"],
                                                                              "overrides": best["overrides"]},
