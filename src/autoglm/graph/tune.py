@@ -5,9 +5,10 @@ time budget, then the test accuracy of the validation-best setting.
                 from `SPACE` (objective weights, mask rates, width, epochs, view strengths) in
                 a seeded order: `strategy` "random" draws every dimension at once, "local"
                 first tries the base's neighbours (one dimension changed, all of them, in
-                seeded order), which is where a good base is improved, then random draws; each pre-trains once and is probed on the
-                validation nodes every `eval_every` epochs; a trial stops after `patience`
-                probes without a better validation accuracy, or at the budget's end. Its score
+                seeded order), which is where a good base is improved, then random draws.
+                Each pre-trains once and is probed on the validation nodes every `eval_every`
+                epochs; a trial stops after `patience` probes without a better validation
+                accuracy, or at the budget's end. Its score
                 is its best validation accuracy and its epochs are where that was reached.
                 With `halving` = eta > 1 the search is successive halving over `rungs` rungs:
                 rung r trains every setting still in the race on a schedule of 1 / eta^(R-1-r)

@@ -95,7 +95,7 @@ class LMHead:
     """The model's LM head as the runner calls it. On a CPU a plain `nn.Linear` head can also run
     as `h @ W^T` with W^T kept contiguous (d, V), a second copy of the weight. Which form streams
     the weight faster depends on the CPU's GEMM kernels and the row count: 2.5x faster at one
-    row of 8192 x 256 on an AMD EPYC, but on an Intel Xeon equal at one row and 0.64x at three
+    row of 8192 x 256 on an AMD EPYC, but on an Intel Xeon equal at one row and 0.65x at three
     rows of 32000 x 1024 (`benchmarks/decode_ops.py`, docs/results/decode-ops.md). So each
     row-count bucket (1-4 exactly, then powers of two) times both forms on its first call
     (`trials` interleaved calls each, the faster minimum wins) and keeps that form: one

@@ -128,8 +128,9 @@ def min_p_filter(logits: torch.Tensor, min_p: float) -> torch.Tensor:
 
 def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
     """The argmax of each row of (R, V) logits, first index on ties (as `argmax`), computed as
-    `max(-1).indices`: on CPU about 3x faster than `argmax` for large rows (32 x 8192: 0.38 ->
-    0.12 ms; 64 x 32000: 3.1 -> 1.0 ms, 1 thread), a cost every greedy decode step pays."""
+    `max(-1).indices`: on CPU 2-3x faster than `argmax` for batch rows (32 x 8192: 0.40 -> 0.14
+    ms; 64 x 32000: 5.4 -> 2.5 ms, 1 thread; docs/results/decode-ops.md), a cost every greedy
+    decode step pays."""
     return logits.max(-1).indices
 
 
