@@ -276,9 +276,18 @@ def attend(q, k, v, meta: AttentionMetadata, window: int | None, num_global: int
         return attend_dense(q, k, v, window, num_global, meta.q_pos, meta.k_pos, meta.k_valid, table)
     Tq, Tk = q.shape[2], k.shape[2]
     if impl == "auto":  # flex for whole sequences on GPU; a decode step or a cached prefill (a new
-        # block mask and a recompile per offset) takes the chunked loop: a slice of keys + SDPA
+        # block mask and a recompile per offset) takes the chunked loop: a slice of keys + SDPA.
+        # On CPU a whole sequence of at most two windows runs as one masked SDPA: the chunks'
+        # gathers and their backward cost more than the masked-out keys there (8 x 256 tokens,
+        # window 128, 2 threads: forward + backward 13.7 ms against 25.8; at 512 level with
+        # backward and slower alone, at 1024 2x slower)
         full = meta.q_offset == 0 and Tq == Tk
-        impl = "flex" if q.is_cuda and window is not None and full else "chunked"
+        if window is not None and full and q.is_cuda:
+            impl = "flex"
+        elif window is not None and full and Tk <= 2 * window:
+            impl = "dense"
+        else:
+            impl = "chunked"
     if window is None:  # dense causal
         if meta.q_offset == 0 and Tq == Tk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])

@@ -199,7 +199,7 @@ class MoEFeedForward(nn.Module):
         flat = r.topk_idx.reshape(-1)  # (N*k,) expert of each token copy
         order = torch.argsort(flat, stable=True)  # token copies grouped by expert
         counts = torch.zeros(E, dtype=torch.int64, device=xf.device).scatter_add_(0, flat, torch.ones_like(flat))
-        xs = xf[order // k].to(cdt)  # (N*k, d) token of each sorted copy
+        xs = xf.index_select(0, order // k).to(cdt)  # (N*k, d) token of each sorted copy (backward: index_add)
         if align > 1:  # copy i of expert e goes to row i - start[e] + padded_start[e]
             padded = (counts + align - 1) // align * align
             ends = padded.cumsum(0)
@@ -214,11 +214,11 @@ class MoEFeedForward(nn.Module):
         g, u = h.chunk(2, dim=-1)
         ys = _grouped_mm(F.silu(g) * u, down.transpose(1, 2), offs=offs)  # (M, d)
         if align > 1:
-            ys = ys[rows]
+            ys = ys.index_select(0, rows)
         # back to (token, copy) order, weighted, summed over the k copies: no scatter-add
         inv = torch.empty_like(order).scatter_(0, order, torch.arange(N * k, device=xf.device))
         w = r.topk_weight.to(ys.dtype).reshape(N, k, 1)
-        return (ys[inv].view(N, k, -1) * w).sum(1)
+        return (ys.index_select(0, inv).view(N, k, -1) * w).sum(1)
 
     def _stacked_for(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked expert weights in `dtype`: built in the graph while training (gradients reach
@@ -234,7 +234,7 @@ class MoEFeedForward(nn.Module):
 
     def _sorted(self, xf: torch.Tensor, r: RouterOutput) -> torch.Tensor:
         order, token_of, counts = sorted_groups(r.topk_idx, self.num_experts)
-        xs = xf[token_of]  # (N*k, d)
+        xs = xf.index_select(0, token_of)  # (N*k, d)
         outs = []
         for e, chunk in enumerate(xs.split(counts)):
             if counts[e]:
