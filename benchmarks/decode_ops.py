@@ -82,7 +82,7 @@ def main() -> None:
                 t = interleaved({"linear": lambda: lin(h), "lmhead": lambda: head(h),
                                  "argmax": lambda: logits.argmax(-1), "greedy_ids": lambda: greedy_ids(logits)},
                                 device, a.repeats)
-                picked = "W^T" if auto.choice[n if n <= 4 else 1 << (n - 1).bit_length()] else "nn.Linear"
+                picked = "W^T" if auto.choice[LMHead.bucket(n)] else "nn.Linear"
                 row = {"preset": preset, "vocab": cfg.vocab_size, "hidden": cfg.hidden_size, "rows": n, **t,
                        "lmhead_picks": picked,
                        "head_speedup": t["linear"] / t["lmhead"], "pick_speedup": t["argmax"] / t["greedy_ids"]}

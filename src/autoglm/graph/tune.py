@@ -130,6 +130,11 @@ def _apply(base: GraphSSLConfig, overrides: Mapping[str, Any]) -> GraphSSLConfig
         raise ValueError(str(e)) from None
 
 
+def _setting_key(base: GraphSSLConfig, overrides: Mapping[str, Any]) -> str:
+    """What makes two settings the same: the whole resolved config (ValueError if invalid)."""
+    return repr(_apply(base, overrides).to_dict())
+
+
 def candidates(base: GraphSSLConfig, space: Mapping[str, tuple[Any, ...]], n: int,
                seed: int = 0, strategy: str = "random") -> list[dict[str, Any]]:
     """Up to `n` distinct override sets: {} (the base) first; with `strategy` "local" then every
@@ -142,7 +147,7 @@ def candidates(base: GraphSSLConfig, space: Mapping[str, tuple[Any, ...]], n: in
         grid_size *= len(space[k])
     rng = random.Random(seed)
     out: list[dict[str, Any]] = [{}]
-    seen = {repr(base.to_dict())}
+    seen = {_setting_key(base, {})}
 
     def proposals():
         if strategy == "local":
@@ -156,7 +161,7 @@ def candidates(base: GraphSSLConfig, space: Mapping[str, tuple[Any, ...]], n: in
         if len(out) >= n or len(seen) > grid_size:
             break
         try:
-            key = repr(_apply(base, over).to_dict())
+            key = _setting_key(base, over)
         except ValueError:
             continue
         if key not in seen:
@@ -172,7 +177,7 @@ def _finalists(base: GraphSSLConfig, rows: list[dict[str, Any]], n: int) -> list
     out, seen = [], set()
     for r in sorted(rows, key=lambda r: -r["val_acc"]):
         over = {**r["overrides"], "optim.epochs": r["best_epoch"]}
-        key = repr(_apply(base, over).to_dict())
+        key = _setting_key(base, over)
         if key not in seen:
             seen.add(key)
             out.append((r, over))

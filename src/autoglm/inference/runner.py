@@ -121,12 +121,16 @@ class LMHead:
             self._wt, self._key = w.detach().t().contiguous(), key
         use = self.transposed
         if use is None:
-            n = h.shape[0]
-            bucket = n if n <= 4 else 1 << (n - 1).bit_length()
+            bucket = self.bucket(h.shape[0])
             use = self.choice.get(bucket)
             if use is None:
                 use = self.choice[bucket] = self._time(lin, h)
         return self._product(lin, h) if use else lin(h)
+
+    @staticmethod
+    def bucket(rows: int) -> int:
+        """The row-count bucket a call of `rows` rows is timed and decided in."""
+        return rows if rows <= 4 else 1 << (rows - 1).bit_length()
 
     def _product(self, lin: torch.nn.Linear, h: torch.Tensor) -> torch.Tensor:
         return torch.matmul(h, self._wt) if lin.bias is None else torch.addmm(lin.bias, h, self._wt)

@@ -281,13 +281,9 @@ def attend(q, k, v, meta: AttentionMetadata, window: int | None, num_global: int
         # gathers and their backward cost more than the masked-out keys there (8 x 256 tokens,
         # window 128, 2 threads: forward + backward 13.7 ms against 25.8; at 512 level with
         # backward and slower alone, at 1024 2x slower)
-        full = meta.q_offset == 0 and Tq == Tk
-        if window is not None and full and q.is_cuda:
-            impl = "flex"
-        elif window is not None and full and Tk <= 2 * window:
-            impl = "dense"
-        else:
-            impl = "chunked"
+        impl = "chunked"
+        if window is not None and meta.q_offset == 0 and Tq == Tk:  # a whole sequence
+            impl = "flex" if q.is_cuda else "dense" if Tk <= 2 * window else "chunked"
     if window is None:  # dense causal
         if meta.q_offset == 0 and Tq == Tk:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
