@@ -164,7 +164,9 @@ def tune_section(args: argparse.Namespace, data) -> dict:
                 or k in ("probe.weight_decays", "probe.standardize")}  # the probe grid is the tuner's too
         search = {f"tune.{k}": v for k, v in (("halving", args.tune_halving), ("rungs", args.tune_rungs),
                                               ("max_trials", args.tune_max_trials),
-                                              ("strategy", args.tune_strategy)) if v is not None}
+                                              ("strategy", args.tune_strategy),
+                                              ("confirm_top", args.tune_confirm_top),
+                                              ("confirm_seeds", args.tune_confirm_seeds)) if v is not None}
         tcfg = load_config(GraphTuneConfig, args.config, {**over, **search, "out": str(run),
                                                          "tune.minutes": args.tune_minutes, "tune.report_seeds": 0})
         res = tune(tcfg, data)
@@ -410,12 +412,15 @@ def markdown(res: dict) -> str:
         out += ["## Recipe search on the validation nodes (`autoglm graph tune`)", "",
                 f"{len({r['trial'] for r in t['trials']})} settings tried in {t['search_seconds']:.0f} s of search, "
                 f"{t.get('tune_seconds') or t['search_seconds']:.0f} s with the confirm stage (budget "
-                f"{t['budget_minutes']} min, ended by {t['stopped_by']}); confirm stage (fresh seed): "
-                + ", ".join(f"trial {c['trial']} val {c['val_acc']:.2f}" for c in t["confirm"])
-                + f". Selected on validation accuracy only: trial {t['selected']['trial']} "
-                f"`{t['selected']['overrides']}`.", "",
-                "| trial | rung | val (%) | best epoch / of | stopped | setting |", "|---|---|---|---|---|---|"]
-        out += [f"| {r['trial']} | {r.get('rung', 0)} | {r['val_acc']:.2f} | {r['best_epoch']} / {r['max_epochs']} | "
+                f"{t['budget_minutes']} min, ended by {t['stopped_by']}); confirm stage (mean over fresh seeds): "
+                + ", ".join(f"trial {c['trial']} val {c['val_acc']:.2f}"
+                            + (f" (loss {c['val_loss']:.4f})" if "val_loss" in c else "") for c in t["confirm"])
+                + f". Selected on the validation nodes only (accuracy, ties broken by the probe's lowest "
+                f"cross-entropy): trial {t['selected']['trial']} `{t['selected']['overrides']}`.", "",
+                "| trial | rung | val (%) | val loss | best epoch / of | stopped | setting |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['trial']} | {r.get('rung', 0)} | {r['val_acc']:.2f} | {r.get('val_loss', float('nan')):.4f} | "
+                f"{r['best_epoch']} / {r['max_epochs']} | "
                 f"{r['stopped']} | {', '.join(f'{k}={v}' for k, v in r['overrides'].items()) or 'default'} |"
                 for r in t["trials"]]
         if t["report"]:
@@ -505,6 +510,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tune-strategy", choices=("random", "local"), default=None,
                     help="tune: order of the settings tried (tune.strategy)")
     ap.add_argument("--tune-max-trials", type=int, default=None, help="tune: settings drawn (tune.max_trials)")
+    ap.add_argument("--tune-confirm-top", type=int, default=None, help="tune: settings re-trained on fresh seeds "
+                    "(tune.confirm_top)")
+    ap.add_argument("--tune-confirm-seeds", type=int, default=None, help="tune: fresh seeds per confirmed setting "
+                    "(tune.confirm_seeds)")
     ap.add_argument("--tune-report-seeds", type=int, default=None, help="tune: seeds of the default vs tuned test "
                     "report (default: --seeds; 0 = the search alone)")
     ap.add_argument("--tune-run", type=Path, default=None, help="tune: folder of the run (reused if it holds "

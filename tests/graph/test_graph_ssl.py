@@ -121,6 +121,33 @@ def test_tuned_probe_selects_on_validation_only(graph):
     got = tuned_linear_probe(emb, *masks, weight_decays=(1e-4, 1e-1))
     assert got["test_acc"] == runs[best]["test_acc"] and got["val_acc"] == max(r["val_acc"] for r in runs)
     assert (bool(got["standardize"]), got["weight_decay"]) == grid[best]
+    assert got["val_loss"] == min(r["val_loss"] for r in runs)  # the lowest of the grid, whichever pair wins
+
+
+def test_probe_val_loss_is_the_lowest_validation_cross_entropy_and_separates_tied_accuracies():
+    # two classes on a line: both embeddings classify every node right (a tie at 100%), one with a
+    # wider margin; the loss tells them apart
+    y = torch.arange(40) % 2
+    masks = [(torch.arange(40) // 2) % 2 == r for r in range(2)]
+    masks.append(masks[1])
+    near = (y.float() * 2 - 1).unsqueeze(1) * 0.5
+    far = near * 4
+    a, b = linear_probe(near, y, *masks, epochs=50), linear_probe(far, y, *masks, epochs=50)
+    assert a["val_acc"] == b["val_acc"] == 1.0 and b["val_loss"] < a["val_loss"]
+    # hand-computed reference: the same probe trained step by step, cross-entropy after each step
+    clf = torch.nn.Linear(1, 2)
+    with torch.no_grad():
+        clf.weight.uniform_(-1, 1, generator=torch.Generator().manual_seed(0))
+        clf.bias.zero_()
+    opt = torch.optim.Adam(clf.parameters(), lr=0.01, weight_decay=1e-4)
+    losses = []
+    for _ in range(50):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(clf(near[masks[0]]), y[masks[0]]).backward()
+        opt.step()
+        with torch.no_grad():
+            losses.append(float(torch.nn.functional.cross_entropy(clf(near[masks[1]]), y[masks[1]])))
+    assert a["val_loss"] == pytest.approx(min(losses), rel=1e-6)
 
 
 def test_pretraining_beats_raw_features_and_random_encoder_and_is_deterministic(graph):

@@ -36,9 +36,12 @@ def test_local_strategy_lists_every_one_dimension_neighbour_of_the_base_first():
     base = GraphSSLConfig()
     c = candidates(base, SPACE, 100, seed=1, strategy="local")
     base_d = base.to_dict()
-    # every (dimension, value) that differs from the base, once, as a single change
+    # every (dimension, value) that differs from the base, once, as a single change; the edge mask
+    # rate is inert while the base's edge term is off (edge_weight 0), so it is not tried alone
+    assert base.loss.edge_weight == 0 and base.loss.degree_weight == 0
     expected = {(k, repr(list(v) if isinstance(v, tuple) else v)) for k, vals in SPACE.items() for v in vals
-                if base_d[k.split(".")[0]][k.split(".")[1]] != (list(v) if isinstance(v, tuple) else v)}
+                if base_d[k.split(".")[0]][k.split(".")[1]] != (list(v) if isinstance(v, tuple) else v)
+                and k != "loss.edge_mask_rate"}
     n = len(expected)
     assert c[0] == {} and all(len(o) == 1 for o in c[1:n + 1])
     assert {(k, repr(list(v) if isinstance(v, tuple) else v)) for o in c[1:n + 1] for k, v in o.items()} == expected
@@ -46,6 +49,25 @@ def test_local_strategy_lists_every_one_dimension_neighbour_of_the_base_first():
     assert candidates(base, SPACE, 100, seed=1, strategy="local") == c
     with pytest.raises(ValueError, match="strategy"):
         TuneBudget(strategy="grid")
+
+
+def test_settings_that_differ_only_in_a_switched_off_term_are_one_candidate():
+    base = GraphSSLConfig()  # edge term off
+    assert candidates(base, {"loss.edge_mask_rate": (0.15, 0.3, 0.5)}, 10) == [{}]
+    got = candidates(base, {"loss.edge_weight": (0.0, 1.0), "loss.edge_mask_rate": (0.15, 0.3)}, 10, strategy="local")
+    # edge_weight 1 with either mask rate is new; edge_weight 0 with the other mask rate is the base again
+    assert len(got) == 3 and all(o.get("loss.edge_weight", 0.0) == 1.0 for o in got[1:])
+    no_views = {"loss.contrastive_weight": (0.0,), "loss.decorrelation_weight": (0.0,),
+                "views.aug_p": ((0.3, 0.3), (0.5, 0.5))}
+    assert len(candidates(base, no_views, 10)) == 2  # the base, and the one setting without two-view terms
+    # the inert values do not change training: the same model either way
+    from autoglm.graph.ssl import pretrain_graph
+
+    g = sbm_graph(num_nodes=60, num_blocks=2, num_features=8, seed=0)
+    small = load_config(GraphSSLConfig, overrides={"encoder.hidden_dim": 8, "optim.epochs": 2, "loss.proj_dim": 4})
+    a, _ = pretrain_graph(g.x, g.edge_index, _apply(small, {"loss.edge_mask_rate": 0.15}))
+    b, _ = pretrain_graph(g.x, g.edge_index, _apply(small, {"loss.edge_mask_rate": 0.5}))
+    assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 def test_confirm_takes_distinct_settings_after_their_epochs_are_set():
@@ -57,6 +79,22 @@ def test_confirm_takes_distinct_settings_after_their_epochs_are_set():
     got = _finalists(GraphSSLConfig(), rows, 2)
     assert [(r["trial"], over) for r, over in got] == [
         (11, {"optim.epochs": 60}), (7, {"loss.contrastive_weight": 0.3, "optim.epochs": 70})]
+
+
+def test_score_breaks_accuracy_ties_by_validation_loss_and_confirm_keeps_the_base_on_a_full_tie():
+    from autoglm.graph.tune import _finalists, _select, score
+
+    rows = [{"trial": 0, "overrides": {}, "val_acc": 81.0, "val_loss": 0.70, "best_epoch": 70},
+            {"trial": 3, "overrides": {"loss.mask_rate": 0.75}, "val_acc": 81.0, "val_loss": 0.62, "best_epoch": 70},
+            {"trial": 5, "overrides": {"loss.edge_weight": 1.0}, "val_acc": 80.8, "val_loss": 0.50, "best_epoch": 70}]
+    assert score(rows[1]) > score(rows[0]) > score(rows[2])  # accuracy first, then the lower loss
+    assert [r["trial"] for r, _ in _finalists(GraphSSLConfig(), rows, 3)] == [3, 0, 5]
+    # the confirm stage: the best score wins; a full tie keeps the base even when it is listed second
+    confirm = [{"trial": 3, "val_acc": 81.0, "val_loss": 0.6}, {"trial": 0, "val_acc": 81.0, "val_loss": 0.6},
+               {"trial": 5, "val_acc": 80.8, "val_loss": 0.4}]
+    assert _select(confirm)["trial"] == 0
+    assert _select([{**confirm[0], "val_loss": 0.59}, confirm[1]])["trial"] == 3
+    assert _select([{"trial": 7, "val_acc": 81.0, "val_loss": 0.6}, confirm[0]])["trial"] == 3
 
 
 def test_search_and_confirm_never_read_test_labels(graph):
@@ -72,7 +110,7 @@ def test_search_and_confirm_never_read_test_labels(graph):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a["trials"]) == strip(b["trials"]) and a["confirm"] == b["confirm"]
     assert a["selected"] == b["selected"] and a["trials"][0]["overrides"] == {}
-    best = max(a["confirm"], key=lambda r: r["val_acc"])
+    best = max(a["confirm"], key=lambda r: (r["val_acc"], -r["val_loss"]))
     assert a["selected"]["overrides"] == best["overrides"]  # the confirm stage's best validation mean
 
 
@@ -99,7 +137,7 @@ def test_successive_halving_trains_many_settings_briefly_and_the_best_at_full_le
     full = {r["trial"]: _apply(BASE, r["overrides"]).optim.epochs for r in first}
     for r in first:  # a whole schedule of half the setting's epochs (at least one probe's worth)
         assert r["max_epochs"] == max(2, round(full[r["trial"]] / 2))
-    ranked = sorted(first, key=lambda r: -r["val_acc"])[:3]
+    ranked = sorted(first, key=lambda r: (-r["val_acc"], r["val_loss"]))[:3]
     assert {r["trial"] for r in second} == {r["trial"] for r in ranked} | {0}  # the best half, and the base
     assert all(r["max_epochs"] == full[r["trial"]] for r in second)
     # only the full-length rung is confirmed

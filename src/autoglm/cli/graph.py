@@ -166,16 +166,17 @@ def _tune(cfg: GraphTuneConfig) -> None:
     from ..recipes.graph_ssl import tune
 
     res = tune(cfg)
-    table = Table("trial", "rung", "val (%)", "best epoch / of", "stopped", "s", "setting",
+    table = Table("trial", "rung", "val (%)", "val loss", "best epoch / of", "stopped", "s", "setting",
                   title=f"graph tune on {cfg.data.source} (validation nodes only; {res['search_seconds']:.0f} s, "
                         f"ended by {res['stopped_by']})")
     for r in res["trials"]:
-        table.add_row(str(r["trial"]), str(r["rung"]), f"{r['val_acc']:.2f}", f"{r['best_epoch']} / {r['max_epochs']}",
+        table.add_row(str(r["trial"]), str(r["rung"]), f"{r['val_acc']:.2f}", f"{r['val_loss']:.4f}",
+                      f"{r['best_epoch']} / {r['max_epochs']}",
                       r["stopped"], f"{r['seconds']:.0f}",
                       escape(", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "base"))
     console.print(table)
     for r in res["confirm"]:
-        console.print(f"confirm trial {r['trial']}: val {r['val_acc']:.2f}% on fresh seeds")
+        console.print(f"confirm trial {r['trial']}: val {r['val_acc']:.2f}% (loss {r['val_loss']:.4f}) on fresh seeds")
     console.print(f"[bold]selected[/]: trial {res['selected']['trial']} {escape(str(res['selected']['overrides']))}")
     for name, rep in res["report"].items():
         console.print(f"{name}: test {rep['mean']:.2f} +/- {rep['std']:.2f} % (val {rep['val_mean']:.2f}) over "

@@ -51,8 +51,8 @@ def probe_model(model: GraphSSLModel, data: Any, seed: int = 0, **probe_kw: Any)
 
 class ProbeCurve:
     """Trainer callback: every `every` epochs (and after the last) probes the current encoder's
-    frozen embeddings like `ssl_probe` does and appends {"epoch", "val_acc", "test_acc"} to
-    `points`; `final` keeps the whole probe result of the last epoch. A diagnostic (how accuracy
+    frozen embeddings like `ssl_probe` does and appends {"epoch", "val_acc", "test_acc",
+    "val_loss"} to `points`; `final` keeps the whole probe result of the last epoch. A diagnostic (how accuracy
     evolves during pre-training); its probe time is not counted as pre-training time by
     `ssl_probe`."""
 
@@ -74,7 +74,8 @@ class ProbeCurve:
         with torch.random.fork_rng(devices=[]):  # the probe's nn.Linear must not shift training's CPU RNG
             res = probe_model(model, self.data, self.seed, **self.probe_kw)
         model.train()  # embed() switched to eval mode
-        self.points.append({"epoch": step, "val_acc": res["val_acc"], "test_acc": res["test_acc"]})
+        self.points.append({"epoch": step, "val_acc": res["val_acc"], "test_acc": res["test_acc"],
+                            "val_loss": res["val_loss"]})
         if last:
             self.final = res
         self.seconds += time.perf_counter() - t
