@@ -5,11 +5,12 @@ Side by side in one run (random init; EOS ignored so every system makes exactly 
 requested tokens), for each preset given, at each batch of `--batches` (the same prompt in
 every row: a uniform batch, no padding):
 
-* HF `generate()` on the same model (DynamicCache, eager); static cache + torch.compile is
-  tried too (our model does not take HF's StaticCache: the row says so);
+* HF `generate()` on the same model (DynamicCache, eager), with a static cache (eager), and
+  with a static cache + torch.compile;
 * transformers' `LlamaForCausalLM` and `MixtralForCausalLM` built at the preset's width,
-  depth, heads, vocabulary and expert sizes, with `generate()` eager and at HF's best
-  setting, static cache + `torch.compile` of the forward ("reduce-overhead" on a GPU);
+  depth, heads, vocabulary and expert sizes, with `generate()` eager (dynamic or static
+  cache) and at HF's best setting, static cache + `torch.compile` of the forward
+  ("reduce-overhead" on a GPU);
 * the engine eager, and with CUDA-graph decode (+ torch.compile with `--systems`) on a GPU;
   on CPU the same two systems run the fixed-shape decode buckets without capture
   (`cuda_graph_capture=False`), eager and compiled: the CPU check of what compiling buys.
@@ -107,16 +108,18 @@ def forward_flops(model, T: int) -> float:
 
 SYSTEM_LABELS = {
     "hf": "HF generate, same model (dynamic cache)",
+    "hf-static": "HF generate, same model, static cache",
     "hf-static-compile": "HF generate, same model, static cache + torch.compile",
     "llama": "transformers Llama, generate (dynamic cache)",
+    "llama-static": "transformers Llama, static cache",
     "llama-static-compile": "transformers Llama, static cache + torch.compile",
     "mixtral": "transformers Mixtral, generate (dynamic cache)",
+    "mixtral-static": "transformers Mixtral, static cache",
     "mixtral-static-compile": "transformers Mixtral, static cache + torch.compile",
     "engine": "engine (eager)",
     "engine-graphs": "engine, fixed-shape decode (CUDA graphs on a GPU)",
     "engine-graphs-compile": "engine, fixed-shape decode + torch.compile (CUDA graphs on a GPU)",
 }
-HF_SYSTEMS = ("hf", "hf-static-compile", "llama", "llama-static-compile", "mixtral", "mixtral-static-compile")
 
 
 def build_systems(model, names, device, block_size, max_tokens, batches):
@@ -127,7 +130,7 @@ def build_systems(model, names, device, block_size, max_tokens, batches):
     out, sizes = {}, {"hf": num_params(model)}
     others = {}
     for base, make in (("llama", llama_like), ("mixtral", mixtral_like)):
-        if base in names or f"{base}-static-compile" in names:
+        if any(n.split("-")[0] == base for n in names):
             torch.manual_seed(0)
             others[base] = make(mc).to(device=device, dtype=next(model.parameters()).dtype)
             sizes[base] = num_params(others[base])
@@ -138,7 +141,7 @@ def build_systems(model, names, device, block_size, max_tokens, batches):
         return run
 
     for name in names:
-        base = name.replace("-static-compile", "")
+        base = name.split("-")[0]
         if name.startswith("engine"):
             graphs, comp = name != "engine", name == "engine-graphs-compile"
             engines = {b: make_engine(model, max_tokens, graphs, block_size, batch=b, compile_decode=comp)
@@ -149,7 +152,7 @@ def build_systems(model, names, device, block_size, max_tokens, batches):
             m = model if base == "hf" else others[base]
             if name.endswith("static-compile"):
                 m = compiled_copy(m, device)
-            out[name] = hf_runner(m, name.endswith("static-compile"))
+            out[name] = hf_runner(m, "-static" in name)
     return out, sizes
 
 
