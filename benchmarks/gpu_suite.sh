@@ -12,8 +12,9 @@
 #              Llama and Mixtral at the same size; forward latency at 512/2048/8192, training
 #              tokens/s and MFU, peak memory, which grouped GEMM ran (eager, bf16).
 #   compile  - the same for base and standard-base with torch.compile on every model.
-#   decode   - benchmarks/decode.py on `base`, batch 1 and 32: HF generate on the same model, transformers'
-#              Llama and Mixtral of the same size (eager and static cache + torch.compile, HF's best),
+#   decode   - benchmarks/decode.py on `base`, batch 1 and 32: HF generate on the same model (dynamic and
+#              static cache, eager), transformers' Llama and Mixtral of the same size (eager and static
+#              cache + torch.compile, HF's best),
 #              the engine eager, with CUDA graphs, and with CUDA graphs + torch.compile (bf16).
 #   moe      - benchmarks/moe_dispatch.py on `base`'s MoE layer (bf16): sorted loop, grouped GEMM, weight
 #              gather and dense, from 1 to 4096 tokens: which dispatch `auto` should pick per size.
@@ -99,7 +100,7 @@ if has decode; then
   echo "== decode: engine vs HF generate / Llama / Mixtral at batch 1 and 32 (bf16)"
   timeout 480 $PY benchmarks/decode.py --device cuda --dtype bf16 --presets base --forward-lens '' \
     --batches 1,32 --prompt-len 128 --new-tokens 64 --repeats 1 \
-    --systems hf,llama,llama-static-compile,mixtral,mixtral-static-compile,engine,engine-graphs,engine-graphs-compile \
+    --systems hf,hf-static,llama,llama-static-compile,mixtral,mixtral-static-compile,engine,engine-graphs,engine-graphs-compile \
     --name decode-gpu --out "$OUT_DIR" || echo "decode stage failed or timed out (see above)"
 fi
 
