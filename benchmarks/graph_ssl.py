@@ -54,6 +54,7 @@ from autoglm.graph.experiment import curve_rows
 from autoglm.graph.probe import linear_probe
 from autoglm.graph.experiment import pretrain as pretrain_shipped
 from autoglm.graph.sampling import build_csr, sampled_steps
+from autoglm.graph.tune import STRATEGIES
 from autoglm.recipes.graph_ssl import GraphPretrainConfig, GraphProbeConfig, GraphTuneConfig, load_data, probe
 from autoglm.settings import load_config, parse_assignments, to_dict
 from results_io import pyplot, save_figure, save_results
@@ -507,7 +508,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--tune-minutes", type=float, default=25.0, help="tune: the search + confirm budget")
     ap.add_argument("--tune-halving", type=int, default=None, help="tune: successive halving's eta (tune.halving)")
     ap.add_argument("--tune-rungs", type=int, default=None, help="tune: rungs of successive halving (tune.rungs)")
-    ap.add_argument("--tune-strategy", choices=("random", "local"), default=None,
+    ap.add_argument("--tune-strategy", choices=STRATEGIES, default=None,
                     help="tune: order of the settings tried (tune.strategy)")
     ap.add_argument("--tune-max-trials", type=int, default=None, help="tune: settings drawn (tune.max_trials)")
     ap.add_argument("--tune-confirm-top", type=int, default=None, help="tune: settings re-trained on fresh seeds "

@@ -201,3 +201,23 @@ class GraphSSLConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested JSON/YAML types; `autoglm.settings.from_dict(GraphSSLConfig, d)` reads it back."""
         return to_dict(self)
+
+    def effective_dict(self) -> dict[str, Any]:
+        """`to_dict` with the values of switched-off terms set to None: an edge mask rate without
+        the edge / degree terms, the feature-mask settings without reconstruction, InfoNCE's
+        settings without InfoNCE, CCA's lambda without CCA, the views without a two-view term.
+        Two configs with equal effective dicts train the same model (`GraphSSLObjective` never
+        reads those values nor draws random numbers for them)."""
+        d = self.to_dict()
+        loss = d["loss"]
+        if not loss["edge_weight"] and not loss["degree_weight"]:
+            loss["edge_mask_rate"] = None
+        if not loss["reconstruction_weight"]:
+            loss["mask_rate"] = loss["replace_rate"] = loss["sce_alpha"] = None
+        if not loss["contrastive_weight"]:
+            loss["tau"] = loss["contrastive_nodes"] = None
+        if not loss["decorrelation_weight"]:
+            loss["decorrelation_lambda"] = None
+        if not loss["contrastive_weight"] and not loss["decorrelation_weight"]:
+            d["views"] = None
+        return d

@@ -52,9 +52,9 @@ def probe_model(model: GraphSSLModel, data: Any, seed: int = 0, **probe_kw: Any)
 class ProbeCurve:
     """Trainer callback: every `every` epochs (and after the last) probes the current encoder's
     frozen embeddings like `ssl_probe` does and appends {"epoch", "val_acc", "test_acc",
-    "val_loss"} to `points`; `final` keeps the whole probe result of the last epoch. A diagnostic (how accuracy
-    evolves during pre-training); its probe time is not counted as pre-training time by
-    `ssl_probe`."""
+    "val_loss"} to `points`; `final` keeps the whole probe result of the last epoch. A
+    diagnostic (how accuracy evolves during pre-training); its probe time is not counted as
+    pre-training time by `ssl_probe`."""
 
     def __init__(self, data: Any, every: int, seed: int, probe_kw: dict[str, Any]) -> None:
         if every < 1:

@@ -134,22 +134,9 @@ def _apply(base: GraphSSLConfig, overrides: Mapping[str, Any]) -> GraphSSLConfig
 
 
 def _setting_key(base: GraphSSLConfig, overrides: Mapping[str, Any]) -> str:
-    """What makes two settings the same: the whole resolved config (ValueError if invalid), less
-    the values of terms that are off: a mask rate without its reconstruction term, the views
-    without a two-view term, ... train the same model, so the search does not try them twice."""
-    d = _apply(base, overrides).to_dict()
-    loss = d["loss"]
-    if not loss["edge_weight"] and not loss["degree_weight"]:
-        loss["edge_mask_rate"] = None
-    if not loss["reconstruction_weight"]:
-        loss["mask_rate"] = loss["replace_rate"] = loss["sce_alpha"] = None
-    if not loss["contrastive_weight"]:
-        loss["tau"] = loss["contrastive_nodes"] = None
-    if not loss["decorrelation_weight"]:
-        loss["decorrelation_lambda"] = None
-    if not loss["contrastive_weight"] and not loss["decorrelation_weight"]:
-        d["views"] = None
-    return repr(d)
+    """What makes two settings the same: the resolved config's `effective_dict` (ValueError if
+    invalid), so settings that differ only in a switched-off term are not tried twice."""
+    return repr(_apply(base, overrides).effective_dict())
 
 
 def candidates(base: GraphSSLConfig, space: Mapping[str, tuple[Any, ...]], n: int,
@@ -235,7 +222,7 @@ class EarlyStopping(ProbeCurve):
             return
         p = self.points[-1]
         if score(p) > score(self.best):
-            self.best, self.since = {"val_acc": p["val_acc"], "val_loss": p["val_loss"], "epoch": int(p["epoch"])}, 0
+            self.best, self.since = {**p, "epoch": int(p["epoch"])}, 0
         else:
             self.since += 1
         if self.since >= self.patience:
