@@ -102,3 +102,23 @@ def test_fixed_shape_layout_pads_with_the_scratch_slot():
     real[SCRATCH:] = False
     assert torch.equal(k_cache[1][:, real], before[1][:, real])
     assert not LayoutBuilder(BS, SCRATCH, "cpu").fits([Segment(reqs[0][2], 13, [0], True)], 1, 8)  # 16 keys > 8
+
+
+def test_selected_rows_equal_a_layout_built_for_them():
+    # the speculative step builds its verify rows once and takes each draft pass's rows from them
+    b = LayoutBuilder(BS, SCRATCH, "cpu")
+    segs = [Segment([3, 5, None, 2], 14, [7], True), Segment([3, 5, None, 2], 15, [8], True),
+            Segment([1], 2, [9], True), Segment([1], 3, [4], True)]
+    full = b.build(segs)
+    for rows in ([0, 2], [1], [3, 1]):
+        got, want = full.select(rows, [11] * len(rows)), b.build([segs[r] for r in rows])
+        assert got.input_ids.tolist() == [11] * len(rows) and got.sample_rows == list(range(len(rows)))
+        for f in ("positions", "write_slots", "decode_q"):
+            assert torch.equal(getattr(got, f), getattr(want, f)), f
+        for i in range(len(rows)):  # the same keys, up to padding (the full layout is padded wider)
+            keys = lambda lay: sorted(zip(lay.decode_kpos[i][lay.decode_valid[i]].tolist(),  # noqa: E731
+                                          lay.decode_slots[i][lay.decode_valid[i]].tolist()))
+            assert keys(got) == keys(want)
+            assert (got.decode_slots[i][~got.decode_valid[i]] == SCRATCH).all()
+    with pytest.raises(ValueError, match="decode rows only"):
+        b.build([Segment([1], 0, [5, 6, 7], True)]).select([0])

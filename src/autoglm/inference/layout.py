@@ -53,6 +53,20 @@ class StepLayout:
     prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (a, b, slots, kpos)
     sample_rows: list[int] = field(default_factory=list)  # packed index whose logits are sampled
 
+    def select(self, rows: list[int], input_ids: list[int] | None = None) -> "StepLayout":
+        """The decode-only layout of `rows` of this decode-only layout, in that order, fed
+        `input_ids` (default: the rows' own). Cheaper than building it again: the speculative
+        step builds its verify rows once and takes each draft pass's rows from them."""
+        if self.prefills or self.decode_q is None or self.decode_q.numel() != self.input_ids.numel():
+            raise ValueError("select() takes rows of a layout of decode rows only")
+        dev = self.input_ids.device
+        idx = torch.tensor(rows, dtype=torch.long, device=dev)
+        ids = self.input_ids[idx] if input_ids is None else torch.tensor(input_ids, dtype=torch.long, device=dev)
+        return StepLayout(ids, self.positions[idx], self.write_slots[idx],
+                          decode_q=torch.arange(len(rows), device=dev), decode_slots=self.decode_slots[idx],
+                          decode_kpos=self.decode_kpos[idx], decode_valid=self.decode_valid[idx],
+                          sample_rows=list(range(len(rows))))
+
     def copy_(self, other: "StepLayout") -> None:
         """Copy a layout of the same fixed shape into this one's tensors, in place (the static
         inputs of a captured CUDA graph)."""

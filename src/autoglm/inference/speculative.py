@@ -118,6 +118,11 @@ class SelfSpeculator:
         tokens = [[r.all_token_ids[-1]] for r in reqs]
         hidden: list[list[torch.Tensor]] = [[] for _ in reqs]  # layer-E output of each of those rows
         q_probs: list[list[torch.Tensor | None]] = [[] for _ in reqs]
+        # the layout of every row the step may run, request-major (k + 1 per request): the
+        # verify pass's, and each draft pass takes its rows from it (the drafts' ids go in later)
+        first = [sum(k + 1 for k in ks[:i]) for i in range(len(ks))]
+        full = rn.builder.build([Segment(tables[i], starts[i] + j, [0], True)
+                                 for i, k in enumerate(ks) for j in range(k + 1)])
         # pass j feeds tokens[i][j] through layers < E for every request with j <= ks[i]: passes
         # 0 .. k-1 also draft d_{j+1} from the exit, pass k (no exit head) is there so the
         # verify pass can score the position after d_k too (the bonus row)
@@ -125,8 +130,7 @@ class SelfSpeculator:
             active = [i for i, k in enumerate(ks) if j <= k]
             if not active:  # every request stopped drafting early
                 break
-            lay = rn.builder.build([Segment(tables[i], starts[i] + j, [tokens[i][j]], True) for i in active])
-            x, meta, cache = rn._start(lay)
+            x, meta, cache = rn._start(full.select([first[i] + j for i in active], [tokens[i][j] for i in active]))
             for layer in layers[:E]:
                 x, _ = layer(x, meta, cache)
             for a, i in enumerate(active):
@@ -153,7 +157,7 @@ class SelfSpeculator:
         # verify: k + 1 rows per request from layer E up, request-major
         nrows = [k + 1 for k in ks]
         rows = [(i, j) for i, n in enumerate(nrows) for j in range(n)]
-        lay = rn.builder.build([Segment(tables[i], starts[i] + j, [tokens[i][j]], True) for i, j in rows])
+        lay = full if len(rows) == full.input_ids.numel() else full.select([first[i] + j for i, j in rows])
         meta, cache = rn._attention(lay)
         x = torch.stack([hidden[i][j] for i, j in rows])[None]  # (1, R, d)
         for layer in layers[E:]:
