@@ -414,10 +414,15 @@ def markdown(res: dict) -> str:
                 f"{len({r['trial'] for r in t['trials']})} settings tried in {t['search_seconds']:.0f} s of search, "
                 f"{t.get('tune_seconds') or t['search_seconds']:.0f} s with the confirm stage (budget "
                 f"{t['budget_minutes']} min, ended by {t['stopped_by']}); confirm stage (mean over fresh seeds): "
-                + ", ".join(f"trial {c['trial']} val {c['val_acc']:.2f}"
-                            + (f" (loss {c['val_loss']:.4f})" if "val_loss" in c else "") for c in t["confirm"])
+                + ", ".join(("the base as configured" if c.get("base") else f"trial {c['trial']}")
+                            + f" `{c['overrides']}` val {c['val_acc']:.2f}"
+                            + (f" (loss {c['val_loss']:.4f})" if "val_loss" in c else "")
+                            + (f" [{', '.join(f'{v:.1f}' for v in c['val_accs'])}]" if len(c.get("val_accs", ())) > 1
+                               else "") for c in t["confirm"])
                 + f". Selected on the validation nodes only (accuracy, ties broken by the probe's lowest "
-                f"cross-entropy): trial {t['selected']['trial']} `{t['selected']['overrides']}`.", "",
+                f"cross-entropy; with several confirm seeds a setting replaces the base only when its lead over "
+                f"the base exceeds one standard error of the per-seed differences): trial {t['selected']['trial']} "
+                f"`{t['selected']['overrides']}`.", "",
                 "| trial | rung | val (%) | val loss | best epoch / of | stopped | setting |",
                 "|---|---|---|---|---|---|---|"]
         out += [f"| {r['trial']} | {r.get('rung', 0)} | {r['val_acc']:.2f} | {r.get('val_loss', float('nan')):.4f} | "

@@ -97,6 +97,25 @@ def test_score_breaks_accuracy_ties_by_validation_loss_and_confirm_keeps_the_bas
     assert _select([{"trial": 7, "val_acc": 81.0, "val_loss": 0.6}, confirm[0]])["trial"] == 3
 
 
+def test_confirm_keeps_the_base_unless_the_best_leads_by_more_than_one_standard_error():
+    from autoglm.graph.tune import _select
+
+    base = {"trial": 0, "val_accs": [81.0, 80.0, 82.6], "val_acc": 81.2, "val_loss": 0.72}
+    # per-seed leads 0.6, 0.6, -0.4: mean 0.27, standard error 0.33 -> within the noise, the base stays
+    noisy = {"trial": 8, "val_accs": [81.6, 80.6, 82.2], "val_acc": 81.47, "val_loss": 0.70}
+    assert _select([noisy, base])["trial"] == 0
+    # leads 0.6, 0.8, 0.4: mean 0.6, standard error 0.12 -> a consistent gain, the candidate wins
+    clear = {"trial": 4, "val_accs": [81.6, 80.8, 83.0], "val_acc": 81.8, "val_loss": 0.70}
+    assert _select([noisy, clear, base])["trial"] == 4
+    # the base as configured is the reference, not trial 0 at the epochs where one search run peaked
+    peak = {**clear, "trial": 0, "base": False}
+    assert _select([peak, {**base, "base": True}]) is peak
+    assert _select([{**noisy, "base": False}, {**base, "trial": 0, "base": True}])["base"]
+    # one seed: no spread to measure, the best score wins as before
+    one = [{**noisy, "val_accs": [81.6], "val_acc": 81.6}, {**base, "val_accs": [81.0], "val_acc": 81.0}]
+    assert _select(one)["trial"] == 8
+
+
 def test_search_and_confirm_never_read_test_labels(graph):
     budget = TuneBudget(minutes=5, max_trials=3, eval_every=2, patience=2, confirm_top=2, report_seeds=0,
                         space=SMALL)
@@ -110,8 +129,9 @@ def test_search_and_confirm_never_read_test_labels(graph):
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(a["trials"]) == strip(b["trials"]) and a["confirm"] == b["confirm"]
     assert a["selected"] == b["selected"] and a["trials"][0]["overrides"] == {}
-    best = max(a["confirm"], key=lambda r: (r["val_acc"], -r["val_loss"]))
-    assert a["selected"]["overrides"] == best["overrides"]  # the confirm stage's best validation mean
+    best = max(a["confirm"], key=lambda r: (r["val_acc"], -r["val_loss"], r["trial"] == 0))
+    assert a["selected"]["overrides"] == best["overrides"]  # the confirm stage's best validation mean (1 seed)
+    assert 0 in {r["trial"] for r in a["confirm"]}  # the base is always confirmed
 
 
 def test_early_stopping_and_budget_end_trials(graph):
@@ -141,7 +161,8 @@ def test_successive_halving_trains_many_settings_briefly_and_the_best_at_full_le
     assert {r["trial"] for r in second} == {r["trial"] for r in ranked} | {0}  # the best half, and the base
     assert all(r["max_epochs"] == full[r["trial"]] for r in second)
     # only the full-length rung is confirmed
-    assert {r["trial"] for r in res["confirm"]} <= {r["trial"] for r in second} and len(res["confirm"]) == 2
+    confirmed = {r["trial"] for r in res["confirm"]}
+    assert confirmed <= {r["trial"] for r in second} and 0 in confirmed and len(confirmed) in (2, 3)
 
 
 def test_missing_validation_split_is_a_clear_error(graph):
@@ -162,7 +183,10 @@ def test_cli_tune_writes_trials_and_a_reusable_config(tmp_path):
                                  "--report-seeds", "1", "--probe-weight-decays", "1e-3", "--probe-standardize", "false"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (tmp_path / "t" / "trials.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in rows] == ["search", "confirm"] and rows[0]["overrides"] == {}
+    assert rows[0]["stage"] == "search" and rows[0]["overrides"] == {}
+    confirm = rows[1:]  # the base where it peaked, and the base as configured when that differs
+    assert {r["stage"] for r in confirm} == {"confirm"} and len(confirm) in (1, 2)
+    assert [r["overrides"] for r in confirm if r["base"]] in ([{}], [{"optim.epochs": 4}])
     tuned = load_config(__import__("autoglm.recipes.graph_ssl", fromlist=["x"]).GraphProbeConfig,
                         tmp_path / "t" / "tuned.yaml")
     res = json.loads((tmp_path / "t" / "result.json").read_text())

@@ -185,8 +185,9 @@ def _tune(cfg: GraphTuneConfig) -> None:
 
 
 add_recipe_command(app, "tune", GraphTuneConfig, _tune,
-                   help="Search a small fixed space (objective weights, mask rates, width, epochs, view strengths) "
-                        "on the graph's validation nodes only, with early stopping and a budget in minutes; "
+                   help="Search a small fixed space (objective weights, mask rates, width, epochs, view strengths, "
+                        "learning rate, weight decay) on the graph's validation nodes only, with early stopping "
+                        "and a budget in minutes; "
                         "report the test accuracy of the base and the validation-best setting; write tuned.yaml.")
 add_recipe_command(app, "pretrain", GraphPretrainConfig, _pretrain,
                    help="Self-supervised pre-training (CCA-SSG term + InfoNCE + masked feature reconstruction, "

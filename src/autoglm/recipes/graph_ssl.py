@@ -87,10 +87,11 @@ class TuneSettings:
     eval_every: int = setting(10, "probe the validation nodes every N epochs of a trial")
     patience: int = setting(3, "stop a trial after this many validation probes without improvement")
     search_seed: int = setting(0, "seeds the order in which settings are drawn from the space")
-    confirm_top: int = setting(2, "re-train the best N settings on fresh seeds and pick by their mean "
-                                  "validation accuracy, ties broken by the probe's validation cross-entropy "
+    confirm_top: int = setting(2, "re-train the best N settings and the base on fresh seeds and pick by their "
+                                  "mean validation accuracy, ties broken by the probe's validation cross-entropy "
                                   "(0 = pick on the search score)")
-    confirm_seeds: int = setting(1, "fresh seeds per confirmed setting")
+    confirm_seeds: int = setting(1, "fresh seeds per confirmed setting; with 2 or more a setting replaces the base "
+                                    "only when it leads by more than one standard error of the per-seed differences")
     report_seeds: int = setting(3, "seeds of the final test report of the base and the tuned config (0 = none)")
     halving: int = setting(1, "successive halving: each rung trains the settings still in the race on 1/halving "
                               "of the next rung's epochs and keeps the best 1/halving of them (the base always); "
