@@ -4,6 +4,9 @@
 #   bash benchmarks/gpu_suite.sh            # results to docs/results/ (or to $OUT when set)
 #   PYTHON=.venv/bin/python STAGES="check arch" bash benchmarks/gpu_suite.sh
 #
+# The stages' own timeouts add up to more than ten minutes: where one command may not run that
+# long, run it in two: STAGES="check arch compile", then STAGES="decode moe spec".
+#
 # Stages (STAGES, default all, in this order):
 #   check    - CUDA correctness of the fast paths before timing them: bf16 grouped-GEMM MoE
 #              (forward and gradients) against the sorted loop, FlexAttention against dense
