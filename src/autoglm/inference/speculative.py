@@ -54,6 +54,7 @@ is reproducible, but draws other tokens than the same seed without speculation.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -120,7 +121,7 @@ class SelfSpeculator:
         q_probs: list[list[torch.Tensor | None]] = [[] for _ in reqs]
         # the layout of every row the step may run, request-major (k + 1 per request): the
         # verify pass's, and each draft pass takes its rows from it (the drafts' ids go in later)
-        first = [sum(k + 1 for k in ks[:i]) for i in range(len(ks))]
+        first = list(itertools.accumulate((k + 1 for k in ks[:-1]), initial=0))  # request i's first row
         full = rn.builder.build([Segment(tables[i], starts[i] + j, [0], True)
                                  for i, k in enumerate(ks) for j in range(k + 1)])
         # pass j feeds tokens[i][j] through layers < E for every request with j <= ks[i]: passes
