@@ -176,7 +176,8 @@ def _tune(cfg: GraphTuneConfig) -> None:
                       escape(", ".join(f"{k.split('.')[-1]}={v}" for k, v in r["overrides"].items()) or "base"))
     console.print(table)
     for r in res["confirm"]:
-        console.print(f"confirm trial {r['trial']}: val {r['val_acc']:.2f}% (loss {r['val_loss']:.4f}) on fresh seeds")
+        who = "the base as configured" if r.get("base") else f"trial {r['trial']}"
+        console.print(f"confirm {who}: val {r['val_acc']:.2f}% (loss {r['val_loss']:.4f}) on fresh seeds")
     console.print(f"[bold]selected[/]: trial {res['selected']['trial']} {escape(str(res['selected']['overrides']))}")
     for name, rep in res["report"].items():
         console.print(f"{name}: test {rep['mean']:.2f} +/- {rep['std']:.2f} % (val {rep['val_mean']:.2f}) over "

@@ -332,11 +332,13 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
     # the base as configured (its own epochs, not where one search run peaked) is confirmed too:
     # the others must beat it
     base_key = _setting_key(base, {})
-    if all(_setting_key(base, over) != base_key for _, over in ranked):
+    is_base = [_setting_key(base, over) == base_key for _, over in ranked]
+    if not any(is_base):
         ranked.append((trials[0], {}))
+        is_base.append(True)
     confirm: list[dict[str, Any]] = []
     if confirming:
-        for r, over in ranked:
+        for (r, over), at_base in zip(ranked, is_base):
             cfg = _apply(base, over)
             vals, losses = [], []
             for k in range(budget.confirm_seeds):
@@ -347,7 +349,7 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
                 losses.append(res["val_loss"])
             row = {"stage": "confirm", "trial": r["trial"], "overrides": over, "val_accs": vals,
                    "val_acc": sum(vals) / len(vals), "val_loss": round(sum(losses) / len(losses), 5),
-                   "base": _setting_key(base, over) == base_key}
+                   "base": at_base}
             confirm.append(row)
             log.info("confirm trial %d (%d epochs%s): val %.2f%% (loss %.4f)", r["trial"], cfg.optim.epochs,
                      ", the base as configured" if row["base"] else "", row["val_acc"], row["val_loss"])
