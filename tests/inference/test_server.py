@@ -270,3 +270,24 @@ def test_request_errors_name_the_field(server):
                        json={"model": "tiny", "messages": [{"role": "user", "content": "Open the file"}],
                              "max_tokens": 3, "temperature": 0})
     assert r.status_code == 200 and r.json()["choices"][0]["message"] == plain.json()["choices"][0]["message"]
+
+
+def test_metrics_report_prefix_cache_hits(client, server):
+    """A prompt sent twice: the second request's full blocks come from the prefix cache, and the
+    Prometheus counters grow by what the engine counted."""
+    import re
+
+    url, engine = server
+
+    def count(name):
+        m = httpx.get(url + "/metrics").text
+        return float(re.search(rf"^{name} (\S+)$", m, re.M).group(1))
+
+    prompt = list(range(3, 40))  # 37 tokens: 4 full blocks of 8
+    q0, h0 = count("autoglm_prefix_cache_queries_total"), count("autoglm_prefix_cache_hits_total")
+    outs = [client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0).choices[0].text
+            for _ in range(2)]
+    assert outs[0] == outs[1]
+    assert count("autoglm_prefix_cache_queries_total") - q0 == 2 * 37
+    assert count("autoglm_prefix_cache_hits_total") - h0 == 32
+    assert count("autoglm_kv_blocks_cached") >= 4

@@ -61,6 +61,9 @@ class EngineConfig:
                                          "`speculative_tokens`; 0 = speculate only when a request asks")
     speculative_min_prob: float = setting(0.0, "stop drafting a step at a draft whose exit top probability is "
                                                "below this (0 = always draft k); the output stays exact")
+    prefix_caching: bool | None = setting(None, "share the K/V of prompt blocks that earlier requests computed "
+                                                "(the same leading tokens and adapter); none = on, except with "
+                                                "early exit (its deferred tokens leave K/V incomplete)")
     speculative_draft_vocab: int = setting(0, "draft from the N lowest token ids only (a byte-level BPE's most "
                                               "frequent tokens): a draft head N/V as costly; 0 = the whole "
                                               "vocabulary; the output stays exact")
@@ -79,6 +82,10 @@ class EngineConfig:
         if self.speculative_draft_vocab < 0:
             raise ValueError(f"speculative_draft_vocab must be >= 0 (0 = the whole vocabulary), "
                              f"got {self.speculative_draft_vocab}")
+        if self.prefix_caching and self.early_exit_threshold < 1.0:
+            raise ValueError("prefix caching and early exit (early_exit_threshold < 1) cannot be combined: an exited "
+                             "token's upper-layer K/V is computed a step later, so its block cannot be shared when "
+                             "written; leave prefix_caching unset (off with early exit) or drop early exit")
         if self.exit_layers is not None and (not self.exit_layers or min(self.exit_layers) < 1):
             raise ValueError(f"exit_layers must be layer counts >= 1 (e.g. 2,4), got {self.exit_layers}; "
                              f"none tries every layer")
@@ -98,6 +105,12 @@ class EngineStats:
     spec_drafted: int = 0  # draft tokens proposed in them
     spec_accepted: int = 0  # of those, accepted by the full model
     spec_emitted: int = 0  # tokens the speculative steps produced (accepted + the full model's corrections)
+    prefix_queried: int = 0  # prompt tokens of admitted requests looked up in the prefix cache
+    prefix_hits: int = 0  # of those, served from cached blocks (not computed)
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hits / self.prefix_queried if self.prefix_queried else 0.0
 
     @property
     def tokens_per_spec_step(self) -> float:
@@ -121,8 +134,9 @@ class EngineCore:
         self.max_model_len = mc.max_position_embeddings
         self.sparse = mc.attention == "sparse"
         self.pool = BlockPool(cfg.num_blocks)
+        self.prefix_caching = cfg.prefix_caching if cfg.prefix_caching is not None else cfg.early_exit_threshold >= 1.0
         self.kv = KVCacheManager(self.pool, cfg.block_size, mc.window_size if self.sparse else None,
-                                 mc.num_global_tokens if self.sparse else 0)
+                                 mc.num_global_tokens if self.sparse else 0, prefix_caching=self.prefix_caching)
         eos = mc.eos_token_id if eos_token_id is None else eos_token_id
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, self.max_model_len, eos)
         L = mc.num_hidden_layers
@@ -170,6 +184,12 @@ class EngineCore:
         if any(r.lora == name for r in self.requests.values()):
             raise ValueError(f"LoRA adapter {name!r} is in use by unfinished requests; wait for them or abort them")
         self.lora.remove(name)
+        self.kv.forget_prefixes(name)  # the name may come back with other weights
+
+    def reset_prefix_cache(self) -> int:
+        """Stop sharing every cached prompt block (call it after changing the model's weights in
+        place); returns how many were cached."""
+        return self.kv.forget_prefixes(everything=True)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                     lora: str | None = None) -> Request:
@@ -273,7 +293,9 @@ class EngineCore:
     def snapshot(self) -> dict[str, int]:
         """Queue depth and KV usage (plain counters: cheap, and safe to read from another thread)."""
         return {"waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
-                "kv_blocks_used": self.pool.num_used, "kv_blocks_total": self.pool.num_blocks}
+                "kv_blocks_used": self.pool.num_used, "kv_blocks_total": self.pool.num_blocks,
+                "kv_blocks_cached": self.pool.num_cached, "prefix_queried_tokens": self.kv.prefix_queried,
+                "prefix_hit_tokens": self.kv.prefix_hits}
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[EngineCoreOutput]:
@@ -298,6 +320,7 @@ class EngineCore:
             st.spec_accepted += res.num_accepted
             st.spec_emitted += len(res.token_ids)
         st.preemptions = self.scheduler.num_preemptions
+        st.prefix_queried, st.prefix_hits = self.kv.prefix_queried, self.kv.prefix_hits
         self._release_finished()
         return outs
 

@@ -6,10 +6,26 @@ block whose positions all fall out of every future query's window and hold no gl
 token is returned to the pool and its entry becomes None. A sequence therefore never
 holds more than about (window + global + one step's tokens) / block_size blocks, however
 long it generates. Dense models keep every block.
+
+Prefix caching (`prefix_caching=True`): every full block of a prompt is named by a content
+key, (key of the block before, adapter, the block's token ids), so a key stands for the whole
+prefix up to the block's end. Once a block's K/V is computed (`cache_computed`) the pool
+records its key; a new request first takes the longest run of its prompt's blocks that are
+cached (`match_prefix`), shared by reference count, and computes only the rest. K/V at a
+position depends only on the tokens up to it (causal attention, absolute positions), so the
+shared blocks hold exactly what the request would have computed. Requests never write into
+a shared block: writes go to positions >= `num_computed_tokens`, past every matched block.
+The last prompt token is always computed (its logits give the first output token).
+
+Blocks that an admitted request is still computing are *pending*. A request whose next
+prompt block is pending in another request waits (`match_prefix` returns None) and takes the
+block from the cache once it is computed, rather than computing the same K/V again in the
+same steps (requests that share a system prompt often arrive together).
 """
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 from .block_pool import BlockPool
@@ -25,14 +41,91 @@ class KVCacheBlocks:
 
 
 class KVCacheManager:
-    def __init__(self, pool: BlockPool, block_size: int, window: int | None = None, num_global: int = 0) -> None:
+    def __init__(self, pool: BlockPool, block_size: int, window: int | None = None, num_global: int = 0,
+                 prefix_caching: bool = False) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         self.pool = pool
         self.block_size = block_size
         self.window = window
         self.num_global = num_global
+        self.prefix_caching = prefix_caching
         self.tables: dict[str, list[int | None]] = {}
+        self._keys: dict[str, list[Hashable]] = {}  # request -> content keys of its prompt's full blocks
+        self._registered: dict[str, int] = {}  # request -> how many of those the pool has recorded
+        self._pending: dict[Hashable, int] = {}  # key -> admitted requests that have yet to compute its block
+        self.prefix_queried = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hits = 0  # of those, served from cached blocks
+
+    # ----------------------------------------------------------- prefix cache
+    def block_keys(self, token_ids: list[int], extra: Hashable = None) -> list[Hashable]:
+        """Content keys of the full blocks of `token_ids`; `extra` (e.g. the LoRA adapter) is part
+        of every key, since it changes the K/V. Key j = (hash of key j - 1, extra, tokens of block j)."""
+        bs, keys, parent = self.block_size, [], None
+        for j in range(len(token_ids) // bs):
+            key = (parent, extra, tuple(token_ids[j * bs:(j + 1) * bs]))
+            keys.append(key)
+            parent = hash(key)
+        return keys
+
+    def match_prefix(self, request_id: str, prompt_ids: list[int], limit: int, extra: Hashable = None,
+                     wait: bool = True) -> int | None:
+        """Give a request with no blocks yet the cached blocks of the longest run of its prompt's
+        leading full blocks that ends at or before token `limit` (the caller keeps at least one
+        token to compute), and mark its other full blocks pending. Returns the tokens covered (a
+        multiple of block_size; 0 when prefix caching is off), or, with `wait`, None when the next
+        block is pending in another request (nothing is held then: ask again next step). Undo
+        with `free`."""
+        if request_id in self.tables:
+            raise ValueError(f"request {request_id!r} already holds KV blocks; match its prefix before allocating")
+        if not self.prefix_caching:
+            return 0
+        keys = self.block_keys(prompt_ids, extra)
+        usable = keys[:max(limit, 0) // self.block_size]
+        table: list[int | None] = []
+        for key in usable:
+            block = self.pool.lookup(key)
+            if block is None:
+                break
+            table.append(block)
+        if wait and len(table) < len(usable) and usable[len(table)] in self._pending:
+            return None
+        for block in table:
+            self.pool.touch(block)
+        m = len(table)
+        self.tables[request_id], self._keys[request_id], self._registered[request_id] = table, keys, m
+        for key in keys[m:]:
+            self._pending[key] = self._pending.get(key, 0) + 1
+        self.prefix_queried += len(prompt_ids)
+        self.prefix_hits += m * self.block_size
+        return m * self.block_size
+
+    def _unpend(self, keys: list[Hashable]) -> None:
+        for key in keys:
+            left = self._pending[key] - 1
+            if left:
+                self._pending[key] = left
+            else:
+                del self._pending[key]
+
+    def forget_prefixes(self, extra: Hashable = None, everything: bool = False) -> int:
+        """Stop sharing the cached blocks made under `extra` (e.g. a LoRA adapter being unloaded,
+        whose name may come back with other weights), or every cached block. Returns how many."""
+        return self.pool.reset_cache(None if everything else (lambda key: key[1] == extra))
+
+    def cache_computed(self, request_id: str, num_computed: int) -> None:
+        """Record the content keys of the request's prompt blocks that are now fully computed
+        (positions < `num_computed`), so later requests can share them."""
+        keys = self._keys.get(request_id)
+        if not keys:
+            return
+        table, done = self.tables[request_id], self._registered[request_id]
+        upto = min(num_computed // self.block_size, len(keys))
+        for j in range(done, upto):
+            if table[j] is not None:  # (a block freed out of the window before it was recorded stays out)
+                self.pool.cache(table[j], keys[j])
+        self._unpend(keys[done:upto])
+        self._registered[request_id] = max(done, upto)
 
     def blocks_needed(self, request_id: str, num_tokens: int) -> int:
         """New blocks a request needs so that positions [0, num_tokens) have slots."""
@@ -77,6 +170,8 @@ class KVCacheManager:
     def free(self, request_id: str) -> None:
         """Give every block of a request back (finish, abort or preemption)."""
         table = self.tables.pop(request_id, [])
+        keys = self._keys.pop(request_id, [])
+        self._unpend(keys[self._registered.pop(request_id, 0):])
         self.pool.free([b for b in table if b is not None])
 
     def num_live_blocks(self, request_id: str) -> int:

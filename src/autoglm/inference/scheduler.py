@@ -15,7 +15,10 @@ speculates (`SamplingParams.speculative_tokens`) gets k + 1 slots ahead (k draft
 bonus row) and counts k + 1 tokens against the budget (`ScheduledRequest.num_draft` = k;
 see `speculative`), k clipped so that k + 1 tokens fit its max_tokens, the model's context
 and the budget left; short of blocks it decodes plainly. The scheduler talks to the
-KV-cache manager only through `allocate_slots` / `free_out_of_window` / `free`.
+KV-cache manager only through `allocate_slots` / `free_out_of_window` / `free` and, with
+prefix caching, `match_prefix` (a request being admitted starts past the blocks of its prompt
+that are cached, or waits while another request computes its next block) / `cache_computed`
+(a prompt's newly computed full blocks become shareable).
 
 After the runner executed a step, `update_from_output(scheduler_output, runner_output)` is
 the one place request state moves on: computed tokens advance, sampled tokens are
@@ -125,12 +128,23 @@ class Scheduler:
             i += 1
         if out.preempted:  # memory is short: do not admit anyone new this step
             return out
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            req = self.waiting[0]
+        i = 0  # requests before i wait for a prefix block another request is computing
+        while i < len(self.waiting) and budget > 0 and len(self.running) < self.max_num_seqs:
+            req = self.waiting[i]
+            matched = self.kv.prefix_caching and req.num_computed_tokens == 0
+            if matched:
+                m = self._match_prefix(req)
+                if m is None:  # it takes that block from the cache once computed
+                    i += 1
+                    continue
+                req.num_computed_tokens = m
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             if self.kv.allocate_slots(req.request_id, req.num_computed_tokens + n) is None:
+                if matched:  # give the matched blocks back; it waits from scratch
+                    self.kv.free(req.request_id)
+                    req.num_computed_tokens = 0
                 break
-            self.waiting.popleft()
+            del self.waiting[i]
             if req.scheduled_time is None:
                 req.scheduled_time = time.perf_counter()
             req.status = RequestStatus.RUNNING
@@ -138,6 +152,20 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, n))
             budget -= n
         return out
+
+    def _match_prefix(self, req: Request) -> int | None:
+        """Tokens of a request about to be admitted that cached blocks already hold (prefix
+        caching), or None when its next prompt block is being computed by a running request
+        (it waits a step). Its last token is always computed (it gives the logits of the next
+        one); a request with image embeddings never shares (its K/V depends on more than the
+        ids), and one that scores its prompt shares only what it already scored before a
+        preemption."""
+        if req.prefix_embeds is not None:
+            return 0
+        limit = req.num_tokens - 1
+        if req.params.prompt_logprobs is not None:
+            limit = min(limit, len(req.prompt_logprobs))
+        return self.kv.match_prefix(req.request_id, req.prompt_ids, limit, req.lora)
 
     def _num_draft(self, req: Request, budget: int) -> int:
         """Tokens a decoding request drafts this step: its `speculative_tokens`, clipped so that
@@ -161,6 +189,8 @@ class Scheduler:
         for s in so.scheduled:
             req, samples, ends = s.request, s.samples, s.reaches_end  # (read before the tokens count as computed)
             req.num_computed_tokens += s.num_new_tokens
+            if self.kv.prefix_caching and req.num_computed_tokens - s.num_new_tokens < len(req.prompt_ids):
+                self.kv.cache_computed(req.request_id, min(req.num_computed_tokens, len(req.prompt_ids)))
             if req.request_id in scored:
                 req.prompt_logprobs += scored[req.request_id]
             if not samples:

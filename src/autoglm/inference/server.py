@@ -76,6 +76,19 @@ class ServerMetrics:
         self.queue = Histogram("autoglm_request_queue_time_seconds", "Time waiting before first scheduled",
                                buckets=_LAT, registry=r)
         self.e2e = Histogram("autoglm_e2e_request_latency_seconds", "End-to-end latency", buckets=_LAT, registry=r)
+        self.kv_cached = Gauge("autoglm_kv_blocks_cached", "KV blocks holding a shareable prompt prefix (held or free)",
+                               registry=r)
+        self.prefix_queries = Counter("autoglm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+                                      registry=r)
+        self.prefix_hits = Counter("autoglm_prefix_cache_hits", "Prompt tokens served from the prefix cache",
+                                   registry=r)
+        self._prefix_seen = (0, 0)  # the engine's totals at the last scrape (the counters grow by the difference)
+
+    def observe_prefix_cache(self, queried: int, hits: int) -> None:
+        q0, h0 = self._prefix_seen
+        self.prefix_queries.inc(max(queried - q0, 0))
+        self.prefix_hits.inc(max(hits - h0, 0))
+        self._prefix_seen = (queried, hits)
 
 
 @dataclass
@@ -398,6 +411,8 @@ async def metrics(request: Request):
     m.running.set(s["running"])
     m.kv_used.set(s["kv_blocks_used"])
     m.kv_total.set(s["kv_blocks_total"])
+    m.kv_cached.set(s["kv_blocks_cached"])
+    m.observe_prefix_cache(s["prefix_queried_tokens"], s["prefix_hit_tokens"])
     return PlainTextResponse(generate_latest(m.registry).decode(), media_type="text/plain; version=0.0.4")
 
 
