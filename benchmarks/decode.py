@@ -71,7 +71,8 @@ def make_engine(model, max_tokens, graphs, block_size, batch=1, compile_decode=F
     on_cuda = next(model.parameters()).device.type == "cuda"
     cfg = EngineConfig(block_size=block_size, num_blocks=batch * (-(-(max_tokens + 1) // block_size) + 2),
                        max_num_seqs=batch, max_num_batched_tokens=max(512, max_tokens * batch), cuda_graphs=graphs,
-                       cuda_graph_capture=on_cuda, compile_decode=compile_decode)
+                       cuda_graph_capture=on_cuda, compile_decode=compile_decode,
+                       prefix_caching=False)  # every row has the same prompt: compute it per row, as HF does
     return LLMEngine(model, config=cfg)
 
 
@@ -275,7 +276,8 @@ def speculative(a, device):
                                                                          // a.block_size) + 2),
                            max_num_seqs=batch, max_num_batched_tokens=max(512, batch * (a.prompt_len + 8)),
                            speculative_layer=E, speculative_tokens=k, speculative_min_prob=min_prob,
-                           speculative_draft_vocab=draft_vocab)
+                           speculative_draft_vocab=draft_vocab,
+                           prefix_caching=False)  # the warm-up prompt is a test prompt: no head start
         return LLMEngine(model, config=cfg)
 
     def timed_run(eng, prompts, batch=1):

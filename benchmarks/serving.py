@@ -7,8 +7,9 @@ together, prompts of random token ids with lengths uniform in [prompt-min, promp
 --out-tokens new tokens each, greedy, EOS ignored, so every system produces exactly the
 same number of tokens. Systems:
 
-* engine: `LLMEngine.generate` (continuous batching, paged KV, detokenisation and stop
-  checks included), c requests at once;
+* engine: `LLMEngine.generate` (continuous batching, paged KV, prefix caching,
+  detokenisation and stop checks included), c requests at once;
+* engine-nocache: the same with prefix caching off (`EngineConfig(prefix_caching=False)`);
 * HTTP: the same engine config behind `autoglm serve` in its own process (started here on a
   saved copy of the same weights), c concurrent streaming /v1/completions clients in this
   process (SSE, `stream_options.include_usage`); the ratio HTTP / engine is what the server
@@ -19,6 +20,15 @@ same number of tokens. Systems:
   (random weights: no download), one batch of c;
 * Mixtral generate: the same with `transformers.MixtralForCausalLM` at our expert count,
   width and top-k (benchmarks/baselines.py builds both).
+
+Shared prefix (--shared-prefix P): every prompt of the workload starts with the same P random
+token ids (a system prompt, few-shot examples) before its own [prompt-min, prompt-max]
+tokens. The engine computes the prefix's full blocks once and shares them; HF generate
+and the engine without the cache compute it for every request. HF's own way to reuse a
+prompt is a row of its own (hf-prefix, llama-prefix, mixtral-prefix): the prefix's K/V
+computed once into a `DynamicCache` (timed), repeated over the batch, `generate()`
+continuing from it; its greedy tokens are checked against the plain row's. The table gives
+each engine run's prefix hit rate (prompt tokens served from cached blocks).
 
 Mixed workload (--mixed N, instead of the above): N requests at once, prompts uniform in
 [prompt-min, prompt-max], outputs uniform in --mixed-out; the engine serves them with
@@ -51,6 +61,9 @@ largest difference of the engine's scores from HF's.
         --load-requests 0 --name serving-mixed                  # docs/results/serving-mixed.*
     python benchmarks/serving.py --threads 1 --concurrency 1 --systems engine,http,hf --repeats 1 --load-requests 0 \
         --scoring-prompts 128 --name serving-scoring            # docs/results/serving-scoring.*
+    python benchmarks/serving.py --threads 1 --concurrency 1,32 --shared-prefix 512 --prompt-min 16 --prompt-max 64 \
+        --out-tokens 32 --systems engine,engine-nocache,hf,hf-prefix,llama,llama-prefix,mixtral,mixtral-prefix \
+        --load-requests 0 --name serving-prefix                 # docs/results/serving-prefix.*
 
 Writes docs/results/serving.json and serving.md (--out and --name to change).
 """
@@ -69,6 +82,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from dataclasses import replace
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -79,7 +93,8 @@ from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
 from baselines import llama_like, mixtral_like
 from results_io import save_results
 
-SYSTEMS = ("engine", "http", "hf", "llama", "mixtral")
+SYSTEMS = ("engine", "engine-nocache", "http", "hf", "llama", "mixtral", "hf-prefix", "llama-prefix", "mixtral-prefix")
+SAME_AS = {"engine-nocache": "engine", "hf-prefix": "hf", "llama-prefix": "llama", "mixtral-prefix": "mixtral"}
 
 
 def pct(xs, q):
@@ -98,19 +113,33 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def run_hf(model, prompts, n_out, pad_id):
-    """One left-padded batch of all prompts, n_out new tokens each."""
+def run_hf(model, prompts, n_out, pad_id, shared=0):
+    """One left-padded batch of all prompts, n_out new tokens each. `shared` > 0: HF's prompt
+    reuse for the prompts' common first `shared` tokens (timed): their K/V computed once into a
+    `DynamicCache`, repeated over the batch, and `generate()` continues from it (each prompt's
+    own tokens left-padded after the prefix, the pads masked)."""
+    if any(p[:shared] != prompts[0][:shared] for p in prompts):
+        raise ValueError(f"the prompts do not share their first {shared} tokens")
     P = max(map(len, prompts))
     ids = torch.full((len(prompts), P), pad_id)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, P - len(p):] = torch.tensor(p)
-        mask[i, P - len(p):] = 1
+    ids[:, :shared], mask[:, :shared] = torch.tensor(prompts[0][:shared]), 1
+    for i, p in enumerate(prompts):  # left padding, after the shared prefix
+        ids[i, P - len(p) + shared:] = torch.tensor(p[shared:])
+        mask[i, P - len(p) + shared:] = 1
     clock = StepClock()
     t0 = time.perf_counter()
+    kw = {}
     with torch.inference_mode():
+        if shared:
+            from transformers import DynamicCache
+
+            prefix = ids[:1, :shared]
+            kw["cache"] = DynamicCache(config=model.config)
+            model(prefix, cache=kw["cache"], use_cache=True)
+            kw["cache"].batch_repeat_interleave(len(prompts))
         out = model.generate(ids, attention_mask=mask, max_new_tokens=n_out, min_new_tokens=n_out, do_sample=False,
-                             eos_token_id=None, pad_token_id=pad_id, logits_processor=LogitsProcessorList([clock]))
+                             eos_token_id=None, pad_token_id=pad_id, logits_processor=LogitsProcessorList([clock]), **kw)
     wall = time.perf_counter() - t0
     alloc = sum(len(prompts) * (P + s) for s in range(n_out))  # padded cache slots held vs needed
     used = sum(len(p) + s for p in prompts for s in range(n_out))
@@ -127,6 +156,7 @@ def run_engine(model, tokenizer, prompts, n_out, cfg):
     wall = time.perf_counter() - t0
     assert eng.pool.num_free == eng.pool.num_blocks, "leaked KV blocks"
     return dict(wall=wall, tokens=sum(len(r.output_ids) for r in reqs), kv_waste=eng.stats.kv_waste,
+                prefix_hit=eng.stats.prefix_hit_rate,
                 ttft=[r.first_token_time - t0 for r in reqs],
                 tpot=[(r.token_times[-1] - r.token_times[0]) / (len(r.token_times) - 1) for r in reqs
                       if len(r.token_times) > 1]), [r.output_ids for r in reqs]
@@ -397,7 +427,8 @@ def summary(name, c, r, engine_tok_s=None):
     tok_s = r["tokens"] / r["wall"]
     row = dict(system=name, concurrency=c, wall_s=round(r["wall"], 2), out_tok_s=round(tok_s, 1),
                ttft_p50_s=round(pct(r["ttft"], 50), 3), tpot_p50_ms=round(1e3 * pct(r["tpot"], 50), 2),
-               kv_waste_pct=None if r["kv_waste"] is None else round(100 * r["kv_waste"], 1))
+               kv_waste_pct=None if r["kv_waste"] is None else round(100 * r["kv_waste"], 1),
+               prefix_hit_pct=round(100 * r["prefix_hit"], 1) if "prefix_hit" in r else None)
     row["vs_engine"] = round(tok_s / engine_tok_s, 2) if engine_tok_s else None
     return row
 
@@ -413,6 +444,8 @@ def main():
     ap.add_argument("--prompt-min", type=int, default=16)
     ap.add_argument("--prompt-max", type=int, default=32)
     ap.add_argument("--out-tokens", type=int, default=64, help="new tokens per request (EOS ignored)")
+    ap.add_argument("--shared-prefix", type=int, default=0, help="tokens every prompt starts with (a system prompt; "
+                    "0 = none): what prefix caching saves")
     ap.add_argument("--systems", default=",".join(SYSTEMS), help=f"any of {','.join(SYSTEMS)}")
     ap.add_argument("--repeats", type=int, default=2, help="runs per system (interleaved); the best counts")
     ap.add_argument("--block-size", type=int, default=16)
@@ -443,15 +476,23 @@ def main():
     torch.manual_seed(a.seed)
     model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name(a.preset, initializer_range=0.1)).eval()
     mc = model.config
-    max_len = max(a.prompt_max + a.out_tokens, a.scoring_len if a.scoring_prompts else 0)
+    max_len = max(a.shared_prefix + a.prompt_max + a.out_tokens, a.scoring_len if a.scoring_prompts else 0)
     C = max(conc + ([a.scoring_batch * a.load_in_flight] if a.scoring_prompts else []))
     cfg = EngineConfig(block_size=a.block_size, num_blocks=C * (-(-max_len // a.block_size) + 1), max_num_seqs=C,
                        max_num_batched_tokens=a.max_batched_tokens)
     g = torch.Generator().manual_seed(a.seed)
-    workloads = {c: [torch.randint(2, mc.vocab_size, (int(n),), generator=g).tolist()
+    if a.shared_prefix and a.mixed:
+        ap.error("--shared-prefix applies to the standard workload, not to --mixed")
+    if a.shared_prefix < 0 or a.shared_prefix + a.prompt_max + a.out_tokens > mc.max_position_embeddings:
+        ap.error(f"--shared-prefix {a.shared_prefix} + --prompt-max {a.prompt_max} + --out-tokens {a.out_tokens} must "
+                 f"fit the model's context of {mc.max_position_embeddings} tokens")
+    prefix = torch.randint(2, mc.vocab_size, (a.shared_prefix,), generator=g).tolist()
+    workloads = {c: [prefix + torch.randint(2, mc.vocab_size, (int(n),), generator=g).tolist()
                      for n in torch.randint(a.prompt_min, a.prompt_max + 1, (c,), generator=g)] for c in conc}
-    llama = llama_like(mc, mc.max_position_embeddings) if "llama" in systems else None
-    mixtral = mixtral_like(mc, mc.max_position_embeddings) if "mixtral" in systems else None
+    if any(s.endswith("-prefix") for s in systems) and not a.shared_prefix:
+        ap.error("the *-prefix systems reuse the prompts' shared prefix: give --shared-prefix")
+    llama = llama_like(mc, mc.max_position_embeddings) if any(s.startswith("llama") for s in systems) else None
+    mixtral = mixtral_like(mc, mc.max_position_embeddings) if any(s.startswith("mixtral") for s in systems) else None
     if a.mixed:
         res = measure_mixed(a, systems, model, llama, mixtral, g)
         res.update(args=vars(a), params_total=params(model), llama_params_total=params(llama) if llama else None,
@@ -503,41 +544,54 @@ def measure(a, systems, conc, workloads, model, llama, mixtral, tokenizer, cfg, 
             for s in (systems if rep % 2 == 0 else systems[::-1]):  # alternate the order: load drifts cancel
                 if s == "engine":
                     r, out = run_engine(model, tokenizer, prompts, a.out_tokens, cfg)
+                elif s == "engine-nocache":
+                    r, out = run_engine(model, tokenizer, prompts, a.out_tokens, replace(cfg, prefix_caching=False))
                 elif s == "http":
                     r, out = run_http(url, prompts, a.out_tokens)
-                elif s == "hf":
-                    r, out = run_hf(model, prompts, a.out_tokens, model.config.pad_token_id)
                 else:
-                    r, out = run_hf(llama if s == "llama" else mixtral, prompts, a.out_tokens, 0)
+                    base, shared = s.removesuffix("-prefix"), a.shared_prefix if s.endswith("-prefix") else 0
+                    m, pad = {"hf": (model, model.config.pad_token_id), "llama": (llama, 0), "mixtral": (mixtral, 0)}[base]
+                    r, out = run_hf(m, prompts, a.out_tokens, pad, shared)
                 tok_s = tok_s_of[s] = r["tokens"] / r["wall"]
                 print(f"c={c} rep {rep} {s}: {tok_s:.1f} tok/s", flush=True)
                 if (s, c) not in best or tok_s > best[(s, c)]["tokens"] / best[(s, c)]["wall"]:
                     best[(s, c)] = r
-                if out is not None and s in ("engine", "hf"):
+                if out is not None:
                     outputs[(s, c)] = out
             if "engine" in tok_s_of and "http" in tok_s_of:
                 rep_ratios.setdefault(c, []).append(tok_s_of["http"] / tok_s_of["engine"])
-    names = {"engine": "engine (LLMEngine.generate)", "http": "HTTP (autoglm serve, streaming)",
+    names = {"engine": "engine (LLMEngine.generate)", "engine-nocache": "engine, prefix caching off",
+             "hf-prefix": "HF generate + prompt reuse, same model",
+             "llama-prefix": "HF generate + prompt reuse, transformers Llama",
+             "mixtral-prefix": "HF generate + prompt reuse, transformers Mixtral",
+             "http": "HTTP (autoglm serve, streaming)",
              "hf": "HF generate, same model", "llama": "HF generate, transformers Llama",
              "mixtral": "HF generate, transformers Mixtral"}
-    rows, ratios, agree = [], {}, {}
+    rows, ratios, agree, cache_agree = [], {}, {}, {}  # (cache_agree: each system against SAME_AS)
     for c in conc:
         eng = best.get(("engine", c))
         eng_tok_s = eng["tokens"] / eng["wall"] if eng else None
         for s in systems:
-            rows.append(summary(names[s], c, best[(s, c)], eng_tok_s))
+            rows.append({"id": s, **summary(names[s], c, best[(s, c)], eng_tok_s)})
         if c in rep_ratios:  # measured back to back in each repeat; the median repeat
             ratios[c] = round(statistics.median(rep_ratios[c]), 3)
         if ("engine", c) in outputs and ("hf", c) in outputs:
             same = sum(x == y for x, y in zip(outputs[("engine", c)], outputs[("hf", c)]))
             agree[c] = round(100 * same / c, 1)
+        for s, ref in SAME_AS.items():
+            if (s, c) in outputs and (ref, c) in outputs:
+                same = sum(x == y for x, y in zip(outputs[(s, c)], outputs[(ref, c)]))
+                cache_agree.setdefault(s, {})[c] = round(100 * same / c, 1)
     return dict(rows=rows, http_over_engine=ratios, http_over_engine_per_repeat={
-        c: [round(x, 3) for x in v] for c, v in rep_ratios.items()}, greedy_identical_requests_pct=agree)
+        c: [round(x, 3) for x in v] for c, v in rep_ratios.items()}, greedy_identical_requests_pct=agree,
+        identical_to_counterpart_pct=cache_agree)
 
 
 def markdown(a, res, conc) -> str:
-    md = [f"Workload: at each concurrency c, c requests arrive together; prompts of {a.prompt_min}-{a.prompt_max} "
-          f"random token ids, {a.out_tokens} new tokens each (greedy, EOS ignored); model: the `{a.preset}` preset, "
+    shared = (f"the same {a.shared_prefix} random token ids (a shared system prompt) followed by "
+              if a.shared_prefix else "")
+    md = [f"Workload: at each concurrency c, c requests arrive together; prompts of {shared}{a.prompt_min}-"
+          f"{a.prompt_max} random token ids, {a.out_tokens} new tokens each (greedy, EOS ignored); model: the `{a.preset}` preset, "
           f"random weights ({res['params_total'] / 1e6:.1f}M parameters); Llama baseline: transformers' "
           f"LlamaForCausalLM with the same width, depth, heads, vocabulary and total parameters"
           + (f" ({res['llama_params_total'] / 1e6:.1f}M)" if res["llama_params_total"] else "")
@@ -545,25 +599,31 @@ def markdown(a, res, conc) -> str:
           f"CPU with the server). Best of {a.repeats} interleaved runs per system; torch threads "
           f"{a.threads or 'default'} (the server process: OMP_NUM_THREADS={a.threads}). The machine's cores are "
           f"shared with other jobs: compare ratios within the run, not absolute numbers across runs.", "",
-          "| system | concurrency | wall s | output tok/s | vs engine | TTFT p50 s | TPOT p50 ms | KV waste % |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| system | concurrency | wall s | output tok/s | vs engine | TTFT p50 s | TPOT p50 ms | KV waste % | "
+          "prefix hit % |", "|---|---|---|---|---|---|---|---|---|"]
+    blank = lambda v: "" if v is None else v  # noqa: E731
     for r in res["rows"]:
         md.append(f"| {r['system']} | {r['concurrency']} | {r['wall_s']} | {r['out_tok_s']} | {r['vs_engine']} | "
-                  f"{r['ttft_p50_s']} | {r['tpot_p50_ms']} | {'' if r['kv_waste_pct'] is None else r['kv_waste_pct']} |")
+                  f"{r['ttft_p50_s']} | {r['tpot_p50_ms']} | {blank(r['kv_waste_pct'])} | "
+                  f"{blank(r.get('prefix_hit_pct'))} |")
     if res["http_over_engine"]:
         md.append("\nHTTP / engine throughput (the two measured back to back in each repeat; the median, then each repeat): "
                   + ", ".join(f"**{v:.2f}** at {c} streams ({', '.join(f'{x:.2f}' for x in res['http_over_engine_per_repeat'][c])})"
                               for c, v in res["http_over_engine"].items()))
-    vs = {(r["system"].split(",")[-1].strip(), r["concurrency"]): r["out_tok_s"] for r in res["rows"]}
-    lines = [f"{vs[('engine (LLMEngine.generate)', c)] / vs[(k, c)]:.2f}x {label} at {c}"
-             for c in conc for k, label in (("same model", "HF generate"), ("transformers Llama", "Llama generate"),
-                                            ("transformers Mixtral", "Mixtral generate"))
-             if ("engine (LLMEngine.generate)", c) in vs and (k, c) in vs]
+    labels = {"hf": "HF generate", "llama": "Llama generate", "mixtral": "Mixtral generate",
+              "hf-prefix": "HF generate with prompt reuse", "llama-prefix": "Llama with prompt reuse",
+              "mixtral-prefix": "Mixtral with prompt reuse", "engine-nocache": "the engine without prefix caching"}
+    vs = {(r["id"], r["concurrency"]): r["out_tok_s"] for r in res["rows"]}
+    lines = [f"{vs[('engine', c)] / vs[(k, c)]:.2f}x {label} at {c}" for c in conc for k, label in labels.items()
+             if ("engine", c) in vs and (k, c) in vs]
     if lines:
         md.append("\nengine throughput / baseline: " + ", ".join(lines))
     if res["greedy_identical_requests_pct"]:
         md.append("\nrequests with greedy output identical to HF generate: " + ", ".join(
             f"{v}% at {c}" for c, v in res["greedy_identical_requests_pct"].items()))
+    for s, by_c in res.get("identical_to_counterpart_pct", {}).items():
+        md.append(f"\nrequests with greedy output identical, {s} vs {SAME_AS[s]}: " + ", ".join(
+            f"{v}% at {c}" for c, v in by_c.items()))
     if "scoring" in res:
         sc = res["scoring"]
         md += [f"\nScoring (prompt log-probabilities only, as an evaluation harness asks): {sc['prompts']} prompts of "
