@@ -1,4 +1,4 @@
-"""Prefix caching: requests that share leading prompt blocks share their K/V, and every output
+"""Prefix caching: requests that share leading blocks share their K/V, and every output
 stays what the model computes without the cache (HF generate for greedy; the uncached engine
 for seeded sampling, prompt logprobs, speculation and adapters)."""
 
@@ -64,9 +64,9 @@ def test_match_limit_and_hit_counters():
     ids = list(range(2, 14))  # 3 full blocks
     assert kv.match_prefix("a", ids, limit=len(ids) - 1) == 0
     kv.allocate_slots("a", len(ids))
-    kv.cache_computed("a", 8)  # two blocks computed so far
+    kv.cache_computed("a", ids, 8)  # two blocks computed so far
     assert kv.match_prefix("b", ids, limit=len(ids) - 1) == 8
-    kv.cache_computed("a", 12)
+    kv.cache_computed("a", ids, 12)
     assert kv.match_prefix("c", ids, limit=len(ids) - 1) == 8  # the last token is always computed
     assert kv.match_prefix("d", ids + [5], limit=12) == 12
     assert kv.tables["d"] == kv.tables["a"][:3]
@@ -96,6 +96,22 @@ def test_shared_prefix_greedy_matches_hf_and_skips_the_prefix(preset):
     assert st.prefix_hits >= 4 * 64  # each later request found the prefix's 8 full blocks
     assert eng.pool.num_free == eng.pool.num_blocks
     eng.pool.check_invariants()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "standard-tiny"])
+def test_a_conversations_next_turn_reuses_the_generated_blocks(preset):
+    """Turn 2's prompt repeats turn 1's prompt and answer: every full block whose K/V turn 1
+    computed (its prompt and all but its last sampled token) comes from the cache."""
+    model = make_model(preset)
+    p1 = prompts(1, 30, 31, seed=17)[0]
+    eng = LLMEngine(model, config=EngineConfig(block_size=8, num_blocks=100))
+    # 30 + 42 tokens, 71 with K/V: the block of positions 64-71 lacks its last one and is not shared
+    out1 = eng.generate([p1], SamplingParams(max_tokens=42, **GREEDY))[0].output_ids
+    p2 = p1 + out1 + prompts(1, 5, 6, seed=18)[0]
+    hits = eng.core.stats.prefix_hits
+    out2 = eng.generate([p2], SamplingParams(max_tokens=15, **GREEDY))[0].output_ids
+    assert out2 == hf_greedy(model, p2, 15)
+    assert eng.core.stats.prefix_hits - hits == 64  # of turn 2's 77 tokens
 
 
 def test_cached_engine_equals_uncached_under_eviction_and_preemption():
@@ -149,6 +165,12 @@ def test_speculative_requests_share_prefixes_and_stay_exact():
     for p, r in zip(ps[1:], reqs):
         assert r.output_ids == hf_greedy(model, p, 24)
     assert eng.core.stats.prefix_hits >= 3 * 48 and eng.core.stats.spec_steps > 0
+    # the accepted drafts' K/V (from the verify pass) is shared by a follow-up request
+    follow = ps[1] + reqs[0].output_ids + [7, 8, 9]
+    hits = eng.core.stats.prefix_hits
+    (r,) = eng.generate([follow], SamplingParams(max_tokens=12, **GREEDY))
+    assert r.output_ids == hf_greedy(model, follow, 12)
+    assert eng.core.stats.prefix_hits - hits == (len(ps[1]) + 24 - 1) // 4 * 4
 
 
 def test_adapters_do_not_share_the_base_models_blocks(tmp_path):
@@ -188,9 +210,9 @@ def test_a_block_being_computed_makes_the_next_request_wait_not_recompute():
     kv.allocate_slots("a", 12)
     assert kv.match_prefix("b", ids, 11) is None and "b" not in kv.tables  # waits, holds nothing
     assert kv.match_prefix("c", [99] + ids[1:], 11) == 0  # another prefix does not wait
-    kv.cache_computed("a", 4)
+    kv.cache_computed("a", ids, 4)
     assert kv.match_prefix("b", ids, 11) is None  # block 1 is still pending
-    kv.cache_computed("a", 8)
+    kv.cache_computed("a", ids, 8)
     assert kv.match_prefix("b", ids, 11) == 8
     kv.free("c")
     kv.free("a")

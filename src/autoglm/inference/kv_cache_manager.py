@@ -7,24 +7,27 @@ token is returned to the pool and its entry becomes None. A sequence therefore n
 holds more than about (window + global + one step's tokens) / block_size blocks, however
 long it generates. Dense models keep every block.
 
-Prefix caching (`prefix_caching=True`): every full block of a prompt is named by a content
-key, (key of the block before, adapter, the block's token ids), so a key stands for the whole
-prefix up to the block's end. Once a block's K/V is computed (`cache_computed`) the pool
-records its key; a new request first takes the longest run of its prompt's blocks that are
-cached (`match_prefix`), shared by reference count, and computes only the rest. K/V at a
-position depends only on the tokens up to it (causal attention, absolute positions), so the
-shared blocks hold exactly what the request would have computed. Requests never write into
-a shared block: writes go to positions >= `num_computed_tokens`, past every matched block.
-The last prompt token is always computed (its logits give the first output token).
+Prefix caching (`prefix_caching=True`): every full block of a request's tokens (prompt and
+generated) is named by a content key, (digest of the key before, adapter, the block's token
+ids), so a key stands for the whole sequence up to the block's end. Once a block's K/V is
+computed (`cache_computed`) the pool records its key; a new request first takes the longest
+run of its leading blocks that are cached (`match_prefix`), shared by reference count, and
+computes only the rest. So a chat's next turn, whose prompt repeats the conversation so far,
+and a preempted request, recomputed later, start where the cache ends. K/V at a position
+depends only on the tokens up to it (causal attention, absolute positions), so the shared
+blocks hold exactly what the request would have computed. Requests never write into a
+shared block: writes go to positions >= `num_computed_tokens`, past every matched block. The
+last token is always computed (its logits give the next token).
 
-Blocks that an admitted request is still computing are *pending*. A request whose next
-prompt block is pending in another request waits (`match_prefix` returns None) and takes the
+Blocks that an admitted request has yet to compute are *pending*. A request whose next
+block is pending in another request waits (`match_prefix` returns None) and takes the
 block from the cache once it is computed, rather than computing the same K/V again in the
 same steps (requests that share a system prompt often arrive together).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Hashable
 from dataclasses import dataclass
 
@@ -51,36 +54,41 @@ class KVCacheManager:
         self.num_global = num_global
         self.prefix_caching = prefix_caching
         self.tables: dict[str, list[int | None]] = {}
-        self._keys: dict[str, list[Hashable]] = {}  # request -> content keys of its prompt's full blocks
-        self._registered: dict[str, int] = {}  # request -> how many of those the pool has recorded
+        self._keys: dict[str, list[Hashable]] = {}  # request -> content keys of its full blocks so far
+        self._extra: dict[str, Hashable] = {}  # request -> what besides the tokens its keys hold (its adapter)
+        self._registered: dict[str, int] = {}  # request -> how many of its keys the pool has recorded
+        self._num_pending: dict[str, int] = {}  # request -> its keys [registered, n) are in _pending
         self._pending: dict[Hashable, int] = {}  # key -> admitted requests that have yet to compute its block
         self.prefix_queried = 0  # prompt tokens looked up in the prefix cache
         self.prefix_hits = 0  # of those, served from cached blocks
 
     # ----------------------------------------------------------- prefix cache
-    def block_keys(self, token_ids: list[int], extra: Hashable = None) -> list[Hashable]:
+    def block_keys(self, token_ids: list[int], extra: Hashable = None,
+                   before: list[Hashable] = ()) -> list[Hashable]:
         """Content keys of the full blocks of `token_ids`; `extra` (e.g. the LoRA adapter) is part
-        of every key, since it changes the K/V. Key j = (hash of key j - 1, extra, tokens of block j)."""
-        bs, keys, parent = self.block_size, [], None
-        for j in range(len(token_ids) // bs):
-            key = (parent, extra, tuple(token_ids[j * bs:(j + 1) * bs]))
-            keys.append(key)
-            parent = hash(key)
+        of every key, since it changes the K/V. Key j = (SHA-256 of key j - 1, extra, tokens of
+        block j): a cryptographic link, so no prompt can be crafted to collide with another
+        client's prefix and read its cached K/V (which a 64-bit hash would allow). `before`: the
+        keys of the leading blocks, already made (only the blocks after them are keyed)."""
+        bs, keys = self.block_size, list(before)
+        for j in range(len(keys), len(token_ids) // bs):
+            parent = hashlib.sha256(repr(keys[-1]).encode()).digest() if keys else b""
+            keys.append((parent, extra, tuple(token_ids[j * bs:(j + 1) * bs])))
         return keys
 
-    def match_prefix(self, request_id: str, prompt_ids: list[int], limit: int, extra: Hashable = None,
+    def match_prefix(self, request_id: str, token_ids: list[int], limit: int, extra: Hashable = None,
                      wait: bool = True) -> int | None:
-        """Give a request with no blocks yet the cached blocks of the longest run of its prompt's
-        leading full blocks that ends at or before token `limit` (the caller keeps at least one
-        token to compute), and mark its other full blocks pending. Returns the tokens covered (a
-        multiple of block_size; 0 when prefix caching is off), or, with `wait`, None when the next
-        block is pending in another request (nothing is held then: ask again next step). Undo
-        with `free`."""
+        """Give a request with no blocks yet the cached blocks of the longest run of its leading
+        full blocks (of `token_ids`: its prompt, and its output if it was preempted) that ends at
+        or before token `limit` (the caller keeps at least one token to compute), and mark its
+        other full blocks pending. Returns the tokens covered (a multiple of block_size; 0 when
+        prefix caching is off), or, with `wait`, None when the next block is pending in another
+        request (nothing is held then: ask again next step). Undo with `free`."""
         if request_id in self.tables:
             raise ValueError(f"request {request_id!r} already holds KV blocks; match its prefix before allocating")
         if not self.prefix_caching:
             return 0
-        keys = self.block_keys(prompt_ids, extra)
+        keys = self.block_keys(token_ids, extra)
         usable = keys[:max(limit, 0) // self.block_size]
         table: list[int | None] = []
         for key in usable:
@@ -93,10 +101,11 @@ class KVCacheManager:
         for block in table:
             self.pool.touch(block)
         m = len(table)
-        self.tables[request_id], self._keys[request_id], self._registered[request_id] = table, keys, m
+        self.tables[request_id], self._keys[request_id], self._extra[request_id] = table, keys, extra
+        self._registered[request_id], self._num_pending[request_id] = m, len(keys)
         for key in keys[m:]:
             self._pending[key] = self._pending.get(key, 0) + 1
-        self.prefix_queried += len(prompt_ids)
+        self.prefix_queried += len(token_ids)
         self.prefix_hits += m * self.block_size
         return m * self.block_size
 
@@ -113,18 +122,28 @@ class KVCacheManager:
         whose name may come back with other weights), or every cached block. Returns how many."""
         return self.pool.reset_cache(None if everything else (lambda key: key[1] == extra))
 
-    def cache_computed(self, request_id: str, num_computed: int) -> None:
-        """Record the content keys of the request's prompt blocks that are now fully computed
-        (positions < `num_computed`), so later requests can share them."""
-        keys = self._keys.get(request_id)
-        if not keys:
+    def has_uncached(self, request_id: str, num_computed: int) -> bool:
+        """Whether the request has computed a full block (positions < `num_computed`) that is not
+        recorded yet (a cheap check before `cache_computed`)."""
+        return request_id in self._keys and num_computed // self.block_size > self._registered[request_id]
+
+    def cache_computed(self, request_id: str, token_ids: list[int], num_computed: int) -> None:
+        """Record the content keys of the request's blocks that are now fully computed (positions
+        < `num_computed` of `token_ids`, its prompt + output so far), so later requests can share
+        them. A request that `match_prefix` never saw (prefix caching off, or one that must not
+        share) records nothing."""
+        if not self.has_uncached(request_id, num_computed):
             return
+        upto = min(num_computed, len(token_ids)) // self.block_size  # (a stop may have cut computed tokens off)
+        keys = self._keys[request_id]
+        if upto > len(keys):
+            keys = self._keys[request_id] = self.block_keys(token_ids[:upto * self.block_size],
+                                                            self._extra[request_id], keys)
         table, done = self.tables[request_id], self._registered[request_id]
-        upto = min(num_computed // self.block_size, len(keys))
         for j in range(done, upto):
             if table[j] is not None:  # (a block freed out of the window before it was recorded stays out)
                 self.pool.cache(table[j], keys[j])
-        self._unpend(keys[done:upto])
+        self._unpend(keys[done:min(upto, self._num_pending[request_id])])
         self._registered[request_id] = max(done, upto)
 
     def blocks_needed(self, request_id: str, num_tokens: int) -> int:
@@ -171,7 +190,8 @@ class KVCacheManager:
         """Give every block of a request back (finish, abort or preemption)."""
         table = self.tables.pop(request_id, [])
         keys = self._keys.pop(request_id, [])
-        self._unpend(keys[self._registered.pop(request_id, 0):])
+        self._extra.pop(request_id, None)
+        self._unpend(keys[self._registered.pop(request_id, 0):self._num_pending.pop(request_id, 0)])
         self.pool.free([b for b in table if b is not None])
 
     def num_live_blocks(self, request_id: str) -> int:

@@ -16,9 +16,9 @@ bonus row) and counts k + 1 tokens against the budget (`ScheduledRequest.num_dra
 see `speculative`), k clipped so that k + 1 tokens fit its max_tokens, the model's context
 and the budget left; short of blocks it decodes plainly. The scheduler talks to the
 KV-cache manager only through `allocate_slots` / `free_out_of_window` / `free` and, with
-prefix caching, `match_prefix` (a request being admitted starts past the blocks of its prompt
-that are cached, or waits while another request computes its next block) / `cache_computed`
-(a prompt's newly computed full blocks become shareable).
+prefix caching, `match_prefix` (a request being admitted starts past its leading blocks that
+are cached, or waits while another request computes its next block) / `cache_computed` (a
+request's newly computed full blocks become shareable).
 
 After the runner executed a step, `update_from_output(scheduler_output, runner_output)` is
 the one place request state moves on: computed tokens advance, sampled tokens are
@@ -155,7 +155,7 @@ class Scheduler:
 
     def _match_prefix(self, req: Request) -> int | None:
         """Tokens of a request about to be admitted that cached blocks already hold (prefix
-        caching), or None when its next prompt block is being computed by a running request
+        caching), or None when its next block is being computed by a running request
         (it waits a step). Its last token is always computed (it gives the logits of the next
         one); a request with image embeddings never shares (its K/V depends on more than the
         ids), and one that scores its prompt shares only what it already scored before a
@@ -165,7 +165,7 @@ class Scheduler:
         limit = req.num_tokens - 1
         if req.params.prompt_logprobs is not None:
             limit = min(limit, len(req.prompt_logprobs))
-        return self.kv.match_prefix(req.request_id, req.prompt_ids, limit, req.lora)
+        return self.kv.match_prefix(req.request_id, req.all_token_ids, limit, req.lora)
 
     def _num_draft(self, req: Request, budget: int) -> int:
         """Tokens a decoding request drafts this step: its `speculative_tokens`, clipped so that
@@ -189,8 +189,7 @@ class Scheduler:
         for s in so.scheduled:
             req, samples, ends = s.request, s.samples, s.reaches_end  # (read before the tokens count as computed)
             req.num_computed_tokens += s.num_new_tokens
-            if self.kv.prefix_caching and req.num_computed_tokens - s.num_new_tokens < len(req.prompt_ids):
-                self.kv.cache_computed(req.request_id, min(req.num_computed_tokens, len(req.prompt_ids)))
+            self._record_blocks(req)
             if req.request_id in scored:
                 req.prompt_logprobs += scored[req.request_id]
             if not samples:
@@ -220,6 +219,7 @@ class Scheduler:
                     toks, lps = toks[:k + 1], lps[:k + 1]
                     self.finish(req, reason, stop_reason)
                     break
+            self._record_blocks(req)  # (the verify pass computed the accepted drafts' K/V)
             prompt_lps = req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None
             outs.append(EngineCoreOutput(req.request_id, list(toks), None if lps[0] is None else list(lps), reason,
                                          stop_reason, req.scheduled_time - req.arrival_time if first else None,
@@ -234,8 +234,15 @@ class Scheduler:
             return FinishReason.LENGTH, None
         return None, None
 
+    def _record_blocks(self, req: Request) -> None:
+        """Prefix caching: make the request's newly computed full blocks shareable."""
+        if self.kv.has_uncached(req.request_id, req.num_computed_tokens):
+            self.kv.cache_computed(req.request_id, req.all_token_ids, req.num_computed_tokens)
+
     def finish(self, req: Request, reason: FinishReason, stop_reason: str | int | None = None) -> None:
-        """Remove a request (finished or aborted) and give its blocks back."""
+        """Remove a request (finished or aborted) and give its blocks back (the full ones it
+        computed stay cached for a later request, e.g. the conversation's next turn)."""
+        self._record_blocks(req)
         if req in self.running:
             self.running.remove(req)
         elif req in self.waiting:
