@@ -1,7 +1,7 @@
 """The block pool: owns the physical KV blocks' ids, a free list and reference counts.
 
 It knows nothing about requests or tensors; the KV-cache manager asks it for blocks and
-gives them back. Reference counts let a block be shared: requests whose prompts start with
+gives them back. Reference counts let a block be shared: requests whose tokens start with
 the same full blocks hold the same physical blocks (prefix caching, `KVCacheManager`).
 
 A block can carry a *content key* (`cache`): the identity of the tokens whose K/V it holds.

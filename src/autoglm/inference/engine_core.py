@@ -61,9 +61,10 @@ class EngineConfig:
                                          "`speculative_tokens`; 0 = speculate only when a request asks")
     speculative_min_prob: float = setting(0.0, "stop drafting a step at a draft whose exit top probability is "
                                                "below this (0 = always draft k); the output stays exact")
-    prefix_caching: bool | None = setting(None, "share the K/V of prompt blocks that earlier requests computed "
-                                                "(the same leading tokens and adapter); none = on, except with "
-                                                "early exit (its deferred tokens leave K/V incomplete)")
+    prefix_caching: bool | None = setting(None, "share the K/V of blocks that earlier requests computed (the "
+                                                "same leading tokens, prompt or generated, and adapter); none = "
+                                                "on, except with early exit (its deferred tokens leave K/V "
+                                                "incomplete)")
     speculative_draft_vocab: int = setting(0, "draft from the N lowest token ids only (a byte-level BPE's most "
                                               "frequent tokens): a draft head N/V as costly; 0 = the whole "
                                               "vocabulary; the output stays exact")
@@ -105,7 +106,7 @@ class EngineStats:
     spec_drafted: int = 0  # draft tokens proposed in them
     spec_accepted: int = 0  # of those, accepted by the full model
     spec_emitted: int = 0  # tokens the speculative steps produced (accepted + the full model's corrections)
-    prefix_queried: int = 0  # prompt tokens of admitted requests looked up in the prefix cache
+    prefix_queried: int = 0  # tokens of admitted requests looked up in the prefix cache (prompt, + output if preempted)
     prefix_hits: int = 0  # of those, served from cached blocks (not computed)
 
     @property
@@ -187,8 +188,8 @@ class EngineCore:
         self.kv.forget_prefixes(name)  # the name may come back with other weights
 
     def reset_prefix_cache(self) -> int:
-        """Stop sharing every cached prompt block (call it after changing the model's weights in
-        place); returns how many were cached."""
+        """Stop sharing every cached block (call it after changing the model's weights in place);
+        returns how many were cached."""
         return self.kv.forget_prefixes(everything=True)
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,

@@ -76,11 +76,11 @@ class ServerMetrics:
         self.queue = Histogram("autoglm_request_queue_time_seconds", "Time waiting before first scheduled",
                                buckets=_LAT, registry=r)
         self.e2e = Histogram("autoglm_e2e_request_latency_seconds", "End-to-end latency", buckets=_LAT, registry=r)
-        self.kv_cached = Gauge("autoglm_kv_blocks_cached", "KV blocks holding a shareable prompt prefix (held or free)",
+        self.kv_cached = Gauge("autoglm_kv_blocks_cached", "KV blocks holding a shareable prefix (held or free)",
                                registry=r)
-        self.prefix_queries = Counter("autoglm_prefix_cache_queries", "Prompt tokens looked up in the prefix cache",
+        self.prefix_queries = Counter("autoglm_prefix_cache_queries", "Tokens of admitted requests looked up in the prefix cache",
                                       registry=r)
-        self.prefix_hits = Counter("autoglm_prefix_cache_hits", "Prompt tokens served from the prefix cache",
+        self.prefix_hits = Counter("autoglm_prefix_cache_hits", "Tokens served from the prefix cache (not computed)",
                                    registry=r)
         self._prefix_seen = (0, 0)  # the engine's totals at the last scrape (the counters grow by the difference)
 
