@@ -114,6 +114,28 @@ def test_a_conversations_next_turn_reuses_the_generated_blocks(preset):
     assert eng.core.stats.prefix_hits - hits == 64  # of turn 2's 77 tokens
 
 
+def test_a_sparse_prefix_matches_without_its_evicted_middle_blocks():
+    """Window 8 over a 60-token shared prompt in a 12-block pool: the first request's middle blocks
+    leave its window early and are reallocated (evicted) while it runs. The second request needs
+    only the global block and its window's blocks from the cache: it matches 60 tokens, holds no
+    dead block, and gives HF's tokens."""
+    model = make_model("tiny", window_size=8, num_global_tokens=2)
+    p = prompts(1, 60, 61, seed=3)[0]
+    eng = LLMEngine(model, config=EngineConfig(block_size=4, num_blocks=12, max_num_batched_tokens=16))
+    eng.generate([p], SamplingParams(max_tokens=5, **GREEDY))
+    assert eng.pool.num_evictions > 0
+    rid = eng.add_request(p + [5, 6, 7], SamplingParams(max_tokens=8, **GREEDY))
+    req = eng.requests[rid]
+    eng.step()
+    assert eng.core.stats.prefix_hits == 60
+    table = eng.kv.tables[rid]
+    assert table[0] is not None and all(b is None for b in table[1:12])  # global block + window only
+    while eng.has_unfinished():
+        eng.step()
+    assert req.output_ids == hf_greedy(model, p + [5, 6, 7], 8)
+    eng.pool.check_invariants()
+
+
 def test_cached_engine_equals_uncached_under_eviction_and_preemption():
     """A pool too small for the load: cached blocks are evicted, requests preempted and re-matched;
     seeded sampled tokens are the same as with the cache off."""

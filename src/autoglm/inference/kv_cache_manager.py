@@ -90,17 +90,13 @@ class KVCacheManager:
             return 0
         keys = self.block_keys(token_ids, extra)
         usable = keys[:max(limit, 0) // self.block_size]
-        table: list[int | None] = []
-        for key in usable:
-            block = self.pool.lookup(key)
-            if block is None:
-                break
-            table.append(block)
-        if wait and len(table) < len(usable) and usable[len(table)] in self._pending:
+        table = self._longest_match([self.pool.lookup(key) for key in usable])
+        m = len(table)
+        if wait and m < len(usable) and usable[m] in self._pending:
             return None
         for block in table:
-            self.pool.touch(block)
-        m = len(table)
+            if block is not None:
+                self.pool.touch(block)
         self.tables[request_id], self._keys[request_id], self._extra[request_id] = table, keys, extra
         self._registered[request_id], self._num_pending[request_id] = m, len(keys)
         for key in keys[m:]:
@@ -108,6 +104,29 @@ class KVCacheManager:
         self.prefix_queried += len(token_ids)
         self.prefix_hits += m * self.block_size
         return m * self.block_size
+
+    def _needed(self, j: int, next_query_pos: int) -> bool:
+        """Whether block j can be read by a query at `next_query_pos` or later (the rule of
+        `free_out_of_window`: every block without a window; else global or inside the window)."""
+        bs = self.block_size
+        return self.window is None or j * bs < self.num_global or (j + 1) * bs - 1 >= next_query_pos - self.window + 1
+
+    def _longest_match(self, found: list[int | None]) -> list[int | None]:
+        """The table of the longest cached prefix, given the cached block (or None) of each leading
+        key. A prefix of m blocks is usable when block m - 1 is cached (its key names all m blocks'
+        tokens) and so is every block a query from position m * block_size on can read; with a
+        sparse window the blocks before it need not be (None in the table), so a long shared prompt
+        whose middle blocks were evicted still matches, and a match takes no dead blocks."""
+        if self.window is None:  # every block is read: the leading run of cached blocks
+            return found[:next((j for j, b in enumerate(found) if b is None), len(found))]
+        bs = self.block_size
+        for m in range(len(found), 0, -1):
+            if found[m - 1] is None:
+                continue
+            need = [j for j in range(m) if self._needed(j, m * bs)]
+            if all(found[j] is not None for j in need):
+                return [found[j] if self._needed(j, m * bs) else None for j in range(m)]
+        return []
 
     def _unpend(self, keys: list[Hashable]) -> None:
         for key in keys:
