@@ -11,8 +11,8 @@ Prefix caching (`prefix_caching=True`): every full block of a request's tokens (
 generated) is named by a content key, (digest of the key before, adapter, the block's token
 ids), so a key stands for the whole sequence up to the block's end. Once a block's K/V is
 computed (`cache_computed`) the pool records its key; a new request first takes the longest
-run of its leading blocks that are cached (`match_prefix`), shared by reference count, and
-computes only the rest. So a chat's next turn, whose prompt repeats the conversation so far,
+prefix of its blocks that is cached (`match_prefix`; with a sparse window only the blocks
+its next queries can read must be), shared by reference count, and computes only the rest. So a chat's next turn, whose prompt repeats the conversation so far,
 and a preempted request, recomputed later, start where the cache ends. K/V at a position
 depends only on the tokens up to it (causal attention, absolute positions), so the shared
 blocks hold exactly what the request would have computed. Requests never write into a
@@ -59,7 +59,7 @@ class KVCacheManager:
         self._registered: dict[str, int] = {}  # request -> how many of its keys the pool has recorded
         self._num_pending: dict[str, int] = {}  # request -> its keys [registered, n) are in _pending
         self._pending: dict[Hashable, int] = {}  # key -> admitted requests that have yet to compute its block
-        self.prefix_queried = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_queried = 0  # tokens of admitted requests looked up in the prefix cache
         self.prefix_hits = 0  # of those, served from cached blocks
 
     # ----------------------------------------------------------- prefix cache
@@ -78,10 +78,10 @@ class KVCacheManager:
 
     def match_prefix(self, request_id: str, token_ids: list[int], limit: int, extra: Hashable = None,
                      wait: bool = True) -> int | None:
-        """Give a request with no blocks yet the cached blocks of the longest run of its leading
-        full blocks (of `token_ids`: its prompt, and its output if it was preempted) that ends at
-        or before token `limit` (the caller keeps at least one token to compute), and mark its
-        other full blocks pending. Returns the tokens covered (a multiple of block_size; 0 when
+        """Give a request with no blocks yet the cached blocks of the longest prefix of its full
+        blocks (of `token_ids`: its prompt, and its output if it was preempted) that is cached
+        (`_longest_match`) and ends at or before token `limit` (the caller keeps at least one
+        token to compute), and mark its other full blocks pending. Returns the tokens covered (a multiple of block_size; 0 when
         prefix caching is off), or, with `wait`, None when the next block is pending in another
         request (nothing is held then: ask again next step). Undo with `free`."""
         if request_id in self.tables:
