@@ -123,9 +123,9 @@ class KVCacheManager:
         for m in range(len(found), 0, -1):
             if found[m - 1] is None:
                 continue
-            need = [j for j in range(m) if self._needed(j, m * bs)]
-            if all(found[j] is not None for j in need):
-                return [found[j] if self._needed(j, m * bs) else None for j in range(m)]
+            need = [self._needed(j, m * bs) for j in range(m)]
+            if all(b is not None for b, n in zip(found, need) if n):
+                return [b if n else None for b, n in zip(found, need)]
         return []
 
     def _unpend(self, keys: list[Hashable]) -> None:
