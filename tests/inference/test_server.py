@@ -291,3 +291,17 @@ def test_metrics_report_prefix_cache_hits(client, server):
     assert count("autoglm_prefix_cache_queries_total") - q0 == 2 * 37
     assert count("autoglm_prefix_cache_hits_total") - h0 == 32
     assert count("autoglm_kv_blocks_cached") >= 4
+
+
+def test_chat_template_puts_an_answer_where_it_was_generated(tiny_tokenizer):
+    """A conversation's next turn starts with the token ids of the turn before: its prompt, then
+    the answer's ids as generated (returned verbatim, leading space included), so prefix caching
+    reuses the answer's K/V blocks too."""
+    M = lambda role, content: type("M", (), {"role": role, "content": content})()  # noqa: E731
+    turn1 = [M("system", "You answer questions about event loops."), M("user", "How do I create a task?")]
+    p1 = tiny_tokenizer(chat_prompt(turn1)).input_ids
+    answer = tiny_tokenizer(" Call create_task with the coroutine.").input_ids  # as a model would generate it
+    text = tiny_tokenizer.decode(answer)
+    p2 = tiny_tokenizer(chat_prompt(turn1 + [M("assistant", text), M("user", "And cancel it?")])).input_ids
+    assert p2[:len(p1) + len(answer)] == p1 + answer
+    assert chat_prompt([M("user", "hi")]) == "user: hi\nassistant:"

@@ -169,8 +169,12 @@ class APIError(Exception):
 
 # ------------------------------------------------------------------ requests in
 def chat_prompt(messages) -> str:
-    """A plain chat template: one "role: content" line per message, then "assistant:"."""
-    return "".join(f"{m.role}: {getattr(m, 'text', m.content)}\n" for m in messages) + "assistant:"
+    """A plain chat template: one "role: content" line per message, then "assistant:". An
+    assistant message goes verbatim right after "assistant:", where the model wrote it (the
+    API returns the answer as generated, e.g. with its leading space), so a conversation's next
+    turn repeats the tokens of the one before and reuses their cached K/V blocks."""
+    return "".join(f"{m.role}:{'' if m.role == 'assistant' else ' '}{getattr(m, 'text', m.content)}\n"
+                   for m in messages) + "assistant:"
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
