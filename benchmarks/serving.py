@@ -30,6 +30,14 @@ computed once into a `DynamicCache` (timed), repeated over the batch, `generate(
 continuing from it; its greedy tokens are checked against the plain row's. The table gives
 each engine run's prefix hit rate (prompt tokens served from cached blocks).
 
+Conversations (--chat N, instead of the above): N conversations at once, two turns each. Turn 1
+is a prompt of [prompt-min, prompt-max] random token ids and --out-tokens answer tokens. Turn 2's
+prompt repeats turn 1's prompt and answer, then --chat-followup new tokens; only turn 2 is
+timed. The engine keeps its cache between the turns (engine-nocache: prefix caching off). HF
+generate recomputes the conversation (hf), or keeps turn 1's cache and continues from it
+(hf-prefix: `return_dict_in_generate`'s past key values passed back to `generate()`, the
+batch's layout kept, which is transformers' own way to continue a conversation).
+
 Mixed workload (--mixed N, instead of the above): N requests at once, prompts uniform in
 [prompt-min, prompt-max], outputs uniform in --mixed-out; the engine serves them with
 continuous batching, HF generate (same model, Llama, Mixtral) in arrival-order left-padded
@@ -64,6 +72,8 @@ largest difference of the engine's scores from HF's.
     python benchmarks/serving.py --threads 1 --concurrency 1,32 --shared-prefix 512 --prompt-min 16 --prompt-max 64 \
         --out-tokens 32 --systems engine,engine-nocache,hf,hf-prefix,llama,llama-prefix,mixtral,mixtral-prefix \
         --load-requests 0 --name serving-prefix                 # docs/results/serving-prefix.*
+    python benchmarks/serving.py --threads 1 --chat 32 --prompt-min 64 --prompt-max 256 --out-tokens 32 \
+        --systems engine,engine-nocache,hf,hf-prefix --load-requests 0 --name serving-chat   # docs/results/serving-chat.*
 
 Writes docs/results/serving.json and serving.md (--out and --name to change).
 """
@@ -230,6 +240,87 @@ def measure_scoring(a, systems, model, tokenizer, cfg, url):
                 rows=[dict(system=s, wall_s=round(w, 3), prompt_tok_s=round(n_scored / w, 1),
                            max_abs_diff_vs_hf=None if s not in diff else float(f"{diff[s]:.2e}"))
                       for s, w in best.items()])
+
+
+# ------------------------------------------------------------------ conversations
+def measure_chat(a, systems, model, g):
+    """--chat N conversations, two turns; turn 2 timed (see the module docstring)."""
+    mc, n, out, pad = model.config, a.chat, a.out_tokens, model.config.pad_token_id
+    p1 = [torch.randint(2, mc.vocab_size, (int(k),), generator=g).tolist()
+          for k in torch.randint(a.prompt_min, a.prompt_max + 1, (n,), generator=g)]
+    follow = [torch.randint(2, mc.vocab_size, (a.chat_followup,), generator=g).tolist() for _ in range(n)]
+    longest = a.prompt_max + 2 * out + a.chat_followup
+    cfg = EngineConfig(block_size=a.block_size, num_blocks=2 * n * (-(-longest // a.block_size) + 1), max_num_seqs=n,
+                       max_num_batched_tokens=a.max_batched_tokens)
+    sp = SamplingParams(max_tokens=out, temperature=0, ignore_eos=True)
+
+    def engine(cache: bool):
+        eng = LLMEngine(model, config=replace(cfg, prefix_caching=cache))
+        r1 = eng.generate(p1, sp)
+        p2 = [p + r.output_ids + f for p, r, f in zip(p1, r1, follow)]
+        q0, h0 = eng.stats.prefix_queried, eng.stats.prefix_hits
+        t0 = time.perf_counter()
+        r2 = eng.generate(p2, sp)
+        wall = time.perf_counter() - t0
+        hit = (eng.stats.prefix_hits - h0) / max(eng.stats.prefix_queried - q0, 1)
+        return dict(wall=wall, ttft=[r.first_token_time - t0 for r in r2], hit=hit), [r.output_ids for r in r2]
+
+    def hf(keep: bool):
+        L = max(map(len, p1))
+        ids = torch.full((n, L), pad)
+        mask = torch.zeros((n, L), dtype=torch.long)
+        for i, p in enumerate(p1):
+            ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+        gen = dict(max_new_tokens=out, min_new_tokens=out, do_sample=False, eos_token_id=None, pad_token_id=pad)
+        with torch.inference_mode():
+            o1 = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **gen)
+            ids2 = torch.cat([o1.sequences, torch.tensor(follow)], 1)
+            mask2 = torch.cat([mask, torch.ones(n, out + a.chat_followup, dtype=torch.long)], 1)
+            kw = {"cache": o1.past_key_values} if keep else {}
+            clock = StepClock()
+            t0 = time.perf_counter()
+            o2 = model.generate(ids2, attention_mask=mask2, logits_processor=LogitsProcessorList([clock]), **gen, **kw)
+            wall = time.perf_counter() - t0
+        return dict(wall=wall, ttft=[clock.times[0] - t0] * n, hit=None), o2[:, ids2.shape[1]:].tolist()
+
+    runs = {"engine": lambda: engine(True), "engine-nocache": lambda: engine(False), "hf": lambda: hf(False),
+            "hf-prefix": lambda: hf(True)}
+    runs = {k: f for k, f in runs.items() if k in systems}
+    best, outs = {}, {}
+    for rep in range(a.repeats):
+        for key in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
+            r, o = runs[key]()
+            print(f"chat rep {rep} {key}: turn 2 {n * out / r['wall']:.1f} tok/s, TTFT p50 {pct(r['ttft'], 50):.3f} s",
+                  flush=True)
+            if key not in best or r["wall"] < best[key]["wall"]:
+                best[key], outs[key] = r, o
+    names = {"engine": "engine (cache kept between turns)", "engine-nocache": "engine, prefix caching off",
+             "hf": "HF generate, conversation recomputed", "hf-prefix": "HF generate, turn 1's cache kept"}
+    rows = [dict(id=k, system=names[k], wall_s=round(r["wall"], 3), out_tok_s=round(n * out / r["wall"], 1),
+                 ttft_p50_s=round(pct(r["ttft"], 50), 3),
+                 prefix_hit_pct=None if r["hit"] is None else round(100 * r["hit"], 1)) for k, r in best.items()]
+    ref = outs.get("hf")
+    same = {k: round(100 * sum(x == y for x, y in zip(o, ref)) / n, 1) for k, o in outs.items() if ref and k != "hf"}
+    return dict(chat=dict(conversations=n, rows=rows, identical_to_hf_pct=same))
+
+
+def markdown_chat(a, res) -> str:
+    c = res["chat"]
+    eng = next((r for r in c["rows"] if r["id"] == "engine"), None)
+    md = [f"Conversations: {c['conversations']} at once, two turns each; turn 1 a prompt of {a.prompt_min}-"
+          f"{a.prompt_max} random token ids and {a.out_tokens} answer tokens, turn 2 that prompt + answer + "
+          f"{a.chat_followup} new tokens and {a.out_tokens} answer tokens (greedy, EOS ignored); only turn 2 is "
+          f"timed. Model: the `{a.preset}` preset, random weights ({res['params_total'] / 1e6:.1f}M parameters). "
+          f"Best of {a.repeats} interleaved runs; torch threads {a.threads}.", "",
+          "| system | turn 2 wall s | output tok/s | engine / it | TTFT p50 s | prefix hit % |", "|---|---|---|---|---|---|"]
+    for r in c["rows"]:
+        ratio = f"{eng['out_tok_s'] / r['out_tok_s']:.2f}x" if eng and r is not eng else ""
+        md.append(f"| {r['system']} | {r['wall_s']} | {r['out_tok_s']} | {ratio} | {r['ttft_p50_s']} | "
+                  f"{'' if r['prefix_hit_pct'] is None else r['prefix_hit_pct']} |")
+    if c["identical_to_hf_pct"]:
+        md.append("\nconversations whose turn-2 greedy output equals HF's (recomputed): " + ", ".join(
+            f"{k} {v}%" for k, v in c["identical_to_hf_pct"].items()))
+    return "\n".join(md)
 
 
 # ----------------------------------------------------------------- mixed workload
@@ -460,6 +551,9 @@ def main():
                                                                   "HF forward")
     ap.add_argument("--mixed", type=int, default=0, help="mixed workload instead: this many requests at once, prompts "
                                                           "of --prompt-min..max tokens, outputs of --mixed-out tokens")
+    ap.add_argument("--chat", type=int, default=0, help="conversations instead: this many at once, two turns, turn 2 "
+                    "timed (0 = off)")
+    ap.add_argument("--chat-followup", type=int, default=16, help="conversations: new tokens in turn 2's prompt")
     ap.add_argument("--mixed-out", default="16,128", help="mixed workload: output lengths (uniform, inclusive)")
     ap.add_argument("--hf-batches", default="8,16,32", help="mixed workload: batch sizes tried for HF generate "
                                                             "(requests in arrival order); the best counts")
@@ -489,10 +583,17 @@ def main():
     prefix = torch.randint(2, mc.vocab_size, (a.shared_prefix,), generator=g).tolist()
     workloads = {c: [prefix + torch.randint(2, mc.vocab_size, (int(n),), generator=g).tolist()
                      for n in torch.randint(a.prompt_min, a.prompt_max + 1, (c,), generator=g)] for c in conc}
-    if any(s.endswith("-prefix") for s in systems) and not a.shared_prefix:
+    if any(s.endswith("-prefix") for s in systems) and not (a.shared_prefix or a.chat):
         ap.error("the *-prefix systems reuse the prompts' shared prefix: give --shared-prefix")
     llama = llama_like(mc, mc.max_position_embeddings) if any(s.startswith("llama") for s in systems) else None
     mixtral = mixtral_like(mc, mc.max_position_embeddings) if any(s.startswith("mixtral") for s in systems) else None
+    if a.chat:
+        if bad := set(systems) - {"engine", "engine-nocache", "hf", "hf-prefix"}:
+            ap.error(f"--chat compares engine, engine-nocache, hf and hf-prefix; drop {sorted(bad)}")
+        res = measure_chat(a, systems, model, g)
+        res.update(args=vars(a), params_total=params(model))
+        save_results(a.out, a.name, res, markdown_chat(a, res))
+        return
     if a.mixed:
         res = measure_mixed(a, systems, model, llama, mixtral, g)
         res.update(args=vars(a), params_total=params(model), llama_params_total=params(llama) if llama else None,
