@@ -123,20 +123,33 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def run_hf(model, prompts, n_out, pad_id, shared=0):
-    """One left-padded batch of all prompts, n_out new tokens each. `shared` > 0: HF's prompt
-    reuse for the prompts' common first `shared` tokens (timed): their K/V computed once into a
-    `DynamicCache`, repeated over the batch, and `generate()` continues from it (each prompt's
-    own tokens left-padded after the prefix, the pads masked)."""
+def left_pad(prompts, pad_id, shared=0):
+    """(ids, mask) of one batch: each prompt left-padded to the longest, the pads after the
+    prompts' common first `shared` tokens (so those stay at the same positions in every row)."""
     if any(p[:shared] != prompts[0][:shared] for p in prompts):
         raise ValueError(f"the prompts do not share their first {shared} tokens")
     P = max(map(len, prompts))
     ids = torch.full((len(prompts), P), pad_id)
     mask = torch.zeros((len(prompts), P), dtype=torch.long)
     ids[:, :shared], mask[:, :shared] = torch.tensor(prompts[0][:shared]), 1
-    for i, p in enumerate(prompts):  # left padding, after the shared prefix
+    for i, p in enumerate(prompts):
         ids[i, P - len(p) + shared:] = torch.tensor(p[shared:])
         mask[i, P - len(p) + shared:] = 1
+    return ids, mask
+
+
+def pct_identical(outs, ref) -> float:
+    """Share of requests (%) whose output equals the reference's."""
+    return round(100 * sum(x == y for x, y in zip(outs, ref)) / len(ref), 1)
+
+
+def run_hf(model, prompts, n_out, pad_id, shared=0):
+    """One left-padded batch of all prompts, n_out new tokens each. `shared` > 0: HF's prompt
+    reuse for the prompts' common first `shared` tokens (timed): their K/V computed once into a
+    `DynamicCache`, repeated over the batch, and `generate()` continues from it (each prompt's
+    own tokens left-padded after the prefix, the pads masked)."""
+    ids, mask = left_pad(prompts, pad_id, shared)
+    P = ids.shape[1]
     clock = StepClock()
     t0 = time.perf_counter()
     kw = {}
@@ -266,11 +279,7 @@ def measure_chat(a, systems, model, g):
         return dict(wall=wall, ttft=[r.first_token_time - t0 for r in r2], hit=hit), [r.output_ids for r in r2]
 
     def hf(keep: bool):
-        L = max(map(len, p1))
-        ids = torch.full((n, L), pad)
-        mask = torch.zeros((n, L), dtype=torch.long)
-        for i, p in enumerate(p1):
-            ids[i, L - len(p):], mask[i, L - len(p):] = torch.tensor(p), 1
+        ids, mask = left_pad(p1, pad)
         gen = dict(max_new_tokens=out, min_new_tokens=out, do_sample=False, eos_token_id=None, pad_token_id=pad)
         with torch.inference_mode():
             o1 = model.generate(ids, attention_mask=mask, return_dict_in_generate=True, **gen)
@@ -300,7 +309,7 @@ def measure_chat(a, systems, model, g):
                  ttft_p50_s=round(pct(r["ttft"], 50), 3),
                  prefix_hit_pct=None if r["hit"] is None else round(100 * r["hit"], 1)) for k, r in best.items()]
     ref = outs.get("hf")
-    same = {k: round(100 * sum(x == y for x, y in zip(o, ref)) / n, 1) for k, o in outs.items() if ref and k != "hf"}
+    same = {k: pct_identical(o, ref) for k, o in outs.items() if ref and k != "hf"}
     return dict(chat=dict(conversations=n, rows=rows, identical_to_hf_pct=same))
 
 
@@ -382,7 +391,7 @@ def measure_mixed(a, systems, model, llama, mixtral, g):
     same = None
     if "engine" in outs and "hf" in best_of:
         ref = outs[best_of["hf"]["system"]]
-        same = round(100 * sum(x == y for x, y in zip(outs["engine"], ref)) / n, 1)
+        same = pct_identical(outs["engine"], ref)
     return dict(mixed=dict(requests=n, useful_tokens=useful, rows=rows,
                            engine_over_best={s: round(eng / r["out_tok_s"], 3) for s, r in best_of.items()}
                            if eng else {}, best_batch={s: r["batch"] for s, r in best_of.items()},
@@ -677,12 +686,10 @@ def measure(a, systems, conc, workloads, model, llama, mixtral, tokenizer, cfg, 
         if c in rep_ratios:  # measured back to back in each repeat; the median repeat
             ratios[c] = round(statistics.median(rep_ratios[c]), 3)
         if ("engine", c) in outputs and ("hf", c) in outputs:
-            same = sum(x == y for x, y in zip(outputs[("engine", c)], outputs[("hf", c)]))
-            agree[c] = round(100 * same / c, 1)
+            agree[c] = pct_identical(outputs[("engine", c)], outputs[("hf", c)])
         for s, ref in SAME_AS.items():
             if (s, c) in outputs and (ref, c) in outputs:
-                same = sum(x == y for x, y in zip(outputs[(s, c)], outputs[(ref, c)]))
-                cache_agree.setdefault(s, {})[c] = round(100 * same / c, 1)
+                cache_agree.setdefault(s, {})[c] = pct_identical(outputs[(s, c)], outputs[(ref, c)])
     return dict(rows=rows, http_over_engine=ratios, http_over_engine_per_repeat={
         c: [round(x, 3) for x in v] for c, v in rep_ratios.items()}, greedy_identical_requests_pct=agree,
         identical_to_counterpart_pct=cache_agree)

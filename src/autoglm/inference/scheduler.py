@@ -219,7 +219,8 @@ class Scheduler:
                     toks, lps = toks[:k + 1], lps[:k + 1]
                     self.finish(req, reason, stop_reason)
                     break
-            self._record_blocks(req)  # (the verify pass computed the accepted drafts' K/V)
+            if spec is not None and reason is None:  # the verify pass computed the accepted drafts' K/V
+                self._record_blocks(req)  # (a finished request recorded its blocks in `finish`)
             prompt_lps = req.prompt_logprobs if first and req.params.prompt_logprobs is not None else None
             outs.append(EngineCoreOutput(req.request_id, list(toks), None if lps[0] is None else list(lps), reason,
                                          stop_reason, req.scheduled_time - req.arrival_time if first else None,
