@@ -37,7 +37,7 @@ def test_sparse_key_bound_holds_while_generating_long():
     ids = prompts(1, 5, 6)[0]
     (req,) = eng.generate([ids], SamplingParams(max_tokens=120, temperature=0, ignore_eos=True))
     assert req.output_ids == hf_greedy(model, ids, 120)
-    assert dec.max_keys == max_decode_keys(model.config, 4, model.config.max_position_embeddings) == 20
+    assert dec.max_keys == max_decode_keys(model.config, model.config.max_position_embeddings) == 10  # 2 + 8
     # every decode step (all but the prefill step) fitted the fixed key budget
     assert dec.steps == eng.stats.decode_steps == 119
 

@@ -5,6 +5,7 @@ wrapped or hooked heads to the module."""
 import torch
 from torch import nn
 
+from autoglm.inference import runner
 from autoglm.inference.runner import LMHead
 
 
@@ -38,7 +39,8 @@ def test_a_hooked_head_is_called_as_a_module():
     torch.testing.assert_close(head(h), nn.functional.linear(h, m.lm_head.weight) + 1.0)
 
 
-def test_the_form_is_timed_once_per_row_bucket_and_kept():
+def test_the_form_is_timed_once_per_row_bucket_and_kept(monkeypatch):
+    monkeypatch.setattr(runner, "_TIMED_FORMS", {})  # no timings from other tests
     m = Tiny()
     head = LMHead(m)
     for n in (1, 3, 5, 7, 8, 3):
@@ -49,6 +51,11 @@ def test_the_form_is_timed_once_per_row_bucket_and_kept():
     flipped = head.choice[8]
     head(torch.randn(6, 16))
     assert head.choice[8] == flipped
+    calls = []
+    again = LMHead(m)  # another engine's head of this shape: the process's timings, nothing timed
+    again._time = lambda lin, h: calls.append(len(h))
+    again(torch.randn(3, 16))
+    assert calls == [] and again.choice[3] == head.choice[3]
     plain = LMHead(m, transposed=False)
     h = torch.randn(4, 16)
     torch.testing.assert_close(plain(h), m.lm_head(h))

@@ -37,7 +37,7 @@ def scattered(lens, new, freed=()):
 
 def run(k_cache, v_cache, reqs, lens, new, window, num_global, table=None, rows=None, keys=None, workspace=None):
     segs = [Segment(t, L, [0] * n, True) for (_, _, t, _), L, n in zip(reqs, lens, new)]
-    lay = LayoutBuilder(BS, SCRATCH, "cpu").build(segs, rows=rows, keys=keys)
+    lay = LayoutBuilder(BS, SCRATCH, "cpu", window, num_global).build(segs, rows=rows, keys=keys)
     R = len(lay.input_ids)
     pad = R - sum(new)
     new_k = torch.cat([k[:, :, L:] for (k, _, _, _), L in zip(reqs, lens)] + [torch.zeros(1, HKV, pad, D)], dim=2)
@@ -85,7 +85,35 @@ def test_freed_blocks_are_skipped():
     out, lay = run(k_cache, v_cache, reqs, lens, new, 6, 2)
     visible = torch.tensor([0, 1, 2, 3] + list(range(8, 14)))
     torch.testing.assert_close(out, reference(reqs, lens, new, 6, 2, visible=visible), atol=1e-5, rtol=1e-5)
-    assert lay.decode_valid[0].sum() == 10  # the freed block's positions are not keys
+    assert lay.decode_valid[0].sum() == 8  # exactly the 2 global and the 6 window positions
+    assert lay.decode_kpos[0, :8].tolist() == [0, 1, 8, 9, 10, 11, 12, 13]
+
+
+def test_decode_keys_are_exactly_the_visible_positions():
+    """A decode row reads the positions its query may attend to, no more: the global tokens and
+    the window (not the window's whole first block), without a window every position (not the
+    last block's empty slots); the step pads its rows to the longest with invalid scratch keys."""
+    table = list(range(10))  # 40 slots, block i at physical block i
+    for window, num_global, end, want in [(6, 2, 14, [0, 1] + list(range(8, 14))),
+                                          (6, 2, 5, [0, 1, 2, 3, 4]),  # inside the window: all of them
+                                          (6, 0, 14, list(range(8, 14))),
+                                          (6, 5, 9, list(range(9))),  # global and window overlap
+                                          (None, 0, 14, list(range(14)))]:
+        b = LayoutBuilder(BS, SCRATCH, "cpu", window, num_global)
+        lay = b.build([Segment(table, end - 1, [0], True), Segment(table[:1], 0, [0], True)])
+        n = len(want)
+        assert lay.decode_kpos[0, :n].tolist() == want and lay.decode_valid[0].sum() == n
+        assert lay.decode_slots[0, :n].tolist() == want  # block i is physical block i
+        assert lay.decode_slots.shape[1] == n  # the longest row sets the width
+        assert lay.decode_valid[1].tolist() == [True] + [False] * (n - 1)
+        assert (lay.decode_slots[1, 1:] == SCRATCH).all()
+        assert b.fits([Segment(table, end - 1, [0], True)], 1, n) and not b.fits([Segment(table, end - 1, [0], True)], 1, n - 1)
+
+
+def test_a_decode_row_over_a_freed_block_is_an_error():
+    b = LayoutBuilder(BS, SCRATCH, "cpu", 6, 2)
+    with pytest.raises(RuntimeError, match="freed out of its window"):
+        b.build([Segment([0, 1, None, 3], 13, [0], True)])  # position 13 sees 8-13: block 2 is needed
 
 
 def test_fixed_shape_layout_pads_with_the_scratch_slot():
@@ -101,12 +129,12 @@ def test_fixed_shape_layout_pads_with_the_scratch_slot():
     real[lay.write_slots[:3]] = False  # the real rows' own slots are written; the padding row only the scratch
     real[SCRATCH:] = False
     assert torch.equal(k_cache[1][:, real], before[1][:, real])
-    assert not LayoutBuilder(BS, SCRATCH, "cpu").fits([Segment(reqs[0][2], 13, [0], True)], 1, 8)  # 16 keys > 8
+    assert not LayoutBuilder(BS, SCRATCH, "cpu").fits([Segment(reqs[0][2], 13, [0], True)], 1, 8)  # 14 keys > 8
 
 
 def test_selected_rows_equal_a_layout_built_for_them():
     # the speculative step builds its verify rows once and takes each draft pass's rows from them
-    b = LayoutBuilder(BS, SCRATCH, "cpu")
+    b = LayoutBuilder(BS, SCRATCH, "cpu", window=3, num_global=4)  # positions 14, 15 see 0-3 and 12-15
     segs = [Segment([3, 5, None, 2], 14, [7], True), Segment([3, 5, None, 2], 15, [8], True),
             Segment([1], 2, [9], True), Segment([1], 3, [4], True)]
     full = b.build(segs)

@@ -212,7 +212,9 @@ def test_chat_logprobs_streamed_and_not(client, server):
                                                  logprobs=True, top_logprobs=2, stream=True))
     streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
     assert [c.token for c in streamed] == [c.token for c in content]
-    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-6)
+    # the second request's prompt comes from the prefix cache (its last token runs as a decode row,
+    # not in a prefill chunk): the same values up to float32 rounding
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-5)
     plain = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, temperature=0)
     assert plain.choices[0].logprobs is None
 

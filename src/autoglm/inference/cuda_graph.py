@@ -10,10 +10,10 @@ and its layout builder; the decoder never reaches back into the runner:
 * static inputs: one fixed-shape layout per bucket (`LayoutBuilder.build(..., rows=B,
   keys=K)`): token ids, positions, KV write slots (B,), and each row's key slots, key
   positions and validity (B, K). Each step's layout is built by the same builder on the
-  host and copied into the bucket's tensors before the replay. K is fixed: with
-  local-window + global attention a sequence never holds more than (global + window) /
-  block_size + 2 live blocks, so K is small however long it generates; dense models use
-  the whole context;
+  host and copied into the bucket's tensors before the replay. K is fixed: a decode row
+  reads exactly the keys it may attend to, with local-window + global attention at most
+  global + window of them, so K is small however long it generates; dense models use the
+  whole context;
 * padding rows (a step with fewer requests than the bucket) and padding keys write to and
   read from the runner's scratch block, which no block table points to;
 * MoE layers use the `gather` dispatch (or `dense` for large buckets): static shapes, no
@@ -54,13 +54,12 @@ class DecodeGraphOptions:
             raise ValueError(f"give at least one batch size >= 1 to capture, got {self.batch_sizes}")
 
 
-def max_decode_keys(config, block_size: int, max_len: int) -> int:
-    """Most key slots one decoding sequence can hold live (block aligned)."""
+def max_decode_keys(config, max_len: int) -> int:
+    """Most keys one decode row reads (`LayoutBuilder`): the global tokens and the window, or
+    without a window the whole context."""
     if config.attention == "sparse":
-        blocks = -(-config.num_global_tokens // block_size) + -(-config.window_size // block_size) + 2
-    else:
-        blocks = -(-max_len // block_size)
-    return blocks * block_size
+        return config.num_global_tokens + config.window_size
+    return max_len
 
 
 def _static_dispatch(tokens: int):
@@ -86,9 +85,7 @@ class CUDAGraphDecoder:
                              f"use capture=False (or no graphs) on CPU")
         self.model, self.builder, self.options = model, builder, options
         self.capture = options.capture
-        bs = builder.block_size
-        keys = options.max_keys or max_decode_keys(model.config, bs, model.config.max_position_embeddings)
-        self.max_keys = -(-keys // bs) * bs  # layouts gather whole blocks
+        self.max_keys = options.max_keys or max_decode_keys(model.config, model.config.max_position_embeddings)
         self.batch_sizes = tuple(sorted(set(options.batch_sizes)))
         self.buckets: dict[int, _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None

@@ -8,16 +8,24 @@ layout of a CUDA-graph bucket: decode rows only, padded to B rows of K key slots
 padding rows and padding keys write to / read from the scratch slot that no block table
 points to.
 
-Keys are gathered block by block: a row's keys are the positions of its live blocks (a
-block freed out of the sparse window is None in the table and skipped), block aligned,
-with `decode_valid` false past the row's last position. So the host work per row is
-O(blocks), not O(keys).
+A decode row's keys are exactly the positions it may attend to: with a sparse window
+(`window`, `num_global`) the global tokens and the last `window` positions, without one
+every position so far; `decode_valid` is false on the padding up to the step's longest
+row. The host work per row is O(blocks it reads), not O(keys): the slots come from a
+(rows, blocks) table on the device. (Gathering whole live blocks instead read about a
+third more keys than the rule allows on a mixed serving workload: the window's first
+block, the last partial block and the rows padded to the longest.) A prefill chunk's keys
+are the positions of its live blocks (a block freed out of the sparse window is None in
+the table and skipped), block aligned.
 
 Example:
     >>> b = LayoutBuilder(block_size=4, scratch_slot=32, device="cpu")
     >>> lay = b.build([Segment([3, 5], 5, [7], True)])      # decode: position 5 of blocks 3, 5
     >>> lay.write_slots.tolist(), lay.decode_slots.tolist(), lay.decode_valid.sum().item()
-    ([21], [[12, 13, 14, 15, 20, 21, 32, 32]], 6)
+    ([21], [[12, 13, 14, 15, 20, 21]], 6)
+    >>> b = LayoutBuilder(block_size=4, scratch_slot=32, device="cpu", window=3, num_global=1)
+    >>> b.build([Segment([3, 5], 5, [7], True)]).decode_kpos.tolist()  # global 0, window 3..5
+    [[0, 3, 4, 5]]
 """
 
 from __future__ import annotations
@@ -77,15 +85,15 @@ class StepLayout:
 
 
 class LayoutBuilder:
-    def __init__(self, block_size: int, scratch_slot: int, device) -> None:
+    def __init__(self, block_size: int, scratch_slot: int, device, window: int | None = None,
+                 num_global: int = 0) -> None:
         self.block_size, self.scratch, self.device = block_size, scratch_slot, torch.device(device)
+        self.window, self.num_global = window, num_global
 
     def fits(self, segments: list[Segment], rows: int, keys: int) -> bool:
         """Whether `segments` fit a fixed-shape decode layout of `rows` rows and `keys` keys."""
-        bs = self.block_size
         return len(segments) <= rows and all(
-            len(s.tokens) == 1 and s.samples and self._live_blocks(s.table, s.start + 1) * bs <= keys
-            for s in segments)
+            len(s.tokens) == 1 and s.samples and sum(self._spans(s.start + 1)[1::2]) <= keys for s in segments)
 
     def build(self, segments: list[Segment], rows: int | None = None, keys: int | None = None,
               device=None) -> StepLayout:
@@ -94,18 +102,18 @@ class LayoutBuilder:
         dev = torch.device(device) if device is not None else self.device
         bs = self.block_size
         ids, pos, write, sample_rows = [], [], [], []
-        dec_q, dec_blocks, dec_ends, prefills = [], [], [], []
+        dec_q, dec_tables, dec_ends, prefills = [], [], [], []
         for s in segments:
             n, a = len(s.tokens), len(ids)
             ids += s.tokens
             pos += range(s.start, s.start + n)
             write += [s.table[p // bs] * bs + p % bs for p in range(s.start, s.start + n)]
-            live = [(j, b) for j, b in enumerate(s.table[:-(-(s.start + n) // bs)]) if b is not None]
             if n == 1:
                 dec_q.append(a)
-                dec_blocks.append(live)
+                dec_tables.append(s.table)
                 dec_ends.append(s.start + 1)
             else:
+                live = [(j, b) for j, b in enumerate(s.table[:-(-(s.start + n) // bs)]) if b is not None]
                 kpos, slots = self._keys([live], [s.start + n], len(live), dev)
                 keep = kpos[0] < s.start + n
                 prefills.append((a, a + n, slots[0][keep], kpos[0][keep]))
@@ -117,23 +125,57 @@ class LayoutBuilder:
             pos += [0] * pad
             write += [self.scratch] * pad
             dec_q += range(len(segments), rows)
-            dec_blocks += [[]] * pad
+            dec_tables += [[]] * pad
             dec_ends += [0] * pad
             sample_rows = list(range(rows))
         t = lambda x: torch.tensor(x, dtype=torch.long, device=dev)  # noqa: E731
         lay = StepLayout(t(ids), t(pos), t(write), prefills=prefills, sample_rows=sample_rows)
         if dec_q:
-            nb = keys // bs if keys is not None else max(len(b) for b in dec_blocks)
-            kpos, slots = self._keys(dec_blocks, dec_ends, nb, dev)
             lay.decode_q = t(dec_q)
-            lay.decode_valid = kpos < t(dec_ends)[:, None]
-            lay.decode_kpos = kpos.masked_fill(~lay.decode_valid, 0)
-            lay.decode_slots = slots.masked_fill(~lay.decode_valid, self.scratch)
+            lay.decode_kpos, lay.decode_slots, lay.decode_valid = self._decode_keys(dec_tables, dec_ends, keys, dev)
         return lay
 
     # --------------------------------------------------------------- internals
-    def _live_blocks(self, table: list[int | None], end: int) -> int:
-        return sum(b is not None for b in table[:-(-end // self.block_size)])
+    def _spans(self, end: int) -> tuple[int, int, int, int]:
+        """(first, count, first, count): the two runs of positions a query at `end` - 1 attends
+        to, the global tokens then the window (without a window: every position, as one run)."""
+        if self.window is None:
+            return 0, end, end, 0
+        g = min(self.num_global, end)
+        lo = max(self.num_global, end - self.window)
+        return 0, g, lo, max(end - lo, 0)
+
+    def _decode_keys(self, tables: list[list[int | None]], ends: list[int], keys: int | None, dev):
+        """(positions, slots, valid), each (R, Tk), of decode rows with these block tables and
+        ends (a row's query is at end - 1); Tk = `keys`, or the most any row attends to. Padding
+        keys get position 0 and the scratch slot."""
+        bs = self.block_size
+        spans = [self._spans(e) for e in ends]
+        # each row's blocks in reading order: the global run's, then the window run's
+        first = [[a // bs, -(-(a + n) // bs) if n else a // bs, b // bs, -(-(b + m) // bs) if m else b // bs]
+                 for a, n, b, m in spans]
+        phys = []
+        for table, (g0, g1, w0, w1) in zip(tables, first):
+            blocks = table[g0:g1] + table[w0:w1]
+            if None in blocks:
+                raise RuntimeError("a decode row reads a block that was freed out of its window (a KV-cache bug)")
+            phys.append(blocks)
+        width = max(1, max(len(b) for b in phys))
+        ph = torch.tensor([b + [0] * (width - len(b)) for b in phys], dtype=torch.long, device=dev)  # (R, nb)
+        sp = torch.tensor(spans, dtype=torch.long, device=dev)  # (R, 4)
+        fb = torch.tensor(first, dtype=torch.long, device=dev)
+        g, w0, nw = sp[:, 1:2], sp[:, 2:3], sp[:, 3:4]
+        count = g + nw
+        tk = keys if keys is not None else max(1, int(count.max()))
+        c = torch.arange(tk, device=dev)[None]
+        kpos = torch.where(c < g, c, w0 + c - g)
+        valid = c < count
+        # index of each key's block among the row's blocks: global blocks first, window blocks after
+        nglob = fb[:, 1:2] - fb[:, 0:1]
+        blk = torch.where(c < g, kpos // bs - fb[:, 0:1], nglob + kpos // bs - fb[:, 2:3])
+        blk = blk.clamp(0, width - 1)
+        slots = ph.gather(1, blk) * bs + kpos % bs
+        return kpos.masked_fill(~valid, 0), slots.masked_fill(~valid, self.scratch), valid
 
     def _keys(self, blocks: list[list[tuple[int, int]]], ends: list[int], nb: int, dev):
         """Key positions and slots (R, nb * block_size) of rows whose live blocks are `blocks`
