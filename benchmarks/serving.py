@@ -372,11 +372,12 @@ def measure_mixed(a, systems, model, llama, mixtral, g):
                 runs[f"{s}@{b}"] = (lambda m, pad, b: lambda: run_hf_mixed(m, prompts, n_outs, b, pad))(*hf_models[s], b)
     load0 = os.getloadavg()
     LLMEngine(model, config=cfg).generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
-    best, outs = {}, {}
+    best, outs, walls = {}, {}, {key: [] for key in runs}
     for rep in range(a.repeats):
         for key in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
             wall, out = runs[key]()
             print(f"mixed rep {rep} {key}: {useful / wall:.1f} tok/s", flush=True)
+            walls[key].append(wall)
             if wall < best.get(key, float("inf")):
                 best[key], outs[key] = wall, out
     load1 = os.getloadavg()
@@ -388,6 +389,15 @@ def measure_mixed(a, systems, model, llama, mixtral, g):
         cand = [r for r in rows if r["system"].startswith(s + "@")]
         if cand:
             best_of[s] = max(cand, key=lambda r: r["out_tok_s"])
+    # paired ratios: the engine against each baseline at its best batch *within the same repeat*,
+    # so a machine that drifts between repeats (the engine's time moved 1.4x between runs on a
+    # shared 2-core machine) cancels out of each ratio
+    paired = {}
+    if "engine" in walls:
+        for s in ("hf", "llama", "mixtral"):
+            keys = [k for k in walls if k.startswith(s + "@")]
+            if keys:
+                paired[s] = [round(min(walls[k][r] for k in keys) / walls["engine"][r], 3) for r in range(a.repeats)]
     same = None
     if "engine" in outs and "hf" in best_of:
         ref = outs[best_of["hf"]["system"]]
@@ -395,6 +405,7 @@ def measure_mixed(a, systems, model, llama, mixtral, g):
     return dict(mixed=dict(requests=n, useful_tokens=useful, rows=rows,
                            engine_over_best={s: round(eng / r["out_tok_s"], 3) for s, r in best_of.items()}
                            if eng else {}, best_batch={s: r["batch"] for s, r in best_of.items()},
+                           engine_over_best_paired=paired, walls={k: [round(w, 3) for w in v] for k, v in walls.items()},
                            greedy_identical_to_hf_pct=same, load_start=load0, load_end=load1))
 
 
@@ -415,6 +426,10 @@ def markdown_mixed(a, res) -> str:
     if m["engine_over_best"]:
         md.append("\nengine / each baseline at its best batch: " + ", ".join(
             f"**{v:.2f}x** {s} (batch {m['best_batch'][s]})" for s, v in m["engine_over_best"].items()))
+    if m.get("engine_over_best_paired"):
+        md.append("\nper repeat (the engine against each baseline's best batch of the same repeat; median, then each "
+                  "repeat): " + ", ".join(f"{s} **{statistics.median(v):.2f}x** ({' / '.join(f'{x:.2f}' for x in v)})"
+                                         for s, v in m["engine_over_best_paired"].items()))
     if m["greedy_identical_to_hf_pct"] is not None:
         md.append(f"\nrequests with greedy output identical to HF generate: {m['greedy_identical_to_hf_pct']}%")
     return "\n".join(md)
