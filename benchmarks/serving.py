@@ -138,6 +138,14 @@ def left_pad(prompts, pad_id, shared=0):
     return ids, mask
 
 
+def interleaved(keys, repeats):
+    """(repeat, key): every key once per repeat, in reverse order every other repeat, so a
+    machine that drifts during the run does not favour the key that always runs first."""
+    keys = list(keys)
+    for rep in range(repeats):
+        yield from ((rep, k) for k in (keys if rep % 2 == 0 else keys[::-1]))
+
+
 def pct_identical(outs, ref) -> float:
     """Share of requests (%) whose output equals the reference's."""
     return round(100 * sum(x == y for x, y in zip(outs, ref)) / len(ref), 1)
@@ -234,19 +242,18 @@ def measure_scoring(a, systems, model, tokenizer, cfg, url):
     n_scored = sum(len(p) - 1 for p in prompts)
     score_engine(model, tokenizer, prompts[:2], cfg)  # warm-up
     best, scores = {}, {}
-    for rep in range(a.repeats):
-        for s in (systems if rep % 2 == 0 else systems[::-1]):
-            if s == "engine":
-                wall, out = score_engine(model, tokenizer, prompts, cfg)
-            elif s == "http":
-                wall, out = score_http(url, prompts, a.scoring_batch, a.load_in_flight)
-            elif s == "hf":
-                wall, out = score_hf(model, prompts, a.scoring_batch, model.config.pad_token_id)
-            else:
-                continue  # the Llama baseline has other weights: its scores are not comparable
-            scores[s] = out
-            best[s] = min(best.get(s, wall), wall)
-            print(f"scoring rep {rep} {s}: {n_scored / wall:.0f} prompt tok/s", flush=True)
+    for rep, s in interleaved(systems, a.repeats):
+        if s == "engine":
+            wall, out = score_engine(model, tokenizer, prompts, cfg)
+        elif s == "http":
+            wall, out = score_http(url, prompts, a.scoring_batch, a.load_in_flight)
+        elif s == "hf":
+            wall, out = score_hf(model, prompts, a.scoring_batch, model.config.pad_token_id)
+        else:
+            continue  # the Llama baseline has other weights: its scores are not comparable
+        scores[s] = out
+        best[s] = min(best.get(s, wall), wall)
+        print(f"scoring rep {rep} {s}: {n_scored / wall:.0f} prompt tok/s", flush=True)
     diff = {s: max(abs(x - y) for a_, b_ in zip(scores[s], scores["hf"]) for x, y in zip(a_, b_))
             for s in scores if s != "hf" and "hf" in scores}
     return dict(prompts=a.scoring_prompts, prompt_len=a.scoring_len, batch=a.scoring_batch,
@@ -296,13 +303,12 @@ def measure_chat(a, systems, model, g):
             "hf-prefix": lambda: hf(True)}
     runs = {k: f for k, f in runs.items() if k in systems}
     best, outs = {}, {}
-    for rep in range(a.repeats):
-        for key in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
-            r, o = runs[key]()
-            print(f"chat rep {rep} {key}: turn 2 {n * out / r['wall']:.1f} tok/s, TTFT p50 {pct(r['ttft'], 50):.3f} s",
-                  flush=True)
-            if key not in best or r["wall"] < best[key]["wall"]:
-                best[key], outs[key] = r, o
+    for rep, key in interleaved(runs, a.repeats):
+        r, o = runs[key]()
+        print(f"chat rep {rep} {key}: turn 2 {n * out / r['wall']:.1f} tok/s, TTFT p50 {pct(r['ttft'], 50):.3f} s",
+              flush=True)
+        if key not in best or r["wall"] < best[key]["wall"]:
+            best[key], outs[key] = r, o
     names = {"engine": "engine (cache kept between turns)", "engine-nocache": "engine, prefix caching off",
              "hf": "HF generate, conversation recomputed", "hf-prefix": "HF generate, turn 1's cache kept"}
     rows = [dict(id=k, system=names[k], wall_s=round(r["wall"], 3), out_tok_s=round(n * out / r["wall"], 1),
@@ -373,13 +379,12 @@ def measure_mixed(a, systems, model, llama, mixtral, g):
     load0 = os.getloadavg()
     LLMEngine(model, config=cfg).generate(prompts[:2], SamplingParams(max_tokens=2, temperature=0))  # warm-up
     best, outs, walls = {}, {}, {key: [] for key in runs}
-    for rep in range(a.repeats):
-        for key in (list(runs) if rep % 2 == 0 else list(runs)[::-1]):
-            wall, out = runs[key]()
-            print(f"mixed rep {rep} {key}: {useful / wall:.1f} tok/s", flush=True)
-            walls[key].append(wall)
-            if wall < best.get(key, float("inf")):
-                best[key], outs[key] = wall, out
+    for rep, key in interleaved(runs, a.repeats):
+        wall, out = runs[key]()
+        print(f"mixed rep {rep} {key}: {useful / wall:.1f} tok/s", flush=True)
+        walls[key].append(wall)
+        if wall < best.get(key, float("inf")):
+            best[key], outs[key] = wall, out
     load1 = os.getloadavg()
     rows = [dict(system=k, batch=int(k.split("@")[1]) if "@" in k else None, wall_s=round(w, 3),
                  out_tok_s=round(useful / w, 1)) for k, w in best.items()]

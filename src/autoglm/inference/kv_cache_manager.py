@@ -12,10 +12,11 @@ generated) is named by a content key, (digest of the key before, adapter, the bl
 ids), so a key stands for the whole sequence up to the block's end. Once a block's K/V is
 computed (`cache_computed`) the pool records its key; a new request first takes the longest
 prefix of its blocks that is cached (`match_prefix`; with a sparse window only the blocks
-its next queries can read must be), shared by reference count, and computes only the rest. So a chat's next turn, whose prompt repeats the conversation so far,
-and a preempted request, recomputed later, start where the cache ends. K/V at a position
-depends only on the tokens up to it (causal attention, absolute positions), so the shared
-blocks hold exactly what the request would have computed. Requests never write into a
+its next queries can read must be), shared by reference count, and computes only the rest.
+So a chat's next turn, whose prompt repeats the conversation so far, and a preempted
+request, recomputed later, start where the cache ends. K/V at a position depends only on the
+tokens up to it (causal attention, absolute positions), so the shared blocks hold exactly
+what the request would have computed. Requests never write into a
 shared block: writes go to positions >= `num_computed_tokens`, past every matched block. The
 last token is always computed (its logits give the next token).
 
@@ -81,9 +82,10 @@ class KVCacheManager:
         """Give a request with no blocks yet the cached blocks of the longest prefix of its full
         blocks (of `token_ids`: its prompt, and its output if it was preempted) that is cached
         (`_longest_match`) and ends at or before token `limit` (the caller keeps at least one
-        token to compute), and mark its other full blocks pending. Returns the tokens covered (a multiple of block_size; 0 when
-        prefix caching is off), or, with `wait`, None when the next block is pending in another
-        request (nothing is held then: ask again next step). Undo with `free`."""
+        token to compute), and mark its other full blocks pending. Returns the tokens covered (a
+        multiple of block_size; 0 when prefix caching is off), or, with `wait`, None when the next
+        block is pending in another request (nothing is held then: ask again next step). Undo
+        with `free`."""
         if request_id in self.tables:
             raise ValueError(f"request {request_id!r} already holds KV blocks; match its prefix before allocating")
         if not self.prefix_caching:

@@ -152,7 +152,7 @@ class LayoutBuilder:
         bs = self.block_size
         spans = [self._spans(e) for e in ends]
         # each row's blocks in reading order: the global run's, then the window run's
-        first = [[a // bs, -(-(a + n) // bs) if n else a // bs, b // bs, -(-(b + m) // bs) if m else b // bs]
+        first = [(a // bs, -(-(a + n) // bs) if n else a // bs, b // bs, -(-(b + m) // bs) if m else b // bs)
                  for a, n, b, m in spans]
         phys = []
         for table, (g0, g1, w0, w1) in zip(tables, first):
@@ -162,9 +162,8 @@ class LayoutBuilder:
             phys.append(blocks)
         width = max(1, max(len(b) for b in phys))
         ph = torch.tensor([b + [0] * (width - len(b)) for b in phys], dtype=torch.long, device=dev)  # (R, nb)
-        sp = torch.tensor(spans, dtype=torch.long, device=dev)  # (R, 4)
-        fb = torch.tensor(first, dtype=torch.long, device=dev)
-        g, w0, nw = sp[:, 1:2], sp[:, 2:3], sp[:, 3:4]
+        sp = torch.tensor([a + b for a, b in zip(spans, first)], dtype=torch.long, device=dev)  # (R, 8)
+        g, w0, nw, fb = sp[:, 1:2], sp[:, 2:3], sp[:, 3:4], sp[:, 4:]  # fb: (R, 4) first/end blocks of both runs
         count = g + nw
         tk = keys if keys is not None else max(1, int(count.max()))
         c = torch.arange(tk, device=dev)[None]
