@@ -68,6 +68,29 @@ def test_paged_attention_equals_contiguous(window, num_global, with_bias, worksp
     torch.testing.assert_close(out, reference(reqs, lens, new, window, num_global, table), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("window,num_global", [(None, 0), (6, 2)])
+def test_many_decode_rows_take_the_matmul_kernel_and_equal_contiguous(window, num_global, monkeypatch):
+    """From MATMUL_DECODE_ROWS decode rows a CPU step attends with batched matmuls (grouped
+    query heads, padded rows of other lengths, a freed block) instead of SDPA: the same output."""
+    from autoglm.inference import paged_attention as pa
+
+    calls = []
+    real = pa.PagedAttention._decode_matmul
+    monkeypatch.setattr(pa.PagedAttention, "_decode_matmul", staticmethod(lambda *a: calls.append(1) or real(*a)))
+    n = pa.MATMUL_DECODE_ROWS + 2
+    lens, new = [13, 2, 20, 7, 1, 9, 15, 4, 11, 6][:n] + [17], [1] * n + [3]  # n decode rows and a prefill chunk
+    k_cache, v_cache, reqs = scattered(lens, new, freed=(1,) if window else ())
+    out, _ = run(k_cache, v_cache, reqs, lens, new, window, num_global, workspace=Workspace())
+    visible = torch.tensor([0, 1, 2, 3] + list(range(8, 14))) if window else None
+    torch.testing.assert_close(out, reference(reqs, lens, new, window, num_global, visible=visible), atol=1e-5, rtol=1e-5)
+    assert calls == [1]
+    lens, new = lens[:n], new[:n]  # decode rows only: the output is the kernel's own, returned without a copy
+    k_cache, v_cache, reqs = scattered(lens, new)
+    out, _ = run(k_cache, v_cache, reqs, lens, new, window, num_global)
+    torch.testing.assert_close(out, reference(reqs, lens, new, window, num_global), atol=1e-5, rtol=1e-5)
+    assert calls == [1, 1]
+
+
 def test_workspace_is_reused_across_steps_of_other_shapes():
     """One workspace serves a large step, then a smaller one, then a larger one again (a view of
     the grown buffer each time): every step equals the reference."""

@@ -10,7 +10,9 @@ and then the kernel with its own `layer_idx`:
   (`layout.StepLayout`) and runs the dense-with-mask kernel, so the sparse rule (window +
   global) is applied by absolute position: all decode rows as one padded (Bd, H, 1, Tk)
   batch, each prefill chunk alone. The masks depend only on the step's positions, so they
-  are built once per step, in the additive form SDPA takes, and shared by the layers.
+  are built once per step, in the additive form SDPA takes, and shared by the layers. On a
+  CPU, a step with many decode rows attends with two batched matmuls over the head-major
+  keys instead (`MATMUL_DECODE_ROWS`), where SDPA's one-query kernel is the slower.
 
 On a CPU the decode gather goes into a `Workspace` the runner keeps across steps: a fresh
 multi-megabyte tensor per layer and step costs its page faults every time (the allocator
@@ -27,6 +29,11 @@ from ..modules.attention import _sdpa, attend_dense, dense_allowed
 from .layout import StepLayout
 
 __all__ = ["PagedKVCache", "PagedAttention", "Workspace"]
+
+# decode rows from which a CPU step attends with two batched matmuls instead of SDPA: measured
+# with the keys out of cache (as between layers), SDPA is faster below about 8 rows and the
+# matmuls from there (1.6-1.9x at 32 rows, 2.1-2.2x at 64, over 90-132 keys; 8 heads of 32, 1 thread)
+MATMUL_DECODE_ROWS = 8
 
 
 class Workspace:
@@ -98,6 +105,20 @@ class PagedAttention:
         out = self.workspace.get(name, (store.shape[0], slots.numel(), store.shape[2]), store)
         return torch.index_select(store, 1, slots, out=out)
 
+    @staticmethod
+    def _decode_matmul(q, k, v, additive):
+        """Decode rows' attention as two batched matmuls over the gathered keys in their head-major
+        layout: q (H, Bd, D), k/v (Hkv, Bd, Tk, D), additive (Bd, 1, 1, Tk) -> (H, Bd, D). On a CPU,
+        from MATMUL_DECODE_ROWS rows, this is faster than SDPA's kernel for one query per row,
+        which works through (row, head) pairs of a single query each."""
+        Hkv, Bd, Tk, D = k.shape
+        H = q.shape[0]
+        qg = q.view(Hkv, H // Hkv, Bd, D).transpose(1, 2)  # (Hkv, Bd, g, D): a KV head's g query heads
+        s = torch.matmul(qg * D ** -0.5, k.transpose(-1, -2))  # (Hkv, Bd, g, Tk)
+        s += additive.view(1, Bd, 1, Tk)
+        o = torch.matmul(torch.softmax(s, -1), v)  # (Hkv, Bd, g, D)
+        return o.transpose(1, 2).reshape(H, Bd, D)
+
     def __call__(self, q, k, v, window, num_global, table, layer_idx: int):
         """q (1, H, N, D) packed -> (1, H, N, D); k/v (the new tokens') are already in the store."""
         L = self.layout
@@ -105,15 +126,20 @@ class PagedAttention:
         if L.decode_q is not None:
             Bd, Tk = L.decode_slots.shape
             only_decode = not L.prefills and Bd == q.shape[2]  # then decode row i is packed row i
-            qd = (q[0] if only_decode else q[0, :, L.decode_q]).transpose(0, 1)[:, :, None]  # (Bd, H, 1, D)
             flat = L.decode_slots.view(-1)
-            kd = self._gather(kc, flat, "k", q.dtype).view(-1, Bd, Tk, kc.shape[-1]).transpose(0, 1)  # (Bd, Hkv, Tk, D)
-            vd = self._gather(vc, flat, "v", q.dtype).view(-1, Bd, Tk, vc.shape[-1]).transpose(0, 1)
-            o = self._attend(None, qd, kd, vd, window, num_global, table)
+            kd = self._gather(kc, flat, "k", q.dtype).view(-1, Bd, Tk, kc.shape[-1])  # (Hkv, Bd, Tk, D)
+            vd = self._gather(vc, flat, "v", q.dtype).view(-1, Bd, Tk, vc.shape[-1])
+            qd = q[0] if only_decode else q[0, :, L.decode_q]  # (H, Bd, D)
+            if Bd >= MATMUL_DECODE_ROWS and table is None and q.device.type == "cpu" and q.dtype == torch.float32:
+                od = self._decode_matmul(qd, kd, vd, self._mask(None, window, num_global, q.dtype)[3])
+            else:
+                o = self._attend(None, qd.transpose(0, 1)[:, :, None], kd.transpose(0, 1), vd.transpose(0, 1),
+                                 window, num_global, table)  # (Bd, H, 1, D)
+                od = o[:, :, 0].transpose(0, 1)
             if only_decode:
-                return o[:, :, 0].transpose(0, 1)[None]
+                return od[None]
             out = torch.empty_like(q)
-            out[0, :, L.decode_q] = o[:, :, 0].transpose(0, 1)
+            out[0, :, L.decode_q] = od
         else:
             out = torch.empty_like(q)
         for i, (a, b, slots, _) in enumerate(L.prefills):
