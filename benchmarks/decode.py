@@ -15,9 +15,11 @@ every row: a uniform batch, no padding):
   on CPU the same two systems run the fixed-shape decode buckets without capture
   (`cuda_graph_capture=False`), eager and compiled: the CPU check of what compiling buys.
 
-Decode tokens/s = batch x N / (time for 1 + N new tokens - time for 1 new token), so prefill
-is excluded for all; greedy agreement of our systems with HF's tokens; forward (prefill)
-latency at `--forward-lens` tokens with its MFU against `--peak-tflops`; peak GPU memory.
+Decode tokens/s = batch x N / the time from the first new token to the (1 + N)-th, each
+token's time taken when it is ready (HF: a logits processor that records it; the engine:
+after each step), so prefill is excluded for all; greedy agreement of our systems with HF's
+tokens; forward (prefill) latency at `--forward-lens` tokens with its MFU against
+`--peak-tflops`; peak GPU memory.
 
 `--speculative-run RUN` measures self-speculative decoding of a trained early-exit run
 instead (docs/results/speculative.*): the exit layer and k are chosen on validation prompts
@@ -76,15 +78,43 @@ def make_engine(model, max_tokens, graphs, block_size, batch=1, compile_decode=F
     return LLMEngine(model, config=cfg)
 
 
-def engine_generate(eng, prompt, n, batch=1):
-    return eng.generate([prompt] * batch, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+def engine_generate_stamped(eng, prompt, n, batch=1):
+    """(output ids per row, stamps): stamps[i] is when every row had i + 1 new tokens (the
+    engine's streaming loop, as `generate()` runs it)."""
+    sp = SamplingParams(max_tokens=n, temperature=0, ignore_eos=True)
+    outs = {eng.add_request(prompt, sp): [] for _ in range(batch)}
+    stamps = []
+    while eng.has_unfinished():
+        for o in eng.step():
+            outs[o.request_id] += o.new_token_ids
+        while len(stamps) < min(map(len, outs.values())):
+            stamps.append(time.perf_counter())
+    return list(outs.values()), stamps
 
 
-def decode_rate(run, device, n, batch=1):
-    """(tokens/s, outputs) from timing 1 + n new tokens against 1 new token, `batch` sequences."""
-    t1, _ = timed(lambda: run(1), device, repeat=3)
-    tn, out = timed(lambda: run(1 + n), device, repeat=3)
-    return batch * n / max(tn - t1, 1e-9), out
+class TokenStamps:
+    """A logits processor that only records when `generate()` has the logits of each new token
+    (after a device sync, so the step's work is done)."""
+
+    def __init__(self, device) -> None:
+        self.device, self.stamps = device, []
+
+    def __call__(self, input_ids, scores):
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+        return scores
+
+
+def decode_rate(run, n, batch=1, repeat=3):
+    """(tokens/s, outputs) of the decode steps alone: `run(k)` makes k new tokens per row and
+    returns (outputs, stamps), the time each new token was ready; with 1 + n tokens the n steps
+    after the first token (the prefill's) are timed, best of `repeat`. Timing the steps
+    directly keeps a long prompt's prefill, and its run-to-run noise, out of the figure."""
+    best, out = float("inf"), None
+    for _ in range(repeat):
+        out, stamps = run(1 + n)
+        best = min(best, stamps[n] - stamps[0])
+    return batch * n / max(best, 1e-9), out
 
 
 def active_params(model) -> int:
@@ -137,8 +167,8 @@ def build_systems(model, names, device, block_size, max_tokens, batches):
             sizes[base] = num_params(others[base])
     def hf_runner(m, static):
         def run(prompt, b, n):
-            ids = torch.tensor([prompt] * b, device=device)
-            return hf_generate(m, ids, n, static=static)[:, len(prompt):].tolist()
+            ids, st = torch.tensor([prompt] * b, device=device), TokenStamps(device)
+            return hf_generate(m, ids, n, static=static, logits_processor=[st])[:, len(prompt):].tolist(), st.stamps
         return run
 
     for name in names:
@@ -147,8 +177,8 @@ def build_systems(model, names, device, block_size, max_tokens, batches):
             graphs, comp = name != "engine", name == "engine-graphs-compile"
             engines = {b: make_engine(model, max_tokens, graphs, block_size, batch=b, compile_decode=comp)
                        for b in batches}
-            out[name] = (lambda engines: lambda prompt, b, n: [r.output_ids for r in
-                                                                engine_generate(engines[b], prompt, n, batch=b)])(engines)
+            out[name] = (lambda engines: lambda prompt, b, n: engine_generate_stamped(engines[b], prompt, n,
+                                                                                      batch=b))(engines)
         elif base in ("hf", "llama", "mixtral"):
             m = model if base == "hf" else others[base]
             if name.endswith("static-compile"):
@@ -192,7 +222,7 @@ def bench_preset(name, a, device, dtype):
     for rep in range(a.repeats):  # interleaved, the order reversed every other repeat; the best run counts
         for sysname in (live if rep % 2 == 0 else live[::-1]):
             for b in a.batches:
-                rate, out = decode_rate(lambda k: systems[sysname](prompt, b, k), device, a.new_tokens, b)
+                rate, out = decode_rate(lambda k: systems[sysname](prompt, b, k), a.new_tokens, b)
                 if rate > rates.get((sysname, b), 0.0):
                     rates[sysname, b], outputs[sysname, b] = rate, out
     for b in a.batches:
@@ -396,9 +426,10 @@ def main():
     lens = a.forward_lens
     md = [f"Device: {dev_name}, {dtype}, torch {torch.__version__}; prompt {a.prompt_len} tokens (the same prompt in "
           f"every row of a batch), {a.new_tokens} new tokens per sequence, greedy, EOS ignored; decode tokens/s = "
-          f"batch x new tokens / (time for 1 + n tokens - time for 1 token), so prefill is excluded for every "
-          f"system; best of {a.repeats} interleaved runs. transformers' Llama and Mixtral are built at the preset's "
-          f"width, depth, heads, vocabulary and expert sizes (random weights).", ""]
+          f"batch x new tokens / (time from the first new token to the last, each token timed when it is "
+          f"ready), so prefill is excluded for every system; best of {a.repeats} interleaved runs. transformers' "
+          f"Llama and Mixtral are built at the preset's width, depth, heads, vocabulary and expert sizes (random "
+          f"weights).", ""]
     for r in rows:
         others = "".join(f"; {k} {v / 1e6:.1f}M" for k, v in r["baseline_params_total"].items() if k != "hf")
         md += [f"**{r['preset']}** ({r['params_total'] / 1e6:.1f}M parameters, {r['params_active'] / 1e6:.1f}M "
