@@ -93,7 +93,7 @@ class LayoutBuilder:
     def fits(self, segments: list[Segment], rows: int, keys: int) -> bool:
         """Whether `segments` fit a fixed-shape decode layout of `rows` rows and `keys` keys."""
         return len(segments) <= rows and all(
-            len(s.tokens) == 1 and s.samples and sum(self._spans(s.start + 1)[1::2]) <= keys for s in segments)
+            len(s.tokens) == 1 and s.samples and self._num_keys(s.start + 1) <= keys for s in segments)
 
     def build(self, segments: list[Segment], rows: int | None = None, keys: int | None = None,
               device=None) -> StepLayout:
@@ -136,14 +136,18 @@ class LayoutBuilder:
         return lay
 
     # --------------------------------------------------------------- internals
-    def _spans(self, end: int) -> tuple[int, int, int, int]:
-        """(first, count, first, count): the two runs of positions a query at `end` - 1 attends
-        to, the global tokens then the window (without a window: every position, as one run)."""
+    def _spans(self, end: int) -> tuple[int, int, int]:
+        """(g, lo, n): a query at `end` - 1 attends to positions [0, g), the global tokens, and
+        [lo, lo + n), the window (without a window: every position, as [0, end))."""
         if self.window is None:
-            return 0, end, end, 0
+            return end, end, 0
         g = min(self.num_global, end)
         lo = max(self.num_global, end - self.window)
-        return 0, g, lo, max(end - lo, 0)
+        return g, lo, max(end - lo, 0)
+
+    def _num_keys(self, end: int) -> int:
+        g, _, n = self._spans(end)
+        return g + n
 
     def _decode_keys(self, tables: list[list[int | None]], ends: list[int], keys: int | None, dev):
         """(positions, slots, valid), each (R, Tk), of decode rows with these block tables and
@@ -151,28 +155,25 @@ class LayoutBuilder:
         keys get position 0 and the scratch slot."""
         bs = self.block_size
         spans = [self._spans(e) for e in ends]
-        # each row's blocks in reading order: the global run's, then the window run's
-        first = [(a // bs, -(-(a + n) // bs) if n else a // bs, b // bs, -(-(b + m) // bs) if m else b // bs)
-                 for a, n, b, m in spans]
+        # the blocks a row reads, in reading order: the global run's [0, gb), then the window run's [w0, w1)
+        bounds = [(-(-g // bs), lo // bs, -(-(lo + n) // bs) if n else lo // bs) for g, lo, n in spans]
         phys = []
-        for table, (g0, g1, w0, w1) in zip(tables, first):
-            blocks = table[g0:g1] + table[w0:w1]
+        for table, (gb, w0, w1) in zip(tables, bounds):
+            blocks = table[:gb] + table[w0:w1]
             if None in blocks:
                 raise RuntimeError("a decode row reads a block that was freed out of its window (a KV-cache bug)")
             phys.append(blocks)
         width = max(1, max(len(b) for b in phys))
         ph = torch.tensor([b + [0] * (width - len(b)) for b in phys], dtype=torch.long, device=dev)  # (R, nb)
-        sp = torch.tensor([a + b for a, b in zip(spans, first)], dtype=torch.long, device=dev)  # (R, 8)
-        g, w0, nw, fb = sp[:, 1:2], sp[:, 2:3], sp[:, 3:4], sp[:, 4:]  # fb: (R, 4) first/end blocks of both runs
+        sp = torch.tensor([a + b for a, b in zip(spans, bounds)], dtype=torch.long, device=dev)  # (R, 6)
+        g, lo, nw, gb, w0 = (sp[:, i:i + 1] for i in range(5))
         count = g + nw
         tk = keys if keys is not None else max(1, int(count.max()))
         c = torch.arange(tk, device=dev)[None]
-        kpos = torch.where(c < g, c, w0 + c - g)
+        kpos = torch.where(c < g, c, lo + c - g)
         valid = c < count
-        # index of each key's block among the row's blocks: global blocks first, window blocks after
-        nglob = fb[:, 1:2] - fb[:, 0:1]
-        blk = torch.where(c < g, kpos // bs - fb[:, 0:1], nglob + kpos // bs - fb[:, 2:3])
-        blk = blk.clamp(0, width - 1)
+        # index of each key's block among the row's blocks: the global blocks first, the window's after
+        blk = torch.where(c < g, kpos // bs, gb + kpos // bs - w0).clamp(0, width - 1)
         slots = ph.gather(1, blk) * bs + kpos % bs
         return kpos.masked_fill(~valid, 0), slots.masked_fill(~valid, self.scratch), valid
 
