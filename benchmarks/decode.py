@@ -48,7 +48,7 @@ from autoglm import OpenAutoGLMConfig
 from autoglm.hf import OpenAutoGLMForCausalLM
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
 from baselines import hf_generate
-from results_io import save_results
+from results_io import interleaved, save_results
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -219,12 +219,11 @@ def bench_preset(name, a, device, dtype):
         warm[sysname] = time.perf_counter() - t0
         print(f"[{name}] {SYSTEM_LABELS[sysname]}: warm-up {warm[sysname]:.1f} s", flush=True)
     live = [s for s in systems if s not in errors]
-    for rep in range(a.repeats):  # interleaved, the order reversed every other repeat; the best run counts
-        for sysname in (live if rep % 2 == 0 else live[::-1]):
-            for b in a.batches:
-                rate, out = decode_rate(lambda k: systems[sysname](prompt, b, k), a.new_tokens, b)
-                if rate > rates.get((sysname, b), 0.0):
-                    rates[sysname, b], outputs[sysname, b] = rate, out
+    for _, sysname in interleaved(live, a.repeats):  # the best run counts
+        for b in a.batches:
+            rate, out = decode_rate(lambda k: systems[sysname](prompt, b, k), a.new_tokens, b)
+            if rate > rates.get((sysname, b), 0.0):
+                rates[sysname, b], outputs[sysname, b] = rate, out
     for b in a.batches:
         hf = rates.get(("hf", b))
         ref = outputs.get(("hf", b))
@@ -319,19 +318,17 @@ def speculative(a, device):
         return time.perf_counter() - t0, outs
 
     def compare(prompts, E, k, mp, dv=0, batch=1, repeats=1):
-        plain_t, spec_t, same, stats = [], [], True, None
-        for rep in range(repeats):
-            order = [("plain", None, 0), ("spec", E, k)]
-            for label, e, kk in (order if rep % 2 == 0 else order[::-1]):
-                eng = engine(e, kk, batch, mp if e else 0.0, dv if e else 0)
-                t, outs = timed_run(eng, prompts, batch)
-                if label == "plain":
-                    plain_t.append(t)
-                    ref = outs
-                else:
-                    spec_t.append(t)
-                    got, stats = outs, eng.stats
-            same = same and got == ref
+        plain_t, spec_t, ref, got, stats = [], [], {}, {}, None
+        for rep, (label, e, kk) in interleaved([("plain", None, 0), ("spec", E, k)], repeats):
+            eng = engine(e, kk, batch, mp if e else 0.0, dv if e else 0)
+            t, outs = timed_run(eng, prompts, batch)
+            if label == "plain":
+                plain_t.append(t)
+                ref[rep] = outs
+            else:
+                spec_t.append(t)
+                got[rep], stats = outs, eng.stats
+        same = all(got[rep] == ref[rep] for rep in range(repeats))
         n_tok = len(prompts) * a.new_tokens
         return dict(layer=E, k=k, min_prob=mp, draft_vocab=dv, batch=batch, plain_tok_s=n_tok / min(plain_t), spec_tok_s=n_tok / min(spec_t),
                     speedup=min(plain_t) / min(spec_t), identical_greedy_tokens=same,

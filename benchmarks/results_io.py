@@ -4,7 +4,8 @@ results folder (default `docs/results/`, committed) and print the markdown table
 
 Each JSON file carries `meta`: the command that made it, the commit, the machine (CPU, GPU),
 the torch version and the date, and the Markdown file ends with the same lines, so every
-committed number says how to reproduce it.
+committed number says how to reproduce it. `interleaved` is the run order every side-by-side
+comparison uses.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
@@ -64,6 +66,14 @@ def meta() -> dict[str, Any]:
            *sys.argv[1:]]
     return {"command": shlex.join(cmd), "commit": _commit(), "machine": machine(),
             "date": datetime.date.today().isoformat()}
+
+
+def interleaved(keys: Iterable[Any], repeats: int) -> Iterator[tuple[int, Any]]:
+    """(repeat, key): every key once per repeat, in reverse order every other repeat, so a
+    machine that drifts during the run does not favour the key that always runs first."""
+    keys = list(keys)
+    for rep in range(repeats):
+        yield from ((rep, k) for k in (keys if rep % 2 == 0 else keys[::-1]))
 
 
 def save_results(out_dir: str | Path | None, name: str, res: Any, md: str) -> Path:

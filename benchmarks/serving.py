@@ -101,7 +101,7 @@ from autoglm import OpenAutoGLMConfig
 from autoglm.hf import OpenAutoGLMForCausalLM
 from autoglm.inference import EngineConfig, LLMEngine, SamplingParams
 from baselines import llama_like, mixtral_like
-from results_io import save_results
+from results_io import interleaved, save_results
 
 SYSTEMS = ("engine", "engine-nocache", "http", "hf", "llama", "mixtral", "hf-prefix", "llama-prefix", "mixtral-prefix")
 SAME_AS = {"engine-nocache": "engine", "hf-prefix": "hf", "llama-prefix": "llama", "mixtral-prefix": "mixtral"}
@@ -136,14 +136,6 @@ def left_pad(prompts, pad_id, shared=0):
         ids[i, P - len(p) + shared:] = torch.tensor(p[shared:])
         mask[i, P - len(p) + shared:] = 1
     return ids, mask
-
-
-def interleaved(keys, repeats):
-    """(repeat, key): every key once per repeat, in reverse order every other repeat, so a
-    machine that drifts during the run does not favour the key that always runs first."""
-    keys = list(keys)
-    for rep in range(repeats):
-        yield from ((rep, k) for k in (keys if rep % 2 == 0 else keys[::-1]))
 
 
 def pct_identical(outs, ref) -> float:
@@ -669,27 +661,26 @@ def measure(a, systems, conc, workloads, model, llama, mixtral, tokenizer, cfg, 
     outputs, rep_ratios = {}, {}
     for c in conc:
         prompts = workloads[c]
-        for rep in range(a.repeats):
-            tok_s_of = {}
-            for s in (systems if rep % 2 == 0 else systems[::-1]):  # alternate the order: load drifts cancel
-                if s == "engine":
-                    r, out = run_engine(model, tokenizer, prompts, a.out_tokens, cfg)
-                elif s == "engine-nocache":
-                    r, out = run_engine(model, tokenizer, prompts, a.out_tokens, replace(cfg, prefix_caching=False))
-                elif s == "http":
-                    r, out = run_http(url, prompts, a.out_tokens)
-                else:
-                    base, shared = s.removesuffix("-prefix"), a.shared_prefix if s.endswith("-prefix") else 0
-                    m, pad = {"hf": (model, model.config.pad_token_id), "llama": (llama, 0), "mixtral": (mixtral, 0)}[base]
-                    r, out = run_hf(m, prompts, a.out_tokens, pad, shared)
-                tok_s = tok_s_of[s] = r["tokens"] / r["wall"]
-                print(f"c={c} rep {rep} {s}: {tok_s:.1f} tok/s", flush=True)
-                if (s, c) not in best or tok_s > best[(s, c)]["tokens"] / best[(s, c)]["wall"]:
-                    best[(s, c)] = r
-                if out is not None:
-                    outputs[(s, c)] = out
-            if "engine" in tok_s_of and "http" in tok_s_of:
-                rep_ratios.setdefault(c, []).append(tok_s_of["http"] / tok_s_of["engine"])
+        tok_s_of = {}
+        for rep, s in interleaved(systems, a.repeats):  # alternate the order: load drifts cancel
+            if s == "engine":
+                r, out = run_engine(model, tokenizer, prompts, a.out_tokens, cfg)
+            elif s == "engine-nocache":
+                r, out = run_engine(model, tokenizer, prompts, a.out_tokens, replace(cfg, prefix_caching=False))
+            elif s == "http":
+                r, out = run_http(url, prompts, a.out_tokens)
+            else:
+                base, shared = s.removesuffix("-prefix"), a.shared_prefix if s.endswith("-prefix") else 0
+                m, pad = {"hf": (model, model.config.pad_token_id), "llama": (llama, 0), "mixtral": (mixtral, 0)}[base]
+                r, out = run_hf(m, prompts, a.out_tokens, pad, shared)
+            tok_s = tok_s_of[rep, s] = r["tokens"] / r["wall"]
+            print(f"c={c} rep {rep} {s}: {tok_s:.1f} tok/s", flush=True)
+            if (s, c) not in best or tok_s > best[(s, c)]["tokens"] / best[(s, c)]["wall"]:
+                best[(s, c)] = r
+            if out is not None:
+                outputs[(s, c)] = out
+        if "engine" in systems and "http" in systems:
+            rep_ratios[c] = [tok_s_of[rep, "http"] / tok_s_of[rep, "engine"] for rep in range(a.repeats)]
     names = {"engine": "engine (LLMEngine.generate)", "engine-nocache": "engine, prefix caching off",
              "hf-prefix": "HF generate + prompt reuse, same model",
              "llama-prefix": "HF generate + prompt reuse, transformers Llama",

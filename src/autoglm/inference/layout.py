@@ -165,8 +165,8 @@ class LayoutBuilder:
             phys.append(blocks)
         width = max(1, max(len(b) for b in phys))
         ph = torch.tensor([b + [0] * (width - len(b)) for b in phys], dtype=torch.long, device=dev)  # (R, nb)
-        sp = torch.tensor([a + b for a, b in zip(spans, bounds)], dtype=torch.long, device=dev)  # (R, 6)
-        g, lo, nw, gb, w0 = (sp[:, i:i + 1] for i in range(5))
+        sp = torch.tensor([s + b[:2] for s, b in zip(spans, bounds)], dtype=torch.long, device=dev)  # (R, 5)
+        g, lo, nw, gb, w0 = sp.split(1, dim=1)
         count = g + nw
         tk = keys if keys is not None else max(1, int(count.max()))
         c = torch.arange(tk, device=dev)[None]

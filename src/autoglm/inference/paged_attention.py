@@ -131,7 +131,8 @@ class PagedAttention:
             vd = self._gather(vc, flat, "v", q.dtype).view(-1, Bd, Tk, vc.shape[-1])
             qd = q[0] if only_decode else q[0, :, L.decode_q]  # (H, Bd, D)
             if Bd >= MATMUL_DECODE_ROWS and table is None and q.device.type == "cpu" and q.dtype == torch.float32:
-                od = self._decode_matmul(qd, kd, vd, self._mask(None, window, num_global, q.dtype)[3])
+                *_, additive = self._mask(None, window, num_global, q.dtype)
+                od = self._decode_matmul(qd, kd, vd, additive)
             else:
                 o = self._attend(None, qd.transpose(0, 1)[:, :, None], kd.transpose(0, 1), vd.transpose(0, 1),
                                  window, num_global, table)  # (Bd, H, 1, D)
