@@ -122,3 +122,28 @@ def test_greedy_ids_is_argmax_with_first_index_on_ties():
     got = greedy_ids(x)
     assert torch.equal(got, x.argmax(-1))
     assert got[1].item() == 7 and got[3].item() == 0
+
+
+def test_values_that_float32_sampling_cannot_take_are_refused_or_greedy():
+    """A temperature below 1e-5 samples as greedy, its limit (a float32 division by 1e-300 gives
+    inf and NaN probabilities); non-finite floats, a repetition penalty that underflows and a
+    seed the generator cannot take are refused when the request is made, not inside a step."""
+    import math
+
+    import pytest
+
+    torch.manual_seed(0)
+    logits = torch.randn(64) * 5
+    for t in (1e-300, 1e-39, 1e-6):
+        p = SamplingParams(temperature=t, seed=5)
+        assert p.greedy and sample_token(logits, p, [], torch.Generator().manual_seed(5)) == int(logits.argmax())
+    assert not SamplingParams(temperature=1e-4).greedy
+    for bad, field in [(dict(temperature=math.inf), "temperature"), (dict(top_p=math.nan), "top_p"),
+                       (dict(repetition_penalty=1e-50), "repetition_penalty"),
+                       (dict(repetition_penalty=math.inf), "repetition_penalty"),
+                       (dict(frequency_penalty=-math.inf), "frequency_penalty"),
+                       (dict(seed=2**64), "seed"), (dict(seed=-2**63 - 1), "seed"), (dict(seed=True), "seed")]:
+        with pytest.raises(ValueError, match=f"^{field}"):
+            SamplingParams(**bad)
+    for seed in (-2**63, 2**64 - 1):  # the ends torch.Generator takes
+        torch.Generator().manual_seed(SamplingParams(seed=seed).seed)

@@ -92,8 +92,8 @@ def test_errors_are_openai_style_and_server_survives(client, server):
     r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "bogus": 1}, headers=h)
     assert r.status_code == 400 and "bogus" in r.json()["error"]["message"]
     r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "x", "n": 9, "max_tokens": 2},
-                   headers=h)
-    assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+                   headers=h)  # more sequences than the server ever runs at once: a 429 would never clear
+    assert r.status_code == 400 and (r.json()["error"]["param"], r.json()["error"]["code"]) == ("n", "request_too_large")
     assert httpx.get(url + "/health").json() == {"status": "ok"}
     assert client.completions.create(model="tiny", prompt="x", max_tokens=3, temperature=0).choices[0].text is not None
     assert [m.id for m in client.models.list()] == ["tiny"]
@@ -249,6 +249,66 @@ def test_stop_string_spanning_tokens_over_http(client, server):
     assert engine.pool.num_used == 0
 
 
+def test_overload_is_shed_with_429_and_the_server_lives_on(server, monkeypatch):
+    import threading
+
+    url, engine = server
+    h = {"Authorization": f"Bearer {KEY}"}
+    gate, step, calls = threading.Event(), engine.core.step, []
+
+    def gated_step():  # the engine thread waits after its first step until the 429 was seen
+        if calls:
+            gate.wait(30)
+        calls.append(1)
+        return step()
+    monkeypatch.setattr(engine.core, "step", gated_step)
+    body = {"model": "tiny", "prompt": "x", "n": 6, "max_tokens": 20, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", headers=h, json=body, timeout=30) as long:
+        lines = long.iter_lines()
+        next(lines)  # 6 of the 8 sequences are in flight
+        r = httpx.post(url + "/v1/completions", headers=h, json={"model": "tiny", "prompt": "x", "n": 3})
+        gate.set()
+        assert r.status_code == 429 and r.json()["error"]["type"] == "rate_limit_error"
+        assert "6 of at most 8" in r.json()["error"]["message"]
+        finals = [c for ln in lines if ln.startswith("data: {") for c in json.loads(ln[6:])["choices"]
+                  if c["finish_reason"]]
+    assert sorted((c["index"], c["finish_reason"]) for c in finals) == [(i, "length") for i in range(6)]
+    _wait_idle(engine)
+    r = httpx.post(url + "/v1/completions", headers=h, json={"model": "tiny", "prompt": "x", "n": 3, "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+
+
+def test_sampling_values_that_would_break_a_step_are_refused_or_safe(client, server):
+    """Values that pass a type check but break float32 sampling or the seeded generator inside
+    the engine step (which would fail every request in it) get a 400 naming the field, or, for a
+    temperature below 1e-5, greedy decoding (its limit)."""
+    url, h = server[0], {"Authorization": f"Bearer {KEY}"}
+    base = {"model": "tiny", "prompt": "The ", "max_tokens": 4}
+    for extra, param in [({"seed": 2**64}, "seed"), ({"seed": -2**63 - 1}, "seed"),
+                         ({"repetition_penalty": 1e-50}, "repetition_penalty"),
+                         ({"repetition_penalty": 1e6}, "repetition_penalty"),
+                         ({"prompt": [True, False]}, "prompt"), ({"prompt": ["1", 2]}, "prompt"),
+                         ({"stream_options": {"include_usage": True}}, "stream_options")]:
+        r = httpx.post(url + "/v1/completions", headers=h, json={**base, **extra})
+        assert r.status_code == 400, (extra, r.text)
+        assert r.json()["error"]["param"] == param or param in r.json()["error"]["message"], (extra, r.text)
+    r = httpx.post(url + "/v1/completions", headers={**h, "Content-Type": "application/json"},
+                   content=b'{"model": "tiny", "prompt": "The ", "temperature": 1e400}')
+    assert r.status_code == 400 and "temperature" in r.text
+    greedy = client.completions.create(**base, temperature=0).choices[0].text
+    for t in (1e-300, 1e-39, 1e-6):
+        out = client.completions.create(**base, temperature=t, seed=2**63 - 1, n=2)  # seed + 1 still fits
+        assert [c.text for c in out.choices] == [greedy, greedy]
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+
+
+def test_usage_counts_each_prompt_once_whatever_n(client, server):
+    out = client.completions.create(model="tiny", prompt="Return the value", max_tokens=3, n=3, best_of=4, seed=1)
+    single = client.completions.create(model="tiny", prompt="Return the value", max_tokens=3, seed=1)
+    assert out.usage.prompt_tokens == single.usage.prompt_tokens == len(server[1].tokenizer("Return the value").input_ids)
+    assert out.usage.completion_tokens == sum(c for c in [3] * 4)  # every candidate generated counts
+
+
 def test_request_errors_name_the_field(server):
     url, h = server[0], {"Authorization": f"Bearer {KEY}"}
     r = httpx.post(url + "/v1/chat/completions", headers=h,
@@ -307,3 +367,5 @@ def test_chat_template_puts_an_answer_where_it_was_generated(tiny_tokenizer):
     p2 = tiny_tokenizer(chat_prompt(turn1 + [M("assistant", text), M("user", "And cancel it?")])).input_ids
     assert p2[:len(p1) + len(answer)] == p1 + answer
     assert chat_prompt([M("user", "hi")]) == "user: hi\nassistant:"
+    named = type("M", (), {"role": "user", "content": "hi", "name": "alice"})()
+    assert chat_prompt([named]) == "user (alice): hi\nassistant:"

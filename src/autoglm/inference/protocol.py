@@ -23,7 +23,7 @@ import uuid
 import weakref
 from typing import Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from .request import MAX_LOGPROBS, RequestOutput, SamplingParams
 
@@ -54,7 +54,7 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)  # int64; candidate i of n draws with seed + i
     user: str | None = None
     ignore_eos: bool = False  # extension
     # extension: self-speculative decoding, tokens drafted per step from the exit layer (0 = off; none = the
@@ -74,7 +74,7 @@ UNSUPPORTED = {"tools": (None, []), "tool_choice": (None, "none"), "suffix": (No
 
 class CompletionRequest(_Common):
     # a text, a batch of texts, token ids, or a batch of token-id lists (one choice set per prompt)
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: Union[str, list[str], list[StrictInt], list[list[StrictInt]]]  # strict: true or "1" is no token id
     echo: bool = False  # the prompt comes back before the completion (with its logprobs when asked)
     best_of: int | None = Field(default=None, ge=1, le=16)  # candidates per prompt; the n likeliest are returned
     suffix: str | None = None
@@ -169,12 +169,17 @@ class APIError(Exception):
 
 # ------------------------------------------------------------------ requests in
 def chat_prompt(messages) -> str:
-    """A plain chat template: one "role: content" line per message, then "assistant:". An
-    assistant message goes verbatim right after "assistant:", where the model wrote it (the
-    API returns the answer as generated, e.g. with its leading space), so a conversation's next
-    turn repeats the tokens of the one before and reuses their cached K/V blocks."""
-    return "".join(f"{m.role}:{'' if m.role == 'assistant' else ' '}{getattr(m, 'text', m.content)}\n"
-                   for m in messages) + "assistant:"
+    """A plain chat template: one "role: content" line per message, then "assistant:"; a
+    message's `name` (which participant of that role speaks) goes in brackets after the role,
+    "user (alice): ...". An assistant message goes verbatim right after "assistant:", where the
+    model wrote it (the API returns the answer as generated, e.g. with its leading space), so a
+    conversation's next turn repeats the tokens of the one before and reuses their cached K/V
+    blocks."""
+    def line(m) -> str:
+        name = getattr(m, "name", None)
+        role = f"{m.role} ({name})" if name else m.role
+        return f"{role}:{'' if m.role == 'assistant' else ' '}{getattr(m, 'text', m.content)}\n"
+    return "".join(line(m) for m in messages) + "assistant:"
 
 
 def encode_prompt(tokenizer, prompt) -> list[int]:
@@ -249,6 +254,9 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest) -> list[Samp
     if best_of < req.n:
         raise APIError(400, f"'best_of' ({best_of}) must be >= n ({req.n}): it is how many candidates the n "
                             f"choices are picked from", "best_of")
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "'stream_options' applies to streamed responses only; send stream: true or drop it",
+                       "stream_options")
     if req.stream and echo:
         raise APIError(400, "'echo' cannot be streamed (the prompt's logprobs come with the whole response); "
                             "send stream: false", "echo")
@@ -405,7 +413,7 @@ class ResponseBuilder:
 
     def usage(self) -> dict:
         c = sum(o.num_output_tokens for o in self.finals if o is not None)
-        p = sum(len(ids) for ids in self.prompts) * self.best_of
+        p = sum(len(ids) for ids in self.prompts)  # each prompt once, whatever n / best_of (OpenAI, vLLM)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
     def _choice(self, i: int, text: str, lp: dict | None, final: RequestOutput | None, whole: bool) -> dict:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,13 +21,18 @@ __all__ = ["SamplingParams", "Request", "RequestStatus", "RequestOutput", "Finis
 
 _ids = itertools.count()
 MAX_LOGPROBS = 20
+# temperatures below this sample as greedy (their limit): a float32 division by them overflows
+# (vLLM's _SAMPLING_EPS)
+GREEDY_BELOW = 1e-5
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.Generator.manual_seed takes
 
 
 @dataclass
 class SamplingParams:
     """How to pick each next token and when to stop.
 
-    temperature 0 means greedy (argmax); top_k 0, top_p 1.0 and min_p 0 disable those
+    temperature 0 means greedy (argmax), and so does any temperature below 1e-5 (its limit;
+    vLLM does the same); top_k 0, top_p 1.0 and min_p 0 disable those
     filters. The logits are adjusted first, in this order (OpenAI's and vLLM's semantics):
     `logit_bias` (token id -> value added), repetition_penalty > 1 (CTRL rule on tokens of
     the prompt or output: positive logits divided, negative multiplied), then
@@ -65,6 +71,12 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        floats = {"temperature": self.temperature, "top_p": self.top_p, "min_p": self.min_p,
+                  "repetition_penalty": self.repetition_penalty, "presence_penalty": self.presence_penalty,
+                  "frequency_penalty": self.frequency_penalty}
+        for name, v in floats.items():
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
         checks = [
             (self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 0),
              f"max_tokens must be an integer >= 0, got {self.max_tokens!r}"),
@@ -73,7 +85,8 @@ class SamplingParams:
             (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
             (isinstance(self.top_k, int) and self.top_k >= 0, f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}"),
             (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
-            (self.repetition_penalty > 0, f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}"),
+            (0.01 <= self.repetition_penalty <= 100.0,
+             f"repetition_penalty must be in [0.01, 100] (1 = off, above 1 penalises), got {self.repetition_penalty}"),
             (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
             (-2.0 <= self.frequency_penalty <= 2.0,
              f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
@@ -81,6 +94,9 @@ class SamplingParams:
             (all(isinstance(k, int) and -100.0 <= v <= 100.0 for k, v in self.logit_bias.items()),
              "logit_bias maps token ids (integers) to values in [-100, 100]"),
             (all(isinstance(s, str) and s for s in self.stop), "stop strings must be non-empty strings"),
+            (self.seed is None or (isinstance(self.seed, int) and not isinstance(self.seed, bool)
+                                   and SEED_RANGE[0] <= self.seed <= SEED_RANGE[1]),
+             f"seed must be an integer in [-2**63, 2**64 - 1], got {self.seed!r}"),
             (self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
              f"logprobs must be an integer in [0, {MAX_LOGPROBS}] (top alternatives per token), got {self.logprobs!r}"),
             (self.prompt_logprobs is None or (isinstance(self.prompt_logprobs, int)
@@ -97,7 +113,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def adjusts_logits(self) -> bool:

@@ -6,7 +6,7 @@ Each row follows its own `SamplingParams`, all rows in the same tensor operation
    (CTRL rule: a logit of a token already in the prompt or output is divided by the
    penalty when positive, multiplied when negative); then, for tokens already
    *generated*, `frequency_penalty * count + presence_penalty * (count > 0)` subtracted;
-2. greedy rows (temperature 0) take the argmax of the adjusted logits;
+2. greedy rows (temperature 0, or below 1e-5) take the argmax of the adjusted logits;
 3. the others: temperature, min-p (drop tokens whose probability is under min_p times the
    top one), top-k, top-p, then a multinomial draw with the request's own generator (so a
    seeded request draws the same token whatever else is in the batch).

@@ -229,8 +229,10 @@ class Scheduler:
 
     def _check_stop(self, req: Request, tok: int) -> tuple[FinishReason | None, int | None]:
         p = req.params
-        if (not p.ignore_eos and tok == self.eos_token_id) or tok in p.stop_token_ids:
+        if tok in p.stop_token_ids:  # stop_reason names the stop token asked for
             return FinishReason.STOP, tok
+        if not p.ignore_eos and tok == self.eos_token_id:  # EOS: stop_reason None (OpenAI's / vLLM's shape)
+            return FinishReason.STOP, None
         if len(req.output_ids) >= p.max_tokens or (self.max_model_len and req.num_tokens >= self.max_model_len):
             return FinishReason.LENGTH, None
         return None, None

@@ -13,8 +13,11 @@ Every bad request gets a 4xx with an OpenAI-style body `{"error": {"message", "t
 too deep to parse (400), schema errors and unsupported fields (400), unknown model (404),
 bad or missing API key (401), a request the engine refuses, e.g. prompt + max_tokens
 beyond the context or a logit_bias token outside the vocabulary (400, with the engine's
-`param` and `code`), a batch of more than `max_prompts` prompts (400), more than
-`max_concurrent` requests in flight (429). A client that disconnects cancels its
+`param` and `code`), a batch of more than `max_prompts` prompts (400), sampling values
+float32 sampling cannot take (non-finite, a repetition penalty outside [0.01, 100], a seed
+outside int64: 400, so no engine step fails on them), one request of more sequences
+(prompts x n) than `max_concurrent` (400: waiting would not help), more than
+`max_concurrent` sequences in flight (429). A client that disconnects cancels its
 request, so its KV blocks go back to the pool.
 
 Graceful shutdown (`serve_app`, what `autoglm serve` runs): on SIGTERM the server drains:
@@ -134,9 +137,15 @@ class _Server:
             self.metrics.requests.labels("rejected").inc()
             raise APIError(503, "the server is shutting down; send the request to another replica",
                            code="server_shutting_down", kind="service_unavailable_error")
+        if n > self.max_concurrent:  # a 429 would never clear: retrying cannot help
+            self.metrics.requests.labels("rejected").inc()
+            raise APIError(400, f"this request needs {n} sequences ({len(prompts)} prompt(s) x {len(params)} "
+                                f"candidates: n or best_of) but the server runs at most {self.max_concurrent} at "
+                                f"once; send fewer prompts or a smaller n", "n", "request_too_large")
         if self.in_flight + n > self.max_concurrent:
             self.metrics.requests.labels("rejected").inc()
-            raise APIError(429, f"too many concurrent requests ({self.max_concurrent} in flight); retry later",
+            raise APIError(429, f"too many concurrent requests ({self.in_flight} of at most {self.max_concurrent} "
+                                f"in flight); retry later",
                            code="rate_limit_exceeded", kind="rate_limit_error")
         self.in_flight += n  # reserved before any await, so concurrent handlers see it
         try:
