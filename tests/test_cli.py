@@ -84,6 +84,68 @@ def test_resume_continues_from_latest(trained):
     assert "14 steps" in output
 
 
+def test_resume_reads_the_runs_own_settings_and_refuses_other_data(trained, tmp_path):
+    """`--resume` with only --out and a longer --steps continues with OUT/config.yaml (the preset,
+    corpus, vocabulary and schedule the run started with), and a resume on another corpus is
+    refused: the token ids and data position would not be the run's."""
+    import shutil
+
+    root, data, out, _ = trained
+    run_dir = tmp_path / "copy"
+    shutil.copytree(out, run_dir)
+    saved = (run_dir / "config.yaml").read_text()
+    steps = int(next(ln.split(":")[1] for ln in saved.splitlines() if ln.strip().startswith("max_steps:")))
+    code, output = run("train", "--out", run_dir, "--resume", "--steps", steps + 2)
+    assert code == 0, output
+    assert "resuming with the settings in" in output and f"{steps + 2} steps" in output
+    assert "different train config" not in output  # the derived warmup is the run's, not recomputed
+    other = tmp_path / "other.txt"
+    other.write_text(TEXT.upper())
+    code, output = run("train", "--out", run_dir, "--resume", "--steps", steps + 4, "--data", other)
+    assert code == 2 and "data.path" in output and str(other) in output and "--init-from" in output
+    now = (run_dir / "config.yaml").read_text().replace(f"max_steps: {steps + 2}", f"max_steps: {steps}")
+    assert now.replace(f"out: {run_dir}", f"out: {out}") == saved  # only the length changed
+
+
+def test_a_saved_run_is_not_overwritten_unless_asked(trained, tmp_path):
+    root, data, out, _ = trained
+    dest = tmp_path / "saved"
+    args = ("train", "--preset", "tiny", "--data", data, "--steps", "2", "--batch-size", "4", "--seq-len", "32",
+            "--vocab-size", "300", "--cache-dir", root / "cache", "--save-every", "0", "--eval-every", "0",
+            "--sample-prompt", "", "--out", dest)
+    assert run(*args)[0] == 0
+    before = {f.name: f.read_bytes() for f in dest.iterdir() if f.is_file()}
+    (dest / "notes.txt").write_text("mine")
+    code, output = run(*args)
+    assert code == 2 and "already holds a saved model directory" in output and "--overwrite" in output
+    assert {f.name: f.read_bytes() for f in dest.iterdir() if f.is_file() and f.name != "notes.txt"} == before
+    code, output = run(*args, "--overwrite", "--steps", "3")
+    assert code == 0, output
+    assert json.loads((dest / "run.json").read_text())["result"]["steps"] == 3
+    assert not (dest / "notes.txt").exists()  # the old run's directory was replaced, not mixed into
+
+
+def test_tokenizer_and_config_are_written_before_the_first_step(trained, tmp_path):
+    """A run killed before its final save still resumes with its own tokenizer and settings."""
+    from autoglm.recipes.pretrain import PretrainConfig, pretrain
+    from autoglm.settings import load_config
+
+    root, data, _, _ = trained
+    dest = tmp_path / "early"
+    seen = {}
+
+    class Peek:
+        def on_step(self, trainer, metrics):
+            seen.setdefault("files", sorted(f.name for f in dest.iterdir()))
+
+    cfg = load_config(PretrainConfig, overrides={"model.preset": "tiny", "model.vocab_size": 300, "data.path": data,
+                                                 "data.cache_dir": root / "cache", "out": dest, "train.max_steps": 1,
+                                                 "train.batch_size": 4, "train.seq_len": 32, "train.eval_every": 0,
+                                                 "train.save_every": 0, "sample_prompt": ""})
+    pretrain(cfg, progress=False, callbacks=[Peek()])
+    assert {"tokenizer.json", "config.yaml"} <= set(seen["files"]) and "model.safetensors" not in seen["files"]
+
+
 def test_bad_inputs_give_clear_errors(tmp_path, trained):
     root, data, out, _ = trained
     empty = tmp_path / "empty.txt"
@@ -107,6 +169,9 @@ def test_bad_inputs_give_clear_errors(tmp_path, trained):
 
     code, output = run("train", "--preset", "tiny", "--data", data, "--out", tmp_path / "r4", "--seq-len", "4096")
     assert code == 2 and "max_position_embeddings" in output
+
+    code, output = run("train", "--steps", "-5", "--out", tmp_path / "r5")
+    assert code == 2 and "max_steps (--steps)" in output
 
 
 def test_train_with_early_exit_from_a_config_file(trained, tmp_path):

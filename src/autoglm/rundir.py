@@ -38,7 +38,7 @@ from typing import Any
 
 from .atomic import atomic_files
 
-__all__ = ["RunDir", "KINDS"]
+__all__ = ["RunDir", "KINDS", "claim_out_dir"]
 
 # kind -> (files it must hold, what it is called, how to make one)
 KINDS: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -146,3 +146,21 @@ class RunDir:
                 (tmp / "config.yaml").write_text(config_yaml)
         kind = cls.detect(out)
         return cls(out, kind or "model")
+
+
+def claim_out_dir(out: str | Path, resume: bool = False, overwrite: bool = False) -> None:
+    """Make sure a fresh run may write into `out`. A directory that already holds a saved run
+    (any kind in `KINDS`) is refused unless the run is being resumed (`resume`) or replaced
+    (`overwrite`: the old run's directory is deleted first, so no file of it stays beside the
+    new one's). A directory holding checkpoints but no saved model (a run stopped before its
+    end) is left to the trainer, which resumes it or refuses to start over it."""
+    out = Path(out)
+    kind = RunDir.detect(out)
+    if kind is None or resume:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a {KINDS[kind][1]}; pass --resume to continue it (if it saved "
+                              f"checkpoints), --overwrite to replace it, or choose another --out")
+    import shutil
+
+    shutil.rmtree(out)

@@ -132,6 +132,10 @@ def test_finetune_lora_saves_adapter_only_and_merge_matches(tmp_path):
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
     assert (tmp_path / "ad" / "adapter_model.safetensors").stat().st_size < 0.2 * (base / "model.safetensors").stat().st_size
     merged = merge_lora(tmp_path / "ad", tmp_path / "merged")
+    with pytest.raises(FileExistsError, match="--overwrite"):  # a saved model is not replaced unasked
+        merge_lora(tmp_path / "ad", tmp_path / "merged")
+    with pytest.raises(ValueError, match="input directory"):
+        merge_lora(tmp_path / "ad", tmp_path / "ad")
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()  # no PEFT needed
     peft_model = load_lora(tmp_path / "ad").eval()
     x = torch.randint(0, plain.config.vocab_size, (2, 16))

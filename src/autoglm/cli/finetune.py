@@ -70,13 +70,14 @@ def merge(
     adapter: Path = typer.Argument(..., help="LoRA adapter directory (from `autoglm finetune --lora`)."),
     out: Path = typer.Option(..., help="Where to write the merged, plain model."),
     base: Optional[Path] = typer.Option(None, help="Base model directory (default: the one the adapter records)."),
+    overwrite: bool = typer.Option(False, help="Replace a model already saved in OUT (deleted first)."),
 ) -> None:
     """Fold a LoRA adapter into its base model and save a plain model (loads without PEFT)."""
     from ..training.lora import merge_lora
 
     setup_logging()
     try:
-        merge_lora(adapter, out, base)
+        merge_lora(adapter, out, base, overwrite=overwrite)
     except user_errors() as e:
         fail(e)
     console.print(f"merged model saved to {out}")

@@ -24,7 +24,7 @@ from typing import Any, Literal, Optional
 import typer
 
 from ..settings import ConfigError, Leaf, leaves, load_config, to_yaml
-from .common import console, fail, setup_logging, user_errors
+from .common import console, err, fail, setup_logging, user_errors
 
 __all__ = ["add_recipe_command", "option_names"]
 
@@ -136,8 +136,11 @@ def add_recipe_command(app: typer.Typer, name: str, cls: type, run: Callable[[An
 
     def command(**values: Any) -> None:
         config_file, print_config, verbose = values.pop("config"), values.pop("print_config"), values.pop("verbose")
+        overrides = _overrides(cls, values)
+        if config_file is None:
+            config_file = _resumed_config(cls, overrides)
         try:
-            cfg = load_config(cls, config_file, _overrides(cls, values))
+            cfg = load_config(cls, config_file, overrides)
         except ConfigError as e:
             fail(_with_flags(e, spelled))
         if print_config:
@@ -156,10 +159,26 @@ def add_recipe_command(app: typer.Typer, name: str, cls: type, run: Callable[[An
     app.command(name)(command)
 
 
+def _resumed_config(cls: type, overrides: dict[str, Any]) -> Path | None:
+    """`--resume` without `--config`: the run's own OUT/config.yaml, so the run continues with
+    the settings it started with (the options given still override them)."""
+    fields = {lf.path: lf for lf in leaves(cls)}
+    if not {"resume", "out"} <= set(fields) or str(overrides.get("resume", "")).lower() not in ("true", "1", "yes"):
+        return None
+    saved = Path(overrides.get("out") or fields["out"].default) / "config.yaml"
+    if not saved.is_file():
+        return None
+    err.print(f"resuming with the settings in {saved} (options given here override them)", markup=False)
+    return saved
+
+
 def _with_flags(e: ConfigError, spelled: dict[str, str]) -> str:
     """Add the command-line spelling to a message that names a field by its dotted path."""
     msg = str(e)
     for path, flag in sorted(spelled.items(), key=lambda kv: -len(kv[0])):
         if msg.startswith(path + ":") or f": {path}:" in msg:
             return msg.replace(f"{path}:", f"{path} ({flag}):", 1)
+        section, _, field = path.rpartition(".")  # a section's own check: "train: max_steps must ..."
+        if section and msg.startswith(f"{section}: {field} "):
+            return msg.replace(f"{section}: {field} ", f"{section}: {field} ({flag}) ", 1)
     return msg

@@ -58,6 +58,8 @@ class FinetuneConfig:
     val_fraction: float = setting(0.1, "share of the records (or tokens) held out for validation")
     cache_dir: Path = setting(DEFAULT_CACHE, "where tokenized text corpora are cached")
     resume: bool = setting(False, "continue from OUT/checkpoints/latest (same options as the run)")
+    overwrite: bool = setting(False, "replace the run already saved in OUT (it is deleted first); without it such "
+                                     "an OUT is refused")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
 
     def __post_init__(self) -> None:
@@ -86,13 +88,16 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, console: Any = None, ev
     import torch
 
     from ..data import iter_eval_batches, prepare_corpus, sample_batch
-    from ..rundir import RunDir
+    from ..rundir import RunDir, claim_out_dir
     from ..settings import to_yaml
     from ..training import SingleDevice, Trainer, evaluate
     from ..training.lora import apply_lora, lora_config, save_lora, trainable_parameters
     from ..training.sft_data import SFTDataset, encode_sft, read_sft_jsonl
 
     base, out, t = RunDir.open(cfg.base, role="base model"), Path(cfg.out), cfg.train
+    if out.resolve() == base.path.resolve():
+        raise ValueError(f"--out {out} is the base model's own directory; write the fine-tuned run elsewhere")
+    claim_out_dir(out, cfg.resume, cfg.overwrite)
     tok = base.load_tokenizer()
     if is_jsonl(cfg.data):
         records = read_sft_jsonl(cfg.data)

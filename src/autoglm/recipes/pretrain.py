@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -60,7 +60,10 @@ class PretrainConfig:
     dist: DistributedSpec = section(DistributedSpec, "processes and strategy (torchrun): ddp, fsdp, zero1, ...")
     init_from: Path | None = setting(None, "start from this run's weights and tokenizer instead of a fresh model "
                                            "(continued pre-training, e.g. a second phase with other settings)")
-    resume: bool = setting(False, "continue from OUT/checkpoints/latest (same config; a longer --steps is fine)")
+    resume: bool = setting(False, "continue from OUT/checkpoints/latest with OUT/config.yaml's settings (options "
+                                  "given override them; a longer --steps is fine)")
+    overwrite: bool = setting(False, "replace the run already saved in OUT (it is deleted first); without it such "
+                                     "an OUT is refused")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
     sample_prompt: str = setting("The", "prompt of the sample generated at the end; '' = no sample")
 
@@ -84,15 +87,24 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
     from ..data import iter_eval_batches, prepare_corpus
     from ..distributed import make_strategy
     from ..distributed.data import rank_batch
-    from ..rundir import RunDir
+    from ..atomic import atomic_files
+    from ..rundir import RunDir, claim_out_dir
     from ..settings import to_yaml
     from ..training import EarlyExitObjective, Trainer
     from .common import build_model
+
+    from ..distributed.runtime import torchrun_rank
 
     out = Path(cfg.out)
     if cfg.resume and not (out / "checkpoints").is_dir():
         raise FileNotFoundError(f"resume requested but {out / 'checkpoints'} does not exist; drop --resume to "
                                 f"start a new run, or point --out at an earlier run")
+    if cfg.resume:
+        _check_resumed_data(cfg, out)
+    if torchrun_rank() == 0:  # one process deletes a run being replaced
+        claim_out_dir(out, cfg.resume, cfg.overwrite)
+    elif RunDir.detect(out) is not None and not cfg.resume and not cfg.overwrite:
+        claim_out_dir(out)  # raises, as on the main rank
     init = RunDir.open(cfg.init_from, role="init_from run") if cfg.init_from is not None else None
     init_model = init.load_model() if init is not None else None
     model_cfg = init_model.config if init_model is not None else cfg.model.config()
@@ -123,6 +135,12 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
         data = data or prepare()
     else:
         data = prepare()
+    if strategy.is_main and not cfg.resume:
+        # the tokenizer and config a resume needs, written before step 1: a run stopped before its
+        # final save resumes with the token ids and settings it started with
+        with atomic_files(out) as tmp:
+            data.tokenizer.save_pretrained(tmp)
+            (tmp / "config.yaml").write_text(to_yaml(cfg))
     torch.manual_seed(t.seed)
     model = init_model.train() if init_model is not None else build_model(cfg.model, len(data.tokenizer))
     objective = EarlyExitObjective(ee.weight, ee.layers, ee.target) if ee.enabled else None
@@ -144,5 +162,31 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
         layers = ee.layers if ee.layers is not None else range(1, model.config.num_hidden_layers)
         extra["early_exit"] = {"layers": list(layers), "weight": ee.weight, "target": ee.target}
     info = run_info("pretrain", cfg, result, **extra)
-    run = RunDir.save(out, model, data.tokenizer, info, config_yaml=to_yaml(cfg))
+    # config.yaml is the recipe of the whole run (what --config re-runs), resumed or not
+    run = RunDir.save(out, model, data.tokenizer, info, config_yaml=to_yaml(replace(cfg, resume=False)))
     return PretrainOutput(model, data.tokenizer, result, run, data.source)
+
+
+def _check_resumed_data(cfg: PretrainConfig, out: Path) -> None:
+    """A resumed run must read the corpus it started on: the same token ids at the same data
+    position. OUT/config.yaml (written before the first step) says which one that was."""
+    from ..settings import load_config
+
+    saved_file = out / "config.yaml"
+    if not saved_file.is_file():
+        return  # a run from before config.yaml was written at the start: nothing to compare
+    saved = load_config(PretrainConfig, saved_file).data
+    now = cfg.data
+    def norm(v):  # paths compared as the files they name
+        if isinstance(v, Path):
+            return v.resolve()
+        return tuple(norm(x) for x in v) if isinstance(v, tuple) else v
+
+    for field in ("path", "extra_train", "val_fraction"):
+        a, b = getattr(saved, field), getattr(now, field)
+        if norm(a) != norm(b):
+            show = lambda v: "the built-in corpus" if v is None else str(v) if isinstance(v, Path) else (  # noqa: E731
+                "[" + ", ".join(map(str, v)) + "]" if isinstance(v, tuple) else repr(v))
+            raise ValueError(f"resume: the run in {out} trained with data.{field} = {show(a)} but this command gives "
+                             f"{show(b)}; resume on the same data (drop the option: --resume reads {saved_file}), or "
+                             f"start a new run (another --out, or --init-from {out} for a second phase on new data)")

@@ -125,12 +125,20 @@ def load_lora(adapter_dir: str | Path, base_dir: str | Path | None = None,
     return PeftModel.from_pretrained(model, adapter.path).eval()
 
 
-def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None) -> nn.Module:
+def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_dir: str | Path | None = None,
+               overwrite: bool = False) -> nn.Module:
     """Fold the LoRA weights into the base model and save a plain model (no PEFT needed to
-    load it) with the adapter's tokenizer in `out_dir`. Returns the merged model."""
-    from ..rundir import RunDir
+    load it) with the adapter's tokenizer in `out_dir` (a saved run there is refused unless
+    `overwrite`). Returns the merged model."""
+    from ..rundir import RunDir, claim_out_dir
 
+    for src in (adapter_dir, base_dir):
+        if src is not None and Path(out_dir).resolve() == Path(src).resolve():
+            raise ValueError(f"--out {out_dir} is an input directory; write the merged model elsewhere")
+    if not overwrite:
+        claim_out_dir(out_dir)  # refused before the work
     model = load_lora(adapter_dir, base_dir).merge_and_unload()
+    claim_out_dir(out_dir, overwrite=overwrite)  # a run being replaced goes only once the merge is done
     adapter = RunDir(Path(adapter_dir), "lora")
     tok = adapter.load_tokenizer() if (Path(adapter_dir) / "tokenizer.json").is_file() else None
     RunDir.save(out_dir, model, tok, {"recipe": "merge", "adapter": str(Path(adapter_dir).resolve()),
