@@ -84,16 +84,15 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
     (`data.prepare_corpus`), so several runs on one corpus read and tokenize it once."""
     import torch
 
+    from ..atomic import atomic_files
     from ..data import iter_eval_batches, prepare_corpus
     from ..distributed import make_strategy
     from ..distributed.data import rank_batch
-    from ..atomic import atomic_files
+    from ..distributed.runtime import torchrun_rank
     from ..rundir import RunDir, claim_out_dir
     from ..settings import to_yaml
     from ..training import EarlyExitObjective, Trainer
     from .common import build_model
-
-    from ..distributed.runtime import torchrun_rank
 
     out = Path(cfg.out)
     if cfg.resume and not (out / "checkpoints").is_dir():
@@ -176,17 +175,25 @@ def _check_resumed_data(cfg: PretrainConfig, out: Path) -> None:
     if not saved_file.is_file():
         return  # a run from before config.yaml was written at the start: nothing to compare
     saved = load_config(PretrainConfig, saved_file).data
-    now = cfg.data
-    def norm(v):  # paths compared as the files they name
-        if isinstance(v, Path):
-            return v.resolve()
-        return tuple(norm(x) for x in v) if isinstance(v, tuple) else v
-
     for field in ("path", "extra_train", "val_fraction"):
-        a, b = getattr(saved, field), getattr(now, field)
-        if norm(a) != norm(b):
-            show = lambda v: "the built-in corpus" if v is None else str(v) if isinstance(v, Path) else (  # noqa: E731
-                "[" + ", ".join(map(str, v)) + "]" if isinstance(v, tuple) else repr(v))
-            raise ValueError(f"resume: the run in {out} trained with data.{field} = {show(a)} but this command gives "
-                             f"{show(b)}; resume on the same data (drop the option: --resume reads {saved_file}), or "
-                             f"start a new run (another --out, or --init-from {out} for a second phase on new data)")
+        a, b = getattr(saved, field), getattr(cfg.data, field)
+        if _same_files(a) != _same_files(b):
+            raise ValueError(f"resume: the run in {out} trained with data.{field} = {_shown(a)} but this command "
+                             f"gives {_shown(b)}; resume on the same data (drop the option: --resume reads "
+                             f"{saved_file}), or start a new run (another --out, or --init-from {out} for a second "
+                             f"phase on new data)")
+
+
+def _same_files(v: Any) -> Any:
+    """A data setting with its paths resolved, so runs/x and ./runs/x compare equal."""
+    if isinstance(v, Path):
+        return v.resolve()
+    return tuple(_same_files(x) for x in v) if isinstance(v, tuple) else v
+
+
+def _shown(v: Any) -> str:
+    if v is None:
+        return "the built-in corpus"
+    if isinstance(v, tuple):
+        return "[" + ", ".join(map(str, v)) + "]"
+    return str(v)
