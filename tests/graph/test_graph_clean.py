@@ -201,3 +201,34 @@ def test_quoted_csv_and_tsv_fields_match_python_csv(tmp_path):
     assert got == sorted((r[0], r[1]) for r in rows[1:])
     assert sorted(g.relations) == ["", "cites", "knows, well", "r"]
     assert g.x[names.index("Smith, J.")].tolist() == [1.0, 2.0] and g.x[names.index("tab\there")].tolist() == [3.0, 4.0]
+
+
+def test_guard_judges_edge_rows_and_node_rows_separately(tmp_path):
+    """Every edge quarantined but 7 good node rows: 3 of 10 rows (30%) passed the old pooled guard
+    and wrote a graph of 0 edges. Each kind is judged on its own; a graph without edges is refused
+    unless allow_partial."""
+    from typer.testing import CliRunner
+
+    from autoglm.cli import app
+
+    (tmp_path / "e.csv").write_text("source,target\n1,1\n2,2\n3,3\n")
+    (tmp_path / "n.csv").write_text("id,a\n" + "".join(f"{i},{i}\n" for i in range(1, 8)))
+    kw = dict(edges=[tmp_path / "e.csv"], nodes=[tmp_path / "n.csv"])
+    with pytest.raises(CleaningRejected, match=r"no edge row of 3 was kept \(self_loop 3; e.g. e.csv line 2") as e:
+        clean_graph(tmp_path / "out", **kw)
+    assert e.value.report["totals"]["quarantined"] / e.value.report["totals"]["rows_in"] == 0.3  # under the limit
+    (tmp_path / "half.csv").write_text("source,target\n1,2\n3,3\n4,4\n")  # 2 of 3 edge rows, 2 of 10 rows
+    with pytest.raises(CleaningRejected, match=r"2 of 3 edge rows \(67%\) were quarantined.*keep the 1 good edge rows"):
+        clean_graph(tmp_path / "out", edges=[tmp_path / "half.csv"], nodes=[tmp_path / "n.csv"])
+    with pytest.raises(CleaningRejected, match="would have no edges: no edge file was given.*--edges FILE"):
+        clean_graph(tmp_path / "out", nodes=[tmp_path / "n.csv"])
+    assert not (tmp_path / "out").exists()
+    r = CliRunner().invoke(app, ["graph", "clean", "--out", str(tmp_path / "out"), "--edges", str(tmp_path / "e.csv"),
+                                 "--nodes", str(tmp_path / "n.csv")])
+    assert r.exit_code == 2 and "no edge row of 3 was kept" in " ".join(r.output.split())
+    rep = clean_graph(tmp_path / "out", allow_partial=True, **kw)  # asked for: the nodes without edges
+    assert rep["graph"]["num_edges"] == 0 and load_clean_graph(tmp_path / "out").num_nodes == 7
+    (tmp_path / "more.csv").write_text("source,target\n1,2\n")
+    rep = clean_graph(tmp_path / "out2", edges=[tmp_path / "more.csv"])
+    rep = clean_graph(tmp_path / "out2", nodes=[tmp_path / "n.csv"])  # node rows only, into a graph with edges
+    assert rep["graph"]["num_edges"] == 1 and rep["totals"]["kept"] == 7

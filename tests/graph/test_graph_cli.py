@@ -69,8 +69,8 @@ def test_cli_pretrain_options_reach_the_saved_model_and_probe_model_dir(tmp_path
     (["--aug-p", "0.1,0.2,0.3"], "ssl.views.aug_p (--aug-p): expected 2 values, got 3"),
     (["--feature-p", "half"], "ssl.views.feature_p[0]: expected float, got 'half'"),
     (["--augment", "rotate"], "ssl.views: augmentations: unknown ['rotate']"),
-    (["--mask-rate", "1.5"], "ssl.loss: mask_rate (1.5) must be in [0, 1)"),
-    (["--data", "Cora"], "data: source Cora needs root"),
+    (["--mask-rate", "1.5"], "ssl.loss: mask_rate (--mask-rate) (1.5) must be in [0, 1)"),
+    (["--data", "Cora"], "data: source (--data) Cora needs root"),
 ])
 def test_cli_bad_options_name_the_field(tmp_path, args, message):
     r = _run("pretrain", "--out", tmp_path / "x", *args)

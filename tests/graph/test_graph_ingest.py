@@ -42,8 +42,9 @@ LABELLED = [
     ("a,b,cites,1", "malformed", None),  # 4 fields of 5
     ('"unterminated,b,cites,1,2024-01-01', "malformed", None),
     ("", "malformed", None),  # blank line
-    ("b,c,cites,5,2024-03-01", "duplicate", None),  # same (source, target, relation) as line 3
+    ("b,c,cites,5,2024-01-06 12:00:00+02:00", "duplicate", None),  # line 3's (source, target, relation, time)
     ("b,c,other,5,2024-03-01", None, _utc("2024-03-01")),  # another relation: a different edge
+    ("b,c,cites,5,2024-03-01", None, _utc("2024-03-01")),  # line 3's pair at another time: a repeated interaction
 ]
 COLUMNS = {"source": "From User", "target": "to user", "relation": "Kind", "weight": "strength", "timestamp": "When"}
 
@@ -82,7 +83,7 @@ def test_every_labelled_row_lands_where_a_person_would_put_it(tmp_path):
             assert got[line]["raw"] == row
     assert got[11]["value"] == "yesterday" and "pass --time-format" in got[11]["reason"]
     assert got[10]["value"] == "heavy" and got[21]["reason"] == "duplicate: of line 3"
-    assert got[21]["value"] == "b -> c [cites]"
+    assert got[21]["value"] == "b -> c [cites] at 2024-01-06 10:00:00+00"  # the time in UTC
 
     g = load_clean_graph(out)
     g.validate(raise_on_error=True)
@@ -136,7 +137,7 @@ def test_parquet_with_typed_columns_and_a_node_table(tmp_path):
         ('a', 'b', TIMESTAMPTZ '2024-01-01 10:00:00+02', 1.5),
         ('b', 'c', TIMESTAMPTZ '2024-01-02 00:00:00+00', NULL),
         ('b', NULL, TIMESTAMPTZ '2024-01-02 00:00:00+00', 1.0),
-        ('a', 'b', NULL, 2.0),
+        ('a', 'b', TIMESTAMPTZ '2024-01-01 08:00:00+00', 2.0),  -- the first row's instant: a duplicate
         ('c', 'c', NULL, 1.0)) t(u, v, seen_at, strength)) TO '{tmp_path / "e.parquet"}' (FORMAT parquet)""")
     con.execute(f"""COPY (SELECT * FROM (VALUES ('a', [1.0, 2.0]), ('b', [3.0, 4.0]), ('c', [5.0]), ('a', [0.0, 0.0])
         ) t(name, features)) TO '{tmp_path / "n.parquet"}' (FORMAT parquet)""")
@@ -238,3 +239,143 @@ def test_time_snapshots_use_the_parsed_edge_time(tmp_path):
 
     states = GraphEncoder(1, 8, num_layers=1).forward_sequence(snaps)
     assert len(states) == 2 and states[-1].shape == (4, 8)
+
+
+def test_repeated_interactions_are_kept_and_only_same_time_repeats_are_duplicates(tmp_path):
+    """A dynamic graph's data: the same pair on many days. The duplicate key is (source, target,
+    relation, time), checked against a plain Python set of the parsed times."""
+    rows = [(f"u{p}", f"v{p}", f"2024-01-{d + 1:02d}") for d in range(10) for p in range(6)]
+    rows += [("u0", "v0", "2024-01-01T02:00:00+02:00"),  # the instant of 2024-01-01 00:00Z: a duplicate
+             ("u1", "v1", ""), ("u1", "v1", "")]  # two rows without a time: the second is a duplicate
+    (tmp_path / "e.csv").write_text("source,target,timestamp\n" + "".join(f"{a},{b},{t}\n" for a, b, t in rows))
+    rep = clean_graph(tmp_path / "out", edges=[tmp_path / "e.csv"])
+    seen, want_kept = set(), 0
+    for a, b, t in rows:
+        key = (a, b, _utc(t) if t else None)
+        want_kept += key not in seen
+        seen.add(key)
+    assert rep["totals"]["kept"] == want_kept == 61 and rep["totals"]["by_rule"] == {"duplicate": 2}
+    q = {int(r["line"]): r for r in _quarantine(tmp_path / "out")}
+    assert q[62]["reason"] == "duplicate: of line 2" and q[62]["value"] == "u0 -> v0 at 2024-01-01 00:00:00+00"
+    assert q[64]["reason"] == "duplicate: of line 63" and q[64]["value"] == "u1 -> v1"
+    assert load_clean_graph(tmp_path / "out").edge_index.shape[1] == 61
+    # a later file repeating a kept (pair, time) is a duplicate of that run's row; another time is new
+    (tmp_path / "more.csv").write_text("source,target,timestamp\nu2,v2,2024-01-03\nu2,v2,2024-02-01\n")
+    rep = clean_graph(tmp_path / "out", edges=[tmp_path / "e.csv", tmp_path / "more.csv"])
+    assert (rep["totals"]["kept"], rep["totals"]["by_rule"]) == (1, {"duplicate": 1})
+    assert rep["totals"]["examples"]["duplicate"]["reason"].endswith("e.csv line 16")
+
+
+def test_integer_ids_written_with_zeros_or_signs_are_one_node(tmp_path):
+    """With num_nodes, '03', '+1' and '007' are the integers 3, 1, 7 (as Python's int() reads them):
+    every kept row is an edge, and '3,4' after '03,4' is a duplicate."""
+    rows = ["03,4", "+1,2", "5,6", "007,8", "3,4", "-0,9"]
+    (tmp_path / "e.csv").write_text("source,target\n" + "\n".join(rows) + "\n")
+    (tmp_path / "n.csv").write_text("id,f\n004,1.5\n+9,2.5\n")
+    rep = clean_graph(tmp_path / "out", edges=[tmp_path / "e.csv"], nodes=[tmp_path / "n.csv"], num_nodes=10)
+    assert rep["totals"]["by_rule"] == {"duplicate": 1} and rep["totals"]["kept"] == 7
+    g = load_clean_graph(tmp_path / "out")
+    want = [(int(a), int(b)) for a, b in (r.split(",") for r in rows)]
+    want = list(dict.fromkeys(want))  # the first of each pair
+    assert g.edge_index.t().tolist() == [list(p) for p in want] and g.num_nodes == 10
+    assert g.x[4].item() == 1.5 and g.x[9].item() == 2.5 and not g.imputed[[4, 9]].any()
+    assert _names(tmp_path / "out") == [str(i) for i in range(10)]
+
+
+def test_build_refuses_kept_rows_that_join_no_node(tmp_path):
+    """The build step checks that every kept edge row became an edge (an id spelled unlike the
+    node index, as '03' was before ids were normalised, used to vanish at the join)."""
+    (tmp_path / "e.csv").write_text("source,target\n0,1\n")
+    out = tmp_path / "out"
+    clean_graph(out, edges=[tmp_path / "e.csv"], num_nodes=5)
+    con = duckdb.connect(str(out / "graph.duckdb"))  # a folder written by a version that kept '03' as text
+    con.execute("INSERT INTO edges VALUES ('03', '4', '', 1.0, NULL, 'old.csv', 2)")
+    con.close()
+    before = _snapshot(out)
+    (tmp_path / "f.csv").write_text("source,target\n1,2\n")
+    with pytest.raises(RuntimeError, match="1 of 3 kept edge rows found no node index entry.*fresh --out"):
+        clean_graph(out, edges=[tmp_path / "f.csv"], num_nodes=5)
+    assert _snapshot(out) == before
+
+
+@pytest.mark.parametrize("data, enc", [("source,target,relation\n1,2,café\n".encode("latin-1"), "latin1"),
+                                       ("source\ttarget\n1\t2\n".encode("utf-16"), "utf-16")],
+                         ids=["latin1", "utf16"])
+def test_a_file_that_is_not_utf8_is_one_clear_error(tmp_path, data, enc):
+    """A latin-1 CSV and an Excel "Unicode text" export (UTF-16): a ValueError naming the file and the
+    iconv command, on the CLI one line and exit 2 (was a DuckDB traceback)."""
+    from typer.testing import CliRunner
+
+    from autoglm.cli import app
+
+    path = tmp_path / "e.csv"
+    path.write_bytes(data)
+    with pytest.raises(ValueError, match=rf"{path} is not UTF-8 text \(line \d\).*iconv -f {enc} -t utf-8 {path} "):
+        clean_graph(tmp_path / "out", edges=[path])
+    data.decode(enc)  # the hint names the encoding the bytes really are in
+    r = CliRunner().invoke(app, ["graph", "clean", "--out", str(tmp_path / "out"), "--edges", str(path)])
+    assert r.exit_code == 2 and r.output.startswith("error:") and "Traceback" not in r.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_memory_limit_and_unreadable_parquet_are_clear_errors(tmp_path):
+    from typer.testing import CliRunner
+
+    from autoglm.cli import app
+
+    (tmp_path / "e.csv").write_text("source,target\n0,1\n")
+    for bad in ("lots", "4", "0GB", "150%", "4GB'; DROP TABLE edges; --"):
+        with pytest.raises(ValueError, match=f"memory_limit {bad!r} is not a size.*--memory-limit"):
+            clean_graph(tmp_path / "out", edges=[tmp_path / "e.csv"], memory_limit=bad)
+    for good in ("512MB", "1.5 GB", "2GiB", "50%"):
+        clean_graph(tmp_path / f"ok{good[:2]}", edges=[tmp_path / "e.csv"], memory_limit=good, dry_run=True)
+    r = CliRunner().invoke(app, ["graph", "clean", "--out", str(tmp_path / "o"), "--edges", str(tmp_path / "e.csv"),
+                                 "--memory-limit", "lots"])
+    assert r.exit_code == 2 and "memory_limit 'lots' is not a size" in r.output and "Traceback" not in r.output
+    (tmp_path / "p.parquet").write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(ValueError, match="p.parquet: cannot be read as parquet"):
+        clean_graph(tmp_path / "o2", edges=[tmp_path / "p.parquet"])
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_missing_value_markers_are_empty_cells(tmp_path, fmt):
+    """NULL, NA, N/A, NaN, None (any case) as an endpoint: missing_endpoint; as a time: no time
+    (NaN), like an empty cell; as a node id: missing_id. Never a node named 'NULL'."""
+    markers = ["NULL", "na", "N/A", "NaN", "None", "null", " NA "]
+    rows = [(m, "b", "2024-01-01") for m in markers] + [("a", m, "2024-01-01") for m in markers]
+    rows += [(f"t{i}", "c", m) for i, m in enumerate(markers + [""])]
+    if fmt == "csv":
+        text = "source,target,timestamp\n" + "".join(f"{a},{b},{t}\n" for a, b, t in rows)
+    else:
+        text = "".join('{"source": "%s", "target": "%s", "timestamp": "%s"}\n' % r for r in rows)
+    (tmp_path / f"e.{fmt}").write_text(text)
+    (tmp_path / "n.csv").write_text("id,f\nNULL,1\nc,2\n")
+    rep = clean_graph(tmp_path / "out", edges=[tmp_path / f"e.{fmt}"], nodes=[tmp_path / "n.csv"], allow_partial=True)
+    assert rep["totals"]["by_rule"] == {"missing_endpoint": 14, "missing_id": 1}
+    q = {int(r["line"]): r["reason"] for r in _quarantine(tmp_path / "out") if r["file"].endswith(f"e.{fmt}")}
+    first = 2 if fmt == "csv" else 1
+    want = ["missing_endpoint: no source"] * 7 + ["missing_endpoint: no target"] * 7
+    assert [q[first + i] for i in range(14)] == want
+    g = load_clean_graph(tmp_path / "out")
+    assert g.edge_index.shape[1] == 8 and torch.isnan(g.edge_time).all()  # every marker time reads as no time
+    assert set(_names(tmp_path / "out")) == {f"t{i}" for i in range(8)} | {"c"}
+
+
+def test_auto_time_unit_refuses_dates_that_look_like_epochs(tmp_path):
+    """20240101 (ISO basic) and 45292 (Excel serial) are 1970 as epoch seconds: quarantined under
+    --time-unit auto with the fix in the reason; taken as given with an explicit unit or format."""
+    (tmp_path / "e.csv").write_text("source,target,ts\na,b,20240101\nb,c,45292\nc,d,94694400\nd,e,94694399\n"
+                                    "e,f,20241301\nf,g,1704067200\ng,h,-5\nh,i,1704067200000\n")
+    rep = clean_graph(tmp_path / "out", edges=[tmp_path / "e.csv"], allow_partial=True)
+    q = {int(r["line"]): (r["reason"], r["value"]) for r in _quarantine(tmp_path / "out")}
+    assert sorted(q) == [2, 3, 5, 6, 8] and rep["totals"]["by_rule"] == {"bad_timestamp": 5}
+    assert "YYYYMMDD" in q[2][0] and "--time-format %Y%m%d" in q[2][0] and q[2][1] == "20240101"
+    for line in (3, 5, 6, 8):  # before 1973-01-01 (20241301 is no calendar date: just a small number)
+        assert "before 1973-01-01" in q[line][0] and "--time-unit s" in q[line][0]
+    want = [_utc("1973-01-01"), 1704067200.0, 1704067200.0]
+    assert load_clean_graph(tmp_path / "out").edge_time.tolist() == want
+    clean_graph(tmp_path / "s", edges=[tmp_path / "e.csv"], time_unit="s")
+    assert load_clean_graph(tmp_path / "s").edge_time[:2].tolist() == [20240101.0, 45292.0]
+    (tmp_path / "d.csv").write_text("source,target,ts\na,b,20240101\n")
+    clean_graph(tmp_path / "d", edges=[tmp_path / "d.csv"], time_format="%Y%m%d")
+    assert load_clean_graph(tmp_path / "d").edge_time.tolist() == [_utc("2024-01-01")]

@@ -176,6 +176,19 @@ def test_missing_validation_split_is_a_clear_error(graph):
         tune_graph(empty, BASE, TuneBudget(minutes=1), probe_kw=ONE_PROBE)
 
 
+def test_missing_split_error_names_what_a_cli_user_can_do(tmp_path):
+    """A cleaned folder has no labels: the error names the sources that carry a split (it used to
+    suggest the Python function planetoid_split(y), which a CLI user cannot apply)."""
+    (tmp_path / "e.csv").write_text("source,target\n0,1\n1,2\n2,0\n")
+    r = CliRunner().invoke(app, ["graph", "clean", "--out", str(tmp_path / "g"), "--edges", str(tmp_path / "e.csv")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(app, ["graph", "tune", "--data", str(tmp_path / "g"), "--out", str(tmp_path / "t")])
+    msg = " ".join(r.output.split())
+    assert r.exit_code == 2 and "has no y, train_mask, val_mask" in msg and "planetoid_split" not in msg
+    assert "'sbm'" in msg and "Cora / CiteSeer / PubMed (--data Cora --root DIR" in msg
+    assert "`autoglm graph pretrain --data DIR`" in msg and not (tmp_path / "t").exists()
+
+
 def test_cli_tune_writes_trials_and_a_reusable_config(tmp_path):
     # a budget of a few milliseconds: the base trial runs (it always does), no drawn setting starts
     r = CliRunner().invoke(app, ["graph", "tune", "--out", str(tmp_path / "t"), "--hidden-dim", "8", "--epochs", "4",

@@ -51,7 +51,9 @@ def clean(
     node_id_col: Optional[str] = typer.Option(None, help="Node id column of --nodes files (default: id, node, "
                                                          "node_id)."),
     time_unit: str = typer.Option("auto", help="Unit of epoch-number timestamps: s, ms, or auto (|v| >= 1e11 is "
-                                               "ms). ISO 8601 dates/datetimes are always read (no zone = UTC)."),
+                                               "ms; 8-digit YYYYMMDD dates and values before 1973 are quarantined "
+                                               "as ambiguous). ISO 8601 dates/datetimes are always read (no zone = "
+                                               "UTC)."),
     time_format: Optional[str] = typer.Option(None, help="strptime format every timestamp must match instead, "
                                                          "e.g. '%d/%m/%Y %H:%M'."),
     num_nodes: Optional[int] = typer.Option(None, help="If set, node ids must be integers in [0, num_nodes)."),
@@ -61,7 +63,8 @@ def clean(
     allow_partial: bool = typer.Option(False, help="Write the graph even when nothing or too little was kept."),
     dry_run: bool = typer.Option(False, help="Read, validate and report; write nothing."),
     z_threshold: float = typer.Option(3.0, help="|z| above which a node is flagged as an anomaly."),
-    memory_limit: str = typer.Option("4GB", help="DuckDB memory cap; larger inputs spill to disk."),
+    memory_limit: str = typer.Option("4GB", help="DuckDB memory cap (e.g. 4GB, 512MB, 50%); larger inputs spill "
+                                                 "to disk."),
     recon_anomaly: bool = typer.Option(False, help="Also flag nodes by the graph autoencoder's masked "
                                                    "reconstruction error (needs --nodes features)."),
     recon_epochs: int = typer.Option(100, min=1, help="Autoencoder training epochs for --recon-anomaly."),
@@ -69,9 +72,12 @@ def clean(
     """Ingest new rows (dedup, quarantine with reasons, impute features, flag anomalies) into OUT.
 
     Every rejected row goes to OUT/quarantine.csv with the first rule it broke, in this order:
-    malformed, bad_id, missing_endpoint, bad_weight, bad_timestamp, self_loop, duplicate.
-    A run that fails (bad input, or a guard rail: nothing kept, too many rows quarantined)
-    leaves OUT as it was."""
+    malformed, bad_id, missing_endpoint, bad_weight, bad_timestamp, self_loop, duplicate
+    (same source, target, relation and time). Input must be UTF-8; NULL, NA, N/A, NaN and
+    None count as empty in id and time columns. A run that fails (bad input, or a guard
+    rail: edge or node rows nothing kept or too many quarantined, no edges) leaves OUT as it
+    was. The cleaned graph has no labels: `graph pretrain --data OUT` reads it; `graph probe`
+    and `graph tune` need a labelled split ('sbm' or Cora / CiteSeer / PubMed)."""
     from ..graph.clean import CleaningRejected, clean_graph
 
     setup_logging()
@@ -131,9 +137,11 @@ def _pretrain(cfg: GraphPretrainConfig) -> None:
                 table.add_row(name + (" (carries node states)" if name == "dynamic" else " (each snapshot alone)"),
                               f"{res[name]['auc']:.4f}", f"{res[name]['ap']:.4f}")
         console.print(table)
-        if res["skipped_windows"]:
-            console.print(f"dropped {len(res['skipped_windows'])} empty snapshot window(s): "
-                          f"{[s['window'] for s in res['skipped_windows']]}")
+        skipped = res["skipped_windows"]
+        if skipped:
+            shown = ", ".join(str(s["window"]) for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+            console.print(f"dropped {len(skipped)} empty snapshot window(s) of "
+                          f"{len(skipped) + len(res['snapshots'])} (windows {shown}; all in dynamic.json)")
         console.print(f"saved to {cfg.out} (dynamic.json, model.safetensors, states.safetensors)")
         return
     res = pretrain(cfg, progress=True, console=err).result

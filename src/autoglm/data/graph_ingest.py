@@ -20,19 +20,34 @@ target (target, dst, object, tail, to), relation (relation, rel, predicate, type
 `IngestConfig.columns` ({"source": "from_user", ...}) names them when the file differs.
 A required column that is missing is an error listing the columns found.
 
+Files must be UTF-8 (a byte order mark is fine); a file in another encoding (latin-1, an
+Excel "Unicode text" export in UTF-16) is an error naming the file and the `iconv` command
+that converts it.
+
+Missing values: an empty cell, or one of the markers NULL, NA, N/A, NaN, None (any case), is
+missing in the source, target, timestamp and node id columns (a missing endpoint is
+`missing_endpoint`, a missing time is "no time", NaN in `edge_time`).
+
 Timestamps become UTC epoch seconds (`edges.ts`, later `edge_time`): ISO 8601 dates and
 datetimes (`2024-01-01`, `2024-01-06T10:00:00Z`, `2024-01-07 08:30:00+02:00`; no zone =
 UTC), epoch numbers (`time_unit="auto"`: |v| >= 1e11 is milliseconds, below is seconds,
->= 1e14 is refused; or "s" / "ms"), or, with `time_format` (a strptime format such as
-`%d/%m/%Y %H:%M`), only values of that format.
+>= 1e14 is refused, and so are two look-alikes a guess would misread: an 8-digit
+YYYYMMDD date such as 20240101 (1970-08-23 as seconds) and any value before 1973-01-01,
+e.g. an Excel serial date such as 45292; or "s" / "ms", taken as given), or, with
+`time_format` (a strptime format such as `%d/%m/%Y %H:%M`), only values of that format.
+
+With `num_nodes`, ids are integers written any way (`3`, `03`, `+3`) and stored as plain
+integers (`3`), so the same node is one node.
 
 Rules per edge row, in this order, the first one broken is reported (with the offending
 value): `malformed` (wrong field count, unbalanced quotes, invalid JSON, blank line),
 `bad_id` (with `num_nodes`: an id that is not an integer in [0, num_nodes)),
 `missing_endpoint`, `bad_weight` (not a finite number), `bad_timestamp`, `self_loop`,
-`duplicate` (same (source, target, relation) as an earlier kept row, in this run or a
-previous one). Node rows: `malformed`, `bad_id`, `missing_id`, `wrong_width`,
-`non_numeric`, `duplicate`. For every file rows_in == kept + quarantined (checked).
+`duplicate` (same (source, target, relation, time) as an earlier kept row, in this run or a
+previous one: the same pair at another time is a repeated interaction and is kept; rows
+without a time compare as equal times). Node rows: `malformed`, `bad_id`, `missing_id`,
+`wrong_width`, `non_numeric`, `duplicate`. For every file rows_in == kept + quarantined
+(checked).
 
 Tables in the database:
 
@@ -50,6 +65,7 @@ import csv
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +89,9 @@ _EXT = {".csv": "csv", ".txt": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".ndjson
 # ISO 8601 calendar date, optional time (T or space), optional fraction, optional zone (Z, +hh, +hhmm, +hh:mm)
 _ISO = r"[0-9]{4}-[0-9]{2}-[0-9]{2}([Tt ][0-9]{2}:[0-9]{2}(:[0-9]{2}(\.[0-9]+)?)?)? ?([Zz]|[+-][0-9]{2}(:?[0-9]{2})?)?"
 _MS_FROM, _EPOCH_MAX = 1e11, 1e14  # auto unit: |v| >= 1e11 (year 5138 in s, 1973 in ms) is ms; >= 1e14 refused
+_EPOCH_MIN = 94694400  # 1973-01-01T00:00Z: an auto-detected epoch before it is more likely another unit (see _time_sql)
+MISSING = ("", "NULL", "NA", "N/A", "NAN", "NONE")  # cells that mean "no value" (compared upper-cased, trimmed)
+_MEMORY = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]I?B|[KMGT]|B|%)\s*", re.IGNORECASE)  # DuckDB sizes
 
 
 @dataclass
@@ -102,14 +121,24 @@ class IngestConfig:
         self.columns = {k: v for k, v in self.columns.items() if v}
         if self.num_nodes is not None and self.num_nodes < 1:
             raise ValueError(f"num_nodes ({self.num_nodes}) must be >= 1, or None for string ids")
+        m = _MEMORY.fullmatch(str(self.memory_limit))
+        amount = float(m.group(1)) if m else 0.0
+        if m is None or amount <= 0 or (m.group(2) == "%" and amount > 100):
+            raise ValueError(f"memory_limit {self.memory_limit!r} is not a size: give a number and a unit, e.g. "
+                             f"'4GB', '512MB' or '50%' of the machine's memory (--memory-limit)")
 
 
 def connect(db_path: Path, cfg: IngestConfig):
     import duckdb
 
     con = duckdb.connect(str(db_path))
-    con.execute(f"SET memory_limit='{cfg.memory_limit}'")
-    con.execute(f"SET temp_directory='{db_path.parent / 'duckdb_tmp'}'")
+    try:
+        con.execute(f"SET memory_limit={_q(str(cfg.memory_limit))}")
+    except duckdb.Error as e:
+        con.close()
+        raise ValueError(f"memory_limit {cfg.memory_limit!r} was refused by DuckDB ({str(e).splitlines()[0]}); "
+                         f"give a size such as '4GB' or '512MB' (--memory-limit)") from None
+    con.execute(f"SET temp_directory={_q(str(db_path.parent / 'duckdb_tmp'))}")
     con.execute("SET TimeZone='UTC'")  # zone-less datetimes are UTC; TIMESTAMPTZ columns print in UTC
     if cfg.threads:
         con.execute(f"SET threads={int(cfg.threads)}")
@@ -193,6 +222,30 @@ def _resolve(path: Path, names: list[str], kind: str, cfg: IngestConfig) -> dict
     return cols
 
 
+def _not_utf8(path: Path, detail: str = "") -> ValueError:
+    """The error for a file that is not UTF-8 text, with the `iconv` command that converts it."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # UTF-16 byte order mark: Excel's "Unicode text" export
+        enc, what = "utf-16", "UTF-16 (e.g. Excel's \"Unicode text\" export)"
+    else:
+        enc, what = "latin1", "another encoding (e.g. latin-1 / Windows-1252)"
+    fixed = path.with_name(f"{path.stem}-utf8{path.suffix}")
+    return ValueError(f"{path} is not UTF-8 text{f' ({detail})' if detail else ''}; it looks like {what}. Convert it "
+                      f"to UTF-8 first, e.g. `iconv -f {enc} -t utf-8 {path} > {fixed}`, and pass the converted file")
+
+
+def _read_error(path: Path, fmt: str, e: Exception) -> ValueError:
+    """A DuckDB or decoding error while reading `path`, as a ValueError naming the file."""
+    msg = str(e)
+    if isinstance(e, UnicodeDecodeError) or "not utf-8" in msg.lower() or "invalid unicode" in msg.lower():
+        line = re.search(r"CSV Error on Line: *([0-9]+)", msg)
+        return _not_utf8(path, f"line {line.group(1)}" if line else "")
+    first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), type(e).__name__)
+    return ValueError(f"{path}: cannot be read as {fmt} ({first}); check that the file is complete and that its "
+                      f"extension matches its format")
+
+
 def _csv_header(path: Path, fmt: str, cfg: IngestConfig) -> tuple[list[str], str]:
     """(column names, delimiter) from the first line (a UTF-8 byte order mark is dropped)."""
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -260,14 +313,14 @@ def _read_fields(con, path: Path, fmt: str, kind: str, skip: int, cfg: IngestCon
     row, `bad` = the malformed reason, a NULL role = a missing or empty value, `fv` = node
     features. Returns (the file's line / row count, the feature column names)."""
     roles = _roles(kind)
-    val = lambda e: f"nullif(trim({e}), '')"  # noqa: E731  (empty = missing)
+    val = _cell
     if fmt == "parquet":
         src = f"read_parquet({_q(str(path))}, file_row_number=true)"
         schema = con.execute(f"DESCRIBE SELECT * FROM {src}").fetchall()
         names = [r[0] for r in schema if r[0] != "file_row_number"]
         types = {r[0]: r[1] for r in schema}
         cols = _resolve(path, names, kind, cfg)
-        got = {k: val(f"CAST(_r_.{_ident(names[i])} AS VARCHAR)") for k, i in cols.items()}
+        got = {k: val(f"CAST(_r_.{_ident(names[i])} AS VARCHAR)", k) for k, i in cols.items()}
         is_list = lambda n: types[n].endswith("[]")  # noqa: E731
         fnames = _feature_names(names, cols, is_list) if kind == "nodes" else []
         fv = _feature_list(fnames, lambda n: f"_r_.{_ident(n)}", is_list)
@@ -287,7 +340,7 @@ def _read_fields(con, path: Path, fmt: str, kind: str, skip: int, cfg: IngestCon
         bad = (f"CASE {_BLANK}WHEN NOT json_valid(line) THEN 'malformed: invalid JSON' "
                f"WHEN json_type(line) <> 'OBJECT' THEN 'malformed: not a JSON object' END")
         con.execute(f"""CREATE OR REPLACE TEMP TABLE fields AS SELECT ln, line, bad,
-            {', '.join((val(get(names[cols[k]])) if k in cols else 'NULL::VARCHAR') + f' AS {k}' for k in roles)},
+            {', '.join((val(get(names[cols[k]]), k) if k in cols else 'NULL::VARCHAR') + f' AS {k}' for k in roles)},
             CASE WHEN bad IS NULL THEN {fv} END AS fv
             FROM (SELECT ln, line, {bad} AS bad, CASE WHEN json_valid(line) THEN line END AS j FROM raw)""")
         return lines, fnames
@@ -299,13 +352,23 @@ def _read_fields(con, path: Path, fmt: str, kind: str, skip: int, cfg: IngestCon
     fv = "[" + ", ".join(val(f"f[{i + 1}]") for i in rest) + "]::VARCHAR[]" if kind == "nodes" else "[]::VARCHAR[]"
     w = len(names)
     con.execute(f"""CREATE OR REPLACE TEMP TABLE fields AS SELECT ln, line, bad,
-        {', '.join((val(f'f[{cols[k] + 1}]') if k in cols else 'NULL::VARCHAR') + f' AS {k}' for k in roles)},
+        {', '.join((val(f'f[{cols[k] + 1}]', k) if k in cols else 'NULL::VARCHAR') + f' AS {k}' for k in roles)},
         {fv} AS fv
         FROM (SELECT ln, line, f, CASE {_BLANK}WHEN {bad_quotes} THEN 'malformed: unbalanced quotes'
                                       WHEN len(f) <> {w} THEN 'malformed: expected {w} fields, got ' || len(f)
                                       END AS bad
               FROM (SELECT ln, line, {split} AS f FROM raw))""")
     return lines, fnames
+
+
+def _cell(expr: str, role: str | None = None) -> str:
+    """SQL for one cell as VARCHAR: trimmed; empty = missing (NULL), and in the id and time
+    columns (source, target, timestamp, id) so are the markers in MISSING (NULL, NA, N/A,
+    NaN, None, any case). Relations and weights keep them: a weight "nan" is `bad_weight`."""
+    if role in ("source", "target", "timestamp", "id"):
+        return (f"CASE WHEN upper(trim({expr})) IN ({', '.join(_q(m) for m in MISSING)}) THEN NULL "
+                f"ELSE trim({expr}) END")
+    return f"nullif(trim({expr}), '')"
 
 
 def _feature_names(names: list[str], cols: dict[str, int], is_list) -> list[str]:
@@ -341,16 +404,37 @@ def _time_sql(cfg: IngestConfig) -> tuple[str, str]:
         return (f"epoch(try_strptime(timestamp, {_q(cfg.time_format)}))",
                 _q(f"bad_timestamp: does not match --time-format {cfg.time_format!r}"))
     num = "try_cast(timestamp AS DOUBLE)"
+    out_of_range = "WHEN {num} IS NOT NULL THEN 'bad_timestamp: epoch number out of range; pass --time-unit s or ms' "
     if cfg.time_unit == "auto":
-        epoch = (f"CASE WHEN NOT isfinite({num}) OR abs({num}) >= {_EPOCH_MAX:.0f} THEN NULL "
-                 f"WHEN abs({num}) >= {_MS_FROM:.0f} THEN {num} / 1000 ELSE {num} END")
+        # a guessed unit must not turn another date spelling into a 1970 time: 20240101 (ISO basic
+        # YYYYMMDD) read as seconds is 1970-08-23, 45292 (an Excel serial day) is 1970-01-01
+        ymd = "(regexp_full_match(timestamp, '[0-9]{8}') AND try_strptime(timestamp, '%Y%m%d') IS NOT NULL)"
+        sec = f"(CASE WHEN abs({num}) >= {_MS_FROM:.0f} THEN {num} / 1000 ELSE {num} END)"
+        epoch = (f"CASE WHEN NOT isfinite({num}) OR abs({num}) >= {_EPOCH_MAX:.0f} OR {ymd} OR {sec} < {_EPOCH_MIN} "
+                 f"THEN NULL ELSE {sec} END")
+        guess = (f"WHEN {ymd} THEN 'bad_timestamp: an 8-digit YYYYMMDD date, not epoch seconds; pass --time-format "
+                 f"%Y%m%d (or --time-unit s if it is epoch seconds)' "
+                 f"WHEN isfinite({num}) AND abs({num}) < {_EPOCH_MAX:.0f} THEN 'bad_timestamp: epoch number before "
+                 f"1973-01-01, more likely another unit (an Excel serial date such as 45292, a counter); pass "
+                 f"--time-unit s if it is epoch seconds, or write ISO 8601 dates' ")
     else:
         epoch = f"CASE WHEN isfinite({num}) THEN {num}{' / 1000' if cfg.time_unit == 'ms' else ''} END"
-    iso = f"epoch(try_cast(upper(timestamp) AS TIMESTAMPTZ))"
+        guess = ""
+    iso = "epoch(try_cast(upper(timestamp) AS TIMESTAMPTZ))"
     t = f"CASE WHEN {num} IS NOT NULL THEN {epoch} WHEN regexp_full_match(timestamp, {_q(_ISO)}) THEN {iso} END"
-    why = (f"CASE WHEN {num} IS NOT NULL THEN 'bad_timestamp: epoch number out of range; pass --time-unit s or ms' "
+    why = (f"CASE {guess}{out_of_range.format(num=num)}"
            f"ELSE 'bad_timestamp: not an ISO 8601 date/datetime or epoch number; pass --time-format' END")
     return t, why
+
+
+def _canonical_ids(cols: tuple[str, ...], n: int | None) -> str:
+    """SQL `SELECT` list over `fields`: with `num_nodes`, ids that are valid integers written
+    another way (`03`, `+3`, `-0`) become plain integers (`3`, `0`), so they match the node
+    index; others are left for the bad_id rule."""
+    if n is None:
+        return "*"
+    return "* REPLACE (" + ", ".join(f"CASE WHEN {_id_ok(c, n)} THEN try_cast({c} AS BIGINT)::VARCHAR ELSE {c} END "
+                                     f"AS {c}" for c in cols) + ")"
 
 
 def _judge_edges(con, cfg: IngestConfig) -> None:
@@ -370,22 +454,26 @@ def _judge_edges(con, cfg: IngestConfig) -> None:
     if not cfg.allow_self_loops:
         rules.append(("source = target", "'self_loop'", "source"))
     reason, value = _first_broken(rules)
+    ids = _canonical_ids(("source", "target"), cfg.num_nodes)
     con.execute(f"""CREATE OR REPLACE TEMP TABLE parsed AS
         SELECT ln, line, source, target, coalesce(relation, '') AS relation, w, t, {reason} AS reason,
                {value} AS value
-        FROM (SELECT *, try_cast(weight AS DOUBLE) AS w, {t} AS t FROM fields)""")
-    # duplicates: a later row of the same (src, dst, rel) in this file, or one kept by an earlier file / run
-    key = "source || ' -> ' || target || CASE WHEN relation = '' THEN '' ELSE ' [' || relation || ']' END"
+        FROM (SELECT *, try_cast(weight AS DOUBLE) AS w, {t} AS t FROM (SELECT {ids} FROM fields))""")
+    # duplicates: a later row of the same (src, dst, rel, time) in this file, or one kept by an earlier file /
+    # run; the same pair at another time is a repeated interaction (a dynamic graph's data), not a duplicate
+    key = ("source || ' -> ' || target || CASE WHEN relation = '' THEN '' ELSE ' [' || relation || ']' END "
+           "|| CASE WHEN t IS NULL THEN '' ELSE ' at ' || to_timestamp(t)::VARCHAR END")
     con.execute(f"""CREATE OR REPLACE TEMP TABLE judged AS
         SELECT ln, line, source, target, relation, w, t,
                CASE WHEN reason IS NOT NULL THEN reason WHEN ln > first THEN 'duplicate: of line ' || first
                END AS reason,
                CASE WHEN reason IS NOT NULL THEN value WHEN ln > first THEN {key} END AS value
-        FROM (SELECT *, min(ln) OVER (PARTITION BY source, target, relation, reason IS NULL) AS first FROM parsed)""")
+        FROM (SELECT *, min(ln) OVER (PARTITION BY source, target, relation, t, reason IS NULL) AS first
+              FROM parsed)""")
     con.execute(f"""UPDATE judged SET reason = 'duplicate: of ' || e.at, value = {key}
-                    FROM (SELECT src, dst, rel, any_value(file || ' line ' || line) AS at FROM edges GROUP BY ALL) e
+                    FROM (SELECT src, dst, rel, ts, any_value(file || ' line ' || line) AS at FROM edges GROUP BY ALL) e
                     WHERE judged.reason IS NULL AND e.src = judged.source AND e.dst = judged.target
-                      AND e.rel = judged.relation""")
+                      AND e.rel = judged.relation AND e.ts IS NOT DISTINCT FROM judged.t""")
 
 
 def _judge_nodes(con, cfg: IngestConfig, width: int) -> None:
@@ -405,7 +493,8 @@ def _judge_nodes(con, cfg: IngestConfig, width: int) -> None:
                                       THEN 'duplicate: of line ' || first END AS reason,
                CASE WHEN reason IS NOT NULL THEN value WHEN ln > first THEN id END AS value
         FROM (SELECT *, min(ln) OVER (PARTITION BY id, reason IS NULL) AS first
-              FROM (SELECT ln, line, id, fv, {reason} AS reason, {value} AS value FROM fields))""")
+              FROM (SELECT ln, line, id, fv, {reason} AS reason, {value} AS value
+                    FROM (SELECT {_canonical_ids(("id",), cfg.num_nodes)} FROM fields)))""")
     con.execute("""UPDATE judged SET reason = 'duplicate: of ' || r.at, value = judged.id
                    FROM (SELECT id, any_value(file || ' line ' || line) AS at FROM node_rows GROUP BY id) r
                    WHERE judged.reason IS NULL AND r.id = judged.id""")
@@ -461,7 +550,12 @@ def ingest_files(con, manifest: dict[str, Any], files: list[tuple[str, Path]], c
             else:
                 raise ValueError(f"{path} changed since it was ingested (not an append); rebuild with a fresh output "
                                  f"folder instead of an incremental sync")
-        lines, fnames = _read_fields(con, path, fmt, kind, skip, cfg)
+        import duckdb
+
+        try:
+            lines, fnames = _read_fields(con, path, fmt, kind, skip, cfg)
+        except (duckdb.Error, UnicodeDecodeError) as e:
+            raise _read_error(path, fmt, e) from None
         if kind == "nodes":
             if width is None:
                 width = cfg.num_features

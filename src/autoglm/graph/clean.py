@@ -17,7 +17,8 @@ Reading (formats, column names, timestamps) and the rules, in the order a row is
 are in `autoglm.data.graph_ingest`. Each run works on a copy of the folder in a temporary
 sibling that replaces it only when the run succeeds, so bad input, a guard rail
 (`CleaningRejected`: nothing kept, or more than `max_quarantine` of the rows quarantined,
-unless `allow_partial`) or a crash leaves the folder exactly as it was. `dry_run` reads,
+counted for edge rows and node rows separately, or a graph without edges, unless
+`allow_partial`) or a crash leaves the folder exactly as it was. `dry_run` reads,
 validates and reports without writing. `load_clean_graph` returns the PyG `Data`
 (`autoglm graph pretrain --data OUT` reads the same folder); `time_snapshots` cuts it into
 windows of `edge_time` (UTC epoch seconds) for `GraphEncoder.forward_sequence`.
@@ -120,12 +121,15 @@ def _node_index(con, num_nodes: int | None) -> None:
 
 
 class CleaningRejected(ValueError):
-    """A guard rail tripped (nothing kept, or too many rows quarantined): nothing was written.
-    `report` is the report the run would have written (rows per rule, examples)."""
+    """A guard rail tripped (nothing kept, too many rows quarantined, no edges): nothing was
+    written. `report` is the report the run would have written (rows per rule, examples);
+    `problem` is what was wrong, without the advice on `graph clean`'s options (for callers
+    that offer other options)."""
 
-    def __init__(self, message: str, report: dict[str, Any]):
+    def __init__(self, message: str, report: dict[str, Any], problem: str | None = None):
         super().__init__(message)
         self.report = report
+        self.problem = problem or message
 
 
 def clean_graph(out_dir: str | Path, edges: Sequence[str | Path] = (), triples: Sequence[str | Path] = (),
@@ -140,11 +144,13 @@ def clean_graph(out_dir: str | Path, edges: Sequence[str | Path] = (), triples: 
     graph autoencoder's reconstruction error to the anomaly scores (needs node features).
 
     Reading: `delimiter`, `columns` (role -> column name), `time_unit`, `time_format`, see
-    `autoglm.data.graph_ingest`. Guard rails: when this run's rows include none kept, or a
-    quarantined share above `max_quarantine`, `CleaningRejected` is raised (unless
-    `allow_partial`). The run is built in a temporary folder next to `out_dir` that replaces
-    it only on success: a failed run leaves `out_dir` as it was. `dry_run`: read, validate
-    and return the report (graph: node and edge counts only); nothing is written."""
+    `autoglm.data.graph_ingest`. Guard rails: when this run's edge rows, or its node rows,
+    include none kept or a quarantined share above `max_quarantine` (each kind is judged on
+    its own, so good node rows cannot hide lost edges), or the graph would have no edge,
+    `CleaningRejected` is raised (unless `allow_partial`). The run is built in a temporary
+    folder next to `out_dir` that replaces it only on success: a failed run leaves `out_dir`
+    as it was. `dry_run`: read, validate and return the report (graph: node and edge counts
+    only); nothing is written."""
     if not (edges or triples or nodes):
         raise ValueError("no input files; pass edge lists, triple dumps and/or node attribute tables")
     if z_threshold <= 0:
@@ -229,28 +235,46 @@ def _totals(reports: list[dict[str, Any]]) -> dict[str, Any]:
     return totals
 
 
-def _guard(report: dict[str, Any], max_quarantine: float, allow_partial: bool, out: Path) -> None:
-    """Raise CleaningRejected when this run kept nothing or quarantined more than allowed."""
-    t = report["totals"]
-    if allow_partial or t["rows_in"] == 0:
-        return
-    share = t["quarantined"] / t["rows_in"]
-    if t["kept"] > 0 and share <= max_quarantine:
-        return
-    ranked = sorted(t["by_rule"].items(), key=lambda kv: -kv[1])  # the commonest rule first
+def _why(t: dict[str, Any]) -> str:
+    """'rule count, ...; e.g. FILE line N: reason (value)' of totals `t`, the commonest rule first."""
+    ranked = sorted(t["by_rule"].items(), key=lambda kv: -kv[1])
     why = ", ".join(f"{k} {v}" for k, v in ranked)
-    hint = ""
     if ranked:
         ex = t["examples"][ranked[0][0]]
-        hint = (f"; e.g. {Path(ex['file']).name} line {ex['line']}: {ex['reason']}"
-                    + (f" ({ex['value']!r})" if ex["value"] is not None else ""))
-    head = (f"no row of {t['rows_in']} was kept" if t["kept"] == 0 else
-            f"{t['quarantined']} of {t['rows_in']} rows ({share:.0%}) were quarantined, above the limit of "
-            f"{max_quarantine:.0%} (--max-quarantine)")
-    keep = f", or pass --allow-partial to keep the {t['kept']} good rows" if t["kept"] else ""
-    raise CleaningRejected(f"{head} ({why}{hint}); fix the input or the reading options (--source-col, --time-col, "
-                           f"--time-unit, --time-format, --delimiter, ...){keep}. Nothing was written to {out}",
-                           report)
+        why += (f"; e.g. {Path(ex['file']).name} line {ex['line']}: {ex['reason']}"
+                + (f" ({ex['value']!r})" if ex["value"] is not None else ""))
+    return why
+
+
+def _guard(report: dict[str, Any], max_quarantine: float, allow_partial: bool, out: Path) -> None:
+    """Raise CleaningRejected when this run's edge rows or node rows (each kind on its own)
+    kept nothing or quarantined more than allowed, or when the graph would have no edge."""
+    if allow_partial or report["totals"]["rows_in"] == 0:
+        return
+    kinds = {"edge": _totals([r for r in report["files"] if r["kind"] != "nodes"]),
+             "node": _totals([r for r in report["files"] if r["kind"] == "nodes"])}
+    kinds = {k: t for k, t in kinds.items() if t["rows_in"]}
+    options = ("fix the input or the reading options (--source-col, --time-col, --time-unit, --time-format, "
+               "--delimiter, ...)")
+    for kind, t in kinds.items():
+        rows = f"{kind} rows" if len(kinds) > 1 else "rows"  # named only when a run reads both kinds
+        share = t["quarantined"] / t["rows_in"]
+        if t["kept"] > 0 and share <= max_quarantine:
+            continue
+        head = (f"no {rows[:-1]} of {t['rows_in']} was kept" if t["kept"] == 0 else
+                f"{t['quarantined']} of {t['rows_in']} {rows} ({share:.0%}) were quarantined, above the limit of "
+                f"{max_quarantine:.0%}")
+        flag = " (--max-quarantine)" if t["kept"] else ""
+        keep = f", or pass --allow-partial to keep the {t['kept']} good {rows}" if t["kept"] else ""
+        raise CleaningRejected(f"{head}{flag} ({_why(t)}); {options}{keep}. Nothing was written to {out}", report,
+                               problem=f"{head} ({_why(t)})")
+    if report["graph"]["num_edges"] == 0:
+        t = kinds.get("edge")
+        problem = "the cleaned graph would have no edges: " + (f"no edge row was kept ({_why(t)})" if t else
+                                                               "no edge file was given and the folder holds none")
+        fix = options if t else "add an edge list (--edges FILE or --triples FILE)"
+        raise CleaningRejected(f"{problem}; {fix}, or pass --allow-partial to write a graph of nodes without "
+                               f"edges. Nothing was written to {out}", report, problem)
 
 
 def _build(con, out: Path, width: int | None, z_threshold: float, steps: int, recon_epochs: int = 0
@@ -265,6 +289,10 @@ def _build(con, out: Path, width: int | None, z_threshold: float, steps: int, re
                        JOIN (SELECT rel, row_number() OVER (ORDER BY rel) - 1 AS k FROM (SELECT DISTINCT rel FROM edges))
                             r ON e.rel = r.rel
                        ORDER BY e.file, e.line""").fetchnumpy()
+    kept = int(con.execute("SELECT count(*) FROM edges").fetchone()[0])
+    if len(e["s"]) != kept:  # every kept row must become an edge: an id that misses the node index is a bug
+        raise RuntimeError(f"{kept - len(e['s'])} of {kept} kept edge rows found no node index entry (an id spelled "
+                           f"differently from the index, e.g. '03' for 3); rebuild into a fresh --out")
     edge_index = torch.from_numpy(np.stack([e["s"], e["d"]]).astype(np.int64)) if len(e["s"]) else \
         torch.empty(2, 0, dtype=torch.long)
     tensors: dict[str, torch.Tensor] = {
@@ -275,6 +303,10 @@ def _build(con, out: Path, width: int | None, z_threshold: float, steps: int, re
     x = None
     if width:
         rows = con.execute("SELECT i.idx, r.feats FROM node_rows r JOIN node_index i ON r.id = i.name").fetchall()
+        kept = int(con.execute("SELECT count(*) FROM node_rows").fetchone()[0])
+        if len(rows) != kept:
+            raise RuntimeError(f"{kept - len(rows)} of {kept} kept node rows found no node index entry (an id "
+                               f"spelled differently from the index, e.g. '03' for 3); rebuild into a fresh --out")
         x = torch.full((n, width), float("nan"))
         if rows:
             idx = torch.tensor([r[0] for r in rows])

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -110,6 +111,15 @@ def load_graph(source: str, root: str | Path | None = None, cache_dir: str | Pat
         if root is None or cache_dir is None:
             raise ValueError(f"Planetoid {source} needs root= (folder with {source}/raw) and a writable cache_dir=")
         data = load_planetoid(root, source, cache_dir)
+    elif Path(source).is_dir():
+        data = load_clean_graph(source)  # a folder without graph.safetensors: says to run `graph clean`
+    elif Path(source).is_file():
+        raise ValueError(f"{source} is a file; pre-training reads a folder written by `autoglm graph clean`: run "
+                         f"`autoglm graph clean --out DIR --edges {source}` (with --nodes FILE for node features), "
+                         f"then pass DIR (or use --dynamic, which cleans a timed edge file itself)")
+    elif "/" in source or os.sep in source or Path(source).suffix:
+        raise FileNotFoundError(f"{source}: no such file or folder; the graph source is 'sbm', Cora/CiteSeer/PubMed "
+                                f"(with --root) or a folder written by `autoglm graph clean`")
     else:
         raise ValueError(f"unknown graph source {source!r}; use 'sbm', Cora/CiteSeer/PubMed (with --root) or a "
                          f"folder written by `autoglm graph clean`")

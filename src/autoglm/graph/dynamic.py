@@ -11,7 +11,9 @@ from snapshot to snapshot -> temporal link prediction, against a static encoder.
                 score the edges that appear in snapshot t+1 for the first time (label 1)
                 against as many sampled pairs that are not edges up to t+1 (label 0), BCE
                 (`masked_edge_loss`); the last `test_snapshots` transitions are held out
-    metrics     ROC AUC and average precision (scikit-learn) on the held-out transitions
+    metrics     ROC AUC and average precision (scikit-learn) on the held-out transitions; with
+                fewer than MIN_TEST_POSITIVES (20) new edges in them the run is refused, since
+                an AUC over a handful of edges is noise (one edge scores 0 or 1)
 
 `evolving_graph` generates the default data: communities whose members drift over time, each
 snapshot a sparse sample of the current communities, so one snapshot says little and the
@@ -19,7 +21,7 @@ history says more.
 
 Example:
     >>> from autoglm.graph.config import EncoderConfig
-    >>> g = evolving_graph(num_nodes=60, num_snapshots=5, seed=0)
+    >>> g = evolving_graph(num_nodes=100, num_snapshots=5, seed=0)
     >>> snaps, skipped = snapshot_edges(g, num_snapshots=5)
     >>> len(snaps), skipped
     (5, [])
@@ -46,11 +48,15 @@ from .encoder import GraphEncoder
 from .losses import masked_edge_loss
 
 __all__ = ["evolving_graph", "snapshot_edges", "new_edges", "TemporalLinkModel", "train_temporal",
-           "compare_temporal"]
+           "compare_temporal", "MIN_TEST_POSITIVES"]
 
 log = logging.getLogger(__name__)
 
 DAY = 86400.0
+# Held-out new edges an AUC / AP needs to mean anything: with 1-2 positives it is 0, 0.5 or 1 by
+# chance (a window too short for the data gave "AUC 1.0" on two edges); 20 keeps one positive's
+# weight in the AUC at 5%.
+MIN_TEST_POSITIVES = 20
 
 
 def evolving_graph(num_nodes: int = 500, num_snapshots: int = 12, num_blocks: int = 5, num_features: int = 32,
@@ -124,13 +130,10 @@ def snapshot_edges(data: Any, num_snapshots: int | None = None, window: float | 
             raise ValueError(f"num_snapshots ({num_snapshots}) must be >= 1")
         count, width = num_snapshots, (hi - lo) / num_snapshots if hi > lo else 1.0
     idx = ((t - lo) / width).floor().clamp(0, count - 1).nan_to_num(-1).long()
-    out, skipped = [], []
-    for k in range(count):
-        own = idx == k
-        if not bool(own.any()):
-            skipped.append({"window": k, "start": lo + k * width, "reason": "no edge has a time in this window"})
-            continue
-        out.append(data.edge_index[:, own | ~timed])
+    occupied = set(torch.unique(idx[timed]).tolist())  # only these are cut (a tiny window makes many empty ones)
+    out = [data.edge_index[:, (idx == k) | ~timed] for k in sorted(occupied)]
+    skipped = [{"window": k, "start": lo + k * width, "reason": "no edge has a time in this window"}
+               for k in range(count) if k not in occupied]
     return out, skipped
 
 
@@ -189,11 +192,14 @@ def _metrics(pos: torch.Tensor, neg: torch.Tensor) -> dict[str, float]:
 
 def train_temporal(x: torch.Tensor, snapshots: Sequence[torch.Tensor], enc: EncoderConfig, carry: bool,
                    epochs: int = 100, lr: float = 3e-3, test_snapshots: int = 2, seed: int = 0,
-                   device: str | None = None, normalize_state: bool = True) -> dict[str, Any]:
+                   device: str | None = None, normalize_state: bool = True,
+                   min_test_positives: int = MIN_TEST_POSITIVES) -> dict[str, Any]:
     """Train a `TemporalLinkModel` on the transitions t -> t+1 before the last
     `test_snapshots` snapshots (full-batch AdamW, fresh negatives every epoch), then score the
     held-out transitions (the states still run through every snapshot, so the held-out
     snapshots' own edges are seen, never the ones being predicted; fixed seeded negatives).
+    ValueError before training when the held-out transitions hold fewer than
+    `min_test_positives` new edges (their AUC / AP would be noise).
     Returns {"test": {auc, ap, positives, negatives}, "train_loss" (first, last), "seconds",
     "model", "states" (the states after the last snapshot)}."""
     n = x.shape[0]
@@ -207,7 +213,15 @@ def train_temporal(x: torch.Tensor, snapshots: Sequence[torch.Tensor], enc: Enco
     train_t = list(range(steps - test_snapshots - 1))  # predict snapshot t+1 from the states after t
     test_t = list(range(steps - test_snapshots - 1, steps - 1))
     if not sum(fresh[t + 1].shape[1] for t in train_t):
-        raise ValueError("no edge appears for the first time in a training snapshot: nothing to learn from")
+        raise ValueError("no edge appears for the first time in a training snapshot after the first (every pair "
+                         "is in snapshot 0 already, or repeats one seen before): temporal link prediction, which "
+                         "predicts new pairs, has nothing to learn from")
+    held_out = sum(fresh[t + 1].shape[1] for t in test_t)
+    if held_out < min_test_positives:
+        raise ValueError(f"the {test_snapshots} held-out snapshot(s) hold {held_out} edge(s) seen for the first "
+                         f"time; an AUC / AP needs at least {min_test_positives} to mean anything (over a few edges "
+                         f"it is 0, 0.5 or 1 by chance); use longer snapshots (a larger --window, or fewer "
+                         f"--num-snapshots) or hold out more of them (--test-snapshots)")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     model = TemporalLinkModel(x.shape[1], enc, carry, normalize_state).to(dev)
@@ -247,7 +261,8 @@ def train_temporal(x: torch.Tensor, snapshots: Sequence[torch.Tensor], enc: Enco
 
 def compare_temporal(x: torch.Tensor, snapshots: Sequence[torch.Tensor], enc: EncoderConfig, epochs: int = 100,
                      lr: float = 3e-3, test_snapshots: int = 2, seeds: Sequence[int] = (0,),
-                     device: str | None = None, normalize_state: bool = True) -> dict[str, Any]:
+                     device: str | None = None, normalize_state: bool = True,
+                     min_test_positives: int = MIN_TEST_POSITIVES) -> dict[str, Any]:
     """The dynamic (state-carrying) and the static encoder trained the same way on the same
     snapshots, interleaved per seed. Returns {"dynamic", "static": {"auc", "ap" (means over
     seeds), "runs"}, "auc_gain", "ap_gain", "models" (the last seed's dynamic model)}."""
@@ -255,7 +270,8 @@ def compare_temporal(x: torch.Tensor, snapshots: Sequence[torch.Tensor], enc: En
     last = None
     for seed in seeds:
         for name, carry in (("dynamic", True), ("static", False)):
-            r = train_temporal(x, snapshots, enc, carry, epochs, lr, test_snapshots, seed, device, normalize_state)
+            r = train_temporal(x, snapshots, enc, carry, epochs, lr, test_snapshots, seed, device, normalize_state,
+                               min_test_positives)
             out[name]["runs"].append({"seed": seed, **r["test"], "train_loss": r["train_loss"],
                                       "seconds": r["seconds"]})
             log.info("%s seed %d: AUC %.4f AP %.4f (%.1f s)", name, seed, r["test"]["auc"], r["test"]["ap"],

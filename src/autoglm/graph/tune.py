@@ -124,8 +124,10 @@ def check_validation_split(data: Any, what: str = "the graph") -> None:
     missing = [k for k in ("y", "train_mask", "val_mask") if getattr(data, k, None) is None]
     if missing:
         raise ValueError(f"{what} has no {', '.join(missing)}: the tuner selects settings on validation nodes "
-                         f"only, so it needs labels and train/val masks (e.g. "
-                         f"autoglm.graph.datasets.planetoid_split(y) makes a Planetoid-style split)")
+                         f"only, so it needs labelled nodes with train/val masks. The sources that carry them are "
+                         f"'sbm' (the generated graph) and Cora / CiteSeer / PubMed (--data Cora --root DIR, the "
+                         f"public Planetoid split); a folder written by `autoglm graph clean` has no labels, so "
+                         f"pre-train on it (`autoglm graph pretrain --data DIR`) and tune on one of those")
     for k in ("train_mask", "val_mask"):
         if not bool(getattr(data, k).any()):
             raise ValueError(f"{what}'s {k} selects no node; the tuner needs labelled train and validation nodes")

@@ -22,6 +22,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -127,10 +130,12 @@ class DynamicSettings:
                                    "encoder (AUC / AP); data 'sbm' means the generated evolving graph here, a "
                                    "CSV / TSV / JSONL / Parquet edge file is cleaned first", flag="dynamic")
     num_snapshots: int = setting(12, "equal time windows between the earliest and the latest edge")
-    window: float | None = setting(None, "seconds per snapshot instead of num_snapshots (e.g. 86400 = a day)")
+    window: float | None = setting(None, "seconds per snapshot instead of num_snapshots (e.g. 86400 = a day); "
+                                         "windows more than half empty are refused as too short for the data")
     untimed: Literal["error", "static"] = setting("error", "edges without a time: error, or static (in every "
                                                            "snapshot)")
-    test_snapshots: int = setting(2, "the last transitions t -> t+1 held out for the AUC / AP")
+    test_snapshots: int = setting(2, "the last transitions t -> t+1 held out for the AUC / AP; they must hold at "
+                                     "least 20 edges seen for the first time")
     epochs: int = setting(100, "full-batch training epochs (every training transition each epoch)",
                          flag="dynamic-epochs")
     lr: float = setting(3e-3, "AdamW learning rate of the temporal model", flag="dynamic-lr")
@@ -162,6 +167,8 @@ class GraphPretrainConfig:
     dynamic: DynamicSettings = section(DynamicSettings, "dynamic graphs (--dynamic)")
     out: Path = setting(Path("runs/graph"), "output folder: model.safetensors, graph_ssl_config.json, "
                                             "embeddings.safetensors, config.yaml, run.json")
+    overwrite: bool = setting(False, "replace a graph run already in OUT (files of the other kind of run, static or "
+                                     "dynamic, are removed); without it such an OUT is refused before training")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
 
 
@@ -211,11 +218,52 @@ def load_data(src: GraphData) -> Any:
     return load_graph(src.source, src.root, src.cache_dir, normalize_features=src.normalize_features)
 
 
+# What a `graph pretrain` run writes into OUT: static (model + graph_ssl_config.json + embeddings) or
+# dynamic (model + states + dynamic.json, and clean/ when it cleaned an edge file); both config.yaml
+# and run.json. Any of the first six means OUT holds a run.
+RUN_FILES = ("model.safetensors", "run.json", "graph_ssl_config.json", "embeddings.safetensors",
+             "states.safetensors", "dynamic.json", "config.yaml", "clean")
+
+
+def check_out(cfg: GraphPretrainConfig) -> None:
+    """FileExistsError when `cfg.out` already holds a run (a graph run, unless `cfg.overwrite`;
+    a language-model or adapter run always), before any data is read or model trained."""
+    from ..rundir import KINDS, RunDir
+
+    out = cfg.out
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file; --out must be a folder")
+    kind = RunDir.detect(out) if out.is_dir() else None
+    if kind in ("model", "lora"):
+        raise FileExistsError(f"{out} holds a {KINDS[kind][1]}, not a graph run; pick another --out "
+                              f"(--overwrite replaces graph runs only)")
+    held = [f for f in RUN_FILES[:6] if (out / f).exists()]
+    if held and not cfg.overwrite:
+        raise FileExistsError(f"{out} already holds a graph run ({', '.join(held)}); pass --overwrite to replace "
+                              f"it, or choose another --out")
+
+
+def _remove_stale(out: Path, written: set[str]) -> None:
+    """Remove the run files of an earlier run in `out` that this run did not write (e.g. a
+    dynamic run's states.safetensors after a static run), so OUT holds one run."""
+    for name in RUN_FILES:
+        p = out / name
+        if name in written or not (p.exists() or p.is_symlink()):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        log.info("removed %s of the run replaced in %s", name, out)
+
+
 def pretrain(cfg: GraphPretrainConfig, data: Any = None, progress: bool = False,
              console: Any = None) -> GraphPretrainOutput:
     """Pre-train `cfg.ssl` on `data` (default: `load_data(cfg.data)`) and write `cfg.out`: the model
     (model.safetensors + graph_ssl_config.json), the final embeddings (embeddings.safetensors),
-    config.yaml (this config; re-run it with --config) and run.json, each by atomic rename."""
+    config.yaml (this config; re-run it with --config) and run.json, each by atomic rename.
+    An OUT that already holds a run is refused unless `cfg.overwrite` (`check_out`); then the
+    files of the earlier run that this one does not write are removed."""
     from safetensors.torch import save_file
 
     from ..atomic import atomic_files
@@ -223,6 +271,7 @@ def pretrain(cfg: GraphPretrainConfig, data: Any = None, progress: bool = False,
 
     if cfg.dynamic.enabled:
         return pretrain_dynamic(cfg, data)
+    check_out(cfg)
     data = load_data(cfg.data) if data is None else data
     model, result = train(data.x, data.edge_index, cfg.ssl, progress=progress, console=console, device=cfg.device)
     last = next((r for r in reversed(result.history) if "loss" in r), {})
@@ -233,8 +282,10 @@ def pretrain(cfg: GraphPretrainConfig, data: Any = None, progress: bool = False,
         save_ssl_model(model, tmp)
         save_file({"embeddings": embed(model, data.x, data.edge_index).contiguous()},
                   str(tmp / "embeddings.safetensors"))
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
+        (tmp / "config.yaml").write_text(to_yaml(dataclasses.replace(cfg, overwrite=False)))  # re-runs refuse
         (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
+    _remove_stale(cfg.out, {"model.safetensors", "graph_ssl_config.json", "embeddings.safetensors", "config.yaml",
+                            "run.json"})
     return GraphPretrainOutput(model, result, cfg.out)
 
 
@@ -304,14 +355,21 @@ def tune(cfg: GraphTuneConfig, data: Any = None) -> dict[str, Any]:
 EDGE_FILES = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".parquet")
 
 
-def load_timed_data(cfg: GraphPretrainConfig) -> tuple[Any, dict[str, Any]]:
+def _looks_like_path(src: str) -> bool:
+    """A --data value meant as a file or folder (a suffix or a slash), not a source name."""
+    return "/" in src or os.sep in src or Path(src).suffix != ""
+
+
+def load_timed_data(cfg: GraphPretrainConfig, clean_dir: Path | None = None) -> tuple[Any, dict[str, Any]]:
     """The graph of a dynamic run and where it came from: 'sbm' -> the generated evolving graph;
-    an edge file (source,target,timestamp columns) -> `clean_graph` into OUT/clean first (bad
-    rows, e.g. unparsable timestamps, go to OUT/clean/quarantine.csv with their reason); a
-    cleaned folder as it is. A graph without node features gets 32 seeded N(0, 1) features."""
+    an edge file (source,target,timestamp columns) -> `clean_graph` into `clean_dir` first, a
+    folder that must not exist yet (default: a new temporary one), so every run cleans its own
+    file from scratch (bad rows, e.g. unparsable timestamps, go to clean_dir/quarantine.csv
+    with their reason); a cleaned folder as it is. A graph without node features gets 32
+    seeded N(0, 1) features."""
     import torch
 
-    from ..graph.clean import clean_graph, load_clean_graph
+    from ..graph.clean import CleaningRejected, clean_graph, load_clean_graph
     from ..graph.dynamic import evolving_graph
 
     src = cfg.data.source
@@ -320,12 +378,32 @@ def load_timed_data(cfg: GraphPretrainConfig) -> tuple[Any, dict[str, Any]]:
         data = evolving_graph(seed=cfg.ssl.optim.seed)
         info["source"] = "evolving (generated: 500 nodes, 5 drifting communities, 12 days)"
     elif Path(src).suffix.lower() in EDGE_FILES and Path(src).is_file():
-        rep = clean_graph(cfg.out / "clean", edges=[src])
+        where = Path(clean_dir) if clean_dir is not None else Path(tempfile.mkdtemp(prefix="autoglm-clean-")) / "clean"
+        if where.exists() and (not where.is_dir() or any(where.iterdir())):
+            raise FileExistsError(f"{where} already exists; cleaning for a dynamic run needs a fresh folder")
+        # graph pretrain has none of graph clean's reading options: its errors point to that command
+        clean_first = (f"clean the file first with `autoglm graph clean --out DIR --edges {src}` and the options "
+                       f"it needs (`autoglm graph clean --help`), then run `autoglm graph pretrain --dynamic "
+                       f"--data DIR`")
+        try:
+            rep = clean_graph(where, edges=[src])
+        except CleaningRejected as e:
+            raise ValueError(f"{src}: {e.problem}; nothing was trained or written. To read the file differently "
+                             f"(column names, time unit or format, delimiter: options of `autoglm graph clean`) or "
+                             f"to keep only its good rows, {clean_first}") from None
+        except ValueError as e:
+            if " --" not in str(e):
+                raise
+            raise ValueError(f"{e} (options of `autoglm graph clean`, not of `graph pretrain`: {clean_first})") \
+                from None
         info["clean"] = {"kept": rep["totals"]["kept"], "quarantined": rep["totals"]["by_rule"],
-                         "quarantine_file": str(cfg.out / "clean" / "quarantine.csv")}
-        data = load_clean_graph(cfg.out / "clean")
+                         "quarantine_file": str(where / "quarantine.csv")}
+        data = load_clean_graph(where)
     elif Path(src).is_dir():
         data = load_clean_graph(src)
+    elif _looks_like_path(src) and not Path(src).exists():
+        raise FileNotFoundError(f"--data {src}: no such file or folder (dynamic mode reads an edge file with a "
+                                f"timestamp column, a folder written by `autoglm graph clean`, or 'sbm')")
     else:
         raise ValueError(f"dynamic mode reads 'sbm' (the generated evolving graph), an edge file with a timestamp "
                          f"column ({', '.join(EDGE_FILES)}) or a folder written by `autoglm graph clean`; got {src!r}")
@@ -335,26 +413,61 @@ def load_timed_data(cfg: GraphPretrainConfig) -> tuple[Any, dict[str, Any]]:
     return data, info
 
 
+def _check_windows(snaps: list, skipped: list[dict[str, Any]], data: Any, d: DynamicSettings) -> None:
+    """Log the empty windows once (count and a few), and refuse windows that are mostly empty:
+    the snapshots would be fragments of bursts (a --window of a minute on daily data)."""
+    if not skipped:
+        return
+    total = len(snaps) + len(skipped)
+    shown = ", ".join(str(s["window"]) for s in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+    log.warning("dropped %d empty snapshot window(s) of %d (windows %s): no edge has a time in them",
+                len(skipped), total, shown)
+    if len(skipped) * 2 <= total:
+        return
+    t = data.edge_time.double()
+    t = t[~t.isnan()]
+    span = float(t.max() - t.min())
+    how = f"--window {d.window:g} s" if d.window else f"--num-snapshots {d.num_snapshots}"
+    fix = (f"use a larger --window (the edges span {span:.0f} s; --window {max(span / 12, 1):.0f} gives 12 "
+           f"windows)" if d.window else "use fewer --num-snapshots, or --window SECONDS")
+    raise ValueError(f"{len(skipped)} of {total} snapshot windows ({how}) hold no edge: most of the time line is "
+                     f"empty, so the snapshots would be fragments of the bursts between; {fix}")
+
+
 def pretrain_dynamic(cfg: GraphPretrainConfig, data: Any = None) -> dict[str, Any]:
     """`autoglm graph pretrain --dynamic`: snapshots of the timed graph (`snapshot_edges`), the
     state-carrying encoder and (with compare_static) the static one trained by temporal link
     prediction side by side (`compare_temporal`), on the encoder section of `cfg.ssl`. Writes
     to `cfg.out`: model.safetensors (the dynamic model), states.safetensors (node states after
     the last snapshot), dynamic.json (AUC / AP of both, snapshots, dropped empty windows),
-    config.yaml and run.json. Returns the dynamic.json content."""
+    config.yaml and run.json, and OUT/clean when it cleaned an edge file (cleaned afresh each
+    run, it replaces the earlier OUT/clean only when the run succeeds). An OUT that already
+    holds a run is refused unless `cfg.overwrite` (`check_out`). Returns the dynamic.json
+    content."""
+    check_out(cfg)
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)  # scratch sits next to OUT: same disk, renames are atomic
+    with tempfile.TemporaryDirectory(prefix=f".{cfg.out.name}.clean-", dir=cfg.out.parent) as scratch:
+        return _pretrain_dynamic(cfg, data, Path(scratch))
+
+
+def _pretrain_dynamic(cfg: GraphPretrainConfig, data: Any, scratch: Path) -> dict[str, Any]:
+    """`pretrain_dynamic` with `scratch`, a temporary folder next to OUT: an edge file is cleaned
+    into scratch/clean, which replaces OUT/clean only once the model files are written."""
     from safetensors.torch import save_file
 
-    from ..atomic import atomic_files
+    from ..atomic import atomic_files, fsync_dir
     from ..graph.dynamic import compare_temporal, snapshot_edges, train_temporal
 
     d = cfg.dynamic
     info: dict[str, Any] = {"source": cfg.data.source}
+    fresh = scratch / "clean"
     if data is None:
-        data, info = load_timed_data(cfg)
+        data, info = load_timed_data(cfg, fresh)
+        if "clean" in info:
+            info["clean"]["quarantine_file"] = str(cfg.out / "clean" / "quarantine.csv")
     snaps, skipped = snapshot_edges(data, num_snapshots=None if d.window else d.num_snapshots, window=d.window,
                                     untimed=d.untimed)
-    for s in skipped:
-        log.warning("snapshot window %d (from %.0f s) dropped: %s", s["window"], s["start"], s["reason"])
+    _check_windows(snaps, skipped, data, d)
     seeds = list(range(cfg.ssl.optim.seed, cfg.ssl.optim.seed + d.seeds))
     enc = cfg.ssl.encoder if d.hidden_dim is None else dataclasses.replace(cfg.ssl.encoder, hidden_dim=d.hidden_dim)
     if enc.attention and enc.hidden_dim % enc.heads:
@@ -378,6 +491,14 @@ def pretrain_dynamic(cfg: GraphPretrainConfig, data: Any = None) -> dict[str, An
         save_file({k: v.contiguous() for k, v in last["model"].state_dict().items()}, str(tmp / "model.safetensors"))
         save_file({"states": last["states"].contiguous()}, str(tmp / "states.safetensors"))
         (tmp / "dynamic.json").write_text(json.dumps(res, indent=1, default=str))
-        (tmp / "config.yaml").write_text(to_yaml(cfg))
+        (tmp / "config.yaml").write_text(to_yaml(dataclasses.replace(cfg, overwrite=False)))  # re-runs refuse
         (tmp / "run.json").write_text(json.dumps(run, indent=2, default=str))
+    written = {"model.safetensors", "states.safetensors", "dynamic.json", "config.yaml", "run.json"}
+    if fresh.is_dir():  # this run's cleaned file replaces OUT/clean (the old one goes with scratch)
+        if (cfg.out / "clean").exists():
+            os.replace(cfg.out / "clean", scratch / "old-clean")
+        os.replace(fresh, cfg.out / "clean")
+        fsync_dir(cfg.out)
+        written.add("clean")
+    _remove_stale(cfg.out, written)
     return res
