@@ -75,6 +75,10 @@ def test_compare_trains_each_preset_for_the_same_budget(tmp_path, corpus):
     saved = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert saved["best"] == res["best"] and (tmp_path / "cmp" / "val_loss.png").stat().st_size > 1000
     assert "lower validation loss" in (tmp_path / "cmp" / "compare.md").read_text()
+    before = (tmp_path / "cmp" / "compare.json").read_text()
+    with pytest.raises(FileExistsError, match="earlier comparison"):  # a second run into the same folder
+        compare(cfg, progress=False)
+    assert (tmp_path / "cmp" / "compare.json").read_text() == before
 
 
 def test_lr_grid_selects_on_the_first_validation_half_and_reports_the_second(tmp_path, corpus):

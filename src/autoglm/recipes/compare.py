@@ -245,6 +245,10 @@ def compare(cfg: CompareConfig, progress: bool = True, console: Any = None) -> d
     from .pretrain import PretrainConfig, pretrain
 
     out = Path(cfg.out)
+    earlier = sorted(str(p.parent) for p in out.glob("**/run.json")) if out.is_dir() else []
+    if earlier:  # checked before the corpus is read and anything is timed
+        raise FileExistsError(f"{out} already holds the runs of an earlier comparison ({', '.join(earlier[:3])}"
+                              f"{', ...' if len(earlier) > 3 else ''}); choose another --out or delete it first")
     data = prepare_corpus(cfg.data.path, cfg.data.cache_dir, cfg.vocab_size, val_fraction=cfg.data.val_fraction,
                           extra_train=cfg.data.extra_train)
     budget = cfg.minutes * 60
