@@ -111,7 +111,7 @@ def test_cli_print_config_and_errors():
     assert load_config(Demo, overrides={}).train.max_steps == 40
     assert "max_steps: 5" in r.output and "warmup_steps: 1" in r.output
     r = CliRunner().invoke(_app(seen), ["demo", "--steps", "0"])
-    assert r.exit_code == 2 and "max_steps must be a positive integer" in r.output
+    assert r.exit_code == 2 and "max_steps (--steps) must be a positive integer" in r.output
     r = CliRunner().invoke(_app(seen), ["demo", "--mode", "medium"])
     assert r.exit_code == 2 and "mode (--mode): must be one of 'fast', 'slow'" in r.output
     r = CliRunner().invoke(_app(seen), ["demo", "--help"])
