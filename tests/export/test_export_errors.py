@@ -39,7 +39,7 @@ def test_unsupported_opset_and_mode(tmp_path, export_model_dir):
     assert res.exit_code == 2 and "prefill_attention (--prefill-attention): must be one of" in _out(res)
     res = runner.invoke(app, ["export", "onnx", str(export_model_dir), "--out", str(tmp_path / "o7"),
                               "--rtol", "-1"])
-    assert res.exit_code == 2 and "atol and rtol must be >= 0" in _out(res)
+    assert res.exit_code == 2 and "atol (--atol) and rtol must be >= 0" in _out(res)
     res = runner.invoke(app, ["export", "onnx", str(export_model_dir)])
     assert res.exit_code == 2 and "out is required" in _out(res)
     with pytest.raises(ValueError, match="prefill_attention"):

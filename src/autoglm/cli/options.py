@@ -179,6 +179,6 @@ def _with_flags(e: ConfigError, spelled: dict[str, str]) -> str:
         if msg.startswith(path + ":") or f": {path}:" in msg:
             return msg.replace(f"{path}:", f"{path} ({flag}):", 1)
         section, _, field = path.rpartition(".")  # a section's own check: "train: max_steps must ..."
-        if section and msg.startswith(f"{section}: {field} must "):
+        if section and msg.startswith(f"{section}: {field} "):
             return msg.replace(f"{section}: {field} ", f"{section}: {field} ({flag}) ", 1)
     return msg
