@@ -17,9 +17,14 @@ from typing import Any
 import torch
 from torch_geometric.data import Data
 
-__all__ = ["sbm_graph", "planetoid_split", "structural_features", "load_graph"]
+__all__ = ["sbm_graph", "planetoid_split", "structural_features", "load_graph", "looks_like_path"]
 
 log = logging.getLogger(__name__)
+
+
+def looks_like_path(source: str) -> bool:
+    """A graph source meant as a file or folder (it has a suffix or a slash), not a source name."""
+    return "/" in source or os.sep in source or Path(source).suffix != ""
 
 
 def planetoid_split(y: torch.Tensor, per_class: int = 20, num_val: int = 500, num_test: int = 1000,
@@ -117,7 +122,7 @@ def load_graph(source: str, root: str | Path | None = None, cache_dir: str | Pat
         raise ValueError(f"{source} is a file; pre-training reads a folder written by `autoglm graph clean`: run "
                          f"`autoglm graph clean --out DIR --edges {source}` (with --nodes FILE for node features), "
                          f"then pass DIR (or use --dynamic, which cleans a timed edge file itself)")
-    elif "/" in source or os.sep in source or Path(source).suffix:
+    elif looks_like_path(source):
         raise FileNotFoundError(f"{source}: no such file or folder; the graph source is 'sbm', Cora/CiteSeer/PubMed "
                                 f"(with --root) or a folder written by `autoglm graph clean`")
     else:

@@ -355,11 +355,6 @@ def tune(cfg: GraphTuneConfig, data: Any = None) -> dict[str, Any]:
 EDGE_FILES = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".parquet")
 
 
-def _looks_like_path(src: str) -> bool:
-    """A --data value meant as a file or folder (a suffix or a slash), not a source name."""
-    return "/" in src or os.sep in src or Path(src).suffix != ""
-
-
 def load_timed_data(cfg: GraphPretrainConfig, clean_dir: Path | None = None) -> tuple[Any, dict[str, Any]]:
     """The graph of a dynamic run and where it came from: 'sbm' -> the generated evolving graph;
     an edge file (source,target,timestamp columns) -> `clean_graph` into `clean_dir` first, a
@@ -370,6 +365,7 @@ def load_timed_data(cfg: GraphPretrainConfig, clean_dir: Path | None = None) -> 
     import torch
 
     from ..graph.clean import CleaningRejected, clean_graph, load_clean_graph
+    from ..graph.datasets import looks_like_path
     from ..graph.dynamic import evolving_graph
 
     src = cfg.data.source
@@ -401,7 +397,7 @@ def load_timed_data(cfg: GraphPretrainConfig, clean_dir: Path | None = None) -> 
         data = load_clean_graph(where)
     elif Path(src).is_dir():
         data = load_clean_graph(src)
-    elif _looks_like_path(src) and not Path(src).exists():
+    elif looks_like_path(src) and not Path(src).exists():
         raise FileNotFoundError(f"--data {src}: no such file or folder (dynamic mode reads an edge file with a "
                                 f"timestamp column, a folder written by `autoglm graph clean`, or 'sbm')")
     else:
