@@ -163,7 +163,7 @@ def _resumed_config(cls: type, overrides: dict[str, Any]) -> Path | None:
     """`--resume` without `--config`: the run's own OUT/config.yaml, so the run continues with
     the settings it started with (the options given still override them)."""
     fields = {lf.path: lf for lf in leaves(cls)}
-    if not {"resume", "out"} <= set(fields) or str(overrides.get("resume", "")).lower() not in ("true", "1", "yes"):
+    if not {"resume", "out"} <= set(fields) or overrides.get("resume") is not True:  # typer gives the flag as a bool
         return None
     saved = Path(overrides.get("out") or fields["out"].default) / "config.yaml"
     if not saved.is_file():

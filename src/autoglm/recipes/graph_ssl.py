@@ -355,12 +355,12 @@ def tune(cfg: GraphTuneConfig, data: Any = None) -> dict[str, Any]:
 EDGE_FILES = (".csv", ".tsv", ".txt", ".jsonl", ".json", ".parquet")
 
 
-def load_timed_data(cfg: GraphPretrainConfig, clean_dir: Path | None = None) -> tuple[Any, dict[str, Any]]:
+def load_timed_data(cfg: GraphPretrainConfig, clean_dir: Path) -> tuple[Any, dict[str, Any]]:
     """The graph of a dynamic run and where it came from: 'sbm' -> the generated evolving graph;
     an edge file (source,target,timestamp columns) -> `clean_graph` into `clean_dir` first, a
-    folder that must not exist yet (default: a new temporary one), so every run cleans its own
-    file from scratch (bad rows, e.g. unparsable timestamps, go to clean_dir/quarantine.csv
-    with their reason); a cleaned folder as it is. A graph without node features gets 32
+    folder that must not exist yet, so every run cleans its own file from scratch (bad rows,
+    e.g. unparsable timestamps, go to clean_dir/quarantine.csv with their reason; info["clean"]
+    counts them); a cleaned folder as it is. A graph without node features gets 32
     seeded N(0, 1) features."""
     import torch
 
@@ -374,7 +374,7 @@ def load_timed_data(cfg: GraphPretrainConfig, clean_dir: Path | None = None) -> 
         data = evolving_graph(seed=cfg.ssl.optim.seed)
         info["source"] = "evolving (generated: 500 nodes, 5 drifting communities, 12 days)"
     elif Path(src).suffix.lower() in EDGE_FILES and Path(src).is_file():
-        where = Path(clean_dir) if clean_dir is not None else Path(tempfile.mkdtemp(prefix="autoglm-clean-")) / "clean"
+        where = Path(clean_dir)
         if where.exists() and (not where.is_dir() or any(where.iterdir())):
             raise FileExistsError(f"{where} already exists; cleaning for a dynamic run needs a fresh folder")
         # graph pretrain has none of graph clean's reading options: its errors point to that command
@@ -392,8 +392,7 @@ def load_timed_data(cfg: GraphPretrainConfig, clean_dir: Path | None = None) -> 
                 raise
             raise ValueError(f"{e} (options of `autoglm graph clean`, not of `graph pretrain`: {clean_first})") \
                 from None
-        info["clean"] = {"kept": rep["totals"]["kept"], "quarantined": rep["totals"]["by_rule"],
-                         "quarantine_file": str(where / "quarantine.csv")}
+        info["clean"] = {"kept": rep["totals"]["kept"], "quarantined": rep["totals"]["by_rule"]}
         data = load_clean_graph(where)
     elif Path(src).is_dir():
         data = load_clean_graph(src)
@@ -459,7 +458,7 @@ def _pretrain_dynamic(cfg: GraphPretrainConfig, data: Any, scratch: Path) -> dic
     fresh = scratch / "clean"
     if data is None:
         data, info = load_timed_data(cfg, fresh)
-        if "clean" in info:
+        if "clean" in info:  # where the quarantine lands once the run succeeds (below)
             info["clean"]["quarantine_file"] = str(cfg.out / "clean" / "quarantine.csv")
     snaps, skipped = snapshot_edges(data, num_snapshots=None if d.window else d.num_snapshots, window=d.window,
                                     untimed=d.untimed)

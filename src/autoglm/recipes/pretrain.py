@@ -102,8 +102,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
         _check_resumed_data(cfg, out)
     if torchrun_rank() == 0:  # one process deletes a run being replaced
         claim_out_dir(out, cfg.resume, cfg.overwrite)
-    elif RunDir.detect(out) is not None and not cfg.resume and not cfg.overwrite:
-        claim_out_dir(out)  # raises, as on the main rank
+    elif not cfg.overwrite:
+        claim_out_dir(out, cfg.resume)  # refuses as the main rank does
     init = RunDir.open(cfg.init_from, role="init_from run") if cfg.init_from is not None else None
     init_model = init.load_model() if init is not None else None
     model_cfg = init_model.config if init_model is not None else cfg.model.config()
