@@ -55,3 +55,22 @@ def test_streamed_events(chat):
     assert plain == b._sse([b._choice(1, text, None, None, False)])
     usage = json.loads(b.last_chunks().split("\n\n")[0][6:])
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 2
+
+
+def test_chat_logprob_bytes_rebuild_characters_split_across_tokens(tiny_tokenizer):
+    """An emoji is four UTF-8 bytes; a byte-level tokenizer that never merged them gives four
+    tokens, each decoding to U+FFFD alone. Each token's `bytes` must be its own byte, so the
+    joined bytes are the emoji (what OpenAI's `bytes` field is for), and whole tokens give
+    their text's UTF-8."""
+    from autoglm.inference.protocol import LogprobFormatter
+
+    text = "hi \U0001F600"
+    ids = tiny_tokenizer.encode(text)
+    fmt = LogprobFormatter(tiny_tokenizer, chat=True)
+    content = fmt.payload([TokenLogprob(i, -1.0, [(i, -1.0)]) for i in ids])["content"]
+    assert any(c["token"] == "\ufffd" for c in content)  # the case the field exists for
+    assert b"".join(bytes(c["bytes"]) for c in content) == text.encode("utf-8")
+    assert all(c["top_logprobs"][0]["bytes"] == c["bytes"] for c in content)
+    for c in content:
+        if c["token"] != "\ufffd":
+            assert bytes(c["bytes"]).decode("utf-8") == c["token"]

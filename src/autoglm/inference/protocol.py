@@ -17,6 +17,7 @@ the prompt's tokens first, the very first scored `null`) or the chat shape `{con
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 import uuid
@@ -324,6 +325,34 @@ def _token_texts(tokenizer) -> dict[int, str]:
     return _TOKEN_TEXTS.setdefault(tokenizer, {})
 
 
+_TOKEN_BYTES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@functools.cache
+def _byte_of_symbol() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's printable stand-in for each of the 256 bytes),
+    inverted: symbol -> byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {sym: b for b, sym in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer, token_id: int, text: str) -> list[int]:
+    """The UTF-8 bytes one token stands for (the chat logprobs' `bytes`). A byte-level token can
+    hold part of a character (an emoji spans several tokens): its decoded `text` is then U+FFFD,
+    so its bytes come from its byte-level symbols, which clients join across tokens to rebuild
+    the character. A tokenizer that is not byte-level gives the bytes of `text`."""
+    cache = _TOKEN_BYTES.setdefault(tokenizer, {})
+    if token_id not in cache:
+        to_piece = getattr(tokenizer, "convert_ids_to_tokens", None)
+        table, piece = _byte_of_symbol(), to_piece(token_id) if to_piece else None
+        if isinstance(piece, str) and piece and all(c in table for c in piece):
+            cache[token_id] = [table[c] for c in piece]
+        else:
+            cache[token_id] = list(text.encode("utf-8"))
+    return cache[token_id]
+
+
 class LogprobFormatter:
     """One choice's logprobs in the OpenAI shape (see module docstring); completions keep the
     running `text_offset` across calls."""
@@ -348,7 +377,7 @@ class LogprobFormatter:
         if self.chat:
             def item(tid, lp):
                 t = self._text(tid)
-                return {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8"))}
+                return {"token": t, "logprob": lp, "bytes": token_bytes(self.tok, tid, t)}
             return {"content": [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, v) for i, v in e.top]}
                                 for e in entries]}
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
