@@ -8,6 +8,8 @@
                                   the templates' own Rego evaluated by regopy, the way
                                   Gatekeeper calls it (input.review.object, input.parameters,
                                   data.inventory)
+    traffic_allowed(policies, src, dst, port)
+                               -> whether NetworkPolicies let pod src open port on pod dst
 """
 
 from __future__ import annotations
@@ -148,3 +150,52 @@ class Gatekeeper:
                 raise RuntimeError(f"Rego of {c['kind']} failed: {out}")
             msgs += [f"[{c['metadata']['name']}] {v['msg']}" for v in json.loads(str(out.binding("v")))]
         return msgs
+
+
+def selects(selector: dict | None, labels: dict) -> bool:
+    """Whether a Kubernetes label selector (matchLabels, matchExpressions) selects `labels`;
+    an empty selector selects everything."""
+    selector = selector or {}
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        k, op, vals = e["key"], e["operator"], e.get("values", [])
+        ok = {"In": k in labels and labels[k] in vals, "NotIn": k not in labels or labels[k] not in vals,
+              "Exists": k in labels, "DoesNotExist": k not in labels}[op]
+        if not ok:
+            return False
+    return True
+
+
+def traffic_allowed(policies: list[dict], src: tuple[str, dict], dst: tuple[str, dict], port: int,
+                    protocol: str = "TCP") -> bool:
+    """Whether NetworkPolicies let a pod `src` = (namespace, labels) open `port` on pod `dst`,
+    by the API's rules: a pod selected by no policy of a direction is open in it; a selected
+    pod takes the union of its policies' rules; both src's egress and dst's ingress must allow.
+    (Covers the fields deploy/ uses: pod/namespace selectors and numeric ports.)"""
+
+    def peer_matches(peer: dict, policy_ns: str, pod: tuple[str, dict]) -> bool:
+        ns, labels = pod
+        if "ipBlock" in peer:
+            return False
+        if "namespaceSelector" in peer:
+            if not selects(peer["namespaceSelector"], {"kubernetes.io/metadata.name": ns}):
+                return False
+        elif ns != policy_ns:
+            return False
+        return selects(peer.get("podSelector"), labels)
+
+    def port_matches(rule: dict) -> bool:
+        ports = rule.get("ports") or []
+        return not ports or any(p.get("port") in (None, port) and p.get("protocol", "TCP") == protocol for p in ports)
+
+    def direction(pod, other, kind: str, key: str, peers: str) -> bool:
+        ns, labels = pod
+        mine = [p for p in policies if p["metadata"].get("namespace") == ns
+                and selects(p["spec"]["podSelector"], labels) and kind in p["spec"].get("policyTypes", ["Ingress"])]
+        if not mine:
+            return True
+        return any(port_matches(rule) and (not rule.get(peers) or any(peer_matches(x, ns, other) for x in rule[peers]))
+                   for p in mine for rule in p["spec"].get(key) or [])
+
+    return direction(src, dst, "Egress", "egress", "to") and direction(dst, src, "Ingress", "ingress", "from")

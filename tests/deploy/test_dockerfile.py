@@ -52,3 +52,29 @@ def test_image_builds():
     r = subprocess.run(["docker", "build", "-f", str(DOCKERFILE), "-t", "autoglm:test", str(ROOT)],
                        capture_output=True, text=True, timeout=3600)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_every_writable_path_of_the_image_is_a_writable_mount_of_the_pod():
+    """The Deployment runs the image with a read-only root: HOME and every cache directory the
+    image's environment names (and the container's own env) must lie under a volume mounted
+    writable in the pod, or the first cache write fails at run time."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from k8s_render import render
+
+    ins = instructions()
+    runtime = ins[[i for i, (k, _) in enumerate(ins) if k == "FROM"][-1]:]
+    env = {}
+    for k, a in runtime:
+        if k == "ENV":
+            env.update(dict(re.findall(r"(\w+)=(\S+)", a)))
+    (dep,) = [o for o in render("k8s/base") if o["kind"] == "Deployment"]
+    (c,) = dep["spec"]["template"]["spec"]["containers"]
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    env.update({e["name"]: e["value"] for e in c.get("env", []) if "value" in e})
+    writable = [m["mountPath"] for m in c["volumeMounts"] if not m.get("readOnly")]
+    paths = {k: v for k, v in env.items() if v.startswith("/") and k != "PATH"}
+    assert {"HOME", "HF_HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR"} <= set(paths)
+    outside = {k: v for k, v in paths.items() if not any(v == w or v.startswith(w.rstrip("/") + "/") for w in writable)}
+    assert outside == {}, f"not under a writable mount {writable}: {outside}"

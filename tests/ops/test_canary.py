@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 from autoglm.cli import app
 from autoglm.inference.server import ServerMetrics
 from autoglm.ops.canary import WindowStats, decide, histogram_quantile, window_stats
+from autoglm.ops.series import MetricsError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,3 +97,100 @@ def test_cli_writes_weights_the_overlay_renders(tmp_path):
     assert r.exit_code == 0 and "rollback: canary weight 0%" in " ".join(r.output.split())
     r = CliRunner().invoke(app, ["ops", "canary", "--stable", str(stable), "--canary", str(tmp_path / "none.jsonl")])
     assert r.exit_code == 2 and "error:" in r.output
+
+
+def test_a_canary_that_served_nothing_is_never_promoted():
+    """No request in the window is no evidence: hold, whatever min_requests says (its error
+    rate and p99 are undefined, and NaN compares false against every threshold)."""
+    idle = window_stats(scrapes([], finished=0))
+    assert idle.requests == 0 and np.isnan(idle.error_rate)
+    d = decide(WindowStats(1000, 0, 1.0), idle, 25, min_requests=0)
+    assert (d.action, d.canary_weight) == ("hold", 25) and "served 0 requests" in d.reason
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--min-requests", "0"], "min_requests must be >= 1"),
+    (["--max-error-increase", "-0.5"], "max_error_increase is a share of requests in [0, 1]"),
+    (["--steps", "0,50,100"], "steps must be increasing percentages in (0, 100] ending at 100"),
+    (["--steps", "10,10,100"], "steps must be increasing percentages"),
+    (["--canary-weight", "101"], "canary_weight is a percentage"),
+])
+def test_cli_refuses_rules_that_make_no_sense(tmp_path, args, message):
+    s = write(tmp_path, "s.jsonl", scrapes([0.1] * 200, finished=200))
+    r = CliRunner().invoke(app, ["ops", "canary", "--stable", str(s), "--canary", str(s), *args])
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+
+
+def test_cli_names_the_missing_scrapes_file(tmp_path):
+    s = write(tmp_path, "s.jsonl", scrapes([0.1] * 200, finished=200))
+    weights = tmp_path / "weights.yaml"
+    r = CliRunner().invoke(app, ["ops", "canary", "--stable", str(s), "--canary", str(tmp_path / "c.jsonl"),
+                                 "--weights-file", str(weights)])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"--canary {tmp_path / 'c.jsonl'} does not exist" in out and "autoglm ops scrape" in out
+    assert not weights.exists()  # nothing decided, nothing written
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    r = CliRunner().invoke(app, ["ops", "canary", "--stable", str(empty), "--canary", str(s)])
+    assert r.exit_code == 2 and f"--stable {empty}: 0 scrape(s); a window needs a first and a last one" in " ".join(
+        r.output.split())
+
+
+def test_the_weights_file_is_the_current_weight(tmp_path):
+    """Without --canary-weight the step starts from the weights the file applies, so repeated
+    steps walk 10 -> 25 -> 50 instead of promoting to 25 again and again; a --canary-weight
+    that contradicts the file, or a file that is not the overlay's patch, is an error."""
+    rng = np.random.default_rng(2)
+    s = write(tmp_path, "s.jsonl", scrapes(rng.uniform(0, 1, 900), finished=900))
+    c = write(tmp_path, "c.jsonl", scrapes(rng.uniform(0, 1, 300), finished=300))
+    weights = tmp_path / "weights.yaml"
+    shutil.copy(ROOT / "deploy/k8s/overlays/canary/weights.yaml", weights)  # 90 / 10
+    seen = []
+    for _ in range(3):
+        r = CliRunner().invoke(app, ["ops", "canary", "--stable", str(s), "--canary", str(c), "--weights-file",
+                                     str(weights)])
+        assert r.exit_code == 0, r.output
+        ops = yaml.safe_load(weights.read_text())
+        seen.append([op["value"] for op in ops])
+    assert seen == [[75, 25], [50, 50], [0, 100]]
+    r = CliRunner().invoke(app, ["ops", "canary", "--stable", str(s), "--canary", str(c), "--canary-weight", "10",
+                                 "--weights-file", str(weights)])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "--canary-weight 10 but" in out and "routes 100% to the canary" in out
+    weights.write_text("- op: replace\n  path: /spec/http/0/route/0/weight\n  value: 80\n")
+    r = CliRunner().invoke(app, ["ops", "canary", "--stable", str(s), "--canary", str(c), "--weights-file",
+                                 str(weights)])
+    assert r.exit_code == 2 and "not the canary overlay's weights file" in " ".join(r.output.split())
+
+
+def test_a_counter_that_went_down_names_the_likely_causes():
+    """Two different pods (a Service URL) or a restart inside the window: the increase is not
+    what the version served, and the error says what to scrape instead."""
+    busy, quiet = scrapes([0.1] * 500, finished=500), scrapes([0.1] * 10, finished=10)
+    with pytest.raises(MetricsError, match="went down between the first and the last scrape: a restart, or scrapes of "
+                                        "different pods"):
+        window_stats([busy[1], (120.0, quiet[1][1])])
+
+
+def test_a_version_with_several_pods_is_the_sum_of_its_pods(tmp_path):
+    """Two pods' windows (one scrapes file each) give what one server that saw all their
+    requests would report: counts add, and the p99 is that of the summed histogram."""
+    rng = np.random.default_rng(3)
+    a, b = rng.uniform(0, 1, 300), rng.uniform(0.5, 3, 100)
+    pod_a = scrapes(a, finished=298, aborted=2)
+    pod_b = scrapes(b, finished=97, rejected=3, warmup=500)
+    both = window_stats(pod_a, pod_b)
+    pooled = window_stats(scrapes(np.concatenate([a, b]), finished=395, aborted=2, rejected=3))
+    assert (both.requests, both.errors) == (400, 5) and both.p99_s == pytest.approx(pooled.p99_s)
+    assert both.p99_s > window_stats(pod_a).p99_s  # the slow pod counts
+    files = [write(tmp_path, f"{n}.jsonl", s) for n, s in (("a", pod_a), ("b", pod_b))]
+    canary = write(tmp_path, "c.jsonl", scrapes(rng.uniform(0, 1, 200), finished=200))
+    r = CliRunner().invoke(app, ["ops", "canary", "--stable", f"{files[0]},{files[1]}", "--canary", str(canary),
+                                 "--canary-weight", "10"])
+    assert r.exit_code == 0 and "stable: 400 requests, error rate 1.25%" in r.output, r.output
+
+
+def test_one_pod_file_given_twice_is_refused(tmp_path):
+    s = write(tmp_path, "s.jsonl", scrapes([0.1] * 200, finished=200))
+    r = CliRunner().invoke(app, ["ops", "canary", "--stable", f"{s},{s}", "--canary", str(s)])
+    assert r.exit_code == 2 and "--stable names a file twice" in " ".join(r.output.split())

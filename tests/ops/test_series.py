@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 
 from autoglm.ops.series import (MetricsError, Series, parse_prometheus_range, read_prometheus_range, read_scrapes,
-                                regular_grid, scrape_rates, select)
+                                regular_grid, scrape_rates, select, select_warnings)
 
 
 def export(*series):
@@ -28,6 +28,20 @@ def test_parse_and_select_sums_matching_series():
     assert select(series, {"pod": "c"}).values.tolist() == [100, 100, 100]
     with pytest.raises(MetricsError, match="no series has the labels"):
         select(series, {"job": "nope"})
+    assert select_warnings(total) == []
+
+
+def test_select_counts_a_series_only_within_its_span():
+    """PromQL's sum: a pod that appears late or goes away adds nothing outside its own span;
+    a point missing inside a series' span stays missing."""
+    doc = export(({"pod": "a"}, [(0, 1), (60, 2), (120, 3), (180, 4)]),
+                 ({"pod": "b"}, [(60, 10), (180, 30)]),  # created at 60; no point at 120: a gap
+                 ({"pod": "c"}, [(0, 100), (60, 100)]))  # removed after 60
+    total = select(parse_prometheus_range(doc), {})
+    assert total.times.tolist() == [0, 60, 120, 180]
+    assert total.values[[0, 1, 3]].tolist() == [101, 112, 34] and np.isnan(total.values[2])
+    (w,) = select_warnings(total)
+    assert "2 series start after or end before the range" in w and 'pod="b"' in w
 
 
 @pytest.mark.parametrize("doc, message", [
@@ -63,8 +77,12 @@ def test_short_gaps_are_interpolated_with_a_warning_long_ones_refused():
         regular_grid(s, max_gap=1)
     nan_inside = Series("load", [0, 60, 120], [1.0, float("nan"), 3.0])
     assert regular_grid(nan_inside)[0].values.tolist() == [1, 2, 3]
-    with pytest.raises(MetricsError, match="ends with missing values"):
-        regular_grid(Series("load", [0, 60, 120], [1.0, 2.0, float("nan")]))
+    # missing at the edges: dropped with a warning (the last known state is kept), never zeros
+    nan = float("nan")
+    g, warns = regular_grid(Series("load", [0, 60, 120, 180, 240], [nan, 1.0, 2.0, nan, nan]))
+    assert g.times.tolist() == [60, 120] and g.values.tolist() == [1, 2]
+    assert "the first 1 point(s) are missing" in warns[0]
+    assert "the last 2 point(s) are missing (from 1970-01-01T00:03:00Z)" in warns[1] and "last known state" in warns[1]
     with pytest.raises(MetricsError, match="every value is missing"):
         regular_grid(Series("load", [0, 60], [float("nan")] * 2))
 
@@ -98,3 +116,20 @@ def test_scrape_rates_from_the_servers_own_counters(tmp_path):
     path.write_text('{"time": 1}\n')
     with pytest.raises(MetricsError, match=":1: expected a JSON object with 'time'"):
         read_scrapes(path)
+
+
+def test_a_coarser_step_averages_the_points_within_each_step():
+    """15 s points on a 60 s grid: each cell is the mean of its known points (NaN left out);
+    a cell with none is a gap like any other, interpolated when short."""
+    t = np.arange(0, 16 * 15, 15.0)  # 16 points: 4 cells of 4
+    v = np.arange(16, dtype=float)
+    v[5] = np.nan
+    v[8:12] = np.nan  # cell 2 has no known point
+    g, warns = regular_grid(Series("load", t, v), step=60)
+    want = [np.mean([0, 1, 2, 3]), np.mean([4, 6, 7]), None, np.mean([12, 13, 14, 15])]
+    want[2] = (want[1] + want[3]) / 2  # the empty cell: interpolated, not zero
+    assert g.times.tolist() == [0, 60, 120, 180]
+    np.testing.assert_allclose(g.values, want)
+    assert "1 missing point(s)" in warns[0]
+    with pytest.raises(MetricsError, match="several points fall on one 20 s grid step"):
+        regular_grid(Series("load", t, np.arange(16.0)), step=20)

@@ -1,8 +1,9 @@
 """`autoglm ops forecast | canary | scrape` (registered in cli/__init__.py).
 
 `forecast` is the load-forecasting recipe (`autoglm.recipes.ops`): its options come from
-`ForecastConfig`; `canary` is the promotion step (`CanaryConfig`). `scrape` polls a server's `/metrics` into the JSON lines `forecast` reads
-(a plain command: a URL, an output file, an interval and a count).
+`ForecastConfig`; `canary` is the promotion step (`CanaryConfig`). `scrape` polls a server's
+`/metrics` into the JSON lines `forecast` and `canary` read (a plain command: a URL, an output
+file, an interval and a count; after the first scrape a failed one is a warning and a gap).
 """
 
 from __future__ import annotations
@@ -35,10 +36,17 @@ def _forecast(cfg: ForecastConfig) -> None:
     t = Table("", "value", title=f"forecast of {out['series']} ({out['points']} points, step {out['step_s']:g} s)")
     t.add_row("model", out["model"])
     t.add_row("last load", f"{out['last_load']:.4g} {unit} at {out['to']}")
-    last = out["forecast"][-1]
-    t.add_row(f"forecast +{cfg.horizon_minutes:g} min", f"{last['load']:.4g} {unit} at {last['time']}")
+    if out["forecast"]:
+        last = out["forecast"][-1]
+        t.add_row(f"forecast +{cfg.horizon_minutes:g} min", f"{last['load']:.4g} {unit} at {last['time']}")
+    q = out["quality"]
+    if q is not None:
+        names = {"model": "forecast", "naive_last": "last value", "naive_seasonal": "one season before"}
+        t.add_row(f"MAPE at +{q['horizon_steps']} step(s), last {q['origins']} points",
+                  ", ".join(f"{names[k]} {v:.3g}%" for k, v in q["mape_pct"].items()))
     t.add_row("capacity per replica", f"{out['capacity_per_replica']:.4g} {unit} ({out['capacity_source']})")
-    t.add_row("replicas: reactive / predicted", f"{out['replicas_reactive']} / {out['replicas_predicted']}")
+    predicted = "-" if out["replicas_predicted"] is None else out["replicas_predicted"]
+    t.add_row("replicas: reactive / predicted", f"{out['replicas_reactive']} / {predicted}")
     rec = out["replicas_recommended"]
     now = out["current_replicas"]
     advice = "" if now is None else (" (scale up)" if rec > now else " (scale down)" if rec < now else " (hold)")
@@ -60,7 +68,9 @@ def _canary(cfg: CanaryConfig) -> None:
     out = canary_step(cfg)
     for name in ("stable", "canary"):
         s = out[name]
-        console.print(f"{name}: {s['requests']:.0f} requests, error rate {s['error_rate']:.2%}, p99 {s['p99_s']:.3g} s")
+        rate = "n/a" if s["error_rate"] != s["error_rate"] else f"{s['error_rate']:.2%}"  # NaN: no request
+        p99 = "n/a" if s["p99_s"] != s["p99_s"] else f"{s['p99_s']:.3g} s"
+        console.print(f"{name}: {s['requests']:.0f} requests, error rate {rate}, p99 {p99}", highlight=False)
     colour = {"promote": "green", "hold": "yellow", "rollback": "red"}[out["action"]]
     console.print(f"[bold {colour}]{out['action']}[/]: canary weight {out['canary_weight']}% (stable "
                   f"{out['stable_weight']}%): {out['reason']}", highlight=False)
@@ -79,17 +89,34 @@ def scrape(url: str = typer.Argument(..., help="The server's metrics URL, e.g. h
            interval: float = typer.Option(15.0, min=0.1, help="Seconds between scrapes."),
            count: int = typer.Option(1, min=1, help="Number of scrapes.")) -> None:
     """Append COUNT scrapes of URL to OUT (one JSON object per line), for `autoglm ops forecast`."""
+    import urllib.parse
     import urllib.request
 
-    with out.open("a", encoding="utf-8") as f:
-        for i in range(count):
-            try:
-                with urllib.request.urlopen(url, timeout=10) as r:
-                    text = r.read().decode("utf-8")
-            except OSError as e:
+    from ..ops.series import MetricsError, _samples
+
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        fail(ValueError(f"{url!r} is not an http(s) URL; give the server's metrics URL, e.g. "
+                        "http://127.0.0.1:8000/metrics"))
+    if not out.parent.is_dir():
+        fail(FileNotFoundError(f"the folder of --out {out} does not exist; create it first"))
+    written, missed = 0, 0
+    for i in range(count):
+        try:
+            with urllib.request.urlopen(url, timeout=10) as r:
+                text = r.read().decode("utf-8")
+            _samples(text)  # refuse what is not Prometheus text (an HTML page, a JSON answer)
+        except (OSError, UnicodeDecodeError, MetricsError) as e:
+            if written == 0:  # nothing scraped yet: the URL is wrong, not the network
                 fail(ValueError(f"could not scrape {url}: {e}"))
-            f.write(json.dumps({"time": time.time(), "text": text}) + "\n")
-            f.flush()
-            if i + 1 < count:
-                time.sleep(interval)
-    console.print(f"{count} scrape(s) appended to {out}")
+            # later: a transient failure is a gap in the series (interpolated when short, refused
+            # when long by `ops forecast`), never a reason to lose the collection
+            missed += 1
+            err.print(f"[yellow]warning:[/] scrape {i + 1} of {count} failed ({e}); a gap, continuing",
+                      soft_wrap=True, highlight=False)
+        else:
+            with out.open("a", encoding="utf-8") as f:  # one whole line per scrape
+                f.write(json.dumps({"time": time.time(), "text": text}) + "\n")
+            written += 1
+        if i + 1 < count:
+            time.sleep(interval)
+    console.print(f"{written} scrape(s) appended to {out}" + (f" ({missed} failed: gaps)" if missed else ""))

@@ -1,8 +1,8 @@
 """Canary promotion and rollback from the servers' own `/metrics`.
 
-Each version's window is two or more scrapes of its pods' `/metrics` (`autoglm ops scrape`):
-the counters' and histograms' increase between the first and the last scrape is what the
-version served in the window. From it:
+Each version's window is two or more scrapes of each of its pods' `/metrics` (`autoglm ops
+scrape`, one file per pod): the counters' and histograms' increase between a pod's first and
+last scrape, summed over the version's pods, is what the version served in the window. From it:
 
 - error rate = (aborted + rejected requests) / all requests (`autoglm_requests_total` by
   outcome: a request the engine failed or the client dropped, one refused with 429/503);
@@ -70,8 +70,9 @@ class WindowStats:
         return self.errors / self.requests if self.requests else math.nan
 
 
-def window_stats(scrapes: list[tuple[float, str]]) -> WindowStats:
-    """What a version served between its first and last scrape (summed over its pods' lines)."""
+def _pod_window(scrapes: list[tuple[float, str]]) -> tuple[dict[str, float], dict[float, float]]:
+    """One pod's increase over its window: requests by outcome, and the e2e histogram's
+    cumulative bucket counts by upper bound."""
     if len(scrapes) < 2:
         raise MetricsError(f"{len(scrapes)} scrape(s); a window needs a first and a last one")
     first, last = _samples(scrapes[0][1]), _samples(scrapes[-1][1])
@@ -82,17 +83,35 @@ def window_stats(scrapes: list[tuple[float, str]]) -> WindowStats:
                        if n == name and all(dict(lab).get(k) == x for k, x in labels.items()))
         d = total(last) - total(first)
         if d < 0:
-            raise MetricsError(f"{name} went down between the first and the last scrape (a restart); scrape a "
-                               "window without one")
+            raise MetricsError(f"{name} went down between the first and the last scrape: a restart, or scrapes of "
+                               "different pods (a Service URL); scrape one pod's /metrics over a window without a "
+                               "restart")
         return d
 
     if not any(n == REQUESTS for n, _ in last):
         raise MetricsError(f"no {REQUESTS} in the scrapes; are these the server's /metrics?")
     by_outcome = {o: delta(REQUESTS, outcome=o) for o in ("finished", "aborted", "rejected")}
     les = {dict(lab)["le"] for n, lab in last if n == E2E + "_bucket"}  # as the server wrote them
-    buckets = [(float(le), delta(E2E + "_bucket", le=le)) for le in les]
-    p99 = histogram_quantile(0.99, buckets) if buckets else math.nan
-    return WindowStats(sum(by_outcome.values()), by_outcome["aborted"] + by_outcome["rejected"], p99)
+    return by_outcome, {float(le): delta(E2E + "_bucket", le=le) for le in les}
+
+
+def window_stats(scrapes: list[tuple[float, str]], *more_pods: list[tuple[float, str]]) -> WindowStats:
+    """What a version served over the window: each pod's increase between its own first and
+    last scrape, summed over the pods (one scrapes list per pod); the p99 of the summed
+    histogram, as `histogram_quantile(0.99, sum by (le) (increase(...)))` gives."""
+    outcomes: dict[str, float] = {}
+    buckets: dict[float, float] = {}
+    for pod in (scrapes, *more_pods):
+        by_outcome, pod_buckets = _pod_window(pod)
+        for k, v in by_outcome.items():
+            outcomes[k] = outcomes.get(k, 0.0) + v
+        if buckets and pod_buckets and set(pod_buckets) != set(buckets):
+            raise MetricsError(f"the pods' {E2E} buckets differ ({sorted(buckets)} and {sorted(pod_buckets)}); "
+                               "compare pods of one server version")
+        for le, v in pod_buckets.items():
+            buckets[le] = buckets.get(le, 0.0) + v
+    p99 = histogram_quantile(0.99, list(buckets.items())) if buckets else math.nan
+    return WindowStats(sum(outcomes.values()), outcomes["aborted"] + outcomes["rejected"], p99)
 
 
 @dataclass
@@ -110,9 +129,9 @@ def decide(stable: WindowStats, canary: WindowStats, current_weight: int,
         raise ValueError(f"the canary weight is a percentage, got {current_weight}")
     if list(steps) != sorted(steps) or not steps or steps[-1] != 100:
         raise ValueError(f"steps must increase and end at 100, got {steps}")
-    if canary.requests < min_requests:
+    if canary.requests < max(min_requests, 1):  # no request, no evidence: never promote on nothing
         return Decision("hold", current_weight, f"the canary served {canary.requests:.0f} requests, fewer than "
-                                                f"{min_requests}: wait for more traffic")
+                                                f"{max(min_requests, 1)}: wait for more traffic")
     if canary.error_rate > (stable.error_rate if stable.requests else 0.0) + max_error_increase:
         return Decision("rollback", 0, f"canary error rate {canary.error_rate:.2%} > stable "
                                        f"{stable.error_rate:.2%} + {max_error_increase:.2%}")

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 __all__ = ["Series", "MetricsError", "read_prometheus_range", "parse_prometheus_range", "read_scrapes",
-           "scrape_rates", "regular_grid", "select", "iso"]
+           "scrape_rates", "regular_grid", "select", "select_warnings", "iso"]
 
 
 class MetricsError(ValueError):
@@ -49,6 +49,7 @@ class Series:
     times: Any
     values: Any
     labels: dict[str, str] = field(default_factory=dict)
+    partial: list[str] = field(default_factory=list)  # a sum's series that did not span its range (select)
 
     def __post_init__(self) -> None:
         self.times = np.asarray(self.times, dtype=np.float64)
@@ -176,8 +177,11 @@ def scrape_rates(scrapes: list[tuple[float, str]], counter: str, **labels: str) 
 
 
 def select(series: list[Series], match: dict[str, str]) -> Series:
-    """The series whose labels include `match`, summed point by point when several remain
-    (they must share their timestamps; a point missing in any of them is missing in the sum)."""
+    """The series whose labels include `match`, summed point by point when several remain,
+    as PromQL's `sum` adds the series that exist at each time: a series counts only within
+    its own span (its first to its last timestamp; a pod created or removed during the range
+    is absent, not missing, outside it), and a point missing (or NaN) inside a series' span
+    is missing in the sum (a gap, never zero). `select_warnings` says which series were partial."""
     hits = [s for s in series if all(s.labels.get(k) == v for k, v in match.items())]
     if not hits:
         have = "; ".join(s.name for s in series[:5])
@@ -186,32 +190,70 @@ def select(series: list[Series], match: dict[str, str]) -> Series:
         return hits[0]
     times = np.unique(np.concatenate([s.times for s in hits]))
     total = np.zeros(len(times))
+    partial = []
     for s in hits:
-        v = np.full(len(times), np.nan)
+        v = np.zeros(len(times))
+        inside = (times >= s.times[0]) & (times <= s.times[-1])
+        v[inside] = np.nan  # inside its span: a point it lacks is missing
         v[np.searchsorted(times, s.times)] = s.values
         total += v  # NaN propagates: a missing point stays missing
-    return Series(f"sum of {len(hits)} series", times, total, dict(match))
+        if not inside.all():
+            partial.append(s.name)
+    return Series(f"sum of {len(hits)} series", times, total, dict(match), partial)
+
+
+def select_warnings(s: Series) -> list[str]:
+    """The warning for a sum whose series did not all span the range (see `select`)."""
+    partial = s.partial
+    if not partial:
+        return []
+    names = "; ".join(partial[:3]) + (f" and {len(partial) - 3} more" if len(partial) > 3 else "")
+    return [f"{s.name}: {len(partial)} series start after or end before the range ({names}); outside its own span a "
+            "series is counted as absent (0), as PromQL's sum does: pods created or removed. Export "
+            "sum(rate(...)) instead if a target was down rather than gone"]
 
 
 def regular_grid(s: Series, step: float | None = None, max_gap: int = 5) -> tuple[Series, list[str]]:
-    """`s` on the grid t0 + k * step (step: the series' own by default), and the warnings.
+    """`s` on the grid t0 + k * step (step: the series' own by default), and the warnings. A
+    step of 1.5x the series' own or more averages the points within each step (downsampling).
 
     Points missing from the grid and NaN values are gaps. A gap of at most `max_gap` steps is
-    linearly interpolated (and reported); a longer one is a MetricsError naming its span."""
+    linearly interpolated (and reported); a longer one is a MetricsError naming its span.
+    Missing points at the start are dropped (less history), and so are those at the end, with
+    a warning: the series keeps its last known state rather than reading the silence as zero."""
     step = s.step if step is None else float(step)
     if not step > 0:
         raise MetricsError(f"{s.name}: step must be > 0 seconds, got {step}")
-    k = np.rint((s.times - s.times[0]) / step).astype(np.int64)
-    if len(np.unique(k)) != len(k):
-        raise MetricsError(f"{s.name}: several points fall on one {step:g} s grid step; resample the export at "
-                           "its own step")
-    v = np.full(int(k[-1]) + 1, np.nan)
-    v[k] = s.values
+    own = s.step
+    if step >= 1.5 * own:  # a coarser grid: each cell is the mean of the known points in it
+        k = np.floor((s.times - s.times[0]) / step + 1e-9).astype(np.int64)
+        known = ~np.isnan(s.values)
+        sums = np.bincount(k[known], weights=s.values[known], minlength=int(k[-1]) + 1)
+        counts = np.bincount(k[known], minlength=int(k[-1]) + 1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    else:
+        k = np.rint((s.times - s.times[0]) / step).astype(np.int64)
+        if len(np.unique(k)) != len(k):
+            raise MetricsError(f"{s.name}: several points fall on one {step:g} s grid step (the series' own step "
+                               f"is {own:g} s); use its own step, or at least 1.5x it to average within each step")
+        v = np.full(int(k[-1]) + 1, np.nan)
+        v[k] = s.values
     times = s.times[0] + step * np.arange(len(v))
-    missing = np.isnan(v)
     warnings: list[str] = []
-    if missing.all():
+    known = np.flatnonzero(~np.isnan(v))
+    if not len(known):
         raise MetricsError(f"{s.name}: every value is missing (NaN); export a series with data")
+    first, last = int(known[0]), int(known[-1])
+    if first > 0:  # less history, nothing invented
+        warnings.append(f"{s.name}: the first {first} point(s) are missing (until {iso(times[first])}); the "
+                        "history starts at the first known point")
+    if last < len(v) - 1:  # the metric stopped: keep the last known state, do not read the silence as 0
+        warnings.append(f"{s.name}: the last {len(v) - 1 - last} point(s) are missing (from "
+                        f"{iso(times[last + 1])}); the forecast starts from the last known point at "
+                        f"{iso(times[last])} (its last known state), not from zero load: check the scrape")
+    v, times = v[first:last + 1], times[first:last + 1]
+    missing = np.isnan(v)
     if missing.any():
         runs = _runs(missing)
         longest = max(runs, key=lambda r: r[1] - r[0])
@@ -221,9 +263,6 @@ def regular_grid(s: Series, step: float | None = None, max_gap: int = 5) -> tupl
             raise MetricsError(f"{s.name}: a gap of {n_long} steps ({n_long * step / 60:g} min) from {where}; "
                                f"gaps are not zero load and at most {max_gap} step(s) are interpolated: raise "
                                "max_gap or export a range without the gap")
-        if missing[0] or missing[-1]:
-            edge = "starts" if missing[0] else "ends"
-            raise MetricsError(f"{s.name}: the series {edge} with missing values; trim the range to data")
         idx = np.arange(len(v))
         v[missing] = np.interp(idx[missing], idx[~missing], v[~missing])
         warnings.append(f"{s.name}: {int(missing.sum())} missing point(s) in {len(runs)} gap(s), the longest "
