@@ -56,8 +56,12 @@ def test_server_deployment(rendered):
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     assert c["securityContext"]["allowPrivilegeEscalation"] is False
     assert {m["mountPath"] for m in c["volumeMounts"]} == {"/models", "/tmp"}  # writable paths mounted
-    # the grace period covers the preStop pause plus the server's drain (30 s by default)
-    assert pod["terminationGracePeriodSeconds"] >= c["lifecycle"]["preStop"]["sleep"]["seconds"] + 30
+    # the grace period covers the preStop pause plus the server's drain (--drain-timeout, 30 s by
+    # default), and the drain lets the longest request a route allows finish
+    drain = float(c["args"][c["args"].index("--drain-timeout") + 1]) if "--drain-timeout" in c["args"] else 30.0
+    assert pod["terminationGracePeriodSeconds"] >= c["lifecycle"]["preStop"]["sleep"]["seconds"] + drain
+    (vs,) = by_kind(rendered["k8s/overlays/canary"], "VirtualService")
+    assert drain >= max(float(r["timeout"].rstrip("s")) for r in vs["spec"]["http"] if "timeout" in r)
     # the model version is one value: the version label, read back as the model directory
     assert dep["spec"]["template"]["metadata"]["labels"]["version"] == "v1"
     env = {e["name"]: e for e in c["env"]}
@@ -66,8 +70,30 @@ def test_server_deployment(rendered):
     kinds = {o["kind"] for o in rendered["k8s/base"]}
     assert {"Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy"} <= kinds
     (hpa,) = by_kind(rendered["k8s/base"], "HorizontalPodAutoscaler")
-    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
-    assert metrics["Pods"]["pods"]["metric"]["name"] == "autoglm_num_requests_waiting"  # a /metrics gauge
+    pods_metrics = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    assert pods_metrics == {"autoglm_num_requests_waiting", "autoglm_kv_cache_usage"}  # queue depth, KV usage
+
+
+def test_hpa_metrics_come_from_the_adapter_rules_and_the_server():
+    """Each per-pod metric the HPA asks for is one the Prometheus Adapter rules serve, and every
+    series those rules read is one the server's /metrics exports (its own registry)."""
+    import re
+
+    import yaml
+    from prometheus_client import generate_latest
+
+    from autoglm.inference.server import ServerMetrics
+
+    (hpa,) = by_kind(render("k8s/base"), "HorizontalPodAutoscaler")
+    wanted = {m["pods"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "Pods"}
+    rules = yaml.safe_load((DEPLOY / "monitoring" / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    served = {r["name"]["as"] for r in rules}
+    assert wanted <= served
+    exported = set(re.findall(r"^# TYPE (\S+)", generate_latest(ServerMetrics().registry).decode(), re.M))
+    for r in rules:
+        read = set(re.findall(r"autoglm_\w+", r["seriesQuery"] + r["metricsQuery"]))
+        assert read and read <= exported, read - exported
+        assert r["resources"]["overrides"]["pod"] == {"resource": "pod"}  # per pod, as type: Pods needs
 
 
 def test_canary_splits_90_10_between_two_existing_versions(rendered):
@@ -133,3 +159,37 @@ def test_overlays_are_not_copies():
                 if any("image" in c for c in cs):
                     holders.append(p.relative_to(DEPLOY).as_posix())
     assert holders == ["k8s/server/deployment.yaml"]
+
+
+@pytest.mark.parametrize("variant", ["k8s/base", "k8s/overlays/canary", "k8s/overlays/edge"])
+def test_disruption_budget_allows_a_drain_at_the_fewest_replicas(rendered, variant):
+    """A PodDisruptionBudget must leave one pod evictable when the fleet is at its smallest
+    (the HPA's minReplicas, or the Deployments' replicas): otherwise `kubectl drain` waits for
+    ever. Pods counted as the PDB's selector selects them."""
+    objs = rendered[variant]
+    (pdb,) = by_kind(objs, "PodDisruptionBudget")
+    sel = pdb["spec"]["selector"]["matchLabels"]
+    hpas = {h["spec"]["scaleTargetRef"]["name"]: h["spec"]["minReplicas"]
+            for h in by_kind(objs, "HorizontalPodAutoscaler")}
+    fewest = sum(hpas.get(d["metadata"]["name"], d["spec"]["replicas"]) for d in by_kind(objs, "Deployment")
+                 if sel.items() <= d["spec"]["template"]["metadata"]["labels"].items())
+    if "minAvailable" in pdb["spec"]:
+        allowed = fewest - int(pdb["spec"]["minAvailable"])
+    else:
+        allowed = min(int(pdb["spec"]["maxUnavailable"]), fewest)
+    assert fewest >= 1 and allowed >= 1, f"{variant}: {fewest} pod(s) at least, the PDB allows {allowed} disruption(s)"
+
+
+@pytest.mark.parametrize("variant", ["k8s/base", "k8s/overlays/canary", "k8s/overlays/edge"])
+def test_every_server_deployment_has_its_own_autoscaler(rendered, variant):
+    """Each Deployment (the canary's too: promoted to 50% or 100% of the traffic, one pod would
+    be judged overloaded) is the target of exactly one HPA, on the same metrics."""
+    objs = rendered[variant]
+    hpas = by_kind(objs, "HorizontalPodAutoscaler")
+    for d in by_kind(objs, "Deployment"):
+        mine = [h for h in hpas if h["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                                                   "name": d["metadata"]["name"]}]
+        assert len(mine) == 1, d["metadata"]["name"]
+        assert mine[0]["spec"]["metrics"] == hpas[0]["spec"]["metrics"]
+        assert mine[0]["spec"]["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300
+    assert len(hpas) == len(by_kind(objs, "Deployment"))

@@ -60,3 +60,21 @@ def test_exit_layers_default_to_the_runs_trained_exits(run_dir, tmp_path):
     assert exit_layers_of(cfg)[0] == (1, 3)  # the option wins
     with pytest.raises(ValueError, match="exit_layers"):
         build_server(load_config(ServeConfig, overrides={"run": str(run_dir), "engine.exit_layers": "4"}))
+
+
+def test_drain_timeout_reaches_the_server(run_dir, monkeypatch):
+    """`--drain-timeout` is how long a SIGTERM'd server lets requests in flight finish (the
+    deployment sizes its grace period from it): it must reach `serve_app`, and a negative or
+    infinite value is refused before anything loads."""
+    import autoglm.inference.server as server_mod
+
+    seen = {}
+    monkeypatch.setattr(server_mod, "serve_app", lambda app_, host, port, **kw: seen.update(kw, port=port))
+    r = CliRunner().invoke(app, ["serve", str(run_dir), "--num-blocks", "64", "--port", "9002",
+                                 "--drain-timeout", "300"])
+    assert r.exit_code == 0, r.output
+    assert seen == {"drain_timeout": 300.0, "port": 9002}
+    assert load_config(ServeConfig, CONFIG, {"run": str(run_dir)}).drain_timeout == 30.0
+    for bad in ("-1", "inf"):
+        with pytest.raises(ConfigError, match="drain_timeout"):
+            load_config(ServeConfig, overrides={"run": str(run_dir), "drain_timeout": bad})

@@ -24,7 +24,8 @@ def run_serve(cfg: ServeConfig) -> None:
 
     server, served = build_server(cfg)
     err.print(f"serving [bold]{', '.join(served)}[/] on http://{cfg.host}:{cfg.port}/v1")
-    serve_app(server, cfg.host, cfg.port)  # SIGTERM drains: in-flight requests finish, new ones get 503
+    # SIGTERM drains: in-flight requests get drain_timeout seconds to finish, new ones get 503
+    serve_app(server, cfg.host, cfg.port, drain_timeout=cfg.drain_timeout)
 
 
 add_recipe_command(app, "serve", ServeConfig, run_serve,

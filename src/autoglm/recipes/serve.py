@@ -54,6 +54,9 @@ class ServeConfig:
                                   "unmerged as model NAME; repeatable")
     allow_lora_updates: bool = setting(False, "enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter "
                                               "(adapters loaded from a path on this machine, without a restart)")
+    drain_timeout: float = setting(30.0, "on SIGTERM, seconds the requests in flight get to finish (new ones get "
+                                         "503) before the server exits; the pod's terminationGracePeriodSeconds "
+                                         "must cover the preStop pause plus this")
     engine: EngineConfig = section(EngineConfig, "the inference engine", num_blocks=2048)
 
     def __post_init__(self) -> None:
@@ -63,6 +66,8 @@ class ServeConfig:
             raise ValueError(f"max_concurrent must be >= 1, got {self.max_concurrent}")
         if self.max_prompts < 1:
             raise ValueError(f"max_prompts must be >= 1, got {self.max_prompts}")
+        if not 0 <= self.drain_timeout < float("inf"):
+            raise ValueError(f"drain_timeout must be a number of seconds >= 0, got {self.drain_timeout}")
 
 
 def parse_lora_specs(specs: list[str], base_name: str) -> list[tuple[str, Path]]:
