@@ -60,12 +60,27 @@ def fsync_tree(path: str | Path) -> None:
         fsync_dir(d)
 
 
+def _mode_for(path: Path, default: int) -> int:
+    """The permission bits a replaced `path` keeps, or what `open`/`mkdir` would give a new one
+    (`default` less the umask): `mkstemp`/`mkdtemp` make 0600/0700, which would otherwise leave
+    every written file or folder private to its owner (a model another user or a pod's UID
+    cannot read, a repository file turned 0600)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return default & ~mask
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same folder and a rename."""
+    """Write `text` to `path` through a temporary file in the same folder and a rename; an
+    existing file keeps its permissions."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, _mode_for(path, 0o666))
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -90,6 +105,7 @@ def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        tmp.chmod(_mode_for(final, 0o777))
         fsync_tree(tmp)
         if final.exists():
             aside = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
