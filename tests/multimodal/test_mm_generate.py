@@ -70,3 +70,17 @@ def test_generate_image_errors(runs, tmp_path):
     Image.new("L", (8, 8), 0).save(png)
     r = CliRunner().invoke(app, ["generate", str(runs / "lm_plain"), "--image", str(png)])
     assert r.exit_code == 2 and "has no image projector" in r.output and "autoglm align projector" in r.output
+
+
+def test_projector_cli_on_data_without_classes(runs, tmp_path):
+    from autoglm.cli import app
+
+    for i in range(10):
+        Image.new("L", (8, 8), 20 * i).save(tmp_path / f"{i}.png")
+        (tmp_path / f"{i}.txt").write_text(f"a handwritten {i}\n")
+    r = CliRunner().invoke(app, ["align", "projector", "--align-dir", str(runs / "aligned"), "--lm", str(runs / "lm"),
+                                 "--name", "pairs", "--data", str(tmp_path), "--steps", "1", "--batch-size", "4",
+                                 "--prefix-tokens", "2", "--hidden", "16"])
+    assert r.exit_code == 0, r.output
+    assert "the data has no classes: no caption accuracy" in r.output
+    assert (runs / "lm" / "adapters" / "pairs" / "adapter_config.json").is_file()

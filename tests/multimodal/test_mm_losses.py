@@ -76,3 +76,39 @@ def test_itc_gradient_reaches_only_online_embeddings():
     assert img.grad.abs().sum() > 0 and txt.grad.abs().sum() > 0
     assert img_m.grad is None and txt_m.grad is None
     assert torch.allclose(F.normalize(img, dim=-1).norm(dim=-1), torch.ones(3))
+
+
+def _naive_with_positives(img, txt, scale, pos):
+    """Both directions: row i's target spread evenly over the j with pos[i][j] (diagonal included)."""
+    n = lambda v: v / v.norm()  # noqa: E731
+    B = len(img)
+    total = 0.0
+    for a, b, p in ((img, txt, pos), (txt, img, [[pos[j][i] for j in range(B)] for i in range(B)])):
+        for i in range(B):
+            logits = [float(scale * n(a[i]) @ n(b[j])) for j in range(B)]
+            lse = math.log(sum(math.exp(x) for x in logits))
+            hits = [j for j in range(B) if p[i][j] or j == i]
+            total += -sum(logits[j] - lse for j in hits) / len(hits)
+    return total / (2 * B)
+
+
+def test_false_negative_targets_match_a_loop():
+    from autoglm.multimodal.losses import positive_targets
+
+    img, txt = torch.randn(5, 4), torch.randn(5, 4)
+    labels = torch.tensor([0, 1, 0, 2, 0])  # images 0, 2, 4 share a class: positives of each other
+    pos = labels[:, None] == labels[None]
+    ref = _naive_with_positives(img, txt, 8.0, pos.tolist())
+    assert clip_loss(img, txt, torch.tensor(8.0), pos).item() == pytest.approx(ref, rel=1e-5)
+    assert positive_targets(pos)[0].tolist() == pytest.approx([1 / 3, 0, 1 / 3, 0, 1 / 3])
+    # no duplicates: the one-hot loss; with an empty queue, no momentum and alpha 0, itc = clip
+    eye = torch.eye(5, dtype=torch.bool)
+    assert clip_loss(img, txt, torch.tensor(8.0), eye).item() == pytest.approx(
+        clip_loss(img, txt, torch.tensor(8.0)).item(), rel=1e-6)
+    empty = torch.zeros(0, 4)
+    got = itc_loss(img, txt, img, txt, empty, empty, torch.tensor(8.0), 0.0, pos)
+    assert got.item() == pytest.approx(ref, rel=1e-5)
+    # with a queue, its entries stay negatives (zero target) and the batch part is spread as above
+    qi, qt = torch.randn(3, 4), torch.randn(3, 4)
+    with_queue = itc_loss(img, txt, img, txt, qi, qt, torch.tensor(8.0), 0.0, pos)
+    assert with_queue.item() > got.item()

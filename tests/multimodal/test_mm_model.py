@@ -100,3 +100,41 @@ def test_loss_config_checks():
         LossConfig(momentum=0.0, distill_alpha=0.4)
     with pytest.raises(ValueError, match="temperature"):
         LossConfig(temperature=0.001)
+
+
+@pytest.mark.parametrize("how", ["ignore", "same_caption", "same_label"])
+def test_false_negatives_setting_picks_the_positives(how):
+    from autoglm.multimodal.losses import clip_loss
+
+    model = tiny_align_model(momentum=0.0).eval()
+    model.loss_cfg = LossConfig(embed_dim=16, momentum=0.0, false_negatives=how)
+    # captions 0 and 2 are one text (padding differs in length only where the mask is 0); 1 and 3 share a class
+    ids = torch.tensor([[5, 6, 7, 0], [5, 6, 8, 9], [5, 6, 7, 3], [10, 11, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 0]])
+    labels = torch.tensor([4, 1, 4, 1])
+    imgs = torch.rand(4, 1, 8, 8)
+    want = {"ignore": None,
+            "same_caption": torch.tensor([[1, 0, 1, 0], [0, 1, 0, 0], [1, 0, 1, 0], [0, 0, 0, 1]]).bool(),
+            "same_label": (labels[:, None] == labels[None])}[how]
+    got = model.positives(ids, mask, labels)
+    assert (got is None) if want is None else torch.equal(got, want)
+    ref = clip_loss(model.embed_images(imgs), model.embed_texts(ids, mask), torch.tensor(1 / 0.07), want)
+    assert model(imgs, ids, mask, labels)["contrastive"].item() == pytest.approx(ref.item(), rel=1e-5)
+    if how == "same_label":
+        with pytest.raises(ValueError, match="needs each image's class"):
+            model.positives(ids, mask, None)
+
+
+def test_logit_scale_at_the_clamp_still_learns():
+    imgs, ids, mask = torch.rand(4, 1, 8, 8), torch.randint(2, 300, (4, 6)), torch.ones(4, 6, dtype=torch.long)
+    grads = []
+    for start in (math.log(500.0), math.log(100.0)):  # above the bound (as after an optimiser step) and at it
+        model = tiny_align_model(momentum=0.0).train()
+        with torch.no_grad():
+            model.logit_scale.fill_(start)
+        out = model(imgs, ids, mask)
+        out["loss"].backward()
+        assert model.logit_scale.item() == pytest.approx(math.log(100.0)) and out["logit_scale"].item() == \
+            pytest.approx(100.0, rel=1e-5)
+        grads.append(model.logit_scale.grad.item())
+    assert grads[0] != 0 and grads[0] == pytest.approx(grads[1], rel=1e-5)  # the gradient is not cut at 100

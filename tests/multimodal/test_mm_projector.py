@@ -63,3 +63,14 @@ def test_names_digit():
     assert names_digit("a handwritten seven", 7) and names_digit("the number 7", 7)
     assert not names_digit("a handwritten seven or 1", 7) and not names_digit("a photo of", 3)
     assert not names_digit("the number 17", 7)
+
+
+def test_names_class_for_user_classes():
+    from autoglm.multimodal.data import DIGIT_NAMES
+    from autoglm.multimodal.projector import names_class
+
+    names = ["red", "green", "dark red"]
+    assert names_class("A red square.", 0, names) and not names_class("a reddish square", 0, names)
+    assert names_class("a dark red square", 2, names) and not names_class("a dark red square", 0, names)
+    assert not names_class("red and green", 0, names)  # two classes named
+    assert names_class("the number 7", 7, DIGIT_NAMES) and not names_class("the number 7", 7, names)

@@ -60,20 +60,23 @@ def _projector(cfg: ProjectorConfig) -> None:
     from ..recipes.align import train_projector
 
     res = train_projector(cfg, progress=True, console=err)
-    console.print(f"[bold green]done[/]: projector saved to {res['adapter_dir']}; caption accuracy on "
-                  f"{res['eval_images']} test images: {res['caption_acc']:.1f}% (without the image: "
-                  f"{res['caption_acc_no_image']:.1f}%)")
+    score = (f"; caption accuracy on {res['eval_images']} {res['eval_split']} images: {res['caption_acc']:.1f}% "
+             f"(without the image: {res['caption_acc_no_image']:.1f}%)" if "caption_acc" in res else
+             " (the data has no classes: no caption accuracy)")
+    console.print(f"[bold green]done[/]: projector saved to {res['adapter_dir']}{score}")
     console.print_json(json.dumps({k: v for k, v in res.items() if k != "samples"}, default=str))
 
 
 add_recipe_command(app, "train", AlignConfig, _train,
                    help="Align a ViT-style image encoder and the text backbone (symmetric InfoNCE with a learnable "
                         "temperature; momentum encoders + queues; optional momentum distillation) on image-caption "
-                        "pairs (default: the built-in digits); saves the aligned model to --out and reports "
+                        "pairs (default: the built-in digits; or a CSV/TSV/JSONL, a folder of image + .txt pairs, "
+                        "COCO captions JSON); saves the aligned model to --out and reports "
                         "zero-shot accuracy, recall@1/5 and a linear probe on the val and test splits.")
 add_recipe_command(app, "eval", AlignEvalConfig, _eval,
                    help="Evaluate an aligned model directory: zero-shot accuracy with ensembled prompt templates, "
-                        "image->text and text->image recall@1/5, and a supervised linear probe.")
+                        "image->text and text->image recall@1/5, and a supervised linear probe; on the run's own "
+                        "data, split, class names and templates unless --data names another data set.")
 add_recipe_command(app, "projector", ProjectorConfig, _projector,
                    help="Train the image projector of a language model (LLaVA-style prefix tokens from the aligned "
                         "image encoder; the language model stays frozen); saves it under LM/adapters/NAME so that "

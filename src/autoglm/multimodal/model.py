@@ -12,9 +12,21 @@ space, a learnable temperature, and (for training) momentum encoders with queues
   filled are not used, so the first step sees only the batch; a short batch is enqueued
   as far as it goes (the pointer wraps).
 * `distill_alpha > 0`: momentum distillation, soft targets from the momentum encoders.
+* `false_negatives`: two captions of one batch with the same text (`same_caption`: equal
+  token ids after word masking) or, where the data has classes, two images of one class
+  (`same_label`, which includes `same_caption`) are positives of each other rather than
+  negatives (`positive_targets`); `ignore` (the default) is CLIP's one-hot diagonal.
+
+Under a process group (DDP, one batch of the same size per rank), the embeddings of every
+rank's batch are gathered (`gather_features`, gradients to their own rank) and each rank
+scores its rows against the whole global batch; the momentum embeddings, token ids and labels
+are gathered too, so the queues stay the same on every rank and `false_negatives` sees every
+rank's captions. The loss averaged over ranks is that of one process with the global batch.
 
 The temperature: `logit_scale` is log(1 / 0.07) at start and `exp(logit_scale)` is clamped
-at 100 (CLIP); `scale()` is the clamped value (what the logs show).
+at 100 (CLIP); `scale()` is the clamped value (what the logs show). As in CLIP the parameter
+itself is clamped (at the start of each training forward), so at the bound its gradient still
+flows and the scale can come down again; a clamp of exp() alone would freeze it at 100.
 
 Training checkpoints (the Trainer's) hold everything, momentum towers and queues included;
 `save_aligned` writes only what inference needs (online towers, heads, temperature) and
@@ -26,7 +38,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +47,7 @@ from torch import nn
 from ..modules.moe import MoEFeedForward
 from ..settings import setting
 from .encoders import ImageEncoder, ImageEncoderConfig, TextEncoder
-from .losses import MAX_LOGIT_SCALE, clip_loss, itc_loss
+from .losses import MAX_LOGIT_SCALE, clip_loss, gather_features, itc_loss, world_info
 
 __all__ = ["LossConfig", "AlignModel", "AlignObjective"]
 
@@ -51,6 +63,9 @@ class LossConfig:
                                     "used only with momentum > 0")
     distill_alpha: float = setting(0.0, "momentum distillation: weight of the momentum encoders' soft targets "
                                         "(ALBEF uses 0.4); 0 = one-hot targets")
+    false_negatives: Literal["ignore", "same_caption", "same_label"] = setting(
+        "ignore", "in-batch pairs treated as matches instead of negatives: identical caption texts, or also images "
+                  "of one class (needs labels); ignore = CLIP's one-hot diagonal")
 
     def __post_init__(self) -> None:
         if self.embed_dim < 1:
@@ -66,6 +81,9 @@ class LossConfig:
             raise ValueError(f"queue_size must be >= 0, got {self.queue_size}")
         if not 0 <= self.distill_alpha <= 1:
             raise ValueError(f"distill_alpha must be in [0, 1], got {self.distill_alpha}")
+        if self.false_negatives not in ("ignore", "same_caption", "same_label"):
+            raise ValueError(f"false_negatives must be ignore, same_caption or same_label, got "
+                             f"{self.false_negatives!r}")
         if self.distill_alpha > 0 and self.momentum == 0:
             raise ValueError("distill_alpha > 0 needs the momentum encoders' soft targets; set momentum > 0 "
                              "(e.g. 0.995) or distill_alpha 0")
@@ -102,8 +120,9 @@ class AlignModel(nn.Module):
 
     # ------------------------------------------------------------ inference
     def scale(self) -> torch.Tensor:
-        """exp(logit_scale) clamped at 100: the multiplier of the cosine similarities."""
-        return self.logit_scale.exp().clamp(max=MAX_LOGIT_SCALE)
+        """exp(logit_scale) clamped at 100: the multiplier of the cosine similarities. The clamp
+        is on the parameter (gradient kept at the bound), so a scale at 100 can still come down."""
+        return self.logit_scale.clamp(max=math.log(MAX_LOGIT_SCALE)).exp()
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) in [0, 1] -> (B, embed_dim), unit length."""
@@ -147,20 +166,70 @@ class AlignModel(nn.Module):
         """MoE auxiliary losses of the last forward of both online towers."""
         return self.image_encoder.aux_loss + self.text_encoder.aux_loss
 
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, Any]:
-        """Training step's loss: {"loss", "contrastive", "aux_loss", "logit_scale" (exp, clamped)}."""
+    def positives(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None,
+                  ids_cols: torch.Tensor | None = None, labels_cols: torch.Tensor | None = None
+                  ) -> torch.Tensor | None:
+        """(B, N) bool: pairs of this batch (rows) and the columns (default: this batch; with
+        several ranks, `ids_cols` (N, L') = every rank's ids with padding as -1, `labels_cols`
+        (N,)) that match under `loss.false_negatives` (None = ignore)."""
+        how = self.loss_cfg.false_negatives
+        if how == "ignore":
+            return None
+        if how == "same_label" and labels is None:
+            raise ValueError("false_negatives 'same_label' needs each image's class: use data with labels "
+                             "(--label-col) or false_negatives 'same_caption'")
+        ids = input_ids.masked_fill(attention_mask == 0, -1)  # padding never decides
+        cols = ids if ids_cols is None else ids_cols
+        L = max(ids.shape[1], cols.shape[1])
+        ids, cols = F.pad(ids, (0, L - ids.shape[1]), value=-1), F.pad(cols, (0, L - cols.shape[1]), value=-1)
+        pos = (ids[:, None] == cols[None]).all(-1)  # (B, N): the same caption tokens
+        if how == "same_label":
+            lab_cols = labels if labels_cols is None else labels_cols
+            pos = pos | (labels[:, None] == lab_cols[None])
+        return pos
+
+    def _gather_batch(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Every rank's token ids (padding -1, padded to the longest) and labels, for
+        `positives`; ValueError when the ranks' batch sizes differ (all ranks raise)."""
+        shape = torch.tensor([[input_ids.shape[0], input_ids.shape[1]]], device=input_ids.device)
+        shapes = gather_features(shape, with_grad=False)
+        if bool((shapes[:, 0] != shapes[0, 0]).any()):
+            raise ValueError(f"every rank must pass a batch of the same size to gather features, got "
+                             f"{shapes[:, 0].tolist()}; drop the short last batch (drop_last=True)")
+        if self.loss_cfg.false_negatives == "ignore":
+            return None, None
+        ids = input_ids.masked_fill(attention_mask == 0, -1)
+        ids = F.pad(ids, (0, int(shapes[:, 1].max()) - ids.shape[1]), value=-1)
+        return gather_features(ids, with_grad=False), \
+            (gather_features(labels, with_grad=False) if labels is not None else None)
+
+    def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                labels: torch.Tensor | None = None) -> dict[str, Any]:
+        """Training step's loss: {"loss", "contrastive", "aux_loss", "logit_scale" (exp, clamped)}.
+        labels (B,), optional: classes, read by `false_negatives='same_label'` only."""
+        if self.training and self.logit_scale.requires_grad:  # CLIP's in-place clamp of the parameter
+            with torch.no_grad():
+                self.logit_scale.clamp_(max=math.log(MAX_LOGIT_SCALE))
         img = self.image_proj(self.image_encoder(images))
         txt = self.text_proj(self.text_encoder(input_ids, attention_mask))
         s = self.scale()
+        world, rank = world_info()
+        offset, img_c, txt_c, ids_c, lab_c = 0, None, None, None, None
+        if world > 1:
+            ids_c, lab_c = self._gather_batch(input_ids, attention_mask, labels)
+            offset, img_c, txt_c = rank * len(img), gather_features(img), gather_features(txt)
+        pos = self.positives(input_ids, attention_mask, labels, ids_c, lab_c)
         if self.momentum_towers is None:
-            con = clip_loss(img, txt, s)
+            con = clip_loss(img, txt, s, pos, img_c, txt_c, offset)
         else:
             if self.training:
                 self.momentum_update()
             img_m, txt_m = self._momentum_embed(images, input_ids, attention_mask)
+            img_m, txt_m = gather_features(img_m, with_grad=False), gather_features(txt_m, with_grad=False)
             k = int(self.queue_filled)
             con = itc_loss(img, txt, img_m, txt_m, self.image_queue[:k].clone(), self.text_queue[:k].clone(), s,
-                           self.loss_cfg.distill_alpha)
+                           self.loss_cfg.distill_alpha, pos, offset)
             if self.training:
                 self.enqueue(img_m, txt_m)
         aux = self.aux_loss()
@@ -175,7 +244,7 @@ class AlignObjective:
         self.loss = loss
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        return model(batch["images"], batch["input_ids"], batch["attention_mask"], batch.get("labels"))
 
     def __repr__(self) -> str:
         c = self.loss

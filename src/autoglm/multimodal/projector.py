@@ -41,7 +41,8 @@ from ..settings import from_dict
 from .data import DIGIT_NAMES
 from .encoders import ImageEncoder, ImageEncoderConfig
 
-__all__ = ["ImagePrefixProjector", "image_prefix", "load_image_projector", "names_digit", "train_image_projector",
+__all__ = ["ImagePrefixProjector", "image_prefix", "load_image_projector", "names_digit", "names_class",
+           "train_image_projector",
            "caption_images", "generate_with_image", "image_tensor", "PROJECTOR_HELP"]
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,23 @@ def names_digit(text: str, digit: int) -> bool:
     found = {_WORDS[w] for w in re.findall(r"[a-z]+", text.lower()) if w in _WORDS}
     found |= {int(c) for c in re.findall(r"(?<!\d)\d(?!\d)", text)}
     return found == {digit}
+
+
+def _words(text: str) -> str:
+    return " " + " ".join(re.findall(r"\w+", text.lower())) + " "
+
+
+def names_class(text: str, label: int, class_names: tuple[str, ...] | list[str]) -> bool:
+    """True when `text` names class `label` and no other class: `names_digit` for the digits,
+    else each class name as whole words, case-insensitive (a name inside a longer one that is
+    named, "red" in "dark red", does not count)."""
+    if tuple(class_names) == DIGIT_NAMES:
+        return names_digit(text, label)
+    low = _words(text)
+    found = {i for i, c in enumerate(class_names) if _words(c).strip() and _words(c) in low}
+    found = {i for i in found if not any(j != i and _words(class_names[i]) in _words(class_names[j])
+                                         for j in found)}
+    return found == {label}
 
 
 def _caption_batch(tok: Any, captions: list[str], prefix: int, pad: int, end: list[int]):
@@ -217,14 +235,14 @@ def train_image_projector(cfg: Any, progress: bool = True, console: Any = None) 
     LM/adapters/NAME, and score greedy captions of held-out test images (share naming the right
     digit, with and without the image)."""
     from ..adapters import check_name, save_adapter
-    from ..recipes.align import load_split
+    from ..recipes.align import load_split, run_data, run_stratified
     from ..rundir import RunDir
     from ..training import SingleDevice, Trainer
     from .augment import random_resized_crop
     from .store import load_aligned
 
     check_name(cfg.name)
-    aligned, _, _ = load_aligned(cfg.align_dir)
+    aligned, _, meta = load_aligned(cfg.align_dir)
     lm, tok = RunDir.open(cfg.lm, role="language model").load()
     lm.requires_grad_(False)
     proj = ImagePrefixProjector(aligned.image_cfg.to_dict(), aligned.loss_cfg.embed_dim, lm.config.hidden_size,
@@ -233,8 +251,9 @@ def train_image_projector(cfg: Any, progress: bool = True, console: Any = None) 
     proj.image_proj.load_state_dict(aligned.image_proj.state_dict())
     proj.image_encoder.requires_grad_(False)
     proj.image_proj.requires_grad_(False)
-    split = load_split(cfg.data, aligned.image_cfg.channels, aligned.image_cfg.image_size)
-    train, t, d = split["train"], cfg.train, cfg.data
+    d = run_data(cfg.data, meta, word_mask=0.0)  # no data option given: the aligned run's data and split
+    split = load_split(d, aligned.image_cfg.channels, aligned.image_cfg.image_size, run_stratified(d, meta))
+    train, t = split["train"], cfg.train
     pad, eos = (tok.pad_token_id if tok.pad_token_id is not None else 1), tok.eos_token_id or 0
     # a caption ends the way the language model's text ends a line (a newline for a model trained on
     # one caption per line), or with the end-of-text token when caption_end is ''
@@ -267,7 +286,9 @@ def train_image_projector(cfg: Any, progress: bool = True, console: Any = None) 
         with_img = caption_images(lm, tok, proj, test.images[:k], stop=cfg.caption_end)
         without = caption_images(lm, tok, None, test.images[:k], stop=cfg.caption_end)
         ys = test.labels[:k].tolist()
-        result["caption_acc"] = 100.0 * float(np.mean([names_digit(c, y) for c, y in zip(with_img, ys)]))
-        result["caption_acc_no_image"] = 100.0 * float(np.mean([names_digit(c, y) for c, y in zip(without, ys)]))
+        names = split["class_names"]  # a caption scores when it names its image's class (digits: word or numeral)
+        result["caption_acc"] = 100.0 * float(np.mean([names_class(c, y, names) for c, y in zip(with_img, ys)]))
+        result["caption_acc_no_image"] = 100.0 * float(np.mean([names_class(c, y, names)
+                                                                for c, y in zip(without, ys)]))
         result["samples"] = [{"label": y, "caption": c} for c, y in list(zip(with_img, ys))[:10]]
     return result

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -31,7 +32,8 @@ from ..settings import section, setting
 from ..training.config import TrainConfig
 
 __all__ = ["AlignData", "TextTower", "AlignConfig", "AlignEvalConfig", "ProjectorConfig", "AlignOutput",
-           "load_split", "align", "train_supervised", "evaluate", "evaluate_model", "train_projector"]
+           "load_split", "run_data", "run_stratified", "align", "train_supervised", "evaluate", "evaluate_model",
+           "train_projector"]
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,15 @@ log = logging.getLogger(__name__)
 @dataclass
 class AlignData:
     source: str = setting("digits", "'digits' (scikit-learn's bundled 8x8 digits, captions from templates), a "
-                                    "CSV/TSV/JSONL of image paths and captions, or a COCO captions JSON", flag="data")
+                                    "CSV/TSV/JSONL (or JSON array) of image paths and captions, a folder of pairs "
+                                    "(cat.png + cat.txt, one caption per line), or a COCO captions JSON", flag="data")
     image_root: Path | None = setting(None, "folder the image paths are relative to; none = the caption file's")
     image_col: str = setting("image", "column (CSV) or field (JSONL) holding the image path")
     caption_col: str = setting("caption", "column or field holding the caption")
     sep: str | None = setting(None, "CSV separator; none = tab for .tsv, else ','")
+    label_col: str | None = setting(None, "column or field holding each image's class (a class name, or an index "
+                                          "into the class names file), for zero-shot and the linear probe; none "
+                                          "= no labels (retrieval only)")
     val_fraction: float = setting(0.15, "share of the images held out for validation (settings are chosen here)")
     test_fraction: float = setting(0.2, "share of the images held out for the reported test numbers")
     split_seed: int = setting(0, "seed of the (stratified, where there are labels) split")
@@ -63,6 +69,12 @@ class AlignData:
                              f">= 0 with a sum below 1")
         if self.max_caption_tokens < 2:
             raise ValueError(f"max_caption_tokens must be >= 2, got {self.max_caption_tokens}")
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale {list(self.crop_scale)} must be two area shares 0 < min <= max <= 1, "
+                             f"e.g. 0.6,1.0 (1,1 = no crop)")
+        for name in ("hflip", "word_mask"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
 
 
 @dataclass
@@ -85,6 +97,8 @@ class AlignConfig:
                                  weight_decay=0.05, betas=(0.9, 0.98), eval_every=100, save_every=300,
                                  log_every=10, seq_len=32)
     resume: bool = setting(False, "continue from OUT/checkpoints/latest")
+    overwrite: bool = setting(False, "replace the run already in OUT (aligned model or checkpoints; it is deleted "
+                                     "first); without it such an OUT is refused")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
 
 
@@ -92,7 +106,9 @@ class AlignConfig:
 class AlignEvalConfig:
     model_dir: Path | None = setting(None, "an aligned model directory (`autoglm align --out`)", argument=True,
                                      required=True)
-    data: AlignData = section(AlignData, "the pairs and split to evaluate on (the training run's by default)")
+    data: AlignData = section(AlignData, "the pairs and split to evaluate on: without --data the training run's "
+                                         "(source, columns, split, class names, templates), with any other data "
+                                         "option given on top")
     split: Literal["val", "test"] = setting("test", "which held-out split to report")
     probe: bool = setting(True, "also fit the supervised linear probe on the training split's image embeddings")
     json_out: Path | None = setting(None, "also write the result as JSON here")
@@ -139,22 +155,84 @@ def _read_lines(path: Path, what: str) -> tuple[str, ...]:
     return lines
 
 
-def load_split(d: AlignData, channels: int = 1, size: int = 16) -> dict[str, Any]:
-    """{"data": PairData, "train"/"val"/"test": PairData subsets, "class_names", "templates"}."""
+def load_split(d: AlignData, channels: int = 1, size: int = 16, stratify: bool | None = None) -> dict[str, Any]:
+    """{"data": PairData, "train"/"val"/"test": PairData subsets, "class_names", "templates"}.
+    The split is stratified by class where the data has labels, unless `stratify` is False
+    (a run trained without labels, evaluated with them, keeps its own split)."""
     from ..multimodal.data import ZERO_SHOT_TEMPLATES, load_pairs, split_indices
 
-    pairs = load_pairs(d.source, d.image_root, d.image_col, d.caption_col, d.sep, channels, size)
+    names = _read_lines(d.class_names, "class names") if d.class_names is not None else ()
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"class names file {d.class_names} names {dup} more than once; give each class one line")
+    pairs = load_pairs(d.source, d.image_root, d.image_col, d.caption_col, d.sep, channels, size, d.label_col, names)
     if pairs.images.shape[1] != channels:  # digits are grey; an RGB encoder gets three equal channels
         pairs.images = pairs.images.expand(-1, channels, -1, -1).contiguous() if channels == 3 else \
             pairs.images.mean(1, keepdim=True)
-    tr, va, te = split_indices(len(pairs), d.val_fraction, d.test_fraction, d.split_seed, pairs.labels)
-    names = _read_lines(d.class_names, "class names") if d.class_names is not None else pairs.class_names
+    if pairs.labels is None and (d.class_names is not None or d.templates is not None):
+        given = "class_names (--class-names)" if d.class_names is not None else "templates (--templates)"
+        raise ValueError(f"{given} is for zero-shot classification, which needs each image's class: {d.source} has "
+                         f"no labels; set label_col (--label-col) to the caption table's class column, or drop it")
+    if pairs.labels is not None and names and int(pairs.labels.max()) >= len(names):
+        raise ValueError(f"class names file {d.class_names} has {len(names)} names but {d.source} has class index "
+                         f"{int(pairs.labels.max())}; give one name per class, in class-index order")
+    tr, va, te = split_indices(len(pairs), d.val_fraction, d.test_fraction, d.split_seed,
+                               pairs.labels if stratify is not False else None)
+    names = names or pairs.class_names
     templates = _read_lines(d.templates, "templates") if d.templates is not None else ZERO_SHOT_TEMPLATES
     for t in templates:
         if "{name}" not in t and "{digit}" not in t:
             raise ValueError(f"template {t!r} names no class; put {{name}} where the class name goes")
+        try:
+            t.format(name="x", digit=0)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"template {t!r} is not a valid format string ({type(e).__name__}: {e}); only {{name}} "
+                             f"and {{digit}} may stand in braces (write {{{{ and }}}} for literal braces)") from None
     return {"data": pairs, "train": pairs.subset(tr), "val": pairs.subset(va), "test": pairs.subset(te),
             "class_names": tuple(names), "templates": tuple(templates)}
+
+
+def _absolute_data(d: AlignData) -> dict[str, Any]:
+    """`d` as a dict with its paths made absolute, saved with the aligned model so that
+    `autoglm align eval` finds the run's data from any working directory."""
+    from ..settings import to_dict
+
+    out = to_dict(d)
+    if d.source != "digits":
+        out["source"] = str(Path(d.source).resolve())
+    for k in ("image_root", "class_names", "templates"):
+        if getattr(d, k) is not None:
+            out[k] = str(Path(getattr(d, k)).resolve())
+    return out
+
+
+def _claim_out(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse (or with `overwrite` delete) an OUT that holds an aligned model, checkpoints or
+    another saved run, before anything is written into it."""
+    import shutil
+
+    from ..multimodal.store import ALIGN_FILES
+    from ..rundir import KINDS, RunDir
+
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file, not a directory; choose a directory for the run")
+    if resume:
+        if not (out / "checkpoints").is_dir():
+            raise FileNotFoundError(f"resume requested but {out / 'checkpoints'} does not exist; drop --resume to "
+                                    f"start a new run, or point --out at an earlier run")
+        return
+    held = [f for f in ALIGN_FILES if (out / f).is_file()] + (["checkpoints/"] if (out / "checkpoints").is_dir()
+                                                               else [])
+    kind = RunDir.detect(out)
+    if kind not in (None, "align"):  # an aligned run is named by its files above
+        held.append(KINDS[kind][1])
+    if not held:
+        return
+    if not overwrite:
+        raise FileExistsError(f"{out} already holds a run ({', '.join(held)}); pass --resume to continue it, "
+                              f"--overwrite to replace it, or choose another --out")
+    log.warning("--overwrite: deleting the run in %s", out)
+    shutil.rmtree(out)
 
 
 def _batch_fn(train: Any, tokenizer: Any, d: AlignData, image_size: int, batch_size: int, seed: int):
@@ -179,7 +257,7 @@ def _batch_fn(train: Any, tokenizer: Any, d: AlignData, image_size: int, batch_s
         images = random_hflip(images, d.hflip, g)
         ids, mask = encode_captions(tokenizer, caps, d.max_caption_tokens)
         out = {"images": images, "input_ids": ids, "attention_mask": mask}
-        if train.labels is not None:  # read by the supervised reference only
+        if train.labels is not None:  # read by the supervised reference and false_negatives='same_label'
             out["labels"] = train.labels[torch.from_numpy(idx)]
         return out
 
@@ -216,13 +294,18 @@ def evaluate_model(model: Any, tokenizer: Any, split: dict[str, Any], which: str
 
     part = split[which]
     out: dict[str, Any] = {"split": which, "images": len(part), "captions": sum(len(c) for c in part.captions)}
+    if not len(part):  # val_fraction / test_fraction 0: nothing to score
+        log.warning("the %s split is empty (its fraction is 0): no %s metrics", which, which)
+        return out
     img = embed_images(model, part.images)
     if part.labels is not None and split["class_names"]:
         cls = class_embeddings(model, tokenizer, split["class_names"], split["templates"], max_len)
         out["zero_shot_acc"] = zero_shot_accuracy(img, cls, part.labels)
     out.update(retrieval(model, tokenizer, part.images, part.captions, max_len=max_len))
-    if probe and part.labels is not None:
-        tr, va = split["train"], split["val"]
+    tr, va = split["train"], split["val"]
+    if probe and part.labels is not None and (not len(va) or len(tr.labels.unique()) < 2):
+        log.warning("no linear probe: it needs a validation split (to choose C) and two classes in training")
+    elif probe and part.labels is not None:
         res = linear_probe(embed_images(model, tr.images), tr.labels, embed_images(model, va.images), va.labels,
                            img, part.labels)
         out["probe_acc"] = res["test_acc"]
@@ -274,10 +357,14 @@ def align(cfg: AlignConfig, progress: bool = True, console: Any = None, split: d
     from .common import run_info
 
     out = Path(cfg.out)
-    if cfg.resume and not (out / "checkpoints").is_dir():
-        raise FileNotFoundError(f"resume requested but {out / 'checkpoints'} does not exist; drop --resume to "
-                                f"start a new run, or point --out at an earlier run")
+    if cfg.resume and cfg.overwrite:
+        raise ValueError("resume and overwrite exclude each other: --resume continues the run in OUT, --overwrite "
+                         "deletes it")
     split = split or load_split(cfg.data, cfg.image.channels, cfg.image.image_size)
+    if cfg.loss.false_negatives == "same_label" and split["train"].labels is None:
+        raise ValueError(f"loss.false_negatives 'same_label' needs each image's class, and {split['data'].source} "
+                         f"has none; set label_col (--label-col) or use --false-negatives same_caption")
+    _claim_out(out, cfg.resume, cfg.overwrite)  # after the data loaded: a bad input deletes nothing
     train = split["train"]
     for s in split["data"].skipped[:20]:
         log.warning("skipped %s: %s", s["item"], s["reason"])
@@ -303,8 +390,9 @@ def align(cfg: AlignConfig, progress: bool = True, console: Any = None, split: d
                     seconds_per_epoch=round(sec_epoch, 3), final_loss=last.get("loss"),
                     logit_scale=last.get("logit_scale"), curve=curve.points, eval=ev)
     meta = {"max_len": cfg.data.max_caption_tokens, "class_names": list(split["class_names"]),
-            "templates": list(split["templates"])}
-    save_aligned(model, tok, out, meta, info, to_yaml(cfg))
+            "templates": list(split["templates"]), "data": _absolute_data(cfg.data),
+            "split_stratified": split["train"].labels is not None}
+    save_aligned(model, tok, out, meta, info, to_yaml(dataclasses.replace(cfg, overwrite=False)))  # re-runs refuse
     return AlignOutput(model, tok, result, out, ev, curve.points, sec_epoch)
 
 
@@ -341,14 +429,53 @@ def train_supervised(cfg: AlignConfig, split: dict[str, Any] | None = None, prog
             "seconds_per_epoch": res.elapsed / max(res.steps_run / spe, 1e-9), "steps": res.steps}
 
 
+def run_data(d: AlignData, meta: dict[str, Any], **defaults: Any) -> AlignData:
+    """The data to use with an aligned run (`meta` = its align_config.json): `d` when it names
+    another source (its options belong to that file); else the run's own data section, with the
+    options of `d` that differ from the defaults on top (`--class-names`, `--split-seed`, ...).
+    A run saved without its data section: `d`."""
+    from ..settings import ConfigError, from_dict
+
+    base = AlignData(**defaults)
+    if d.source != base.source or not isinstance(meta.get("data"), dict):
+        return d
+    given = {f.name: getattr(d, f.name) for f in dataclasses.fields(AlignData)
+             if getattr(d, f.name) != getattr(base, f.name)}
+    try:
+        saved = from_dict(AlignData, {**meta["data"], **defaults, **{k: _plain(v) for k, v in given.items()}})
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ValueError(f"the aligned run's data section is damaged or does not fit the options given ({e}); "
+                         f"give the data with --data") from None
+    if saved.source != "digits" and not Path(saved.source).exists():
+        raise FileNotFoundError(f"the aligned run was trained on {saved.source}, which no longer exists; give the "
+                                f"data with --data (and its column, split and class options)")
+    log.info("using the run's data: %s", saved.source)
+    return saved
+
+
+def run_stratified(d: AlignData, meta: dict[str, Any]) -> bool | None:
+    """Whether the run's split was stratified, when `d` is the run's own data (so that labels
+    added at evaluation do not move training images into the test split); else None."""
+    saved = meta.get("data") if isinstance(meta.get("data"), dict) else {}
+    same = d.source == saved.get("source") and d.split_seed == saved.get("split_seed") and \
+        d.val_fraction == saved.get("val_fraction") and d.test_fraction == saved.get("test_fraction")
+    return meta.get("split_stratified") if same else None
+
+
+def _plain(v: Any) -> Any:
+    return str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+
+
 def evaluate(cfg: AlignEvalConfig) -> dict[str, Any]:
-    """Load `cfg.model_dir` and evaluate it on `cfg.data`'s `cfg.split`; the zero-shot class
-    names and templates are the data's (or the files given), else the saved run's."""
+    """Load `cfg.model_dir` and evaluate it on `cfg.data`'s `cfg.split` (with no data option given,
+    the run's own data and split); the zero-shot class names and templates are the data's (or
+    the files given), else the saved run's."""
     from ..atomic import atomic_write_text
     from ..multimodal.store import load_aligned
 
     model, tok, meta = load_aligned(cfg.model_dir)
-    split = load_split(cfg.data, model.image_cfg.channels, model.image_cfg.image_size)
+    d = run_data(cfg.data, meta)
+    split = load_split(d, model.image_cfg.channels, model.image_cfg.image_size, run_stratified(d, meta))
     if cfg.data.class_names is None and not split["class_names"] and meta.get("class_names"):
         split["class_names"] = tuple(meta["class_names"])
     if cfg.data.templates is None and meta.get("templates"):
