@@ -48,6 +48,8 @@ KINDS: dict[str, tuple[tuple[str, ...], str, str]] = {
              "make one with `autoglm finetune BASE --lora --out {path}`"),
     "graph": (("graph_ssl_config.json", "model.safetensors"), "graph model directory",
               "pre-train one with `autoglm graph pretrain --out {path}`"),
+    "align": (("align_config.json", "model.safetensors"), "CLIP-style image-text model directory",
+              "train one with `autoglm align --out {path}`"),
 }
 
 
