@@ -238,7 +238,10 @@ def _resume_checks(rank: int) -> dict:
         s2, m2, opt2, sched2 = runs[1]
         s2.load_checkpoint(path, m2, opt2, sched2)
         a, b = s.unwrap(m), s2.unwrap(m2)
+        exported = s.export_model(m)  # the unsplit model, gathered from every rank (main rank)
         out[name] = {
+            "ckpt": str(path),
+            "exported": None if exported is None else {k: v.clone() for k, v in exported.state_dict().items()},
             "weights_equal": all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values())),
             "moments_equal": all(torch.equal(opt.state[p]["exp_avg_sq"], opt2.state[q]["exp_avg_sq"])
                                  for p, q in zip(a.parameters(), b.parameters()) if p in opt.state),
@@ -289,6 +292,22 @@ def single_process_rows() -> tuple[dict, ...]:
     return tuple(train_cli(Path(tempfile.mkdtemp(prefix="autoglm-single-")) / "run"))
 
 
+def assert_consolidates_to_exported(strategy: str, tmp_path: Path) -> None:
+    """The strategy's 2-rank DCP checkpoint (ranks holding different experts / stages),
+    consolidated in this process without a process group, equals the model the ranks gathered:
+    every weight of every rank is in the file."""
+    from safetensors.torch import load_file
+
+    from autoglm.distributed.consolidate import consolidate
+
+    r = worker_results()[0]["resume"][strategy]
+    got = load_file(consolidate(r["ckpt"], tmp_path / "model") / "model.safetensors")
+    want = r["exported"]
+    assert set(want) - set(got) <= {"lm_head.weight"}, sorted(set(want) - set(got))  # tied: stored once
+    assert set(got) <= set(want)
+    assert all(torch.equal(got[k], want[k]) for k in got), strategy
+
+
 def assert_resumed(strategy: str) -> None:
     """Every rank's DCP round trip of `strategy` restored weights, AdamW moments and its own groups."""
     for rank, res in enumerate(worker_results()):
@@ -299,8 +318,8 @@ def assert_resumed(strategy: str) -> None:
 
 def assert_cli_matches_single(strategy: str, tmp_path: Path, lm_tol: float, aux_tol: float) -> None:
     """The strategy's 4 training steps through `autoglm train --nproc 2` track one process:
-    step 1 (same initial weights, same global batch) and the last step's losses, and the
-    exported model loads."""
+    step 1 (same initial weights, same global batch) and the last step's losses, the
+    exported model loads, and consolidating the last checkpoint gives the same weights."""
     from autoglm import OpenAutoGLMForCausalLM
 
     rows = [r for r in train_cli(tmp_path / "run", strategy) if "loss" in r]
@@ -310,6 +329,17 @@ def assert_cli_matches_single(strategy: str, tmp_path: Path, lm_tol: float, aux_
         assert abs(got["lm_loss"] - want["lm_loss"]) <= lm_tol, (strategy, got, want)
         assert abs(got["aux_loss"] - want["aux_loss"]) <= aux_tol, (strategy, got, want)
     OpenAutoGLMForCausalLM.from_pretrained(tmp_path / "run")
+    # the final DCP checkpoint (every rank's shards, experts or stages) consolidated in one
+    # process equals the model the ranks gathered at the end
+    from safetensors.torch import load_file
+
+    from autoglm.distributed.consolidate import consolidate
+
+    consolidate(tmp_path / "run", tmp_path / "merged")
+    want = load_file(tmp_path / "run" / "model.safetensors")
+    got = load_file(tmp_path / "merged" / "model.safetensors")
+    assert set(got) == set(want), strategy
+    assert all(torch.equal(got[k], want[k]) for k in want), strategy
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -169,3 +169,84 @@ def killed_rank_worker(rank: int, world: int, out: str) -> None:
         (Path(out) / "failed_at").write_text(repr(time.time()))
         (Path(out) / "error.txt").write_text(str(e))
         os._exit(7)
+
+
+# ------------------------------------------------------- MoE with an expert no token chooses
+# the `sorted` dispatch calls only the experts that got tokens (as on a GPU in fp32, or with
+# adapters in the experts); aux loss off, so two ranks compute exactly one process's gradients
+MOE_MODEL = {**MODEL, "num_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_size": 16,
+             "moe_dispatch": "sorted", "router_aux_loss_coef": 0.0}
+UNUSED_EXPERT = 3
+
+
+def _route_without_expert(x, router_weight, top_k):
+    """The model's router with expert UNUSED_EXPERT masked out: no token ever reaches it."""
+    from autoglm.modules import moe
+
+    logits = torch.nn.functional.linear(x.float(), router_weight.float())
+    logits[:, UNUSED_EXPERT] = float("-inf")
+    w, idx = logits.softmax(dim=-1).topk(top_k, dim=-1)
+    return moe.RouterOutput(logits, idx, w / w.sum(dim=-1, keepdim=True))
+
+
+def moe_unused_expert_run(strategy) -> tuple[list[float], dict[str, torch.Tensor] | None, dict[str, torch.Tensor]]:
+    """4 steps (grad accumulation 2) of the MoE model with one expert never chosen; returns
+    losses, the final full parameters (main process) and the initial ones."""
+    from autoglm.modules import moe
+
+    saved = moe.route
+    moe.route = _route_without_expert
+    try:
+        torch.manual_seed(0)
+        model = OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name("tiny", **MOE_MODEL))
+        init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        cfg = train_cfg()
+        r, w = strategy.data_parallel_rank, strategy.data_parallel_size
+        t = Trainer(model, cfg, lambda i: rank_batch(TOKENS, cfg.batch_size, cfg.seq_len, i, cfg.seed, r, w),
+                    strategy=strategy, progress=False)
+        result = t.fit()
+        return losses(result), full_params(strategy, t), init
+    finally:
+        moe.route = saved
+
+
+def moe_unused_expert_worker(rank: int, world: int, out: str) -> None:
+    results = {}
+    for name in ("ddp", "zero1", "fsdp"):
+        s = make_strategy(name, device="cpu", backend="gloo", timeout_s=60)
+        got, params, _ = moe_unused_expert_run(s)
+        results[name] = {"losses": got, "params": params}
+    if rank == 0:
+        torch.save(results, Path(out) / "moe.pt")
+
+
+# ------------------------------------------------- rank 0 working alone past the collective timeout
+SOLO_SECONDS = 6.0  # longer than the 2 s collective timeout below
+
+
+def slow_main_rank_worker(rank: int, world: int, out: str) -> None:
+    """ddp with a 2 s collective timeout. Rank 0 works alone for SOLO_SECONDS before a
+    barrier (as when it prepares the corpus) and inside every checkpoint save (a slow fsync);
+    rank 1 works alone for SOLO_SECONDS after that barrier, before the model is set up (as
+    when it reads the corpus rank 0 prepared); the others wait without failing. Each rank
+    writes done-<rank> at the end."""
+    from autoglm.distributed import checkpoint as dist_ckpt
+
+    s = make_strategy("ddp", device="cpu", backend="gloo", timeout_s=2)
+    if rank == 0:
+        time.sleep(SOLO_SECONDS)
+    s.barrier()
+    if rank == 0:
+        fsync_tree = dist_ckpt.fsync_tree
+
+        def slow_fsync(path):
+            time.sleep(SOLO_SECONDS)
+            fsync_tree(path)
+
+        dist_ckpt.fsync_tree = slow_fsync
+    else:
+        time.sleep(SOLO_SECONDS)
+    t = make_trainer(s, train_cfg(save_every=2), Path(out) / "run")
+    with s.collective_errors():
+        t.fit()
+    (Path(out) / f"done-{rank}").write_text("ok")

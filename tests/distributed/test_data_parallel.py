@@ -5,7 +5,10 @@ checkpoint as latest."""
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from autoglm.distributed.consolidate import consolidate
+from autoglm.training import SingleDevice
 from dp_workers import equivalence_worker, killed_rank_worker, single_run, spawn
 
 # fp32 on CPU; the only differences come from the order of float additions (gradients summed
@@ -32,8 +35,15 @@ def test_ddp_fsdp_zero1_match_one_process_and_fsdp_checkpoints_resume(tmp_path):
     for name in ("resume-fsdp", "resume-zero1"):
         assert res[name]["losses"] == pytest.approx(ref_losses[2:], rel=LOSS_RTOL), name
         assert _close_params(res[name]["params"], ref_params) < PARAM_ATOL, name
-    # ... and in one process, without a process group
+    # one command turns the 2-rank FSDP checkpoint into one safetensors model: the weights of
+    # a one-process run after the same 2 steps
     assert (tmp_path / "fsdp-ckpt" / "checkpoints" / "step-000002" / ".metadata").is_file()
+    _, ref_params_2 = single_run(stop_at=2)
+    consolidate(tmp_path / "fsdp-ckpt", tmp_path / "fsdp-model")
+    merged = load_file(tmp_path / "fsdp-model" / "model.safetensors")
+    merged.setdefault("lm_head.weight", merged["model.embed_tokens.weight"])  # tied: stored once
+    assert _close_params(merged, ref_params_2) < PARAM_ATOL
+    # ... and in one process, without a process group
     one_losses, one_params = single_run(tmp_path / "fsdp-ckpt", resume=True)
     assert one_losses == pytest.approx(ref_losses[2:], rel=LOSS_RTOL)
     assert _close_params(one_params, ref_params) < PARAM_ATOL
@@ -49,3 +59,37 @@ def test_killed_rank_fails_the_run_and_keeps_the_last_complete_checkpoint(tmp_pa
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step-000002"]  # no partial step-4, no temp dir
     # rank 0 noticed within its 5 s collective timeout (plus slack for a loaded machine)
     assert float((tmp_path / "failed_at").read_text()) - float((tmp_path / "died_at").read_text()) < 30
+
+
+def test_moe_expert_without_tokens_trains_like_one_process_under_ddp_zero1_and_fsdp(tmp_path):
+    """An expert that no token chose has no gradient on that rank: DDP (and ZeRO-1, DDP
+    inside) used to fail the next step with "Expected to have finished reduction in the prior
+    iteration". Under ddp, zero1 and fsdp the run completes and equals one process; the
+    never-used expert is untouched (no gradient, so AdamW neither decays nor moves it), as in
+    one process."""
+    from dp_workers import UNUSED_EXPERT, moe_unused_expert_run, moe_unused_expert_worker
+
+    ref_losses, ref_params, init = moe_unused_expert_run(SingleDevice("cpu"))
+    codes, _ = spawn(moe_unused_expert_worker, 2, str(tmp_path))
+    assert codes == [0, 0], f"a worker failed (exit codes {codes}); see its traceback above"
+    res = torch.load(tmp_path / "moe.pt", weights_only=True)
+    unused = [k for k in ref_params if f"experts.{UNUSED_EXPERT}." in k]
+    assert unused and all(torch.equal(ref_params[k], init[k]) for k in unused)
+    for name in ("ddp", "zero1", "fsdp"):
+        assert res[name]["losses"] == pytest.approx(ref_losses, rel=LOSS_RTOL), name
+        assert _close_params(res[name]["params"], ref_params) < PARAM_ATOL, name
+        assert all(torch.equal(res[name]["params"][k], init[k]) for k in unused), name
+
+
+def test_ranks_wait_for_rank_0_working_alone_past_the_collective_timeout(tmp_path):
+    """--dist-timeout detects dead or hung ranks; one rank preparing the corpus or finishing a
+    checkpoint's files for longer than it (6 s against 2 s here) used to fail the other ranks
+    with "Timed out waiting 2000ms". Now they wait, and the run completes with its checkpoints."""
+    from dp_workers import slow_main_rank_worker
+
+    codes, _ = spawn(slow_main_rank_worker, 2, str(tmp_path), timeout=150)
+    assert codes == [0, 0], f"a worker failed (exit codes {codes}); see its traceback above"
+    assert (tmp_path / "done-0").is_file() and (tmp_path / "done-1").is_file()
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step-000004"
+    assert (ckpts / "step-000002" / ".metadata").is_file() and (ckpts / "step-000004" / ".metadata").is_file()

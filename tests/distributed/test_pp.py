@@ -119,3 +119,11 @@ def test_pp_through_autoglm_train_tracks_one_process(tmp_path):
     from _mp_helpers_model_parallel import assert_cli_matches_single
 
     assert_cli_matches_single("pp", tmp_path, lm_tol=3e-4, aux_tol=1e-4)
+
+
+def test_pp_checkpoint_consolidates_every_ranks_stages(tmp_path):
+    """`autoglm consolidate` on a 2-rank `pp` checkpoint: one file with
+    the weights the ranks gathered at the end, none missing."""
+    from _mp_helpers_model_parallel import assert_consolidates_to_exported
+
+    assert_consolidates_to_exported("pp", tmp_path)

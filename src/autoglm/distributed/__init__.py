@@ -25,7 +25,8 @@ Modules `tensor.py`, `pipeline.py` and `expert.py` of this package are imported 
 registry is first read, so their decorators run; a strategy defined elsewhere is
 registered by importing its module. `make_strategy(name, **opts)` builds one;
 `init_distributed()` joins torchrun's process group (nccl on GPUs, gloo on CPU, with a
-collective timeout).
+collective timeout). `autoglm consolidate RUN --out DIR` turns a
+distributed checkpoint into one safetensors model directory (`consolidate.py`).
 
 Example:
     >>> strategy_names()

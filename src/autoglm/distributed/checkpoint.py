@@ -7,6 +7,8 @@ Layout of `ckpt_root/step-000123/` written by a multi-process strategy:
                                 AdamW shards; DDP: replicated tensors once; ZeRO-1: each rank its
                                 optimizer partition)
     scheduler.pt, rng.pt        LR schedule and RNG state (main process, weights-only torch.save)
+    config.json                 the model's config (`autoglm consolidate`
+                                builds the model from it to write one safetensors directory)
     trainer_state.json          step, tokens seen, train config, strategy, world size (written last)
 
 Keys are the model's parameter names (`model.<fqn>`, `optim.state.<fqn>.exp_avg`, ...), the
@@ -19,7 +21,9 @@ rank writes into it; `dcp.save` returns only after all ranks' writes are done (a
 crashed makes it fail on the others), and only then does the main process add its files,
 fsync everything and rename the folder to `step-NNNNNN`, then point `latest` at it. A crash
 leaves the previous checkpoint as latest; the next save removes the stale temporary folder.
-Multi-node runs need `ckpt_root` on a file system every node sees.
+Multi-node runs need `ckpt_root` on a file system every node sees. The waits of a save (for
+the slowest writer, for rank 0's fsync and rename) go through the strategy's `wait_group`,
+whose timeout is hours, not `--dist-timeout`: a slow disk is not a dead rank.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,7 @@ _METADATA = ".metadata"
 _STATE = "trainer_state.json"
 _SCHEDULER = "scheduler.pt"
 _RNG = "rng.pt"
+_MODEL_CONFIG = "config.json"
 
 
 def is_distributed_checkpoint(path: str | Path) -> bool:
@@ -132,11 +138,17 @@ def save_distributed_checkpoint(strategy: Any, root: str | Path, step: int, mode
     model = getattr(model, "_orig_mod", model)
     try:
         tmp = strategy.broadcast_object(tmp) if _distributed() else tmp
-        dcp.save(_state_dict(model, optimizer), checkpoint_id=tmp)
+        # DCP coordinates through the strategy's wait group (long timeout): ranks that wrote
+        # fewer shards wait for the slowest writer without tripping the collective timeout
+        dcp.save(_state_dict(model, optimizer), checkpoint_id=tmp,
+                 process_group=getattr(strategy, "wait_group", None) if _distributed() else None)
         if strategy.is_main:
             tmp_path = Path(tmp)
             torch.save({"scheduler": scheduler.state_dict() if scheduler is not None else None}, tmp_path / _SCHEDULER)
             torch.save(capture_rng_state(), tmp_path / _RNG)
+            model_config = getattr(_plain(model), "config", None)
+            if hasattr(model_config, "to_json_string"):  # what consolidation builds the model from
+                (tmp_path / _MODEL_CONFIG).write_text(model_config.to_json_string())
             full = {**state, "step": step, "format_version": FORMAT_VERSION, "world_size": strategy.world_size,
                     "checkpoint_format": "torch.distributed.checkpoint"}
             (tmp_path / _STATE).write_text(json.dumps(full, indent=2, sort_keys=True))  # written last
@@ -164,10 +176,35 @@ def save_distributed_checkpoint(strategy: Any, root: str | Path, step: int, mode
 
 
 # ---------------------------------------------------------------------- load
+def _check_shard_files(path: Path, state: dict[str, Any]) -> None:
+    """Every shard file the checkpoint's .metadata names is there and long enough: a rank's
+    shards that were lost (a node's local disk, a partial copy) are named, instead of DCP
+    failing on the first missing tensor or a model loading with part of its weights."""
+    try:
+        meta = dcp.FileSystemReader(str(path)).read_metadata()
+    except Exception as e:  # unreadable .metadata
+        raise CheckpointError(f"checkpoint {path}/{_METADATA} cannot be read ({type(e).__name__}: {e}): "
+                              f"{_advice()}") from e
+    need: dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    missing = sorted(f for f in need if not (path / f).is_file())
+    short = sorted(f for f in need if f not in missing and (path / f).stat().st_size < need[f])
+    if missing or short:
+        what = "; ".join(part for part in (f"missing {', '.join(missing)}" if missing else "",
+                                           f"truncated {', '.join(short)}" if short else "") if part)
+        raise CheckpointError(f"checkpoint {path} is incomplete ({what}; written by {state.get('world_size')} "
+                              f"rank(s), each rank writes its own __<rank>_*.distcp): copy the whole step folder "
+                              f"from the storage every rank wrote to (a multi-node run needs a shared file system), "
+                              f"or {_advice()}")
+
+
 def load_distributed_checkpoint(strategy: Any, path: str | Path, model: nn.Module, optimizer: Any = None,
                                 scheduler: Any = None, restore_rng: bool = True) -> dict[str, Any]:
     """Load a DCP checkpoint into `model` / `optimizer` (any strategy, any world size, also
-    one process without a process group) and return the trainer state."""
+    one process without a process group, where `strategy` may be None) and return the
+    trainer state. A shard file the checkpoint's metadata names but the folder lacks (or holds
+    truncated) is a CheckpointError that names it."""
     path = Path(path)
     try:
         state = json.loads((path / _STATE).read_text())
@@ -180,9 +217,14 @@ def load_distributed_checkpoint(strategy: Any, path: str | Path, model: nn.Modul
         sd: dict[str, Any] = {"model": get_model_state_dict(model), "optim": _zero_template(model, optimizer)}
     else:
         sd = _state_dict(model, optimizer)  # get_state_dict gives a fresh optimizer its (zero) state to fill
+    _check_shard_files(path, state)
     no_dist = not _distributed()
     try:
-        dcp.load(sd, checkpoint_id=str(path), no_dist=no_dist)
+        with warnings.catch_warnings():
+            # one process on purpose (no_dist): DCP's "assuming the intent is to load in a single process"
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+            dcp.load(sd, checkpoint_id=str(path), no_dist=no_dist,
+                     process_group=None if no_dist else getattr(strategy, "wait_group", None))
     except (Exception, CheckpointException) as e:  # DCP's CheckpointException (a BaseException) lists each rank's failure
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = lines[-1] if lines else type(e).__name__  # DCP's last line is the first failure's message

@@ -36,7 +36,8 @@ class DistributedSpec:
     rdzv_id: str = setting("autoglm", "rendezvous id: every node of one run passes the same")
     backend: Literal["auto", "nccl", "gloo"] = setting("auto", "collective backend: auto = nccl on GPUs, gloo on CPU")
     timeout_s: float = setting(600.0, "collective timeout (s): a crashed or hung rank fails the run after this "
-                                      "instead of hanging it", flag="dist_timeout")
+                                      "instead of hanging it (waits for one rank preparing data or writing a "
+                                      "checkpoint are not bound by it)", flag="dist_timeout")
     param_dtype: Literal["fp32", "bf16"] = setting("fp32", "fsdp: dtype of the all-gathered parameters in forward/"
                                                            "backward (fp32 master weights either way)",
                                                    flag="fsdp_param_dtype")
@@ -57,13 +58,17 @@ class DistributedSpec:
         if self.nnodes > 1 and not self.rdzv_endpoint:
             raise ValueError(f"a run over {self.nnodes} nodes needs --rdzv-endpoint HOST:PORT (a host every node "
                              f"reaches, e.g. the first node's name and port 29400)")
-        if self.rdzv_endpoint is not None and ":" not in self.rdzv_endpoint:
-            raise ValueError(f"rdzv_endpoint must be HOST:PORT, got {self.rdzv_endpoint!r}; e.g. node0:29400")
+        if self.rdzv_endpoint is not None:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"rdzv_endpoint must be HOST:PORT with a port in 1-65535, got "
+                                 f"{self.rdzv_endpoint!r}; e.g. node0:29400")
         if self.timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {self.timeout_s}")
         if self.strategy == "single" and (self.nproc > 1 or self.nnodes > 1):
             raise ValueError(f"strategy 'single' runs one process, but nproc={self.nproc}, nnodes={self.nnodes}; "
-                             f"choose --strategy ddp, fsdp or zero1 for several processes")
+                             f"pass --nproc 1 --nnodes 1 to train (or resume) in one process, or choose --strategy "
+                             f"ddp, fsdp or zero1 for several processes")
 
     def strategy_options(self) -> dict[str, Any]:
         """Keyword options for `make_strategy` (process group + the strategy's own)."""

@@ -5,7 +5,11 @@ Every rank holds (a shard of) the same model and reads its own slice of each glo
 one process computes on the whole global batch.
 
 * `ddp`: `DistributedDataParallel`; `no_sync` skips the all-reduce on all but the last
-  micro-batch of a gradient-accumulation step.
+  micro-batch of a gradient-accumulation step. A Mixture-of-Experts model runs with
+  `find_unused_parameters=True`: an expert that no token of a rank's micro-batch chose gets
+  no gradient there, which plain DDP reports as an error at the next step; with it, that
+  rank contributes zeros to the expert's average (what one process computes on the whole
+  batch), and an expert no rank used keeps no gradient, as in one process.
 * `fsdp`: FSDP2 `fully_shard` on every block of the model's `layers` and then on the root:
   parameters, gradients and AdamW state are sharded over the ranks (ZeRO-3); parameters are
   all-gathered per block for forward and backward. `param_dtype="bf16"` computes in bf16
@@ -17,6 +21,7 @@ one process computes on the whole global batch.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,17 +38,25 @@ from ..training.optim import param_groups
 from ..training.strategy import Strategy
 from .runtime import init_distributed
 
-__all__ = ["ProcessGroupStrategy", "DDPStrategy", "FSDPStrategy", "Zero1Strategy", "model_blocks"]
+__all__ = ["ProcessGroupStrategy", "DDPStrategy", "FSDPStrategy", "Zero1Strategy", "has_experts", "model_blocks"]
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+WAIT_TIMEOUT_S = 24 * 3600.0  # barrier(): how long ranks wait for one rank's solo work
 
 
 def _find(model: nn.Module, cls: type) -> nn.Module | None:
     """`model` or the module inside its torch.compile wrapper, if it is a `cls`."""
     model = getattr(model, "_orig_mod", model)
     return model if isinstance(model, cls) else None
+
+
+def has_experts(model: nn.Module) -> bool:
+    """True when `model` holds a Mixture-of-Experts layer (whose experts may get no tokens)."""
+    from ..modules.moe import MoEFeedForward
+
+    return any(isinstance(m, MoEFeedForward) for m in model.modules())
 
 
 def model_blocks(model: nn.Module) -> list[nn.Module]:
@@ -66,6 +79,12 @@ class ProcessGroupStrategy(Strategy):
         self.env, self.device = init_distributed(backend, timeout_s, None if device is None else str(device))
         self.timeout_s = timeout_s
         self.backend = dist.get_backend()
+        # where ranks wait for one rank's solo work (rank 0 preparing the corpus, finishing a
+        # checkpoint's files), the collective timeout is not a hang detector but a false alarm:
+        # those waits run in a gloo group of their own with a long timeout. A crashed rank still
+        # ends them at once (torchrun stops the others; gloo sees the closed connection).
+        self.wait_group = dist.new_group(backend="gloo", timeout=datetime.timedelta(
+            seconds=max(timeout_s, WAIT_TIMEOUT_S)))
 
     @property
     def rank(self) -> int:
@@ -81,14 +100,14 @@ class ProcessGroupStrategy(Strategy):
         return out / self.world_size
 
     def barrier(self) -> None:
-        if self.device.type == "cuda":
-            dist.barrier(device_ids=[self.device.index])
-        else:
-            dist.barrier()
+        """Wait until every rank gets here, for up to WAIT_TIMEOUT_S (not the collective
+        timeout): the others may be waiting for rank 0 to tokenize a corpus or write files."""
+        dist.barrier(group=self.wait_group)
 
     def broadcast_object(self, obj: Any, src: int = 0) -> Any:
+        """`obj` of rank `src` on every rank (a small picklable object, through the wait group)."""
         box = [obj]
-        dist.broadcast_object_list(box, src=src)
+        dist.broadcast_object_list(box, src=src, group=self.wait_group)
         return box[0]
 
     def close(self) -> None:
@@ -156,10 +175,13 @@ class DDPStrategy(ProcessGroupStrategy):
     name = "ddp"
 
     def setup(self, model: nn.Module) -> nn.Module:
+        self.barrier()  # the first timed collective follows: wait for ranks still preparing data
         model = model.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        # gradients live in the all-reduce buckets themselves: no second gradient-sized copy
-        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True)
+        # gradients live in the all-reduce buckets themselves: no second gradient-sized copy;
+        # MoE: experts a micro-batch did not route to are unused on that rank (see the module doc)
+        return DistributedDataParallel(model, device_ids=ids, gradient_as_bucket_view=True,
+                                       find_unused_parameters=has_experts(model))
 
     @contextlib.contextmanager
     def no_sync(self, model: nn.Module, sync: bool) -> Iterator[None]:
@@ -213,6 +235,8 @@ class FSDPStrategy(ProcessGroupStrategy):
 
     def setup(self, model: nn.Module) -> nn.Module:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        self.barrier()  # the first timed collective follows: wait for ranks still preparing data
 
         blocks = model_blocks(model)
         if not blocks:

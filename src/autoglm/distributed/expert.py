@@ -164,6 +164,7 @@ class ExpertParallelStrategy(ProcessGroupStrategy):
         check_expert_parallel(model_config, self.world_size)
 
     def setup(self, model: nn.Module) -> nn.Module:
+        self.barrier()  # the first timed collective follows: wait for ranks still preparing data
         model = apply_expert_parallel(model.to(self.device))
         self._experts = expert_parameters(model)
         scale = 1.0 / self.world_size  # an expert's gradient sums every rank's loss: make it their mean

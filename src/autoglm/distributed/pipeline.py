@@ -426,6 +426,7 @@ class PipelineParallelStrategy(OneReplica, ProcessGroupStrategy):
                              f"or set dist.options.microbatches")
 
     def setup(self, model: nn.Module) -> nn.Module:
+        self.barrier()  # the first timed collective follows: wait for ranks still preparing data
         self.runner = PipelineRunner(model, n_microbatches=self.microbatches or self.n_microbatches,
                                      schedule=self.schedule, device=self.device)
         self._model = PipelineModel(self.runner)

@@ -310,6 +310,7 @@ class TensorParallelStrategy(OneReplica, ProcessGroupStrategy):
                              f"turn it off (dist.options: {{sequence_parallel: false}})")
 
     def setup(self, model: nn.Module) -> nn.Module:
+        self.barrier()  # the first timed collective follows: wait for ranks still preparing data
         return apply_tensor_parallel(model.to(self.device), self.mesh, self.sequence_parallel)
 
     def build_optimizer(self, model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
