@@ -3,6 +3,7 @@ arguments. Thin: each command parses (options generated from its recipe's config
 the recipe, and prints.
 
     train / eval / generate / info / compare      cli/train.py
+    consolidate (distributed checkpoint -> model) cli/train.py
     distill / finetune / merge / adapters         cli/finetune.py
     serve                                         cli/serve.py
     export onnx                                   cli/export.py

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import typer
 from rich.markup import escape
@@ -13,7 +14,7 @@ from rich.table import Table
 from ..recipes.compare import CompareConfig
 from ..recipes.generate import EvalConfig, GenerateConfig
 from ..recipes.pretrain import PretrainConfig
-from .common import console, err, fail
+from .common import console, err, fail, setup_logging
 from .options import add_recipe_command
 
 __all__ = ["register"]
@@ -126,8 +127,29 @@ def run_compare(cfg: CompareConfig) -> None:
         console.print(f"[bold]sample from {res['best']}:[/] " + escape(res["sample"]), highlight=False)
 
 
+def consolidate(checkpoint: Path = typer.Argument(..., help="A run directory (its checkpoints/latest), its "
+                                                                "checkpoints/ folder or one step-NNNNNN folder."),
+                out: Path = typer.Option(..., "--out", help="Model directory to write (config.json, "
+                                                            "model.safetensors, tokenizer)."),
+                overwrite: bool = typer.Option(False, "--overwrite", help="Replace the model files of an existing "
+                                                                          "--out.")) -> None:
+    """Turn a distributed checkpoint (any strategy, any number of ranks) into one safetensors
+    model directory, in one process without a GPU."""
+    from ..distributed.consolidate import consolidate as run_consolidate
+    from .common import user_errors
+
+    setup_logging()
+    try:
+        written = run_consolidate(checkpoint, out, overwrite=overwrite)
+    except user_errors() as e:
+        fail(e)
+    console.print(f"model written to {written} (autoglm generate/eval/export read it; "
+                  "AutoModelForCausalLM.from_pretrained after `import autoglm`)", highlight=False, soft_wrap=True)
+
+
 def register(app: typer.Typer) -> None:
     app.command()(info)
+    app.command()(consolidate)
     add_recipe_command(app, "train", PretrainConfig, run_train,
                        help="Pre-train a model on a text corpus (AdamW, warmup + cosine, clipping, checkpoints, "
                             "validation); default: `small` on the built-in corpus.")
