@@ -70,6 +70,12 @@ class OpenAutoGLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.RMSNorm):
             nn.init.ones_(module.weight)
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        # PEFT still reads this alias, which transformers 5 deprecates with a FutureWarning on
+        # every read (each `get_peft_model`, each merge): answer it without the warning
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs) -> None:
         # HF's gradient_checkpointing_enable()/activation_checkpointing_enable() land here; the
         # backbone always uses torch.utils.checkpoint(use_reentrant=False) on every block
@@ -90,7 +96,7 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
     # ------------------------------------------------------------------ compute
     def forward(
         self,
-        input_ids: torch.LongTensor,
+        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache=None,
@@ -104,6 +110,11 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
         """labels: (B, T) next-token targets aligned with input_ids (HF convention: the
         model shifts them), -100 to ignore. Returns logits (B, T, V) and, with labels,
         loss = LM loss + MoE aux loss."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError("inputs_embeds is not supported: the backbone embeds the token ids itself (and adds "
+                             "its position embedding); pass input_ids")
+        if input_ids is None:
+            raise ValueError("input_ids is required: a (batch, sequence) tensor of token ids")
         cache = kwargs.pop("past_key_values", cache)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -142,9 +153,12 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
         if labels is not None:
             shifted = nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
             loss = lm_loss(logits, shifted) + (aux if aux is not None else 0.0)
-        return AutoGLMCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache is not False else None,
-                                     hidden_states=out.hidden_states, aux_loss=aux, routing=out.routing,
-                                     adapter_output=adapter_output)
+        output = AutoGLMCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache is not False else None,
+                                       hidden_states=out.hidden_states, aux_loss=aux, routing=out.routing,
+                                       adapter_output=adapter_output)
+        if return_dict is None:
+            return_dict = getattr(self.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()  # HF convention: the non-None fields in order
 
     def exit_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The shared final norm + LM head on an intermediate hidden state (an early exit):

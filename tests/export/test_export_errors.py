@@ -83,3 +83,37 @@ def test_drifting_export_is_refused_and_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(ExportError, match="differ from eager PyTorch"):
         export_onnx(tmp_path / "m", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_lora_adapter_or_onnx_export_as_model_dir_says_what_to_export(tmp_path):
+    """A LoRA adapter is merged first (the error gives the merge command); an export directory
+    is not exported again. Nothing is written either way."""
+    from autoglm.training.lora import apply_lora
+
+    torch.manual_seed(0)
+    apply_lora(OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name("tiny"))).save_pretrained(tmp_path / "ad")
+    res = runner.invoke(app, ["export", "onnx", str(tmp_path / "ad"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and f"autoglm merge {tmp_path / 'ad'} --out" in _out(res), res.output
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "config.json").write_text("{}")
+    (tmp_path / "onnx" / "export.json").write_text('{"format": "autoglm-onnx"}')
+    res = runner.invoke(app, ["export", "onnx", str(tmp_path / "onnx"), "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and "is an ONNX export already" in _out(res), res.output
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["same", "parent"])
+def test_out_holding_the_model_is_refused_even_with_overwrite(tmp_path, where):
+    """The export replaces OUT as a whole: --out MODEL_DIR (or a folder holding it) with
+    --overwrite would have deleted the model it exports."""
+    torch.manual_seed(0)
+    model_dir = tmp_path / "runs" / "a"
+    OpenAutoGLMForCausalLM(OpenAutoGLMConfig.from_name("tiny")).save_pretrained(model_dir)
+    before = sorted(p.name for p in model_dir.iterdir())
+    out = model_dir if where == "same" else tmp_path / "runs"
+    res = runner.invoke(app, ["export", "onnx", str(model_dir), "--out", str(out), "--overwrite"])
+    assert res.exit_code == 2 and "or a folder holding it" in _out(res), res.output
+    assert f"--out {tmp_path / 'runs' / 'a-onnx'}" in _out(res)
+    with pytest.raises(ValueError, match="or a folder holding it"):
+        export_onnx(model_dir, out, overwrite=True)
+    assert sorted(p.name for p in model_dir.iterdir()) == before

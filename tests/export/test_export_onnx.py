@@ -81,6 +81,26 @@ def test_prefill_and_decode_logits_match_eager(ort_lm, eager_model, batch, lengt
         assert np.abs(logits - ref.logits.numpy()).max() <= 1e-4
 
 
+def test_decode_graph_alone_serves_an_empty_past(fp32_export, eager_model):
+    """decode.onnx is a complete decoder on its own (Optimum's "with past" model): fed a past of
+    length 0 it runs the prompt and returns its cache, as eager PyTorch does."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(fp32_export / "decode.onnx"), providers=["CPUExecutionProvider"])
+    cfg = eager_model.config
+    ids = torch.randint(2, 512, (2, 13), generator=torch.Generator().manual_seed(7))
+    feed = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 13), dtype=np.int64)}
+    empty = np.zeros((2, cfg.num_key_value_heads, 0, cfg.head_dim), dtype=np.float32)
+    feed.update({n: empty for n in past_names(cfg.num_hidden_layers)})
+    logits, *present = sess.run(None, feed)
+    with torch.no_grad():
+        ref = eager_model(ids, use_cache=True)
+    assert np.abs(logits - ref.logits.numpy()).max() <= 1e-4
+    k0, v1 = ref.cache.layers[0].keys.numpy(), ref.cache.layers[1].values.numpy()
+    assert present[0].shape == k0.shape and np.abs(present[0] - k0).max() <= 1e-4
+    assert np.abs(present[3] - v1).max() <= 1e-4
+
+
 def test_left_padded_batch_matches_unpadded_rows(ort_lm, eager_model):
     prompts = [[5, 17, 99, 230, 41, 7, 300], [12, 8], [401, 33, 60, 2]]
     T = max(map(len, prompts))

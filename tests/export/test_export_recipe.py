@@ -56,6 +56,21 @@ def test_config_errors_name_the_field(tmp_path, text, expected):
     assert res.exit_code == 2 and expected.split(":")[0] in _out(res) and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("args,expected", [
+    (["--calibration-data", "held-out.txt"], "read only by --quantize int8-static"),
+    (["--keep-lm-head-float"], "applies only when quantizing"),
+])
+def test_quantization_options_without_quantize_are_refused(tmp_path, export_model_dir, args, expected):
+    """An option only a quantized export reads is refused when nothing is quantized (it was
+    silently ignored: the user got an fp32 export); no model is loaded, nothing is written."""
+    res = runner.invoke(app, ["export", "onnx", str(export_model_dir), "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 2 and expected in _out(res), res.output
+    assert not (tmp_path / "o").exists()
+    assert load_config(ExportConfig, overrides={"model_dir": "m", "out": "o", "quantize": "int8-static",
+                                                "calibration.data": "held-out.txt",
+                                                "keep_lm_head_float": "true"}).keep_lm_head_float
+
+
 def test_quantize_fp32_needs_a_mode(tmp_path):
     cfg = load_config(ExportConfig, overrides={"model_dir": "m", "out": tmp_path / "o"})
     with pytest.raises(ValueError, match="nothing to quantize"):
@@ -78,6 +93,27 @@ def test_calibration_defaults_to_the_corpus_the_model_trained_on(tmp_path, expor
 
     decoded = load_tokenizer(model).decode(windows[0][0].tolist())
     assert decoded.strip() and decoded.strip() in text  # from the novel, not the built-in corpus
+
+
+def test_calibration_reads_the_text_of_a_finetuned_models_jsonl(tmp_path, export_model_dir):
+    """A model fine-tuned on {prompt, completion} records records that .jsonl as its data; the
+    calibration windows hold the records' text, not their JSON syntax."""
+    model = tmp_path / "m"
+    shutil.copytree(export_model_dir, model)
+    records = [{"prompt": f"Question {i}: what is {i} plus {i}?", "completion": f" The answer is {2 * i}."}
+               for i in range(80)]
+    (tmp_path / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (model / "run.json").write_text(json.dumps({"recipe": "finetune-full", "data": str(tmp_path / "sft.jsonl")}))
+    cfg = load_config(ExportConfig, overrides={"model_dir": model, "out": tmp_path / "o", "quantize": "int8-static",
+                                               "calibration.windows": 2, "calibration.seq_len": 24,
+                                               "cache_dir": tmp_path / "cache"})
+    windows = calibration_data(cfg)
+    assert len(windows) == 2
+    from autoglm.tokenizer import load_tokenizer
+
+    decoded = " ".join(load_tokenizer(model).decode(w[0].tolist()) for w in windows)
+    assert "answer is" in decoded and "Question" in decoded
+    assert not any(s in decoded for s in ('"prompt"', '"completion"', "{", "}"))
 
 
 def test_int8_cli_reports_size_ratios(int8_export, fp32_export):

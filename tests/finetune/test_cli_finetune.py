@@ -63,3 +63,32 @@ def test_bad_input_is_refused_before_training(tmp_path):
                             "--data", str(good), "--out", str(tmp_path / "o")])
     assert r.exit_code == 2 and "qq_proj" in r.output and "matches no linear layer" in r.output
     assert not (tmp_path / "o").exists()
+
+
+def test_merge_names_a_moved_base_model_and_takes_base(tmp_path):
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from autoglm.training.lora import load_lora
+
+    make_tokenizer(tmp_path / "tok")
+    base = make_model_dir(tmp_path / "base", tmp_path / "tok")
+    r = runner.invoke(app, ["finetune", str(base), "--lora", "--data", str(write_text(tmp_path / "d.txt")),
+                            "--out", str(tmp_path / "ad"), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
+                            "--cache-dir", str(tmp_path / "cache")])
+    assert r.exit_code == 0, r.output
+    shutil.move(base, tmp_path / "moved")
+    r = runner.invoke(app, ["merge", str(tmp_path / "ad"), "--out", str(tmp_path / "m")])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"{(tmp_path / 'base').resolve()}, is no longer a saved model directory" in out, out
+    assert "--base DIR" in out and not (tmp_path / "m").exists()
+    r = runner.invoke(app, ["merge", str(tmp_path / "ad"), "--out", str(tmp_path / "m"),
+                            "--base", str(tmp_path / "moved")])
+    assert r.exit_code == 0, r.output
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    x = torch.randint(0, merged.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        ref = load_lora(tmp_path / "ad", tmp_path / "moved")(x).logits
+        torch.testing.assert_close(merged(x).logits, ref, rtol=1e-5, atol=1e-5)

@@ -34,7 +34,7 @@ def _onnx(cfg: ExportConfig) -> None:
     sizes = info["sizes"]
     summary = {"out": str(cfg.out), "precision": info["precision"], "size_mb": round(sizes["onnx_mb"], 3),
                **{k: round(v, 3) for k, v in sizes.items() if k.endswith("_over_onnx") and v is not None},
-               **{k: v for k, v in info.items() if k.startswith("parity")}}
+               **{k: v for k, v in info.items() if "parity" in k}}
     console.print_json(json.dumps(summary))
 
 

@@ -77,10 +77,23 @@ def merge(
 
     setup_logging()
     try:
+        if base is None:
+            _check_recorded_base(adapter)
         merge_lora(adapter, out, base, overwrite=overwrite)
     except user_errors() as e:
         fail(e)
     console.print(f"merged model saved to {out}")
+
+
+def _check_recorded_base(adapter: Path) -> None:
+    """The base model the adapter's run.json records must still be a model directory; a moved
+    or deleted base is named with the option that points at its new place."""
+    from ..rundir import RunDir
+
+    recorded = RunDir.open(adapter, "lora").base_model
+    if recorded is not None and RunDir.detect(recorded) != "model":
+        raise FileNotFoundError(f"the base model {adapter} was trained from, {recorded}, is no longer a saved model "
+                                f"directory (moved or deleted?); pass its current place with --base DIR")
 
 
 @adapters_app.command("list")

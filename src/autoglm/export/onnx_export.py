@@ -50,7 +50,7 @@ from .wrapper import PREFILL_ATTENTION, ExportDecoder, past_names, present_names
 
 __all__ = [
     "SUPPORTED_OPSETS", "DEFAULT_OPSET", "DEFAULT_ATOL", "DEFAULT_RTOL", "ExportError", "load_model_dir",
-    "export_onnx", "check_parity", "parity_ok", "copy_side_files", "safetensors_mb",
+    "export_onnx", "check_parity", "parity_ok", "copy_side_files", "safetensors_mb", "check_out_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,16 @@ class ExportError(RuntimeError):
 def load_model_dir(model_dir: str | Path):
     """Load an `OpenAutoGLMForCausalLM` from a saved directory, in eval mode, fp32."""
     return RunDir.open(model_dir).load_model(dtype=torch.float32)
+
+
+def check_out_dir(out_dir: str | Path, src: str | Path, what: str = "model directory") -> None:
+    """Refuse an output directory that is `src` or holds it: the export replaces OUT as a whole,
+    so with --overwrite it would delete its own input (the model it was made from)."""
+    out, full = Path(out_dir).resolve(), Path(src).resolve()
+    if out == full or out in full.parents:
+        beside = Path(src).parent / f"{full.name}-onnx"
+        raise ValueError(f"--out {out_dir} is the {what} {src} or a folder holding it; the export replaces OUT "
+                         f"as a whole, so write it elsewhere, e.g. --out {beside}")
 
 
 def copy_side_files(src: str | Path, dst: str | Path) -> None:
@@ -92,6 +102,24 @@ def _frozen(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@contextlib.contextmanager
+def _exporter_quiet() -> Iterator[None]:
+    """Silence what torch.onnx says on every export that is about nothing in this model: one
+    warning per torchvision op when torchvision is absent, and a FutureWarning from inside
+    torch's pytree. Anything else the exporter logs still shows."""
+    import warnings
+
+    reg = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = reg.level
+    reg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)", category=FutureWarning)
+            yield
+    finally:
+        reg.setLevel(level)
+
+
 def _export_graph(wrapper: ExportDecoder, with_past: bool, opset: int) -> onnx.ModelProto:
     from torch.export import Dim
 
@@ -111,7 +139,7 @@ def _export_graph(wrapper: ExportDecoder, with_past: bool, opset: int) -> onnx.M
     try:
         # frozen + no_grad first: the MoE layers prebuild their wide expert weights once, and the
         # exported graph reads them as initializers (which INT8 quantizes) instead of a Concat
-        with _frozen(wrapper.model), torch.no_grad(), moe_dispatch(wrapper.model, "dense"):
+        with _frozen(wrapper.model), torch.no_grad(), moe_dispatch(wrapper.model, "dense"), _exporter_quiet():
             prog = torch.onnx.export(wrapper, (ids, mask, *past), input_names=names_in, output_names=names_out,
                                      dynamic_shapes=shapes, dynamo=True, opset_version=opset, verbose=False)
     except Exception as e:  # the exporter raises many types; report them as one
@@ -152,8 +180,9 @@ def check_parity(model, onnx_dir: str | Path, batch: int = 3, prompt_len: int = 
                  seed: int = 0) -> dict[str, float]:
     """Max |logits_ORT - logits_eager| for a random prompt batch (prefill) and `decode_steps`
     single-token decode steps fed back through the KV cache, with each graph's logit scale
-    (max |eager logit|). The eager reference is the model's own HF forward (its default
-    kernels and MoE dispatch, `DynamicCache`)."""
+    (max |eager logit|) and next-token (argmax) agreement. The eager reference is the model's
+    own HF forward (its default kernels and MoE dispatch, `DynamicCache`); each side decodes
+    from its own cache, so an INT8 export's error accumulates as it would in generation."""
     from .runtime import OrtCausalLM
 
     g = torch.Generator().manual_seed(seed)
@@ -165,7 +194,9 @@ def check_parity(model, onnx_dir: str | Path, batch: int = 3, prompt_len: int = 
         out = model(ids, use_cache=True)
         ref = out.logits.float().numpy()
         prefill, prefill_scale = float(np.abs(logits - ref).max()), float(np.abs(ref).max())
+        prefill_agree = float((logits.argmax(-1) == ref.argmax(-1)).mean())
         decode = decode_scale = 0.0
+        agree = []
         cache = out.cache
         for _ in range(decode_steps):
             nxt = torch.randint(2, model.config.vocab_size, (batch, 1), generator=g)
@@ -176,8 +207,11 @@ def check_parity(model, onnx_dir: str | Path, batch: int = 3, prompt_len: int = 
             ref = out.logits.float().numpy()
             decode = max(decode, float(np.abs(logits - ref).max()))
             decode_scale = max(decode_scale, float(np.abs(ref).max()))
+            agree.append(float((logits.argmax(-1) == ref.argmax(-1)).mean()))
     return {"prefill_max_abs_diff": prefill, "decode_max_abs_diff": decode,
-            "prefill_logit_scale": prefill_scale, "decode_logit_scale": decode_scale}
+            "prefill_logit_scale": prefill_scale, "decode_logit_scale": decode_scale,
+            "prefill_argmax_agreement": prefill_agree,
+            "decode_argmax_agreement": float(np.mean(agree)) if agree else 1.0}
 
 
 def parity_ok(parity: dict[str, float], atol: float = DEFAULT_ATOL, rtol: float = DEFAULT_RTOL) -> dict[str, float]:
@@ -223,6 +257,7 @@ def export_onnx(model_dir: str | Path, out_dir: str | Path, opset: int = DEFAULT
         raise ValueError(f"chunk must be >= 1, got {chunk}")
     if not (atol >= 0 and rtol >= 0):
         raise ValueError(f"atol and rtol must be >= 0, got {atol} and {rtol}")
+    check_out_dir(out_dir, model_dir)
     model = model if model is not None else load_model_dir(model_dir)
     model = model.float().eval()
     cfg = model.config

@@ -58,8 +58,9 @@ class ParitySettings:
 class CalibrationSettings:
     """Held-out text for static (QDQ) INT8: the activation ranges are measured on it."""
 
-    data: Path | None = setting(None, "text file or folder whose held-out 10% calibrates int8-static; none = "
-                                      "the corpus the model was trained on (run.json), else the built-in corpus",
+    data: Path | None = setting(None, "text file or folder (or a .jsonl of {prompt, completion} records) whose "
+                                      "held-out 10% calibrates int8-static; none = the data the model was trained "
+                                      "or fine-tuned on (run.json), else the built-in corpus",
                                 flag="calibration-data")
     windows: int = setting(32, "held-out windows used for calibration", flag="calibration-windows")
     seq_len: int = setting(128, "tokens per calibration window", flag="calibration-seq-len")
@@ -99,6 +100,13 @@ class ExportConfig:
             raise ValueError("out is required: the directory to write the export to, e.g. --out runs/a-onnx")
         if self.chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+        if self.quantize is None and self.calibration.data is not None:
+            raise ValueError("calibration.data (--calibration-data) is read only by --quantize int8-static; add "
+                             "--quantize int8-static or drop --calibration-data (without --quantize the export "
+                             "is fp32)")
+        if self.quantize is None and self.keep_lm_head_float:
+            raise ValueError("keep_lm_head_float (--keep-lm-head-float) applies only when quantizing; add "
+                             "--quantize int8 or int8-static, or drop it (without --quantize every weight is fp32)")
 
 
 def calibration_data(cfg: ExportConfig):
@@ -107,10 +115,17 @@ def calibration_data(cfg: ExportConfig):
     from ..data import build_token_cache, read_corpus
     from ..export.quantize import calibration_windows
     from ..rundir import RunDir
+    from .finetune import is_jsonl
 
     run_dir = RunDir.open(cfg.model_dir)
     data = cfg.calibration.data if cfg.calibration.data is not None else run_dir.data_source
-    tokens = build_token_cache(read_corpus(data), run_dir.load_tokenizer(), cfg.cache_dir)
+    if data is not None and is_jsonl(data):  # {prompt, completion} records (a fine-tuned model's data)
+        from ..training.sft_data import read_sft_jsonl
+
+        texts = [r["prompt"] + r["completion"] for r in read_sft_jsonl(data)]  # the text, not the JSON syntax
+    else:
+        texts = read_corpus(data)
+    tokens = build_token_cache(texts, run_dir.load_tokenizer(), cfg.cache_dir)
     val = tokens.val
     if len(val) < 2:
         raise ValueError(f"the held-out split of {data or 'the built-in corpus'} has {len(val)} tokens: empty "
@@ -128,9 +143,11 @@ def export_fp32(cfg: ExportConfig, out: Path | None = None, model=None) -> dict:
                        prefill_attention=cfg.prefill_attention, chunk=cfg.chunk)
 
 
-def quantize_fp32(cfg: ExportConfig, fp32_dir: Path, out: Path | None = None, windows=None) -> dict:
+def quantize_fp32(cfg: ExportConfig, fp32_dir: Path, out: Path | None = None, windows=None, model=None) -> dict:
     """Quantize the fp32 export in `fp32_dir` into `out` (default `cfg.out`) as `cfg.quantize` says.
-    windows: calibration windows for int8-static (default: `calibration_data(cfg)`)."""
+    windows: calibration windows for int8-static (default: `calibration_data(cfg)`).
+    model: the eager model exported; when given, the INT8 export's parity against it is
+    reported too (`parity_vs_eager`, prefill and decode)."""
     from ..export import quantize_export
 
     if cfg.quantize is None:
@@ -139,16 +156,31 @@ def quantize_fp32(cfg: ExportConfig, fp32_dir: Path, out: Path | None = None, wi
         windows = calibration_data(cfg)
     return quantize_export(fp32_dir, out if out is not None else cfg.out, cfg.quantize, calibration=windows,
                            keep_lm_head_float=cfg.keep_lm_head_float, calibrate_method=cfg.calibration.method,
-                           overwrite=cfg.overwrite)
+                           overwrite=cfg.overwrite, reference_model=model)
 
 
 def run(cfg: ExportConfig) -> dict:
     """Export (and quantize) as `cfg` says; returns the export info written to OUT/export.json
-    (precision, sizes, parity vs eager PyTorch or vs the fp32 export)."""
+    (precision, sizes, parity vs eager PyTorch; with `quantize`, the INT8 export's parity vs
+    eager PyTorch and vs the fp32 export, and the fp32 export's as `fp32_parity_vs_eager`)."""
     from ..export import load_model_dir
+    from ..export.onnx_export import check_out_dir
+    from ..rundir import RunDir
+
+    src = Path(cfg.model_dir)
+    check_out_dir(cfg.out, src)
+    if RunDir.detect(src) == "lora":
+        raise ValueError(f"{src} is a LoRA adapter, not a model: fold it into its base model first with "
+                         f"`autoglm merge {src} --out {src}-merged`, then export that directory")
+    if (src / "export.json").is_file() and not (src / "model.safetensors").is_file():
+        raise ValueError(f"{src} is an ONNX export already; export the model directory it was made from "
+                         f"(config.json + model.safetensors)")
 
     if cfg.out.exists() and (not cfg.out.is_dir() or any(cfg.out.iterdir())) and not cfg.overwrite:
         raise FileExistsError(f"{cfg.out} already exists and is not empty; pick another --out or pass --overwrite")
+    if cfg.quantize == "int8" and cfg.calibration.data is not None:
+        log.warning("--calibration-data %s is not used: dynamic INT8 (--quantize int8) measures activations at "
+                    "run time; static QDQ (--quantize int8-static) is the mode that calibrates", cfg.calibration.data)
     model = load_model_dir(cfg.model_dir)  # a clear error for a wrong directory before any slow step
     if cfg.quantize is None:
         return export_fp32(cfg, model=model)
@@ -156,4 +188,4 @@ def run(cfg: ExportConfig) -> dict:
     with tempfile.TemporaryDirectory(prefix="autoglm-fp32-") as tmp:
         fp32 = Path(tmp) / "fp32"
         export_fp32(cfg, fp32, model=model)
-        return quantize_fp32(cfg, fp32, windows=windows)
+        return quantize_fp32(cfg, fp32, windows=windows, model=model)

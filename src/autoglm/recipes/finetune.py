@@ -26,7 +26,7 @@ from ..settings import section, setting
 from ..training.config import TrainConfig
 from .common import DEFAULT_CACHE, run_info
 
-__all__ = ["FinetuneConfig", "LoraSpec", "FinetuneOutput", "finetune", "is_jsonl"]
+__all__ = ["FinetuneConfig", "LoraSpec", "FinetuneOutput", "finetune", "is_jsonl", "check_modules_to_save"]
 
 
 @dataclass
@@ -38,12 +38,31 @@ class LoraSpec:
     r: int = setting(8, "LoRA rank")
     alpha: int = setting(16, "LoRA scaling numerator (the update is scaled by alpha / r)", flag="lora_alpha")
     dropout: float = setting(0.05, "dropout on the LoRA input", flag="lora_dropout")
+    modules_to_save: tuple[str, ...] = setting((), "modules trained in full next to LoRA and saved with the adapter "
+                                                   "(e.g. router, norm, lm_head); each must match a module",
+                                               flag="modules_to_save")
 
     def __post_init__(self) -> None:
         if not self.targets:
             raise ValueError("targets is empty; name at least one module, e.g. q_proj,v_proj")
         if self.r < 1 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"need r >= 1 and 0 <= dropout < 1; got r={self.r}, dropout={self.dropout}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0 (the update is scaled by alpha / r), got {self.alpha}")
+
+
+def check_modules_to_save(model: Any, names: Sequence[str]) -> list[str]:
+    """Each `modules_to_save` entry must match a module the way PEFT matches one (every module
+    whose full name ends with it: "norm" is every norm, "layers.1.mlp.router" one router):
+    PEFT skips a name that matches nothing without a word, and the run would then train and
+    save less than asked. Returns the names."""
+    modules = [n for n, _ in model.named_modules() if n]
+    for name in names:
+        if not any(n.endswith(name) for n in modules):
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in modules if not n.rsplit(".", 1)[-1].isdigit()})
+            raise ValueError(f"modules_to_save entry {name!r} matches no module of {type(model).__name__}; "
+                             f"available names: {', '.join(leaves)} (or a full module name)")
+    return list(dict.fromkeys(names))
 
 
 @dataclass
@@ -65,6 +84,20 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not self.lora.enabled:
+            # naming modules for LoRA without --lora would silently give a full fine-tuning run (a full
+            # model in OUT instead of an adapter); r / alpha / dropout stay free, as scripts that run
+            # both modes with one rank setting pass them to every run
+            flags = {"targets": "--target", "modules_to_save": "--modules-to-save"}
+            changed = [f for f in flags if getattr(self.lora, f) != getattr(_LORA_DEFAULTS, f)]
+            if changed:
+                raise ValueError(f"{', '.join('lora.' + f + ' (' + flags[f] + ')' for f in changed)} "
+                                 f"{'is a LoRA option' if len(changed) == 1 else 'are LoRA options'} but LoRA is "
+                                 f"off: add --lora (adapter only), or drop {', '.join(flags[f] for f in changed)} "
+                                 f"for full fine-tuning")
+
+
+_LORA_DEFAULTS = LoraSpec()
 
 
 @dataclass
@@ -97,7 +130,8 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, console: Any = None, ev
     base, out, t = RunDir.open(cfg.base, role="base model"), Path(cfg.out), cfg.train
     if out.resolve() == base.path.resolve():
         raise ValueError(f"--out {out} is the base model's own directory; write the fine-tuned run elsewhere")
-    claim_out_dir(out, cfg.resume, cfg.overwrite)
+    if not cfg.overwrite:
+        claim_out_dir(out, cfg.resume)  # a saved run in OUT is refused before any slow step
     tok = base.load_tokenizer()
     if is_jsonl(cfg.data):
         records = read_sft_jsonl(cfg.data)
@@ -115,10 +149,20 @@ def finetune(cfg: FinetuneConfig, progress: bool = True, console: Any = None, ev
     if eval_data is not None:
         eval_batches = eval_data
     model = base.load_model().train()
+    if t.seq_len > model.config.max_position_embeddings:
+        raise ValueError(f"train.seq_len (--seq-len {t.seq_len}) is longer than the base model's context "
+                         f"(max_position_embeddings={model.config.max_position_embeddings}); lower --seq-len to "
+                         f"{model.config.max_position_embeddings} or less")
     if cfg.lora.enabled:
+        # adapter_config.json records the base model's path: make it absolute so that PEFT's own
+        # loaders (AutoPeftModelForCausalLM.from_pretrained(OUT)) find it from any directory
+        model.name_or_path = model.config._name_or_path = str(base.path.resolve())
         torch.manual_seed(t.seed)  # LoRA A is initialised randomly: same seed, same adapter
         lo = cfg.lora
-        model = apply_lora(model, lora_config(lo.targets, lo.r, lo.alpha, lo.dropout))
+        to_save = check_modules_to_save(model, lo.modules_to_save)
+        model = apply_lora(model, lora_config(lo.targets, lo.r, lo.alpha, lo.dropout, modules_to_save=to_save))
+    if cfg.overwrite:  # the run being replaced goes only once every input has been checked
+        claim_out_dir(out, cfg.resume, overwrite=True)
     n_train, n_total = trainable_parameters(model)
     before = evaluate(model, eval_batches()) if eval_batches else None
     trainer = Trainer(model, t, train_batch=train_batch, eval_batches=eval_batches, out_dir=out, progress=progress,
