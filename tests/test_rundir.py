@@ -24,3 +24,13 @@ def test_the_aligned_kind_is_what_the_align_recipe_saves():
     from autoglm.multimodal.store import ALIGN_FILES
 
     assert tuple(ALIGN_FILES) == KINDS["align"][0]
+
+
+def test_an_adapter_where_a_model_is_needed_names_merge(tmp_path):
+    lora = tmp_path / "a-lora"
+    lora.mkdir()
+    for f in KINDS["lora"][0]:
+        (lora / f).write_text("{}")
+    with pytest.raises(FileNotFoundError, match=f"looks like a LoRA adapter directory; fold it into its base model "
+                                                f"with `autoglm merge {lora} --out {lora}-merged`"):
+        RunDir.open(lora)

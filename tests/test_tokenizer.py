@@ -122,3 +122,26 @@ def test_training_is_deterministic():
     a = train_tokenizer(_corpus(), vocab_size=300)
     b = train_tokenizer(iter(_corpus()), vocab_size=300)  # a plain iterator works too
     assert a.to_str() == b.to_str()
+
+
+def test_padded_batches_generate_what_each_prompt_generates_alone(saved_dir):
+    """A saved tokenizer pads on the left (AutoTokenizer reads it from tokenizer_config.json),
+    so `generate()` on a padded batch continues each prompt where it ends: the batch's greedy
+    tokens equal each prompt's generated alone."""
+    import torch
+
+    from autoglm import OpenAutoGLMConfig
+    from autoglm.hf import OpenAutoGLMForCausalLM
+
+    hf = AutoTokenizer.from_pretrained(saved_dir, local_files_only=True)
+    assert hf.padding_side == load_tokenizer(saved_dir).padding_side == "left"
+    torch.manual_seed(0)
+    cfg = OpenAutoGLMConfig.from_name("tiny", vocab_size=hf.vocab_size, initializer_range=0.2)  # varied outputs
+    model = OpenAutoGLMForCausalLM(cfg).eval()
+    texts = ["The quick brown fox", "Return the lazy dog and the quick brown fox jumps over"]
+    batch = hf(texts, return_tensors="pt", padding=True)
+    assert (batch["attention_mask"][0, 0], batch["attention_mask"][0, -1]) == (0, 1)  # padding first
+    out = model.generate(**batch, max_new_tokens=8, do_sample=False)[:, -8:]
+    for row, text in zip(out, texts):
+        alone = model.generate(**hf([text], return_tensors="pt"), max_new_tokens=8, do_sample=False)[0, -8:]
+        assert row.tolist() == alone.tolist()

@@ -74,6 +74,8 @@ class RunDir:
             found = cls.detect(path)
             also = f"; it looks like a {KINDS[found][1]}" if found and found != kind else ""
             state = "does not exist" if not path.exists() else f"lacks {', '.join(missing)}"
+            if kind == "model" and found == "lora":  # an adapter where a whole model is needed
+                how = "fold it into its base model with `autoglm merge {path} --out {path}-merged` and pass that"
             raise FileNotFoundError(f"{where} is not a {what} (it {state}){also}; {how.format(path=path)}")
         return cls(path, kind)
 

@@ -108,6 +108,9 @@ def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
         bos_token=None,
         # Byte-level decoding is already exact; "cleanup" would rewrite " ." to ".".
         clean_up_tokenization_spaces=False,
+        # A causal LM continues after the last token: a padded batch for `generate()` needs the
+        # padding on the left (saved in tokenizer_config.json, so AutoTokenizer gets it too).
+        padding_side="left",
     )
 
 

@@ -132,6 +132,8 @@ def test_finetune_lora_saves_adapter_only_and_merge_matches(tmp_path):
     assert "adapter_model.safetensors" in files and "model.safetensors" not in files
     assert (tmp_path / "ad" / "adapter_model.safetensors").stat().st_size < 0.2 * (base / "model.safetensors").stat().st_size
     merged = merge_lora(tmp_path / "ad", tmp_path / "merged")
+    # the merged run names the fine-tuning data (INT8 static calibration reads it from run.json)
+    assert json.loads((tmp_path / "merged" / "run.json").read_text())["data"] == str(data.resolve())
     with pytest.raises(FileExistsError, match="--overwrite"):  # a saved model is not replaced unasked
         merge_lora(tmp_path / "ad", tmp_path / "merged")
     with pytest.raises(ValueError, match="input directory"):

@@ -141,6 +141,9 @@ def merge_lora(adapter_dir: str | Path, out_dir: str | Path, base_dir: str | Pat
     claim_out_dir(out_dir, overwrite=overwrite)  # a run being replaced goes only once the merge is done
     adapter = RunDir(Path(adapter_dir), "lora")
     tok = adapter.load_tokenizer() if (Path(adapter_dir) / "tokenizer.json").is_file() else None
-    RunDir.save(out_dir, model, tok, {"recipe": "merge", "adapter": str(Path(adapter_dir).resolve()),
-                                      "base_model": str(adapter.base_model or base_dir)})
+    info = {"recipe": "merge", "adapter": str(Path(adapter_dir).resolve()),
+            "base_model": str(adapter.base_model or base_dir)}
+    if "data" in adapter.info:  # what it was fine-tuned on (INT8 calibration reads it)
+        info["data"] = adapter.info["data"]
+    RunDir.save(out_dir, model, tok, info)
     return model
