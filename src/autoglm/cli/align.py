@@ -63,7 +63,7 @@ def _projector(cfg: ProjectorConfig) -> None:
     score = (f"; caption accuracy on {res['eval_images']} {res['eval_split']} images: {res['caption_acc']:.1f}% "
              f"(without the image: {res['caption_acc_no_image']:.1f}%)" if "caption_acc" in res else
              " (the data has no classes: no caption accuracy)")
-    console.print(f"[bold green]done[/]: projector saved to {res['adapter_dir']}{score}")
+    console.print(f"[bold green]done[/]: projector saved to {res['adapter_dir']}{score}", soft_wrap=True)  # whole path
     console.print_json(json.dumps({k: v for k, v in res.items() if k != "samples"}, default=str))
 
 
