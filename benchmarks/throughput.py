@@ -99,13 +99,14 @@ def summarize(runs: list[dict[str, Any]], args: argparse.Namespace) -> tuple[dic
         r["efficiency"] = r["tokens_per_s"] / (r["devices"] * ref["tokens_per_s"]) if ref else None
     lines = ["| strategy | devices | tokens/s | MFU | vs 1 device (same strategy) |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['strategy']} | {r['devices']} | {r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f}% | "
-                     f"{r['efficiency'] * r['devices']:.2f}x |")
+        vs = "n/a" if r["efficiency"] is None else f"{r['efficiency'] * r['devices']:.2f}x"  # no 1-device run
+        lines.append(f"| {r['strategy']} | {r['devices']} | {r['tokens_per_s']:,.0f} | {r['mfu'] * 100:.1f}% | {vs} |")
     scaling = [r for r in rows if r["strategy"] == "ddp"]
     s_lines = ["| devices | per-device batch | global batch | tokens/s | efficiency |", "|---|---|---|---|---|"]
     for r in scaling:
         s_lines.append(f"| {r['devices']} | {r['per_device_batch']} | {r['global_batch']} | "
-                       f"{r['tokens_per_s']:,.0f} | {r['efficiency'] * 100:.0f}% |")
+                       f"{r['tokens_per_s']:,.0f} | "
+                       + ("n/a" if r["efficiency"] is None else f"{r['efficiency'] * 100:.0f}%") + " |")
     loads = [run["load"] for run in runs]
     peak = rows[0]["peak_source"] if rows else ""
     md = (f"# Training throughput per strategy ({args.preset} preset, {args.seq_len}-token sequences, "
