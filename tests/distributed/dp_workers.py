@@ -250,3 +250,26 @@ def slow_main_rank_worker(rank: int, world: int, out: str) -> None:
     with s.collective_errors():
         t.fit()
     (Path(out) / f"done-{rank}").write_text("ok")
+
+
+def tokenizer_once_worker(rank: int, world: int, out: str) -> None:
+    """`autoglm train` under ddp on a fresh text file: records which ranks trained a BPE
+    tokenizer (trained-<rank>) and the tokenizer each rank ended up with (tok-<rank>.json)."""
+    from autoglm.data import prepare as prepare_mod
+    from autoglm.recipes.pretrain import PretrainConfig, pretrain
+    from autoglm.settings import load_config
+
+    real = prepare_mod.train_tokenizer
+
+    def counting(*a, **kw):
+        (Path(out) / f"trained-{rank}").write_text("yes")
+        return real(*a, **kw)
+
+    prepare_mod.train_tokenizer = counting
+    cfg = load_config(PretrainConfig, overrides={
+        "data.path": str(Path(out) / "corpus.txt"), "data.cache_dir": str(Path(out) / "cache"),
+        "out": str(Path(out) / "run"), "model.preset": "tiny", "model.vocab_size": "300", "train.max_steps": "1",
+        "train.batch_size": "4", "train.seq_len": "16", "train.eval_every": "0", "train.save_every": "0",
+        "train.eval_batches": "1", "sample_prompt": "", "dist.strategy": "ddp"})
+    result = pretrain(cfg, progress=False)
+    (Path(out) / f"tok-{rank}.json").write_text(result.tokenizer.backend_tokenizer.to_str())

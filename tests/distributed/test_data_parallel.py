@@ -93,3 +93,18 @@ def test_ranks_wait_for_rank_0_working_alone_past_the_collective_timeout(tmp_pat
     ckpts = tmp_path / "run" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step-000004"
     assert (ckpts / "step-000002" / ".metadata").is_file() and (ckpts / "step-000004" / ".metadata").is_file()
+
+
+def test_only_rank_0_trains_the_tokenizer_and_every_rank_uses_it(tmp_path):
+    """Under a multi-process strategy rank 0 trains the BPE tokenizer and saves it into OUT
+    before the barrier; the other ranks load that one (training it again cost the same time
+    on every rank) and end up with the identical tokenizer."""
+    from dp_workers import tokenizer_once_worker
+
+    (tmp_path / "corpus.txt").write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n"
+                                                 for i in range(400)))
+    codes, _ = spawn(tokenizer_once_worker, 2, str(tmp_path), timeout=150)
+    assert codes == [0, 0], f"a worker failed (exit codes {codes}); see its traceback above"
+    assert (tmp_path / "trained-0").is_file() and not (tmp_path / "trained-1").exists()
+    assert (tmp_path / "tok-0.json").read_text() == (tmp_path / "tok-1.json").read_text()
+    assert (tmp_path / "run" / "model.safetensors").is_file()

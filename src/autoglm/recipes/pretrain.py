@@ -128,18 +128,28 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
                                           cfg.model.vocab_size or model_cfg.vocab_size, tokenizer,
                                           cfg.data.val_fraction, cfg.data.extra_train)
 
-    if strategy.world_size > 1:  # the main process builds the token cache, the others then read it
-        data = prepare() if strategy.is_main else None
-        strategy.barrier()
-        data = data or prepare()
-    else:
-        data = prepare()
-    if strategy.is_main and not cfg.resume:
+    def write_run_files(data: Any) -> None:
         # the tokenizer and config a resume needs, written before step 1: a run stopped before its
         # final save resumes with the token ids and settings it started with
-        with atomic_files(out) as tmp:
-            data.tokenizer.save_pretrained(tmp)
-            (tmp / "config.yaml").write_text(to_yaml(cfg))
+        if not cfg.resume:
+            with atomic_files(out) as tmp:
+                data.tokenizer.save_pretrained(tmp)
+                (tmp / "config.yaml").write_text(to_yaml(cfg))
+
+    if strategy.world_size > 1:
+        # the main process trains the tokenizer, builds the token cache and saves the tokenizer
+        # into OUT; the others then load that tokenizer (not train it again) and read the cache
+        data = prepare() if strategy.is_main else None
+        if strategy.is_main:
+            write_run_files(data)
+        strategy.barrier()
+        if not strategy.is_main:
+            if tokenizer is None and prepared is None:
+                tokenizer = RunDir(out).load_tokenizer()
+            data = prepare()
+    else:
+        data = prepare()
+        write_run_files(data)
     torch.manual_seed(t.seed)
     model = init_model.train() if init_model is not None else build_model(cfg.model, len(data.tokenizer))
     objective = EarlyExitObjective(ee.weight, ee.layers, ee.target) if ee.enabled else None
