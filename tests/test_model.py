@@ -359,3 +359,27 @@ def test_generate_with_a_static_cache_matches_the_dynamic_cache(preset):
             ref = model.generate(ids, **kw)
             out = model.generate(ids, cache_implementation="static", **kw)
         assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("position", ["rope", "absolute"])
+def test_inputs_embeds_equal_the_token_ids_path(position):
+    """`inputs_embeds` (the model's own embedding of the ids, as a soft-prompt or image-prefix
+    caller would pass) gives the logits of `input_ids`, with a left-padded batch too (positions
+    from the mask), and greedy `generate(inputs_embeds=...)` continues as `generate(input_ids)`."""
+    model = make_model("tiny", position=position)
+    x = ids(2, 12)
+    mask = torch.ones_like(x)
+    mask[1, :4] = 0  # row 1 left-padded
+    emb = model.get_input_embeddings()(x)
+    for kw in ({}, {"attention_mask": mask}):
+        with torch.no_grad():
+            ref = model(input_ids=x, **kw).logits
+            got = model(inputs_embeds=emb, **kw).logits
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    ref = model.generate(x[:1], do_sample=False, **GEN)[:, x.shape[1]:]
+    got = model.generate(inputs_embeds=emb[:1], do_sample=False, **GEN)  # new tokens only (HF convention)
+    assert got.tolist() == ref.tolist()
+    with pytest.raises(ValueError, match="exactly one of input_ids .* got neither"):
+        model(attention_mask=mask)
+    with pytest.raises(ValueError, match=r"inputs_embeds must be \(batch, sequence, 64\)"):
+        model(inputs_embeds=emb[..., :8])

@@ -109,12 +109,18 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
     ) -> AutoGLMCausalLMOutput:
         """labels: (B, T) next-token targets aligned with input_ids (HF convention: the
         model shifts them), -100 to ignore. Returns logits (B, T, V) and, with labels,
-        loss = LM loss + MoE aux loss."""
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError("inputs_embeds is not supported: the backbone embeds the token ids itself (and adds "
-                             "its position embedding); pass input_ids")
-        if input_ids is None:
-            raise ValueError("input_ids is required: a (batch, sequence) tensor of token ids")
+        loss = LM loss + MoE aux loss. `inputs_embeds` (B, T, d) may replace `input_ids`
+        (exactly one of the two): embeddings the caller computed, e.g. a soft prompt."""
+        inputs_embeds = kwargs.pop("inputs_embeds", None)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids (batch, sequence) token ids or inputs_embeds (batch, "
+                             f"sequence, {self.config.hidden_size}) embeddings, got "
+                             f"{'both' if input_ids is not None else 'neither'}")
+        d = self.config.hidden_size
+        if inputs_embeds is not None and (inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != d):
+            raise ValueError(f"inputs_embeds must be (batch, sequence, {d}), got "
+                             f"{tuple(inputs_embeds.shape)}")
+        shape_ids = input_ids if input_ids is not None else inputs_embeds[..., 0]  # (B, T): shape and device
         cache = kwargs.pop("past_key_values", cache)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
@@ -122,15 +128,15 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
         past_len = int(cache.get_seq_length()) if cache is not None else 0
         static_len = cache.get_max_length() if cache is not None and cache.is_compileable else -1
         if attention_mask is not None and attention_mask.dim() == 4:
-            attention_mask = _mask_2d(attention_mask, past_len + input_ids.shape[1])
-        total = past_len + input_ids.shape[1]
+            attention_mask = _mask_2d(attention_mask, past_len + shape_ids.shape[1])
+        total = past_len + shape_ids.shape[1]
         if total > self.config.max_position_embeddings:
             raise ValueError(
                 f"sequence of {total} tokens is longer than the model supports "
                 f"(max_position_embeddings={self.config.max_position_embeddings}); shorten the prompt, "
                 f"lower max_new_tokens, or call model.extend_context({total}) to interpolate the "
                 f"learned position table")
-        pos, meta = build_metadata(input_ids, attention_mask, past_len)
+        pos, meta = build_metadata(shape_ids, attention_mask, past_len)
         if position_ids is not None and meta.contiguous:
             pos = position_ids
         if static_len > total and not meta.contiguous:  # a static cache returns all its slots: the rest is invalid
@@ -138,7 +144,7 @@ class OpenAutoGLMForCausalLM(OpenAutoGLMPreTrainedModel, GenerationMixin):
             meta.k_pos = nn.functional.pad(meta.k_pos, (0, pad), value=0)
             meta.k_valid = nn.functional.pad(meta.k_valid, (0, pad), value=False)
         out = self.model(input_ids, pos, meta, cache if use_cache is not False else None,
-                         output_hidden_states=bool(output_hidden_states))
+                         output_hidden_states=bool(output_hidden_states), inputs_embeds=inputs_embeds)
         hidden = out.last_hidden_state
         adapter_output = None
         if self.active_task_adapter is not None:

@@ -61,9 +61,13 @@ class AutoGLMBackbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.gradient_checkpointing = config.gradient_checkpointing_layers
 
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, meta: AttentionMetadata,
-                cache=None, output_hidden_states: bool = False) -> BackboneOutput:
-        x = self.embed_tokens(input_ids)  # (B, T, d)
+    def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor, meta: AttentionMetadata,
+                cache=None, output_hidden_states: bool = False,
+                inputs_embeds: torch.Tensor | None = None) -> BackboneOutput:
+        """`inputs_embeds` (B, T, d), instead of `input_ids`: token embeddings computed by the
+        caller (soft prompts, image prefixes); the position embedding is added to them as to
+        the model's own."""
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         if self.embed_positions is not None:
             x = x + self.embed_positions(position_ids)
         x = self.dropout(x)

@@ -121,8 +121,8 @@ def test_overwrite_keeps_the_previous_run_when_an_input_is_wrong(tmp_path, bad):
 
 
 def test_hf_forward_conventions():
-    """return_dict=False gives the tuple HF code unpacks (loss, logits, ...); inputs_embeds is
-    refused with a reason instead of being dropped; wrapping with PEFT raises no FutureWarning
+    """return_dict=False gives the tuple HF code unpacks (loss, logits, ...); inputs_embeds
+    together with input_ids is refused instead of one being dropped; wrapping with PEFT raises no FutureWarning
     (transformers 5 deprecates the `is_gradient_checkpointing` alias PEFT reads)."""
     import warnings
 
@@ -137,7 +137,7 @@ def test_hf_forward_conventions():
         out = model(x, labels=x)
         loss, logits, *_ = model(x, labels=x, return_dict=False)
     assert torch.equal(loss, out.loss) and torch.equal(logits, out.logits)
-    with pytest.raises(ValueError, match="inputs_embeds is not supported.*pass input_ids"):
+    with pytest.raises(ValueError, match="exactly one of input_ids .* or inputs_embeds .* got both"):
         model(input_ids=x, inputs_embeds=model.get_input_embeddings()(x))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)
