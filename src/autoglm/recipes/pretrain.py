@@ -144,8 +144,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True, console: Any = None, ca
             write_run_files(data)
         strategy.barrier()
         if not strategy.is_main:
-            if tokenizer is None and prepared is None:
-                tokenizer = RunDir(out).load_tokenizer()
+            if tokenizer is None and prepared is None and (out / "tokenizer.json").is_file():
+                tokenizer = RunDir(out).load_tokenizer()  # (a resumed run without one trains it again)
             data = prepare()
     else:
         data = prepare()
