@@ -27,9 +27,7 @@ Example (no checkpoint there):
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +36,6 @@ __all__ = ["resolve_checkpoint", "checkpoint_model_config", "consolidate"]
 log = logging.getLogger(__name__)
 
 MODEL_CONFIG = "config.json"  # the model config a distributed checkpoint carries (checkpoint.py writes it)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -100,7 +97,6 @@ def consolidate(checkpoint: str | Path, out: str | Path, overwrite: bool = False
     model directory; returns `out`. Runs in one process without a process group."""
     import torch
 
-    from ..atomic import atomic_files
     from ..hf import OpenAutoGLMForCausalLM
     from ..rundir import RunDir
     from .checkpoint import load_distributed_checkpoint
@@ -121,15 +117,9 @@ def consolidate(checkpoint: str | Path, out: str | Path, overwrite: bool = False
     info = {"recipe": "consolidate", "checkpoint": str(ckpt.resolve()), "step": state.get("step"),
             "strategy": state.get("strategy"), "world_size": state.get("world_size"),
             "tokens_seen": state.get("tokens_seen"), "train_config": state.get("train_config")}
-    out.mkdir(parents=True, exist_ok=True)
-    with atomic_files(out) as tmp:
-        model.save_pretrained(tmp)
-        if run is not None:
-            for name in _TOKENIZER_FILES:
-                if (run / name).is_file():
-                    shutil.copyfile(run / name, tmp / name)
-        (tmp / "run.json").write_text(json.dumps(info, indent=2, default=str))
-    if run is None or not (run / "tokenizer.json").is_file():
+    has_tokenizer = run is not None and (run / "tokenizer.json").is_file()
+    RunDir.save(out, model, RunDir(run).load_tokenizer() if has_tokenizer else None, info)
+    if not has_tokenizer:
         log.warning("no tokenizer next to %s: %s holds the model only; copy the run's tokenizer.json and "
                     "tokenizer_config.json into it to generate text", ckpt, out)
     log.info("consolidated %s (step %s, %s on %s ranks) into %s", ckpt, state.get("step"), state.get("strategy"),

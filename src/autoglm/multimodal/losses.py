@@ -99,12 +99,6 @@ def positive_targets(positives: torch.Tensor, offset: int = 0) -> torch.Tensor:
     return pos / pos.sum(-1, keepdim=True)
 
 
-def _own_pairs(B: int, N: int, offset: int, device: torch.device) -> torch.Tensor:
-    pos = torch.zeros(B, N, dtype=torch.bool, device=device)
-    pos[torch.arange(B, device=device), offset + torch.arange(B, device=device)] = True
-    return pos
-
-
 def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, positives: torch.Tensor | None = None,
               img_cols: torch.Tensor | None = None, txt_cols: torch.Tensor | None = None,
               offset: int = 0) -> torch.Tensor:
@@ -150,7 +144,8 @@ def itc_loss(img: torch.Tensor, txt: torch.Tensor, img_m: torch.Tensor, txt_m: t
     s = scale.float()
     sim_i2t, sim_t2i = s * img @ txt_all.T, s * txt @ img_all.T  # (B, N + K)
     B, N = len(img), len(img_m)
-    pos = _own_pairs(B, N, offset, img.device) if positives is None else positives.bool()
+    # no extra positives: positive_targets still sets each row's own pair
+    pos = torch.zeros(B, N, dtype=torch.bool, device=img.device) if positives is None else positives
     hard = torch.zeros_like(sim_i2t)
     hard[:, :N] = positive_targets(pos, offset)
     if alpha > 0:
