@@ -14,7 +14,7 @@ from typing import Any
 import typer
 
 from ..recipes.align import AlignConfig, AlignEvalConfig, ProjectorConfig
-from .common import console, err
+from .common import console, err, run_under_torchrun
 from .options import add_recipe_command
 
 __all__ = ["app"]
@@ -28,7 +28,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=False,
 def _train(cfg: AlignConfig) -> None:
     from ..recipes.align import align
 
+    if run_under_torchrun(cfg, "align", strategies="ddp or zero1"):  # --nproc N: torchrun ran it on every process
+        return
     out = align(cfg, progress=True, console=err)
+    if out.model is None:  # not the main rank: it printed nothing and saved nothing
+        return
     res = out.result
     last = next((r for r in reversed(res.history) if "loss" in r), {})
     console.print(f"[bold green]done[/]: {res.steps} steps in {res.elapsed:.0f}s ({out.seconds_per_epoch:.1f} s per "

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-__all__ = ["console", "err", "fail", "setup_logging", "DEFAULT_CACHE", "user_errors"]
+__all__ = ["console", "err", "fail", "setup_logging", "DEFAULT_CACHE", "user_errors", "run_under_torchrun"]
 
 console = Console()  # results (stdout)
 err = Console(stderr=True)  # logs, progress bars and errors (stderr)
@@ -52,3 +52,28 @@ def setup_logging(verbose: bool = False, quiet: tuple[str, ...] = ()) -> None:
     except ImportError:
         return
     hf_logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars on every load/save
+
+
+def run_under_torchrun(cfg, command: str, strategies: str = "ddp, fsdp or zero1") -> bool:
+    """The distributed entry of a training command whose config has a `dist` section.
+
+    Not yet under torchrun with a multi-process strategy: start torchrun running `autoglm
+    <command> --config <cfg as YAML>` on every process, wait for it, and return True (this
+    process is done). Under torchrun: refuse strategy `single` on several processes (each would
+    train alone into the same directory), leave only the main rank's INFO logs, and return
+    False (this process trains). `strategies`: the multi-process ones to name in that error."""
+    from ..distributed.runtime import launched_by_torchrun, torchrun_rank, torchrun_world_size
+
+    if cfg.dist.strategy != "single" and not launched_by_torchrun():
+        from ..distributed.launch import launch
+
+        code = launch(cfg, command)
+        if code:
+            fail(RuntimeError(f"torchrun exited with code {code}: a rank failed (its error is printed above)"))
+        return True
+    if cfg.dist.strategy == "single" and torchrun_world_size() > 1:
+        fail(ValueError(f"launched by torchrun on {torchrun_world_size()} processes but --strategy is single (each "
+                        f"would train alone into the same directory); pass --strategy {strategies}"))
+    if torchrun_rank() > 0:  # the main rank reports; the others only warn
+        logging.getLogger("autoglm").setLevel(logging.WARNING)
+    return False

@@ -14,7 +14,7 @@ from rich.table import Table
 from ..recipes.compare import CompareConfig
 from ..recipes.generate import EvalConfig, GenerateConfig
 from ..recipes.pretrain import PretrainConfig
-from .common import console, err, fail, setup_logging
+from .common import console, err, fail, run_under_torchrun, setup_logging
 from .options import add_recipe_command
 
 __all__ = ["register"]
@@ -50,22 +50,11 @@ def info(preset: str = typer.Argument(..., help="Preset name, e.g. tiny, small, 
 
 
 def run_train(cfg: PretrainConfig) -> None:
-    from ..distributed.runtime import launched_by_torchrun, torchrun_rank, torchrun_world_size
     from ..recipes.generate import generate_text
     from ..recipes.pretrain import pretrain
 
-    if cfg.dist.strategy != "single" and not launched_by_torchrun():  # start the ranks: torchrun runs this command
-        from ..distributed.launch import launch
-
-        code = launch(cfg, "train")
-        if code:
-            fail(RuntimeError(f"torchrun exited with code {code}: a rank failed (its error is printed above)"))
+    if run_under_torchrun(cfg, "train"):  # --nproc N: torchrun ran this command on every process
         return
-    if cfg.dist.strategy == "single" and torchrun_world_size() > 1:
-        fail(ValueError(f"launched by torchrun on {torchrun_world_size()} processes but --strategy is single (each "
-                        f"would train alone into the same directory); pass --strategy ddp, fsdp or zero1"))
-    if torchrun_rank() > 0:  # the main rank reports; the others only warn
-        logging.getLogger("autoglm").setLevel(logging.WARNING)
     out = pretrain(cfg, console=err)
     if out.run is None:  # not the main rank: it printed nothing and saved nothing
         return

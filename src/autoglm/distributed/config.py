@@ -29,8 +29,8 @@ class DistributedSpec:
 
     strategy: str = setting("single", "single (one process), ddp, fsdp (FSDP2, ZeRO-3), zero1 (ZeroRedundancyOptimizer "
                                       "over DDP), or another registered strategy (tp, pp, ep)")
-    nproc: int = setting(1, "processes per node (one per device); > 1 makes `autoglm train` launch torchrun itself")
-    nnodes: int = setting(1, "nodes in a multi-node run (each runs `autoglm train` with the same --rdzv-endpoint)")
+    nproc: int = setting(1, "processes per node (one per device); > 1 makes the command launch torchrun itself")
+    nnodes: int = setting(1, "nodes in a multi-node run (each runs the same command with the same --rdzv-endpoint)")
     rdzv_endpoint: str | None = setting(None, "host:port of the rendezvous (c10d) for a multi-node run, e.g. "
                                               "node0:29400; one node needs none")
     rdzv_id: str = setting("autoglm", "rendezvous id: every node of one run passes the same")

@@ -26,16 +26,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ..distributed.config import DistributedSpec
 from ..multimodal.encoders import ImageEncoderConfig
 from ..multimodal.model import LossConfig
 from ..settings import section, setting
 from ..training.config import TrainConfig
 
-__all__ = ["AlignData", "TextTower", "AlignConfig", "AlignEvalConfig", "ProjectorConfig", "AlignOutput",
+__all__ = ["ALIGN_STRATEGIES", "AlignData", "TextTower", "AlignDistributed", "AlignConfig", "AlignEvalConfig", "ProjectorConfig", "AlignOutput",
            "load_split", "run_data", "run_stratified", "align", "train_supervised", "evaluate", "evaluate_model",
            "train_projector"]
 
 log = logging.getLogger(__name__)
+
+# strategies `align` runs under: one process, or full replicas (the gathered loss needs the
+# global batch's features on every rank, and the momentum EMA reads whole weights)
+ALIGN_STRATEGIES = ("single", "ddp", "zero1")
 
 
 @dataclass
@@ -87,6 +92,24 @@ class TextTower:
 
 
 @dataclass
+class AlignDistributed(DistributedSpec):
+    """The `dist` section of `align`: one process or full replicas (the two towers are small
+    enough to replicate, and the momentum encoders' EMA reads whole, unsharded weights)."""
+
+    strategy: str = setting("single", "single (one process), ddp (DistributedDataParallel) or zero1 "
+                                      "(ZeroRedundancyOptimizer over DDP)")
+    param_dtype: Literal["fp32", "bf16"] = setting("fp32", "fsdp only (not used by align)", cli=False)
+    reduce_dtype: Literal["fp32", "bf16"] = setting("fp32", "fsdp only (not used by align)", cli=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.strategy not in ALIGN_STRATEGIES:
+            raise ValueError(f"strategy {self.strategy!r} does not train an aligned model; use "
+                             f"{', '.join(ALIGN_STRATEGIES)} (ddp or zero1 on several processes: the towers are "
+                             f"replicated, not sharded, since the momentum encoders update from whole weights)")
+
+
+@dataclass
 class AlignConfig:
     out: Path = setting(Path("runs/align"), "output directory: aligned model, tokenizer, metrics, checkpoints")
     data: AlignData = section(AlignData, "image-text pairs and augmentations")
@@ -100,6 +123,9 @@ class AlignConfig:
     overwrite: bool = setting(False, "replace the run already in OUT (aligned model or checkpoints; it is deleted "
                                      "first); without it such an OUT is refused")
     device: str | None = setting(None, "cpu, cuda or cuda:N; none = cuda when available")
+    dist: AlignDistributed = section(AlignDistributed, "processes and strategy (torchrun): ddp or zero1, every "
+                                                       "rank's features gathered into one global batch (OpenCLIP's "
+                                                       "gather-with-grad)")
 
 
 @dataclass
@@ -235,17 +261,33 @@ def _claim_out(out: Path, resume: bool, overwrite: bool) -> None:
     shutil.rmtree(out)
 
 
-def _batch_fn(train: Any, tokenizer: Any, d: AlignData, image_size: int, batch_size: int, seed: int):
+def _global_batch(n: int, batch_size: int, world_size: int) -> int:
+    """Pairs per global batch (all of a split smaller than `batch_size`); it must split evenly
+    over the data-parallel ranks."""
+    B = min(batch_size, n)
+    if B % world_size:
+        held = "" if B == batch_size else f", all of the training split's {n}"
+        raise ValueError(f"the global batch ({B} pairs{held}) must be divisible by the {world_size} data-parallel "
+                         f"ranks; use --batch-size {max(world_size, B // world_size * world_size)} or another --nproc")
+    return B
+
+
+def _batch_fn(train: Any, tokenizer: Any, d: AlignData, image_size: int, batch_size: int, seed: int,
+              rank: int = 0, world_size: int = 1):
     """Micro-batch i as a pure function of (seed, i): images sampled without replacement,
-    one of each image's captions, random resized crop (+ flip), word masking."""
+    one of each image's captions, random resized crop (+ flip), word masking. With several
+    data-parallel ranks, rank r keeps rows [r B/W, (r + 1) B/W) of that global batch (every
+    rank draws and augments the whole batch, so the union is exactly one process's batch)."""
     import numpy as np
     import torch
 
+    from ..distributed.data import rank_rows
     from ..multimodal.augment import mask_words, random_hflip, random_resized_crop
     from ..multimodal.evaluate import encode_captions
 
     n = len(train)
-    B = min(batch_size, n)
+    B = _global_batch(n, batch_size, world_size)
+    rows = rank_rows(B, rank, world_size)
 
     def batch(i: int) -> dict[str, Any]:
         rng = np.random.default_rng([seed, i])
@@ -259,14 +301,15 @@ def _batch_fn(train: Any, tokenizer: Any, d: AlignData, image_size: int, batch_s
         out = {"images": images, "input_ids": ids, "attention_mask": mask}
         if train.labels is not None:  # read by the supervised reference and false_negatives='same_label'
             out["labels"] = train.labels[torch.from_numpy(idx)]
-        return out
+        return out if world_size == 1 else {k: v[rows] for k, v in out.items()}
 
     return batch
 
 
 def _text_backbone(t: TextTower, captions: list[str], out: Path, resume: bool) -> tuple[Any, Any, str]:
     """(backbone, tokenizer, description) from a preset (a tokenizer trained on `captions`, saved
-    into `out` at once so that a resumed run tokenizes the same; a resume reads it back) or a run."""
+    into `out` at once so that a resumed run tokenizes the same; with `resume` the one in `out`
+    is read back: a resumed run's, or the main rank's on the other ranks) or a run."""
     from ..config import PRESETS
     from ..tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
@@ -347,13 +390,22 @@ class ZeroShotCurve:
 def align(cfg: AlignConfig, progress: bool = True, console: Any = None, split: dict[str, Any] | None = None,
           evaluate_at_end: bool = True, callbacks: Sequence[Any] = ()) -> AlignOutput:
     """Train the aligned model on `cfg.data` (or a `load_split` result) and save `cfg.out`;
-    evaluate it on the val and test splits. `callbacks`: more Trainer callbacks."""
+    evaluate it on the val and test splits. `callbacks`: more Trainer callbacks.
+
+    Under torchrun (`cfg.dist`: ddp or zero1) every rank trains on its slice of each global
+    batch, with every rank's features gathered into the loss, so the run follows one process
+    training on the whole batch; the main rank trains the tokenizer, evaluates and saves, and
+    the others return an AlignOutput whose model is None."""
+    import contextlib
+
     import torch
 
+    from ..distributed import make_strategy
+    from ..distributed.runtime import torchrun_rank
     from ..multimodal.model import AlignModel, AlignObjective
     from ..multimodal.store import save_aligned
     from ..settings import to_yaml
-    from ..training import SingleDevice, Trainer
+    from ..training import Trainer
     from .common import run_info
 
     out = Path(cfg.out)
@@ -364,23 +416,41 @@ def align(cfg: AlignConfig, progress: bool = True, console: Any = None, split: d
     if cfg.loss.false_negatives == "same_label" and split["train"].labels is None:
         raise ValueError(f"loss.false_negatives 'same_label' needs each image's class, and {split['data'].source} "
                          f"has none; set label_col (--label-col) or use --false-negatives same_caption")
-    _claim_out(out, cfg.resume, cfg.overwrite)  # after the data loaded: a bad input deletes nothing
+    if torchrun_rank() == 0:  # one process deletes a run being replaced; the others refuse as it does
+        _claim_out(out, cfg.resume, cfg.overwrite)  # after the data loaded: a bad input deletes nothing
+    elif not cfg.overwrite:
+        _claim_out(out, cfg.resume, False)
+    # a multi-process strategy joins torchrun's process group here (every rank has claimed OUT)
+    strategy = make_strategy(cfg.dist.strategy, device=cfg.device, **cfg.dist.strategy_options())
     train = split["train"]
-    for s in split["data"].skipped[:20]:
-        log.warning("skipped %s: %s", s["item"], s["reason"])
     t = cfg.train
+    _global_batch(len(train), t.batch_size, strategy.data_parallel_size)  # before anything is written
+    if strategy.is_main:
+        for s in split["data"].skipped[:20]:
+            log.warning("skipped %s: %s", s["item"], s["reason"])
+    captions = [c for cs in train.captions for c in cs]
     torch.manual_seed(t.seed)
-    backbone, tok, text_desc = _text_backbone(cfg.text, [c for cs in train.captions for c in cs], out, cfg.resume)
+    if strategy.is_main:  # trains the captions' tokenizer and saves it into OUT
+        backbone, tok, text_desc = _text_backbone(cfg.text, captions, out, cfg.resume)
+    strategy.barrier()
+    if not strategy.is_main:  # the main rank's tokenizer, not one trained again
+        backbone, tok, text_desc = _text_backbone(cfg.text, captions, out, resume=True)
     model = AlignModel(cfg.image, backbone, cfg.loss, cfg.text.pooling)
     spe = len(train) / min(t.batch_size, len(train))
-    curve = ZeroShotCurve(split, tok, t.eval_every, spe, cfg.data.max_caption_tokens)
-    trainer = Trainer(model, t, train_batch=_batch_fn(train, tok, cfg.data, cfg.image.image_size, t.batch_size, t.seed),
-                      out_dir=out, objective=AlignObjective(cfg.loss), strategy=SingleDevice(cfg.device),
+    curve = ZeroShotCurve(split, tok, t.eval_every if strategy.is_main else 0, spe, cfg.data.max_caption_tokens)
+    batch = _batch_fn(train, tok, cfg.data, cfg.image.image_size, t.batch_size, t.seed,
+                      strategy.data_parallel_rank, strategy.data_parallel_size)
+    trainer = Trainer(model, t, train_batch=batch, out_dir=out, objective=AlignObjective(cfg.loss), strategy=strategy,
                       progress=progress, console=console, callbacks=[curve, *callbacks])
-    result = trainer.fit(resume=cfg.resume)
-    model.eval()
+    guard = getattr(strategy, "collective_errors", None)  # a dead rank: one clear error, not a hang
+    with guard() if guard is not None else contextlib.nullcontext():
+        result = trainer.fit(resume=cfg.resume)
+        model = strategy.export_model(trainer.model)
     train_s = result.elapsed - curve.seconds
     sec_epoch = train_s / max(result.steps_run / spe, 1e-9)
+    if not strategy.is_main:
+        return AlignOutput(None, tok, result, out, {}, [], sec_epoch)
+    model.eval()
     ev: dict[str, Any] = {}
     if evaluate_at_end:
         ev = {w: evaluate_model(model, tok, split, w, max_len=cfg.data.max_caption_tokens) for w in ("val", "test")}

@@ -218,7 +218,7 @@ class Trainer:
         stop_reason = "max_steps"
         with self._progress_bar() as bar:
             task = bar.add_task("train", total=cfg.max_steps, completed=self.step, loss=float("nan"), tps=0.0,
-                                mfu=0.0)
+                                mfu="")
             while self.step < cfg.max_steps:
                 if self.should_stop:
                     stop_reason = "callback"
@@ -238,7 +238,8 @@ class Trainer:
                 if log_now:
                     row = self._train_row(metrics, window_tokens / max(window_seconds, 1e-9))
                     window_seconds, window_tokens = 0.0, 0
-                    bar.update(task, loss=row["loss"], tps=row["tokens_per_s"], mfu=100 * row.get("mfu", 0.0))
+                    bar.update(task, loss=row["loss"], tps=row["tokens_per_s"],  # no MFU for models without a FLOP count
+                               mfu=f"MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "")
                     self._emit(row, "on_step")
                 bar.update(task, completed=self.step)
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
@@ -399,6 +400,6 @@ class Trainer:
             return _NoProgress()
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
-                        TextColumn("MFU {task.fields[mfu]:.1f}%"),
+                        TextColumn("{task.fields[mfu]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(),
                         console=self.console or Console(stderr=True))
