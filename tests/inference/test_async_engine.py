@@ -101,6 +101,60 @@ def test_a_failing_step_fails_the_requests_in_flight_and_the_core_serves_on(tiny
     assert n == 5 and stats["kv_blocks_used"] == 0
 
 
+POISON = 7  # a prompt holding this id makes the model runner raise on any step that runs it
+
+
+def poisoned(engine, monkeypatch):
+    real = engine.core.runner.execute
+
+    def execute(so):
+        if any(POISON in s.request.prompt_ids for s in so.scheduled):
+            raise RuntimeError("kernel failed")
+        return real(so)
+    monkeypatch.setattr(engine.core.runner, "execute", execute)
+
+
+def test_a_runner_failure_fails_only_the_requests_of_that_step(tiny_model, tiny_tokenizer, monkeypatch):
+    """One request runs per step (max_num_seqs 1): the poisoned one fails with the runner's own
+    error, the one queued behind it and one submitted later still give the sync engine's tokens."""
+    cfg = EngineConfig(block_size=8, num_blocks=64, max_num_seqs=1)
+    greedy = SamplingParams(max_tokens=6, temperature=0)
+    ref = [r.output_ids for r in LLMEngine(tiny_model, tiny_tokenizer, cfg).generate([[5, 6], [9, 4, 2]], greedy)]
+    engine = LLMEngine(tiny_model, tiny_tokenizer, cfg)
+    poisoned(engine, monkeypatch)
+
+    async def ids(stream):
+        return [t async for batch in stream for _, o in batch for t in o.new_token_ids]
+
+    async def go(ae):
+        bad = await ae.submit([POISON, 3], greedy)
+        queued = await ae.submit([5, 6], greedy)
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            await collect(bad)
+        return [await ids(queued), await ids(await ae.submit([9, 4, 2], greedy))], ae.stats()
+
+    got, stats = run_async(engine, go)
+    assert got == ref and stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
+
+
+def test_a_runner_failure_cancels_the_other_choices_of_its_submission(tiny_model, tiny_tokenizer, monkeypatch):
+    """A two-prompt submission whose first prompt fails in the runner: the stream raises and its
+    second prompt, still queued (max_num_seqs 1), is cancelled without running a step."""
+    engine = LLMEngine(tiny_model, tiny_tokenizer, EngineConfig(block_size=8, num_blocks=64, max_num_seqs=1))
+    poisoned(engine, monkeypatch)
+
+    async def go(ae):
+        both = await ae.submit([[POISON, 3], [5, 6]], SamplingParams(max_tokens=6, temperature=0))
+        with pytest.raises(RuntimeError, match="kernel failed"):
+            await collect(both)
+        await asyncio.sleep(0.2)  # the cancellation reaches the core
+        return ae.stats()
+
+    stats = run_async(engine, go)
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
+    assert engine.core.stats.generated_tokens == 0  # the second prompt never ran
+
+
 def test_server_uses_only_the_async_engines_public_api():
     tree = ast.parse(Path(server_module.__file__).read_text())
     code = ast.unparse(tree.body[1:])  # without the module docstring

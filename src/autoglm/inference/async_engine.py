@@ -12,8 +12,10 @@ A submission's requests are checked once, by the core's `add_request`: `submit` 
 its `InvalidRequestError` (a ValueError naming the input at fault). A stop string found
 on the loop, a client that goes away (`RequestStream.close`) and `abort` each queue a
 command, so the core frees the request's KV blocks before its next step and the loop
-never waits for a step. An exception inside a step fails every request in flight (their
-streams raise it) and the core keeps serving new requests.
+never waits for a step. An exception in the model runner fails the requests of that step
+(their streams raise it, their other choices are cancelled) and the others go on; an
+exception anywhere else in a step fails every request in flight. Either way the core keeps
+serving new requests.
 
 What the server may read or change goes through this class's public API: `tokenizer`,
 `max_model_len`, `lora_adapters()`, `stats()`, `add_lora`, `remove_lora`.
@@ -31,12 +33,18 @@ from pathlib import Path
 from typing import Any
 
 from .engine import LLMEngine
+from .engine_core import StepError
 from .output_processor import OutputProcessor
 from .request import FinishReason, RequestOutput, SamplingParams
 
 __all__ = ["AsyncEngine", "RequestStream"]
 
 logger = logging.getLogger(__name__)
+
+
+def _submission(request_id: str) -> str:
+    """The submission a request id belongs to (`submit` names its requests `<submission>-<i>`)."""
+    return request_id.rpartition("-")[0]
 
 
 class RequestStream:
@@ -141,7 +149,7 @@ class AsyncEngine:
         prompts = prompt_ids if prompt_ids and isinstance(prompt_ids[0], list) else [prompt_ids]
         work = [(ids, p) for ids in prompts for p in plist]
         base = uuid.uuid4().hex
-        ids = [f"{base}-{i}" for i in range(len(work))]
+        ids = [f"{base}-{i}" for i in range(len(work))]  # _submission(id) == base
         stream = RequestStream(self, ids)
         for i, (rid, (prompt, p)) in enumerate(zip(ids, work)):  # tracked before the core can report on them
             self._processor.add_request(rid, p, len(prompt))
@@ -224,7 +232,18 @@ class AsyncEngine:
                 continue
             try:
                 outs = core.step()
-            except Exception as exc:  # noqa: BLE001 - fail the batch, keep serving
+            except StepError as exc:  # the model failed on these requests: fail their submissions, the rest go on
+                cause = exc.__cause__ or exc
+                failed = {_submission(rid) for rid in exc.request_ids}
+                ids = [rid for rid in core.requests if _submission(rid) in failed]  # with their other choices
+                logger.error("engine step failed in the model runner (%s: %s); failing the %d request(s) of its "
+                             "submissions, %d other(s) go on", type(cause).__name__, cause, len(ids),
+                             len(core.requests) - len(ids), exc_info=cause)
+                for rid in ids:
+                    core.abort(rid)
+                self._loop.call_soon_threadsafe(self._fail, ids, cause)
+                continue
+            except Exception as exc:  # noqa: BLE001 - request state unknown: fail all in flight, keep serving
                 logger.exception("engine step failed; failing the requests in flight")
                 ids = list(core.requests)
                 for rid in ids:

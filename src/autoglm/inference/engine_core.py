@@ -32,9 +32,19 @@ from .request import EngineCoreOutput, FinishReason, InvalidRequestError, Reques
 from .runner import ModelRunner
 from .scheduler import Scheduler
 
-__all__ = ["EngineCore", "EngineConfig", "EngineStats"]
+__all__ = ["EngineCore", "EngineConfig", "EngineStats", "StepError"]
 
 logger = logging.getLogger(__name__)
+
+
+class StepError(RuntimeError):
+    """The model runner failed in a step (raised from its exception). `request_ids`: the requests
+    that step ran; their state has not moved on (K/V the step wrote are past their computed
+    tokens, so nothing reads them), so aborting them leaves every other request as it was."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__(f"the model runner failed on a step of {len(request_ids)} request(s)")
+        self.request_ids = request_ids
 
 
 @dataclass
@@ -307,7 +317,10 @@ class EngineCore:
                                    "for the next request; raise num_blocks")
             return []
         self._account_kv()
-        runner_out = self.runner.execute(so)
+        try:
+            runner_out = self.runner.execute(so)
+        except Exception as exc:
+            raise StepError([s.request.request_id for s in so.scheduled]) from exc
         outs = self.scheduler.update_from_output(so, runner_out)
         st = self.stats
         st.steps += 1
