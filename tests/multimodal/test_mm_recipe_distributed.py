@@ -1,7 +1,7 @@
 """`align` on several processes: two CPU ranks (gloo, ddp) train as one process does on the
 whole global batch (same losses, same weights, momentum queues included), only the main rank
-trains the tokenizer and saves, a run stopped and resumed under ddp ends where the
-uninterrupted one does; batches the ranks cannot split and sharding strategies are refused."""
+trains the tokenizer and saves, a run stopped and resumed under ddp or in one process ends where
+the uninterrupted one does; batches the ranks cannot split and sharding strategies are refused."""
 
 import json
 import subprocess
@@ -49,6 +49,8 @@ def _ranks_worker(rank: int, world: int, root: str) -> None:
     assert align(half, progress=False, evaluate_at_end=False, callbacks=[StopAt3()]).result.steps == 3
     resumed = load_config(AlignConfig, overrides={**SMALL, **DDP, "out": f"{root}/half", "resume": True})
     align(resumed, progress=False, evaluate_at_end=False)
+    to_one = load_config(AlignConfig, overrides={**SMALL, **DDP, "out": f"{root}/to-one"})  # resumed in one process
+    align(to_one, progress=False, evaluate_at_end=False, callbacks=[StopAt3()])
     assert (full.model is None) == (rank > 0)
     Path(f"{root}/trained-tokenizer-rank{rank}.json").write_text(json.dumps(trained))
 
@@ -64,8 +66,11 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(tmp_path):
     one = align(load_config(AlignConfig, overrides={**SMALL, "out": str(tmp_path / "one")}), progress=False,
                 evaluate_at_end=False)
     assert one.model is not None
+    align(load_config(AlignConfig, overrides={**SMALL, "out": str(tmp_path / "to-one"), "resume": True}),
+          progress=False, evaluate_at_end=False)
     ref = load_file(tmp_path / "one" / "model.safetensors")
-    for run in ("ddp", "half"):  # half: stopped at step 3 and resumed from its 2-rank checkpoint
+    # half: stopped at step 3 and resumed from its 2-rank checkpoint on 2 ranks; to-one: in one process
+    for run in ("ddp", "half", "to-one"):
         got = load_file(tmp_path / run / "model.safetensors")
         assert got.keys() == ref.keys()
         for k in ref:
@@ -74,8 +79,8 @@ def test_two_ranks_train_as_one_process_on_the_global_batch(tmp_path):
         assert _losses(tmp_path / run) == pytest.approx(_losses(tmp_path / "one"), rel=1e-5)
     assert (tmp_path / "ddp" / "tokenizer.json").read_text() == (tmp_path / "one" / "tokenizer.json").read_text()
     # rank 0 trained the tokenizer of each new run and loaded it on resume; rank 1 only loaded it
-    assert json.loads((tmp_path / "trained-tokenizer-rank0.json").read_text()) == [True, True, False]
-    assert json.loads((tmp_path / "trained-tokenizer-rank1.json").read_text()) == [False, False, False]
+    assert json.loads((tmp_path / "trained-tokenizer-rank0.json").read_text()) == [True, True, False, True]
+    assert json.loads((tmp_path / "trained-tokenizer-rank1.json").read_text()) == [False, False, False, False]
     info = json.loads((tmp_path / "ddp" / "run.json").read_text())
     assert info["config"]["dist"]["strategy"] == "ddp"
 

@@ -32,8 +32,8 @@ from ..multimodal.model import LossConfig
 from ..settings import section, setting
 from ..training.config import TrainConfig
 
-__all__ = ["ALIGN_STRATEGIES", "AlignData", "TextTower", "AlignDistributed", "AlignConfig", "AlignEvalConfig", "ProjectorConfig", "AlignOutput",
-           "load_split", "run_data", "run_stratified", "align", "train_supervised", "evaluate", "evaluate_model",
+__all__ = ["ALIGN_STRATEGIES", "AlignData", "TextTower", "AlignDistributed", "AlignConfig", "AlignEvalConfig",
+           "ProjectorConfig", "AlignOutput", "load_split", "run_data", "run_stratified", "align", "train_supervised", "evaluate", "evaluate_model",
            "train_projector"]
 
 log = logging.getLogger(__name__)
