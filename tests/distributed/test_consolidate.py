@@ -117,3 +117,17 @@ def test_command_line_errors_exit_2_with_the_fix(tmp_path):
     run_dir, _ = _dcp_run(tmp_path)
     code, output = run(run_dir, "--out", tmp_path / "m")
     assert code == 0 and "model written to" in output and (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_an_align_runs_checkpoint_is_refused_with_how_to_save_its_model(tmp_path):
+    from autoglm.recipes.align import AlignConfig
+    from autoglm.settings import load_config, to_yaml
+
+    run, _ = _dcp_run(tmp_path)
+    (run / "checkpoints" / "step-000003" / "config.json").unlink()  # an align checkpoint carries none
+    (run / "config.yaml").write_text(to_yaml(load_config(AlignConfig, overrides={"out": str(run)})))
+    (run / "tokenizer.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is an `autoglm align` run: .*autoglm align --resume --out .* "
+                                         r"--strategy single --nproc 1"):
+        consolidate(run, tmp_path / "model")
+    assert not (tmp_path / "model").exists()

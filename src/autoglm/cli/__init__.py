@@ -24,7 +24,8 @@ __all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Open-AutoGLM: train, fine-tune, serve and export a sparse-attention MoE language model; "
-                       "pre-train graph encoders. Every training command takes --config FILE and --print-config.")
+                       "pre-train graph encoders; align images and text; forecast serving load. Every training "
+                       "command takes --config FILE and --print-config.")
 
 train.register(app)
 app.add_typer(finetune.app)

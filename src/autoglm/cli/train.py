@@ -122,8 +122,6 @@ def consolidate(checkpoint: Path = typer.Argument(..., help="A run directory (it
                                                             "model.safetensors, tokenizer)."),
                 overwrite: bool = typer.Option(False, "--overwrite", help="Replace the model files of an existing "
                                                                           "--out.")) -> None:
-    """Turn a distributed checkpoint (any strategy, any number of ranks) into one safetensors
-    model directory, in one process without a GPU."""
     from ..distributed.consolidate import consolidate as run_consolidate
     from .common import user_errors
 
@@ -138,7 +136,8 @@ def consolidate(checkpoint: Path = typer.Argument(..., help="A run directory (it
 
 def register(app: typer.Typer) -> None:
     app.command()(info)
-    app.command()(consolidate)
+    app.command(help="Turn a distributed checkpoint (any strategy, any number of ranks) into one safetensors "
+                     "model directory, in one process without a GPU.")(consolidate)
     add_recipe_command(app, "train", PretrainConfig, run_train,
                        help="Pre-train a model on a text corpus (AdamW, warmup + cosine, clipping, checkpoints, "
                             "validation); default: `small` on the built-in corpus.")

@@ -81,7 +81,13 @@ def checkpoint_model_config(ckpt: Path) -> Any:
     if run is not None and (run / "config.yaml").is_file() and (run / "tokenizer.json").is_file():
         from ..recipes.pretrain import PretrainConfig
         from ..rundir import RunDir
-        from ..settings import load_config
+        from ..settings import load_config, read_yaml
+
+        if {"image", "text", "loss"} <= set(read_yaml(run / "config.yaml")):  # AlignConfig's sections
+            raise ValueError(f"{run} is an `autoglm align` run: its checkpoints hold the image and text towers "
+                             f"(with momentum encoders and queues), not a language model. Resume it to save the "
+                             f"aligned model, on any number of processes (the checkpoint reshards), e.g. in one: "
+                             f"autoglm align --resume --out {run} --strategy single --nproc 1")
 
         cfg = load_config(PretrainConfig, run / "config.yaml")
         if cfg.init_from is not None:
