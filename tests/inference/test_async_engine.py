@@ -147,8 +147,7 @@ def test_a_runner_failure_cancels_the_other_choices_of_its_submission(tiny_model
         both = await ae.submit([[POISON, 3], [5, 6]], SamplingParams(max_tokens=6, temperature=0))
         with pytest.raises(RuntimeError, match="kernel failed"):
             await collect(both)
-        await asyncio.sleep(0.2)  # the cancellation reaches the core
-        return ae.stats()
+        return ae.stats()  # the core aborted the whole submission before its stream heard of the failure
 
     stats = run_async(engine, go)
     assert stats["kv_blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
