@@ -52,3 +52,18 @@ def test_flip_and_word_mask():
     assert len(one.split()) == 1 and one in "a photo of seven".split()
     kept = [len(mask_words("w " * 100, 0.3, g).split()) for _ in range(20)]
     assert 60 < sum(kept) / len(kept) < 80
+
+
+def test_a_part_of_the_batch_gets_the_rows_of_the_whole_batch_and_moves_the_generator_alike():
+    """A data-parallel rank transforms only its rows (`part`) and gets what one process gets for
+    those rows, and the generator ends where the whole batch leaves it."""
+    imgs = torch.rand(6, 3, 8, 8)
+    g_all, g_part = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    whole = random_hflip(random_resized_crop(imgs, 8, generator=g_all), 0.5, g_all)
+    rows = slice(3, 6)
+    part = random_hflip(random_resized_crop(imgs[rows], 8, generator=g_part, part=(6, rows)), 0.5, g_part,
+                        part=(6, rows))
+    assert torch.equal(part, whole[rows])
+    assert torch.equal(torch.rand(3, generator=g_part), torch.rand(3, generator=g_all))
+    with pytest.raises(ValueError, match=r"part=\(6, .*\) names 3 rows of a batch of 6, but 2 images"):
+        random_resized_crop(imgs[:2], 8, part=(6, rows))

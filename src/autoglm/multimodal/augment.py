@@ -52,12 +52,27 @@ def crop_boxes(n: int, scale: tuple[float, float], ratio: tuple[float, float],
     return torch.stack([cx, cy, w, h], 1)
 
 
+def _part(images: torch.Tensor, part: tuple[int, slice] | None) -> tuple[int, slice]:
+    """(batch size the draws are for, the rows of it that `images` hold)."""
+    if part is None:
+        return len(images), slice(None)
+    n, rows = part
+    if len(range(n)[rows]) != len(images):
+        raise ValueError(f"part={part} names {len(range(n)[rows])} rows of a batch of {n}, but {len(images)} images "
+                         f"were given")
+    return n, rows
+
+
 def random_resized_crop(images: torch.Tensor, size: int, scale: tuple[float, float] = (0.6, 1.0),
-                        ratio: tuple[float, float] = (3 / 4, 4 / 3),
-                        generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, C, H, W) -> (B, C, size, size), each image cropped (`crop_boxes`) and resized."""
+                        ratio: tuple[float, float] = (3 / 4, 4 / 3), generator: torch.Generator | None = None,
+                        part: tuple[int, slice] | None = None) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C, size, size), each image cropped (`crop_boxes`) and resized.
+    `part=(n, rows)`: `images` are those rows of a batch of n; the crops are drawn for all n
+    (the generator moves as for the whole batch) and each row gets its own, so a data-parallel
+    rank transforms only its rows and still matches one process."""
+    n, rows = _part(images, part)
     B = len(images)
-    box = crop_boxes(B, scale, ratio, generator).to(images.device, images.dtype)
+    box = crop_boxes(n, scale, ratio, generator)[rows].to(images.device, images.dtype)
     cx, cy, w, h = box.unbind(1)
     theta = torch.zeros(B, 2, 3, dtype=images.dtype, device=images.device)
     # affine_grid works in [-1, 1] coordinates: output x maps to input cx' + w * x
@@ -67,12 +82,15 @@ def random_resized_crop(images: torch.Tensor, size: int, scale: tuple[float, flo
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def random_hflip(images: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, C, H, W): each image mirrored left-right with probability p."""
+def random_hflip(images: torch.Tensor, p: float = 0.5, generator: torch.Generator | None = None,
+                 part: tuple[int, slice] | None = None) -> torch.Tensor:
+    """(B, C, H, W): each image mirrored left-right with probability p. `part`: as for
+    `random_resized_crop`."""
     _check_p(p)
+    n, rows = _part(images, part)
     if p == 0:
         return images
-    flip = torch.rand(len(images), generator=generator) < p
+    flip = (torch.rand(n, generator=generator) < p)[rows]
     return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
 
 

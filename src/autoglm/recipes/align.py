@@ -276,8 +276,9 @@ def _batch_fn(train: Any, tokenizer: Any, d: AlignData, image_size: int, batch_s
               rank: int = 0, world_size: int = 1):
     """Micro-batch i as a pure function of (seed, i): images sampled without replacement,
     one of each image's captions, random resized crop (+ flip), word masking. With several
-    data-parallel ranks, rank r keeps rows [r B/W, (r + 1) B/W) of that global batch (every
-    rank draws and augments the whole batch, so the union is exactly one process's batch)."""
+    data-parallel ranks, rank r keeps rows [r B/W, (r + 1) B/W) of that global batch: every
+    rank makes the whole batch's random draws (cheap) and crops only its own images, so the
+    union of the ranks' rows is exactly one process's batch."""
     import numpy as np
     import torch
 
@@ -295,13 +296,14 @@ def _batch_fn(train: Any, tokenizer: Any, d: AlignData, image_size: int, batch_s
         idx = rng.choice(n, B, replace=False)
         caps = [train.captions[j][int(rng.integers(len(train.captions[j])))] for j in idx]
         caps = [mask_words(c, d.word_mask, g) for c in caps]
-        images = random_resized_crop(train.images[torch.from_numpy(idx)], image_size, d.crop_scale, generator=g)
-        images = random_hflip(images, d.hflip, g)
-        ids, mask = encode_captions(tokenizer, caps, d.max_caption_tokens)
-        out = {"images": images, "input_ids": ids, "attention_mask": mask}
+        own = torch.from_numpy(idx[rows])  # the image work is this rank's rows only; the draws are the batch's
+        images = random_resized_crop(train.images[own], image_size, d.crop_scale, generator=g, part=(B, rows))
+        images = random_hflip(images, d.hflip, g, part=(B, rows))
+        ids, mask = encode_captions(tokenizer, caps, d.max_caption_tokens)  # padded as the whole batch
+        out = {"images": images, "input_ids": ids[rows], "attention_mask": mask[rows]}
         if train.labels is not None:  # read by the supervised reference and false_negatives='same_label'
-            out["labels"] = train.labels[torch.from_numpy(idx)]
-        return out if world_size == 1 else {k: v[rows] for k, v in out.items()}
+            out["labels"] = train.labels[own]
+        return out
 
     return batch
 
