@@ -31,7 +31,7 @@ from results_io import interleaved, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
-    "digits": ["--config", str(ROOT / "configs/align-digits.yaml"), "--steps", "60"],
+    "digits": ["--config", str(ROOT / "configs/align-digits.yaml"), "--steps", "200"],
     "larger": ["--config", str(ROOT / "configs/align-digits.yaml"), "--steps", "30", "--batch-size", "256",
                "--image-dim", "128", "--image-layers", "4", "--ffn-hidden", "256", "--text-model", "small"],
 }
@@ -56,7 +56,7 @@ def main() -> None:
     p.add_argument("--settings", default="digits,larger", help="comma list of: " + ", ".join(SETTINGS))
     p.add_argument("--nproc", type=int, default=2, help="processes of the data-parallel runs")
     p.add_argument("--strategies", default="ddp,zero1", help="comma list of ddp, zero1")
-    p.add_argument("--repeats", type=int, default=2, help="runs of each row (interleaved); the median is reported")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each row (interleaved); the median is reported")
     p.add_argument("--out", default=None, help="results folder (default docs/results)")
     p.add_argument("--name", default="align-scaling")
     args = p.parse_args()
