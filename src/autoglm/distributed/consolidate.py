@@ -83,7 +83,12 @@ def checkpoint_model_config(ckpt: Path) -> Any:
         from ..rundir import RunDir
         from ..settings import load_config, read_yaml
 
-        if {"image", "text", "loss"} <= set(read_yaml(run / "config.yaml")):  # AlignConfig's sections
+        from dataclasses import fields
+
+        from ..recipes.align import AlignConfig
+
+        align_only = {f.name for f in fields(AlignConfig)} - {f.name for f in fields(PretrainConfig)}
+        if align_only <= set(read_yaml(run / "config.yaml")):  # image, text, loss: an align run's sections
             raise ValueError(f"{run} is an `autoglm align` run: its checkpoints hold the image and text towers "
                              f"(with momentum encoders and queues), not a language model. Resume it to save the "
                              f"aligned model, on any number of processes (the checkpoint reshards), e.g. in one: "

@@ -426,7 +426,7 @@ def align(cfg: AlignConfig, progress: bool = True, console: Any = None, split: d
     strategy = make_strategy(cfg.dist.strategy, device=cfg.device, **cfg.dist.strategy_options())
     train = split["train"]
     t = cfg.train
-    _global_batch(len(train), t.batch_size, strategy.data_parallel_size)  # before anything is written
+    B = _global_batch(len(train), t.batch_size, strategy.data_parallel_size)  # checked before anything is written
     if strategy.is_main:
         for s in split["data"].skipped[:20]:
             log.warning("skipped %s: %s", s["item"], s["reason"])
@@ -438,7 +438,7 @@ def align(cfg: AlignConfig, progress: bool = True, console: Any = None, split: d
     if not strategy.is_main:  # the main rank's tokenizer, not one trained again
         backbone, tok, text_desc = _text_backbone(cfg.text, captions, out, resume=True)
     model = AlignModel(cfg.image, backbone, cfg.loss, cfg.text.pooling)
-    spe = len(train) / min(t.batch_size, len(train))
+    spe = len(train) / B
     curve = ZeroShotCurve(split, tok, t.eval_every if strategy.is_main else 0, spe, cfg.data.max_caption_tokens)
     batch = _batch_fn(train, tok, cfg.data, cfg.image.image_size, t.batch_size, t.seed,
                       strategy.data_parallel_rank, strategy.data_parallel_size)
