@@ -171,3 +171,35 @@ def test_bf16_autocast_runs_on_cpu():
     result = t.fit()
     assert t.precision == "bf16" and result.steps == 2
     assert all(p.dtype == torch.float32 for p in t.model.parameters())  # master weights stay fp32
+
+
+class _PairsObjective:
+    """A regression 'objective' whose batches carry no input_ids: it names its own throughput."""
+
+    unit = "pairs"
+
+    @staticmethod
+    def count(batch):
+        return batch["x"].shape[0]
+
+    def __call__(self, model, batch):
+        return {"loss": (model(batch["x"]) - batch["y"]).pow(2).mean()}
+
+
+def test_objective_names_the_unit_of_throughput(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    model = torch.nn.Linear(3, 1)
+    data = lambda i: {"x": torch.randn(6, 3, generator=torch.Generator().manual_seed(i)), "y": torch.zeros(6, 1)}
+    out = io.StringIO()
+    t = Trainer(model, cfg(max_steps=4), data, out_dir=tmp_path, objective=_PairsObjective(),
+                console=Console(file=out, force_terminal=True, width=160))
+    result = t.fit()
+    rows = [r for r in read_rows(tmp_path / "metrics.jsonl") if "loss" in r]
+    assert all(r["pairs_per_s"] > 0 and "tokens_per_s" not in r and "mfu" not in r for r in rows)
+    assert rows[-1]["pairs_seen"] == 4 * 6 and result.unit == "pairs" and result.rate > 0
+    assert "pairs/s" in out.getvalue() and "tok/s" not in out.getvalue()
+    with pytest.raises(AttributeError, match="counted pairs, not tokens"):
+        result.tokens_per_s

@@ -121,8 +121,14 @@ class GraphSSLObjective:
     (generator seed = cfg.optim.seed * 1_000_003 + step).
     """
 
+    unit = "nodes"  # the trainer's throughput: nodes encoded per second (a subgraph's, when sampled)
+
     def __init__(self, cfg: GraphSSLConfig) -> None:
         self.cfg = cfg
+
+    @staticmethod
+    def count(batch: dict[str, Any]) -> int:
+        return int(batch["x"].shape[0])
 
     def view(self, x: torch.Tensor, edge_index: torch.Tensor, p: float, gen: torch.Generator,
              feature_p: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:

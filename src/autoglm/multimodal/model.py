@@ -240,8 +240,14 @@ class AlignObjective:
     """Trainer objective: batch = {"images", "input_ids", "attention_mask"} -> the model's loss dict.
     The repr says whether checkpoints carry momentum encoders and queues."""
 
+    unit = "pairs"  # the trainer's throughput: image-caption pairs per second
+
     def __init__(self, loss: LossConfig) -> None:
         self.loss = loss
+
+    @staticmethod
+    def count(batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["images"].shape[0])
 
     def __call__(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return model(batch["images"], batch["input_ids"], batch["attention_mask"], batch.get("labels"))

@@ -69,5 +69,5 @@ def run_info(recipe: str, cfg: Any, result: Any = None, **extra: Any) -> dict[st
     info: dict[str, Any] = {"recipe": recipe, **extra, "config": to_dict(cfg)}
     if result is not None:
         info["result"] = {"steps": result.steps, "final_eval": result.final_eval, "stop_reason": result.stop_reason,
-                          "tokens_per_s": result.tokens_per_s}
+                          f"{result.unit}_per_s": result.rate}
     return info

@@ -67,9 +67,17 @@ class TrainResult:
     steps: int  # optimizer steps done in total, across resumes
     steps_run: int  # optimizer steps this fit() call ran
     elapsed: float  # wall seconds of this call (training, eval and saving)
-    tokens_per_s: float  # training tokens / seconds spent in training steps (eval + saving excluded)
+    rate: float  # `unit` trained on / seconds spent in training steps (eval + saving excluded)
     stop_reason: str  # "max_steps", "max_seconds" or "callback"
     checkpoint: Path | None = None  # the last checkpoint written or loaded
+    unit: str = "tokens"  # what the objective counts: tokens (language models), pairs (align), nodes (graphs)
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training tokens per second; an error for objectives that count something else."""
+        if self.unit != "tokens":
+            raise AttributeError(f"this run counted {self.unit}, not tokens: read .rate ({self.unit}/s)")
+        return self.rate
 
 
 def enable_grad_checkpointing(model: nn.Module) -> None:
@@ -95,8 +103,9 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
     return batch
 
 
-def _count_tokens(batch: Batch) -> int:
-    """Tokens in a batch: input_ids of a (input_ids, ...) tuple or an {"input_ids": ...} dict."""
+def count_tokens(batch: Batch) -> int:
+    """Tokens in a batch: input_ids of a (input_ids, ...) tuple or an {"input_ids": ...} dict.
+    The throughput an objective reports unless it names its own `unit` and `count(batch)`."""
     first = batch.get("input_ids") if isinstance(batch, dict) else (
         batch[0] if isinstance(batch, (tuple, list)) and batch else batch)
     return first.numel() if isinstance(first, torch.Tensor) else 0
@@ -139,7 +148,9 @@ class Trainer:
         self.optimizer = self.strategy.build_optimizer(self.strategy.unwrap(self.model), cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg)
         self.step = 0  # optimizer steps done
-        self.tokens_seen = 0
+        self.unit: str = getattr(self.objective, "unit", "tokens")  # what the progress bar and rows count
+        self._count: Callable[[Batch], int] = getattr(self.objective, "count", count_tokens)
+        self.tokens_seen = 0  # of `unit` (tokens for language models), over every data-parallel rank
         self.best_val_loss: float | None = None
         self.should_stop = False
         self.history: list[dict[str, float]] = []
@@ -148,7 +159,7 @@ class Trainer:
         self._fit_start = time.perf_counter()
         self._last_eval: tuple[int, dict[str, float]] | None = None
         self._last_checkpoint: tuple[int, Path] | None = None
-        self._flops_per_token = self._model_flops(model)  # None when the model's size is unknown
+        self._flops_per_token = self._model_flops(model) if self.unit == "tokens" else None  # None: no MFU
         self._peak: tuple[float, str] | None = None  # peak FLOP/s of the device, looked up at the first row
 
     # ------------------------------------------------------------------ paths
@@ -174,7 +185,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         for micro in range(accum):
             batch = _to_device(self.train_batch(step * accum + micro), device)
-            self.tokens_seen += _count_tokens(batch) * self.strategy.data_parallel_size
+            self.tokens_seen += self._count(batch) * self.strategy.data_parallel_size
             with self.strategy.no_sync(self.model, sync=micro == accum - 1):
                 with self.strategy.autocast(self.precision):
                     out = self.objective(self.model, batch)
@@ -217,7 +228,7 @@ class Trainer:
         window_tokens = 0
         stop_reason = "max_steps"
         with self._progress_bar() as bar:
-            task = bar.add_task("train", total=cfg.max_steps, completed=self.step, loss=float("nan"), tps=0.0,
+            task = bar.add_task("train", total=cfg.max_steps, completed=self.step, loss=float("nan"), rate=0.0,
                                 mfu="")
             while self.step < cfg.max_steps:
                 if self.should_stop:
@@ -238,7 +249,7 @@ class Trainer:
                 if log_now:
                     row = self._train_row(metrics, window_tokens / max(window_seconds, 1e-9))
                     window_seconds, window_tokens = 0.0, 0
-                    bar.update(task, loss=row["loss"], tps=row["tokens_per_s"],  # no MFU for models without a FLOP count
+                    bar.update(task, loss=row["loss"], rate=row[f"{self.unit}_per_s"],  # no MFU without a FLOP count
                                mfu=f"MFU {100 * row['mfu']:.1f}%" if "mfu" in row else "")
                     self._emit(row, "on_step")
                 bar.update(task, completed=self.step)
@@ -257,7 +268,7 @@ class Trainer:
         steps_run = self.step - start_step
         return TrainResult(history=self.history, final_eval=final_eval, steps=self.step, steps_run=steps_run,
                            elapsed=time.perf_counter() - self._fit_start,
-                           tokens_per_s=(self.tokens_seen - start_tokens) / max(train_seconds, 1e-9),
+                           rate=(self.tokens_seen - start_tokens) / max(train_seconds, 1e-9), unit=self.unit,
                            stop_reason=stop_reason,
                            checkpoint=self._last_checkpoint[1] if self._last_checkpoint else None)
 
@@ -343,20 +354,22 @@ class Trainer:
         return path
 
     # ----------------------------------------------------------------- metrics
-    def _train_row(self, metrics: dict[str, Any], tokens_per_s: float) -> dict[str, float]:
+    def _train_row(self, metrics: dict[str, Any], rate: float) -> dict[str, float]:
+        """The logged row: the step's metrics (averaged over ranks), `<unit>_per_s` over the window
+        since the last row, `<unit>_seen`, elapsed seconds and, for language models, MFU."""
         row: dict[str, float] = {"step": self.step}
         for k, v in metrics.items():
             if isinstance(v, torch.Tensor):
                 v = self.strategy.reduce_mean(v) if k != "grad_norm" else v
                 v = v.item()  # device sync, once per logged row
             row[k] = float(v)
-        row.update(tokens_per_s=tokens_per_s, tokens_seen=self.tokens_seen, elapsed=self.elapsed())
+        row.update({f"{self.unit}_per_s": rate, f"{self.unit}_seen": self.tokens_seen, "elapsed": self.elapsed()})
         if self._flops_per_token is not None:  # model-FLOPs utilisation (autoglm.training.throughput)
             if self._peak is None:
                 self._peak = peak_flops(self.strategy.device, "bf16" if self.precision == "bf16" else "fp32")
                 log.info("MFU counts %.1f MFLOPs per training token against a peak of %.3g TFLOP/s (%s)",
                          self._flops_per_token / 1e6, self._peak[0] / 1e12, self._peak[1])
-            row["mfu"] = mfu(tokens_per_s / self.strategy.data_parallel_size, self._flops_per_token,
+            row["mfu"] = mfu(rate / self.strategy.data_parallel_size, self._flops_per_token,
                              self._peak[0])
         if torch.cuda.is_available() and self.strategy.device.type == "cuda":
             row["max_mem_gb"] = torch.cuda.max_memory_allocated(self.strategy.device) / 2**30
@@ -367,7 +380,7 @@ class Trainer:
                 f"warmup_steps ({self.cfg.warmup_steps}), keep grad_clip > 0, or use precision='fp32' "
                 f"(last checkpoint: {last})")
         level = logging.DEBUG if self.progress else logging.INFO  # the bar already shows it
-        speed = f" | {tokens_per_s:.0f} tok/s" if tokens_per_s else ""  # batches without tokens (graphs): none
+        speed = f" | {rate:,.0f} {self.unit}/s" if rate else ""
         if "mfu" in row:
             speed += f" | MFU {100 * row['mfu']:.1f}%"
         log.log(level, "step %d/%d | loss %.4f | lr %.2e | grad norm %.3f%s", self.step, self.cfg.max_steps,
@@ -399,7 +412,7 @@ class Trainer:
         if not (self.progress and self.strategy.is_main):
             return _NoProgress()
         return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:,.0f} tok/s"),
+                        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[rate]:,.0f} " + self.unit + "/s"),
                         TextColumn("{task.fields[mfu]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(),
                         console=self.console or Console(stderr=True))

@@ -46,6 +46,10 @@ EXIT_TARGETS = ("labels", "model")
 
 @runtime_checkable
 class Objective(Protocol):
+    """What the Trainer optimises. An objective may also name what its throughput counts:
+    `unit` ("pairs", "nodes"; tokens when absent) and `count(batch) -> int` (the input_ids'
+    size when absent); the progress bar and the logged rows then show `<unit>/s`."""
+
     def __call__(self, model: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         """Return {"loss": scalar to back-propagate, **scalar metrics}."""
         ...
