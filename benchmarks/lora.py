@@ -37,7 +37,6 @@ is within 5% of full fine-tuning's.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import multiprocessing as mp
 import platform

@@ -2,7 +2,6 @@
 incremental sync, imputation vs the harmonic solution, anomaly flags, bad input."""
 
 import csv
-import json
 
 import numpy as np
 import pytest

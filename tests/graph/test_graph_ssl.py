@@ -1,6 +1,5 @@
 """SSL objective, pre-training through the shared Trainer, probe, save/load."""
 
-import json
 
 import pytest
 import torch

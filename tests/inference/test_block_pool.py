@@ -3,7 +3,6 @@
 import random
 
 import pytest
-import torch
 from inference_helpers import make_model
 
 from autoglm.inference import BlockPool, EngineConfig, KVCacheManager, LLMEngine, NoFreeBlocksError, SamplingParams

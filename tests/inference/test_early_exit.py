@@ -155,7 +155,6 @@ def assert_tokens_from_full_model_states(model, prompt, out_ids, exits):
     ids = torch.tensor([prompt + out_ids[:-1]])
     with torch.no_grad():
         hs = model(ids, output_hidden_states=True).hidden_states
-    L = len(hs) - 1
     for j, (tok, e) in enumerate(zip(out_ids, exits)):
         h = hs[e][0, len(prompt) - 1 + j]
         logits = model.exit_logits(h)
