@@ -146,6 +146,21 @@ def test_early_stopping_and_budget_end_trials(graph):
     assert set(res["report"]) == {"base", "tuned"}
 
 
+def test_confirm_skips_finalists_whose_retraining_would_overrun_the_budget(graph, monkeypatch):
+    import autoglm.graph.tune as tune
+
+    budget = TuneBudget(minutes=5, max_trials=3, eval_every=2, patience=2, confirm_top=2, report_seeds=0,
+                        space=SMALL)
+    monkeypatch.setattr(tune, "_epoch_seconds", lambda row: 1e6)  # every re-training would overrun
+    res = tune_graph(graph, BASE, budget, probe_kw=ONE_PROBE)
+    assert [r["trial"] for r in res["confirm"]] == [0]  # the base, always, whatever its cost
+    assert res["confirm_skipped"] and 0 not in res["confirm_skipped"]  # the finalists: skipped
+    assert res["selected"]["trial"] == 0
+    monkeypatch.setattr(tune, "_epoch_seconds", lambda row: 0.0)  # within the budget: nothing skipped
+    res = tune_graph(graph, BASE, budget, probe_kw=ONE_PROBE)
+    assert res["confirm_skipped"] == [] and len(res["confirm"]) >= 2 and res["confirm"][0]["trial"] == 0
+
+
 def test_successive_halving_trains_many_settings_briefly_and_the_best_at_full_length(graph):
     space = {"loss.edge_weight": (0.0, 1.0), "loss.contrastive_weight": (0.0, 0.1, 0.3), "optim.epochs": (4, 8)}
     budget = TuneBudget(minutes=5, max_trials=6, eval_every=2, patience=9, confirm_top=2, report_seeds=0,

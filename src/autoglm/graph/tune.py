@@ -27,7 +27,9 @@ time budget, then the test accuracy of the validation-best setting.
                 beat the base by more than one standard error of their per-seed differences
                 (the one-standard-error rule), or the base is kept: on 500 validation nodes a
                 0.2-0.3 point lead over three seeds is within seed noise, and such picks did
-                not hold on the test nodes.
+                not hold on the test nodes. The search gets four fifths of `minutes`, the
+                confirm stage the rest: the base is confirmed first and always, a finalist
+                only if its re-training (timed by its search trial) ends within the budget.
     3. report   the base and the chosen config are pre-trained and probed on `report_seeds`
                 seeds each; only here is the test split read.
 
@@ -264,6 +266,12 @@ def _steps_per_epoch(cfg: GraphSSLConfig, num_nodes: int) -> int:
     return -(-num_nodes // cfg.optim.batch_size) if cfg.optim.sampled else 1
 
 
+def _epoch_seconds(row: Mapping[str, Any]) -> float:
+    """Seconds per epoch of a search trial (its probes included), from its time and last probe."""
+    epochs = max((e for e, _ in row["curve"]), default=0) or row["max_epochs"]
+    return row["seconds"] / max(1, epochs)
+
+
 def _trial(data: Any, val_data: Any, cfg: GraphSSLConfig, i: int, over: Mapping[str, Any], rung: int,
            budget: TuneBudget, probe_kw: dict[str, Any], per_epoch: int, deadline: float,
            device: str | None) -> dict[str, Any]:
@@ -339,9 +347,19 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
         ranked.append((trials[0], {}))
         is_base.append(True)
     confirm: list[dict[str, Any]] = []
+    skipped: list[int] = []
     if confirming:
-        for (r, over), at_base in zip(ranked, is_base):
+        # the base first (it always runs); a finalist whose re-training, timed by its search trial,
+        # would end past the budget is skipped, so --minutes bounds the confirm stage too
+        end = start + 60 * budget.minutes
+        for (r, over), at_base in sorted(zip(ranked, is_base), key=lambda p: not p[1]):
             cfg = _apply(base, over)
+            cost = _epoch_seconds(r) * cfg.optim.epochs * budget.confirm_seeds
+            if not at_base and time.monotonic() + cost > end:
+                skipped.append(r["trial"])
+                log.info("confirm: trial %d skipped, its %d epochs x %d seeds (about %.0f s) would end past the "
+                         "%.0f-minute budget", r["trial"], cfg.optim.epochs, budget.confirm_seeds, cost, budget.minutes)
+                continue
             vals, losses = [], []
             for k in range(budget.confirm_seeds):
                 seed = base.optim.seed + 1000 + k
@@ -364,7 +382,7 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
     out: dict[str, Any] = {"trials": trials, "confirm": confirm, "selected": {"trial": best["trial"],
                                                                              "overrides": best["overrides"]},
                            "tuned_config": tuned.to_dict(), "base_config": base.to_dict(),
-                           "search_seconds": round(search_seconds, 1),
+                           "search_seconds": round(search_seconds, 1), "confirm_skipped": skipped,
                            "tune_seconds": round(time.monotonic() - start, 1), "stopped_by": stopped_by,
                            "budget_minutes": budget.minutes, "report": {}}
     if budget.report_seeds:
