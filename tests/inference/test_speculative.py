@@ -272,3 +272,13 @@ def test_serve_recipe_drafts_from_the_runs_trained_exit(tmp_path, tiny_tokenizer
     assert speculator(plain) is None  # no trained exit: requests asking to speculate get a 400
     with pytest.raises(ValueError, match="no trained early exit"):  # ... and a default k is refused at start
         speculator(plain, **{"engine.speculative_tokens": "3"})
+    # a trained exit served with approximate early exit: no drafts, and the refusals say why
+    assert speculator(trained, **{"engine.early_exit_threshold": "0.1"}) is None
+    with pytest.raises(ValueError, match="early exit use the same exit and do not combine"):
+        speculator(trained, **{"engine.early_exit_threshold": "0.1", "engine.speculative_tokens": "3"})
+    cfg = load_config(ServeConfig, overrides={"run": str(trained), "engine.num_blocks": "64",
+                                             "engine.early_exit_threshold": "0.1"})
+    core = build_server(cfg)[0].state.server.engine._core
+    with pytest.raises(InvalidRequestError, match="runs approximate early exit") as e:
+        core.add_request([3, 4], SamplingParams(max_tokens=4, speculative_tokens=2))
+    assert e.value.param == "speculative_tokens"

@@ -65,8 +65,8 @@ class EngineConfig:
                                           "faster steps)")
     speculative_layer: int | None = setting(None, "self-speculative decoding: draft from the exit after this many "
                                                   "layers, verify with the rest (exact); none = no speculation "
-                                                  "(`autoglm serve`: the run's deepest trained exit layer when its "
-                                                  "run.json records early exits)")
+                                                  "(`autoglm serve`: the run's first trained exit layer when its "
+                                                  "run.json records early exits and early exit is off)")
     speculative_tokens: int = setting(0, "tokens drafted per step for requests that do not set their own "
                                          "`speculative_tokens`; 0 = speculate only when a request asks")
     speculative_min_prob: float = setting(0.0, "stop drafting a step at a draft whose exit top probability is "
@@ -246,6 +246,11 @@ class EngineCore:
     def _check_speculation(self, params: SamplingParams, lora: str | None) -> SamplingParams:
         """Resolve a request's speculative_tokens (its own, else the engine's) and refuse what cannot run."""
         k = self.config.speculative_tokens if params.speculative_tokens is None else params.speculative_tokens
+        if k and self.runner.speculator is None and self.config.early_exit_threshold < 1.0:
+            raise InvalidRequestError(f"speculative_tokens: this server runs approximate early exit (threshold "
+                                      f"{self.config.early_exit_threshold}), which exact self-speculative decoding "
+                                      f"does not combine with; drop speculative_tokens, or serve without "
+                                      f"--early-exit-threshold to speculate", "speculative_tokens")
         if k and self.runner.speculator is None:
             raise InvalidRequestError("speculative_tokens needs a draft exit, and this engine has none: serve a model "
                                       "trained with early exit (`autoglm train --early-exit`) with "
