@@ -92,3 +92,33 @@ def test_merge_names_a_moved_base_model_and_takes_base(tmp_path):
     with torch.no_grad():
         ref = load_lora(tmp_path / "ad", tmp_path / "moved")(x).logits
         torch.testing.assert_close(merged(x).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_distill_on_the_builtin_corpus_warns_when_the_teachers_learned_other_text(tmp_path, monkeypatch, caplog):
+    import pytest
+
+    import autoglm.data
+    from autoglm.recipes.distill import DistillRecipeConfig, distill
+    from autoglm.settings import load_config
+
+    make_tokenizer(tmp_path / "tok")
+    t1 = make_model_dir(tmp_path / "t1", tmp_path / "tok", seed=1)
+    (t1 / "run.json").write_text(json.dumps({"recipe": "pretrain", "data": "/corpora/shakespeare.txt"}))
+
+    class Stop(Exception):
+        pass
+
+    def stop(*a, **k):
+        raise Stop
+
+    monkeypatch.setattr(autoglm.data, "prepare_corpus", stop)  # the warning comes before the corpus is read
+    cfg = load_config(DistillRecipeConfig, overrides={"teachers": str(t1), "out": str(tmp_path / "s")})
+    with caplog.at_level("WARNING"), pytest.raises(Stop):
+        distill(cfg, progress=False)
+    assert "/corpora/shakespeare.txt; pass --data" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"), pytest.raises(Stop):
+        distill(load_config(DistillRecipeConfig, overrides={"teachers": str(t1), "out": str(tmp_path / "s2"),
+                                                            "data.path": str(write_text(tmp_path / "d.txt"))}),
+                progress=False)
+    assert "pass --data" not in caplog.text

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ from ..training.distill import DistillConfig
 from .common import ModelSpec, TextData, run_info
 
 __all__ = ["DistillRecipeConfig", "DistillOutput", "distill", "load_teachers"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -94,7 +97,7 @@ def distill(cfg: DistillRecipeConfig, progress: bool = True, console: Any = None
     """Train `cfg.student` from `cfg.teachers` on `cfg.data` and save it in `cfg.out`."""
     import torch
 
-    from ..data import iter_eval_batches, prepare_corpus, sample_batch
+    from ..data import BUILTIN_CORPUS, iter_eval_batches, prepare_corpus, sample_batch
     from ..rundir import RunDir
     from ..settings import to_yaml
     from ..training import SingleDevice, Trainer
@@ -110,6 +113,11 @@ def distill(cfg: DistillRecipeConfig, progress: bool = True, console: Any = None
     if t.seq_len > student.config.max_position_embeddings:
         raise ValueError(f"train.seq_len ({t.seq_len}) exceeds the student's max_position_embeddings "
                          f"({student.config.max_position_embeddings}); lower --seq-len")
+    if cfg.data.path is None:  # the built-in corpus: say so when the teachers learned other text
+        theirs = sorted({str(d) for t in cfg.teachers if (d := RunDir.open(t).info.get("data"))} - {BUILTIN_CORPUS})
+        if theirs:
+            log.warning("no --data: the student distils on the built-in corpus, but the teachers were trained on "
+                        "%s; pass --data to distil on their text", ", ".join(theirs))
     data = prepare_corpus(cfg.data.path, cfg.data.cache_dir, tokenizer=tok, val_fraction=cfg.data.val_fraction,
                           extra_train=cfg.data.extra_train)
     cache = None
