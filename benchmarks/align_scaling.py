@@ -8,8 +8,9 @@ machine hits them alike. Reported: training pairs per second (the training split
 recipe's seconds per epoch, zero-shot evaluation excluded), its ratio to one process, and the
 final loss (equal up to the MoE load-balancing term, which each rank computes on its rows).
 
-Settings: `digits`, configs/align-digits.yaml as documented (ViT 3 x 64, the tiny text
-preset, batch 64); `larger`, the same data with a ViT of 4 x 128 and the small text preset at
+Settings: `digits`, configs/align-digits.yaml (ViT 3 x 64, the tiny text preset, batch 64)
+with its momentum encoders and queues on (`--momentum 0.99`: the queues stay equal on every
+rank, the heavier case); `larger`, the same data with a ViT of 4 x 128 and the small text preset at
 batch 256, where each step has more compute to share.
 
     python benchmarks/align_scaling.py                      # 1 vs 2 processes, docs/results/align-scaling.*
@@ -31,8 +32,8 @@ from results_io import interleaved, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {
-    "digits": ["--config", str(ROOT / "configs/align-digits.yaml"), "--steps", "200"],
-    "larger": ["--config", str(ROOT / "configs/align-digits.yaml"), "--steps", "30", "--batch-size", "256",
+    "digits": ["--config", str(ROOT / "configs/align-digits.yaml"), "--steps", "200", "--momentum", "0.99"],
+    "larger": ["--config", str(ROOT / "configs/align-digits.yaml"), "--steps", "30", "--batch-size", "256", "--momentum", "0.99",
                "--image-dim", "128", "--image-layers", "4", "--ffn-hidden", "256", "--text-model", "small"],
 }
 

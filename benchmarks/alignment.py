@@ -49,9 +49,12 @@ class StopAt:
         trainer.should_stop = trainer.step >= self.step
 
 
+MOMENTUM = 0.99  # of the momentum variants: ALBEF's 0.995 barely moves the momentum towers in a run this short
+
+
 def variants(cfg: AlignConfig) -> dict[str, dict[str, Any]]:
     alpha = cfg.loss.distill_alpha or 0.4
-    m = cfg.loss.momentum or 0.995
+    m = cfg.loss.momentum or MOMENTUM  # the config trains the plain variant (momentum 0)
     return {"InfoNCE (in-batch)": {"loss.momentum": 0.0, "loss.distill_alpha": 0.0},
             "+ momentum queue": {"loss.momentum": m, "loss.distill_alpha": 0.0},
             "+ momentum distillation": {"loss.momentum": m, "loss.distill_alpha": alpha}}

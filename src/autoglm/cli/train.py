@@ -33,8 +33,9 @@ def info(preset: str = typer.Argument(..., help="Preset name, e.g. tiny, small, 
     with torch.device("meta"):  # no memory, no init: counts only
         counts = OpenAutoGLMForCausalLM(cfg).num_parameters_summary()
     t = Table(title=f"preset {preset}", show_header=False)
-    t.add_row("total params", f"{counts['total']:,} ({counts['total'] / 1e6:.1f}M)")
-    t.add_row("active params / token", f"{counts['active']:,} ({counts['active'] / 1e6:.1f}M)")
+    millions = lambda n: f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e6:.2f}M"  # noqa: E731
+    t.add_row("total params", f"{counts['total']:,} ({millions(counts['total'])})")
+    t.add_row("active params / token", f"{counts['active']:,} ({millions(counts['active'])})")
     t.add_row("layers x width x heads", f"{cfg.num_hidden_layers} x {cfg.hidden_size} x {cfg.num_attention_heads}"
               f" (kv heads {cfg.num_key_value_heads})")
     attn = (f"sparse: window {cfg.window_size} + {cfg.num_global_tokens} global tokens"
