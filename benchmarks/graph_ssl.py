@@ -192,7 +192,8 @@ def tune_section(args: argparse.Namespace, data) -> dict:
         report[name] = {"mean": mean, "std": (sum((a - mean) ** 2 for a in accs) / len(accs)) ** 0.5,
                         "val_mean": sum(r["val_mean"] for r in rs) / len(rs), "per_seed": accs,
                         "seeds": list(range(seeds))}
-    return {"trials": res["trials"], "confirm": res["confirm"], "selected": res["selected"],
+    return {"trials": res["trials"], "confirm": res["confirm"], "confirm_skipped": res["confirm_skipped"],
+            "selected": res["selected"],
             "search_seconds": res["search_seconds"], "tune_seconds": res.get("tune_seconds"),
             "stopped_by": res["stopped_by"], "budget_minutes": res["budget_minutes"],
             "tuned_config": res["tuned_config"], "report": report}
@@ -419,6 +420,9 @@ def markdown(res: dict) -> str:
                             + (f" (loss {c['val_loss']:.4f})" if "val_loss" in c else "")
                             + (f" [{', '.join(f'{v:.1f}' for v in c['val_accs'])}]" if len(c.get("val_accs", ())) > 1
                                else "") for c in t["confirm"])
+                + ("; not confirmed within the budget: " + ", ".join(f"trial {c['trial']} `{c['overrides']}`"
+                                                                    for c in t["confirm_skipped"])
+                   if t.get("confirm_skipped") else "")
                 + f". Selected on the validation nodes only (accuracy, ties broken by the probe's lowest "
                 f"cross-entropy; with several confirm seeds a setting replaces the base only when its lead over "
                 f"the base exceeds one standard error of the per-seed differences): trial {t['selected']['trial']} "

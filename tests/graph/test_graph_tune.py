@@ -151,11 +151,15 @@ def test_confirm_skips_finalists_whose_retraining_would_overrun_the_budget(graph
 
     budget = TuneBudget(minutes=5, max_trials=3, eval_every=2, patience=2, confirm_top=2, report_seeds=0,
                         space=SMALL)
-    monkeypatch.setattr(tune, "_epoch_seconds", lambda row: 1e6)  # every re-training would overrun
+    monkeypatch.setattr(tune, "_epoch_seconds", lambda row: 0.0 if row["trial"] == 0 else 1e6)
     res = tune_graph(graph, BASE, budget, probe_kw=ONE_PROBE)
-    assert [r["trial"] for r in res["confirm"]] == [0]  # the base, always, whatever its cost
-    assert res["confirm_skipped"] and 0 not in res["confirm_skipped"]  # the finalists: skipped
+    assert [r["trial"] for r in res["confirm"]] == [0]  # the base first; the finalists would overrun
+    assert res["confirm_skipped"] and 0 not in {r["trial"] for r in res["confirm_skipped"]}
     assert res["selected"]["trial"] == 0
+    monkeypatch.setattr(tune, "_epoch_seconds", lambda row: 1e6)  # not even the base fits: it is kept
+    res = tune_graph(graph, BASE, budget, probe_kw=ONE_PROBE)
+    assert res["confirm"] == [] and 0 in {r["trial"] for r in res["confirm_skipped"]}
+    assert res["selected"] == {"trial": 0, "overrides": {}} and res["tuned_config"] == BASE.to_dict()
     monkeypatch.setattr(tune, "_epoch_seconds", lambda row: 0.0)  # within the budget: nothing skipped
     res = tune_graph(graph, BASE, budget, probe_kw=ONE_PROBE)
     assert res["confirm_skipped"] == [] and len(res["confirm"]) >= 2 and res["confirm"][0]["trial"] == 0
@@ -205,22 +209,24 @@ def test_missing_split_error_names_what_a_cli_user_can_do(tmp_path):
 
 
 def test_cli_tune_writes_trials_and_a_reusable_config(tmp_path):
-    # a budget of a few milliseconds: the base trial runs (it always does), no drawn setting starts
+    # a budget of a few milliseconds: the base trial runs (it always does), no drawn setting starts,
+    # and no confirmation fits: the base is kept
     r = CliRunner().invoke(app, ["graph", "tune", "--out", str(tmp_path / "t"), "--hidden-dim", "8", "--epochs", "4",
                                  "--minutes", "0.0001", "--max-trials", "3", "--eval-every", "2", "--confirm-top", "1",
                                  "--report-seeds", "1", "--probe-weight-decays", "1e-3", "--probe-standardize", "false"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (tmp_path / "t" / "trials.jsonl").read_text().splitlines()]
     assert rows[0]["stage"] == "search" and rows[0]["overrides"] == {}
-    confirm = rows[1:]  # the base where it peaked, and the base as configured when that differs
-    assert {r["stage"] for r in confirm} == {"confirm"} and len(confirm) in (1, 2)
-    assert [r["overrides"] for r in confirm if r["base"]] in ([{}], [{"optim.epochs": 4}])
+    assert len(rows) == 1  # no confirm rows
     tuned = load_config(__import__("autoglm.recipes.graph_ssl", fromlist=["x"]).GraphProbeConfig,
                         tmp_path / "t" / "tuned.yaml")
     res = json.loads((tmp_path / "t" / "result.json").read_text())
     assert tuned.ssl.to_dict() == res["tuned_config"] and set(res["report"]) == {"base", "tuned"}
+    assert 0 in {r["trial"] for r in res["confirm_skipped"]} and res["selected"] == {"trial": 0, "overrides": {}}
+    assert res["tuned_config"] == res["base_config"]
     assert res["stopped_by"] == "budget"
     assert "selected" in r.output and "tuned config" in r.output
+    assert "not confirmed, the budget would run out" in " ".join(r.output.split())
 
 
 def test_planetoid_split_inside_a_pool_never_touches_nodes_outside_it():

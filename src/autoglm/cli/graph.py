@@ -186,6 +186,10 @@ def _tune(cfg: GraphTuneConfig) -> None:
     for r in res["confirm"]:
         who = "the base as configured" if r.get("base") else f"trial {r['trial']}"
         console.print(f"confirm {who}: val {r['val_acc']:.2f}% (loss {r['val_loss']:.4f}) on fresh seeds")
+    if res["confirm_skipped"]:
+        console.print("not confirmed, the budget would run out: " + ", ".join(
+            f"trial {r['trial']} {escape(str(r['overrides']))}" for r in res["confirm_skipped"])
+            + ("" if res["confirm"] else " (so the base is kept)"))
     console.print(f"[bold]selected[/]: trial {res['selected']['trial']} {escape(str(res['selected']['overrides']))}")
     for name, rep in res["report"].items():
         console.print(f"{name}: test {rep['mean']:.2f} +/- {rep['std']:.2f} % (val {rep['val_mean']:.2f}) over "

@@ -28,8 +28,9 @@ time budget, then the test accuracy of the validation-best setting.
                 (the one-standard-error rule), or the base is kept: on 500 validation nodes a
                 0.2-0.3 point lead over three seeds is within seed noise, and such picks did
                 not hold on the test nodes. The search gets four fifths of `minutes`, the
-                confirm stage the rest: the base is confirmed first and always, a finalist
-                only if its re-training (timed by its search trial) ends within the budget.
+                confirm stage the rest: a setting is confirmed only if its re-training
+                (timed by its search trial) ends within the budget, the base first; when
+                the base's does not fit, nothing is confirmed and the base is kept.
     3. report   the base and the chosen config are pre-trained and probed on `report_seeds`
                 seeds each; only here is the test split read.
 
@@ -347,18 +348,24 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
         ranked.append((trials[0], {}))
         is_base.append(True)
     confirm: list[dict[str, Any]] = []
-    skipped: list[int] = []
+    skipped: list[dict[str, Any]] = []  # {"trial", "overrides"} of settings the budget left unconfirmed
     if confirming:
-        # the base first (it always runs); a finalist whose re-training, timed by its search trial,
-        # would end past the budget is skipped, so --minutes bounds the confirm stage too
+        # the base first; a setting whose re-training, timed by its search trial, would end past the
+        # budget is skipped (when the base is, all are: a finalist must beat the base to be chosen)
         end = start + 60 * budget.minutes
-        for (r, over), at_base in sorted(zip(ranked, is_base), key=lambda p: not p[1]):
+        order = sorted(zip(ranked, is_base), key=lambda p: not p[1])
+        base_trial = order[0][0][0]["trial"]
+        for (r, over), at_base in order:
             cfg = _apply(base, over)
             cost = _epoch_seconds(r) * cfg.optim.epochs * budget.confirm_seeds
-            if not at_base and time.monotonic() + cost > end:
-                skipped.append(r["trial"])
-                log.info("confirm: trial %d skipped, its %d epochs x %d seeds (about %.0f s) would end past the "
-                         "%.0f-minute budget", r["trial"], cfg.optim.epochs, budget.confirm_seeds, cost, budget.minutes)
+            if time.monotonic() + cost > end:
+                gone = [p[0] for p in order] if at_base else [(r, over)]
+                skipped += [{"trial": g["trial"], "overrides": o} for g, o in gone]
+                log.info("confirm: %s skipped: %d epochs x %d seeds (about %.0f s) would end past the %.4g-minute "
+                         "budget%s", "every setting" if at_base else f"trial {r['trial']}", cfg.optim.epochs,
+                         budget.confirm_seeds, cost, budget.minutes, "; the base is kept" if at_base else "")
+                if at_base:
+                    break
                 continue
             vals, losses = [], []
             for k in range(budget.confirm_seeds):
@@ -375,7 +382,7 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
                      ", the base as configured" if row["base"] else "", row["val_acc"], row["val_loss"])
             if on_trial:
                 on_trial(row)
-        best = _select(confirm)
+        best = _select(confirm) if confirm else {"trial": base_trial, "overrides": {}}
     else:
         best = {"trial": ranked[0][0]["trial"], "overrides": ranked[0][1]}
     tuned = _apply(base, best["overrides"])

@@ -85,8 +85,9 @@ class ProbeSettings:
 
 @dataclass
 class TuneSettings:
-    minutes: float = setting(20.0, "time budget of the search and confirm stages: finalists whose confirmation would end "
-                                        "past it are skipped (the base's always runs; the final report is extra)")
+    minutes: float = setting(20.0, "time budget of the search and confirm stages: settings whose confirmation would end "
+                                        "past it are skipped, and without the base's the base is kept (the final "
+                                        "report is extra)")
     max_trials: int = setting(24, "most settings tried; trial 0 is the base config (file + options)")
     eval_every: int = setting(10, "probe the validation nodes every N epochs of a trial")
     patience: int = setting(3, "stop a trial after this many validation probes without improvement")
