@@ -343,28 +343,24 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
     # the base as configured (its own epochs, not where one search run peaked) is confirmed too:
     # the others must beat it
     base_key = _setting_key(base, {})
-    is_base = [_setting_key(base, over) == base_key for _, over in ranked]
-    if not any(is_base):
-        ranked.append((trials[0], {}))
-        is_base.append(True)
+    base_pair = next((p for p in ranked if _setting_key(base, p[1]) == base_key), (trials[0], {}))
+    order = [base_pair] + [p for p in ranked if p is not base_pair]  # the base first
     confirm: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []  # {"trial", "overrides"} of settings the budget left unconfirmed
     if confirming:
-        # the base first; a setting whose re-training, timed by its search trial, would end past the
-        # budget is skipped (when the base is, all are: a finalist must beat the base to be chosen)
+        # a setting whose re-training, timed by its search trial, would end past the budget is
+        # skipped (when the base is, all are: a finalist must beat the base to be chosen)
         end = start + 60 * budget.minutes
-        order = sorted(zip(ranked, is_base), key=lambda p: not p[1])
-        base_trial = order[0][0][0]["trial"]
-        for (r, over), at_base in order:
+        for i, (r, over) in enumerate(order):
             cfg = _apply(base, over)
             cost = _epoch_seconds(r) * cfg.optim.epochs * budget.confirm_seeds
             if time.monotonic() + cost > end:
-                gone = [p[0] for p in order] if at_base else [(r, over)]
+                gone = order if i == 0 else [(r, over)]
                 skipped += [{"trial": g["trial"], "overrides": o} for g, o in gone]
                 log.info("confirm: %s skipped: %d epochs x %d seeds (about %.0f s) would end past the %.4g-minute "
-                         "budget%s", "every setting" if at_base else f"trial {r['trial']}", cfg.optim.epochs,
-                         budget.confirm_seeds, cost, budget.minutes, "; the base is kept" if at_base else "")
-                if at_base:
+                         "budget%s", "every setting" if i == 0 else f"trial {r['trial']}", cfg.optim.epochs,
+                         budget.confirm_seeds, cost, budget.minutes, "; the base is kept" if i == 0 else "")
+                if i == 0:
                     break
                 continue
             vals, losses = [], []
@@ -376,13 +372,13 @@ def tune_graph(data: Any, base: GraphSSLConfig, budget: TuneBudget, probe_kw: Ma
                 losses.append(res["val_loss"])
             row = {"stage": "confirm", "trial": r["trial"], "overrides": over, "val_accs": vals,
                    "val_acc": sum(vals) / len(vals), "val_loss": round(sum(losses) / len(losses), 5),
-                   "base": at_base}
+                   "base": i == 0}
             confirm.append(row)
             log.info("confirm trial %d (%d epochs%s): val %.2f%% (loss %.4f)", r["trial"], cfg.optim.epochs,
                      ", the base as configured" if row["base"] else "", row["val_acc"], row["val_loss"])
             if on_trial:
                 on_trial(row)
-        best = _select(confirm) if confirm else {"trial": base_trial, "overrides": {}}
+        best = _select(confirm) if confirm else {"trial": base_pair[0]["trial"], "overrides": {}}
     else:
         best = {"trial": ranked[0][0]["trial"], "overrides": ranked[0][1]}
     tuned = _apply(base, best["overrides"])

@@ -87,9 +87,10 @@ class EngineConfig:
             raise ValueError(f"early_exit_threshold must be > 0 (1.0 = never exit), got {self.early_exit_threshold}")
         if self.speculative_tokens < 0:
             raise ValueError(f"speculative_tokens must be >= 0 (0 = off), got {self.speculative_tokens}")
-        if self.speculative_layer is not None and self.early_exit_threshold < 1.0:
-            raise ValueError("speculative decoding (speculative_layer) and early exit (early_exit_threshold < 1) "
-                             "cannot be combined: choose exact speculation or approximate exits")
+        if (self.speculative_layer is not None or self.speculative_tokens) and self.early_exit_threshold < 1.0:
+            raise ValueError("speculative decoding (speculative_layer, speculative_tokens) and early exit "
+                             "(early_exit_threshold < 1) cannot be combined: exact self-speculative decoding and "
+                             "approximate early exit use the same exit and do not combine; drop one of the two")
         if self.speculative_draft_vocab < 0:
             raise ValueError(f"speculative_draft_vocab must be >= 0 (0 = the whole vocabulary), "
                              f"got {self.speculative_draft_vocab}")

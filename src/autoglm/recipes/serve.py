@@ -112,10 +112,6 @@ def build_server(cfg: ServeConfig):
         log.info("requests may speculate with drafts from the exit after layer %d (the run's first trained exit)",
                  min(trained))
     elif engine_cfg.speculative_tokens and engine_cfg.speculative_layer is None:
-        if engine_cfg.early_exit_threshold < 1.0:
-            raise ValueError(f"--speculative-tokens {engine_cfg.speculative_tokens} with --early-exit-threshold "
-                             f"{engine_cfg.early_exit_threshold}: exact self-speculative decoding and approximate "
-                             f"early exit use the same exit and do not combine; drop one of the two")
         raise ValueError(f"--speculative-tokens {engine_cfg.speculative_tokens}: the run {cfg.run} has no trained "
                          f"early exit to draft from (run.json records none); train one with `autoglm train "
                          f"--early-exit` or set --speculative-layer")
