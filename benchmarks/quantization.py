@@ -18,7 +18,7 @@ when present, else on the built-in corpus. Held-out data: the validation split (
 10% of the tokens) of the corpus the model trained on (--data to choose another);
 evaluation windows come from its start, calibration windows from its end (disjoint).
 
-Writes docs/results/quantization.{json,md}.
+Writes docs/results/quantization.{json,md} (--name, --out to change).
 
     python benchmarks/quantization.py --model-dir runs/small
     python benchmarks/quantization.py --model-dir runs/small --set prefill_attention=dense   # the (T, T)-mask graph
@@ -349,6 +349,7 @@ def main() -> None:
     p.add_argument("--eval-batches", type=int, default=16, help="held-out batches of 4 windows")
     p.add_argument("--greedy-prompts", type=int, default=8, help="held-out prompts for greedy agreement")
     p.add_argument("--out", type=Path, default=None, help="results folder (default: docs/results)")
+    p.add_argument("--name", default="quantization", help="results file name (NAME.json, NAME.md)")
     args = p.parse_args()
     if any("=" not in kv for kv in args.set):
         p.error("--set takes KEY=VALUE, e.g. --set prefill_attention=dense")
@@ -357,7 +358,7 @@ def main() -> None:
     for name in ("quantization", "autoglm"):
         logging.getLogger(name).setLevel(logging.INFO)
     res = run(args)
-    save_results(args.out, "quantization", res, to_markdown(res))
+    save_results(args.out, args.name, res, to_markdown(res))
 
 
 if __name__ == "__main__":

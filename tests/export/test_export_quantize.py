@@ -101,7 +101,8 @@ def test_tied_embedding_is_one_int8_table(int8_export, eager_model):
                     and len(t.dims) == 2]
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer}
     q, s = inits[table.name], inits[table.name.replace("_quantized", "_scale")]  # (d, V) int8, (V,)
-    assert np.allclose(s, np.abs(W).max(1) / 127, rtol=0.01)  # absmax / 127 (or 127.5, by ORT version)
+    # absmax / 64 (or 63.5, by ORT version): 7-bit weights (reduce_range)
+    assert np.allclose(s, np.abs(W).max(1) / 64, rtol=0.01)
     assert (np.abs(q.T * s[:, None] - W) <= 0.5 * s[:, None] + 1e-7).all()
 
 
@@ -129,6 +130,23 @@ def test_keep_lm_head_float(tmp_path, fp32_export, eager_model, caplog):
     _, table, readers = _tied_table(out / "decode.onnx")
     assert table.data_type == onnx.TensorProto.FLOAT and readers == ["Gather", "MatMul"]  # one float table
     assert info["parity_vs_fp32"]["argmax_agreement"] > 0.9
+
+
+def _int8_weights(export_dir, graph="decode"):
+    m = onnx.load(str(export_dir / f"{graph}.onnx"), load_external_data=False)
+    return [onnx.numpy_helper.to_array(t, base_dir=str(export_dir)) for t in m.graph.initializer
+            if t.data_type == onnx.TensorProto.INT8]
+
+
+def test_reduce_range_off_keeps_the_full_int8_range(tmp_path, fp32_export, int8_export):
+    """The default export's int8 weights fit 7 bits (|q| <= 64, ONNX Runtime's reduce_range: x86
+    CPUs without VNNI saturate full-range int8 x uint8 pair sums); reduce_range=False uses the
+    full range (each channel's absmax maps to 127), and export.json says which."""
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in _int8_weights(int8_export)) <= 64
+    info = quantize_export(fp32_export, tmp_path / "full", "int8", reduce_range=False)
+    assert max(int(np.abs(w.astype(np.int16)).max()) for w in _int8_weights(tmp_path / "full")) == 127
+    assert "reduce_range" in json.loads((int8_export / "export.json").read_text())["quantization"]["weights"]
+    assert "reduce_range" not in info["quantization"]["weights"]
 
 
 def test_empty_calibration_is_refused_and_writes_nothing(tmp_path, fp32_export):

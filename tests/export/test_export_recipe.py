@@ -59,6 +59,7 @@ def test_config_errors_name_the_field(tmp_path, text, expected):
 @pytest.mark.parametrize("args,expected", [
     (["--calibration-data", "held-out.txt"], "read only by --quantize int8-static"),
     (["--keep-lm-head-float"], "applies only when quantizing"),
+    (["--no-reduce-range"], "applies only when quantizing"),
 ])
 def test_quantization_options_without_quantize_are_refused(tmp_path, export_model_dir, args, expected):
     """An option only a quantized export reads is refused when nothing is quantized (it was

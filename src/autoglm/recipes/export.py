@@ -83,6 +83,9 @@ class ExportConfig:
               "on held-out text")
     keep_lm_head_float: bool = setting(False, "keep the LM head in float when quantizing (more accurate, "
                                               "larger file)")
+    reduce_range: bool = setting(True, "quantize weights to a 7-bit range: accurate on every x86 CPU (without VNNI, "
+                                       "AVX2 saturates full-range int8 x uint8 products); off = the full int8 range, "
+                                       "for CPUs with VNNI or ARM")
     opset: int = setting(18, "ONNX opset (18-23)")
     prefill_attention: Literal["windowed", "dense"] = setting(
         "windowed", "prefill attention of a sparse model: windowed (O(T * window)) or dense (a (T, T) mask)")
@@ -104,6 +107,9 @@ class ExportConfig:
             raise ValueError("calibration.data (--calibration-data) is read only by --quantize int8-static; add "
                              "--quantize int8-static or drop --calibration-data (without --quantize the export "
                              "is fp32)")
+        if self.quantize is None and not self.reduce_range:
+            raise ValueError("reduce_range (--no-reduce-range) applies only when quantizing; add --quantize int8 or "
+                             "int8-static, or drop it (without --quantize every weight is fp32)")
         if self.quantize is None and self.keep_lm_head_float:
             raise ValueError("keep_lm_head_float (--keep-lm-head-float) applies only when quantizing; add "
                              "--quantize int8 or int8-static, or drop it (without --quantize every weight is fp32)")
@@ -156,7 +162,7 @@ def quantize_fp32(cfg: ExportConfig, fp32_dir: Path, out: Path | None = None, wi
         windows = calibration_data(cfg)
     return quantize_export(fp32_dir, out if out is not None else cfg.out, cfg.quantize, calibration=windows,
                            keep_lm_head_float=cfg.keep_lm_head_float, calibrate_method=cfg.calibration.method,
-                           overwrite=cfg.overwrite, reference_model=model)
+                           reduce_range=cfg.reduce_range, overwrite=cfg.overwrite, reference_model=model)
 
 
 def run(cfg: ExportConfig) -> dict:
