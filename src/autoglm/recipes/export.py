@@ -85,7 +85,7 @@ class ExportConfig:
                                               "larger file)")
     reduce_range: bool = setting(True, "quantize weights to a 7-bit range: accurate on every x86 CPU (without VNNI, "
                                        "AVX2 saturates full-range int8 x uint8 products); off = the full int8 range, "
-                                       "for CPUs with VNNI or ARM")
+                                       "for CPUs with VNNI")
     opset: int = setting(18, "ONNX opset (18-23)")
     prefill_attention: Literal["windowed", "dense"] = setting(
         "windowed", "prefill attention of a sparse model: windowed (O(T * window)) or dense (a (T, T) mask)")
