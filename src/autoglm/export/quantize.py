@@ -18,11 +18,8 @@ keeps the LM head in float too (costs size: it is the largest matrix of a small 
 x86 CPUs without VNNI (AVX2) multiply uint8 activations by int8 weights with an instruction
 whose 16-bit pair sums saturate, so full-range int8 weights lose accuracy there: by default
 the weights use a 7-bit range (`reduce_range`, ONNX Runtime's advice for such CPUs), so one
-export is accurate on any x86 CPU. On an AVX2 AMD EPYC it took the test model's largest logit
-error against eager PyTorch from 17% of the logit scale to 3.4% (prefill) and from 32% to
-1.6% (decode), and its next-token agreement from 0.88 / 0.83 to 0.97 / 1.00
-(docs/notes/export.md has the `small` model's figures). `reduce_range=False` keeps the full
-range, for CPUs with VNNI.
+export is accurate on any x86 CPU (measurements: docs/notes/export.md). `reduce_range=False`
+keeps the full range, for CPUs with VNNI.
 """
 
 from __future__ import annotations

@@ -107,12 +107,12 @@ class ExportConfig:
             raise ValueError("calibration.data (--calibration-data) is read only by --quantize int8-static; add "
                              "--quantize int8-static or drop --calibration-data (without --quantize the export "
                              "is fp32)")
-        if self.quantize is None and not self.reduce_range:
-            raise ValueError("reduce_range (--no-reduce-range) applies only when quantizing; add --quantize int8 or "
-                             "int8-static, or drop it (without --quantize every weight is fp32)")
-        if self.quantize is None and self.keep_lm_head_float:
-            raise ValueError("keep_lm_head_float (--keep-lm-head-float) applies only when quantizing; add "
-                             "--quantize int8 or int8-static, or drop it (without --quantize every weight is fp32)")
+        changed = [option for option, is_changed in (
+            ("keep_lm_head_float (--keep-lm-head-float)", self.keep_lm_head_float),
+            ("reduce_range (--no-reduce-range)", not self.reduce_range)) if is_changed]
+        if self.quantize is None and changed:
+            raise ValueError(f"{changed[0]} applies only when quantizing; add --quantize int8 or int8-static, or "
+                             f"drop it (without --quantize every weight is fp32)")
 
 
 def calibration_data(cfg: ExportConfig):
